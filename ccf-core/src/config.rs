@@ -1,0 +1,216 @@
+//! The CCF's configuration: one TOML file (see `demo/ccf.toml`), overridable by flags and
+//! environment variables in `main.rs`. Plain data, validated when the CCF starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::registry::AefConfig;
+
+/// The demo configuration shipped in the binary (`ccf serve --demo`).
+pub const DEMO_CONFIG: &str = include_str!("../demo/ccf.toml");
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown/missing fields (the message names line and field).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file name, or "embedded demo config".
+        origin: String,
+        /// toml's message, with line, column and field.
+        message: String,
+    },
+}
+
+/// A pre-provisioned onboarding credential (TS 33.122 6.1). Never printed.
+#[derive(Clone)]
+pub struct OnboardingCredential(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for OnboardingCredential {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| Self(Zeroizing::new(s)))
+    }
+}
+
+impl OnboardingCredential {
+    /// The credential text. Callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for OnboardingCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `[listen]`: where the CCF listens.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Onboarding (TLS, server authentication only).
+    pub onboarding: String,
+    /// CAPIF-1e, CAPIF-3 and CAPIF-6 (mutual TLS).
+    pub capif: String,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            onboarding: "127.0.0.1:7001".into(),
+            capif: "127.0.0.1:7002".into(),
+        }
+    }
+}
+
+/// `[pki]`: the domain CA and the CCF's own certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PkiConfig {
+    /// CA certificate PEM file; with `ca_key`. Unset: the CA in the state directory (generated on
+    /// first start).
+    pub ca_cert: Option<PathBuf>,
+    /// CA private key PEM file.
+    pub ca_key: Option<PathBuf>,
+    /// DNS names / IP addresses the CCF's server certificate carries.
+    pub server_names: Vec<String>,
+    /// Validity of issued certificates, days.
+    pub cert_validity_days: i64,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        Self {
+            ca_cert: None,
+            ca_key: None,
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            cert_validity_days: 365,
+        }
+    }
+}
+
+/// `[security]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Validity of an AEFPSK (and of other security contexts), seconds. Default one hour.
+    pub aef_psk_validity_secs: u64,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            aef_psk_validity_secs: 3600,
+        }
+    }
+}
+
+/// `[onboarding]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnboardingConfig {
+    /// Pre-provisioned credentials; each may onboard one invoker.
+    pub credentials: Vec<OnboardingCredential>,
+}
+
+/// `[gateway]`: this domain's interconnect gateway (CAPIF-6), for invokers of other domains.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayLinkConfig {
+    /// host:port of the gateway's CAPIF-6 listener.
+    pub address: String,
+    /// Name the gateway's certificate carries (DNS or IP SAN).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// The whole CCF configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CcfConfig {
+    /// This CCF's identity, which names the domain (e.g. "operator-a.test").
+    pub ccf_id: String,
+    /// Where the CA (if generated), the store and the CCF's certificate live.
+    pub state_dir: PathBuf,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// PKI.
+    #[serde(default)]
+    pub pki: PkiConfig,
+    /// Key validity.
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// Onboarding credentials.
+    #[serde(default)]
+    pub onboarding: OnboardingConfig,
+    /// The AEF registry (`[[aef]]` tables).
+    #[serde(default, rename = "aef")]
+    pub aefs: Vec<AefConfig>,
+    /// The domain's gateway.
+    #[serde(default)]
+    pub gateway: Option<GatewayLinkConfig>,
+}
+
+impl CcfConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_parses_and_hides_credentials() {
+        let c = CcfConfig::parse(DEMO_CONFIG, "demo").unwrap();
+        assert!(!c.onboarding.credentials.is_empty());
+        let shown = format!("{c:?}");
+        for cred in &c.onboarding.credentials {
+            assert!(!shown.contains(cred.expose()));
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let e = CcfConfig::parse(
+            "ccf_id = \"a.test\"\nstate_dir = \"x\"\nbogus = 1\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("f.toml") && e.contains("bogus") && e.contains("line 3"),
+            "{e}"
+        );
+    }
+}

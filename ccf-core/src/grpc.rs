@@ -1,0 +1,117 @@
+//! What every gRPC server of the project shares: statuses with a stable reason
+//! (google.rpc.ErrorInfo), the caller's verified identity, and a listener that serves the given
+//! routes plus health and reflection (v1 and v1alpha: grpcurl 1.8.6 only speaks v1alpha).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use capif_proto::v1::ErrorReason;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::{Code, Request, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::identity::PeerIdentity;
+use crate::tls::{ConnInfo, tls_incoming};
+
+/// A status whose details carry `google.rpc.ErrorInfo { reason, domain: "capif.v1" }`.
+pub fn error_status(code: Code, reason: ErrorReason, message: impl Into<String>) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(
+            reason.as_str_name(),
+            capif_proto::ERROR_DOMAIN,
+            HashMap::<String, String>::new(),
+        ),
+    )
+}
+
+/// The ErrorInfo reason of a status, if it carries one.
+pub fn error_reason(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|i| i.reason)
+}
+
+/// The error and its sources, joined, for messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The connection info of a request accepted by [`spawn_server`].
+pub fn conn_info<T>(req: &Request<T>) -> Result<&ConnInfo, Status> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .ok_or_else(|| Status::internal("request did not arrive through the TLS accept loop"))
+}
+
+/// The caller's identity, read from its verified client certificate.
+pub fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    let info = conn_info(req)?;
+    let peer = info.peer.as_ref().ok_or_else(|| {
+        error_status(
+            Code::Unauthenticated,
+            ErrorReason::RoleNotAllowed,
+            "this service needs a client certificate",
+        )
+    })?;
+    peer.identity.clone().map_err(|e| {
+        error_status(
+            Code::PermissionDenied,
+            ErrorReason::RoleNotAllowed,
+            format!("the client certificate names no usable identity: {e}"),
+        )
+    })
+}
+
+/// Adds grpc.health.v1 (each of `names` SERVING) and server reflection v1 + v1alpha over every
+/// capif.v1 service and health.
+pub async fn with_standard_services(routes: Routes, names: &[&str]) -> Result<Routes, Status> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in names {
+        reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let refl = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(capif_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = refl(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let v1alpha = refl(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(routes
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha))
+}
+
+/// Serves `routes` on `listener` over TLS until `shutdown` completes.
+pub fn spawn_server(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    export_binding: bool,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let incoming = tls_incoming(listener, tls, export_binding);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown),
+    )
+}

@@ -1,0 +1,295 @@
+//! The domain PKI: the root CA of one CCF domain, loaded from PEM files or generated on first
+//! start into the state directory, and the certificates it issues (rcgen).
+//!
+//! Every certificate carries the identity URI SAN of DESIGN.md §4 (see [`crate::identity`]) plus,
+//! for servers, DNS/IP SANs. The CA private key never leaves this module except to its own file
+//! (mode 0600); key material handed out (`IssuedCredential`) is zeroized on drop.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SubjectPublicKeyInfo,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use zeroize::Zeroizing;
+
+use crate::identity::{PeerIdentity, Role};
+use crate::ids::CcfId;
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// Reading or writing a PEM file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A PEM text could not be used.
+    #[error("{what} is not usable: {why}")]
+    BadPem {
+        /// What was being read.
+        what: String,
+        /// Why.
+        why: String,
+    },
+    /// rcgen refused to build or sign a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generation(#[from] rcgen::Error),
+    /// Only one of the CA certificate and key was configured.
+    #[error("configure both pki.ca_cert and pki.ca_key, or neither (to generate a CA)")]
+    HalfConfigured,
+}
+
+/// A certificate with the private key that goes with it (both PEM).
+pub struct IssuedCredential {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PKCS#8 PEM. Secret.
+    pub key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for IssuedCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IssuedCredential(<certificate>, <private key redacted>)")
+    }
+}
+
+/// The root CA of one domain.
+pub struct DomainCa {
+    ccf_id: CcfId,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for DomainCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DomainCa({}, <private key redacted>)", self.ccf_id)
+    }
+}
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` readable by the owner only.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(contents).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7F; // a positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+impl DomainCa {
+    /// Generates a new root CA for `ccf_id` (ECDSA P-256, 10 years).
+    pub fn generate(ccf_id: &CcfId) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("CAPIF domain CA {ccf_id}"));
+        dn.push(DnType::OrganizationName, ccf_id.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        validity(&mut params, 3650);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok(Self {
+            ccf_id: ccf_id.clone(),
+            cert_der: cert.der().clone(),
+            cert_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from PEM texts.
+    pub fn from_pem(ccf_id: &CcfId, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadPem {
+            what: "the CA private key".into(),
+            why: e.to_string(),
+        })?;
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| PkiError::BadPem {
+                what: "the CA certificate".into(),
+                why: e.to_string(),
+            })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadPem {
+            what: "the CA certificate".into(),
+            why: e.to_string(),
+        })?;
+        Ok(Self {
+            ccf_id: ccf_id.clone(),
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            issuer,
+        })
+    }
+
+    /// Loads the configured CA files, or the CA in `state_dir`, or generates one there.
+    pub fn load_or_generate(
+        ccf_id: &CcfId,
+        state_dir: &Path,
+        ca_cert: Option<&Path>,
+        ca_key: Option<&Path>,
+    ) -> Result<Self, PkiError> {
+        let (cert_path, key_path) = match (ca_cert, ca_key) {
+            (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
+            (None, None) => (state_dir.join(CA_CERT_FILE), state_dir.join(CA_KEY_FILE)),
+            _ => return Err(PkiError::HalfConfigured),
+        };
+        if ca_cert.is_none() && !cert_path.exists() {
+            fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+            let ca = Self::generate(ccf_id)?;
+            write_private_file(&key_path, ca.issuer.key().serialize_pem().as_bytes())?;
+            fs::write(&cert_path, &ca.cert_pem).map_err(io_err(&cert_path))?;
+            tracing::info!(ccf_id = %ccf_id, path = %cert_path.display(), "generated a new domain CA");
+            return Ok(ca);
+        }
+        let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = Zeroizing::new(fs::read_to_string(&key_path).map_err(io_err(&key_path))?);
+        Self::from_pem(ccf_id, &cert_pem, &key_pem)
+    }
+
+    /// The domain this CA serves.
+    pub fn ccf_id(&self) -> &CcfId {
+        &self.ccf_id
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Issues a certificate naming `identity` for a public key the holder keeps.
+    /// `hosts` become DNS SANs, or IP SANs when they parse as addresses.
+    pub fn issue(
+        &self,
+        identity: &PeerIdentity,
+        hosts: &[String],
+        public_key: &impl PublicKeyData,
+        days: i64,
+    ) -> Result<String, PkiError> {
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        params
+            .subject_alt_names
+            .push(SanType::URI(identity.uri().try_into()?));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, identity.uri());
+        dn.push(DnType::OrganizationName, identity.ccf_id.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match identity.role {
+            Role::Invoker(_) | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            _ => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, days);
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
+    }
+
+    /// Issues a certificate for a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) sent by a peer.
+    pub fn issue_for_public_key_pem(
+        &self,
+        identity: &PeerIdentity,
+        public_key_pem: &str,
+        days: i64,
+    ) -> Result<String, PkiError> {
+        let spki =
+            SubjectPublicKeyInfo::from_pem(public_key_pem).map_err(|e| PkiError::BadPem {
+                what: "the public key".into(),
+                why: e.to_string(),
+            })?;
+        self.issue(identity, &[], &spki, days)
+    }
+
+    /// Generates a key pair and issues a certificate for it (servers, AEFs, gateways, operators).
+    pub fn issue_with_new_key(
+        &self,
+        identity: &PeerIdentity,
+        hosts: &[String],
+        days: i64,
+    ) -> Result<IssuedCredential, PkiError> {
+        let key = KeyPair::generate()?;
+        let cert_pem = self.issue(identity, hosts, &key, days)?;
+        Ok(IssuedCredential {
+            cert_pem,
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_name_their_identity() {
+        let ccf = CcfId::new("operator-a.test").unwrap();
+        let ca = DomainCa::generate(&ccf).unwrap();
+        let id = PeerIdentity::new(ccf.clone(), Role::Gateway);
+        let cred = ca
+            .issue_with_new_key(&id, &["localhost".into(), "127.0.0.1".into()], 1)
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(cred.cert_pem.as_bytes()).unwrap();
+        assert_eq!(PeerIdentity::from_certificate(&der).unwrap(), id);
+        assert!(!format!("{cred:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn generated_ca_is_reloaded_from_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let ccf = CcfId::new("operator-a.test").unwrap();
+        let a = DomainCa::load_or_generate(&ccf, dir.path(), None, None).unwrap();
+        let b = DomainCa::load_or_generate(&ccf, dir.path(), None, None).unwrap();
+        assert_eq!(a.cert_pem(), b.cert_pem());
+        let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    }
+}

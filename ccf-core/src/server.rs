@@ -1,0 +1,244 @@
+//! Starting a CCF: validate the config, open the store, load or generate the domain CA, issue the
+//! CCF's own server certificate, and serve the two listeners (onboarding with server-auth TLS;
+//! CAPIF-1e/3/6 with mutual TLS), each with health and reflection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capif_proto::v1::{
+    RevocationNotice, federation_server::FederationServer,
+    invoker_management_server::InvokerManagementServer, security_server::SecurityServer,
+};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+use crate::config::CcfConfig;
+use crate::grpc::{spawn_server, with_standard_services};
+use crate::identity::{PeerIdentity, Role};
+use crate::ids::CcfId;
+use crate::pki::DomainCa;
+use crate::registry::AefRegistry;
+use crate::service::{FederationService, InvokerManagementService, SecurityService};
+use crate::store::Store;
+use crate::tls::{ClientAuth, certs_from_pem, server_config};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a CCF could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The state store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The PKI.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// A listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Other I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the CCF's services share.
+pub struct CcfState {
+    /// This domain.
+    pub ccf_id: CcfId,
+    /// The domain CA.
+    pub ca: DomainCa,
+    /// The acknowledged state.
+    pub store: Store,
+    /// The AEF registry.
+    pub registry: AefRegistry,
+    /// Validity given to new security contexts.
+    pub context_validity: Duration,
+    /// Validity of issued certificates, days.
+    pub cert_validity_days: i64,
+    credential_digests: Vec<String>,
+}
+
+impl std::fmt::Debug for CcfState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CcfState({})", self.ccf_id)
+    }
+}
+
+/// SHA-256 of an onboarding credential, hex: what the store remembers of used credentials.
+pub fn credential_digest(credential: &str) -> String {
+    hex::encode(Sha256::digest(credential.as_bytes()))
+}
+
+impl CcfState {
+    /// Whether `digest` belongs to a configured onboarding credential.
+    pub fn credential_configured(&self, digest: &str) -> bool {
+        self.credential_digests.iter().any(|d| d == digest)
+    }
+
+    /// Hands a revocation to whoever must learn of it. Today: the log. The gateway issue adds the
+    /// push to partner gateways, the AEF issue the push to AEFs.
+    pub fn publish_revocation(&self, notice: RevocationNotice) {
+        tracing::info!(
+            api_invoker_id = %notice.api_invoker_id,
+            aefs = ?notice.aef_ids,
+            kind = ?notice.kind(),
+            key_id = %notice.key_id,
+            "security contexts revoked"
+        );
+    }
+}
+
+/// A running CCF.
+pub struct RunningCcf {
+    /// Shared state (tests inspect the store through it).
+    pub state: Arc<CcfState>,
+    /// Bound onboarding address.
+    pub onboarding_addr: SocketAddr,
+    /// Bound CAPIF-1e/3/6 address.
+    pub capif_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningCcf {
+    /// The domain CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        self.state.ca.cert_pem()
+    }
+
+    /// Stops both listeners and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn stopped(
+    mut rx: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+fn name_of<S: NamedService>(_: &S) -> &'static str {
+    S::NAME
+}
+
+/// Starts a CCF from its configuration.
+pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
+    let ccf_id = CcfId::new(config.ccf_id.clone())
+        .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
+    let registry = AefRegistry::from_config(&ccf_id, &config.aefs)
+        .map_err(|e| StartError::Config(e.to_string()))?;
+    if config.security.aef_psk_validity_secs == 0 {
+        return Err(StartError::Config(
+            "security.aef_psk_validity_secs must be at least 1".into(),
+        ));
+    }
+    std::fs::create_dir_all(&config.state_dir)?;
+    let ca = DomainCa::load_or_generate(
+        &ccf_id,
+        &config.state_dir,
+        config.pki.ca_cert.as_deref(),
+        config.pki.ca_key.as_deref(),
+    )?;
+    let store = Store::open(&config.state_dir.join("ccf.redb"))?;
+    // A fresh server certificate at every start: nothing to rotate, nothing stale on disk.
+    let own = ca.issue_with_new_key(
+        &PeerIdentity::new(ccf_id.clone(), Role::Ccf),
+        &config.pki.server_names,
+        config.pki.cert_validity_days,
+    )?;
+    let chain = format!("{}{}", own.cert_pem, ca.cert_pem());
+    let roots = certs_from_pem("CA certificate", ca.cert_pem())?;
+    let onboarding_tls = server_config(&chain, &own.key_pem, ClientAuth::None)?;
+    let capif_tls = server_config(&chain, &own.key_pem, ClientAuth::Required(&roots))?;
+
+    let state = Arc::new(CcfState {
+        ccf_id: ccf_id.clone(),
+        ca,
+        store,
+        registry,
+        context_validity: Duration::from_secs(config.security.aef_psk_validity_secs),
+        cert_validity_days: config.pki.cert_validity_days,
+        credential_digests: config
+            .onboarding
+            .credentials
+            .iter()
+            .map(|c| credential_digest(c.expose()))
+            .collect(),
+    });
+
+    let bind = |addr: String| async move {
+        TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })
+    };
+    let onboarding_listener = bind(config.listen.onboarding.clone()).await?;
+    let capif_listener = bind(config.listen.capif.clone()).await?;
+    let onboarding_addr = onboarding_listener.local_addr()?;
+    let capif_addr = capif_listener.local_addr()?;
+
+    let im = InvokerManagementServer::new(InvokerManagementService::new(state.clone()));
+    let im_name = name_of(&im);
+    let onboarding_routes = with_standard_services(Routes::new(im.clone()), &[im_name])
+        .await
+        .map_err(|e| StartError::Config(e.message().to_string()))?;
+    let sec = SecurityServer::new(SecurityService::new(state.clone()));
+    let fed = FederationServer::new(FederationService::new(state.clone()));
+    let names = [im_name, name_of(&sec), name_of(&fed)];
+    let capif_routes =
+        with_standard_services(Routes::new(im).add_service(sec).add_service(fed), &names)
+            .await
+            .map_err(|e| StartError::Config(e.message().to_string()))?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = vec![
+        spawn_server(
+            onboarding_listener,
+            onboarding_tls,
+            false,
+            onboarding_routes,
+            stopped(stop_rx.clone()),
+        ),
+        spawn_server(
+            capif_listener,
+            capif_tls,
+            true,
+            capif_routes,
+            stopped(stop_rx),
+        ),
+    ];
+    tracing::info!(%ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
+    Ok(RunningCcf {
+        state,
+        onboarding_addr,
+        capif_addr,
+        stop,
+        tasks,
+    })
+}

@@ -1,0 +1,115 @@
+//! `Federation`: what this CCF answers its own gateway on behalf of partner domains (CAPIF-6).
+//!
+//! DESIGN.md invariant 1 is enforced here: a key leaves the domain only towards the domain that
+//! owns the AEF the key is bound to, and only if the invoker negotiated PSK for that AEF. The
+//! partner is the one the gateway read from the partner's verified certificate.
+
+use std::sync::Arc;
+
+use capif_proto::v1::{
+    ErrorReason, InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck,
+    RevocationNotice, TokenKeySet, TokenKeySetRequest, federation_server::Federation,
+};
+use tonic::{Code, Request, Response, Status};
+
+use super::{
+    aef_id, ccf_id, invalid, invoker_id, own_domain, role_not_allowed, security_information,
+    valid_context,
+};
+use crate::grpc::{caller, error_status};
+use crate::identity::Role;
+use crate::registry::SecurityMethod;
+use crate::server::CcfState;
+
+/// The Federation service.
+#[derive(Clone, Debug)]
+pub struct FederationService {
+    state: Arc<CcfState>,
+}
+
+impl FederationService {
+    /// A service over the CCF's state.
+    pub fn new(state: Arc<CcfState>) -> Self {
+        Self { state }
+    }
+}
+
+fn partner_not_authorized(partner: &str, aef: &str) -> Status {
+    error_status(
+        Code::PermissionDenied,
+        ErrorReason::PartnerNotAuthorized,
+        format!(
+            "domain {partner} does not own AEF {aef}; keys bound to it are not handed to {partner}"
+        ),
+    )
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn get_security_information_for_partner(
+        &self,
+        request: Request<PartnerSecurityInformationRequest>,
+    ) -> Result<Response<InvokerSecurityInformation>, Status> {
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        if who.role != Role::Gateway {
+            return Err(role_not_allowed(
+                &who,
+                "ask for keys on behalf of partner domains",
+            ));
+        }
+        let req = request.into_inner();
+        let partner = ccf_id("partner_ccf_id", &req.partner_ccf_id)?;
+        let q = req.query.ok_or_else(|| invalid("query", "is required"))?;
+        let invoker = invoker_id("query.api_invoker_id", &q.api_invoker_id)?;
+        let aef = aef_id("query.aef_id", &q.aef_id)?;
+        if !q.home_ccf_id.is_empty() && q.home_ccf_id != self.state.ccf_id.as_str() {
+            return Err(invalid(
+                "query.home_ccf_id",
+                format!(
+                    "names {}, not this domain {}",
+                    q.home_ccf_id, self.state.ccf_id
+                ),
+            ));
+        }
+        // Ownership first: a partner learns nothing about invokers whose keys it may not have.
+        match self.state.registry.get(&aef) {
+            Some(entry) if entry.ccf_id == partner && partner != self.state.ccf_id => {}
+            _ => {
+                tracing::warn!(%partner, api_invoker_id = %invoker, aef_id = %aef, "partner asked for a key of an AEF it does not own");
+                return Err(partner_not_authorized(partner.as_str(), aef.as_str()));
+            }
+        }
+        let ctx = valid_context(&self.state, &invoker, &aef)?;
+        if ctx.method != SecurityMethod::Psk {
+            return Err(error_status(
+                Code::FailedPrecondition,
+                ErrorReason::MethodMismatch,
+                format!(
+                    "API invoker {invoker} negotiated {:?}, not PSK, for AEF {aef}",
+                    ctx.method
+                ),
+            ));
+        }
+        tracing::info!(%partner, api_invoker_id = %invoker, aef_id = %aef, key_id = %ctx.key_id, "security information handed to partner");
+        Ok(Response::new(security_information(&self.state, &ctx)))
+    }
+
+    async fn notify_revocation(
+        &self,
+        _request: Request<RevocationNotice>,
+    ) -> Result<Response<RevocationAck>, Status> {
+        Err(Status::unimplemented(
+            "revocation notices from partners arrive with the interconnect gateway",
+        ))
+    }
+
+    async fn get_token_key_set(
+        &self,
+        _request: Request<TokenKeySetRequest>,
+    ) -> Result<Response<TokenKeySet>, Status> {
+        Err(Status::unimplemented(
+            "method 3 (OAuth access tokens) is not available in this release",
+        ))
+    }
+}

@@ -1,0 +1,367 @@
+//! `Security`: security-method selection and AEFPSK derivation for invokers (CAPIF-1e), security
+//! information and revocation for AEFs of this domain (CAPIF-3).
+//!
+//! The AEFPSK is derived from the binding of the very TLS session the request arrived on, so the
+//! invoker derives the same key from its side (docs/PROTOCOL.md).
+
+use std::sync::Arc;
+
+use capif_proto::v1::{
+    self as pb, AccessTokenReq, AccessTokenRsp, ErrorReason, GetSecurityInformationRequest,
+    InvokerSecurityInformation, ObtainSecurityMethodRequest, RevocationKind, RevocationNotice,
+    RevokeAuthorizationRequest, RevokeAuthorizationResponse, ServiceSecurity, TokenKeySet,
+    TokenKeySetRequest, security_server::Security,
+};
+use tonic::{Code, Request, Response, Status};
+
+use super::{
+    aef_id, calling_invoker, ccf_id, invalid, invoker_id, own_domain, role_not_allowed,
+    security_information, store_status, valid_context,
+};
+use crate::grpc::{caller, conn_info, error_status};
+use crate::identity::Role;
+use crate::ids::{ApiInvokerId, ApiName};
+use crate::registry::{AefEntry, Interface, SecurityMethod, select_method};
+use crate::server::{CcfState, now_ms};
+use crate::store::SecurityContext;
+
+/// At most this many AEFs per ServiceSecurity request.
+const MAX_SECURITY_INFO: usize = 64;
+
+/// The Security service.
+#[derive(Clone, Debug)]
+pub struct SecurityService {
+    state: Arc<CcfState>,
+}
+
+impl SecurityService {
+    /// A service over the CCF's state.
+    pub fn new(state: Arc<CcfState>) -> Self {
+        Self { state }
+    }
+
+    fn resolve_aef(&self, i: usize, info: &pb::SecurityInformation) -> Result<&AefEntry, Status> {
+        let field = format!("service_security.security_info[{i}]");
+        let entry = if !info.aef_id.is_empty() {
+            let id = aef_id(&format!("{field}.aef_id"), &info.aef_id)?;
+            self.state.registry.get(&id)
+        } else if let Some(d) = &info.interface_details {
+            let canonical = Interface::from_proto(d)
+                .canonical()
+                .map_err(|e| invalid(&format!("{field}.interface_details"), e))?;
+            self.state.registry.by_interface(&canonical)
+        } else {
+            return Err(invalid(
+                &field,
+                "names no AEF: set aef_id or interface_details",
+            ));
+        };
+        entry.ok_or_else(|| {
+            error_status(
+                Code::NotFound,
+                ErrorReason::AefNotFound,
+                format!(
+                    "{field}: no such AEF is registered at {}",
+                    self.state.ccf_id
+                ),
+            )
+        })
+    }
+
+    /// Shared by Obtain and Update: builds every context first, then stores them in one
+    /// transaction, so a bad entry anywhere stores nothing.
+    fn negotiate(
+        &self,
+        request: Request<ObtainSecurityMethodRequest>,
+        update: bool,
+    ) -> Result<ServiceSecurity, Status> {
+        let who = caller(&request)?;
+        let id = calling_invoker(&self.state, &who, "obtain a security method")?;
+        let binding = conn_info(&request)?.binding.clone();
+        let req = request.into_inner();
+        if req.api_invoker_id != id.as_str() {
+            return Err(error_status(
+                Code::PermissionDenied,
+                ErrorReason::IdentityMismatch,
+                format!("api_invoker_id must be the caller's own id ({id})"),
+            ));
+        }
+        let ss = req
+            .service_security
+            .ok_or_else(|| invalid("service_security", "is required"))?;
+        if ss.security_info.is_empty() || ss.security_info.len() > MAX_SECURITY_INFO {
+            return Err(invalid(
+                "service_security.security_info",
+                format!("needs between 1 and {MAX_SECURITY_INFO} entries"),
+            ));
+        }
+        let now = now_ms();
+        let expires = now + self.state.context_validity.as_millis() as u64;
+        let mut contexts = Vec::new();
+        let mut answers = Vec::new();
+        for (i, info) in ss.security_info.iter().enumerate() {
+            let entry = self.resolve_aef(i, info)?;
+            if update
+                && self
+                    .state
+                    .store
+                    .context(&id, &entry.aef_id)
+                    .map_err(store_status)?
+                    .is_none()
+            {
+                return Err(error_status(
+                    Code::NotFound,
+                    ErrorReason::NoSecurityContext,
+                    format!("no security context for AEF {} to update", entry.aef_id),
+                ));
+            }
+            let preferred: Vec<SecurityMethod> = info
+                .pref_security_methods
+                .iter()
+                .map(|m| SecurityMethod::from_proto(*m))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    invalid(
+                        &format!("service_security.security_info[{i}].pref_security_methods"),
+                        "holds an unspecified or unknown method",
+                    )
+                })?;
+            if preferred.is_empty() {
+                return Err(invalid(
+                    &format!("service_security.security_info[{i}].pref_security_methods"),
+                    "needs at least one method",
+                ));
+            }
+            let method = select_method(&preferred, &entry.security_methods).ok_or_else(|| {
+                error_status(
+                    Code::FailedPrecondition,
+                    ErrorReason::NoCommonSecurityMethod,
+                    format!(
+                        "AEF {} supports none of the preferred methods (it supports {:?})",
+                        entry.aef_id, entry.security_methods
+                    ),
+                )
+            })?;
+            let allowed_apis: Vec<ApiName> = if info.api_id.is_empty() {
+                entry.apis.clone()
+            } else {
+                let api = ApiName::new(info.api_id.clone()).map_err(|e| {
+                    invalid(&format!("service_security.security_info[{i}].api_id"), e)
+                })?;
+                if !entry.apis.contains(&api) {
+                    return Err(error_status(
+                        Code::NotFound,
+                        ErrorReason::AefNotFound,
+                        format!("AEF {} does not expose API {api}", entry.aef_id),
+                    ));
+                }
+                vec![api]
+            };
+            let aef_psk =
+                match method {
+                    SecurityMethod::Psk => {
+                        let binding = binding.as_ref().ok_or_else(|| {
+                            Status::internal("the CAPIF-1e TLS session binding is missing")
+                        })?;
+                        Some(binding.aefpsk(&entry.interface_canonical).map_err(|e| {
+                            invalid(&format!("service_security.security_info[{i}]"), e)
+                        })?)
+                    }
+                    _ => None,
+                };
+            let key_id = aef_psk.as_ref().map(|k| k.key_id()).unwrap_or_default();
+            let validity_secs = self.state.context_validity.as_secs();
+            answers.push(pb::SecurityInformation {
+                aef_id: entry.aef_id.to_string(),
+                interface_details: Some(entry.interface.to_proto(&entry.security_methods)),
+                api_id: info.api_id.clone(),
+                pref_security_methods: info.pref_security_methods.clone(),
+                sel_security_method: method.to_proto() as i32,
+                authentication_info: String::new(),
+                authorization_info: allowed_apis
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                aef_psk_validity_secs: if aef_psk.is_some() { validity_secs } else { 0 },
+                aef_psk_key_id: key_id.clone(),
+                interface_canonical: entry.interface_canonical.clone(),
+                aef_ccf_id: entry.ccf_id.to_string(),
+            });
+            contexts.push(SecurityContext {
+                api_invoker_id: id.clone(),
+                aef_id: entry.aef_id.clone(),
+                aef_ccf_id: entry.ccf_id.clone(),
+                method,
+                aef_psk,
+                key_id,
+                interface_canonical: entry.interface_canonical.clone(),
+                allowed_apis,
+                created_at_ms: now,
+                expires_at_ms: expires,
+            });
+        }
+        let replaced = self
+            .state
+            .store
+            .put_contexts(&id, &contexts)
+            .map_err(store_status)?;
+        for old in replaced.iter().filter(|c| !c.key_id.is_empty()) {
+            self.state.publish_revocation(RevocationNotice {
+                home_ccf_id: self.state.ccf_id.to_string(),
+                api_invoker_id: id.to_string(),
+                aef_ids: vec![old.aef_id.to_string()],
+                kind: RevocationKind::KeyReplacedByNewer as i32,
+                cause: pb::Cause::KeyReplaced as i32,
+                key_id: old.key_id.clone(),
+            });
+        }
+        tracing::info!(
+            api_invoker_id = %id,
+            aefs = contexts.len(),
+            "security method negotiated"
+        );
+        Ok(ServiceSecurity {
+            security_info: answers,
+            notification_destination: ss.notification_destination,
+            request_test_notification: false,
+            supported_features: ss.supported_features,
+        })
+    }
+}
+
+fn revoke_target(
+    state: &CcfState,
+    who: &crate::identity::PeerIdentity,
+    info: &pb::SecurityNotification,
+) -> Result<(ApiInvokerId, Option<crate::ids::AefId>), Status> {
+    own_domain(state, who)?;
+    let id = invoker_id("revoke_info.api_invoker_id", &info.api_invoker_id)?;
+    let aef = if info.aef_id.is_empty() {
+        None
+    } else {
+        Some(aef_id("revoke_info.aef_id", &info.aef_id)?)
+    };
+    match &who.role {
+        Role::Operator => Ok((id, aef)),
+        // An AEF revokes only its own authorization for the invoker.
+        Role::Aef(own) if aef.as_ref().is_none_or(|a| a == own) => Ok((id, Some(own.clone()))),
+        Role::Aef(_) => Err(error_status(
+            Code::PermissionDenied,
+            ErrorReason::IdentityMismatch,
+            "an AEF may revoke authorization only for itself",
+        )),
+        _ => Err(role_not_allowed(who, "revoke authorization")),
+    }
+}
+
+#[tonic::async_trait]
+impl Security for SecurityService {
+    async fn obtain_security_method(
+        &self,
+        request: Request<ObtainSecurityMethodRequest>,
+    ) -> Result<Response<ServiceSecurity>, Status> {
+        self.negotiate(request, false).map(Response::new)
+    }
+
+    async fn update_security_method(
+        &self,
+        request: Request<ObtainSecurityMethodRequest>,
+    ) -> Result<Response<ServiceSecurity>, Status> {
+        self.negotiate(request, true).map(Response::new)
+    }
+
+    async fn get_security_information(
+        &self,
+        request: Request<GetSecurityInformationRequest>,
+    ) -> Result<Response<InvokerSecurityInformation>, Status> {
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        let Role::Aef(own_aef) = &who.role else {
+            return Err(role_not_allowed(
+                &who,
+                "read invokers' security information",
+            ));
+        };
+        let req = request.into_inner();
+        let invoker = invoker_id("api_invoker_id", &req.api_invoker_id)?;
+        if !req.aef_id.is_empty() && req.aef_id != own_aef.as_str() {
+            return Err(error_status(
+                Code::PermissionDenied,
+                ErrorReason::IdentityMismatch,
+                format!("aef_id must be the caller's own id ({own_aef})"),
+            ));
+        }
+        let home = if req.home_ccf_id.is_empty() {
+            self.state.ccf_id.clone()
+        } else {
+            ccf_id("home_ccf_id", &req.home_ccf_id)?
+        };
+        if home != self.state.ccf_id {
+            return Err(error_status(
+                Code::FailedPrecondition,
+                ErrorReason::NoInterconnect,
+                format!(
+                    "API invoker {invoker} belongs to {home}, and {} has no interconnect gateway configured",
+                    self.state.ccf_id
+                ),
+            ));
+        }
+        let ctx = valid_context(&self.state, &invoker, own_aef)?;
+        tracing::info!(
+            api_invoker_id = %invoker,
+            aef_id = %own_aef,
+            key_id = %ctx.key_id,
+            "security information handed to AEF"
+        );
+        Ok(Response::new(security_information(&self.state, &ctx)))
+    }
+
+    async fn revoke_authorization(
+        &self,
+        request: Request<RevokeAuthorizationRequest>,
+    ) -> Result<Response<RevokeAuthorizationResponse>, Status> {
+        let who = caller(&request)?;
+        let info = request
+            .into_inner()
+            .revoke_info
+            .ok_or_else(|| invalid("revoke_info", "is required"))?;
+        let (id, aef) = revoke_target(&self.state, &who, &info)?;
+        let removed = self
+            .state
+            .store
+            .remove_contexts(&id, aef.as_ref())
+            .map_err(store_status)?;
+        if !removed.is_empty() {
+            self.state.publish_revocation(RevocationNotice {
+                home_ccf_id: self.state.ccf_id.to_string(),
+                api_invoker_id: id.to_string(),
+                aef_ids: removed.iter().map(|c| c.aef_id.to_string()).collect(),
+                kind: RevocationKind::AuthorizationRevoked as i32,
+                cause: info.cause,
+                key_id: String::new(),
+            });
+        }
+        Ok(Response::new(RevokeAuthorizationResponse {
+            security_contexts_removed: removed.len() as u32,
+        }))
+    }
+
+    async fn obtain_access_token(
+        &self,
+        _request: Request<AccessTokenReq>,
+    ) -> Result<Response<AccessTokenRsp>, Status> {
+        Err(Status::unimplemented(
+            "method 3 (OAuth access tokens) is not available in this release",
+        ))
+    }
+
+    async fn get_token_key_set(
+        &self,
+        _request: Request<TokenKeySetRequest>,
+    ) -> Result<Response<TokenKeySet>, Status> {
+        Err(Status::unimplemented(
+            "method 3 (OAuth access tokens) is not available in this release",
+        ))
+    }
+}
