@@ -121,13 +121,13 @@ impl PeerIdentity {
             .ok_or(IdentityError::Missing)?;
         let mut found = None;
         for name in &san.value.general_names {
-            if let GeneralName::URI(u) = name {
-                if u.starts_with(URI_SCHEME) {
-                    if found.is_some() {
-                        return Err(IdentityError::Ambiguous);
-                    }
-                    found = Some(Self::parse_uri(u)?);
+            if let GeneralName::URI(u) = name
+                && u.starts_with(URI_SCHEME)
+            {
+                if found.is_some() {
+                    return Err(IdentityError::Ambiguous);
                 }
+                found = Some(Self::parse_uri(u)?);
             }
         }
         found.ok_or(IdentityError::Missing)

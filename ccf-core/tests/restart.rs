@@ -1,0 +1,108 @@
+//! Acceptance 5: after an acknowledged onboarding and security-method call, SIGKILL the `ccf`
+//! process and restart it: the invoker and its key are still there with the right remaining
+//! validity.
+
+mod common;
+
+use std::time::Duration;
+
+use capif_proto::v1::{
+    self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
+};
+use ccf_core::identity::Role;
+use ccf_core::ids::AefId;
+use common::*;
+
+#[tokio::test]
+async fn acknowledged_state_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("ccf.toml");
+    std::fs::write(&cfg, config_text(&state, 600)).unwrap();
+
+    let mut p = CcfProcess::spawn(&cfg);
+    let v = process_view(&p, &state);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (ch, _) = channel(v.onboarding, &v.ca_pem(), None).await.unwrap();
+    let onboarded = InvokerManagementClient::new(ch)
+        .onboard(pb::OnboardRequest {
+            onboarding_information: Some(pb::OnboardingInformation {
+                api_invoker_public_key: key.public_key_pem(),
+                onboarding_credential: CREDENTIALS[0].into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key_pem = key.serialize_pem();
+    let (ch, slot) = channel(
+        v.capif,
+        &v.ca_pem(),
+        Some((&onboarded.api_invoker_certificate, &key_pem)),
+    )
+    .await
+    .unwrap();
+    let answer = SecurityClient::new(ch)
+        .obtain_security_method(pb::ObtainSecurityMethodRequest {
+            api_invoker_id: onboarded.api_invoker_id.clone(),
+            service_security: Some(pb::ServiceSecurity {
+                security_info: vec![pb::SecurityInformation {
+                    aef_id: "aef-weather".into(),
+                    pref_security_methods: vec![pb::SecurityMethod::Psk as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let binding = slot.lock().unwrap().binding.clone().unwrap();
+    let expected = binding
+        .aefpsk(&answer.security_info[0].interface_canonical)
+        .unwrap();
+
+    // Acknowledged: now crash without any chance to flush.
+    p.sigkill();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let p = CcfProcess::spawn(&cfg);
+    let v = process_view(&p, &state);
+
+    let aef = v.issue(Role::Aef(AefId::new("aef-weather").unwrap()));
+    let (ch, _) = channel(v.capif, &v.ca_pem(), Some((&aef.cert_pem, &aef.key_pem)))
+        .await
+        .unwrap();
+    let mut c = SecurityClient::new(ch);
+    let info = get_info(&mut c, &onboarded.api_invoker_id, "aef-weather")
+        .await
+        .expect("the invoker and its key survived the crash");
+    assert_eq!(info.aef_psk.as_slice(), expected.expose().as_slice());
+    assert!(
+        info.remaining_validity_ms < 600_000 - 1000 && info.remaining_validity_ms > 500_000,
+        "remaining validity must keep counting across the restart: {}",
+        info.remaining_validity_ms
+    );
+    // The invoker's certificate still opens CAPIF-1e after the restart.
+    let (ch, _) = channel(
+        v.capif,
+        &v.ca_pem(),
+        Some((&onboarded.api_invoker_certificate, &key_pem)),
+    )
+    .await
+    .unwrap();
+    let again = SecurityClient::new(ch)
+        .update_security_method(pb::ObtainSecurityMethodRequest {
+            api_invoker_id: onboarded.api_invoker_id.clone(),
+            service_security: Some(pb::ServiceSecurity {
+                security_info: vec![pb::SecurityInformation {
+                    aef_id: "aef-weather".into(),
+                    pref_security_methods: vec![pb::SecurityMethod::Psk as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert!(again.is_ok(), "{again:?}");
+}
