@@ -18,6 +18,8 @@ pub mod v1 {
     tonic::include_proto!("capif.v1");
 }
 
+mod redact;
+
 /// Encoded `FileDescriptorSet` of every `capif.v1` file, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("capif_descriptor");
 
