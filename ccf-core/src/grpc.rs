@@ -18,11 +18,16 @@ use crate::tls::{ConnInfo, tls_incoming};
 
 /// A status whose details carry `google.rpc.ErrorInfo { reason, domain: "capif.v1" }`.
 pub fn error_status(code: Code, reason: ErrorReason, message: impl Into<String>) -> Status {
+    status_with_reason(code, reason.as_str_name(), message)
+}
+
+/// Like [`error_status`] with the reason as text (to re-create a status received from a peer).
+pub fn status_with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
     Status::with_error_details(
         code,
         message,
         ErrorDetails::with_error_info(
-            reason.as_str_name(),
+            reason,
             capif_proto::ERROR_DOMAIN,
             HashMap::<String, String>::new(),
         ),
@@ -114,4 +119,54 @@ pub fn spawn_server(
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown),
     )
+}
+
+/// The time budget of a request: the caller's `grpc-timeout`, else `default`, never above `max`.
+/// Outbound calls made on its behalf use what is left of it (DESIGN.md §7).
+pub fn budget<T>(
+    req: &Request<T>,
+    default: std::time::Duration,
+    max: std::time::Duration,
+) -> std::time::Duration {
+    req.metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(default)
+        .min(max)
+}
+
+/// Parses a `grpc-timeout` header value ("100m", "5S", ...).
+pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_values() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
 }

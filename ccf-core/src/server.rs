@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capif_proto::v1::{
-    RevocationNotice, federation_server::FederationServer,
+    RevocationNotice, federation_server::FederationServer, gateway_client::GatewayClient,
     invoker_management_server::InvokerManagementServer, security_server::SecurityServer,
 };
 use sha2::{Digest, Sha256};
@@ -77,6 +77,8 @@ pub struct CcfState {
     /// Validity of issued certificates, days.
     pub cert_validity_days: i64,
     credential_digests: Vec<String>,
+    /// CAPIF-6 client of this domain's gateway, when one is configured.
+    pub gateway: Option<GatewayClient<tonic::transport::Channel>>,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -96,8 +98,9 @@ impl CcfState {
         self.credential_digests.iter().any(|d| d == digest)
     }
 
-    /// Hands a revocation to whoever must learn of it. Today: the log. The gateway issue adds the
-    /// push to partner gateways, the AEF issue the push to AEFs.
+    /// Hands a revocation of one of this domain's invokers to the gateway, which pushes it to
+    /// every partner that fetched the invoker's keys. Runs in the background: the RPC that
+    /// caused it has already committed and must not wait on partners.
     pub fn publish_revocation(&self, notice: RevocationNotice) {
         tracing::info!(
             api_invoker_id = %notice.api_invoker_id,
@@ -106,6 +109,16 @@ impl CcfState {
             key_id = %notice.key_id,
             "security contexts revoked"
         );
+        if let Some(gw) = &self.gateway {
+            let mut gw = gw.clone();
+            tokio::spawn(async move {
+                let mut r = tonic::Request::new(notice);
+                r.set_timeout(Duration::from_secs(3));
+                if let Err(e) = gw.publish_revocation(r).await {
+                    tracing::warn!(error = %e.message(), "could not publish the revocation to the gateway");
+                }
+            });
+        }
     }
 }
 
@@ -174,7 +187,17 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let onboarding_tls = server_config(&chain, &own.key_pem, ClientAuth::None)?;
     let capif_tls = server_config(&chain, &own.key_pem, ClientAuth::Required(&roots))?;
 
+    let gateway = match &config.gateway {
+        Some(g) => {
+            let tls = crate::tls::client_config(ca.cert_pem(), Some((&chain, &own.key_pem)))?;
+            let channel =
+                crate::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
+            Some(GatewayClient::new(channel))
+        }
+        None => None,
+    };
     let state = Arc::new(CcfState {
+        gateway,
         ccf_id: ccf_id.clone(),
         ca,
         store,

@@ -83,7 +83,8 @@ pub fn certs_from_pem(
     Ok(certs)
 }
 
-fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+/// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
         what: "private key",
         why: e.to_string(),
@@ -303,6 +304,66 @@ pub struct ClientSession {
 /// Shared slot a [`connect`]ed channel updates after every handshake.
 pub type SessionSlot = Arc<Mutex<ClientSession>>;
 
+fn tls_connector_service(
+    addr: &str,
+    server_name: &str,
+    config: Arc<ClientConfig>,
+) -> Result<
+    (
+        Endpoint,
+        SessionSlot,
+        impl tower::Service<
+            tonic::transport::Uri,
+            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+            Error = io::Error,
+            Future = impl std::future::Future<
+                Output = io::Result<
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                >,
+            > + Send,
+        > + Send
+        + Clone
+        + 'static,
+    ),
+    TlsError,
+> {
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+    let slot: SessionSlot = Arc::default();
+    let connector = TlsConnector::from(config);
+    let target = addr.to_string();
+    let slot2 = slot.clone();
+    let endpoint =
+        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| TlsError::Connect {
+            addr: addr.to_string(),
+            why: e.to_string(),
+        })?;
+    let svc = tower::service_fn(move |_uri| {
+        let connector = connector.clone();
+        let name = name.clone();
+        let target = target.clone();
+        let slot = slot2.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = connector.connect(name, tcp).await?;
+            let (_, conn) = tls.get_ref();
+            let session = ClientSession {
+                binding: Capif1eBinding::from_connection(conn).ok().map(Arc::new),
+                server_identity: conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|der| PeerIdentity::from_certificate(der).ok()),
+            };
+            if let Ok(mut s) = slot.lock() {
+                *s = session;
+            }
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok((endpoint, slot, svc))
+}
+
 /// Connects a gRPC channel over TLS to `addr` (`host:port`), verifying the server certificate
 /// against `server_name`. The returned slot holds the session's binding and server identity.
 pub async fn connect(
@@ -311,46 +372,28 @@ pub async fn connect(
     config: Arc<ClientConfig>,
     connect_timeout: Duration,
 ) -> Result<(Channel, SessionSlot), TlsError> {
-    let name = ServerName::try_from(server_name.to_string())
-        .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
-    let slot: SessionSlot = Arc::default();
-    let connector = TlsConnector::from(config);
-    let target = addr.to_string();
-    let slot2 = slot.clone();
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| TlsError::Connect {
-            addr: addr.to_string(),
-            why: e.to_string(),
-        })?
-        .connect_timeout(connect_timeout);
+    let (endpoint, slot, svc) = tls_connector_service(addr, server_name, config)?;
     let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_uri| {
-            let connector = connector.clone();
-            let name = name.clone();
-            let target = target.clone();
-            let slot = slot2.clone();
-            async move {
-                let tcp = TcpStream::connect(&target).await?;
-                let _ = tcp.set_nodelay(true);
-                let tls = connector.connect(name, tcp).await?;
-                let (_, conn) = tls.get_ref();
-                let session = ClientSession {
-                    binding: Capif1eBinding::from_connection(conn).ok().map(Arc::new),
-                    server_identity: conn
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|der| PeerIdentity::from_certificate(der).ok()),
-                };
-                if let Ok(mut s) = slot.lock() {
-                    *s = session;
-                }
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
+        .connect_timeout(connect_timeout)
+        .connect_with_connector(svc)
         .await
         .map_err(|e| TlsError::Connect {
             addr: addr.to_string(),
             why: crate::grpc::error_chain(&e),
         })?;
     Ok((channel, slot))
+}
+
+/// Like [`connect`], but dials on first use and redials after failures: for long-lived links
+/// between components that may start in any order.
+pub fn connect_lazy(
+    addr: &str,
+    server_name: &str,
+    config: Arc<ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<Channel, TlsError> {
+    let (endpoint, _, svc) = tls_connector_service(addr, server_name, config)?;
+    Ok(endpoint
+        .connect_timeout(connect_timeout)
+        .connect_with_connector_lazy(svc))
 }

@@ -1,1 +1,94 @@
-fn main() {}
+//! `capif-gateway`: the interconnect federation gateway of one domain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use capif_gateway::config::GatewayConfig;
+use clap::{Parser, ValueEnum};
+
+/// The interconnect federation gateway of one CAPIF domain.
+///
+/// Serves CAPIF-6 to its own CCF (security information for invokers of partner domains, cached
+/// for no longer than the keys are valid; revocation publishing) and to its operator
+/// (GatewayAdmin: counters, partner state, purge), and CAPIF-6e to partner gateways, which it
+/// finds with DNS SRV `_capif-6e._tcp.<ccf-id>` and trusts only per the federation config.
+#[derive(Parser)]
+#[command(name = "capif-gateway", version)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short, env = "CAPIF_GATEWAY_CONFIG")]
+    config: PathBuf,
+    /// Override `listen.capif6` (host:port; port 0 picks a free one).
+    #[arg(long, env = "CAPIF_GATEWAY_LISTEN_CAPIF6")]
+    listen_capif6: Option<String>,
+    /// Override `listen.capif6e` (host:port; port 0 picks a free one).
+    #[arg(long, env = "CAPIF_GATEWAY_LISTEN_CAPIF6E")]
+    listen_capif6e: Option<String>,
+    /// Override `dns.nameserver` (ip:port).
+    #[arg(long, env = "CAPIF_GATEWAY_NAMESERVER")]
+    nameserver: Option<String>,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "CAPIF_GATEWAY_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let mut cfg = GatewayConfig::load(&cli.config)?;
+    if let Some(a) = cli.listen_capif6 {
+        cfg.listen.capif6 = a;
+    }
+    if let Some(a) = cli.listen_capif6e {
+        cfg.listen.capif6e = a;
+    }
+    if let Some(n) = cli.nameserver {
+        cfg.dns.nameserver = Some(n);
+    }
+    let gw = capif_gateway::server::start(cfg).await?;
+    println!(
+        "capif-gateway ready ccf_id={} capif6={} capif6e={}",
+        gw.state.ccf_id, gw.capif6_addr, gw.capif6e_addr
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    gw.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    let result = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capif-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

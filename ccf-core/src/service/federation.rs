@@ -97,11 +97,27 @@ impl Federation for FederationService {
 
     async fn notify_revocation(
         &self,
-        _request: Request<RevocationNotice>,
+        request: Request<RevocationNotice>,
     ) -> Result<Response<RevocationAck>, Status> {
-        Err(Status::unimplemented(
-            "revocation notices from partners arrive with the interconnect gateway",
-        ))
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        if who.role != Role::Gateway {
+            return Err(role_not_allowed(&who, "pass on partner revocations"));
+        }
+        let n = request.into_inner();
+        // The AEF side (dropping keys, closing connections) arrives with the AEF stub; until
+        // then the CCF records the fact in its log, and the gateway has already evicted its cache.
+        tracing::info!(
+            partner = %n.home_ccf_id,
+            api_invoker_id = %n.api_invoker_id,
+            aefs = ?n.aef_ids,
+            kind = ?n.kind(),
+            "partner revoked one of its invokers"
+        );
+        Ok(Response::new(RevocationAck {
+            entries_removed: 0,
+            forwarded: 0,
+        }))
     }
 
     async fn get_token_key_set(

@@ -25,6 +25,11 @@ use crate::registry::{AefEntry, Interface, SecurityMethod, select_method};
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
 
+/// Budget of a CAPIF-3 request that goes to the gateway when the AEF sets no deadline.
+const DEFAULT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+/// Largest budget honoured.
+const MAX_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// At most this many AEFs per ServiceSecurity request.
 const MAX_SECURITY_INFO: usize = 64;
 
@@ -277,6 +282,7 @@ impl Security for SecurityService {
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
+        let budget = crate::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
         let Role::Aef(own_aef) = &who.role else {
             return Err(role_not_allowed(
                 &who,
@@ -298,14 +304,49 @@ impl Security for SecurityService {
             ccf_id("home_ccf_id", &req.home_ccf_id)?
         };
         if home != self.state.ccf_id {
-            return Err(error_status(
-                Code::FailedPrecondition,
-                ErrorReason::NoInterconnect,
-                format!(
-                    "API invoker {invoker} belongs to {home}, and {} has no interconnect gateway configured",
-                    self.state.ccf_id
-                ),
-            ));
+            let Some(gw) = &self.state.gateway else {
+                return Err(error_status(
+                    Code::FailedPrecondition,
+                    ErrorReason::NoInterconnect,
+                    format!(
+                        "API invoker {invoker} belongs to {home}, and {} has no interconnect gateway configured",
+                        self.state.ccf_id
+                    ),
+                ));
+            };
+            let mut r = Request::new(pb::SecurityInformationQuery {
+                api_invoker_id: invoker.to_string(),
+                home_ccf_id: home.to_string(),
+                aef_id: own_aef.to_string(),
+                presented_key_id: req.presented_key_id.clone(),
+            });
+            r.set_timeout(budget);
+            let answer = gw
+                .clone()
+                .fetch_security_information(r)
+                .await
+                .map_err(|s| {
+                    if crate::grpc::error_reason(&s).is_some() {
+                        s
+                    } else {
+                        error_status(
+                            Code::Unavailable,
+                            ErrorReason::PartnerUnavailable,
+                            format!(
+                                "the interconnect gateway of {} is unreachable",
+                                self.state.ccf_id
+                            ),
+                        )
+                    }
+                })?;
+            tracing::info!(
+                api_invoker_id = %invoker,
+                %home,
+                aef_id = %own_aef,
+                key_id = %answer.get_ref().key_id,
+                "foreign security information handed to AEF"
+            );
+            return Ok(Response::new(answer.into_inner()));
         }
         let ctx = valid_context(&self.state, &invoker, own_aef)?;
         tracing::info!(

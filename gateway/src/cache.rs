@@ -1,0 +1,321 @@
+//! The gateway's cache of partner answers (DESIGN.md §6, invariant 3), on moka.
+//!
+//! Key `(home CCF id, apiInvokerId, aefId)`. A key entry lives for the remaining validity the
+//! partner returned minus a safety margin, capped by config, counted from when the request was
+//! SENT (so network delay can only shorten it); what is served carries the validity remaining at
+//! serve time. Concurrent misses for one key share one upstream call. Definite refusals get short
+//! negative entries; transport failures are never cached. A caller presenting a key id other
+//! than the cached one (the invoker re-authenticated at its home CCF) bypasses the entry and
+//! refreshes it, so a stale entry cannot lock the invoker out.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use capif_proto::v1::{ErrorReason, InvokerSecurityInformation};
+use ccf_core::grpc::{error_reason, error_status, status_with_reason};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
+use ccf_core::kdf::AefPsk;
+use moka::Expiry;
+use moka::future::Cache;
+use tonic::{Code, Status};
+
+use crate::config::CacheConfig;
+
+/// What an entry is cached under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// The invoker's home domain (the partner).
+    pub home: CcfId,
+    /// The invoker.
+    pub invoker: ApiInvokerId,
+    /// The AEF the key is bound to.
+    pub aef: AefId,
+}
+
+/// A cached key. The AEFPSK is held in [`AefPsk`] (zeroized on drop), not in the message.
+pub struct CachedKey {
+    info: InvokerSecurityInformation,
+    psk: Option<AefPsk>,
+    key_expires_at: Instant,
+    ttl: Duration,
+}
+
+impl CachedKey {
+    /// The answer with the validity remaining now; `None` once the key has expired.
+    pub fn answer(&self) -> Option<InvokerSecurityInformation> {
+        let remaining = self
+            .key_expires_at
+            .saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        let mut info = self.info.clone();
+        info.aef_psk = self
+            .psk
+            .as_ref()
+            .map(|p| p.expose().to_vec())
+            .unwrap_or_default();
+        info.remaining_validity_ms = remaining.as_millis() as u64;
+        Some(info)
+    }
+
+    /// The key id.
+    pub fn key_id(&self) -> &str {
+        &self.info.key_id
+    }
+}
+
+/// A cached definite refusal.
+pub struct Refusal {
+    code: Code,
+    reason: String,
+    message: String,
+}
+
+impl Refusal {
+    fn status(&self) -> Status {
+        status_with_reason(self.code, &self.reason, self.message.clone())
+    }
+}
+
+/// A cache entry.
+#[derive(Clone)]
+pub enum Entry {
+    /// A key.
+    Key(Arc<CachedKey>),
+    /// A refusal, with its lifetime.
+    Refusal(Arc<Refusal>, Duration),
+}
+
+impl Entry {
+    fn ttl(&self) -> Duration {
+        match self {
+            Entry::Key(k) => k.ttl,
+            Entry::Refusal(_, ttl) => *ttl,
+        }
+    }
+}
+
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Entry> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        v: &Entry,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.ttl())
+    }
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        v: &Entry,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.ttl())
+    }
+}
+
+/// Hit/miss counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Served from a key entry.
+    pub hits: AtomicU64,
+    /// Went upstream.
+    pub misses: AtomicU64,
+    /// Waited for another caller's upstream call.
+    pub coalesced: AtomicU64,
+    /// Served from a refusal entry.
+    pub negative_hits: AtomicU64,
+}
+
+/// The cache.
+pub struct KeyCache {
+    cache: Cache<CacheKey, Entry>,
+    max_ttl: Duration,
+    margin: Duration,
+    negative_ttl: Duration,
+    /// Counters for the admin RPC.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyCache({} entries)", self.cache.entry_count())
+    }
+}
+
+fn weigh(k: &CacheKey, v: &Entry) -> u32 {
+    let key = k.home.as_str().len() + k.invoker.as_str().len() + k.aef.as_str().len();
+    let val = match v {
+        Entry::Key(c) => {
+            64 + c.info.key_id.len()
+                + c.info.interface_canonical.len()
+                + c.info
+                    .allowed_api_names
+                    .iter()
+                    .map(|a| a.len() + 24)
+                    .sum::<usize>()
+                + c.info
+                    .invoker_ca_certificates
+                    .iter()
+                    .map(String::len)
+                    .sum::<usize>()
+                + 200
+        }
+        Entry::Refusal(r, _) => r.message.len() + r.reason.len() + 64,
+    };
+    u32::try_from(key + val).unwrap_or(u32::MAX)
+}
+
+/// Codes whose answers are definite (the partner looked and said no) and may be cached briefly.
+fn definite(status: &Status) -> bool {
+    error_reason(status).is_some()
+        && matches!(
+            status.code(),
+            Code::NotFound | Code::PermissionDenied | Code::FailedPrecondition
+        )
+}
+
+impl KeyCache {
+    /// A cache with the configured policy.
+    pub fn new(cfg: &CacheConfig) -> Self {
+        Self {
+            cache: Cache::builder()
+                .max_capacity(cfg.max_weight)
+                .weigher(weigh)
+                .expire_after(EntryExpiry)
+                .build(),
+            max_ttl: Duration::from_secs(cfg.max_ttl_secs),
+            margin: Duration::from_millis(cfg.safety_margin_ms),
+            negative_ttl: Duration::from_millis(cfg.negative_ttl_ms),
+            counters: Counters::default(),
+        }
+    }
+
+    fn key_entry(&self, mut info: InvokerSecurityInformation, sent_at: Instant) -> Entry {
+        let psk = AefPsk::from_slice(&info.aef_psk);
+        // The bytes now live in `psk` only.
+        zeroize::Zeroize::zeroize(&mut info.aef_psk);
+        let remaining = Duration::from_millis(info.remaining_validity_ms);
+        let ttl = remaining.saturating_sub(self.margin).min(self.max_ttl);
+        Entry::Key(Arc::new(CachedKey {
+            info,
+            psk,
+            key_expires_at: sent_at + remaining,
+            ttl,
+        }))
+    }
+
+    /// Serves `key` from the cache or from `fetch` (run once for concurrent callers).
+    pub async fn get_or_fetch<F>(
+        &self,
+        key: CacheKey,
+        presented_key_id: &str,
+        fetch: F,
+    ) -> Result<InvokerSecurityInformation, Status>
+    where
+        F: Future<Output = Result<InvokerSecurityInformation, Status>>,
+    {
+        if let Some(e) = self.cache.get(&key).await {
+            match &e {
+                Entry::Key(k) if presented_key_id.is_empty() || presented_key_id == k.key_id() => {
+                    if let Some(a) = k.answer() {
+                        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(a);
+                    }
+                }
+                Entry::Refusal(r, _) if presented_key_id.is_empty() => {
+                    self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+                    return Err(r.status());
+                }
+                _ => tracing::info!(
+                    partner = %key.home,
+                    api_invoker_id = %key.invoker,
+                    "presented key id differs from the cached one; refreshing"
+                ),
+            }
+            self.cache.invalidate(&key).await;
+        }
+        let ran = AtomicBool::new(false);
+        let result = self
+            .cache
+            .try_get_with(key, async {
+                ran.store(true, Ordering::Relaxed);
+                let sent_at = Instant::now();
+                match fetch.await {
+                    Ok(info) => Ok(self.key_entry(info, sent_at)),
+                    Err(s) if definite(&s) => Ok(Entry::Refusal(
+                        Arc::new(Refusal {
+                            code: s.code(),
+                            reason: error_reason(&s).unwrap_or_default(),
+                            message: s.message().to_string(),
+                        }),
+                        self.negative_ttl,
+                    )),
+                    Err(s) => Err(s),
+                }
+            })
+            .await;
+        if ran.load(Ordering::Relaxed) {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
+            Ok(Entry::Key(k)) => k.answer().ok_or_else(|| {
+                error_status(
+                    Code::FailedPrecondition,
+                    ErrorReason::KeyExpired,
+                    "the key expired before it could be handed on",
+                )
+            }),
+            Ok(Entry::Refusal(r, _)) => Err(r.status()),
+            Err(shared) => Err(copy_status(&shared)),
+        }
+    }
+
+    /// Evicts every entry matching `pred`; returns how many.
+    pub async fn evict_where(&self, pred: impl Fn(&CacheKey) -> bool) -> u64 {
+        let keys: Vec<CacheKey> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| pred(k))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for k in &keys {
+            self.cache.invalidate(k).await;
+        }
+        keys.len() as u64
+    }
+
+    /// Approximate number of entries.
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Runs moka's pending maintenance (tests and the admin RPC want fresh counts).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Number of key entries currently held (not refusals), for inspection and tests.
+    pub fn key_entries(&self) -> usize {
+        self.cache
+            .iter()
+            .filter(|(_, v)| matches!(v, Entry::Key(_)))
+            .count()
+    }
+}
+
+/// Re-creates a shared error (moka hands one `Arc` to every waiting caller), keeping its reason.
+fn copy_status(from: &Status) -> Status {
+    match error_reason(from) {
+        Some(reason) => status_with_reason(from.code(), &reason, from.message()),
+        None => Status::new(from.code(), from.message()),
+    }
+}

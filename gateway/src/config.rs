@@ -1,0 +1,196 @@
+//! The gateway's configuration (TOML, like the CCF's): its own domain and certificate, its CCF,
+//! DNS, the cache and outbound policy, and the federation — each partner's CCF id and CA bundle
+//! (trust is configured), optionally a static address (location is otherwise discovered by DNS).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Malformed TOML or unknown/missing field (toml names line and field).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file.
+        origin: String,
+        /// toml's message.
+        message: String,
+    },
+}
+
+/// `[listen]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// CAPIF-6: the own CCF (Gateway service) and the operator (GatewayAdmin). Mutual TLS, own CA.
+    pub capif6: String,
+    /// CAPIF-6e: partner gateways (Interconnect service). Mutual TLS, partner CAs.
+    pub capif6e: String,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            capif6: "127.0.0.1:7101".into(),
+            capif6e: "127.0.0.1:7102".into(),
+        }
+    }
+}
+
+/// `[tls]`: the gateway's own identity (role gateway, issued by the own domain CA).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The own domain's CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// The gateway's certificate (PEM), URI SAN capif://<ccf-id>/gateway.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[ccf]`: the own domain's CCF (CAPIF-6 listener).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CcfLink {
+    /// host:port of the CCF's capif listener.
+    pub address: String,
+    /// Name in the CCF's certificate.
+    #[serde(default = "localhost")]
+    pub server_name: String,
+}
+
+fn localhost() -> String {
+    "localhost".into()
+}
+
+/// `[dns]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `ip:port` of the DNS server to ask (a testbed's own). Unset: the system resolver.
+    pub nameserver: Option<String>,
+    /// Per-query timeout, milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+/// `[cache]` (DESIGN.md §6).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Upper bound on any entry's lifetime, seconds.
+    pub max_ttl_secs: u64,
+    /// Subtracted from the remaining validity a partner returns, milliseconds.
+    pub safety_margin_ms: u64,
+    /// Lifetime of negative entries (definite refusals), milliseconds.
+    pub negative_ttl_ms: u64,
+    /// Capacity in weight units (approximately bytes).
+    pub max_weight: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_ttl_secs: 300,
+            safety_margin_ms: 1000,
+            negative_ttl_ms: 5000,
+            max_weight: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[outbound]` (DESIGN.md §7).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Budget of a request when the caller sets no deadline, milliseconds.
+    pub default_timeout_ms: u64,
+    /// Upper bound on any request's budget, milliseconds.
+    pub max_timeout_ms: u64,
+    /// TCP + TLS connect timeout per target, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Retries of a call that failed with a retryable code.
+    pub max_retries: u32,
+    /// Retries allowed per request made (token bucket refill), e.g. 0.2.
+    pub retry_budget_ratio: f64,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: 3000,
+            max_timeout_ms: 10_000,
+            connect_timeout_ms: 1000,
+            max_retries: 2,
+            retry_budget_ratio: 0.2,
+        }
+    }
+}
+
+/// One `[[partner]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerConfig {
+    /// The partner's CCF id (domain).
+    pub ccf_id: String,
+    /// The partner's CA bundle (PEM). Its gateway's certificate must chain to it.
+    pub ca_cert: PathBuf,
+    /// Static `host:port` of the partner's gateway; unset: DNS SRV `_capif-6e._tcp.<ccf_id>`.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// The whole gateway configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The own domain.
+    pub ccf_id: String,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Own identity.
+    pub tls: TlsConfig,
+    /// Own CCF.
+    pub ccf: CcfLink,
+    /// DNS.
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Cache policy.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Outbound policy.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// The federation.
+    #[serde(default, rename = "partner")]
+    pub partners: Vec<PartnerConfig>,
+}
+
+impl GatewayConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}

@@ -1,0 +1,26 @@
+//! The interconnect federation gateway of one CAPIF domain: the only endpoint a partner domain
+//! ever talks to (DESIGN.md §3, §4, §6, §7; TR 33.700-22 solution #13).
+//!
+//! A request for a foreign invoker moves like this: the own CCF calls `Gateway` on the CAPIF-6
+//! listener ([`service`]); the [`cache`] answers or makes one upstream call through the partner's
+//! [`partner`] link, which [`discovery`] locates (DNS SRV or static) and [`trust`] authenticates
+//! (partner CA + partner identity); the partner gateway's `Interconnect` service asks its own CCF
+//! on the caller's behalf. Revocations flow back the same way, pushed.
+//!
+//! - [`config`] — TOML configuration.
+//! - [`trust`] — who a partner is: per-partner CA and identity checks, both directions.
+//! - [`discovery`] — SRV lookup with priority/weight, static addresses.
+//! - [`partner`] — one reused channel per partner, failover, deadlines, retry budget, state.
+//! - [`cache`] — validity-bound moka cache with coalescing and negative entries.
+//! - [`state`] — what the services share.
+//! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
+//! - [`server`] — starting a gateway.
+
+pub mod cache;
+pub mod config;
+pub mod discovery;
+pub mod partner;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod trust;

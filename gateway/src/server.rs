@@ -1,0 +1,209 @@
+//! Starting a gateway: load its identity and the federation's trust, build one link per partner
+//! and the cache, and serve the CAPIF-6 listener (own CCF and operator; own CA) and the CAPIF-6e
+//! listener (partner gateways; partner CAs), each with health and reflection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capif_proto::v1::{
+    federation_client::FederationClient, gateway_admin_server::GatewayAdminServer,
+    gateway_server::GatewayServer, interconnect_server::InterconnectServer,
+};
+use ccf_core::grpc::{spawn_server, with_standard_services};
+use ccf_core::ids::CcfId;
+use ccf_core::tls::{ClientAuth, certs_from_pem, client_config, connect_lazy, server_config};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+use crate::cache::KeyCache;
+use crate::config::GatewayConfig;
+use crate::discovery::Discovery;
+use crate::partner::{LinkPolicy, PartnerLink};
+use crate::service::{AdminService, GatewayService, InterconnectService};
+use crate::state::GatewayState;
+use crate::trust::{Federation, PartnerTrust, partner_client_config};
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Unreadable file.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] ccf_core::tls::TlsError),
+    /// DNS.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    /// A listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    /// Shared state (tests read counters through it).
+    pub state: Arc<GatewayState>,
+    /// Bound CAPIF-6 address.
+    pub capif6_addr: SocketAddr,
+    /// Bound CAPIF-6e address.
+    pub capif6e_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningGateway {
+    /// Stops both listeners and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<String, StartError> {
+    std::fs::read_to_string(path).map_err(|source| StartError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn name_of<S: NamedService>(_: &S) -> &'static str {
+    S::NAME
+}
+
+/// Starts a gateway from its configuration.
+pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
+    let ccf_id = CcfId::new(config.ccf_id.clone())
+        .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
+    if config.partners.is_empty() {
+        return Err(StartError::Config(
+            "configure at least one [[partner]]".into(),
+        ));
+    }
+    let ca_pem = read(&config.tls.ca_cert)?;
+    let cert_pem = read(&config.tls.cert)?;
+    let key_pem = zeroize::Zeroizing::new(read(&config.tls.key)?);
+    let chain = format!("{cert_pem}{ca_pem}");
+
+    let discovery = Discovery::new(
+        config.dns.nameserver.as_deref(),
+        Duration::from_millis(config.dns.timeout_ms.unwrap_or(1000)),
+    )?;
+    let policy = LinkPolicy {
+        connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),
+        max_retries: config.outbound.max_retries,
+        retry_budget_ratio: config.outbound.retry_budget_ratio,
+    };
+    let mut trusts = Vec::new();
+    let mut links = BTreeMap::new();
+    for p in &config.partners {
+        let id = CcfId::new(p.ccf_id.clone())
+            .map_err(|e| StartError::Config(format!("partner {:?}: {e}", p.ccf_id)))?;
+        if id == ccf_id {
+            return Err(StartError::Config(format!(
+                "{id} cannot be its own partner"
+            )));
+        }
+        let trust = PartnerTrust::new(id.clone(), &read(&p.ca_cert)?)?;
+        let tls = partner_client_config(&trust, &cert_pem, &key_pem)?;
+        let link = PartnerLink::new(&trust, tls, discovery.clone(), p.address.clone(), &policy);
+        if links.insert(id.clone(), link).is_some() {
+            return Err(StartError::Config(format!(
+                "partner {id} is configured twice"
+            )));
+        }
+        trusts.push(trust);
+    }
+    let federation = Federation::new(trusts);
+
+    let ccf_tls = client_config(&ca_pem, Some((&cert_pem, &key_pem)))?;
+    let ccf_channel = connect_lazy(
+        &config.ccf.address,
+        &config.ccf.server_name,
+        ccf_tls,
+        Duration::from_millis(config.outbound.connect_timeout_ms),
+    )?;
+
+    let state = Arc::new(GatewayState {
+        ccf_id: ccf_id.clone(),
+        federation,
+        links,
+        cache: KeyCache::new(&config.cache),
+        ccf: FederationClient::new(ccf_channel),
+        fetchers: Default::default(),
+        default_budget: Duration::from_millis(config.outbound.default_timeout_ms),
+        max_budget: Duration::from_millis(config.outbound.max_timeout_ms),
+        revocations_received: Default::default(),
+        partner_requests_served: Default::default(),
+    });
+
+    let own_roots = certs_from_pem("own CA certificate", &ca_pem)?;
+    let capif6_tls = server_config(&chain, &key_pem, ClientAuth::Required(&own_roots))?;
+    let partner_roots = state.federation.all_roots();
+    let capif6e_tls = server_config(&chain, &key_pem, ClientAuth::Required(&partner_roots))?;
+
+    let bind = |addr: String| async move {
+        TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })
+    };
+    let l6 = bind(config.listen.capif6.clone()).await?;
+    let l6e = bind(config.listen.capif6e.clone()).await?;
+    let capif6_addr = l6.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen.capif6.clone(),
+        source,
+    })?;
+    let capif6e_addr = l6e.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen.capif6e.clone(),
+        source,
+    })?;
+
+    let gw = GatewayServer::new(GatewayService::new(state.clone()));
+    let admin = GatewayAdminServer::new(AdminService::new(state.clone()));
+    let names6 = [name_of(&gw), name_of(&admin)];
+    let routes6 = with_standard_services(Routes::new(gw).add_service(admin), &names6)
+        .await
+        .map_err(|e| StartError::Config(e.message().to_string()))?;
+    let ic = InterconnectServer::new(InterconnectService::new(state.clone()));
+    let names6e = [name_of(&ic)];
+    let routes6e = with_standard_services(Routes::new(ic), &names6e)
+        .await
+        .map_err(|e| StartError::Config(e.message().to_string()))?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = vec![
+        spawn_server(l6, capif6_tls, false, routes6, stopped(stop_rx.clone())),
+        spawn_server(l6e, capif6e_tls, false, routes6e, stopped(stop_rx)),
+    ];
+    tracing::info!(%ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
+    Ok(RunningGateway {
+        state,
+        capif6_addr,
+        capif6e_addr,
+        stop,
+        tasks,
+    })
+}

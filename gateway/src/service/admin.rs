@@ -1,0 +1,93 @@
+//! `GatewayAdmin`: what an operator inspects and purges with grpcurl (operator certificate of the
+//! own domain).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use capif_proto::v1::{
+    GatewayStatus, GetStatusRequest, PurgeRequest, PurgeResponse,
+    gateway_admin_server::GatewayAdmin,
+};
+use ccf_core::grpc::caller;
+use ccf_core::identity::Role;
+use ccf_core::ids::{ApiInvokerId, CcfId};
+use tonic::{Request, Response, Status};
+
+use super::{invalid, require};
+use crate::state::GatewayState;
+
+/// The GatewayAdmin service.
+#[derive(Clone, Debug)]
+pub struct AdminService {
+    state: Arc<GatewayState>,
+}
+
+impl AdminService {
+    /// Over the gateway's state.
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayAdmin for AdminService {
+    async fn get_status(
+        &self,
+        request: Request<GetStatusRequest>,
+    ) -> Result<Response<GatewayStatus>, Status> {
+        let who = caller(&request)?;
+        require(
+            &self.state,
+            &who,
+            Role::Operator,
+            "read the gateway's status",
+        )?;
+        let s = &self.state;
+        s.cache.sync().await;
+        let c = &s.cache.counters;
+        Ok(Response::new(GatewayStatus {
+            ccf_id: s.ccf_id.to_string(),
+            cache_entries: s.cache.entry_count(),
+            cache_hits: c.hits.load(Ordering::Relaxed),
+            cache_misses: c.misses.load(Ordering::Relaxed),
+            coalesced: c.coalesced.load(Ordering::Relaxed),
+            negative_hits: c.negative_hits.load(Ordering::Relaxed),
+            revocations_received: s.revocations_received.load(Ordering::Relaxed),
+            partner_requests_served: s.partner_requests_served.load(Ordering::Relaxed),
+            partners: s.links.values().map(|l| l.state()).collect(),
+        }))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<PurgeRequest>,
+    ) -> Result<Response<PurgeResponse>, Status> {
+        let who = caller(&request)?;
+        require(
+            &self.state,
+            &who,
+            Role::Operator,
+            "purge the gateway's cache",
+        )?;
+        let r = request.into_inner();
+        let purged = match (r.api_invoker_id.is_empty(), r.partner_ccf_id.is_empty()) {
+            (false, true) => {
+                let id = ApiInvokerId::new(r.api_invoker_id)
+                    .map_err(|e| invalid("api_invoker_id", e))?;
+                self.state.cache.evict_where(|k| k.invoker == id).await
+            }
+            (true, false) => {
+                let id = CcfId::new(r.partner_ccf_id).map_err(|e| invalid("partner_ccf_id", e))?;
+                self.state.cache.evict_where(|k| k.home == id).await
+            }
+            _ => {
+                return Err(invalid(
+                    "purge",
+                    "set exactly one of api_invoker_id and partner_ccf_id",
+                ));
+            }
+        };
+        tracing::info!(purged, "cache purged by operator");
+        Ok(Response::new(PurgeResponse { purged }))
+    }
+}

@@ -1,0 +1,159 @@
+//! `Gateway` (CAPIF-6): the own CCF asks for an invoker of another domain; answered from the
+//! cache or fetched from that domain's gateway. Also where the own CCF publishes revocations,
+//! which are pushed to every partner that fetched the invoker's keys.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capif_proto::v1::{
+    ErrorReason, InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
+    SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, gateway_server::Gateway,
+};
+use ccf_core::grpc::{budget, caller, error_status};
+use ccf_core::identity::Role;
+use ccf_core::ids::ApiInvokerId;
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use super::{ids, invalid, require};
+use crate::cache::CacheKey;
+use crate::state::GatewayState;
+
+/// How long a revocation push to one partner may take.
+const PUSH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The Gateway service.
+#[derive(Clone, Debug)]
+pub struct GatewayService {
+    state: Arc<GatewayState>,
+}
+
+impl GatewayService {
+    /// Over the gateway's state.
+    pub fn new(state: Arc<GatewayState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn fetch_security_information(
+        &self,
+        request: Request<SecurityInformationQuery>,
+    ) -> Result<Response<InvokerSecurityInformation>, Status> {
+        let who = caller(&request)?;
+        require(
+            &self.state,
+            &who,
+            Role::Ccf,
+            "ask the gateway for foreign invokers",
+        )?;
+        let deadline =
+            Instant::now() + budget(&request, self.state.default_budget, self.state.max_budget);
+        let q = request.into_inner();
+        let (invoker, home, aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
+        if home == self.state.ccf_id {
+            return Err(invalid(
+                "home_ccf_id",
+                "names this domain; ask the CCF directly",
+            ));
+        }
+        let Some(link) = self.state.links.get(&home) else {
+            return Err(error_status(
+                Code::NotFound,
+                ErrorReason::UnknownPartner,
+                format!("{home} is not a partner of {}", self.state.ccf_id),
+            ));
+        };
+        let span =
+            tracing::info_span!("fetch", partner = %home, api_invoker_id = %invoker, aef_id = %aef);
+        let key = CacheKey {
+            home: home.clone(),
+            invoker,
+            aef,
+        };
+        let presented = q.presented_key_id.clone();
+        let outbound = q.clone();
+        let result = self
+            .state
+            .cache
+            .get_or_fetch(
+                key,
+                &presented,
+                link.call(deadline, move |mut client, remaining| {
+                    let mut r = Request::new(outbound.clone());
+                    r.set_timeout(remaining);
+                    async move { client.fetch_security_information(r).await }
+                }),
+            )
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| match &result {
+            Ok(info) => tracing::info!(key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information served"),
+            Err(s) => tracing::info!(code = ?s.code(), error = %s.message(), "security information refused"),
+        });
+        result.map(Response::new)
+    }
+
+    async fn publish_revocation(
+        &self,
+        request: Request<RevocationNotice>,
+    ) -> Result<Response<RevocationAck>, Status> {
+        let who = caller(&request)?;
+        require(&self.state, &who, Role::Ccf, "publish revocations")?;
+        let notice = request.into_inner();
+        if notice.home_ccf_id != self.state.ccf_id.as_str() {
+            return Err(invalid(
+                "home_ccf_id",
+                "a CCF publishes revocations of its own invokers only",
+            ));
+        }
+        let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
+            .map_err(|e| invalid("api_invoker_id", e))?;
+        let forget = notice.kind() == RevocationKind::Offboarded;
+        let partners = self.state.fetchers_of(&invoker, forget);
+        let mut pushes = tokio::task::JoinSet::new();
+        for p in partners {
+            let state = self.state.clone();
+            let notice = notice.clone();
+            pushes.spawn(async move {
+                let link = state.links.get(&p)?;
+                let deadline = Instant::now() + PUSH_DEADLINE;
+                let r = link
+                    .call(deadline, move |mut c, remaining| {
+                        let mut r = Request::new(notice.clone());
+                        r.set_timeout(remaining);
+                        async move { c.notify_revocation(r).await }
+                    })
+                    .await;
+                match r {
+                    Ok(_) => Some(()),
+                    Err(e) => {
+                        tracing::warn!(partner = %p, error = %e.message(), "revocation push failed");
+                        None
+                    }
+                }
+            });
+        }
+        let mut forwarded = 0;
+        while let Some(r) = pushes.join_next().await {
+            if matches!(r, Ok(Some(()))) {
+                forwarded += 1;
+            }
+        }
+        tracing::info!(api_invoker_id = %invoker, forwarded, kind = ?notice.kind(), "revocation pushed to partners");
+        Ok(Response::new(RevocationAck {
+            entries_removed: 0,
+            forwarded,
+        }))
+    }
+
+    async fn fetch_token_key_set(
+        &self,
+        _request: Request<TokenKeySetRequest>,
+    ) -> Result<Response<TokenKeySet>, Status> {
+        Err(Status::unimplemented(
+            "method 3 (OAuth access tokens) is not available in this release",
+        ))
+    }
+}

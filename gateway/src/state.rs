@@ -1,0 +1,65 @@
+//! What the gateway's services share: the own domain, the federation's trust, one link per
+//! partner, the cache, the link to the own CCF, and who fetched which invoker's keys (for
+//! revocation push).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use capif_proto::v1::federation_client::FederationClient;
+use ccf_core::ids::{ApiInvokerId, CcfId};
+use tonic::transport::Channel;
+
+use crate::cache::KeyCache;
+use crate::partner::PartnerLink;
+use crate::trust::Federation;
+
+/// Shared gateway state.
+#[derive(Debug)]
+pub struct GatewayState {
+    /// The own domain.
+    pub ccf_id: CcfId,
+    /// Trust of every partner.
+    pub federation: Federation,
+    /// Outbound link per partner.
+    pub links: BTreeMap<CcfId, PartnerLink>,
+    /// The cache.
+    pub cache: KeyCache,
+    /// CAPIF-6 client of the own CCF.
+    pub ccf: FederationClient<Channel>,
+    /// Partners that fetched keys of each of our invokers.
+    pub fetchers: Mutex<HashMap<ApiInvokerId, BTreeSet<CcfId>>>,
+    /// Budget when the caller gives none.
+    pub default_budget: Duration,
+    /// Largest budget honoured.
+    pub max_budget: Duration,
+    /// Revocation notices received from partners.
+    pub revocations_received: AtomicU64,
+    /// CAPIF-6e requests answered for partners.
+    pub partner_requests_served: AtomicU64,
+}
+
+impl GatewayState {
+    /// Remembers that `partner` holds keys of `invoker`.
+    pub fn record_fetch(&self, invoker: &ApiInvokerId, partner: &CcfId) {
+        if let Ok(mut f) = self.fetchers.lock() {
+            f.entry(invoker.clone())
+                .or_default()
+                .insert(partner.clone());
+        }
+    }
+
+    /// The partners holding keys of `invoker`; forgets them when `forget` (the invoker is gone).
+    pub fn fetchers_of(&self, invoker: &ApiInvokerId, forget: bool) -> Vec<CcfId> {
+        let Ok(mut f) = self.fetchers.lock() else {
+            return Vec::new();
+        };
+        let set = if forget {
+            f.remove(invoker)
+        } else {
+            f.get(invoker).cloned()
+        };
+        set.map(|s| s.into_iter().collect()).unwrap_or_default()
+    }
+}

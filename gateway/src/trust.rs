@@ -1,0 +1,221 @@
+//! The federation's trust rules (DESIGN.md §4, invariant 2): trust is configured, location is
+//! discovered. A partner's gateway is accepted only if its certificate chains to THAT partner's
+//! configured CA and names THAT partner's gateway (`capif://<partner>/gateway`), whatever DNS said
+//! and whichever other partner CA might also have signed it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::CcfId;
+use ccf_core::tls::{TlsError, certs_from_pem};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(certs: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs {
+        store.add(c.clone())?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// What this gateway trusts of one partner.
+pub struct PartnerTrust {
+    /// The partner.
+    pub ccf_id: CcfId,
+    /// Its CA certificates.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<PartnerServerVerifier>,
+}
+
+impl std::fmt::Debug for PartnerTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PartnerTrust({})", self.ccf_id)
+    }
+}
+
+/// Why a partner's certificate is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// Not a configured partner.
+    #[error("{0} is not a partner of this domain")]
+    UnknownPartner(String),
+    /// Names no usable identity or not a gateway.
+    #[error("the certificate does not name a partner gateway: {0}")]
+    NotAGateway(String),
+    /// Names a partner but was not issued by that partner's CA.
+    #[error("the certificate claims to be {0}'s gateway but does not chain to {0}'s CA")]
+    WrongCa(String),
+}
+
+impl PartnerTrust {
+    /// Builds the trust of one partner from its CA bundle (PEM).
+    pub fn new(ccf_id: CcfId, ca_pem: &str) -> Result<Self, TlsError> {
+        let ca_certs = certs_from_pem("partner CA certificate", ca_pem)?;
+        let store = roots(&ca_certs)?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let server_verifier = Arc::new(PartnerServerVerifier {
+            expected: PeerIdentity::new(ccf_id.clone(), Role::Gateway),
+            inner,
+        });
+        Ok(Self {
+            ccf_id,
+            ca_certs,
+            client_verifier,
+            server_verifier,
+        })
+    }
+
+    /// The verifier for outbound connections to this partner.
+    pub fn server_verifier(&self) -> Arc<PartnerServerVerifier> {
+        self.server_verifier.clone()
+    }
+}
+
+/// All partners.
+#[derive(Debug, Default)]
+pub struct Federation {
+    partners: BTreeMap<CcfId, PartnerTrust>,
+}
+
+impl Federation {
+    /// From the configured partners.
+    pub fn new(partners: Vec<PartnerTrust>) -> Self {
+        Self {
+            partners: partners
+                .into_iter()
+                .map(|p| (p.ccf_id.clone(), p))
+                .collect(),
+        }
+    }
+
+    /// One partner.
+    pub fn get(&self, id: &CcfId) -> Option<&PartnerTrust> {
+        self.partners.get(id)
+    }
+
+    /// Every partner CA: the roots the CAPIF-6e listener accepts before the per-partner check.
+    pub fn all_roots(&self) -> Vec<CertificateDer<'static>> {
+        self.partners
+            .values()
+            .flat_map(|p| p.ca_certs.iter().cloned())
+            .collect()
+    }
+
+    /// Which partner an inbound client certificate (already verified against the union of
+    /// partner CAs by the TLS layer) belongs to. Re-verifies it against that partner's CA alone,
+    /// so partner C's CA cannot vouch for "operator-b".
+    pub fn authenticate(&self, cert: &CertificateDer<'_>) -> Result<CcfId, TrustError> {
+        let id = PeerIdentity::from_certificate(cert)
+            .map_err(|e| TrustError::NotAGateway(e.to_string()))?;
+        if id.role != Role::Gateway {
+            return Err(TrustError::NotAGateway(id.uri()));
+        }
+        let partner = self
+            .partners
+            .get(&id.ccf_id)
+            .ok_or_else(|| TrustError::UnknownPartner(id.ccf_id.to_string()))?;
+        partner
+            .client_verifier
+            .verify_client_cert(cert, &[], UnixTime::now())
+            .map_err(|_| TrustError::WrongCa(id.ccf_id.to_string()))?;
+        Ok(id.ccf_id)
+    }
+}
+
+/// Verifies a partner gateway's server certificate: the chain against the partner's CA, then the
+/// identity URI. The DNS name is not what is trusted (DNS is only a locator), so a name mismatch
+/// alone is not fatal; the identity check is.
+#[derive(Debug)]
+pub struct PartnerServerVerifier {
+    expected: PeerIdentity,
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for PartnerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_) => {}
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        match PeerIdentity::from_certificate(end_entity) {
+            Ok(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Ok(id) => Err(rustls::Error::General(format!(
+                "partner identity mismatch: expected {}, certificate names {id}",
+                self.expected
+            ))),
+            Err(e) => Err(rustls::Error::General(format!(
+                "partner certificate names no identity: {e}"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A TLS 1.3 client config for one partner: our gateway identity, the partner's verifier.
+pub fn partner_client_config(
+    trust: &PartnerTrust,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let key = ccf_core::tls::key_from_pem(key_pem)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(trust.server_verifier())
+        .with_client_auth_cert(certs_from_pem("gateway certificate", cert_pem)?, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
