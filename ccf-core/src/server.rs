@@ -77,6 +77,8 @@ pub struct CcfState {
     /// Validity of issued certificates, days.
     pub cert_validity_days: i64,
     credential_digests: Vec<String>,
+    /// Requests answered for partner domains (through the gateway), for inspection and tests.
+    pub partner_requests: std::sync::atomic::AtomicU64,
     /// CAPIF-6 client of this domain's gateway, when one is configured.
     pub gateway: Option<GatewayClient<tonic::transport::Channel>>,
 }
@@ -197,6 +199,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         None => None,
     };
     let state = Arc::new(CcfState {
+        partner_requests: Default::default(),
         gateway,
         ccf_id: ccf_id.clone(),
         ca,

@@ -58,6 +58,9 @@ impl Federation for FederationService {
                 "ask for keys on behalf of partner domains",
             ));
         }
+        self.state
+            .partner_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let req = request.into_inner();
         let partner = ccf_id("partner_ccf_id", &req.partner_ccf_id)?;
         let q = req.query.ok_or_else(|| invalid("query", "is required"))?;

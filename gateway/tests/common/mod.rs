@@ -1,0 +1,417 @@
+//! Test harness: several operator domains on loopback, each with its own CA, a real CCF and a
+//! real gateway (in-process, real mutual TLS), and a real DNS server (hickory-server on
+//! loopback) serving the `_capif-6e._tcp` SRV records the gateways discover each other with.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capif_gateway::config::GatewayConfig;
+use capif_gateway::server::RunningGateway;
+use capif_proto::v1::{
+    self as pb, invoker_management_client::InvokerManagementClient,
+    security_client::SecurityClient,
+};
+use ccf_core::config::CcfConfig;
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::{AefId, CcfId};
+use ccf_core::pki::{DomainCa, IssuedCredential};
+use ccf_core::server::RunningCcf;
+use ccf_core::tls::{SessionSlot, client_config, connect};
+use tonic::transport::Channel;
+
+/// Every AEF of the federation: (aef id, owning domain). Each CCF's registry lists them all, as
+/// interconnection publishing would.
+pub const AEFS: [(&str, &str); 3] = [
+    ("aef-a1", "operator-a.test"),
+    ("aef-b1", "operator-b.test"),
+    ("aef-c1", "operator-c.test"),
+];
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Options of one test federation.
+#[derive(Clone)]
+pub struct Options {
+    pub domains: Vec<&'static str>,
+    /// AEFPSK validity at every CCF, seconds.
+    pub validity_secs: u64,
+    /// Gateway cache margin and negative TTL, milliseconds.
+    pub margin_ms: u64,
+    pub negative_ttl_ms: u64,
+    /// Find partners with DNS (true) or static addresses (false).
+    pub use_dns: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            domains: vec!["operator-a.test", "operator-b.test"],
+            validity_secs: 3600,
+            margin_ms: 500,
+            negative_ttl_ms: 300,
+            use_dns: true,
+        }
+    }
+}
+
+pub struct Domain {
+    pub id: String,
+    pub dir: PathBuf,
+    pub ca: DomainCa,
+    pub ccf: Option<RunningCcf>,
+    pub gw: Option<RunningGateway>,
+    pub gw_config: GatewayConfig,
+    pub ccf_port: u16,
+    pub gw6_port: u16,
+    pub gw6e_port: u16,
+}
+
+impl Domain {
+    pub fn ccf(&self) -> &RunningCcf {
+        self.ccf.as_ref().expect("CCF running")
+    }
+    pub fn gw(&self) -> &RunningGateway {
+        self.gw.as_ref().expect("gateway running")
+    }
+    pub fn ca_pem(&self) -> String {
+        self.ca.cert_pem().to_string()
+    }
+    pub fn issue(&self, role: Role) -> IssuedCredential {
+        self.ca
+            .issue_with_new_key(
+                &PeerIdentity::new(CcfId::new(self.id.clone()).unwrap(), role),
+                &["localhost".into(), "127.0.0.1".into()],
+                1,
+            )
+            .unwrap()
+    }
+
+    pub async fn stop_gateway(&mut self) {
+        if let Some(g) = self.gw.take() {
+            g.shutdown().await;
+        }
+    }
+
+    pub async fn start_gateway(&mut self) {
+        // The port may take a moment to be released by the previous instance.
+        for _ in 0..50 {
+            match capif_gateway::server::start(self.gw_config.clone()).await {
+                Ok(g) => {
+                    self.gw = Some(g);
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("gateway restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        panic!("gateway of {} would not restart", self.id);
+    }
+}
+
+pub struct Testbed {
+    pub tmp: tempfile::TempDir,
+    pub domains: BTreeMap<String, Domain>,
+    pub dns: Option<Dns>,
+}
+
+fn ccf_config(d: &Domain, o: &Options) -> CcfConfig {
+    let mut aefs = String::new();
+    for (i, (aef, owner)) in AEFS.iter().enumerate() {
+        aefs += &format!(
+            "[[aef]]\naef_id = \"{aef}\"\nccf_id = \"{owner}\"\ninterface = {{ fqdn = \"{aef}.{owner}\", port = {}, api_prefix = \"/api\" }}\nsecurity_methods = [\"PSK\"]\napis = [\"api-{aef}\"]\n",
+            8440 + i
+        );
+    }
+    let text = format!(
+        r#"
+ccf_id = "{id}"
+state_dir = "{dir}"
+[listen]
+onboarding = "127.0.0.1:0"
+capif = "127.0.0.1:{ccf_port}"
+[security]
+aef_psk_validity_secs = {validity}
+[onboarding]
+credentials = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
+[gateway]
+address = "127.0.0.1:{gw6}"
+server_name = "localhost"
+{aefs}"#,
+        id = d.id,
+        dir = d.dir.join("ccf").display(),
+        ccf_port = d.ccf_port,
+        validity = o.validity_secs,
+        gw6 = d.gw6_port,
+    );
+    CcfConfig::parse(&text, "test ccf config").unwrap()
+}
+
+fn gateway_config(d: &Domain, all: &[(String, PathBuf, u16)], o: &Options) -> GatewayConfig {
+    let mut partners = String::new();
+    for (id, ca, port) in all.iter().filter(|(id, _, _)| *id != d.id) {
+        partners += &format!("[[partner]]\nccf_id = \"{id}\"\nca_cert = \"{}\"\n", ca.display());
+        if !o.use_dns {
+            partners += &format!("address = \"127.0.0.1:{port}\"\n");
+        }
+    }
+    let text = format!(
+        r#"
+ccf_id = "{id}"
+[listen]
+capif6 = "127.0.0.1:{gw6}"
+capif6e = "127.0.0.1:{gw6e}"
+[tls]
+ca_cert = "{dir}/ca.pem"
+cert = "{dir}/gateway.pem"
+key = "{dir}/gateway.key"
+[ccf]
+address = "127.0.0.1:{ccf}"
+[dns]
+nameserver = "NAMESERVER"
+timeout_ms = 500
+[cache]
+safety_margin_ms = {margin}
+negative_ttl_ms = {neg}
+[outbound]
+default_timeout_ms = 2000
+connect_timeout_ms = 500
+{partners}"#,
+        id = d.id,
+        gw6 = d.gw6_port,
+        gw6e = d.gw6e_port,
+        dir = d.dir.display(),
+        ccf = d.ccf_port,
+        margin = o.margin_ms,
+        neg = o.negative_ttl_ms,
+    );
+    GatewayConfig::parse(&text, "test gateway config").unwrap()
+}
+
+impl Testbed {
+    /// Builds and starts the federation.
+    pub async fn start(o: Options) -> Self {
+        Self::start_with_dns(o, |_| None).await
+    }
+
+    /// `srv_override(domain)` may point a domain's SRV record at another port.
+    pub async fn start_with_dns(o: Options, srv_override: impl Fn(&str) -> Option<u16>) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut domains = BTreeMap::new();
+        for id in &o.domains {
+            let dir = tmp.path().join(id);
+            std::fs::create_dir_all(dir.join("ccf")).unwrap();
+            let ca = DomainCa::load_or_generate(&CcfId::new(*id).unwrap(), &dir.join("ccf"), None, None)
+                .unwrap();
+            std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+            let d = Domain {
+                id: id.to_string(),
+                dir: dir.clone(),
+                ca,
+                ccf: None,
+                gw: None,
+                gw_config: GatewayConfig::parse(
+                    "ccf_id = \"x.test\"\n[tls]\nca_cert=\"\"\ncert=\"\"\nkey=\"\"\n[ccf]\naddress=\"\"\n",
+                    "placeholder",
+                )
+                .unwrap(),
+                ccf_port: free_port(),
+                gw6_port: free_port(),
+                gw6e_port: free_port(),
+            };
+            let cred = d.issue(Role::Gateway);
+            std::fs::write(dir.join("gateway.pem"), &cred.cert_pem).unwrap();
+            std::fs::write(dir.join("gateway.key"), cred.key_pem.as_bytes()).unwrap();
+            domains.insert(id.to_string(), d);
+        }
+        let all: Vec<(String, PathBuf, u16)> = domains
+            .values()
+            .map(|d| (d.id.clone(), d.dir.join("ca.pem"), d.gw6e_port))
+            .collect();
+        let srv: Vec<(String, u16)> = domains
+            .values()
+            .map(|d| (d.id.clone(), srv_override(&d.id).unwrap_or(d.gw6e_port)))
+            .collect();
+        let dns = if o.use_dns { Some(Dns::start(&srv).await) } else { None };
+        for d in domains.values_mut() {
+            let mut g = gateway_config(d, &all, &o);
+            g.dns.nameserver = dns.as_ref().map(|n| n.addr.to_string());
+            d.gw_config = g;
+            d.ccf = Some(ccf_core::server::start(ccf_config(d, &o)).await.unwrap());
+            d.start_gateway().await;
+        }
+        Self { tmp, domains, dns }
+    }
+
+    pub fn d(&self, id: &str) -> &Domain {
+        &self.domains[id]
+    }
+    pub fn d_mut(&mut self, id: &str) -> &mut Domain {
+        self.domains.get_mut(id).unwrap()
+    }
+}
+
+pub async fn channel(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Channel {
+    let cfg = client_config(ca_pem, identity).unwrap();
+    connect(&addr.to_string(), "localhost", cfg, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .0
+}
+
+/// An invoker onboarded at its home domain, with a CAPIF-1e session.
+pub struct Invoker {
+    pub id: String,
+    pub home: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub security: SecurityClient<Channel>,
+    pub slot: SessionSlot,
+}
+
+pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ch = channel(d.ccf().onboarding_addr, &d.ca_pem(), None).await;
+    let rsp = InvokerManagementClient::new(ch)
+        .onboard(pb::OnboardRequest {
+            onboarding_information: Some(pb::OnboardingInformation {
+                api_invoker_public_key: key.public_key_pem(),
+                onboarding_credential: credential.into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("onboarding")
+        .into_inner();
+    let key_pem = key.serialize_pem();
+    let cfg = client_config(&d.ca_pem(), Some((&rsp.api_invoker_certificate, &key_pem))).unwrap();
+    let (ch, slot) = connect(&d.ccf().capif_addr.to_string(), "localhost", cfg, Duration::from_secs(5))
+        .await
+        .unwrap();
+    Invoker {
+        id: rsp.api_invoker_id,
+        home: d.id.clone(),
+        cert_pem: rsp.api_invoker_certificate,
+        key_pem,
+        security: SecurityClient::new(ch),
+        slot,
+    }
+}
+
+impl Invoker {
+    /// Obtains PSK for `aef` over CAPIF-1e; returns the AEFPSK the invoker derived (hex) and its key id.
+    pub async fn obtain_psk(&mut self, aef: &str) -> (Vec<u8>, String) {
+        let rsp = self
+            .security
+            .obtain_security_method(pb::ObtainSecurityMethodRequest {
+                api_invoker_id: self.id.clone(),
+                service_security: Some(pb::ServiceSecurity {
+                    security_info: vec![pb::SecurityInformation {
+                        aef_id: aef.into(),
+                        pref_security_methods: vec![pb::SecurityMethod::Psk as i32],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("obtain security method")
+            .into_inner();
+        let info = &rsp.security_info[0];
+        let binding = self.slot.lock().unwrap().binding.clone().unwrap();
+        let psk = binding.aefpsk(&info.interface_canonical).unwrap();
+        assert_eq!(psk.key_id(), info.aef_psk_key_id);
+        (psk.expose().to_vec(), psk.key_id())
+    }
+}
+
+/// An AEF of `d` talking CAPIF-3 to its CCF.
+pub async fn aef(d: &Domain, aef: &str) -> SecurityClient<Channel> {
+    let cred = d.issue(Role::Aef(AefId::new(aef).unwrap()));
+    SecurityClient::new(channel(d.ccf().capif_addr, &d.ca_pem(), Some((&cred.cert_pem, &cred.key_pem))).await)
+}
+
+pub async fn ask(
+    c: &mut SecurityClient<Channel>,
+    aef: &str,
+    inv: &str,
+    home: &str,
+    presented_key_id: &str,
+    timeout: Duration,
+) -> Result<pb::InvokerSecurityInformation, tonic::Status> {
+    let mut r = tonic::Request::new(pb::GetSecurityInformationRequest {
+        api_invoker_id: inv.into(),
+        aef_id: aef.into(),
+        home_ccf_id: home.into(),
+        authentication_info: true,
+        authorization_info: true,
+        presented_key_id: presented_key_id.into(),
+    });
+    r.set_timeout(timeout);
+    c.get_security_information(r).await.map(|r| r.into_inner())
+}
+
+pub fn reason(s: &tonic::Status) -> String {
+    ccf_core::grpc::error_reason(s).unwrap_or_else(|| format!("<no reason: {:?} {}>", s.code(), s.message()))
+}
+
+/// A DNS server on loopback serving one zone per domain: `_capif-6e._tcp.<d>` SRV -> `gw.<d>`,
+/// `gw.<d>` A 127.0.0.1.
+pub struct Dns {
+    pub addr: SocketAddr,
+    server: hickory_server::Server<hickory_server::zone_handler::Catalog>,
+}
+
+impl Dns {
+    pub async fn start(domains: &[(String, u16)]) -> Self {
+        use hickory_proto::rr::{LowerName, Name};
+        use hickory_proto::serialize::txt::Parser;
+        use hickory_server::store::in_memory::InMemoryZoneHandler;
+        use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+        let mut catalog = Catalog::new();
+        for (d, port) in domains {
+            let zone = format!(
+                "@ 60 IN SOA ns.{d}. admin.{d}. 1 60 60 60 60\n\
+                 _capif-6e._tcp 5 IN SRV 10 10 {port} gw.{d}.\n\
+                 gw 5 IN A 127.0.0.1\n"
+            );
+            let origin = Name::from_ascii(format!("{d}.")).unwrap();
+            let (origin, records) = Parser::new(zone, None, Some(origin)).parse().unwrap();
+            let handler = InMemoryZoneHandler::<hickory_resolver::net::runtime::TokioRuntimeProvider>::new(
+                origin.clone(),
+                records,
+                ZoneType::Primary,
+                AxfrPolicy::Deny,
+            )
+            .unwrap();
+            catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
+        }
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let mut server = hickory_server::Server::new(catalog);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 64);
+        Self { addr, server }
+    }
+}
+
+pub fn path(p: &Path) -> String {
+    p.display().to_string()
+}
