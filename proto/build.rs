@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("capif_descriptor.bin"))
-        // Messages that carry secrets get a hand-written, redacting Debug (src/lib.rs).
+        // Messages that carry secrets get a hand-written, redacting Debug (src/redact.rs).
         .skip_debug([
             "capif.v1.InvokerSecurityInformation",
             "capif.v1.OnboardingInformation",

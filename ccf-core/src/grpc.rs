@@ -56,9 +56,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The connection info of a request accepted by [`spawn_server`].
 pub fn conn_info<T>(req: &Request<T>) -> Result<&ConnInfo, Status> {
-    req.extensions()
-        .get::<ConnInfo>()
-        .ok_or_else(|| Status::internal("request did not arrive through the TLS accept loop"))
+    req.extensions().get::<ConnInfo>().ok_or_else(|| {
+        error_status(
+            Code::Internal,
+            ErrorReason::InternalFault,
+            "request did not arrive through the TLS accept loop",
+        )
+    })
 }
 
 /// The caller's identity, read from its verified client certificate.

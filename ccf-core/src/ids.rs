@@ -1,4 +1,4 @@
-//! Identifiers in the spec's words: `CcfId` (a domain), `ApiInvokerId`, `AefId`.
+//! Identifiers in the spec's words: `CcfId` (a domain), `ApiInvokerId`, `AefId`, `ApiName`.
 //!
 //! Each is a newtype that validates on construction, so a malformed or oversized id from a peer is
 //! refused at the edge and cannot travel further into stores, caches or logs.

@@ -16,6 +16,7 @@
 //! - [`store`] — invokers and security contexts in redb.
 //! - [`config`] — the TOML configuration.
 //! - [`server`] — starting a CCF.
+//! - [`testkit`] — helpers for the crates' integration tests (grpcurl).
 
 pub mod config;
 pub mod grpc;
@@ -27,4 +28,5 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod testkit;
 pub mod tls;

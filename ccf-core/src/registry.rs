@@ -60,8 +60,10 @@ pub enum InterfaceError {
     /// Port 0 or above 65535.
     #[error("port {0} is not a valid TCP port")]
     BadPort(u32),
-    /// The prefix does not start with '/'.
-    #[error("api_prefix {0:?} must be empty or start with '/'")]
+    /// The prefix does not start with '/', is too long or holds spaces.
+    #[error(
+        "api_prefix {0:?} must be empty or start with '/', without spaces, at most 1024 characters"
+    )]
     BadPrefix(String),
 }
 
@@ -127,9 +129,13 @@ impl Interface {
                 let f = f.trim_end_matches('.').to_ascii_lowercase();
                 if f.is_empty()
                     || f.len() > 253
-                    || !f
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                    || f.split('.').any(|l| {
+                        l.is_empty()
+                            || l.len() > 63
+                            || l.starts_with('-')
+                            || l.ends_with('-')
+                            || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    })
                 {
                     return Err(InterfaceError::BadFqdn(f));
                 }
@@ -140,7 +146,13 @@ impl Interface {
         if self.port == 0 || self.port > 65535 {
             return Err(InterfaceError::BadPort(self.port));
         }
-        if !self.api_prefix.is_empty() && !self.api_prefix.starts_with('/') {
+        if (!self.api_prefix.is_empty() && !self.api_prefix.starts_with('/'))
+            || self.api_prefix.len() > 1024
+            || self
+                .api_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(InterfaceError::BadPrefix(self.api_prefix.clone()));
         }
         Ok(format!("{host}:{}{}", self.port, self.api_prefix))
@@ -331,6 +343,13 @@ mod tests {
         );
         assert!(iface(None, None, Some("x"), 0, "").canonical().is_err());
         assert!(iface(None, None, Some("x"), 1, "v1").canonical().is_err());
+        assert!(iface(None, None, Some("a..b"), 1, "").canonical().is_err());
+        assert!(iface(None, None, Some("-a.b"), 1, "").canonical().is_err());
+        assert!(
+            iface(None, None, Some("a.b"), 1, "/a b")
+                .canonical()
+                .is_err()
+        );
     }
 
     #[test]

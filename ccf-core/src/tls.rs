@@ -304,29 +304,21 @@ pub struct ClientSession {
 /// Shared slot a [`connect`]ed channel updates after every handshake.
 pub type SessionSlot = Arc<Mutex<ClientSession>>;
 
+/// The stream a client connector hands to tonic.
+type ClientIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// The endpoint, session slot and connector service shared by [`connect`] and [`connect_lazy`].
+type Connector = (
+    Endpoint,
+    SessionSlot,
+    tower::util::BoxCloneSyncService<tonic::transport::Uri, ClientIo, io::Error>,
+);
+
 fn tls_connector_service(
     addr: &str,
     server_name: &str,
     config: Arc<ClientConfig>,
-) -> Result<
-    (
-        Endpoint,
-        SessionSlot,
-        impl tower::Service<
-            tonic::transport::Uri,
-            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-            Error = io::Error,
-            Future = impl std::future::Future<
-                Output = io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-                >,
-            > + Send,
-        > + Send
-        + Clone
-        + 'static,
-    ),
-    TlsError,
-> {
+) -> Result<Connector, TlsError> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
     let slot: SessionSlot = Arc::default();
@@ -361,7 +353,7 @@ fn tls_connector_service(
             Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    Ok((endpoint, slot, svc))
+    Ok((endpoint, slot, tower::util::BoxCloneSyncService::new(svc)))
 }
 
 /// Connects a gRPC channel over TLS to `addr` (`host:port`), verifying the server certificate

@@ -4,41 +4,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use ccf_core::identity::Role;
 use common::*;
 
-fn grpcurl() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRPCURL") {
-        return PathBuf::from(p);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new("bash")
-        .arg(root.join("scripts/install-grpcurl.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "grpcurl is needed and scripts/install-grpcurl.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 fn run(args: &[&str]) -> String {
-    let out = Command::new(grpcurl())
-        .args(args)
-        .output()
-        .expect("grpcurl runs");
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    ccf_core::testkit::grpcurl_ok(args)
 }
 
 #[tokio::test]
@@ -119,7 +91,7 @@ async fn grpcurl_lists_describes_and_checks_health() {
     );
 
     // A stable reason reaches grpcurl users too.
-    let out = Command::new(grpcurl())
+    let out = Command::new(ccf_core::testkit::grpcurl())
         .args(with(&[
             "-d",
             r#"{"api_invoker_id":"inv-x","aef_id":"aef-weather"}"#,

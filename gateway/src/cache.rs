@@ -1,9 +1,9 @@
 //! The gateway's cache of partner answers (DESIGN.md §6, invariant 3), on moka.
 //!
 //! Key `(home CCF id, apiInvokerId, aefId)`. A key entry lives for the remaining validity the
-//! partner returned minus a safety margin, capped by config, counted from when the request was
-//! SENT (so network delay can only shorten it); what is served carries the validity remaining at
-//! serve time. Concurrent misses for one key share one upstream call. Definite refusals get short
+//! partner returned minus a safety margin, capped by config. The key's own end is reckoned from
+//! when the request was SENT (network delay can only shorten it) and rechecked on every hit;
+//! what is served carries the validity remaining at serve time. Concurrent misses for one key share one upstream call. Definite refusals get short
 //! negative entries; transport failures are never cached. A caller presenting a key id other
 //! than the cached one (the invoker re-authenticated at its home CCF) bypasses the entry and
 //! refreshes it, so a stale entry cannot lock the invoker out.

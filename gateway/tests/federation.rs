@@ -29,22 +29,37 @@ async fn two_domains_aef_gets_the_invokers_key() {
     let mut inv = onboard(t.d(B), "c0").await;
     let (psk, key_id) = inv.obtain_psk("aef-a1").await;
     let mut aef_a = aef(t.d(A), "aef-a1").await;
-    let got = ask(&mut aef_a, "aef-a1", &inv.id, B, "", T).await.expect("key through the gateways");
+    let got = ask(&mut aef_a, "aef-a1", &inv.id, B, "", T)
+        .await
+        .expect("key through the gateways");
     assert_eq!(got.aef_psk, psk);
     assert_eq!(got.key_id, key_id);
     assert_eq!(got.home_ccf_id, B);
     assert!(got.remaining_validity_ms <= 3_600_000 && got.remaining_validity_ms > 3_500_000);
-    let direct = t.d(B).ccf().state.store
+    let direct = t
+        .d(B)
+        .ccf()
+        .state
+        .store
         .context(&inv.id.parse().unwrap(), &"aef-a1".parse().unwrap())
         .unwrap()
         .unwrap();
     assert!(got.remaining_validity_ms <= direct.expires_at_ms - ccf_core::server::now_ms() + 5);
     // The partner located B through DNS and recorded the success.
     let state = t.d(A).gw().state.links[&CcfId::new(B).unwrap()].state();
-    assert!(state.last_success_unix_ms > 0 && state.resolved_targets.iter().any(|s| s.contains("gw.operator-b.test")), "{state:?}");
+    assert!(
+        state.last_success_unix_ms > 0
+            && state
+                .resolved_targets
+                .iter()
+                .any(|s| s.contains("gw.operator-b.test")),
+        "{state:?}"
+    );
     // B's own AEF can never get a key bound to A's AEF, and A's own invokers are unaffected.
     let mut aef_b = aef(t.d(B), "aef-b1").await;
-    let e = ask(&mut aef_b, "aef-b1", &inv.id, "", "", T).await.unwrap_err();
+    let e = ask(&mut aef_b, "aef-b1", &inv.id, "", "", T)
+        .await
+        .unwrap_err();
     assert_eq!(reason(&e), "KEY_BOUND_TO_OTHER_AEF");
 }
 
@@ -60,12 +75,17 @@ async fn concurrent_misses_make_one_upstream_call() {
     for _ in 0..200 {
         let mut c = aef_a.clone();
         let id = inv.id.clone();
-        tasks.spawn(async move { ask(&mut c, "aef-a1", &id, B, "", Duration::from_secs(10)).await });
+        tasks
+            .spawn(async move { ask(&mut c, "aef-a1", &id, B, "", Duration::from_secs(10)).await });
     }
     while let Some(r) = tasks.join_next().await {
         assert_eq!(r.unwrap().expect("every caller gets the key").aef_psk, psk);
     }
-    assert_eq!(partner_requests(&t, B) - before, 1, "CCF-B saw more than one request");
+    assert_eq!(
+        partner_requests(&t, B) - before,
+        1,
+        "CCF-B saw more than one request"
+    );
     let c = &t.d(A).gw().state.cache.counters;
     assert_eq!(c.misses.load(Ordering::Relaxed), 1);
     assert_eq!(
@@ -77,10 +97,20 @@ async fn concurrent_misses_make_one_upstream_call() {
 /// Acceptance 3: a short-lived key is never served after its expiry and is refetched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_validity_is_never_exceeded_and_refetched() {
-    let t = Testbed::start(Options { validity_secs: 3, margin_ms: 500, negative_ttl_ms: 200, ..Default::default() }).await;
+    let t = Testbed::start(Options {
+        validity_secs: 3,
+        margin_ms: 500,
+        negative_ttl_ms: 200,
+        ..Default::default()
+    })
+    .await;
     let mut inv = onboard(t.d(B), "c0").await;
     let (psk, _) = inv.obtain_psk("aef-a1").await;
-    let expires_at = t.d(B).ccf().state.store
+    let expires_at = t
+        .d(B)
+        .ccf()
+        .state
+        .store
         .context(&inv.id.parse().unwrap(), &"aef-a1".parse().unwrap())
         .unwrap()
         .unwrap()
@@ -94,11 +124,22 @@ async fn short_validity_is_never_exceeded_and_refetched() {
             Ok(info) => {
                 served += 1;
                 assert_eq!(info.aef_psk, psk);
-                assert!(now < expires_at, "a key was served {} ms after it expired", now - expires_at);
-                assert!(now + info.remaining_validity_ms <= expires_at + 50, "validity beyond CCF-B's");
+                assert!(
+                    now < expires_at,
+                    "a key was served {} ms after it expired",
+                    now - expires_at
+                );
+                assert!(
+                    now + info.remaining_validity_ms <= expires_at + 50,
+                    "validity beyond CCF-B's"
+                );
             }
             Err(e) => {
-                assert!(now + 20 >= expires_at, "refused {} ms before expiry: {e:?}", expires_at - now);
+                assert!(
+                    now + 20 >= expires_at,
+                    "refused {} ms before expiry: {e:?}",
+                    expires_at - now
+                );
                 assert_eq!(reason(&e), "KEY_EXPIRED");
             }
         }
@@ -124,19 +165,30 @@ async fn a_newer_key_id_refreshes_the_cache() {
     let mut inv = onboard(t.d(B), "c0").await;
     let (_, old_id) = inv.obtain_psk("aef-a1").await;
     let mut aef_a = aef(t.d(A), "aef-a1").await;
-    assert_eq!(ask(&mut aef_a, "aef-a1", &inv.id, B, &old_id, T).await.unwrap().key_id, old_id);
+    assert_eq!(
+        ask(&mut aef_a, "aef-a1", &inv.id, B, &old_id, T)
+            .await
+            .unwrap()
+            .key_id,
+        old_id
+    );
     // Re-authenticate over a new TLS session: new AEFPSK.
     let mut again = onboard_session(t.d(B), &inv).await;
     let (psk2, new_id) = again.obtain_psk("aef-a1").await;
     assert_ne!(old_id, new_id);
-    let got = ask(&mut aef_a, "aef-a1", &inv.id, B, &new_id, T).await.unwrap();
+    let got = ask(&mut aef_a, "aef-a1", &inv.id, B, &new_id, T)
+        .await
+        .unwrap();
     assert_eq!(got.key_id, new_id);
     assert_eq!(got.aef_psk, psk2);
 }
 
 async fn onboard_session(d: &Domain, inv: &Invoker) -> Invoker {
-    let cfg = ccf_core::tls::client_config(&d.ca_pem(), Some((&inv.cert_pem, &inv.key_pem))).unwrap();
-    let (ch, slot) = ccf_core::tls::connect(&d.ccf().capif_addr.to_string(), "localhost", cfg, T).await.unwrap();
+    let cfg =
+        ccf_core::tls::client_config(&d.ca_pem(), Some((&inv.cert_pem, &inv.key_pem))).unwrap();
+    let (ch, slot) = ccf_core::tls::connect(&d.ccf().capif_addr.to_string(), "localhost", cfg, T)
+        .await
+        .unwrap();
     Invoker {
         id: inv.id.clone(),
         home: inv.home.clone(),
@@ -150,13 +202,22 @@ async fn onboard_session(d: &Domain, inv: &Invoker) -> Invoker {
 /// Acceptance 4: C asks B for a key bound to an AEF of A: PERMISSION_DENIED, nothing cached for C.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confused_deputy_is_refused() {
-    let t = Testbed::start(Options { domains: vec![A, B, C], ..Default::default() }).await;
+    let t = Testbed::start(Options {
+        domains: vec![A, B, C],
+        ..Default::default()
+    })
+    .await;
     let mut inv = onboard(t.d(B), "c0").await;
     inv.obtain_psk("aef-a1").await;
 
     // C's gateway (a real partner, with its real certificate) asks B directly for aef-a1's key.
     let cred_c = t.d(C).issue(Role::Gateway);
-    let ch = channel(t.d(B).gw().capif6e_addr, &t.d(B).ca_pem(), Some((&cred_c.cert_pem, &cred_c.key_pem))).await;
+    let ch = channel(
+        t.d(B).gw().capif6e_addr,
+        &t.d(B).ca_pem(),
+        Some((&cred_c.cert_pem, &cred_c.key_pem)),
+    )
+    .await;
     let e = InterconnectClient::new(ch)
         .fetch_security_information(pb::SecurityInformationQuery {
             api_invoker_id: inv.id.clone(),
@@ -171,10 +232,23 @@ async fn confused_deputy_is_refused() {
 
     // The legitimate path from C (C's own AEF) gets no key either.
     let mut aef_c = aef(t.d(C), "aef-c1").await;
-    let e = ask(&mut aef_c, "aef-c1", &inv.id, B, "", T).await.unwrap_err();
+    let e = ask(&mut aef_c, "aef-c1", &inv.id, B, "", T)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert_eq!(t.d(C).gw().state.cache.key_entries(), 0, "C's gateway cached a key");
-    assert!(t.d(B).gw().state.fetchers_of(&inv.id.parse().unwrap(), false).is_empty(), "B recorded C as holding a key");
+    assert_eq!(
+        t.d(C).gw().state.cache.key_entries(),
+        0,
+        "C's gateway cached a key"
+    );
+    assert!(
+        t.d(B)
+            .gw()
+            .state
+            .fetchers_of(&inv.id.parse().unwrap(), false)
+            .is_empty(),
+        "B recorded C as holding a key"
+    );
 }
 
 /// A second gateway for A whose DNS server points B's SRV record at `port`; returns the error
@@ -198,8 +272,16 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
         presented_key_id: String::new(),
     };
     let ccf_cred = t.d(A).issue(Role::Ccf);
-    let ch = channel(gw.capif6_addr, &t.d(A).ca_pem(), Some((&ccf_cred.cert_pem, &ccf_cred.key_pem))).await;
-    let e = pb::gateway_client::GatewayClient::new(ch).fetch_security_information(query).await.unwrap_err();
+    let ch = channel(
+        gw.capif6_addr,
+        &t.d(A).ca_pem(),
+        Some((&ccf_cred.cert_pem, &ccf_cred.key_pem)),
+    )
+    .await;
+    let e = pb::gateway_client::GatewayClient::new(ch)
+        .fetch_security_information(query)
+        .await
+        .unwrap_err();
     let st = gw.state.links[&CcfId::new(B).unwrap()].state();
     gw.shutdown().await;
     (e, st)
@@ -208,7 +290,11 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
 /// Acceptance 5a: DNS points B's SRV record elsewhere: A refuses, whatever DNS said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_pointing_at_another_party_is_refused() {
-    let t = Testbed::start(Options { domains: vec![A, B, C], ..Default::default() }).await;
+    let t = Testbed::start(Options {
+        domains: vec![A, B, C],
+        ..Default::default()
+    })
+    .await;
     let mut inv = onboard(t.d(B), "c0").await;
     inv.obtain_psk("aef-a1").await;
 
@@ -222,7 +308,8 @@ async fn dns_pointing_at_another_party_is_refused() {
     let (e, st) = fetch_with_b_at(&t, t.d(B).ccf_port, &inv.id).await;
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(
-        st.last_error.contains("identity mismatch") && st.last_error.contains("capif://operator-b.test/ccf"),
+        st.last_error.contains("identity mismatch")
+            && st.last_error.contains("capif://operator-b.test/ccf"),
         "{st:?}"
     );
     assert_eq!(partner_requests(&t, B), 0, "a key request reached CCF-B");
@@ -232,10 +319,18 @@ async fn dns_pointing_at_another_party_is_refused() {
 /// dial it and when it dials us; a partner CA cannot vouch for another partner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
-    let t = Testbed::start(Options { domains: vec![A, B, C], ..Default::default() }).await;
+    let t = Testbed::start(Options {
+        domains: vec![A, B, C],
+        ..Default::default()
+    })
+    .await;
     let rogue_ca = DomainCa::generate(&CcfId::new(B).unwrap()).unwrap();
     let rogue = rogue_ca
-        .issue_with_new_key(&PeerIdentity::new(CcfId::new(B).unwrap(), Role::Gateway), &["localhost".into()], 1)
+        .issue_with_new_key(
+            &PeerIdentity::new(CcfId::new(B).unwrap(), Role::Gateway),
+            &["localhost".into()],
+            1,
+        )
         .unwrap();
     let query = pb::SecurityInformationQuery {
         api_invoker_id: "inv-x".into(),
@@ -244,30 +339,65 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
         presented_key_id: String::new(),
     };
     // Inbound: the rogue "operator-b" gateway dials A.
-    let cfg = ccf_core::tls::client_config(&t.d(A).ca_pem(), Some((&rogue.cert_pem, &rogue.key_pem))).unwrap();
+    let cfg =
+        ccf_core::tls::client_config(&t.d(A).ca_pem(), Some((&rogue.cert_pem, &rogue.key_pem)))
+            .unwrap();
     let r = async {
-        let (ch, _) = ccf_core::tls::connect(&t.d(A).gw().capif6e_addr.to_string(), "localhost", cfg, T).await?;
-        InterconnectClient::new(ch).fetch_security_information(query.clone()).await.map_err(Into::<Box<dyn std::error::Error>>::into)
+        let (ch, _) =
+            ccf_core::tls::connect(&t.d(A).gw().capif6e_addr.to_string(), "localhost", cfg, T)
+                .await?;
+        InterconnectClient::new(ch)
+            .fetch_security_information(query.clone())
+            .await
+            .map_err(Into::<Box<dyn std::error::Error>>::into)
     }
     .await;
-    assert!(r.is_err(), "a certificate from an unconfigured CA was accepted");
+    assert!(
+        r.is_err(),
+        "a certificate from an unconfigured CA was accepted"
+    );
 
     // Inbound: C's real CA signs a certificate claiming to be B's gateway.
-    let forged = t.d(C).ca
-        .issue_with_new_key(&PeerIdentity::new(CcfId::new(B).unwrap(), Role::Gateway), &["localhost".into()], 1)
+    let forged = t
+        .d(C)
+        .ca
+        .issue_with_new_key(
+            &PeerIdentity::new(CcfId::new(B).unwrap(), Role::Gateway),
+            &["localhost".into()],
+            1,
+        )
         .unwrap();
-    let ch = channel(t.d(A).gw().capif6e_addr, &t.d(A).ca_pem(), Some((&forged.cert_pem, &forged.key_pem))).await;
-    let e = InterconnectClient::new(ch).fetch_security_information(query.clone()).await.unwrap_err();
+    let ch = channel(
+        t.d(A).gw().capif6e_addr,
+        &t.d(A).ca_pem(),
+        Some((&forged.cert_pem, &forged.key_pem)),
+    )
+    .await;
+    let e = InterconnectClient::new(ch)
+        .fetch_security_information(query.clone())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert_eq!(reason(&e), "UNKNOWN_PARTNER");
-    assert!(e.message().contains("does not chain to operator-b.test's CA"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains("does not chain to operator-b.test's CA"),
+        "{}",
+        e.message()
+    );
 
     // Outbound: A dials a rogue server presenting the rogue certificate where B should be.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rogue_addr = listener.local_addr().unwrap();
-    let rogue_tls = ccf_core::tls::server_config(&rogue.cert_pem, &rogue.key_pem, ccf_core::tls::ClientAuth::None).unwrap();
+    let rogue_tls = ccf_core::tls::server_config(
+        &rogue.cert_pem,
+        &rogue.key_pem,
+        ccf_core::tls::ClientAuth::None,
+    )
+    .unwrap();
     let routes = tonic::service::Routes::new(tonic_health::server::health_reporter().1);
-    let _srv = ccf_core::grpc::spawn_server(listener, rogue_tls, false, routes, std::future::pending());
+    let _srv =
+        ccf_core::grpc::spawn_server(listener, rogue_tls, false, routes, std::future::pending());
     let mut cfg = t.d(A).gw_config.clone();
     cfg.listen.capif6 = "127.0.0.1:0".into();
     cfg.listen.capif6e = "127.0.0.1:0".into();
@@ -278,22 +408,33 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
     }
     let gw = capif_gateway::server::start(cfg).await.unwrap();
     let ccf_cred = t.d(A).issue(Role::Ccf);
-    let ch = channel(gw.capif6_addr, &t.d(A).ca_pem(), Some((&ccf_cred.cert_pem, &ccf_cred.key_pem))).await;
+    let ch = channel(
+        gw.capif6_addr,
+        &t.d(A).ca_pem(),
+        Some((&ccf_cred.cert_pem, &ccf_cred.key_pem)),
+    )
+    .await;
     let mut q = query.clone();
     q.home_ccf_id = B.into();
     q.aef_id = "aef-a1".into();
-    let e = pb::gateway_client::GatewayClient::new(ch).fetch_security_information(q).await.unwrap_err();
+    let e = pb::gateway_client::GatewayClient::new(ch)
+        .fetch_security_information(q)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     let st = gw.state.links[&CcfId::new(B).unwrap()].state();
     assert!(st.last_error.contains("invalid peer certificate"), "{st:?}");
 }
 
-
 /// Acceptance 6: partner B stopped: requests for B fail within the deadline while requests for C
 /// keep succeeding; B restarted: A recovers without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_outage_is_contained_and_recovers() {
-    let mut t = Testbed::start(Options { domains: vec![A, B, C], ..Default::default() }).await;
+    let mut t = Testbed::start(Options {
+        domains: vec![A, B, C],
+        ..Default::default()
+    })
+    .await;
     let mut aef_a = aef(t.d(A), "aef-a1").await;
     let mut b_invs = Vec::new();
     for i in 0..3 {
@@ -307,7 +448,9 @@ async fn partner_outage_is_contained_and_recovers() {
         inv.obtain_psk("aef-a1").await;
         c_invs.push(inv);
     }
-    ask(&mut aef_a, "aef-a1", &b_invs[0].id, B, "", T).await.expect("B works before the outage");
+    ask(&mut aef_a, "aef-a1", &b_invs[0].id, B, "", T)
+        .await
+        .expect("B works before the outage");
 
     t.d_mut(B).stop_gateway().await;
     let deadline = Duration::from_millis(1500);
@@ -321,20 +464,35 @@ async fn partner_outage_is_contained_and_recovers() {
     });
     for inv in &c_invs[..3] {
         let start = Instant::now();
-        ask(&mut aef_a, "aef-a1", &inv.id, C, "", T).await.expect("C unaffected by B's outage");
-        assert!(start.elapsed() < Duration::from_millis(1000), "C slowed down: {:?}", start.elapsed());
+        ask(&mut aef_a, "aef-a1", &inv.id, C, "", T)
+            .await
+            .expect("C unaffected by B's outage");
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "C slowed down: {:?}",
+            start.elapsed()
+        );
     }
     let (r, took) = b_req.await.unwrap();
     let e = r.expect_err("B is down");
-    assert!(matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded), "{e:?}");
-    assert!(took < deadline + Duration::from_millis(500), "took {took:?} for a {deadline:?} deadline");
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "took {took:?} for a {deadline:?} deadline"
+    );
     let st = t.d(A).gw().state.links[&CcfId::new(B).unwrap()].state();
     assert!(st.failures >= 1 && !st.last_error.is_empty(), "{st:?}");
 
     t.d_mut(B).start_gateway().await;
     let mut ok = false;
     for _ in 0..30 {
-        if ask(&mut aef_a, "aef-a1", &b_invs[2].id, B, "", T).await.is_ok() {
+        if ask(&mut aef_a, "aef-a1", &b_invs[2].id, B, "", T)
+            .await
+            .is_ok()
+        {
             ok = true;
             break;
         }
@@ -342,7 +500,9 @@ async fn partner_outage_is_contained_and_recovers() {
     }
     assert!(ok, "A did not recover after B came back");
     for inv in &c_invs[3..] {
-        ask(&mut aef_a, "aef-a1", &inv.id, C, "", T).await.expect("C still fine");
+        ask(&mut aef_a, "aef-a1", &inv.id, C, "", T)
+            .await
+            .expect("C still fine");
     }
 }
 
@@ -356,20 +516,38 @@ async fn offboarding_at_home_evicts_partner_caches() {
     ask(&mut aef_a, "aef-a1", &inv.id, B, "", T).await.unwrap();
     assert_eq!(t.d(A).gw().state.cache.key_entries(), 1);
 
-    let ch = channel(t.d(B).ccf().capif_addr, &t.d(B).ca_pem(), Some((&inv.cert_pem, &inv.key_pem))).await;
+    let ch = channel(
+        t.d(B).ccf().capif_addr,
+        &t.d(B).ca_pem(),
+        Some((&inv.cert_pem, &inv.key_pem)),
+    )
+    .await;
     pb::invoker_management_client::InvokerManagementClient::new(ch)
-        .offboard(pb::OffboardRequest { api_invoker_id: inv.id.clone() })
+        .offboard(pb::OffboardRequest {
+            api_invoker_id: inv.id.clone(),
+        })
         .await
         .unwrap();
     let start = Instant::now();
     loop {
-        if t.d(A).gw().state.revocations_received.load(Ordering::Relaxed) == 1 {
+        if t.d(A)
+            .gw()
+            .state
+            .revocations_received
+            .load(Ordering::Relaxed)
+            == 1
+        {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(1), "no revocation reached A within 1 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "no revocation reached A within 1 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let e = ask(&mut aef_a, "aef-a1", &inv.id, B, "", T).await.unwrap_err();
+    let e = ask(&mut aef_a, "aef-a1", &inv.id, B, "", T)
+        .await
+        .unwrap_err();
     assert_eq!(reason(&e), "INVOKER_NOT_FOUND");
     assert!(start.elapsed() < Duration::from_secs(1));
 }
@@ -385,7 +563,12 @@ async fn partner_answers_hide_internal_addresses() {
     let ccf_addr = ccf_b.capif_addr.to_string();
     ccf_b.shutdown().await;
     let cred_a = t.d(A).issue(Role::Gateway);
-    let ch = channel(t.d(B).gw().capif6e_addr, &t.d(B).ca_pem(), Some((&cred_a.cert_pem, &cred_a.key_pem))).await;
+    let ch = channel(
+        t.d(B).gw().capif6e_addr,
+        &t.d(B).ca_pem(),
+        Some((&cred_a.cert_pem, &cred_a.key_pem)),
+    )
+    .await;
     let e = InterconnectClient::new(ch)
         .fetch_security_information(pb::SecurityInformationQuery {
             api_invoker_id: inv.id.clone(),
@@ -397,6 +580,10 @@ async fn partner_answers_hide_internal_addresses() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     let port = ccf_addr.rsplit(':').next().unwrap();
-    assert!(!e.message().contains(&ccf_addr) && !e.message().contains(port), "leaks {ccf_addr}: {}", e.message());
+    assert!(
+        !e.message().contains(&ccf_addr) && !e.message().contains(port),
+        "leaks {ccf_addr}: {}",
+        e.message()
+    );
     assert!(!format!("{:?}", e.metadata()).contains(port));
 }

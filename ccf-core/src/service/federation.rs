@@ -127,7 +127,9 @@ impl Federation for FederationService {
         &self,
         _request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(Status::unimplemented(
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
             "method 3 (OAuth access tokens) is not available in this release",
         ))
     }

@@ -132,7 +132,11 @@ pub(crate) fn security_information(
         key_id: ctx.key_id.clone(),
         remaining_validity_ms: ctx.expires_at_ms.saturating_sub(now_ms()),
         allowed_api_names: ctx.allowed_apis.iter().map(|a| a.to_string()).collect(),
-        invoker_ca_certificates: vec![state.ca.cert_pem().to_string()],
+        invoker_ca_certificates: if ctx.method == crate::registry::SecurityMethod::Pki {
+            vec![state.ca.cert_pem().to_string()]
+        } else {
+            Vec::new()
+        },
         interface_canonical: ctx.interface_canonical.clone(),
     }
 }

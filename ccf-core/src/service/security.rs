@@ -166,7 +166,11 @@ impl SecurityService {
                 match method {
                     SecurityMethod::Psk => {
                         let binding = binding.as_ref().ok_or_else(|| {
-                            Status::internal("the CAPIF-1e TLS session binding is missing")
+                            error_status(
+                                Code::Internal,
+                                ErrorReason::InternalFault,
+                                "the CAPIF-1e TLS session binding is missing",
+                            )
                         })?;
                         Some(binding.aefpsk(&entry.interface_canonical).map_err(|e| {
                             invalid(&format!("service_security.security_info[{i}]"), e)
@@ -211,7 +215,12 @@ impl SecurityService {
             .store
             .put_contexts(&id, &contexts)
             .map_err(store_status)?;
-        for old in replaced.iter().filter(|c| !c.key_id.is_empty()) {
+        let new_ids: Vec<&str> = contexts.iter().map(|c| c.key_id.as_str()).collect();
+        // Only a key that really changed is announced (the same session asking twice keeps it).
+        for old in replaced
+            .iter()
+            .filter(|c| !c.key_id.is_empty() && !new_ids.contains(&c.key_id.as_str()))
+        {
             self.state.publish_revocation(RevocationNotice {
                 home_ccf_id: self.state.ccf_id.to_string(),
                 api_invoker_id: id.to_string(),
@@ -392,7 +401,9 @@ impl Security for SecurityService {
         &self,
         _request: Request<AccessTokenReq>,
     ) -> Result<Response<AccessTokenRsp>, Status> {
-        Err(Status::unimplemented(
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
             "method 3 (OAuth access tokens) is not available in this release",
         ))
     }
@@ -401,7 +412,9 @@ impl Security for SecurityService {
         &self,
         _request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(Status::unimplemented(
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
             "method 3 (OAuth access tokens) is not available in this release",
         ))
     }

@@ -163,7 +163,9 @@ impl Interconnect for InterconnectService {
         &self,
         _request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(Status::unimplemented(
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
             "method 3 (OAuth access tokens) is not available in this release",
         ))
     }

@@ -12,8 +12,7 @@ use std::time::Duration;
 use capif_gateway::config::GatewayConfig;
 use capif_gateway::server::RunningGateway;
 use capif_proto::v1::{
-    self as pb, invoker_management_client::InvokerManagementClient,
-    security_client::SecurityClient,
+    self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
 use ccf_core::config::CcfConfig;
 use ccf_core::identity::{PeerIdentity, Role};
@@ -120,7 +119,12 @@ impl Domain {
     }
 }
 
+/// Testbeds of one test binary run one at a time: the timing assertions (deadlines, 1 s
+/// revocation) must not compete with other testbeds for the 2 CI cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub struct Testbed {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
     pub tmp: tempfile::TempDir,
     pub domains: BTreeMap<String, Domain>,
     pub dns: Option<Dns>,
@@ -161,7 +165,10 @@ server_name = "localhost"
 fn gateway_config(d: &Domain, all: &[(String, PathBuf, u16)], o: &Options) -> GatewayConfig {
     let mut partners = String::new();
     for (id, ca, port) in all.iter().filter(|(id, _, _)| *id != d.id) {
-        partners += &format!("[[partner]]\nccf_id = \"{id}\"\nca_cert = \"{}\"\n", ca.display());
+        partners += &format!(
+            "[[partner]]\nccf_id = \"{id}\"\nca_cert = \"{}\"\n",
+            ca.display()
+        );
         if !o.use_dns {
             partners += &format!("address = \"127.0.0.1:{port}\"\n");
         }
@@ -207,13 +214,15 @@ impl Testbed {
 
     /// `srv_override(domain)` may point a domain's SRV record at another port.
     pub async fn start_with_dns(o: Options, srv_override: impl Fn(&str) -> Option<u16>) -> Self {
+        let serial = SERIAL.lock().await;
         let tmp = tempfile::tempdir().unwrap();
         let mut domains = BTreeMap::new();
         for id in &o.domains {
             let dir = tmp.path().join(id);
             std::fs::create_dir_all(dir.join("ccf")).unwrap();
-            let ca = DomainCa::load_or_generate(&CcfId::new(*id).unwrap(), &dir.join("ccf"), None, None)
-                .unwrap();
+            let ca =
+                DomainCa::load_or_generate(&CcfId::new(*id).unwrap(), &dir.join("ccf"), None, None)
+                    .unwrap();
             std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
             let d = Domain {
                 id: id.to_string(),
@@ -243,7 +252,11 @@ impl Testbed {
             .values()
             .map(|d| (d.id.clone(), srv_override(&d.id).unwrap_or(d.gw6e_port)))
             .collect();
-        let dns = if o.use_dns { Some(Dns::start(&srv).await) } else { None };
+        let dns = if o.use_dns {
+            Some(Dns::start(&srv).await)
+        } else {
+            None
+        };
         for d in domains.values_mut() {
             let mut g = gateway_config(d, &all, &o);
             g.dns.nameserver = dns.as_ref().map(|n| n.addr.to_string());
@@ -251,7 +264,7 @@ impl Testbed {
             d.ccf = Some(ccf_core::server::start(ccf_config(d, &o)).await.unwrap());
             d.start_gateway().await;
         }
-        Self { tmp, domains, dns }
+        Self { _serial: serial, tmp, domains, dns }
     }
 
     pub fn d(&self, id: &str) -> &Domain {
@@ -262,11 +275,7 @@ impl Testbed {
     }
 }
 
-pub async fn channel(
-    addr: SocketAddr,
-    ca_pem: &str,
-    identity: Option<(&str, &str)>,
-) -> Channel {
+pub async fn channel(addr: SocketAddr, ca_pem: &str, identity: Option<(&str, &str)>) -> Channel {
     let cfg = client_config(ca_pem, identity).unwrap();
     connect(&addr.to_string(), "localhost", cfg, Duration::from_secs(5))
         .await
@@ -300,9 +309,14 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
         .into_inner();
     let key_pem = key.serialize_pem();
     let cfg = client_config(&d.ca_pem(), Some((&rsp.api_invoker_certificate, &key_pem))).unwrap();
-    let (ch, slot) = connect(&d.ccf().capif_addr.to_string(), "localhost", cfg, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let (ch, slot) = connect(
+        &d.ccf().capif_addr.to_string(),
+        "localhost",
+        cfg,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     Invoker {
         id: rsp.api_invoker_id,
         home: d.id.clone(),
@@ -343,7 +357,14 @@ impl Invoker {
 /// An AEF of `d` talking CAPIF-3 to its CCF.
 pub async fn aef(d: &Domain, aef: &str) -> SecurityClient<Channel> {
     let cred = d.issue(Role::Aef(AefId::new(aef).unwrap()));
-    SecurityClient::new(channel(d.ccf().capif_addr, &d.ca_pem(), Some((&cred.cert_pem, &cred.key_pem))).await)
+    SecurityClient::new(
+        channel(
+            d.ccf().capif_addr,
+            &d.ca_pem(),
+            Some((&cred.cert_pem, &cred.key_pem)),
+        )
+        .await,
+    )
 }
 
 pub async fn ask(
@@ -367,7 +388,8 @@ pub async fn ask(
 }
 
 pub fn reason(s: &tonic::Status) -> String {
-    ccf_core::grpc::error_reason(s).unwrap_or_else(|| format!("<no reason: {:?} {}>", s.code(), s.message()))
+    ccf_core::grpc::error_reason(s)
+        .unwrap_or_else(|| format!("<no reason: {:?} {}>", s.code(), s.message()))
 }
 
 /// A DNS server on loopback serving one zone per domain: `_capif-6e._tcp.<d>` SRV -> `gw.<d>`,
@@ -393,13 +415,14 @@ impl Dns {
             );
             let origin = Name::from_ascii(format!("{d}.")).unwrap();
             let (origin, records) = Parser::new(zone, None, Some(origin)).parse().unwrap();
-            let handler = InMemoryZoneHandler::<hickory_resolver::net::runtime::TokioRuntimeProvider>::new(
-                origin.clone(),
-                records,
-                ZoneType::Primary,
-                AxfrPolicy::Deny,
-            )
-            .unwrap();
+            let handler =
+                InMemoryZoneHandler::<hickory_resolver::net::runtime::TokioRuntimeProvider>::new(
+                    origin.clone(),
+                    records,
+                    ZoneType::Primary,
+                    AxfrPolicy::Deny,
+                )
+                .unwrap();
             catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
         }
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
