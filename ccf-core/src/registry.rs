@@ -174,6 +174,13 @@ pub struct AefConfig {
     pub security_methods: Vec<SecurityMethod>,
     /// API names it exposes.
     pub apis: Vec<String>,
+    /// host:port of the AEF's security service (AefSecurity), for revocation pushes. Only for
+    /// AEFs of this domain; unset: the AEF is not told of revocations (its keys still expire).
+    #[serde(default)]
+    pub security_endpoint: Option<String>,
+    /// Name in the AEF's certificate (default "localhost").
+    #[serde(default)]
+    pub security_server_name: Option<String>,
 }
 
 /// A validated registry entry.
@@ -191,6 +198,8 @@ pub struct AefEntry {
     pub security_methods: Vec<SecurityMethod>,
     /// Exposed APIs.
     pub apis: Vec<ApiName>,
+    /// Where its security service listens, and the name its certificate carries.
+    pub security_endpoint: Option<(String, String)>,
 }
 
 /// Why the registry config is unusable.
@@ -262,6 +271,14 @@ impl AefRegistry {
                 interface_canonical,
                 security_methods: a.security_methods.clone(),
                 apis,
+                security_endpoint: a.security_endpoint.clone().map(|e| {
+                    (
+                        e,
+                        a.security_server_name
+                            .clone()
+                            .unwrap_or_else(|| "localhost".into()),
+                    )
+                }),
             };
             if entries.insert(aef_id, entry).is_some() {
                 return Err(RegistryError::Duplicate(a.aef_id.clone()));

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capif_proto::v1::{
-    RevocationNotice, federation_server::FederationServer, gateway_client::GatewayClient,
+    RevocationKind, RevocationNotice, aef_security_client::AefSecurityClient,
+    federation_server::FederationServer, gateway_client::GatewayClient,
     invoker_management_server::InvokerManagementServer, security_server::SecurityServer,
 };
 use sha2::{Digest, Sha256};
@@ -79,6 +80,9 @@ pub struct CcfState {
     credential_digests: Vec<String>,
     /// Requests answered for partner domains (through the gateway), for inspection and tests.
     pub partner_requests: std::sync::atomic::AtomicU64,
+    /// AefSecurity clients of this domain's AEFs that have a security endpoint.
+    pub aefs:
+        std::collections::BTreeMap<crate::ids::AefId, AefSecurityClient<tonic::transport::Channel>>,
     /// CAPIF-6 client of this domain's gateway, when one is configured.
     pub gateway: Option<GatewayClient<tonic::transport::Channel>>,
 }
@@ -100,10 +104,10 @@ impl CcfState {
         self.credential_digests.iter().any(|d| d == digest)
     }
 
-    /// Hands a revocation of one of this domain's invokers to the gateway, which pushes it to
-    /// every partner that fetched the invoker's keys. Runs in the background: the RPC that
-    /// caused it has already committed and must not wait on partners.
-    pub fn publish_revocation(&self, notice: RevocationNotice) {
+    /// Hands a revocation of one of this domain's invokers on: to the gateway, which pushes it to
+    /// every partner that fetched the invoker's keys, and to the affected AEFs of this domain.
+    /// Runs in the background: the RPC that caused it has committed and must not wait.
+    pub fn publish_revocation(&self, notice: RevocationNotice, affected: &[crate::ids::AefId]) {
         tracing::info!(
             api_invoker_id = %notice.api_invoker_id,
             aefs = ?notice.aef_ids,
@@ -111,6 +115,7 @@ impl CcfState {
             key_id = %notice.key_id,
             "security contexts revoked"
         );
+        self.revoke_at_aefs(&notice, affected);
         if let Some(gw) = &self.gateway {
             let mut gw = gw.clone();
             tokio::spawn(async move {
@@ -118,6 +123,40 @@ impl CcfState {
                 r.set_timeout(Duration::from_secs(3));
                 if let Err(e) = gw.publish_revocation(r).await {
                     tracing::warn!(error = %e.message(), "could not publish the revocation to the gateway");
+                }
+            });
+        }
+    }
+
+    /// Tells this domain's AEFs among `affected` (all of them when empty) to drop the invoker's
+    /// key and close its connections. A replaced key is not pushed: the AEF notices the new key
+    /// id at the invoker's next Authentication Initiation.
+    pub fn revoke_at_aefs(&self, notice: &RevocationNotice, affected: &[crate::ids::AefId]) {
+        if notice.kind() == RevocationKind::KeyReplacedByNewer {
+            return;
+        }
+        for (aef, client) in &self.aefs {
+            if !affected.is_empty() && !affected.contains(aef) {
+                continue;
+            }
+            let mut client = client.clone();
+            let aef = aef.clone();
+            let req = capif_proto::v1::RevokeAuthorizationReq {
+                revoke_info: Some(capif_proto::v1::SecurityNotification {
+                    api_invoker_id: notice.api_invoker_id.clone(),
+                    aef_id: aef.to_string(),
+                    api_ids: Vec::new(),
+                    cause: notice.cause,
+                    access_token: String::new(),
+                    home_ccf_id: notice.home_ccf_id.clone(),
+                }),
+                supported_features: String::new(),
+            };
+            tokio::spawn(async move {
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(Duration::from_secs(3));
+                if let Err(e) = client.revoke_authorization(r).await {
+                    tracing::warn!(%aef, error = %e.message(), "could not tell the AEF of a revocation");
                 }
             });
         }
@@ -198,7 +237,16 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         }
         None => None,
     };
+    let mut aefs = std::collections::BTreeMap::new();
+    for e in registry.iter().filter(|e| e.ccf_id == ccf_id) {
+        if let Some((addr, name)) = &e.security_endpoint {
+            let tls = crate::tls::client_config(ca.cert_pem(), Some((&chain, &own.key_pem)))?;
+            let channel = crate::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
+            aefs.insert(e.aef_id.clone(), AefSecurityClient::new(channel));
+        }
+    }
     let state = Arc::new(CcfState {
+        aefs,
         partner_requests: Default::default(),
         gateway,
         ccf_id: ccf_id.clone(),

@@ -103,6 +103,10 @@ fn roots(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
 pub enum ClientAuth<'a> {
     /// Mutual TLS: the client must present a certificate chaining to one of these roots.
     Required(&'a [CertificateDer<'static>]),
+    /// A certificate chaining to these roots is verified when presented, but not required (an
+    /// AEF's security service: invokers of any domain call it, its CCF calls it with a
+    /// certificate).
+    Optional(&'a [CertificateDer<'static>]),
     /// Server authentication only (onboarding).
     None,
 }
@@ -119,6 +123,14 @@ pub fn server_config(
         ClientAuth::Required(ca) => {
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        ClientAuth::Optional(ca) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                    .allow_unauthenticated()
                     .build()
                     .map_err(|e| TlsError::Verifier(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)

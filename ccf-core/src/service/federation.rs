@@ -108,8 +108,13 @@ impl Federation for FederationService {
             return Err(role_not_allowed(&who, "pass on partner revocations"));
         }
         let n = request.into_inner();
-        // The AEF side (dropping keys, closing connections) arrives with the AEF stub; until
-        // then the CCF records the fact in its log, and the gateway has already evicted its cache.
+        // The gateway has evicted its cache; the AEFs drop the key and close the connections.
+        let affected: Vec<crate::ids::AefId> = n
+            .aef_ids
+            .iter()
+            .filter_map(|a| crate::ids::AefId::new(a.clone()).ok())
+            .collect();
+        self.state.revoke_at_aefs(&n, &affected);
         tracing::info!(
             partner = %n.home_ccf_id,
             api_invoker_id = %n.api_invoker_id,
@@ -119,7 +124,7 @@ impl Federation for FederationService {
         );
         Ok(Response::new(RevocationAck {
             entries_removed: 0,
-            forwarded: 0,
+            forwarded: self.state.aefs.len() as u32,
         }))
     }
 

@@ -127,14 +127,17 @@ impl InvokerManagement for InvokerManagementService {
         }
         let removed = self.state.store.offboard(&id).map_err(store_status)?;
         tracing::info!(api_invoker_id = %id, contexts = removed.len(), "invoker offboarded");
-        self.state.publish_revocation(RevocationNotice {
-            home_ccf_id: self.state.ccf_id.to_string(),
-            api_invoker_id: id.to_string(),
-            aef_ids: Vec::new(),
-            kind: RevocationKind::Offboarded as i32,
-            cause: capif_proto::v1::Cause::InvokerOffboarded as i32,
-            key_id: String::new(),
-        });
+        self.state.publish_revocation(
+            RevocationNotice {
+                home_ccf_id: self.state.ccf_id.to_string(),
+                api_invoker_id: id.to_string(),
+                aef_ids: Vec::new(),
+                kind: RevocationKind::Offboarded as i32,
+                cause: capif_proto::v1::Cause::InvokerOffboarded as i32,
+                key_id: String::new(),
+            },
+            &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),
+        );
         Ok(Response::new(OffboardResponse {
             security_contexts_removed: removed.len() as u32,
         }))

@@ -221,14 +221,17 @@ impl SecurityService {
             .iter()
             .filter(|c| !c.key_id.is_empty() && !new_ids.contains(&c.key_id.as_str()))
         {
-            self.state.publish_revocation(RevocationNotice {
-                home_ccf_id: self.state.ccf_id.to_string(),
-                api_invoker_id: id.to_string(),
-                aef_ids: vec![old.aef_id.to_string()],
-                kind: RevocationKind::KeyReplacedByNewer as i32,
-                cause: pb::Cause::KeyReplaced as i32,
-                key_id: old.key_id.clone(),
-            });
+            self.state.publish_revocation(
+                RevocationNotice {
+                    home_ccf_id: self.state.ccf_id.to_string(),
+                    api_invoker_id: id.to_string(),
+                    aef_ids: vec![old.aef_id.to_string()],
+                    kind: RevocationKind::KeyReplacedByNewer as i32,
+                    cause: pb::Cause::KeyReplaced as i32,
+                    key_id: old.key_id.clone(),
+                },
+                &[old.aef_id.clone()],
+            );
         }
         tracing::info!(
             api_invoker_id = %id,
@@ -383,14 +386,17 @@ impl Security for SecurityService {
             .remove_contexts(&id, aef.as_ref())
             .map_err(store_status)?;
         if !removed.is_empty() {
-            self.state.publish_revocation(RevocationNotice {
-                home_ccf_id: self.state.ccf_id.to_string(),
-                api_invoker_id: id.to_string(),
-                aef_ids: removed.iter().map(|c| c.aef_id.to_string()).collect(),
-                kind: RevocationKind::AuthorizationRevoked as i32,
-                cause: info.cause,
-                key_id: String::new(),
-            });
+            self.state.publish_revocation(
+                RevocationNotice {
+                    home_ccf_id: self.state.ccf_id.to_string(),
+                    api_invoker_id: id.to_string(),
+                    aef_ids: removed.iter().map(|c| c.aef_id.to_string()).collect(),
+                    kind: RevocationKind::AuthorizationRevoked as i32,
+                    cause: info.cause,
+                    key_id: String::new(),
+                },
+                &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),
+            );
         }
         Ok(Response::new(RevokeAuthorizationResponse {
             security_contexts_removed: removed.len() as u32,

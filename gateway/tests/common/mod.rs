@@ -264,7 +264,12 @@ impl Testbed {
             d.ccf = Some(ccf_core::server::start(ccf_config(d, &o)).await.unwrap());
             d.start_gateway().await;
         }
-        Self { _serial: serial, tmp, domains, dns }
+        Self {
+            _serial: serial,
+            tmp,
+            domains,
+            dns,
+        }
     }
 
     pub fn d(&self, id: &str) -> &Domain {

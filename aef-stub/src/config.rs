@@ -1,0 +1,97 @@
+//! The AEF stub's configuration (TOML): its identity, its CCF, where it listens and what it
+//! advertises, its APIs and the PSK TLS profile.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::psk::TlsProfile;
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    origin: String,
+    message: String,
+}
+
+/// `[tls]`: the AEF's certificate (role aef/<aef_id>) from its domain CA.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Own domain CA (PEM).
+    pub ca_cert: PathBuf,
+    /// Certificate (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[ccf]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CcfLink {
+    /// host:port of the CCF's capif listener.
+    pub address: String,
+    /// Name in the CCF's certificate.
+    #[serde(default = "localhost")]
+    pub server_name: String,
+}
+
+fn localhost() -> String {
+    "localhost".into()
+}
+
+/// `[listen]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// AefSecurity (Authentication Initiation; revocation from the CCF). TLS with the AEF's cert.
+    pub security: String,
+    /// The TLS-PSK endpoint with the demo API.
+    pub psk: String,
+    /// What CheckAuthentication tells invokers to dial for the PSK endpoint (default: the bound
+    /// address of `psk`).
+    #[serde(default)]
+    pub psk_advertised: Option<String>,
+}
+
+/// The whole AEF configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AefConfig {
+    /// The AEF's id (must match its certificate).
+    pub aef_id: String,
+    /// Its domain.
+    pub ccf_id: String,
+    /// Its identity.
+    pub tls: TlsConfig,
+    /// Its CCF.
+    pub ccf: CcfLink,
+    /// Listeners.
+    pub listen: ListenConfig,
+    /// APIs it serves (the demo API answers for these names).
+    pub apis: Vec<String>,
+    /// PSK TLS profile: "tls13" (default) or "tls12".
+    #[serde(default)]
+    pub psk_tls: TlsProfile,
+}
+
+impl AefConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}

@@ -1,0 +1,92 @@
+//! The PSK identity of CAPIF-2e (docs/PROTOCOL.md "PSK identity"):
+//! `3GPP-CAPIF-AEFPSK/<home-ccf-id>/<api-invoker-id>/<key-id>`, following the AKMA/GBA habit of
+//! a fixed prefix plus what names the key (TS 24.109 K.3). The key id lets the AEF tell a stale
+//! key from a fresh one; no part of the identity is secret.
+
+use std::fmt;
+
+use ccf_core::ids::{ApiInvokerId, CcfId};
+
+/// The fixed prefix.
+pub const PREFIX: &str = "3GPP-CAPIF-AEFPSK";
+
+/// A parsed PSK identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PskIdentity {
+    /// The invoker's home CCF.
+    pub home_ccf_id: CcfId,
+    /// The invoker.
+    pub api_invoker_id: ApiInvokerId,
+    /// The key id of the AEFPSK (16 lowercase hex digits).
+    pub key_id: String,
+}
+
+/// Why an identity is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed PSK identity: {0}")]
+pub struct IdentityError(String);
+
+impl PskIdentity {
+    /// Parses the bytes a client sent.
+    pub fn parse(bytes: &[u8]) -> Result<Self, IdentityError> {
+        let s = std::str::from_utf8(bytes).map_err(|_| IdentityError("not UTF-8".into()))?;
+        let parts: Vec<&str> = s.split('/').collect();
+        let [PREFIX, home, invoker, key_id] = parts.as_slice() else {
+            return Err(IdentityError(format!(
+                "expected {PREFIX}/<home-ccf-id>/<api-invoker-id>/<key-id>"
+            )));
+        };
+        if key_id.len() != 16
+            || !key_id
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return Err(IdentityError(
+                "the key id must be 16 lowercase hex digits".into(),
+            ));
+        }
+        Ok(Self {
+            home_ccf_id: CcfId::new(*home).map_err(|e| IdentityError(e.to_string()))?,
+            api_invoker_id: ApiInvokerId::new(*invoker)
+                .map_err(|e| IdentityError(e.to_string()))?,
+            key_id: key_id.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for PskIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PREFIX}/{}/{}/{}",
+            self.home_ccf_id, self.api_invoker_id, self.key_id
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let id = PskIdentity {
+            home_ccf_id: CcfId::new("operator-b.test").unwrap(),
+            api_invoker_id: ApiInvokerId::new("inv-1").unwrap(),
+            key_id: "0123456789abcdef".into(),
+        };
+        let text = id.to_string();
+        assert_eq!(
+            text,
+            "3GPP-CAPIF-AEFPSK/operator-b.test/inv-1/0123456789abcdef"
+        );
+        assert_eq!(PskIdentity::parse(text.as_bytes()).unwrap(), id);
+        for bad in [
+            "x/operator-b.test/inv-1/0123456789abcdef",
+            "3GPP-CAPIF-AEFPSK/operator-b.test/inv-1/XYZ",
+            "3GPP-CAPIF-AEFPSK/a/b",
+        ] {
+            assert!(PskIdentity::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! TLS with an external PSK on CAPIF-2e (OpenSSL through `openssl`/`tokio-openssl`: rustls has no
+//! external-PSK support). TLS 1.3 with psk_dhe_ke and TLS_AES_128_GCM_SHA256 by default (the
+//! OpenSSL PSK callbacks cannot do SHA-384 suites); TLS 1.2 ECDHE-PSK-CHACHA20-POLY1305 as an
+//! option (OpenSSL 3 has no ECDHE-PSK-AES-GCM suite).
+//!
+//! Server side: [`psk_incoming`] accepts connections, looks the identity up in the
+//! [`KeyStore`] from the PSK callback, and yields streams that carry the authenticated peer to
+//! tonic. In TLS 1.3 OpenSSL does not report the identity after the handshake, so the callback
+//! keeps it in the connection's ex_data; the same note says, when a handshake fails, whether the
+//! identity was unknown, stale, expired, or the key itself was wrong. Client side: [`connect`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ccf_core::kdf::AefPsk;
+use openssl::ex_data::Index;
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode, SslVersion};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_openssl::SslStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use zeroize::Zeroizing;
+
+use crate::identity::PskIdentity;
+use crate::keys::KeyStore;
+
+/// TLS version and suite of the PSK endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Default)]
+pub enum TlsProfile {
+    /// TLS 1.3, TLS_AES_128_GCM_SHA256, psk_dhe_ke (X25519).
+    #[default]
+    #[serde(rename = "tls13")]
+    Tls13,
+    /// TLS 1.2, ECDHE-PSK-CHACHA20-POLY1305.
+    #[serde(rename = "tls12")]
+    Tls12,
+}
+
+impl std::str::FromStr for TlsProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tls13" => Ok(Self::Tls13),
+            "tls12" => Ok(Self::Tls12),
+            _ => Err(format!("{s:?} is not tls13 or tls12")),
+        }
+    }
+}
+
+/// How long a PSK handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn profile(b: &mut SslContextBuilder, p: TlsProfile) -> Result<(), openssl::error::ErrorStack> {
+    match p {
+        TlsProfile::Tls13 => {
+            b.set_min_proto_version(Some(SslVersion::TLS1_3))?;
+            b.set_max_proto_version(Some(SslVersion::TLS1_3))?;
+            b.set_ciphersuites("TLS_AES_128_GCM_SHA256")?;
+        }
+        TlsProfile::Tls12 => {
+            b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+            b.set_max_proto_version(Some(SslVersion::TLS1_2))?;
+            b.set_cipher_list("ECDHE-PSK-CHACHA20-POLY1305")?;
+        }
+    }
+    b.set_verify(SslVerifyMode::NONE);
+    Ok(())
+}
+
+/// What the server callback noted about a connection's PSK.
+#[derive(Clone, Debug)]
+enum Note {
+    /// A key was offered for this identity; a failed handshake then means a wrong key.
+    Offered(PskIdentity),
+    /// The identity was refused, and why.
+    Refused(Option<PskIdentity>, String),
+}
+
+fn note_index() -> Index<Ssl, Note> {
+    static IDX: OnceLock<Index<Ssl, Note>> = OnceLock::new();
+    *IDX.get_or_init(|| {
+        Ssl::new_ex_index().unwrap_or_else(|e| panic!("OpenSSL ex_data index: {e}"))
+    })
+}
+
+/// The server context: looks identities up in `store`.
+pub fn server_context(
+    store: Arc<KeyStore>,
+    p: TlsProfile,
+) -> Result<SslContext, openssl::error::ErrorStack> {
+    let mut b = SslContextBuilder::new(SslMethod::tls_server())?;
+    profile(&mut b, p)?;
+    let idx = note_index();
+    b.set_psk_server_callback(move |ssl, identity, psk_out| {
+        let parsed = identity.map(PskIdentity::parse);
+        let note = match parsed {
+            None => Note::Refused(None, "no PSK identity offered".into()),
+            Some(Err(e)) => Note::Refused(None, e.to_string()),
+            Some(Ok(id)) => match store.for_handshake(&id.api_invoker_id, &id.key_id) {
+                Ok(key) if psk_out.len() >= key.psk.expose().len() => {
+                    let k = key.psk.expose();
+                    psk_out[..k.len()].copy_from_slice(k);
+                    ssl.set_ex_data(idx, Note::Offered(id));
+                    return Ok(k.len());
+                }
+                Ok(_) => Note::Refused(Some(id), "PSK buffer too small".into()),
+                Err(r) => Note::Refused(Some(id), r.as_str().into()),
+            },
+        };
+        ssl.set_ex_data(idx, note);
+        Ok(0)
+    });
+    Ok(b.build())
+}
+
+/// The authenticated peer of a PSK connection, attached to every request on it.
+#[derive(Clone, Debug)]
+pub struct PskPeer {
+    /// The identity the client used (its key was accepted).
+    pub identity: PskIdentity,
+    /// Where it connected from.
+    pub remote: SocketAddr,
+}
+
+/// A server-side PSK TLS stream carrying its [`PskPeer`].
+pub struct PskConn {
+    inner: SslStream<TcpStream>,
+    peer: PskPeer,
+}
+
+impl Connected for PskConn {
+    type ConnectInfo = PskPeer;
+    fn connect_info(&self) -> PskPeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PskConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PskConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn accept_one(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    ctx: &SslContext,
+    store: &KeyStore,
+) -> Result<PskConn, String> {
+    // A second handle on the socket, so a revocation can shut the connection down under tonic.
+    let std_tcp = tcp.into_std().map_err(|e| e.to_string())?;
+    let control = std_tcp.try_clone().map_err(|e| e.to_string())?;
+    let tcp = TcpStream::from_std(std_tcp).map_err(|e| e.to_string())?;
+    let ssl = Ssl::new(ctx).map_err(|e| e.to_string())?;
+    let mut stream = SslStream::new(ssl, tcp).map_err(|e| e.to_string())?;
+    let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut stream).accept()).await;
+    let note = stream.ssl().ex_data(note_index()).cloned();
+    let failure = match result {
+        Err(_) => Some("handshake timed out".to_string()),
+        Ok(Err(e)) => Some(e.to_string()),
+        Ok(Ok(())) => None,
+    };
+    match (failure, note) {
+        (None, Some(Note::Offered(identity))) => {
+            store.track(&identity.api_invoker_id, control);
+            Ok(PskConn {
+                inner: stream,
+                peer: PskPeer { identity, remote },
+            })
+        }
+        (None, _) => Err("handshake finished without a PSK (refused)".into()),
+        (Some(e), Some(Note::Offered(id))) => {
+            Err(format!("wrong key for {id} (the PSK did not verify: {e})"))
+        }
+        (Some(_), Some(Note::Refused(Some(id), why))) => Err(format!("{why}: {id}")),
+        (Some(_), Some(Note::Refused(None, why))) => Err(why),
+        (Some(e), None) => Err(format!("handshake failed before a PSK was chosen: {e}")),
+    }
+}
+
+/// Accepts PSK TLS connections; yields those whose handshake succeeded. Refusals are logged with
+/// their reason (never key bytes). Ends when the consumer is dropped.
+pub fn psk_incoming(
+    listener: TcpListener,
+    ctx: SslContext,
+    store: Arc<KeyStore>,
+) -> ReceiverStream<Result<PskConn, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (ctx, store, tx) = (ctx.clone(), store.clone(), tx.clone());
+            tokio::spawn(async move {
+                match accept_one(tcp, remote, &ctx, &store).await {
+                    Ok(conn) => {
+                        tracing::info!(%remote, identity = %conn.peer.identity, "PSK handshake accepted");
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Err(why) => tracing::warn!(%remote, reason = %why, "PSK handshake refused"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Why a client handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP.
+    #[error("cannot reach the AEF's PSK endpoint {addr}: {source}")]
+    Tcp {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// OpenSSL setup or handshake.
+    #[error("TLS-PSK handshake with {addr} failed: {why}")]
+    Handshake {
+        /// Where.
+        addr: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Client side: a PSK TLS connection to `addr` with `identity` and `psk`.
+pub async fn connect(
+    addr: &str,
+    identity: &PskIdentity,
+    psk: &AefPsk,
+    p: TlsProfile,
+) -> Result<SslStream<TcpStream>, ConnectError> {
+    let hs = |why: String| ConnectError::Handshake {
+        addr: addr.to_string(),
+        why,
+    };
+    let mut b = SslContextBuilder::new(SslMethod::tls_client()).map_err(|e| hs(e.to_string()))?;
+    profile(&mut b, p).map_err(|e| hs(e.to_string()))?;
+    let id = identity.to_string().into_bytes();
+    let key = Zeroizing::new(*psk.expose());
+    b.set_psk_client_callback(move |_ssl, _hint, id_out, psk_out| {
+        if id.len() + 1 > id_out.len() || key.len() > psk_out.len() {
+            return Ok(0);
+        }
+        id_out[..id.len()].copy_from_slice(&id);
+        id_out[id.len()] = 0;
+        psk_out[..key.len()].copy_from_slice(&key[..]);
+        Ok(key.len())
+    });
+    let ctx = b.build();
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ConnectError::Tcp {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let ssl = Ssl::new(&ctx).map_err(|e| hs(e.to_string()))?;
+    let mut stream = SslStream::new(ssl, tcp).map_err(|e| hs(e.to_string()))?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut stream).connect())
+        .await
+        .map_err(|_| hs("timed out".into()))?
+        .map_err(|e| hs(e.to_string()))?;
+    Ok(stream)
+}
+
+/// A gRPC channel to the AEF's demo API over one PSK TLS connection.
+pub async fn demo_channel(
+    addr: &str,
+    identity: &PskIdentity,
+    psk: &AefPsk,
+    p: TlsProfile,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    let stream = connect(addr, identity, psk, p).await?;
+    let slot = Arc::new(std::sync::Mutex::new(Some(stream)));
+    tonic::transport::Endpoint::from_static("http://aef.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let s = slot.lock().ok().and_then(|mut s| s.take());
+            async move {
+                s.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "the PSK connection was closed; authenticate again",
+                    )
+                })
+            }
+        }))
+        .await
+        .map_err(|e| ConnectError::Handshake {
+            addr: addr.to_string(),
+            why: ccf_core::grpc::error_chain(&e),
+        })
+}

@@ -1,0 +1,124 @@
+//! Starting an AEF: its security listener (TLS with its certificate; client certificates
+//! optional, required for the CCF's revocations) and its TLS-PSK endpoint with the demo API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capif_proto::v1::{
+    aef_security_server::AefSecurityServer, demo_api_server::DemoApiServer,
+    security_client::SecurityClient,
+};
+use ccf_core::grpc::{spawn_server, with_standard_services};
+use ccf_core::ids::{AefId, CcfId};
+use ccf_core::tls::{ClientAuth, certs_from_pem, client_config, connect_lazy, server_config};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+use crate::config::AefConfig;
+use crate::keys::KeyStore;
+use crate::psk::{psk_incoming, server_context};
+use crate::service::{AefSecurityService, AefState, DemoApiService};
+
+/// A running AEF.
+pub struct RunningAef {
+    /// Shared state.
+    pub state: Arc<AefState>,
+    /// Bound security listener.
+    pub security_addr: SocketAddr,
+    /// Bound PSK endpoint.
+    pub psk_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningAef {
+    /// Stops both listeners.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn name_of<S: NamedService>(_: &S) -> &'static str {
+    S::NAME
+}
+
+/// Starts an AEF.
+pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
+    let aef_id = AefId::new(config.aef_id.clone())?;
+    let ccf_id = CcfId::new(config.ccf_id.clone())?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+    };
+    let ca = read(&config.tls.ca_cert)?;
+    let cert = read(&config.tls.cert)?;
+    let key = zeroize::Zeroizing::new(read(&config.tls.key)?);
+    let ccf = SecurityClient::new(connect_lazy(
+        &config.ccf.address,
+        &config.ccf.server_name,
+        client_config(&ca, Some((&cert, &key)))?,
+        Duration::from_secs(2),
+    )?);
+    let security_listener = TcpListener::bind(&config.listen.security)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen.security))?;
+    let psk_listener = TcpListener::bind(&config.listen.psk)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen.psk))?;
+    let security_addr = security_listener.local_addr()?;
+    let psk_addr = psk_listener.local_addr()?;
+    let keys = Arc::new(KeyStore::default());
+    let state = Arc::new(AefState {
+        aef_id: aef_id.clone(),
+        ccf_id,
+        keys: keys.clone(),
+        ccf,
+        psk_endpoint: config
+            .listen
+            .psk_advertised
+            .clone()
+            .unwrap_or_else(|| psk_addr.to_string()),
+        apis: config.apis.clone(),
+    });
+    let roots = certs_from_pem("CA certificate", &ca)?;
+    let tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Optional(&roots))?;
+    let sec = AefSecurityServer::new(AefSecurityService::new(state.clone()));
+    let names = [name_of(&sec)];
+    let sec_routes = with_standard_services(Routes::new(sec), &names)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let demo = DemoApiServer::new(DemoApiService::new(state.clone()));
+    let psk_ctx = server_context(keys.clone(), config.psk_tls)?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let psk_task = {
+        let incoming = psk_incoming(psk_listener, psk_ctx, keys);
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(Routes::new(demo))
+                .serve_with_incoming_shutdown(incoming, stop),
+        )
+    };
+    let tasks = vec![
+        spawn_server(security_listener, tls, false, sec_routes, stopped(stop_rx)),
+        psk_task,
+    ];
+    tracing::info!(%aef_id, %security_addr, %psk_addr, profile = ?config.psk_tls, "AEF listening");
+    Ok(RunningAef {
+        state,
+        security_addr,
+        psk_addr,
+        stop,
+        tasks,
+    })
+}
