@@ -41,6 +41,8 @@ pub enum Refusal {
     StaleKeyId,
     /// The held key's validity has ended.
     Expired,
+    /// The invoker's authorization was revoked by the CCF.
+    Revoked,
 }
 
 impl Refusal {
@@ -50,6 +52,7 @@ impl Refusal {
             Refusal::UnknownIdentity => "unknown identity (no key held for this invoker)",
             Refusal::StaleKeyId => "key id does not match the key held",
             Refusal::Expired => "expired key",
+            Refusal::Revoked => "revoked invoker (its authorization was withdrawn by the CCF)",
         }
     }
 }
@@ -58,6 +61,7 @@ impl Refusal {
 #[derive(Debug, Default)]
 pub struct KeyStore {
     keys: RwLock<HashMap<ApiInvokerId, HeldKey>>,
+    revoked: RwLock<std::collections::HashSet<ApiInvokerId>>,
     conns: Mutex<HashMap<ApiInvokerId, Vec<std::net::TcpStream>>>,
 }
 
@@ -68,8 +72,12 @@ impl KeyStore {
         (!k.remaining().is_zero()).then_some(k)
     }
 
-    /// Stores a key fetched from the CCF.
+    /// Stores a key fetched from the CCF (a fresh key lifts an earlier revocation: the CCF
+    /// would not have handed it out otherwise).
     pub fn put(&self, invoker: ApiInvokerId, key: HeldKey) {
+        if let Ok(mut r) = self.revoked.write() {
+            r.remove(&invoker);
+        }
         if let Ok(mut m) = self.keys.write() {
             m.insert(invoker, key);
         }
@@ -77,6 +85,9 @@ impl KeyStore {
 
     /// The key for a PSK handshake, or why there is none.
     pub fn for_handshake(&self, invoker: &ApiInvokerId, key_id: &str) -> Result<HeldKey, Refusal> {
+        if self.revoked.read().is_ok_and(|r| r.contains(invoker)) {
+            return Err(Refusal::Revoked);
+        }
         let m = self.keys.read().map_err(|_| Refusal::UnknownIdentity)?;
         let k = m.get(invoker).ok_or(Refusal::UnknownIdentity)?;
         if k.key_id != key_id {
@@ -102,6 +113,9 @@ impl KeyStore {
     pub fn revoke(&self, invoker: &ApiInvokerId) -> u32 {
         if let Ok(mut m) = self.keys.write() {
             m.remove(invoker);
+        }
+        if let Ok(mut r) = self.revoked.write() {
+            r.insert(invoker.clone());
         }
         let socks = self
             .conns

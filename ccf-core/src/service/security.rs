@@ -230,7 +230,7 @@ impl SecurityService {
                     cause: pb::Cause::KeyReplaced as i32,
                     key_id: old.key_id.clone(),
                 },
-                &[old.aef_id.clone()],
+                std::slice::from_ref(&old.aef_id),
             );
         }
         tracing::info!(

@@ -49,6 +49,8 @@ pub struct Options {
     pub negative_ttl_ms: u64,
     /// Find partners with DNS (true) or static addresses (false).
     pub use_dns: bool,
+    /// Start an AEF stub for every AEF a domain owns.
+    pub with_aefs: bool,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             margin_ms: 500,
             negative_ttl_ms: 300,
             use_dns: true,
+            with_aefs: false,
         }
     }
 }
@@ -73,6 +76,9 @@ pub struct Domain {
     pub ccf_port: u16,
     pub gw6_port: u16,
     pub gw6e_port: u16,
+    /// Security-service ports of the AEFs this domain owns.
+    pub aef_ports: BTreeMap<String, u16>,
+    pub aefs: BTreeMap<String, aef_stub::server::RunningAef>,
 }
 
 impl Domain {
@@ -134,10 +140,14 @@ fn ccf_config(d: &Domain, o: &Options) -> CcfConfig {
     let mut aefs = String::new();
     for (i, (aef, owner)) in AEFS.iter().enumerate() {
         aefs += &format!(
-            "[[aef]]\naef_id = \"{aef}\"\nccf_id = \"{owner}\"\ninterface = {{ fqdn = \"{aef}.{owner}\", port = {}, api_prefix = \"/api\" }}\nsecurity_methods = [\"PSK\"]\napis = [\"api-{aef}\"]\n",
+            "[[aef]]\naef_id = \"{aef}\"\nccf_id = \"{owner}\"\ninterface = {{ fqdn = \"{aef}.{owner}\", port = {}, api_prefix = \"/api\" }}\nsecurity_methods = [\"PSK\"]\napis = [\"api-{aef}\", \"admin-{aef}\"]\n",
             8440 + i
         );
+        if let Some(port) = d.aef_ports.get(*aef) {
+            aefs += &format!("security_endpoint = \"127.0.0.1:{port}\"\n");
+        }
     }
+    let _ = o;
     let text = format!(
         r#"
 ccf_id = "{id}"
@@ -238,6 +248,15 @@ impl Testbed {
                 ccf_port: free_port(),
                 gw6_port: free_port(),
                 gw6e_port: free_port(),
+                aef_ports: if o.with_aefs {
+                    AEFS.iter()
+                        .filter(|(_, owner)| owner == id)
+                        .map(|(aef, _)| (aef.to_string(), free_port()))
+                        .collect()
+                } else {
+                    BTreeMap::new()
+                },
+                aefs: BTreeMap::new(),
             };
             let cred = d.issue(Role::Gateway);
             std::fs::write(dir.join("gateway.pem"), &cred.cert_pem).unwrap();
@@ -263,6 +282,29 @@ impl Testbed {
             d.gw_config = g;
             d.ccf = Some(ccf_core::server::start(ccf_config(d, &o)).await.unwrap());
             d.start_gateway().await;
+            for (aef, port) in d.aef_ports.clone() {
+                let cred = d.issue(Role::Aef(AefId::new(aef.clone()).unwrap()));
+                let (cert, key) = (
+                    d.dir.join(format!("{aef}.pem")),
+                    d.dir.join(format!("{aef}.key")),
+                );
+                std::fs::write(&cert, &cred.cert_pem).unwrap();
+                std::fs::write(&key, cred.key_pem.as_bytes()).unwrap();
+                let text = format!(
+                    "aef_id = \"{aef}\"\nccf_id = \"{id}\"\napis = [\"api-{aef}\", \"admin-{aef}\"]\n\
+                     [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+                     [ccf]\naddress = \"{ccf}\"\n\
+                     [listen]\nsecurity = \"127.0.0.1:{port}\"\npsk = \"127.0.0.1:0\"\n",
+                    id = d.id,
+                    ca = d.dir.join("ca.pem").display(),
+                    cert = cert.display(),
+                    key = key.display(),
+                    ccf = d.ccf().capif_addr,
+                );
+                let cfg = aef_stub::config::AefConfig::parse(&text, "test aef config").unwrap();
+                d.aefs
+                    .insert(aef, aef_stub::server::start(cfg).await.unwrap());
+            }
         }
         Self {
             _serial: serial,

@@ -1,0 +1,317 @@
+//! The API invoker, as a library (`capif invoker ...` is a thin CLI over it): onboarding into a
+//! profile directory, CAPIF-1e security method with AEFPSK derivation (the CCF's own KDF module,
+//! `ccf_core::kdf`), Authentication Initiation at the AEF, and a TLS-PSK call of the AEF's demo
+//! API (the AEF stub's own PSK client).
+//!
+//! Profile directory: `profile.toml` (ids and addresses), `invoker.pem`, `invoker.key` (0600),
+//! `ca.pem` (home domain CA), and `keys/<aef-id>.toml` (0600: AEFPSK, key id, expiry).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aef_stub::identity::PskIdentity;
+use aef_stub::psk::{TlsProfile, demo_channel};
+use anyhow::{Context, Result, anyhow, bail};
+use capif_proto::v1::{
+    self as pb, aef_security_client::AefSecurityClient, demo_api_client::DemoApiClient,
+    invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
+};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
+use ccf_core::kdf::AefPsk;
+use ccf_core::pki::write_private_file;
+use ccf_core::server::now_ms;
+use ccf_core::tls::{client_config, connect};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `profile.toml` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProfileFile {
+    /// The invoker's id.
+    pub api_invoker_id: String,
+    /// Its home CCF.
+    pub ccf_id: String,
+    /// host:port of the home CCF's CAPIF-1e listener.
+    pub capif_addr: String,
+    /// Name in the CCF's certificate.
+    pub ccf_server_name: String,
+}
+
+/// An onboarded invoker's profile.
+pub struct Profile {
+    /// Where it lives.
+    pub dir: PathBuf,
+    /// Ids and addresses.
+    pub file: ProfileFile,
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Profile({}, {:?})", self.file.api_invoker_id, self.dir)
+    }
+}
+
+fn read(p: &Path) -> Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+/// A key obtained for one AEF, as stored in the profile.
+#[derive(Serialize, Deserialize)]
+pub struct ObtainedKey {
+    /// The AEF.
+    pub aef_id: String,
+    /// The AEFPSK in hex. Secret (file mode 0600).
+    pub aef_psk_hex: String,
+    /// Its key id.
+    pub key_id: String,
+    /// The canonical interface string it is bound to.
+    pub interface: String,
+    /// When it expires, Unix ms.
+    pub expires_at_ms: u64,
+}
+
+impl std::fmt::Debug for ObtainedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ObtainedKey({}, key_id={}, <redacted>)",
+            self.aef_id, self.key_id
+        )
+    }
+}
+
+impl Drop for ObtainedKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.aef_psk_hex);
+    }
+}
+
+impl ObtainedKey {
+    /// The AEFPSK.
+    pub fn psk(&self) -> Result<AefPsk> {
+        let bytes =
+            Zeroizing::new(hex::decode(&self.aef_psk_hex).context("stored AEFPSK is not hex")?);
+        AefPsk::from_slice(&bytes).ok_or_else(|| anyhow!("stored AEFPSK has the wrong length"))
+    }
+}
+
+impl Profile {
+    /// Loads a profile directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file: ProfileFile = toml::from_str(&read(&dir.join("profile.toml"))?)
+            .with_context(|| format!("{}/profile.toml", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            file,
+            ca_pem: read(&dir.join("ca.pem"))?,
+            cert_pem: read(&dir.join("invoker.pem"))?,
+            key_pem: Zeroizing::new(read(&dir.join("invoker.key"))?),
+        })
+    }
+
+    /// The invoker's id.
+    pub fn id(&self) -> &str {
+        &self.file.api_invoker_id
+    }
+
+    fn key_path(&self, aef: &str) -> Result<PathBuf> {
+        let aef = AefId::new(aef)?;
+        Ok(self.dir.join("keys").join(format!("{aef}.toml")))
+    }
+
+    /// The key stored for `aef`.
+    pub fn key(&self, aef: &str) -> Result<ObtainedKey> {
+        let p = self.key_path(aef)?;
+        let text =
+            Zeroizing::new(read(&p).with_context(|| {
+                format!("no key for {aef}: run `capif invoker security` first")
+            })?);
+        toml::from_str(&text).with_context(|| p.display().to_string())
+    }
+}
+
+/// Onboards at a CCF (TLS with server authentication): makes a key pair, sends the public key
+/// and the credential, writes the profile.
+pub async fn onboard(
+    onboarding_addr: &str,
+    capif_addr: &str,
+    ca_pem: &str,
+    server_name: &str,
+    credential: &str,
+    dir: &Path,
+) -> Result<Profile> {
+    let key = rcgen::KeyPair::generate()?;
+    let (ch, _) = connect(
+        onboarding_addr,
+        server_name,
+        client_config(ca_pem, None)?,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    let rsp = InvokerManagementClient::new(ch)
+        .onboard(pb::OnboardRequest {
+            onboarding_information: Some(pb::OnboardingInformation {
+                api_invoker_public_key: key.public_key_pem(),
+                onboarding_credential: credential.to_string(),
+            }),
+            notification_destination: String::new(),
+            api_invoker_information: "capif invoker".into(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    std::fs::create_dir_all(dir.join("keys"))?;
+    let key_pem = Zeroizing::new(key.serialize_pem());
+    write_private_file(&dir.join("invoker.key"), key_pem.as_bytes())?;
+    std::fs::write(dir.join("invoker.pem"), &rsp.api_invoker_certificate)?;
+    std::fs::write(dir.join("ca.pem"), rsp.ca_certificates.concat())?;
+    let file = ProfileFile {
+        api_invoker_id: rsp.api_invoker_id,
+        ccf_id: rsp.ccf_id,
+        capif_addr: capif_addr.to_string(),
+        ccf_server_name: server_name.to_string(),
+    };
+    std::fs::write(dir.join("profile.toml"), toml::to_string(&file)?)?;
+    Profile::load(dir)
+}
+
+/// A status as an error a person reads: message plus reason.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    match ccf_core::grpc::error_reason(&s) {
+        Some(r) => anyhow!("{:?} ({r}): {}", s.code(), s.message()),
+        None => anyhow!("{:?}: {}", s.code(), s.message()),
+    }
+}
+
+/// CAPIF-1e: obtains PSK for `aef` (optionally for one API only) on a NEW TLS session, derives
+/// the AEFPSK from it and stores it.
+pub async fn security(profile: &Profile, aef: &str, api: Option<&str>) -> Result<ObtainedKey> {
+    let cfg = client_config(&profile.ca_pem, Some((&profile.cert_pem, &profile.key_pem)))?;
+    let (ch, slot) = connect(
+        &profile.file.capif_addr,
+        &profile.file.ccf_server_name,
+        cfg,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    let rsp = SecurityClient::new(ch)
+        .obtain_security_method(pb::ObtainSecurityMethodRequest {
+            api_invoker_id: profile.id().to_string(),
+            service_security: Some(pb::ServiceSecurity {
+                security_info: vec![pb::SecurityInformation {
+                    aef_id: aef.to_string(),
+                    api_id: api.unwrap_or_default().to_string(),
+                    pref_security_methods: vec![pb::SecurityMethod::Psk as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let info = rsp
+        .security_info
+        .first()
+        .ok_or_else(|| anyhow!("the CCF answered no security information"))?;
+    if info.sel_security_method != pb::SecurityMethod::Psk as i32 {
+        bail!(
+            "the CCF selected {:?}, not PSK",
+            pb::SecurityMethod::try_from(info.sel_security_method)
+        );
+    }
+    let binding = slot
+        .lock()
+        .map_err(|_| anyhow!("session slot poisoned"))?
+        .binding
+        .clone()
+        .ok_or_else(|| anyhow!("the CAPIF-1e session exported no binding"))?;
+    // P0 from the interface the CCF returned, with the same code the CCF uses.
+    let iface = ccf_core::registry::Interface::from_proto(
+        info.interface_details
+            .as_ref()
+            .ok_or_else(|| anyhow!("no interface in the answer"))?,
+    )
+    .canonical()?;
+    let psk = binding.aefpsk(&iface)?;
+    if psk.key_id() != info.aef_psk_key_id {
+        bail!(
+            "derived key id {} differs from the CCF's {}: the two sides derived different keys",
+            psk.key_id(),
+            info.aef_psk_key_id
+        );
+    }
+    let key = ObtainedKey {
+        aef_id: aef.to_string(),
+        aef_psk_hex: hex::encode(psk.expose()),
+        key_id: psk.key_id(),
+        interface: iface,
+        expires_at_ms: now_ms() + info.aef_psk_validity_secs * 1000,
+    };
+    let text = Zeroizing::new(toml::to_string(&key)?);
+    std::fs::create_dir_all(profile.dir.join("keys"))?;
+    write_private_file(&profile.key_path(aef)?, text.as_bytes())?;
+    Ok(key)
+}
+
+/// Authentication Initiation at the AEF (server-authenticated TLS with the AEF domain's CA).
+pub async fn auth(
+    profile: &Profile,
+    key: &ObtainedKey,
+    aef_addr: &str,
+    aef_ca_pem: &str,
+    aef_server_name: &str,
+) -> Result<pb::CheckAuthenticationRsp> {
+    let (ch, _) = connect(
+        aef_addr,
+        aef_server_name,
+        client_config(aef_ca_pem, None)?,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    AefSecurityClient::new(ch)
+        .check_authentication(pb::CheckAuthenticationReq {
+            api_invoker_id: profile.id().to_string(),
+            supported_features: String::new(),
+            home_ccf_id: profile.file.ccf_id.clone(),
+            security_method: pb::SecurityMethod::Psk as i32,
+            key_id: key.key_id.clone(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+/// The PSK identity for a stored key.
+pub fn psk_identity(profile: &Profile, key: &ObtainedKey) -> Result<PskIdentity> {
+    Ok(PskIdentity {
+        home_ccf_id: CcfId::new(profile.file.ccf_id.clone())?,
+        api_invoker_id: ApiInvokerId::new(profile.id())?,
+        key_id: key.key_id.clone(),
+    })
+}
+
+/// TLS-PSK handshake with the AEF and one demo API call.
+pub async fn call(
+    profile: &Profile,
+    key: &ObtainedKey,
+    endpoint: &str,
+    api: &str,
+    tls: TlsProfile,
+) -> Result<pb::InvokeResponse> {
+    let psk = key.psk()?;
+    let ch = demo_channel(endpoint, &psk_identity(profile, key)?, &psk, tls).await?;
+    DemoApiClient::new(ch)
+        .invoke(pb::InvokeRequest {
+            api_name: api.to_string(),
+            payload: "hello from the invoker".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}

@@ -1,0 +1,284 @@
+//! CAPIF-2e end to end (the AEF issue's acceptance): the invoker client onboards, obtains PSK,
+//! authenticates at a real AEF stub and calls its demo API over a real TLS-PSK handshake — in its
+//! own domain and across domains through the gateways. Refusals are checked at the handshake,
+//! with the AEF's log reason.
+
+#[path = "../../gateway/tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use aef_stub::psk::TlsProfile;
+use capif_scenarios::invoker::{self, Profile};
+use common::*;
+
+const A: &str = "operator-a.test";
+const B: &str = "operator-b.test";
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The AEF's log lines, captured for the whole test binary.
+fn logs() -> &'static Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let c = Capture::default();
+        let w = c.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("aef_stub=info")
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .init();
+        c
+    })
+}
+
+async fn wait_for_log(needle: &[&str]) -> String {
+    for _ in 0..50 {
+        let text = String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned();
+        if let Some(line) = text.lines().find(|l| needle.iter().all(|n| l.contains(n))) {
+            return line.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no log line with {needle:?}");
+}
+
+async fn profile(t: &Testbed, home: &str, credential: &str) -> Profile {
+    let d = t.d(home);
+    invoker::onboard(
+        &d.ccf().onboarding_addr.to_string(),
+        &d.ccf().capif_addr.to_string(),
+        &d.ca_pem(),
+        "localhost",
+        credential,
+        &t.tmp.path().join(format!("{home}-{credential}")),
+    )
+    .await
+    .expect("onboarding")
+}
+
+fn aef_addr(t: &Testbed, aef: &str) -> (String, String) {
+    let owner = AEFS.iter().find(|(a, _)| *a == aef).unwrap().1;
+    let d = t.d(owner);
+    (d.aefs[aef].security_addr.to_string(), d.ca_pem())
+}
+
+/// security -> auth -> PSK handshake -> API call; returns the call's result.
+async fn flow(
+    t: &Testbed,
+    p: &Profile,
+    aef: &str,
+    api: &str,
+) -> anyhow::Result<capif_proto::v1::InvokeResponse> {
+    let k = invoker::security(p, aef, None).await?;
+    let (addr, ca) = aef_addr(t, aef);
+    let a = invoker::auth(p, &k, &addr, &ca, "localhost").await?;
+    invoker::call(p, &k, &a.tls_endpoint, api, TlsProfile::Tls13).await
+}
+
+fn opts() -> Options {
+    Options {
+        with_aefs: true,
+        ..Default::default()
+    }
+}
+
+/// Acceptance 1: single domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_domain_flow_succeeds() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    let p = profile(&t, A, "c0").await;
+    let r = flow(&t, &p, "aef-a1", "api-aef-a1")
+        .await
+        .expect("the API call succeeds");
+    assert_eq!(r.api_invoker_id, p.id());
+    assert_eq!(r.home_ccf_id, A);
+    // The key file is private.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["invoker.key", "keys/aef-a1.toml"] {
+        let mode = std::fs::metadata(p.dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+}
+
+/// Acceptance 2: across two domains; the AEF's key came from CCF-B through the gateways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_domain_flow_succeeds_through_the_gateways() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    let p = profile(&t, B, "c0").await;
+    let r = flow(&t, &p, "aef-a1", "api-aef-a1")
+        .await
+        .expect("the cross-domain call succeeds");
+    assert_eq!(r.home_ccf_id, B);
+    assert_eq!(
+        t.d(A)
+            .gw()
+            .state
+            .cache
+            .counters
+            .misses
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        t.d(B).ccf().state.partner_requests.load(Ordering::Relaxed),
+        1
+    );
+    // TLS 1.2 ECDHE-PSK works as an option too (the AEF stub is configured for 1.3 here, so a
+    // 1.2-only client is refused: the profile is enforced).
+    let k = p.key("aef-a1").unwrap();
+    let (addr, ca) = aef_addr(&t, "aef-a1");
+    let a = invoker::auth(&p, &k, &addr, &ca, "localhost")
+        .await
+        .unwrap();
+    assert!(
+        invoker::call(&p, &k, &a.tls_endpoint, "api-aef-a1", TlsProfile::Tls12)
+            .await
+            .is_err()
+    );
+}
+
+/// Acceptance 3: wrong key, unknown identity, expired key, revoked invoker, unauthorized API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_each_have_their_reason() {
+    logs();
+    let t = Testbed::start(Options {
+        validity_secs: 3,
+        margin_ms: 200,
+        ..opts()
+    })
+    .await;
+    let (addr, ca) = aef_addr(&t, "aef-a1");
+
+    // Wrong key: right identity, a different key.
+    let p = profile(&t, A, "c0").await;
+    let k = invoker::security(&p, "aef-a1", None).await.unwrap();
+    let a = invoker::auth(&p, &k, &addr, &ca, "localhost")
+        .await
+        .unwrap();
+    let mut bad = invoker::ObtainedKey {
+        aef_id: k.aef_id.clone(),
+        aef_psk_hex: "00".repeat(32),
+        key_id: k.key_id.clone(),
+        interface: k.interface.clone(),
+        expires_at_ms: k.expires_at_ms,
+    };
+    assert!(
+        invoker::call(&p, &bad, &a.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
+            .await
+            .is_err()
+    );
+    wait_for_log(&["PSK handshake refused", "wrong key", p.id()]).await;
+
+    // Unknown identity: a key the AEF was never told about (no Authentication Initiation).
+    let q = profile(&t, A, "c1").await;
+    let kq = invoker::security(&q, "aef-a1", None).await.unwrap();
+    assert!(
+        invoker::call(&q, &kq, &a.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
+            .await
+            .is_err()
+    );
+    wait_for_log(&["PSK handshake refused", "unknown identity", q.id()]).await;
+
+    // Unauthorized API: authorized for api-aef-a1 only, calls admin-aef-a1.
+    let r = profile(&t, A, "c2").await;
+    let kr = invoker::security(&r, "aef-a1", Some("api-aef-a1"))
+        .await
+        .unwrap();
+    let ar = invoker::auth(&r, &kr, &addr, &ca, "localhost")
+        .await
+        .unwrap();
+    invoker::call(&r, &kr, &ar.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
+        .await
+        .expect("authorized API");
+    let e = invoker::call(&r, &kr, &ar.tls_endpoint, "admin-aef-a1", TlsProfile::Tls13)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("PermissionDenied") && e.to_string().contains("API_NOT_AUTHORIZED"),
+        "{e}"
+    );
+
+    // Revoked invoker: the CCF revokes (operator), the AEF drops the key and refuses it.
+    let v = profile(&t, A, "c3").await;
+    let kv = invoker::security(&v, "aef-a1", None).await.unwrap();
+    let av = invoker::auth(&v, &kv, &addr, &ca, "localhost")
+        .await
+        .unwrap();
+    invoker::call(&v, &kv, &av.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
+        .await
+        .expect("before revocation");
+    let op = t.d(A).issue(ccf_core::identity::Role::Operator);
+    let ch = channel(
+        t.d(A).ccf().capif_addr,
+        &t.d(A).ca_pem(),
+        Some((&op.cert_pem, &op.key_pem)),
+    )
+    .await;
+    capif_proto::v1::security_client::SecurityClient::new(ch)
+        .revoke_authorization(capif_proto::v1::RevokeAuthorizationRequest {
+            revoke_info: Some(capif_proto::v1::SecurityNotification {
+                api_invoker_id: v.id().into(),
+                cause: capif_proto::v1::Cause::AuthorizationIssue as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    wait_for_log(&["authorization revoked by the CCF", v.id()]).await;
+    assert!(
+        invoker::call(&v, &kv, &av.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
+            .await
+            .is_err()
+    );
+    wait_for_log(&["PSK handshake refused", "revoked invoker", v.id()]).await;
+
+    // Expired key: validity 3 s; the AEF's own timer runs out.
+    let x = profile(&t, A, "c4").await;
+    let kx = invoker::security(&x, "aef-a1", None).await.unwrap();
+    let ax = invoker::auth(&x, &kx, &addr, &ca, "localhost")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(ax.remaining_validity_ms + 100)).await;
+    assert!(
+        invoker::call(&x, &kx, &ax.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
+            .await
+            .is_err()
+    );
+    wait_for_log(&["PSK handshake refused", "expired key", x.id()]).await;
+    bad.aef_psk_hex.clear();
+}
+
+/// Acceptance 4: the invoker re-authenticates at CCF-B (new TLS session, new AEFPSK) while A still
+/// caches the old key: its next attempt succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauthentication_at_home_does_not_lock_the_invoker_out() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    let p = profile(&t, B, "c0").await;
+    let first = flow(&t, &p, "aef-a1", "api-aef-a1").await.unwrap();
+    // New CAPIF-1e session: new key. A's gateway and AEF still hold the old one.
+    let second = flow(&t, &p, "aef-a1", "api-aef-a1")
+        .await
+        .expect("the re-keyed invoker gets in");
+    assert_ne!(first.key_id, second.key_id);
+}
