@@ -124,6 +124,19 @@ impl Profile {
         Ok(self.dir.join("keys").join(format!("{aef}.toml")))
     }
 
+    /// A new CAPIF-1e (mutual TLS) channel to the home CCF.
+    pub async fn capif1e_channel(&self) -> Result<tonic::transport::Channel> {
+        let cfg = client_config(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))?;
+        Ok(connect(
+            &self.file.capif_addr,
+            &self.file.ccf_server_name,
+            cfg,
+            CONNECT_TIMEOUT,
+        )
+        .await?
+        .0)
+    }
+
     /// The key stored for `aef`.
     pub fn key(&self, aef: &str) -> Result<ObtainedKey> {
         let p = self.key_path(aef)?;
@@ -180,12 +193,27 @@ pub async fn onboard(
     Profile::load(dir)
 }
 
-/// A status as an error a person reads: message plus reason.
+/// A gRPC error a peer answered, kept typed so callers (the scenario runner) can match its code
+/// and reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{code:?}{}: {message}", if reason.is_empty() { String::new() } else { format!(" ({reason})") })]
+pub struct StatusError {
+    /// The gRPC code.
+    pub code: tonic::Code,
+    /// The ErrorInfo reason, or empty.
+    pub reason: String,
+    /// The message.
+    pub message: String,
+}
+
+/// A status as an error a person reads: code, reason and message.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    match ccf_core::grpc::error_reason(&s) {
-        Some(r) => anyhow!("{:?} ({r}): {}", s.code(), s.message()),
-        None => anyhow!("{:?}: {}", s.code(), s.message()),
+    StatusError {
+        code: s.code(),
+        reason: ccf_core::grpc::error_reason(&s).unwrap_or_default(),
+        message: s.message().to_string(),
     }
+    .into()
 }
 
 /// CAPIF-1e: obtains PSK for `aef` (optionally for one API only) on a NEW TLS session, derives

@@ -1,4 +1,15 @@
-//! The user-facing side of a testbed: the API invoker client ([`invoker`]), and (to come) the
-//! testbed launcher and the scenario runner. The `capif` binary is a CLI over this library.
+//! The user-facing side of a testbed.
+//!
+//! - [`invoker`] — the API invoker client (`capif invoker ...`).
+//! - [`scenario`] — scenario files: format and validation.
+//! - [`testbed`] — the launcher: PKI, configs, DNS, component processes.
+//! - [`dns`] — the testbed's DNS server (hickory-server on loopback).
+//! - [`runner`] — runs a scenario's steps, prints the table, writes the JSON report.
+//!
+//! The `capif` binary is a CLI over this library.
 
+pub mod dns;
 pub mod invoker;
+pub mod runner;
+pub mod scenario;
+pub mod testbed;

@@ -1,5 +1,5 @@
-//! `capif`: the invoker role step by step (`capif invoker ...`); the testbed launcher and the
-//! scenario runner come next.
+//! `capif`: the testbed launcher (`capif testbed up|down`), the scenario runner
+//! (`capif scenario run|check`) and the invoker role step by step (`capif invoker ...`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use aef_stub::psk::TlsProfile;
 use anyhow::{Context, Result};
 use capif_scenarios::invoker::{self, Profile};
+use capif_scenarios::runner::{Runner, table};
+use capif_scenarios::scenario::Scenario;
+use capif_scenarios::testbed::Testbed;
 use clap::{Parser, Subcommand};
 
 /// The CAPIF testbed CLI.
@@ -19,9 +22,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run scenario files.
+    #[command(subcommand)]
+    Scenario(ScenarioCommand),
+    /// Bring a testbed up for hands-on work, or down.
+    #[command(subcommand)]
+    Testbed(TestbedCommand),
     /// Act as an API invoker.
     #[command(subcommand)]
     Invoker(InvokerCommand),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The scenario file (see docs/SCENARIOS.md).
+    file: PathBuf,
+    /// Run directory (configs, certificates, logs, report). Default: run/<scenario>-<time>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Where the ccf, capif-gateway and aef-stub binaries are. Default: beside this binary.
+    #[arg(long, env = "CAPIF_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ScenarioCommand {
+    /// Bring the testbed up, run the steps, print the table, write report.json, stop
+    /// everything. Exits non-zero when an expectation fails.
+    Run(RunArgs),
+    /// Parse and validate a scenario file without starting anything.
+    Check {
+        /// The scenario file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedCommand {
+    /// Bring a scenario's testbed up (its steps are not run), print addresses and grpcurl
+    /// commands, and keep it running until Ctrl-C.
+    Up(RunArgs),
+    /// Stop a testbed started with `up` in another shell or in the background.
+    Down {
+        /// The testbed's run directory.
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -131,8 +177,173 @@ enum InvokerCommand {
     },
 }
 
+fn run_dir(args: &RunArgs, s: &capif_scenarios::scenario::Scenario) -> PathBuf {
+    args.run_dir.clone().unwrap_or_else(|| {
+        let slug: String = s
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        PathBuf::from("run").join(format!(
+            "{}-{}",
+            slug.trim_matches('-'),
+            ccf_core::server::now_ms()
+        ))
+    })
+}
+
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return "SIGINT",
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+async fn scenario_run(args: RunArgs) -> Result<bool> {
+    let s = Scenario::load(&args.file)?;
+    let dir = run_dir(&args, &s);
+    let bin = match &args.bin_dir {
+        Some(b) => b.clone(),
+        None => capif_scenarios::testbed::default_bin_dir()?,
+    };
+    eprintln!(
+        "scenario {:?}: {} domains, {} steps; run directory {}",
+        s.name,
+        s.domains.len(),
+        s.steps.len(),
+        dir.display()
+    );
+    let mut tb = tokio::select! {
+        tb = Testbed::up(&s, &dir, &bin, false) => tb?,
+        sig = interrupted() => anyhow::bail!("{sig} while starting the testbed; everything started was stopped"),
+    };
+    let total = s.steps.len();
+    let report = {
+        let mut runner = Runner::new(&s, &mut tb);
+        let run = runner.run(|i, step| {
+            eprint!(
+                "\rstep {}/{total}: {:<60}",
+                i + 1,
+                format!(
+                    "{:?} {}",
+                    step.action,
+                    step.note.clone().unwrap_or_default()
+                )
+            );
+        });
+        tokio::select! {
+            r = run => Some(r),
+            sig = interrupted() => { eprintln!("\n{sig}: stopping the testbed"); None }
+        }
+    };
+    eprint!("\r{:80}\r", "");
+    tb.down().await;
+    let Some(report) = report else {
+        anyhow::bail!(
+            "interrupted; all components stopped, run directory {}",
+            dir.display()
+        );
+    };
+    print!("{}", table(&report));
+    let path = dir.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("report: {}", path.display());
+    Ok(report.passed)
+}
+
+async fn testbed_up(args: RunArgs) -> Result<()> {
+    let s = Scenario::load(&args.file)?;
+    let dir = run_dir(&args, &s);
+    let bin = match &args.bin_dir {
+        Some(b) => b.clone(),
+        None => capif_scenarios::testbed::default_bin_dir()?,
+    };
+    let mut tb = Testbed::up(&s, &dir, &bin, false).await?;
+    let mut pids = tb.pids();
+    pids.insert("launcher".into(), std::process::id());
+    std::fs::write(
+        dir.join("testbed.json"),
+        serde_json::to_string_pretty(&pids)?,
+    )?;
+    let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    println!(
+        "testbed {:?} is up; run directory {}",
+        s.name,
+        dir.display()
+    );
+    println!("{}", tb.describe(&grpcurl));
+    println!(
+        "Ctrl-C (or `capif testbed down --run-dir {}`) stops it.",
+        dir.display()
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let sig = interrupted().await;
+    eprintln!("{sig}: stopping the testbed");
+    tb.down().await;
+    let _ = std::fs::remove_file(dir.join("testbed.json"));
+    Ok(())
+}
+
+fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
+    let path = run_dir.join("testbed.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no running testbed in {} ({})",
+            run_dir.display(),
+            path.display()
+        )
+    })?;
+    let pids: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text)?;
+    // The launcher stops its components itself on SIGTERM; the rest is a fallback.
+    let order = pids.get("launcher").into_iter().chain(
+        pids.iter()
+            .filter(|(k, _)| *k != "launcher")
+            .map(|(_, v)| v),
+    );
+    for pid in order {
+        // SAFETY: plain signal to a pid the testbed recorded.
+        unsafe {
+            libc::kill(*pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    println!("testbed in {} told to stop", run_dir.display());
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
-    let Command::Invoker(cmd) = cli.command;
+    let cmd = match cli.command {
+        Command::Scenario(ScenarioCommand::Run(args)) => {
+            if !scenario_run(args).await? {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        Command::Scenario(ScenarioCommand::Check { file }) => {
+            let s = Scenario::load(&file)?;
+            println!(
+                "{}: ok ({} domains, {} invoker entries, {} steps)",
+                file.display(),
+                s.domains.len(),
+                s.invokers.len(),
+                s.steps.len()
+            );
+            return Ok(());
+        }
+        Command::Testbed(TestbedCommand::Up(args)) => return testbed_up(args).await,
+        Command::Testbed(TestbedCommand::Down { run_dir }) => return testbed_down(&run_dir),
+        Command::Invoker(cmd) => cmd,
+    };
     match cmd {
         InvokerCommand::Onboard {
             profile,

@@ -1,0 +1,61 @@
+//! The testbed's DNS server: hickory-server on loopback, one zone per domain with the SRV record
+//! `_capif-6e._tcp.<domain>` naming `gw.<domain>` and its A record, so gateways discover each
+//! other the way they would between operators.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use hickory_proto::rr::{LowerName, Name};
+use hickory_proto::serialize::txt::Parser;
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+/// A running DNS server; stops when dropped.
+pub struct DnsServer {
+    /// Where it answers (UDP and TCP).
+    pub addr: SocketAddr,
+    _server: hickory_server::Server<Catalog>,
+}
+
+/// The zone text of one domain whose gateway listens on 127.0.0.1:`port`.
+pub fn zone_text(domain: &str, port: u16) -> String {
+    format!(
+        "@ 60 IN SOA ns.{domain}. admin.{domain}. 1 60 60 60 60\n\
+         _capif-6e._tcp 5 IN SRV 10 10 {port} gw.{domain}.\n\
+         gw 5 IN A 127.0.0.1\n"
+    )
+}
+
+impl DnsServer {
+    /// Serves `(domain, gateway CAPIF-6e port)` zones on a free loopback port.
+    pub async fn start(domains: &[(String, u16)]) -> Result<Self> {
+        let mut catalog = Catalog::new();
+        for (d, port) in domains {
+            let origin = Name::from_ascii(format!("{d}.")).map_err(|e| anyhow!("zone {d}: {e}"))?;
+            let (origin, records) = Parser::new(zone_text(d, *port), None, Some(origin))
+                .parse()
+                .map_err(|e| anyhow!("zone {d}: {e}"))?;
+            let handler =
+                InMemoryZoneHandler::<hickory_resolver::net::runtime::TokioRuntimeProvider>::new(
+                    origin.clone(),
+                    records,
+                    ZoneType::Primary,
+                    AxfrPolicy::Deny,
+                )
+                .map_err(|e| anyhow!("zone {d}: {e}"))?;
+            catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
+        }
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let addr = udp.local_addr()?;
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        let mut server = hickory_server::Server::new(catalog);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 64);
+        Ok(Self {
+            addr,
+            _server: server,
+        })
+    }
+}

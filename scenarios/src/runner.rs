@@ -1,0 +1,586 @@
+//! The scenario runner: runs a scenario's steps against a running [`Testbed`], compares each
+//! outcome with its expectation, prints a table (step, expected, got, time) and writes a JSON
+//! report. Group steps run every member × AEF with bounded concurrency; a group step's outcome is
+//! "ok" only when every operation succeeded, otherwise the first failure's code.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aef_stub::psk::TlsProfile;
+use anyhow::{Result, anyhow};
+use capif_proto::v1::{
+    self as pb, gateway_admin_client::GatewayAdminClient,
+    invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
+};
+use ccf_core::tls::{client_config, connect};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::invoker::{self, Profile, StatusError};
+use crate::scenario::{Action, Scenario, Step};
+use crate::testbed::Testbed;
+
+/// One row of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// 1-based step number.
+    pub step: usize,
+    /// The action.
+    pub action: String,
+    /// What it acted on.
+    pub target: String,
+    /// Expected outcome.
+    pub expected: String,
+    /// Outcome.
+    pub got: String,
+    /// Whether they agree.
+    pub passed: bool,
+    /// Wall time, milliseconds.
+    pub millis: u64,
+    /// Detail of a failure (first error), or counts.
+    pub detail: String,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Scenario file.
+    pub file: String,
+    /// Whether every step passed.
+    pub passed: bool,
+    /// Rows.
+    pub steps: Vec<StepReport>,
+}
+
+/// An outcome: "ok", or a code plus reason and message.
+#[derive(Clone, Debug)]
+struct Outcome {
+    code: String,
+    reason: String,
+    detail: String,
+}
+
+impl Outcome {
+    fn ok() -> Self {
+        Self {
+            code: "ok".into(),
+            reason: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    fn matches(&self, expected: &str) -> bool {
+        let e = expected.to_ascii_uppercase();
+        if expected.eq_ignore_ascii_case("ok") {
+            return self.code == "ok";
+        }
+        self.code == e || (!self.reason.is_empty() && self.reason == e)
+    }
+
+    fn shown(&self) -> String {
+        if self.reason.is_empty() || self.reason == self.code {
+            self.code.clone()
+        } else {
+            format!("{} ({})", self.code, self.reason)
+        }
+    }
+}
+
+/// SCREAMING_SNAKE name of a gRPC code.
+pub fn code_name(c: tonic::Code) -> String {
+    let camel = format!("{c:?}");
+    let mut out = String::new();
+    for (i, ch) in camel.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
+}
+
+fn classify(e: &anyhow::Error) -> Outcome {
+    let detail = format!("{e:#}");
+    for cause in e.chain() {
+        if let Some(s) = cause.downcast_ref::<StatusError>() {
+            return Outcome {
+                code: code_name(s.code),
+                reason: s.reason.clone(),
+                detail,
+            };
+        }
+        if let Some(c) = cause.downcast_ref::<aef_stub::psk::ConnectError>() {
+            let code = match c {
+                aef_stub::psk::ConnectError::Handshake { .. } => "HANDSHAKE_REFUSED",
+                aef_stub::psk::ConnectError::Tcp { .. } => "UNAVAILABLE",
+            };
+            return Outcome {
+                code: code.into(),
+                reason: String::new(),
+                detail,
+            };
+        }
+        if cause.downcast_ref::<ccf_core::tls::TlsError>().is_some() {
+            return Outcome {
+                code: "UNAVAILABLE".into(),
+                reason: String::new(),
+                detail,
+            };
+        }
+    }
+    Outcome {
+        code: "ERROR".into(),
+        reason: String::new(),
+        detail,
+    }
+}
+
+/// Runs the steps and builds the report.
+pub struct Runner<'a> {
+    scenario: &'a Scenario,
+    tb: &'a mut Testbed,
+    members: BTreeMap<String, Vec<(String, String)>>,
+}
+
+impl<'a> Runner<'a> {
+    /// A runner for `scenario` on `tb`.
+    pub fn new(scenario: &'a Scenario, tb: &'a mut Testbed) -> Self {
+        Self {
+            members: scenario.invoker_members(),
+            scenario,
+            tb,
+        }
+    }
+
+    fn profile_dir(&self, member: &str) -> PathBuf {
+        self.tb.run_dir.join("invokers").join(member)
+    }
+
+    /// Runs every step in order; `progress` is told before each.
+    pub async fn run(&mut self, progress: impl Fn(usize, &Step)) -> Report {
+        let mut rows = Vec::new();
+        for (i, step) in self.scenario.steps.iter().enumerate() {
+            progress(i, step);
+            let start = Instant::now();
+            let (target, outcome, extra) = self.step(step).await;
+            let expected = step.expected();
+            let passed = outcome.matches(&expected);
+            rows.push(StepReport {
+                step: i + 1,
+                action: format!("{:?}", step.action).to_lowercase(),
+                target,
+                expected,
+                got: outcome.shown(),
+                passed,
+                millis: start.elapsed().as_millis() as u64,
+                detail: if outcome.detail.is_empty() {
+                    extra
+                } else {
+                    outcome.detail.clone()
+                },
+            });
+        }
+        Report {
+            scenario: self.scenario.name.clone(),
+            file: self.scenario.origin.clone(),
+            passed: rows.iter().all(|r| r.passed),
+            steps: rows,
+        }
+    }
+
+    fn aefs_of(step: &Step) -> Vec<String> {
+        step.aef
+            .iter()
+            .map(|a| a.get_ref().clone())
+            .chain(step.aefs.iter().flatten().map(|a| a.get_ref().clone()))
+            .collect()
+    }
+
+    async fn step(&mut self, step: &Step) -> (String, Outcome, String) {
+        let s = self.scenario;
+        match step.action {
+            Action::Wait => {
+                let ms = step.ms.unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                (format!("{ms} ms"), Outcome::ok(), String::new())
+            }
+            Action::Stop | Action::Kill | Action::Start => {
+                let c = step
+                    .component
+                    .as_ref()
+                    .map(|c| c.get_ref().clone())
+                    .unwrap_or_default();
+                let r = match step.action {
+                    Action::Start => self.tb.start(&c).await,
+                    Action::Kill => self.tb.stop(&c, true).await,
+                    _ => self.tb.stop(&c, false).await,
+                };
+                (
+                    c,
+                    r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
+                    String::new(),
+                )
+            }
+            Action::SetValidity => {
+                let d = step
+                    .domain
+                    .as_ref()
+                    .map(|d| d.get_ref().clone())
+                    .unwrap_or_default();
+                let secs = step.secs.unwrap_or(0);
+                let comp = format!("ccf:{d}");
+                let r = async {
+                    self.tb.set_validity(&d, secs)?;
+                    self.tb.stop(&comp, false).await?;
+                    self.tb.start(&comp).await
+                }
+                .await;
+                (
+                    format!("{d} = {secs} s"),
+                    r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
+                    String::new(),
+                )
+            }
+            Action::Counters => {
+                let d = step
+                    .domain
+                    .as_ref()
+                    .map(|d| d.get_ref().clone())
+                    .unwrap_or_default();
+                let want = step.counters.clone().unwrap_or_default();
+                match self.counters(&d).await {
+                    Ok(have) => {
+                        let short: Vec<String> = want
+                            .iter()
+                            .filter(|(k, v)| have.get(*k).copied().unwrap_or(0) < **v)
+                            .map(|(k, v)| {
+                                format!("{k}={} < {v}", have.get(k).copied().unwrap_or(0))
+                            })
+                            .collect();
+                        let shown = want
+                            .keys()
+                            .map(|k| format!("{k}={}", have.get(k).copied().unwrap_or(0)))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        if short.is_empty() {
+                            (d, Outcome::ok(), shown)
+                        } else {
+                            (
+                                d,
+                                Outcome {
+                                    code: "COUNTERS_MISMATCH".into(),
+                                    reason: String::new(),
+                                    detail: short.join(", "),
+                                },
+                                shown,
+                            )
+                        }
+                    }
+                    Err(e) => (d, classify(&e), String::new()),
+                }
+            }
+            _ => {
+                let group = step
+                    .invoker
+                    .as_ref()
+                    .map(|i| i.get_ref().clone())
+                    .unwrap_or_default();
+                let members = self.members.get(&group).cloned().unwrap_or_default();
+                let aefs = Self::aefs_of(step);
+                let target = if aefs.is_empty() {
+                    format!("{group} ({})", members.len())
+                } else {
+                    format!("{group} ({}) -> {}", members.len(), aefs.join(","))
+                };
+                let ops: Vec<(String, String, Option<String>)> = if aefs.is_empty() {
+                    members
+                        .iter()
+                        .map(|(m, h)| (m.clone(), h.clone(), None))
+                        .collect()
+                } else {
+                    members
+                        .iter()
+                        .flat_map(|(m, h)| {
+                            aefs.iter()
+                                .map(move |a| (m.clone(), h.clone(), Some(a.clone())))
+                        })
+                        .collect()
+                };
+                let total = ops.len();
+                let sem = Arc::new(Semaphore::new(step.concurrency.unwrap_or(16).max(1)));
+                let mut set = tokio::task::JoinSet::new();
+                for (member, home, aef) in ops {
+                    let ctx = OpContext::new(self, s, step, &member, &home, aef.as_deref());
+                    let sem = sem.clone();
+                    set.spawn(async move {
+                        let _permit = sem.acquire_owned().await;
+                        ctx.run().await
+                    });
+                }
+                let mut failures = Vec::new();
+                while let Some(r) = set.join_next().await {
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => failures.push(classify(&e)),
+                        Err(e) => failures.push(Outcome {
+                            code: "ERROR".into(),
+                            reason: String::new(),
+                            detail: e.to_string(),
+                        }),
+                    }
+                }
+                let detail = format!("{}/{} succeeded", total - failures.len(), total);
+                match failures.into_iter().next() {
+                    None => (target, Outcome::ok(), detail),
+                    Some(mut first) => {
+                        first.detail = format!("{detail}; first failure: {}", first.detail);
+                        (target, first, String::new())
+                    }
+                }
+            }
+        }
+    }
+
+    async fn counters(&self, domain: &str) -> Result<BTreeMap<String, u64>> {
+        let d = &self.tb.domains[domain];
+        let (cert, key) = d.operator();
+        let ca = std::fs::read_to_string(d.ca_pem())?;
+        let cfg = client_config(
+            &ca,
+            Some((
+                &std::fs::read_to_string(cert)?,
+                &std::fs::read_to_string(key)?,
+            )),
+        )?;
+        let (ch, _) = connect(
+            &format!("127.0.0.1:{}", d.gw6_port),
+            "localhost",
+            cfg,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let st = GatewayAdminClient::new(ch)
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map_err(invoker::status_error)?
+            .into_inner();
+        Ok(BTreeMap::from([
+            ("cache_entries".to_string(), st.cache_entries),
+            ("cache_hits".to_string(), st.cache_hits),
+            ("cache_misses".to_string(), st.cache_misses),
+            ("coalesced".to_string(), st.coalesced),
+            ("negative_hits".to_string(), st.negative_hits),
+            ("revocations_received".to_string(), st.revocations_received),
+            (
+                "partner_requests_served".to_string(),
+                st.partner_requests_served,
+            ),
+        ]))
+    }
+}
+
+/// Everything one operation of a group step needs, owned (it runs in its own task).
+struct OpContext {
+    action: Action,
+    profile_dir: PathBuf,
+    credential: String,
+    onboarding: String,
+    capif: String,
+    home_ca: PathBuf,
+    operator: (PathBuf, PathBuf),
+    aef: Option<String>,
+    api: Option<String>,
+    aef_addr: String,
+    aef_ca: PathBuf,
+    psk_endpoint: String,
+    psk_tls: TlsProfile,
+}
+
+impl OpContext {
+    fn new(
+        r: &Runner<'_>,
+        s: &Scenario,
+        step: &Step,
+        member: &str,
+        home: &str,
+        aef: Option<&str>,
+    ) -> Self {
+        let d = &r.tb.domains[home];
+        let a = aef.and_then(|a| r.tb.aefs.get(a));
+        let api = step.api.clone().or_else(|| {
+            aef.and_then(|a| s.aef(a))
+                .and_then(|a| a.apis.first().cloned())
+        });
+        Self {
+            action: step.action,
+            profile_dir: r.profile_dir(member),
+            credential: d.credentials.get(member).cloned().unwrap_or_default(),
+            onboarding: format!("127.0.0.1:{}", d.onboarding_port),
+            capif: format!("127.0.0.1:{}", d.capif_port),
+            home_ca: d.ca_pem(),
+            operator: d.operator(),
+            aef: aef.map(str::to_string),
+            api,
+            aef_addr: a
+                .map(|a| format!("127.0.0.1:{}", a.security_port))
+                .unwrap_or_default(),
+            aef_ca: a
+                .map(|a| r.tb.domains[&a.domain].ca_pem())
+                .unwrap_or_default(),
+            psk_endpoint: a
+                .map(|a| format!("127.0.0.1:{}", a.psk_port))
+                .unwrap_or_default(),
+            psk_tls: a.and_then(|a| a.psk_tls.parse().ok()).unwrap_or_default(),
+        }
+    }
+
+    async fn run(self) -> Result<()> {
+        let aef = self.aef.clone().unwrap_or_default();
+        let api = self.api.clone().unwrap_or_default();
+        match self.action {
+            Action::Onboard => {
+                let ca = std::fs::read_to_string(&self.home_ca)?;
+                invoker::onboard(
+                    &self.onboarding,
+                    &self.capif,
+                    &ca,
+                    "localhost",
+                    &self.credential,
+                    &self.profile_dir,
+                )
+                .await?;
+            }
+            Action::Security => {
+                invoker::security(&Profile::load(&self.profile_dir)?, &aef, None).await?;
+            }
+            Action::Auth => {
+                let p = Profile::load(&self.profile_dir)?;
+                let ca = std::fs::read_to_string(&self.aef_ca)?;
+                invoker::auth(&p, &p.key(&aef)?, &self.aef_addr, &ca, "localhost").await?;
+            }
+            Action::Call => {
+                let p = Profile::load(&self.profile_dir)?;
+                invoker::call(&p, &p.key(&aef)?, &self.psk_endpoint, &api, self.psk_tls).await?;
+            }
+            Action::Run => {
+                let p = Profile::load(&self.profile_dir)?;
+                let k = invoker::security(&p, &aef, None).await?;
+                let ca = std::fs::read_to_string(&self.aef_ca)?;
+                let a = invoker::auth(&p, &k, &self.aef_addr, &ca, "localhost").await?;
+                invoker::call(&p, &k, &a.tls_endpoint, &api, self.psk_tls).await?;
+            }
+            Action::Revoke => {
+                let p = Profile::load(&self.profile_dir)?;
+                let ca = std::fs::read_to_string(&self.home_ca)?;
+                let (cert, key) = (
+                    std::fs::read_to_string(&self.operator.0)?,
+                    std::fs::read_to_string(&self.operator.1)?,
+                );
+                let (ch, _) = connect(
+                    &self.capif,
+                    "localhost",
+                    client_config(&ca, Some((&cert, &key)))?,
+                    Duration::from_secs(5),
+                )
+                .await?;
+                SecurityClient::new(ch)
+                    .revoke_authorization(pb::RevokeAuthorizationRequest {
+                        revoke_info: Some(pb::SecurityNotification {
+                            api_invoker_id: p.id().to_string(),
+                            aef_id: aef,
+                            cause: pb::Cause::AuthorizationIssue as i32,
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .map_err(invoker::status_error)?;
+            }
+            Action::Offboard => {
+                let p = Profile::load(&self.profile_dir)?;
+                let ch = p.capif1e_channel().await?;
+                InvokerManagementClient::new(ch)
+                    .offboard(pb::OffboardRequest {
+                        api_invoker_id: p.id().to_string(),
+                    })
+                    .await
+                    .map_err(invoker::status_error)?;
+            }
+            other => return Err(anyhow!("{other:?} is not an invoker action")),
+        }
+        Ok(())
+    }
+}
+
+/// The report as a table for a terminal.
+pub fn table(r: &Report) -> String {
+    let mut out = format!("\nscenario: {} ({})\n", r.scenario, r.file);
+    out += &format!(
+        "{:>3}  {:<12} {:<44} {:<20} {:<28} {:>8}  {}\n",
+        "#", "action", "target", "expected", "got", "ms", ""
+    );
+    for s in &r.steps {
+        let mark = if s.passed { "ok" } else { "FAIL" };
+        out += &format!(
+            "{:>3}  {:<12} {:<44} {:<20} {:<28} {:>8}  {}\n",
+            s.step,
+            s.action,
+            truncate(&s.target, 44),
+            truncate(&s.expected, 20),
+            truncate(&s.got, 28),
+            s.millis,
+            mark
+        );
+        if !s.passed && !s.detail.is_empty() {
+            out += &format!("       -> {}\n", s.detail);
+        }
+    }
+    let failed = r.steps.iter().filter(|s| !s.passed).count();
+    out += &format!(
+        "\n{}: {} steps, {} failed\n",
+        if r.passed { "PASSED" } else { "FAILED" },
+        r.steps.len(),
+        failed
+    );
+    out
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_grpc_style() {
+        assert_eq!(
+            code_name(tonic::Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
+    }
+
+    #[test]
+    fn expectations_match_code_or_reason() {
+        let o = Outcome {
+            code: "FAILED_PRECONDITION".into(),
+            reason: "KEY_EXPIRED".into(),
+            detail: String::new(),
+        };
+        assert!(o.matches("KEY_EXPIRED") && o.matches("FAILED_PRECONDITION") && !o.matches("ok"));
+        assert!(Outcome::ok().matches("ok") && !Outcome::ok().matches("UNAVAILABLE"));
+    }
+}

@@ -1,0 +1,428 @@
+//! Scenario files (`scenarios/*.toml`, documented in docs/SCENARIOS.md): the domains and their
+//! AEFs, the invokers and their home domains, the federation, and an ordered list of steps with
+//! the outcome each expects. Parsing refuses unknown fields with file, line and field (toml's
+//! messages); [`Scenario::validate`] refuses steps naming unknown domains, AEFs, invokers or
+//! components before anything starts, pointing at the line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One AEF of a domain.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AefSpec {
+    /// Its id (unique in the federation).
+    pub id: String,
+    /// APIs it serves.
+    pub apis: Vec<String>,
+    /// PSK TLS profile of its endpoint: "tls13" (default) or "tls12".
+    #[serde(default)]
+    pub psk_tls: Option<String>,
+}
+
+/// One operator domain.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSpec {
+    /// The CCF id, e.g. "operator-a.test".
+    pub id: String,
+    /// AEFPSK validity at this CCF, seconds (default 3600).
+    #[serde(default)]
+    pub aef_psk_validity_secs: Option<u64>,
+    /// The domain's AEFs.
+    #[serde(default, rename = "aef")]
+    pub aefs: Vec<AefSpec>,
+}
+
+/// One invoker, or a group of `count` invokers named `<name>-1` .. `<name>-<count>`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokerSpec {
+    /// Name used in steps.
+    pub name: String,
+    /// Home domain.
+    pub home: Spanned<String>,
+    /// Group size (default 1: a single invoker named `name`).
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// `[federation]`: who trusts whom. Default: every domain trusts every other.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSpec {
+    /// Pairs of domains that trust each other. Empty: full mesh.
+    #[serde(default)]
+    pub pairs: Vec<[Spanned<String>; 2]>,
+    /// Find partners by DNS SRV (default) or by static addresses.
+    #[serde(default)]
+    pub discovery: Option<String>,
+}
+
+/// A step's action.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Onboard invoker(s) at their home CCF.
+    Onboard,
+    /// CAPIF-1e: obtain PSK for the AEF(s).
+    Security,
+    /// Authentication Initiation at the AEF(s).
+    Auth,
+    /// TLS-PSK handshake + demo API call.
+    Call,
+    /// security + auth + call.
+    Run,
+    /// The home CCF's operator revokes the invoker's authorization (for `aef`, or all).
+    Revoke,
+    /// The invoker offboards itself.
+    Offboard,
+    /// Stop a component gracefully (SIGTERM).
+    Stop,
+    /// Kill a component (SIGKILL).
+    Kill,
+    /// Start a stopped component.
+    Start,
+    /// Sleep `ms` milliseconds.
+    Wait,
+    /// Restart a domain's CCF with a new AEFPSK validity (`domain`, `secs`).
+    SetValidity,
+    /// Check a gateway's admin counters (`domain`, `counters`).
+    Counters,
+}
+
+/// One step.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// What to do.
+    pub action: Action,
+    /// Invoker (or invoker group) name.
+    #[serde(default)]
+    pub invoker: Option<Spanned<String>>,
+    /// One AEF.
+    #[serde(default)]
+    pub aef: Option<Spanned<String>>,
+    /// Several AEFs (every invoker × every AEF).
+    #[serde(default)]
+    pub aefs: Option<Vec<Spanned<String>>>,
+    /// API to call (default: the AEF's first API).
+    #[serde(default)]
+    pub api: Option<String>,
+    /// Component: "ccf:<domain>", "gateway:<domain>" or "aef:<aef-id>".
+    #[serde(default)]
+    pub component: Option<Spanned<String>>,
+    /// Domain (set_validity, counters).
+    #[serde(default)]
+    pub domain: Option<Spanned<String>>,
+    /// Milliseconds (wait).
+    #[serde(default)]
+    pub ms: Option<u64>,
+    /// Seconds (set_validity).
+    #[serde(default)]
+    pub secs: Option<u64>,
+    /// Minimum values of gateway counters (counters): cache_hits, cache_misses, coalesced,
+    /// negative_hits, revocations_received, partner_requests_served, cache_entries.
+    #[serde(default)]
+    pub counters: Option<BTreeMap<String, u64>>,
+    /// Concurrent operations for group steps (default 16).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Expected outcome: "ok" (default), a gRPC code ("PERMISSION_DENIED", "UNAVAILABLE", ...),
+    /// an error reason ("KEY_EXPIRED", ...), or "HANDSHAKE_REFUSED".
+    #[serde(default)]
+    pub expect: Option<String>,
+    /// Free text shown in the report.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl Step {
+    /// The expectation, normalised.
+    pub fn expected(&self) -> String {
+        self.expect.clone().unwrap_or_else(|| "ok".into())
+    }
+}
+
+/// A whole scenario file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Title.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Domains.
+    #[serde(rename = "domain")]
+    pub domains: Vec<DomainSpec>,
+    /// Invokers.
+    #[serde(default, rename = "invoker")]
+    pub invokers: Vec<InvokerSpec>,
+    /// Trust.
+    #[serde(default)]
+    pub federation: FederationSpec,
+    /// Steps, in order.
+    #[serde(default, rename = "step")]
+    pub steps: Vec<Step>,
+    /// The file's text (for line numbers).
+    #[serde(skip)]
+    pub source: String,
+    /// The file's name.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+impl Scenario {
+    /// Reads, parses and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates scenario text.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let mut s: Scenario = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|sp| format!(":{}", line_of(text, sp.start)))
+                .unwrap_or_default();
+            anyhow!("{origin}{line}: {}", e.message())
+        })?;
+        s.source = text.to_string();
+        s.origin = origin.to_string();
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn at(&self, span: std::ops::Range<usize>) -> String {
+        format!("{}:{}", self.origin, line_of(&self.source, span.start))
+    }
+
+    /// Every AEF id with its domain.
+    pub fn aef_domains(&self) -> BTreeMap<String, String> {
+        self.domains
+            .iter()
+            .flat_map(|d| d.aefs.iter().map(move |a| (a.id.clone(), d.id.clone())))
+            .collect()
+    }
+
+    /// The AEF spec of an id.
+    pub fn aef(&self, id: &str) -> Option<&AefSpec> {
+        self.domains
+            .iter()
+            .flat_map(|d| d.aefs.iter())
+            .find(|a| a.id == id)
+    }
+
+    /// Expands invoker groups: name -> members (name, home).
+    pub fn invoker_members(&self) -> BTreeMap<String, Vec<(String, String)>> {
+        self.invokers
+            .iter()
+            .map(|i| {
+                let members = match i.count {
+                    None | Some(0) | Some(1) if i.count.is_none() => {
+                        vec![(i.name.clone(), i.home.get_ref().clone())]
+                    }
+                    Some(n) => (1..=n)
+                        .map(|k| (format!("{}-{k}", i.name), i.home.get_ref().clone()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                (i.name.clone(), members)
+            })
+            .collect()
+    }
+
+    /// Whether two domains trust each other.
+    pub fn trusts(&self, a: &str, b: &str) -> bool {
+        a != b
+            && (self.federation.pairs.is_empty()
+                || self.federation.pairs.iter().any(|[x, y]| {
+                    (x.get_ref() == a && y.get_ref() == b) || (x.get_ref() == b && y.get_ref() == a)
+                }))
+    }
+
+    /// Refuses references to unknown things, before anything starts.
+    pub fn validate(&self) -> Result<()> {
+        let domains: BTreeSet<&str> = self.domains.iter().map(|d| d.id.as_str()).collect();
+        if domains.len() != self.domains.len() {
+            bail!("{}: a domain id is listed twice", self.origin);
+        }
+        for d in &self.domains {
+            ccf_core::ids::CcfId::new(d.id.clone())
+                .map_err(|e| anyhow!("{}: domain {:?}: {e}", self.origin, d.id))?;
+            for a in &d.aefs {
+                ccf_core::ids::AefId::new(a.id.clone())
+                    .map_err(|e| anyhow!("{}: aef {:?}: {e}", self.origin, a.id))?;
+                if a.apis.is_empty() {
+                    bail!("{}: aef {:?} needs at least one API", self.origin, a.id);
+                }
+            }
+        }
+        let aefs = self.aef_domains();
+        if aefs.len() != self.domains.iter().map(|d| d.aefs.len()).sum::<usize>() {
+            bail!("{}: an AEF id is used twice", self.origin);
+        }
+        for i in &self.invokers {
+            if !domains.contains(i.home.get_ref().as_str()) {
+                bail!(
+                    "{}: invoker {:?}: unknown home domain {:?}",
+                    self.at(i.home.span()),
+                    i.name,
+                    i.home.get_ref()
+                );
+            }
+        }
+        for [x, y] in &self.federation.pairs {
+            for v in [x, y] {
+                if !domains.contains(v.get_ref().as_str()) {
+                    bail!(
+                        "{}: federation: unknown domain {:?}",
+                        self.at(v.span()),
+                        v.get_ref()
+                    );
+                }
+            }
+        }
+        let invokers: BTreeSet<String> = self.invokers.iter().map(|i| i.name.clone()).collect();
+        for (n, step) in self.steps.iter().enumerate() {
+            let what = format!("step {} ({:?})", n + 1, step.action);
+            let need = |field: &str| anyhow!("{}: {what} needs `{field}`", self.origin);
+            if let Some(i) = &step.invoker
+                && !invokers.contains(i.get_ref())
+            {
+                bail!(
+                    "{}: {what}: unknown invoker {:?}",
+                    self.at(i.span()),
+                    i.get_ref()
+                );
+            }
+            for a in step.aef.iter().chain(step.aefs.iter().flatten()) {
+                if !aefs.contains_key(a.get_ref()) {
+                    bail!(
+                        "{}: {what}: unknown AEF {:?}",
+                        self.at(a.span()),
+                        a.get_ref()
+                    );
+                }
+            }
+            if let Some(d) = &step.domain
+                && !domains.contains(d.get_ref().as_str())
+            {
+                bail!(
+                    "{}: {what}: unknown domain {:?}",
+                    self.at(d.span()),
+                    d.get_ref()
+                );
+            }
+            if let Some(c) = &step.component {
+                let ok = match c.get_ref().split_once(':') {
+                    Some(("ccf" | "gateway", d)) => domains.contains(d),
+                    Some(("aef", a)) => aefs.contains_key(a),
+                    _ => false,
+                };
+                if !ok {
+                    bail!(
+                        "{}: {what}: unknown component {:?} (use ccf:<domain>, gateway:<domain> or aef:<aef-id>)",
+                        self.at(c.span()),
+                        c.get_ref()
+                    );
+                }
+            }
+            use Action::*;
+            match step.action {
+                Onboard | Offboard | Revoke => {
+                    step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
+                }
+                Security | Auth | Call | Run => {
+                    step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
+                    if step.aef.is_none() && step.aefs.is_none() {
+                        return Err(need("aef"));
+                    }
+                }
+                Stop | Kill | Start => {
+                    step.component.as_ref().ok_or_else(|| need("component"))?;
+                }
+                Wait => {
+                    step.ms.ok_or_else(|| need("ms"))?;
+                }
+                SetValidity => {
+                    step.domain.as_ref().ok_or_else(|| need("domain"))?;
+                    step.secs.ok_or_else(|| need("secs"))?;
+                }
+                Counters => {
+                    step.domain.as_ref().ok_or_else(|| need("domain"))?;
+                    step.counters.as_ref().ok_or_else(|| need("counters"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+name = "t"
+[[domain]]
+id = "operator-a.test"
+[[domain.aef]]
+id = "aef-a1"
+apis = ["x"]
+[[domain]]
+id = "operator-b.test"
+[[invoker]]
+name = "alice"
+home = "operator-b.test"
+[[step]]
+action = "run"
+invoker = "alice"
+aef = "aef-a1"
+"#;
+
+    #[test]
+    fn a_good_file_parses() {
+        let s = Scenario::parse(OK, "ok.toml").unwrap();
+        assert_eq!(s.steps.len(), 1);
+        assert!(s.trusts("operator-a.test", "operator-b.test"));
+    }
+
+    #[test]
+    fn unknown_aef_in_a_step_names_the_line() {
+        let bad = OK.replace("aef = \"aef-a1\"", "aef = \"aef-zz\"");
+        let e = Scenario::parse(&bad, "bad.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("bad.toml:16:") && e.contains("unknown AEF \"aef-zz\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let bad = OK.replace("action = \"run\"", "action = \"run\"\nspeed = 3");
+        let e = Scenario::parse(&bad, "bad.toml").unwrap_err().to_string();
+        assert!(e.starts_with("bad.toml:15:") && e.contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn unknown_home_domain_is_refused() {
+        let bad = OK.replace("home = \"operator-b.test\"", "home = \"operator-x.test\"");
+        let e = Scenario::parse(&bad, "bad.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("bad.toml:12:") && e.contains("operator-x.test"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,571 @@
+//! The testbed launcher: from a scenario, generate every domain's CA and certificates, write
+//! every component's config, serve the DNS zone, and start each component as its own OS process
+//! (the real `ccf`, `capif-gateway` and `aef-stub` binaries), each logging to the run directory.
+//!
+//! Children get SIGTERM when the launcher dies (PR_SET_PDEATHSIG) and are stopped on every exit
+//! path, so a run leaves nothing behind but its directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::{AefId, CcfId};
+use ccf_core::pki::{DomainCa, write_private_file};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::dns::DnsServer;
+use crate::scenario::Scenario;
+
+/// How long a component may take to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Everything generated for one domain.
+#[derive(Clone, Debug)]
+pub struct DomainPlan {
+    /// The CCF id.
+    pub id: String,
+    /// Its directory in the run directory.
+    pub dir: PathBuf,
+    /// CCF onboarding port.
+    pub onboarding_port: u16,
+    /// CCF CAPIF-1e/3/6 port.
+    pub capif_port: u16,
+    /// Gateway CAPIF-6 port.
+    pub gw6_port: u16,
+    /// Gateway CAPIF-6e port.
+    pub gw6e_port: u16,
+    /// AEFPSK validity, seconds.
+    pub validity_secs: u64,
+    /// Partner domains.
+    pub partners: Vec<String>,
+    /// Onboarding credential per invoker (member) name.
+    pub credentials: BTreeMap<String, String>,
+}
+
+impl DomainPlan {
+    /// The domain CA certificate file.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    /// The operator certificate and key files.
+    pub fn operator(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("operator.pem"), self.dir.join("operator.key"))
+    }
+}
+
+/// Everything generated for one AEF.
+#[derive(Clone, Debug)]
+pub struct AefPlan {
+    /// Its id.
+    pub id: String,
+    /// Its domain.
+    pub domain: String,
+    /// Security service port.
+    pub security_port: u16,
+    /// PSK endpoint port.
+    pub psk_port: u16,
+    /// APIs.
+    pub apis: Vec<String>,
+    /// PSK TLS profile.
+    pub psk_tls: String,
+}
+
+/// A component process.
+struct Proc {
+    child: Child,
+    pid: u32,
+}
+
+/// A running testbed.
+pub struct Testbed {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Where the binaries are.
+    pub bin_dir: PathBuf,
+    /// Domains.
+    pub domains: BTreeMap<String, DomainPlan>,
+    /// AEFs.
+    pub aefs: BTreeMap<String, AefPlan>,
+    /// DNS server (None with static discovery).
+    pub dns: Option<DnsServer>,
+    procs: BTreeMap<String, Proc>,
+    quiet: bool,
+}
+
+/// The directory holding `ccf`, `capif-gateway` and `aef-stub`: `$CAPIF_BIN_DIR`, else the
+/// directory of the running `capif` binary.
+pub fn default_bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("CAPIF_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    Ok(exe
+        .parent()
+        .ok_or_else(|| anyhow!("no parent of {}", exe.display()))?
+        .to_path_buf())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| path.display().to_string())
+}
+
+impl Testbed {
+    /// Generates everything and starts every component; stops what it started on failure.
+    pub async fn up(s: &Scenario, run_dir: &Path, bin_dir: &Path, quiet: bool) -> Result<Self> {
+        for b in ["ccf", "capif-gateway", "aef-stub"] {
+            if !bin_dir.join(b).exists() {
+                bail!(
+                    "{} not found in {}: build the workspace binaries first (cargo build --release --bins)",
+                    b,
+                    bin_dir.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(run_dir)?;
+        let members = s.invoker_members();
+        let mut domains = BTreeMap::new();
+        for d in &s.domains {
+            let dir = run_dir.join(&d.id);
+            std::fs::create_dir_all(dir.join("ccf"))?;
+            let credentials = members
+                .values()
+                .flatten()
+                .filter(|(_, home)| *home == d.id)
+                .map(|(name, _)| (name.clone(), hex::encode(rand::random::<[u8; 16]>())))
+                .collect();
+            domains.insert(
+                d.id.clone(),
+                DomainPlan {
+                    id: d.id.clone(),
+                    dir,
+                    onboarding_port: free_port()?,
+                    capif_port: free_port()?,
+                    gw6_port: free_port()?,
+                    gw6e_port: free_port()?,
+                    validity_secs: d.aef_psk_validity_secs.unwrap_or(3600),
+                    partners: s
+                        .domains
+                        .iter()
+                        .filter(|o| s.trusts(&d.id, &o.id))
+                        .map(|o| o.id.clone())
+                        .collect(),
+                    credentials,
+                },
+            );
+        }
+        let mut aefs = BTreeMap::new();
+        for d in &s.domains {
+            for a in &d.aefs {
+                aefs.insert(
+                    a.id.clone(),
+                    AefPlan {
+                        id: a.id.clone(),
+                        domain: d.id.clone(),
+                        security_port: free_port()?,
+                        psk_port: free_port()?,
+                        apis: a.apis.clone(),
+                        psk_tls: a.psk_tls.clone().unwrap_or_else(|| "tls13".into()),
+                    },
+                );
+            }
+        }
+        let use_dns = s.federation.discovery.as_deref() != Some("static");
+        let dns = if use_dns {
+            let zones: Vec<(String, u16)> = domains
+                .values()
+                .map(|d| (d.id.clone(), d.gw6e_port))
+                .collect();
+            Some(DnsServer::start(&zones).await?)
+        } else {
+            None
+        };
+        let mut tb = Testbed {
+            run_dir: run_dir.to_path_buf(),
+            bin_dir: bin_dir.to_path_buf(),
+            domains,
+            aefs,
+            dns,
+            procs: BTreeMap::new(),
+            quiet,
+        };
+        tb.generate()?;
+        if let Err(e) = tb.start_all().await {
+            tb.down().await;
+            return Err(e);
+        }
+        Ok(tb)
+    }
+
+    fn generate(&self) -> Result<()> {
+        for d in self.domains.values() {
+            let id = CcfId::new(d.id.clone())?;
+            let ca = DomainCa::load_or_generate(&id, &d.dir.join("ccf"), None, None)?;
+            write(&d.ca_pem(), ca.cert_pem())?;
+            let issue = |role: Role, hosts: &[&str], stem: &str| -> Result<()> {
+                let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+                let c = ca.issue_with_new_key(&PeerIdentity::new(id.clone(), role), &hosts, 30)?;
+                write(&d.dir.join(format!("{stem}.pem")), &c.cert_pem)?;
+                write_private_file(&d.dir.join(format!("{stem}.key")), c.key_pem.as_bytes())?;
+                Ok(())
+            };
+            issue(Role::Operator, &[], "operator")?;
+            issue(
+                Role::Gateway,
+                &["localhost", "127.0.0.1", &format!("gw.{}", d.id)],
+                "gateway",
+            )?;
+            for a in self.aefs.values().filter(|a| a.domain == d.id) {
+                issue(
+                    Role::Aef(AefId::new(a.id.clone())?),
+                    &["localhost", "127.0.0.1"],
+                    &a.id,
+                )?;
+                write(
+                    &d.dir.join(format!("{}.toml", a.id)),
+                    &self.aef_config(d, a),
+                )?;
+            }
+            self.write_ccf_config(d)?;
+            if !d.partners.is_empty() {
+                write(&d.dir.join("gateway.toml"), &self.gateway_config(d))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_ccf_config(&self, d: &DomainPlan) -> Result<()> {
+        let mut t = format!(
+            "ccf_id = \"{id}\"\nstate_dir = \"{state}\"\n\n[listen]\nonboarding = \"127.0.0.1:{on}\"\ncapif = \"127.0.0.1:{cap}\"\n\n\
+             [security]\naef_psk_validity_secs = {v}\n\n[onboarding]\ncredentials = [{creds}]\n",
+            id = d.id,
+            state = d.dir.join("ccf").display(),
+            on = d.onboarding_port,
+            cap = d.capif_port,
+            v = d.validity_secs,
+            creds = d
+                .credentials
+                .values()
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        if !d.partners.is_empty() {
+            t += &format!("\n[gateway]\naddress = \"127.0.0.1:{}\"\n", d.gw6_port);
+        }
+        // Every AEF this domain's invokers may use: its own, and those of its partners.
+        for a in self
+            .aefs
+            .values()
+            .filter(|a| a.domain == d.id || d.partners.contains(&a.domain))
+        {
+            t += &format!(
+                "\n[[aef]]\naef_id = \"{id}\"\nccf_id = \"{dom}\"\ninterface = {{ fqdn = \"{id}.{dom}\", port = {port}, api_prefix = \"/{id}\" }}\n\
+                 security_methods = [\"PSK\"]\napis = [{apis}]\n",
+                id = a.id,
+                dom = a.domain,
+                port = a.psk_port,
+                apis = a
+                    .apis
+                    .iter()
+                    .map(|x| format!("\"{x}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            if a.domain == d.id {
+                t += &format!("security_endpoint = \"127.0.0.1:{}\"\n", a.security_port);
+            }
+        }
+        write(&d.dir.join("ccf.toml"), &t)
+    }
+
+    fn gateway_config(&self, d: &DomainPlan) -> String {
+        let dir = d.dir.display();
+        let mut t = format!(
+            "ccf_id = \"{id}\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
+             [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/gateway.pem\"\nkey = \"{dir}/gateway.key\"\n\n\
+             [ccf]\naddress = \"127.0.0.1:{cap}\"\n",
+            id = d.id,
+            g6 = d.gw6_port,
+            g6e = d.gw6e_port,
+            cap = d.capif_port,
+        );
+        if let Some(dns) = &self.dns {
+            t += &format!("\n[dns]\nnameserver = \"{}\"\n", dns.addr);
+        }
+        for p in &d.partners {
+            let pd = &self.domains[p];
+            t += &format!(
+                "\n[[partner]]\nccf_id = \"{p}\"\nca_cert = \"{}\"\n",
+                pd.ca_pem().display()
+            );
+            if self.dns.is_none() {
+                t += &format!("address = \"127.0.0.1:{}\"\n", pd.gw6e_port);
+            }
+        }
+        t
+    }
+
+    fn aef_config(&self, d: &DomainPlan, a: &AefPlan) -> String {
+        let dir = d.dir.display();
+        format!(
+            "aef_id = \"{id}\"\nccf_id = \"{dom}\"\napis = [{apis}]\npsk_tls = \"{tls}\"\n\n\
+             [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/{id}.pem\"\nkey = \"{dir}/{id}.key\"\n\n\
+             [ccf]\naddress = \"127.0.0.1:{cap}\"\n\n[listen]\nsecurity = \"127.0.0.1:{sec}\"\npsk = \"127.0.0.1:{psk}\"\n",
+            id = a.id,
+            dom = d.id,
+            apis = a
+                .apis
+                .iter()
+                .map(|x| format!("\"{x}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            tls = a.psk_tls,
+            cap = d.capif_port,
+            sec = a.security_port,
+            psk = a.psk_port,
+        )
+    }
+
+    /// Every component name, in start order.
+    pub fn components(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.domains.keys().map(|d| format!("ccf:{d}")).collect();
+        v.extend(
+            self.domains
+                .values()
+                .filter(|d| !d.partners.is_empty())
+                .map(|d| format!("gateway:{}", d.id)),
+        );
+        v.extend(self.aefs.keys().map(|a| format!("aef:{a}")));
+        v
+    }
+
+    async fn start_all(&mut self) -> Result<()> {
+        let all = self.components();
+        for (i, c) in all.iter().enumerate() {
+            if !self.quiet {
+                eprint!("\rstarting {}/{}: {c:<40}", i + 1, all.len());
+            }
+            self.start(c).await?;
+        }
+        if !self.quiet {
+            eprintln!("\rtestbed up: {} components{:40}", all.len(), "");
+        }
+        Ok(())
+    }
+
+    fn command(&self, component: &str) -> Result<(PathBuf, Vec<String>)> {
+        let (kind, name) = component
+            .split_once(':')
+            .ok_or_else(|| anyhow!("bad component {component:?}"))?;
+        Ok(match kind {
+            "ccf" => {
+                let d = self
+                    .domains
+                    .get(name)
+                    .ok_or_else(|| anyhow!("unknown domain {name}"))?;
+                (
+                    self.bin_dir.join("ccf"),
+                    vec![
+                        "serve".into(),
+                        "--config".into(),
+                        d.dir.join("ccf.toml").display().to_string(),
+                    ],
+                )
+            }
+            "gateway" => {
+                let d = self
+                    .domains
+                    .get(name)
+                    .ok_or_else(|| anyhow!("unknown domain {name}"))?;
+                (
+                    self.bin_dir.join("capif-gateway"),
+                    vec![
+                        "--config".into(),
+                        d.dir.join("gateway.toml").display().to_string(),
+                    ],
+                )
+            }
+            "aef" => {
+                let a = self
+                    .aefs
+                    .get(name)
+                    .ok_or_else(|| anyhow!("unknown AEF {name}"))?;
+                let d = &self.domains[&a.domain];
+                (
+                    self.bin_dir.join("aef-stub"),
+                    vec![
+                        "--config".into(),
+                        d.dir.join(format!("{name}.toml")).display().to_string(),
+                    ],
+                )
+            }
+            _ => bail!("bad component {component:?}"),
+        })
+    }
+
+    /// Starts one component and waits for its ready line.
+    pub async fn start(&mut self, component: &str) -> Result<()> {
+        if self.procs.contains_key(component) {
+            bail!("{component} is already running");
+        }
+        let (bin, args) = self.command(component)?;
+        let logs = self.run_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log_path = logs.join(format!("{}.log", component.replace(':', "-")));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .env("RUST_BACKTRACE", "0")
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
+        // the launcher dies, so a killed launcher leaves no component running.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
+        match ready {
+            Ok(Ok(Some(line))) if line.contains(" ready ") => {
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                self.procs
+                    .insert(component.to_string(), Proc { child, pid });
+                Ok(())
+            }
+            other => {
+                let _ = child.kill().await;
+                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "{component} did not become ready ({}); last log lines:\n{}",
+                    match other {
+                        Err(_) => "timed out".to_string(),
+                        Ok(Ok(None)) => "it exited".to_string(),
+                        Ok(Ok(Some(l))) => format!("unexpected output {l:?}"),
+                        Ok(Err(e)) => e.to_string(),
+                    },
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            }
+        }
+    }
+
+    /// Stops one component: SIGTERM and up to 5 s grace, or SIGKILL at once when `kill`.
+    pub async fn stop(&mut self, component: &str, kill: bool) -> Result<()> {
+        let mut p = self
+            .procs
+            .remove(component)
+            .ok_or_else(|| anyhow!("{component} is not running"))?;
+        if !kill {
+            // SAFETY: sending a signal to our own child's pid.
+            unsafe {
+                libc::kill(p.pid as libc::pid_t, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        p.child.kill().await?;
+        let _ = p.child.wait().await;
+        Ok(())
+    }
+
+    /// Rewrites a CCF's config with a new AEFPSK validity (takes effect at its next start).
+    pub fn set_validity(&mut self, domain: &str, secs: u64) -> Result<()> {
+        let d = self
+            .domains
+            .get_mut(domain)
+            .ok_or_else(|| anyhow!("unknown domain {domain}"))?;
+        d.validity_secs = secs;
+        let d = d.clone();
+        self.write_ccf_config(&d)
+    }
+
+    /// Pids of the running components.
+    pub fn pids(&self) -> BTreeMap<String, u32> {
+        self.procs.iter().map(|(k, p)| (k.clone(), p.pid)).collect()
+    }
+
+    /// Stops everything (reverse start order).
+    pub async fn down(&mut self) {
+        let mut names: Vec<String> = self.procs.keys().cloned().collect();
+        names.reverse();
+        for n in names {
+            let _ = self.stop(&n, false).await;
+        }
+    }
+
+    /// Addresses and ready-to-paste grpcurl commands, per domain.
+    pub fn describe(&self, grpcurl: &str) -> String {
+        let mut out = String::new();
+        for d in self.domains.values() {
+            let (cert, key) = d.operator();
+            let tls = format!(
+                "-cacert {} -cert {} -key {}",
+                d.ca_pem().display(),
+                cert.display(),
+                key.display()
+            );
+            out += &format!("\n== {} ==\n", d.id);
+            out += &format!(
+                "  ccf       onboarding 127.0.0.1:{}  capif 127.0.0.1:{}\n",
+                d.onboarding_port, d.capif_port
+            );
+            if !d.partners.is_empty() {
+                out += &format!(
+                    "  gateway   capif6 127.0.0.1:{}  capif6e 127.0.0.1:{}  partners {}\n",
+                    d.gw6_port,
+                    d.gw6e_port,
+                    d.partners.join(", ")
+                );
+            }
+            for a in self.aefs.values().filter(|a| a.domain == d.id) {
+                out += &format!(
+                    "  {:<9} security 127.0.0.1:{}  psk 127.0.0.1:{}  apis {}\n",
+                    a.id,
+                    a.security_port,
+                    a.psk_port,
+                    a.apis.join(", ")
+                );
+            }
+            out += &format!("  {grpcurl} {tls} 127.0.0.1:{} list\n", d.capif_port);
+            out += &format!(
+                "  {grpcurl} {tls} 127.0.0.1:{} describe capif.v1.Security\n",
+                d.capif_port
+            );
+            if !d.partners.is_empty() {
+                out += &format!(
+                    "  {grpcurl} {tls} 127.0.0.1:{} capif.v1.GatewayAdmin/GetStatus\n",
+                    d.gw6_port
+                );
+            }
+        }
+        out
+    }
+}
