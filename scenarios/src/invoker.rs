@@ -288,9 +288,11 @@ pub async fn security(profile: &Profile, aef: &str, api: Option<&str>) -> Result
 }
 
 /// Authentication Initiation at the AEF (server-authenticated TLS with the AEF domain's CA).
+/// `key` is the key the invoker holds for that AEF, if any (its key id lets the AEF detect a
+/// stale key).
 pub async fn auth(
     profile: &Profile,
-    key: &ObtainedKey,
+    key: Option<&ObtainedKey>,
     aef_addr: &str,
     aef_ca_pem: &str,
     aef_server_name: &str,
@@ -308,7 +310,7 @@ pub async fn auth(
             supported_features: String::new(),
             home_ccf_id: profile.file.ccf_id.clone(),
             security_method: pb::SecurityMethod::Psk as i32,
-            key_id: key.key_id.clone(),
+            key_id: key.map(|k| k.key_id.clone()).unwrap_or_default(),
         })
         .await
         .map(|r| r.into_inner())

@@ -386,7 +386,8 @@ async fn run(cli: Cli) -> Result<()> {
             let p = Profile::load(&profile.profile)?;
             let k = p.key(&aef)?;
             let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let r = invoker::auth(&p, &k, &target.aef_addr, &ca, &target.aef_server_name).await?;
+            let r =
+                invoker::auth(&p, Some(&k), &target.aef_addr, &ca, &target.aef_server_name).await?;
             println!(
                 "authenticated: tls_endpoint={} psk_identity={} remaining_validity_ms={}",
                 r.tls_endpoint, r.psk_identity, r.remaining_validity_ms
@@ -420,7 +421,8 @@ async fn run(cli: Cli) -> Result<()> {
             let p = Profile::load(&profile.profile)?;
             let k = invoker::security(&p, &aef, None).await?;
             let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let a = invoker::auth(&p, &k, &target.aef_addr, &ca, &target.aef_server_name).await?;
+            let a =
+                invoker::auth(&p, Some(&k), &target.aef_addr, &ca, &target.aef_server_name).await?;
             let r = invoker::call(&p, &k, &a.tls_endpoint, &api, tls).await?;
             println!(
                 "{} answered {} for {} (key {}): {}",

@@ -64,7 +64,7 @@ pub struct FederationSpec {
 }
 
 /// A step's action.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Onboard invoker(s) at their home CCF.
@@ -139,6 +139,16 @@ pub struct Step {
     /// Free text shown in the report.
     #[serde(default)]
     pub note: Option<String>,
+}
+
+impl Action {
+    /// The name used in scenario files.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
 }
 
 impl Step {

@@ -262,12 +262,10 @@ impl Testbed {
         if !d.partners.is_empty() {
             t += &format!("\n[gateway]\naddress = \"127.0.0.1:{}\"\n", d.gw6_port);
         }
-        // Every AEF this domain's invokers may use: its own, and those of its partners.
-        for a in self
-            .aefs
-            .values()
-            .filter(|a| a.domain == d.id || d.partners.contains(&a.domain))
-        {
+        // Every AEF of the scenario is published to every CCF (interconnection publishing is
+        // wider than trust): an invoker may negotiate a key for an AEF whose domain its home
+        // does not federate with; that AEF's gateway then refuses the unknown partner.
+        for a in self.aefs.values() {
             t += &format!(
                 "\n[[aef]]\naef_id = \"{id}\"\nccf_id = \"{dom}\"\ninterface = {{ fqdn = \"{id}.{dom}\", port = {port}, api_prefix = \"/{id}\" }}\n\
                  security_methods = [\"PSK\"]\napis = [{apis}]\n",

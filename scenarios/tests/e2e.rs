@@ -86,7 +86,7 @@ async fn flow(
 ) -> anyhow::Result<capif_proto::v1::InvokeResponse> {
     let k = invoker::security(p, aef, None).await?;
     let (addr, ca) = aef_addr(t, aef);
-    let a = invoker::auth(p, &k, &addr, &ca, "localhost").await?;
+    let a = invoker::auth(p, Some(&k), &addr, &ca, "localhost").await?;
     invoker::call(p, &k, &a.tls_endpoint, api, TlsProfile::Tls13).await
 }
 
@@ -147,7 +147,7 @@ async fn cross_domain_flow_succeeds_through_the_gateways() {
     // 1.2-only client is refused: the profile is enforced).
     let k = p.key("aef-a1").unwrap();
     let (addr, ca) = aef_addr(&t, "aef-a1");
-    let a = invoker::auth(&p, &k, &addr, &ca, "localhost")
+    let a = invoker::auth(&p, Some(&k), &addr, &ca, "localhost")
         .await
         .unwrap();
     assert!(
@@ -172,7 +172,7 @@ async fn refusals_each_have_their_reason() {
     // Wrong key: right identity, a different key.
     let p = profile(&t, A, "c0").await;
     let k = invoker::security(&p, "aef-a1", None).await.unwrap();
-    let a = invoker::auth(&p, &k, &addr, &ca, "localhost")
+    let a = invoker::auth(&p, Some(&k), &addr, &ca, "localhost")
         .await
         .unwrap();
     let mut bad = invoker::ObtainedKey {
@@ -204,7 +204,7 @@ async fn refusals_each_have_their_reason() {
     let kr = invoker::security(&r, "aef-a1", Some("api-aef-a1"))
         .await
         .unwrap();
-    let ar = invoker::auth(&r, &kr, &addr, &ca, "localhost")
+    let ar = invoker::auth(&r, Some(&kr), &addr, &ca, "localhost")
         .await
         .unwrap();
     invoker::call(&r, &kr, &ar.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
@@ -221,7 +221,7 @@ async fn refusals_each_have_their_reason() {
     // Revoked invoker: the CCF revokes (operator), the AEF drops the key and refuses it.
     let v = profile(&t, A, "c3").await;
     let kv = invoker::security(&v, "aef-a1", None).await.unwrap();
-    let av = invoker::auth(&v, &kv, &addr, &ca, "localhost")
+    let av = invoker::auth(&v, Some(&kv), &addr, &ca, "localhost")
         .await
         .unwrap();
     invoker::call(&v, &kv, &av.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
@@ -255,7 +255,7 @@ async fn refusals_each_have_their_reason() {
     // Expired key: validity 3 s; the AEF's own timer runs out.
     let x = profile(&t, A, "c4").await;
     let kx = invoker::security(&x, "aef-a1", None).await.unwrap();
-    let ax = invoker::auth(&x, &kx, &addr, &ca, "localhost")
+    let ax = invoker::auth(&x, Some(&kx), &addr, &ca, "localhost")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(ax.remaining_validity_ms + 100)).await;

@@ -1,0 +1,103 @@
+//! Real OpenSSL TLS-PSK handshakes between the AEF's server side and the invoker's client side:
+//! TLS 1.3 (psk_dhe_ke) and TLS 1.2 (ECDHE-PSK) succeed with the right key; a wrong key, a stale
+//! key id and an unknown identity are refused.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aef_stub::identity::PskIdentity;
+use aef_stub::keys::{HeldKey, KeyStore};
+use aef_stub::psk::{TlsProfile, connect, psk_incoming, server_context};
+use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::kdf::AefPsk;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+
+fn identity(key_id: &str) -> PskIdentity {
+    PskIdentity {
+        home_ccf_id: CcfId::new("operator-b.test").unwrap(),
+        api_invoker_id: ApiInvokerId::new("inv-1").unwrap(),
+        key_id: key_id.into(),
+    }
+}
+
+async fn server(profile: TlsProfile, key: &AefPsk) -> String {
+    let store = Arc::new(KeyStore::default());
+    store.put(
+        ApiInvokerId::new("inv-1").unwrap(),
+        HeldKey {
+            psk: key.clone(),
+            key_id: key.key_id(),
+            home_ccf_id: "operator-b.test".into(),
+            expires_at: Instant::now() + Duration::from_secs(60),
+            allowed_apis: vec![],
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut incoming = psk_incoming(
+        listener,
+        server_context(store, profile).unwrap(),
+        Arc::new(KeyStore::default()),
+    );
+    tokio::spawn(async move {
+        // Echo one message per accepted connection.
+        while let Some(Ok(mut conn)) = incoming.next().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 5];
+                if conn.read_exact(&mut buf).await.is_ok() {
+                    let _ = conn.write_all(&buf).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn roundtrip(addr: &str, id: &PskIdentity, key: &AefPsk, p: TlsProfile) -> bool {
+    match connect(addr, id, key, p).await {
+        Ok(mut s) => {
+            let _ = s.write_all(b"hello").await;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.is_ok() && &buf == b"hello"
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn right_key_works_and_everything_else_is_refused() {
+    let key = AefPsk::from_slice(&[7u8; 32]).unwrap();
+    let wrong = AefPsk::from_slice(&[8u8; 32]).unwrap();
+    for p in [TlsProfile::Tls13, TlsProfile::Tls12] {
+        let addr = server(p, &key).await;
+        assert!(
+            roundtrip(&addr, &identity(&key.key_id()), &key, p).await,
+            "{p:?}: right key"
+        );
+        assert!(
+            !roundtrip(&addr, &identity(&key.key_id()), &wrong, p).await,
+            "{p:?}: wrong key accepted"
+        );
+        assert!(
+            !roundtrip(&addr, &identity(&wrong.key_id()), &wrong, p).await,
+            "{p:?}: stale key id accepted"
+        );
+        let mut stranger = identity(&key.key_id());
+        stranger.api_invoker_id = ApiInvokerId::new("inv-2").unwrap();
+        assert!(
+            !roundtrip(&addr, &stranger, &key, p).await,
+            "{p:?}: unknown identity accepted"
+        );
+    }
+}
+
+#[test]
+fn the_binary_explains_itself() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aef-stub"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("TLS-PSK"));
+}
