@@ -140,6 +140,13 @@ pub fn budget<T>(
         .min(max)
 }
 
+/// What a hop passes on of its budget: a small reserve stays behind so that a failure further
+/// down comes back with its reason before this hop's own caller gives up.
+pub fn inner_budget(budget: std::time::Duration) -> std::time::Duration {
+    let reserve = (budget / 10).min(std::time::Duration::from_millis(200));
+    budget.saturating_sub(reserve)
+}
+
 /// Parses a `grpc-timeout` header value ("100m", "5S", ...).
 pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
     use std::time::Duration;

@@ -108,6 +108,7 @@ impl CcfState {
     /// every partner that fetched the invoker's keys, and to the affected AEFs of this domain.
     /// Runs in the background: the RPC that caused it has committed and must not wait.
     pub fn publish_revocation(&self, notice: RevocationNotice, affected: &[crate::ids::AefId]) {
+        let affected = Some(affected);
         tracing::info!(
             api_invoker_id = %notice.api_invoker_id,
             aefs = ?notice.aef_ids,
@@ -128,15 +129,19 @@ impl CcfState {
         }
     }
 
-    /// Tells this domain's AEFs among `affected` (all of them when empty) to drop the invoker's
+    /// Tells this domain's AEFs among `affected` (all of them when `None`) to drop the invoker's
     /// key and close its connections. A replaced key is not pushed: the AEF notices the new key
     /// id at the invoker's next Authentication Initiation.
-    pub fn revoke_at_aefs(&self, notice: &RevocationNotice, affected: &[crate::ids::AefId]) {
+    pub fn revoke_at_aefs(
+        &self,
+        notice: &RevocationNotice,
+        affected: Option<&[crate::ids::AefId]>,
+    ) {
         if notice.kind() == RevocationKind::KeyReplacedByNewer {
             return;
         }
         for (aef, client) in &self.aefs {
-            if !affected.is_empty() && !affected.contains(aef) {
+            if affected.is_some_and(|a| !a.contains(aef)) {
                 continue;
             }
             let mut client = client.clone();

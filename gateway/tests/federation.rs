@@ -173,7 +173,7 @@ async fn a_newer_key_id_refreshes_the_cache() {
         old_id
     );
     // Re-authenticate over a new TLS session: new AEFPSK.
-    let mut again = onboard_session(t.d(B), &inv).await;
+    let mut again = inv.new_session(t.d(B)).await;
     let (psk2, new_id) = again.obtain_psk("aef-a1").await;
     assert_ne!(old_id, new_id);
     let got = ask(&mut aef_a, "aef-a1", &inv.id, B, &new_id, T)
@@ -181,22 +181,6 @@ async fn a_newer_key_id_refreshes_the_cache() {
         .unwrap();
     assert_eq!(got.key_id, new_id);
     assert_eq!(got.aef_psk, psk2);
-}
-
-async fn onboard_session(d: &Domain, inv: &Invoker) -> Invoker {
-    let cfg =
-        ccf_core::tls::client_config(&d.ca_pem(), Some((&inv.cert_pem, &inv.key_pem))).unwrap();
-    let (ch, slot) = ccf_core::tls::connect(&d.ccf().capif_addr.to_string(), "localhost", cfg, T)
-        .await
-        .unwrap();
-    Invoker {
-        id: inv.id.clone(),
-        home: inv.home.clone(),
-        cert_pem: inv.cert_pem.clone(),
-        key_pem: inv.key_pem.clone(),
-        security: pb::security_client::SecurityClient::new(ch),
-        slot,
-    }
 }
 
 /// Acceptance 4: C asks B for a key bound to an AEF of A: PERMISSION_DENIED, nothing cached for C.

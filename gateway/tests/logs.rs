@@ -49,7 +49,9 @@ async fn no_key_bytes_in_any_log_line() {
     .await
     .unwrap();
     assert_eq!(got.aef_psk, psk);
-    let (_, key_id2) = inv.obtain_psk("aef-a1").await; // re-key: revocation notice with key ids
+    // Re-key on a new TLS session: a KEY_REPLACED notice travels B -> A with key ids.
+    let (psk2, key_id2) = inv.new_session(b).await.obtain_psk("aef-a1").await;
+    assert_ne!(psk2, psk);
     ask(
         &mut aef_a,
         "aef-a1",

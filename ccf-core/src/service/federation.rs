@@ -114,7 +114,9 @@ impl Federation for FederationService {
             .iter()
             .filter_map(|a| crate::ids::AefId::new(a.clone()).ok())
             .collect();
-        self.state.revoke_at_aefs(&n, &affected);
+        // An empty list in a notice means every AEF.
+        self.state
+            .revoke_at_aefs(&n, (!n.aef_ids.is_empty()).then_some(affected.as_slice()));
         tracing::info!(
             partner = %n.home_ccf_id,
             api_invoker_id = %n.api_invoker_id,

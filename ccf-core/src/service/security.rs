@@ -332,7 +332,7 @@ impl Security for SecurityService {
                 aef_id: own_aef.to_string(),
                 presented_key_id: req.presented_key_id.clone(),
             });
-            r.set_timeout(budget);
+            r.set_timeout(crate::grpc::inner_budget(budget));
             let answer = gw
                 .clone()
                 .fetch_security_information(r)

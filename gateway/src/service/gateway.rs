@@ -9,7 +9,7 @@ use capif_proto::v1::{
     ErrorReason, InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
     SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, gateway_server::Gateway,
 };
-use ccf_core::grpc::{budget, caller, error_status};
+use ccf_core::grpc::{budget, caller, error_status, inner_budget};
 use ccf_core::identity::Role;
 use ccf_core::ids::ApiInvokerId;
 use tonic::{Code, Request, Response, Status};
@@ -48,8 +48,12 @@ impl Gateway for GatewayService {
             Role::Ccf,
             "ask the gateway for foreign invokers",
         )?;
-        let deadline =
-            Instant::now() + budget(&request, self.state.default_budget, self.state.max_budget);
+        let deadline = Instant::now()
+            + inner_budget(budget(
+                &request,
+                self.state.default_budget,
+                self.state.max_budget,
+            ));
         let q = request.into_inner();
         let (invoker, home, aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
         if home == self.state.ccf_id {

@@ -12,7 +12,7 @@ use capif_proto::v1::{
     RevocationNotice, SecurityInformationQuery, TokenKeySet, TokenKeySetRequest,
     interconnect_server::Interconnect,
 };
-use ccf_core::grpc::{budget, conn_info, error_reason, error_status};
+use ccf_core::grpc::{budget, conn_info, error_reason, error_status, inner_budget};
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use tonic::{Code, Request, Response, Status};
 
@@ -61,8 +61,12 @@ impl Interconnect for InterconnectService {
         request: Request<SecurityInformationQuery>,
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
         let partner = self.partner(&request)?;
-        let deadline =
-            Instant::now() + budget(&request, self.state.default_budget, self.state.max_budget);
+        let deadline = Instant::now()
+            + inner_budget(budget(
+                &request,
+                self.state.default_budget,
+                self.state.max_budget,
+            ));
         let q = request.into_inner();
         let (invoker, home, _aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
         if home != self.state.ccf_id {

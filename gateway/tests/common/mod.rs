@@ -375,6 +375,27 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
 }
 
 impl Invoker {
+    /// The same invoker on a new CAPIF-1e TLS session (re-authentication: a new AEFPSK).
+    pub async fn new_session(&self, d: &Domain) -> Invoker {
+        let cfg = client_config(&d.ca_pem(), Some((&self.cert_pem, &self.key_pem))).unwrap();
+        let (ch, slot) = connect(
+            &d.ccf().capif_addr.to_string(),
+            "localhost",
+            cfg,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        Invoker {
+            id: self.id.clone(),
+            home: self.home.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            security: SecurityClient::new(ch),
+            slot,
+        }
+    }
+
     /// Obtains PSK for `aef` over CAPIF-1e; returns the AEFPSK the invoker derived (hex) and its key id.
     pub async fn obtain_psk(&mut self, aef: &str) -> (Vec<u8>, String) {
         let rsp = self
