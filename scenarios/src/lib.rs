@@ -5,9 +5,11 @@
 //! - [`testbed`] — the launcher: PKI, configs, DNS, component processes.
 //! - [`dns`] — the testbed's DNS server (hickory-server on loopback).
 //! - [`runner`] — runs a scenario's steps, prints the table, writes the JSON report.
+//! - [`bench`] — `capif bench`: the gateway against a bare floor, as ratios.
 //!
 //! The `capif` binary is a CLI over this library.
 
+pub mod bench;
 pub mod dns;
 pub mod invoker;
 pub mod runner;

@@ -31,6 +31,35 @@ enum Command {
     /// Act as an API invoker.
     #[command(subcommand)]
     Invoker(InvokerCommand),
+    /// Measure the gateway against a bare tonic floor in the same run (docs/BENCHMARKS.md).
+    Bench {
+        /// A short run that only shows the benchmark works (CI).
+        #[arg(long)]
+        smoke: bool,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Run directory. Default: run/bench-<time>.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Where the ccf, capif-gateway and aef-stub binaries are. Default: beside this binary.
+        #[arg(long, env = "CAPIF_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// One bare hop of the benchmark floor (used by `capif bench`).
+    #[command(hide = true)]
+    BenchFloor {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        next: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -343,6 +372,45 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Testbed(TestbedCommand::Up(args)) => return testbed_up(args).await,
         Command::Testbed(TestbedCommand::Down { run_dir }) => return testbed_down(&run_dir),
         Command::Invoker(cmd) => cmd,
+        Command::Bench {
+            smoke,
+            out,
+            run_dir,
+            bin_dir,
+        } => {
+            let opts = if smoke {
+                capif_scenarios::bench::BenchOpts::smoke()
+            } else {
+                capif_scenarios::bench::BenchOpts::full()
+            };
+            let dir = run_dir.unwrap_or_else(|| {
+                PathBuf::from("run").join(format!("bench-{}", ccf_core::server::now_ms()))
+            });
+            let bin = match bin_dir {
+                Some(b) => b,
+                None => capif_scenarios::testbed::default_bin_dir()?,
+            };
+            let me = std::env::current_exe()?;
+            let report = tokio::select! {
+                r = capif_scenarios::bench::run(&opts, &dir, &bin, &me) => r?,
+                sig = interrupted() => anyhow::bail!("{sig}: benchmark stopped"),
+            };
+            if let Some(out) = out {
+                std::fs::write(&out, &report)?;
+                println!("report written to {}", out.display());
+            }
+            return Ok(());
+        }
+        Command::BenchFloor {
+            ca,
+            cert,
+            key,
+            listen,
+            next,
+        } => {
+            return capif_scenarios::bench::serve_floor(&ca, &cert, &key, &listen, next.as_deref())
+                .await;
+        }
     };
     match cmd {
         InvokerCommand::Onboard {

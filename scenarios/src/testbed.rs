@@ -417,58 +417,17 @@ impl Testbed {
             bail!("{component} is already running");
         }
         let (bin, args) = self.command(component)?;
-        let logs = self.run_dir.join("logs");
-        std::fs::create_dir_all(&logs)?;
-        let log_path = logs.join(format!("{}.log", component.replace(':', "-")));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let mut cmd = Command::new(&bin);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .env("RUST_BACKTRACE", "0")
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
-        // the launcher dies, so a killed launcher leaves no component running.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let log = self
+            .run_dir
+            .join("logs")
+            .join(format!("{}.log", component.replace(':', "-")));
+        let (child, _) = spawn_ready(&bin, &args, &log)
+            .await
+            .with_context(|| component.to_string())?;
         let pid = child.id().unwrap_or(0);
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
-        match ready {
-            Ok(Ok(Some(line))) if line.contains(" ready ") => {
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                self.procs
-                    .insert(component.to_string(), Proc { child, pid });
-                Ok(())
-            }
-            other => {
-                let _ = child.kill().await;
-                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                bail!(
-                    "{component} did not become ready ({}); last log lines:\n{}",
-                    match other {
-                        Err(_) => "timed out".to_string(),
-                        Ok(Ok(None)) => "it exited".to_string(),
-                        Ok(Ok(Some(l))) => format!("unexpected output {l:?}"),
-                        Ok(Err(e)) => e.to_string(),
-                    },
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            }
-        }
+        self.procs
+            .insert(component.to_string(), Proc { child, pid });
+        Ok(())
     }
 
     /// Stops one component: SIGTERM and up to 5 s grace, or SIGKILL at once when `kill`.
@@ -565,5 +524,59 @@ impl Testbed {
             }
         }
         out
+    }
+}
+
+/// Starts `bin args` with stderr appended to `log`, waits for its first stdout line, which must
+/// contain " ready " (every binary of the project prints one when it accepts connections), and
+/// returns the child and that line. The child gets SIGTERM if this process dies.
+pub async fn spawn_ready(bin: &Path, args: &[String], log: &Path) -> Result<(Child, String)> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
+    // this process dies, so a killed launcher leaves no component running.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    match tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await {
+        Ok(Ok(Some(line))) if line.contains(" ready ") => {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Ok((child, line))
+        }
+        other => {
+            let _ = child.kill().await;
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            bail!(
+                "did not become ready ({}); last log lines:\n{}",
+                match other {
+                    Err(_) => "timed out".to_string(),
+                    Ok(Ok(None)) => "it exited".to_string(),
+                    Ok(Ok(Some(l))) => format!("unexpected output {l:?}"),
+                    Ok(Err(e)) => e.to_string(),
+                },
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        }
     }
 }

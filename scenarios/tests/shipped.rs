@@ -306,3 +306,30 @@ fn testbed_up_prints_grpcurl_commands_that_work() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(processes_mentioning(&needle).is_empty());
 }
+
+/// The benchmark's smoke mode runs end to end, so the benchmark cannot rot. No timing is
+/// asserted; the coalescing storm's upstream count is a correctness property and is.
+#[test]
+fn bench_smoke_runs() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("bench.txt");
+    let out = capif()
+        .args(["bench", "--smoke", "--run-dir"])
+        .arg(dir.path().join("run"))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(&out_file).unwrap();
+    for case in ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"] {
+        assert!(report.contains(case), "case {case} missing:\n{report}");
+    }
+    assert!(report.contains("upstream calls: 1 "), "{report}");
+    assert!(processes_mentioning(dir.path().to_str().unwrap()).is_empty());
+}

@@ -1,0 +1,828 @@
+//! `capif bench`: what the gateway costs, as ratios against a floor measured in the same run
+//! (docs/BENCHMARKS.md). The subject is a real two-operator testbed (the release binaries as
+//! processes, from the launcher); the floor is a chain of bare tonic hops (`capif bench-floor`
+//! processes) over the same mutual-TLS accept loop, with the same message types and sizes, so
+//! the difference is the gateway's own work.
+//!
+//! Cases: (a) cache-hit lookup at gateway-A vs one bare hop; (b) cross-domain misses with unique
+//! keys (client → gateway-A → gateway-B → CCF-B) vs three bare hops; (c) the AEF-level request
+//! (AEF → CCF-A → gateway-A, cache hit) vs two bare hops; (d) full invoker flows per second;
+//! (e) a coalescing storm: N concurrent misses for one key → upstream calls; (f) memory per cached
+//! entry (in-process, RSS).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use capif_proto::v1::{
+    self as pb, ErrorReason, gateway_admin_client::GatewayAdminClient,
+    gateway_client::GatewayClient, gateway_server::Gateway, security_client::SecurityClient,
+};
+use ccf_core::grpc::error_status;
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::{AefId, CcfId};
+use ccf_core::pki::DomainCa;
+use ccf_core::tls::{ClientAuth, client_config, connect, connect_lazy, server_config};
+use hdrhistogram::Histogram;
+use tokio::process::Child;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::invoker::{self, Profile};
+use crate::scenario::Scenario;
+use crate::testbed::{Testbed, spawn_ready};
+
+/// Sizes and durations of a run.
+#[derive(Clone, Debug)]
+pub struct BenchOpts {
+    /// Measurement time per latency case.
+    pub duration: Duration,
+    /// Concurrent streams (closed loop).
+    pub concurrency: usize,
+    /// Invokers with distinct keys for the miss case (b).
+    pub unique_keys: usize,
+    /// Concurrent misses for one key (e).
+    pub storm: usize,
+    /// Entry counts for the memory case (f).
+    pub mem_entries: Vec<usize>,
+    /// Invoker flows for case d.
+    pub flows: usize,
+}
+
+impl BenchOpts {
+    /// The full run of docs/BENCHMARKS.md.
+    pub fn full() -> Self {
+        Self {
+            duration: Duration::from_secs(10),
+            concurrency: 32,
+            unique_keys: 3000,
+            storm: 1000,
+            mem_entries: vec![100_000, 1_000_000],
+            flows: 600,
+        }
+    }
+
+    /// A quick run that only shows the benchmark still works (CI).
+    pub fn smoke() -> Self {
+        Self {
+            duration: Duration::from_millis(500),
+            concurrency: 4,
+            unique_keys: 24,
+            storm: 1000,
+            mem_entries: vec![10_000],
+            flows: 12,
+        }
+    }
+}
+
+/// Latency and throughput of one measurement.
+pub struct Measured {
+    hist: Histogram<u64>,
+    ops: u64,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+impl Measured {
+    fn q(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+    /// Operations per second.
+    pub fn throughput(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn line(&self, name: &str) -> String {
+        format!(
+            "{name:<34} p50 {:>8.3} ms  p90 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms  {:>9.0} ops/s  ({} ops, {} errors)",
+            self.q(0.5),
+            self.q(0.9),
+            self.q(0.99),
+            self.hist.max() as f64 / 1000.0,
+            self.throughput(),
+            self.ops,
+            self.errors
+        )
+    }
+}
+
+/// Closed loop: `concurrency` streams each issue the next operation as soon as the previous
+/// one answered, until `duration` has passed or `limit` operations were issued.
+pub async fn closed_loop<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    limit: Option<u64>,
+    op: F,
+) -> Measured
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (op, next) = (op.clone(), next.clone());
+        set.spawn(async move {
+            let mut h =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let (mut ops, mut errors, mut first) = (0u64, 0u64, None);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if start.elapsed() >= duration || limit.is_some_and(|l| i >= l) {
+                    break;
+                }
+                let t = Instant::now();
+                match op(i).await {
+                    Ok(()) => {
+                        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                        ops += 1;
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first.get_or_insert_with(|| format!("{e:#}"));
+                    }
+                }
+            }
+            (h, ops, errors, first)
+        });
+    }
+    let mut m = Measured {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        ops: 0,
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+    };
+    while let Some(Ok((h, ops, errors, first))) = set.join_next().await {
+        let _ = m.hist.add(h);
+        m.ops += ops;
+        m.errors += errors;
+        if m.first_error.is_none() {
+            m.first_error = first;
+        }
+    }
+    m.elapsed = start.elapsed();
+    m
+}
+
+/// Open loop: operations start at a fixed `rate` per second regardless of answers; latency is
+/// measured from each operation's scheduled start (no coordinated omission).
+pub async fn open_loop<F, Fut>(rate: u64, duration: Duration, op: F) -> Measured
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let total = (duration.as_secs_f64() * rate as f64) as u64;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let op = op.clone();
+        set.spawn(async move {
+            let r = op(i).await;
+            (due.elapsed(), r)
+        });
+    }
+    let mut m = Measured {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        ops: 0,
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+    };
+    while let Some(Ok((lat, r))) = set.join_next().await {
+        match r {
+            Ok(()) => {
+                let _ = m.hist.record(lat.as_micros().max(1) as u64);
+                m.ops += 1;
+            }
+            Err(e) => {
+                m.errors += 1;
+                m.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    m.elapsed = start.elapsed();
+    m
+}
+
+/// A bare hop of the floor: answers `Gateway.FetchSecurityInformation` with a fixed message of
+/// the size a real answer has, or forwards the request to the next hop. No cache, no checks.
+#[derive(Clone)]
+pub struct FloorHop {
+    next: Option<GatewayClient<Channel>>,
+    answer: pb::InvokerSecurityInformation,
+}
+
+/// The fixed answer: the shape and size of a real CAPIF-6 answer.
+pub fn sample_answer() -> pb::InvokerSecurityInformation {
+    pb::InvokerSecurityInformation {
+        api_invoker_id: "inv-0123456789abcdef".into(),
+        home_ccf_id: "operator-b.test".into(),
+        aef_id: "aef-weather".into(),
+        sel_security_method: pb::SecurityMethod::Psk as i32,
+        aef_psk: vec![0x5A; 32],
+        key_id: "0123456789abcdef".into(),
+        remaining_validity_ms: 3_599_000,
+        allowed_api_names: vec!["weather-v1".into(), "forecast-v1".into()],
+        invoker_ca_certificates: vec![],
+        interface_canonical: "aef-weather.operator-a.test:44321/aef-weather".into(),
+    }
+}
+
+#[tonic::async_trait]
+impl Gateway for FloorHop {
+    async fn fetch_security_information(
+        &self,
+        request: Request<pb::SecurityInformationQuery>,
+    ) -> Result<Response<pb::InvokerSecurityInformation>, Status> {
+        match &self.next {
+            Some(next) => {
+                next.clone()
+                    .fetch_security_information(request.into_inner())
+                    .await
+            }
+            None => Ok(Response::new(self.answer.clone())),
+        }
+    }
+    async fn publish_revocation(
+        &self,
+        _: Request<pb::RevocationNotice>,
+    ) -> Result<Response<pb::RevocationAck>, Status> {
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
+            "floor hop",
+        ))
+    }
+    async fn fetch_token_key_set(
+        &self,
+        _: Request<pb::TokenKeySetRequest>,
+    ) -> Result<Response<pb::TokenKeySet>, Status> {
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
+            "floor hop",
+        ))
+    }
+}
+
+/// Serves one floor hop until killed (`capif bench-floor`); prints a ready line.
+pub async fn serve_floor(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    listen: &str,
+    next: Option<&str>,
+) -> Result<()> {
+    let (ca, cert, key) = (
+        std::fs::read_to_string(ca)?,
+        std::fs::read_to_string(cert)?,
+        std::fs::read_to_string(key)?,
+    );
+    let roots = ccf_core::tls::certs_from_pem("CA", &ca)?;
+    let tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Required(&roots))?;
+    let next = match next {
+        Some(addr) => Some(GatewayClient::new(connect_lazy(
+            addr,
+            "localhost",
+            client_config(&ca, Some((&cert, &key)))?,
+            Duration::from_secs(2),
+        )?)),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("bench-floor ready addr={}", listener.local_addr()?);
+    let routes = tonic::service::Routes::new(pb::gateway_server::GatewayServer::new(FloorHop {
+        next,
+        answer: sample_answer(),
+    }));
+    ccf_core::grpc::spawn_server(listener, tls, false, routes, std::future::pending())
+        .await?
+        .map_err(|e| anyhow!("floor hop: {e}"))
+}
+
+/// A chain of `n` floor hops (processes); returns the first hop's address and the children.
+async fn floor_chain(
+    bin: &Path,
+    dir: &Path,
+    tls: &TlsFiles,
+    n: usize,
+) -> Result<(String, Vec<Child>)> {
+    let mut children = Vec::new();
+    let mut next: Option<String> = None;
+    for i in (0..n).rev() {
+        let mut args: Vec<String> = vec![
+            "bench-floor".into(),
+            "--ca".into(),
+            tls.ca.display().to_string(),
+            "--cert".into(),
+            tls.server_cert.display().to_string(),
+            "--key".into(),
+            tls.server_key.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(n) = &next {
+            args.extend(["--next".into(), n.clone()]);
+        }
+        let (child, line) =
+            spawn_ready(bin, &args, &dir.join(format!("logs/floor-{n}-{i}.log"))).await?;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .ok_or_else(|| anyhow!("floor hop printed no address: {line}"))?
+            .to_string();
+        children.push(child);
+        next = Some(addr);
+    }
+    Ok((next.unwrap_or_default(), children))
+}
+
+struct TlsFiles {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+/// A client credential of domain A with `role`.
+fn credential(tb: &Testbed, domain: &str, role: Role) -> Result<(String, String, String)> {
+    let d = &tb.domains[domain];
+    let ca = DomainCa::load_or_generate(&CcfId::new(domain)?, &d.dir.join("ccf"), None, None)?;
+    let c = ca.issue_with_new_key(&PeerIdentity::new(CcfId::new(domain)?, role), &[], 1)?;
+    Ok((ca.cert_pem().to_string(), c.cert_pem, c.key_pem.to_string()))
+}
+
+async fn channel(addr: &str, cred: &(String, String, String)) -> Result<Channel> {
+    let cfg = client_config(&cred.0, Some((&cred.1, &cred.2)))?;
+    Ok(connect(addr, "localhost", cfg, Duration::from_secs(5))
+        .await?
+        .0)
+}
+
+fn query(invoker: &str) -> pb::SecurityInformationQuery {
+    pb::SecurityInformationQuery {
+        api_invoker_id: invoker.into(),
+        home_ccf_id: "operator-b.test".into(),
+        aef_id: "aef-weather".into(),
+        presented_key_id: String::new(),
+    }
+}
+
+const SCENARIO: &str = r#"
+name = "bench"
+[[domain]]
+id = "operator-a.test"
+[[domain.aef]]
+id = "aef-weather"
+apis = ["weather-v1", "forecast-v1"]
+[[domain]]
+id = "operator-b.test"
+[[invoker]]
+name = "bench"
+home = "operator-b.test"
+count = COUNT
+"#;
+
+/// Runs every case; returns the report text.
+pub async fn run(
+    opts: &BenchOpts,
+    run_dir: &Path,
+    bin_dir: &Path,
+    capif_bin: &Path,
+) -> Result<String> {
+    let mut out = String::new();
+    let mut say = |s: String| {
+        eprintln!("{s}");
+        out.push_str(&s);
+        out.push('\n');
+    };
+    let keys = opts.unique_keys + opts.flows + 2;
+    let s = Scenario::parse(
+        &SCENARIO.replace("COUNT", &keys.to_string()),
+        "bench scenario",
+    )?;
+    let mut tb = Testbed::up(&s, run_dir, bin_dir, true).await?;
+    let result = cases(opts, &mut tb, run_dir, capif_bin, &mut say).await;
+    tb.down().await;
+    result?;
+    Ok(out)
+}
+
+async fn cases(
+    opts: &BenchOpts,
+    tb: &mut Testbed,
+    run_dir: &Path,
+    capif_bin: &Path,
+    say: &mut impl FnMut(String),
+) -> Result<()> {
+    let a = tb.domains["operator-a.test"].clone();
+    let b = tb.domains["operator-b.test"].clone();
+    say(format!(
+        "machine: {} cores; {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    ));
+    say(format!("settings: {opts:?}"));
+
+    // Invokers of B with a key for A's AEF.
+    let setup = Instant::now();
+    let names: Vec<String> = (1..=opts.unique_keys + opts.flows + 2)
+        .map(|i| format!("bench-{i}"))
+        .collect();
+    let profiles = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut set = tokio::task::JoinSet::new();
+    for n in &names {
+        let (dir, cred) = (run_dir.join("invokers").join(n), b.credentials[n].clone());
+        let (on, cap, ca) = (
+            format!("127.0.0.1:{}", b.onboarding_port),
+            format!("127.0.0.1:{}", b.capif_port),
+            std::fs::read_to_string(b.ca_pem())?,
+        );
+        let (profiles, sem) = (profiles.clone(), sem.clone());
+        set.spawn(async move {
+            let _p = sem.acquire().await;
+            let p = invoker::onboard(&on, &cap, &ca, "localhost", &cred, &dir).await?;
+            invoker::security(&p, "aef-weather", None).await?;
+            profiles.lock().await.push(p.id().to_string());
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let ids: Vec<String> = profiles.lock().await.clone();
+    say(format!(
+        "setup: {} invokers of operator-b onboarded with a key for aef-weather in {:.1} s",
+        ids.len(),
+        setup.elapsed().as_secs_f64()
+    ));
+
+    let ccf_cred = credential(tb, "operator-a.test", Role::Ccf)?;
+    let gw_a = channel(&format!("127.0.0.1:{}", a.gw6_port), &ccf_cred).await?;
+    let tls = TlsFiles {
+        ca: a.ca_pem(),
+        server_cert: a.dir.join("gateway.pem"),
+        server_key: a.dir.join("gateway.key"),
+    };
+    let (f1, _c1) = floor_chain(capif_bin, run_dir, &tls, 1).await?;
+    let (f2, _c2) = floor_chain(capif_bin, run_dir, &tls, 2).await?;
+    let (f3, _c3) = floor_chain(capif_bin, run_dir, &tls, 3).await?;
+    let floor1 = channel(&f1, &ccf_cred).await?;
+    let floor2 = channel(&f2, &ccf_cred).await?;
+    let floor3 = channel(&f3, &ccf_cred).await?;
+
+    let fetch = |ch: Channel, ids: Arc<Vec<String>>| {
+        move |i: u64| {
+            let mut c = GatewayClient::new(ch.clone());
+            let id = ids[i as usize % ids.len()].clone();
+            async move {
+                c.fetch_security_information(query(&id))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| anyhow!("{e}"))
+            }
+        }
+    };
+    let ids = Arc::new(ids);
+    let (misses_ids, rest) = ids.split_at(opts.unique_keys);
+    let (flow_ids, hot) = rest.split_at(opts.flows);
+    let misses_ids = Arc::new(misses_ids.to_vec());
+    let hot = Arc::new(vec![hot[0].clone()]);
+    let storm_id = rest.last().cloned().unwrap_or_default();
+
+    // (a) cache hit at gateway-A vs one bare hop.
+    GatewayClient::new(gw_a.clone())
+        .fetch_security_information(query(&hot[0]))
+        .await
+        .context("warming the cache")?;
+    let warm = Duration::from_millis(300);
+    closed_loop(
+        opts.concurrency,
+        warm,
+        None,
+        fetch(floor1.clone(), hot.clone()),
+    )
+    .await;
+    closed_loop(
+        opts.concurrency,
+        warm,
+        None,
+        fetch(gw_a.clone(), hot.clone()),
+    )
+    .await;
+    let floor_a = closed_loop(
+        opts.concurrency,
+        opts.duration,
+        None,
+        fetch(floor1.clone(), hot.clone()),
+    )
+    .await;
+    let subj_a = closed_loop(
+        opts.concurrency,
+        opts.duration,
+        None,
+        fetch(gw_a.clone(), hot.clone()),
+    )
+    .await;
+    say(String::new());
+    say("(a) cache-hit lookup at gateway-A (CAPIF-6), closed loop".into());
+    say(floor_a.line("  floor: 1 bare hop"));
+    say(subj_a.line("  gateway-A, cache hit"));
+    say(ratio_line("a", &subj_a, &floor_a, 1.3, 0.75));
+    let rate = (floor_a.throughput() * 0.5).max(10.0) as u64;
+    let open_floor = open_loop(rate, opts.duration, fetch(floor1.clone(), hot.clone())).await;
+    let open_subj = open_loop(rate, opts.duration, fetch(gw_a.clone(), hot.clone())).await;
+    say(format!(
+        "    open loop at {rate} ops/s (half the floor's closed-loop throughput):"
+    ));
+    say(open_floor.line("  floor: 1 bare hop"));
+    say(open_subj.line("  gateway-A, cache hit"));
+    say(format!(
+        "    open-loop p50 ratio {:.2}",
+        open_subj.q(0.5) / open_floor.q(0.5)
+    ));
+
+    // (b) misses with unique keys: client -> gw-A -> gw-B -> CCF-B vs 3 bare hops.
+    let n = misses_ids.len() as u64;
+    let floor_b = closed_loop(
+        opts.concurrency,
+        Duration::from_secs(3600),
+        Some(n),
+        fetch(floor3.clone(), misses_ids.clone()),
+    )
+    .await;
+    let subj_b = closed_loop(
+        opts.concurrency,
+        Duration::from_secs(3600),
+        Some(n),
+        fetch(gw_a.clone(), misses_ids.clone()),
+    )
+    .await;
+    say(String::new());
+    say(format!(
+        "(b) cross-domain miss, {n} unique keys: gateway-A -> gateway-B -> CCF-B"
+    ));
+    say(floor_b.line("  floor: chain of 3 bare hops"));
+    say(subj_b.line("  gateway-A miss"));
+    say(ratio_line("b", &subj_b, &floor_b, 1.2, 0.0));
+
+    // (c) AEF -> CCF-A -> gateway-A (hit) vs 2 bare hops.
+    let aef_cred = credential(tb, "operator-a.test", Role::Aef(AefId::new("aef-weather")?))?;
+    let ccf_a = channel(&format!("127.0.0.1:{}", a.capif_port), &aef_cred).await?;
+    let aef_op = {
+        let ch = ccf_a.clone();
+        let id = hot[0].clone();
+        move |_i: u64| {
+            let mut c = SecurityClient::new(ch.clone());
+            let id = id.clone();
+            async move {
+                c.get_security_information(pb::GetSecurityInformationRequest {
+                    api_invoker_id: id,
+                    aef_id: "aef-weather".into(),
+                    home_ccf_id: "operator-b.test".into(),
+                    authentication_info: true,
+                    authorization_info: true,
+                    presented_key_id: String::new(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e}"))
+            }
+        }
+    };
+    closed_loop(opts.concurrency, warm, None, aef_op.clone()).await;
+    closed_loop(
+        opts.concurrency,
+        warm,
+        None,
+        fetch(floor2.clone(), hot.clone()),
+    )
+    .await;
+    let floor_c = closed_loop(
+        opts.concurrency,
+        opts.duration,
+        None,
+        fetch(floor2.clone(), hot.clone()),
+    )
+    .await;
+    let subj_c = closed_loop(opts.concurrency, opts.duration, None, aef_op).await;
+    say(String::new());
+    say("(c) AEF-level request: AEF -> CCF-A -> gateway-A (cache hit)".into());
+    say(floor_c.line("  floor: chain of 2 bare hops"));
+    say(subj_c.line("  AEF -> CCF-A -> gateway-A"));
+    say(ratio_line("c", &subj_c, &floor_c, 1.2, 0.0));
+
+    // (d) full invoker flows per second.
+    let aef_plan = tb.aefs["aef-weather"].clone();
+    let flow_profiles: Arc<Vec<PathBuf>> = Arc::new(
+        flow_ids
+            .iter()
+            .filter_map(|id| {
+                names
+                    .iter()
+                    .map(|n| run_dir.join("invokers").join(n))
+                    .find(|d| Profile::load(d).is_ok_and(|p| p.id() == id))
+            })
+            .collect(),
+    );
+    let aef_ca = std::fs::read_to_string(a.ca_pem())?;
+    let flow = {
+        let (profiles, aef_ca) = (flow_profiles.clone(), aef_ca.clone());
+        let addr = format!("127.0.0.1:{}", aef_plan.security_port);
+        move |i: u64| {
+            let (profiles, aef_ca, addr) = (profiles.clone(), aef_ca.clone(), addr.clone());
+            async move {
+                let p = Profile::load(&profiles[i as usize % profiles.len()])?;
+                let k = invoker::security(&p, "aef-weather", None).await?;
+                let r = invoker::auth(&p, Some(&k), &addr, &aef_ca, "localhost").await?;
+                invoker::call(
+                    &p,
+                    &k,
+                    &r.tls_endpoint,
+                    "weather-v1",
+                    aef_stub::psk::TlsProfile::Tls13,
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    };
+    let d = closed_loop(
+        opts.concurrency.min(16),
+        Duration::from_secs(3600),
+        Some(opts.flows as u64),
+        flow,
+    )
+    .await;
+    say(String::new());
+    say("(d) full invoker flow (CAPIF-1e security + auth init at AEF-A + TLS-PSK handshake + API call), cross-domain".into());
+    say(d.line("  invoker of B at A's AEF"));
+    say(format!("    {:.0} flows per second", d.throughput()));
+
+    // (e) coalescing storm.
+    let admin_cred = credential(tb, "operator-a.test", Role::Operator)?;
+    let admin = channel(&format!("127.0.0.1:{}", a.gw6_port), &admin_cred).await?;
+    let before = GatewayAdminClient::new(admin.clone())
+        .get_status(pb::GetStatusRequest {})
+        .await?
+        .into_inner();
+    let storm_ids = Arc::new(vec![storm_id]);
+    let e = closed_loop(
+        opts.storm,
+        Duration::from_secs(3600),
+        Some(opts.storm as u64),
+        fetch(gw_a.clone(), storm_ids),
+    )
+    .await;
+    let after = GatewayAdminClient::new(admin)
+        .get_status(pb::GetStatusRequest {})
+        .await?
+        .into_inner();
+    let upstream = after.cache_misses - before.cache_misses;
+    say(String::new());
+    say(format!(
+        "(e) coalescing storm: {} concurrent misses for one key",
+        opts.storm
+    ));
+    say(e.line("  gateway-A"));
+    say(format!(
+        "    upstream calls: {upstream} (coalesced {}, hits {}); target exactly 1: {}",
+        after.coalesced - before.coalesced,
+        after.cache_hits - before.cache_hits,
+        if upstream == 1 { "met" } else { "NOT met" }
+    ));
+    if e.errors > 0 {
+        say(format!(
+            "    errors: {} (first: {})",
+            e.errors,
+            e.first_error.clone().unwrap_or_default()
+        ));
+    }
+
+    // (f) memory per cached entry.
+    say(String::new());
+    say("(f) memory per cached entry (gateway cache in this process, RSS delta)".into());
+    for n in &opts.mem_entries {
+        say(memory_case(*n).await?);
+    }
+    for m in [&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d] {
+        if m.errors > 0 {
+            bail!(
+                "a case had errors: {}",
+                m.first_error.clone().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ratio_line(
+    case: &str,
+    subj: &Measured,
+    floor: &Measured,
+    p50_target: f64,
+    tput_target: f64,
+) -> String {
+    let p50 = subj.q(0.5) / floor.q(0.5);
+    let p90 = subj.q(0.9) / floor.q(0.9);
+    let tput = subj.throughput() / floor.throughput();
+    let mut s = format!(
+        "    ratio ({case}): p50 {p50:.2}x (target <= {p50_target}: {}), p90 {p90:.2}x, throughput {tput:.2}x",
+        if p50 <= p50_target { "met" } else { "NOT met" }
+    );
+    if tput_target > 0.0 {
+        s += &format!(
+            " (target >= {tput_target}: {})",
+            if tput >= tput_target {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    s
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 4096
+}
+
+async fn memory_case(n: usize) -> Result<String> {
+    use capif_gateway::cache::{CacheKey, KeyCache};
+    use ccf_core::ids::ApiInvokerId;
+    let cache = KeyCache::new(&capif_gateway::config::CacheConfig {
+        max_weight: u64::MAX / 2,
+        ..Default::default()
+    });
+    let home = CcfId::new("operator-b.test")?;
+    let aef = AefId::new("aef-weather")?;
+    let sample = sample_answer();
+    let payload = {
+        let k = "inv-0123456789abcdef".len() + home.as_str().len() + aef.as_str().len();
+        let v = sample.api_invoker_id.len()
+            + sample.home_ccf_id.len()
+            + sample.aef_id.len()
+            + 32
+            + sample.key_id.len()
+            + sample.interface_canonical.len()
+            + sample
+                .allowed_api_names
+                .iter()
+                .map(String::len)
+                .sum::<usize>()
+            + 8
+            + 4;
+        k + v
+    };
+    let before = rss_bytes();
+    for i in 0..n {
+        let key = CacheKey {
+            home: home.clone(),
+            invoker: ApiInvokerId::new(format!("inv-{i:016x}"))?,
+            aef: aef.clone(),
+        };
+        let mut ans = sample.clone();
+        ans.api_invoker_id = key.invoker.to_string();
+        cache
+            .get_or_fetch(key, "", async move { Ok::<_, Status>(ans) })
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    cache.sync().await;
+    let after = rss_bytes();
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    let over = per - payload as f64;
+    Ok(format!(
+        "  {n:>8} entries: RSS +{:.1} MiB, {per:.0} bytes/entry; key+value themselves {payload} bytes; overhead {over:.0} bytes/entry (target <= 300: {})",
+        (after.saturating_sub(before)) as f64 / 1048576.0,
+        if over <= 300.0 { "met" } else { "NOT met" }
+    ))
+}
