@@ -722,8 +722,16 @@ async fn cases(
     // (f) memory per cached entry.
     say(String::new());
     say("(f) memory per cached entry (gateway cache in this process, RSS delta)".into());
+    // Each count in a fresh process: RSS of this one is already grown by the other cases.
     for n in &opts.mem_entries {
-        say(memory_case(*n).await?);
+        let out = tokio::process::Command::new(capif_bin)
+            .args(["bench-memory", "--entries", &n.to_string()])
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("bench-memory: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        say(String::from_utf8_lossy(&out.stdout).trim_end().to_string());
     }
     for m in [&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d] {
         if m.errors > 0 {
@@ -775,7 +783,8 @@ fn rss_bytes() -> u64 {
         * 4096
 }
 
-async fn memory_case(n: usize) -> Result<String> {
+/// Case f in this (fresh) process: fills a gateway cache with `n` entries, reports RSS growth.
+pub async fn memory_case(n: usize) -> Result<String> {
     use capif_gateway::cache::{CacheKey, KeyCache};
     use ccf_core::ids::ApiInvokerId;
     let cache = KeyCache::new(&capif_gateway::config::CacheConfig {

@@ -46,6 +46,12 @@ enum Command {
         #[arg(long, env = "CAPIF_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Case f of the benchmark in a fresh process (used by `capif bench`).
+    #[command(hide = true)]
+    BenchMemory {
+        #[arg(long)]
+        entries: usize,
+    },
     /// One bare hop of the benchmark floor (used by `capif bench`).
     #[command(hide = true)]
     BenchFloor {
@@ -399,6 +405,10 @@ async fn run(cli: Cli) -> Result<()> {
                 std::fs::write(&out, &report)?;
                 println!("report written to {}", out.display());
             }
+            return Ok(());
+        }
+        Command::BenchMemory { entries } => {
+            println!("{}", capif_scenarios::bench::memory_case(entries).await?);
             return Ok(());
         }
         Command::BenchFloor {

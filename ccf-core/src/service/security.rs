@@ -351,7 +351,8 @@ impl Security for SecurityService {
                         )
                     }
                 })?;
-            tracing::info!(
+            // Per-request and hot (every AEF lookup of a foreign invoker): debug, not info.
+            tracing::debug!(
                 api_invoker_id = %invoker,
                 %home,
                 aef_id = %own_aef,
