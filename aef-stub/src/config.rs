@@ -54,6 +54,14 @@ pub struct ListenConfig {
     /// address of `psk`).
     #[serde(default)]
     pub psk_advertised: Option<String>,
+    /// The TLS endpoint (rustls, TLS 1.3) for methods 2 (client certificate) and 3 (bearer
+    /// token), with the demo API. Unset: the AEF serves PSK only.
+    #[serde(default)]
+    pub tls: Option<String>,
+    /// What CheckAuthentication tells invokers to dial for the TLS endpoint (default: its bound
+    /// address).
+    #[serde(default)]
+    pub tls_advertised: Option<String>,
 }
 
 /// The whole AEF configuration.
@@ -75,6 +83,13 @@ pub struct AefConfig {
     /// PSK TLS profile: "tls13" (default) or "tls12".
     #[serde(default)]
     pub psk_tls: TlsProfile,
+    /// Method 3: clock-skew leeway when checking a token's expiry, seconds (at most 30).
+    #[serde(default = "default_leeway")]
+    pub token_leeway_secs: u64,
+}
+
+fn default_leeway() -> u64 {
+    ccf_core::token::MAX_LEEWAY_SECS
 }
 
 impl AefConfig {
@@ -93,5 +108,20 @@ impl AefConfig {
             message: e.to_string(),
         })?;
         Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks what TOML cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.token_leeway_secs > ccf_core::token::MAX_LEEWAY_SECS {
+            return Err(ConfigError {
+                origin: "token_leeway_secs".into(),
+                message: format!(
+                    "{} s is more than the {} s TS 33.122 allows",
+                    self.token_leeway_secs,
+                    ccf_core::token::MAX_LEEWAY_SECS
+                ),
+            });
+        }
+        Ok(())
     }
 }

@@ -1,10 +1,10 @@
-//! The keys an AEF holds: one per invoker, each with its own validity timer started from the
+//! The keys an AEF holds (and, for method 2, the CAs it trusts per invoker): one per invoker, each with its own validity timer started from the
 //! remaining validity its CCF returned (seed 000 step 5), the APIs the invoker may call, and the
 //! invoker's open connections (closed when the invoker is revoked). Keys are zeroized on drop.
 
 use std::collections::HashMap;
 use std::net::Shutdown;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ccf_core::ids::ApiInvokerId;
@@ -32,6 +32,28 @@ impl HeldKey {
     }
 }
 
+/// What the AEF holds for an invoker that uses method 2 (TLS with certificates): a verifier
+/// trusting exactly the CA certificates its CCF named for that invoker, with the same timer and
+/// authorization as a key.
+#[derive(Clone, Debug)]
+pub struct HeldCa {
+    /// Verifies the invoker's certificate chain against the named CAs.
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// The invoker's home CCF.
+    pub home_ccf_id: String,
+    /// When the AEF stops accepting it (the security context's validity).
+    pub expires_at: Instant,
+    /// APIs the invoker may call.
+    pub allowed_apis: Vec<String>,
+}
+
+impl HeldCa {
+    /// Remaining validity.
+    pub fn remaining(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
+    }
+}
+
 /// Why the PSK endpoint refused a key (what the log says).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -43,6 +65,10 @@ pub enum Refusal {
     Expired,
     /// The invoker's authorization was revoked by the CCF.
     Revoked,
+    /// Method 2: no CA is held for the invoker the certificate names.
+    NoCertificateInfo,
+    /// Method 2: the certificate's domain is not the home CCF the CA was fetched for.
+    OtherHome,
 }
 
 impl Refusal {
@@ -53,6 +79,12 @@ impl Refusal {
             Refusal::StaleKeyId => "key id does not match the key held",
             Refusal::Expired => "expired key",
             Refusal::Revoked => "revoked invoker (its authorization was withdrawn by the CCF)",
+            Refusal::NoCertificateInfo => {
+                "the certificate names an invoker that initiated no authentication here (no CA held for it)"
+            }
+            Refusal::OtherHome => {
+                "the certificate names another home domain than the invoker's authentication initiation"
+            }
         }
     }
 }
@@ -61,6 +93,7 @@ impl Refusal {
 #[derive(Debug, Default)]
 pub struct KeyStore {
     keys: RwLock<HashMap<ApiInvokerId, HeldKey>>,
+    cas: RwLock<HashMap<ApiInvokerId, HeldCa>>,
     revoked: RwLock<std::collections::HashSet<ApiInvokerId>>,
     conns: Mutex<HashMap<ApiInvokerId, Vec<std::net::TcpStream>>>,
 }
@@ -81,6 +114,43 @@ impl KeyStore {
         if let Ok(mut m) = self.keys.write() {
             m.insert(invoker, key);
         }
+    }
+
+    /// The CA held for `invoker` when it is still valid.
+    pub fn valid_ca(&self, invoker: &ApiInvokerId) -> Option<HeldCa> {
+        let c = self.cas.read().ok()?.get(invoker).cloned()?;
+        (!c.remaining().is_zero()).then_some(c)
+    }
+
+    /// Stores what method 2 needs for `invoker` (lifts an earlier revocation, as [`Self::put`]).
+    pub fn put_ca(&self, invoker: ApiInvokerId, ca: HeldCa) {
+        if let Ok(mut r) = self.revoked.write() {
+            r.remove(&invoker);
+        }
+        if let Ok(mut m) = self.cas.write() {
+            m.insert(invoker, ca);
+        }
+    }
+
+    /// What a method-2 handshake of `invoker` of `home` is checked against, or why nothing.
+    pub fn for_certificate(&self, invoker: &ApiInvokerId, home: &str) -> Result<HeldCa, Refusal> {
+        if self.is_revoked(invoker) {
+            return Err(Refusal::Revoked);
+        }
+        let m = self.cas.read().map_err(|_| Refusal::NoCertificateInfo)?;
+        let c = m.get(invoker).ok_or(Refusal::NoCertificateInfo)?;
+        if c.home_ccf_id != home {
+            return Err(Refusal::OtherHome);
+        }
+        if c.remaining().is_zero() {
+            return Err(Refusal::Expired);
+        }
+        Ok(c.clone())
+    }
+
+    /// Whether the CCF revoked `invoker` (and nothing newer was fetched since).
+    pub fn is_revoked(&self, invoker: &ApiInvokerId) -> bool {
+        self.revoked.read().is_ok_and(|r| r.contains(invoker))
     }
 
     /// The key for a PSK handshake, or why there is none.
@@ -112,6 +182,9 @@ impl KeyStore {
     /// Drops the invoker's key and closes its open connections; returns how many were closed.
     pub fn revoke(&self, invoker: &ApiInvokerId) -> u32 {
         if let Ok(mut m) = self.keys.write() {
+            m.remove(invoker);
+        }
+        if let Ok(mut m) = self.cas.write() {
             m.remove(invoker);
         }
         if let Ok(mut r) = self.revoked.write() {

@@ -7,16 +7,24 @@
 //! ([`psk`]) whose identity ([`identity`]) names the invoker and the key id; after the handshake
 //! the demo API serves only the APIs the invoker is authorized for.
 //!
+//! Methods 2 and 3 share a second endpoint, rustls TLS 1.3: with a client certificate
+//! ([`certauth`] checks it against the CAs the invoker's CCF named), or server-authenticated with
+//! a bearer token on every call ([`token`] verifies it with the issuer's published keys).
+//!
 //! - [`config`] — TOML configuration.
 //! - [`identity`] — the PSK identity format.
 //! - [`keys`] — held keys, validity timers, open connections, revocation.
 //! - [`psk`] — OpenSSL TLS-PSK server (accept loop feeding tonic) and client.
+//! - [`certauth`] — method 2: the client-certificate verifier of the TLS endpoint.
+//! - [`token`] — method 3: bearer-token verification and the issuers' key sets.
 //! - [`service`] — AefSecurity and DemoApi.
 //! - [`server`] — starting an AEF.
 
+pub mod certauth;
 pub mod config;
 pub mod identity;
 pub mod keys;
 pub mod psk;
 pub mod server;
 pub mod service;
+pub mod token;

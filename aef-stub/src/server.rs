@@ -1,5 +1,6 @@
 //! Starting an AEF: its security listener (TLS with its certificate; client certificates
-//! optional, required for the CCF's revocations) and its TLS-PSK endpoint with the demo API.
+//! optional, required for the CCF's revocations), its TLS-PSK endpoint with the demo API, and,
+//! when configured, its TLS endpoint for methods 2 and 3 with the same demo API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
+use crate::certauth::InvokerCertVerifier;
 use crate::config::AefConfig;
 use crate::keys::KeyStore;
 use crate::psk::{psk_incoming, server_context};
@@ -30,6 +32,8 @@ pub struct RunningAef {
     pub security_addr: SocketAddr,
     /// Bound PSK endpoint.
     pub psk_addr: SocketAddr,
+    /// Bound TLS endpoint (methods 2 and 3), when configured.
+    pub tls_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -54,6 +58,7 @@ fn name_of<S: NamedService>(_: &S) -> &'static str {
 
 /// Starts an AEF.
 pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
+    config.validate()?;
     let aef_id = AefId::new(config.aef_id.clone())?;
     let ccf_id = CcfId::new(config.ccf_id.clone())?;
     let read = |p: &std::path::Path| {
@@ -74,19 +79,39 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
     let psk_listener = TcpListener::bind(&config.listen.psk)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen.psk))?;
+    let tls_listener = match &config.listen.tls {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))?,
+        ),
+        None => None,
+    };
     let security_addr = security_listener.local_addr()?;
     let psk_addr = psk_listener.local_addr()?;
+    let tls_addr = match &tls_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let keys = Arc::new(KeyStore::default());
     let state = Arc::new(AefState {
         aef_id: aef_id.clone(),
         ccf_id,
         keys: keys.clone(),
-        ccf,
         psk_endpoint: config
             .listen
             .psk_advertised
             .clone()
             .unwrap_or_else(|| psk_addr.to_string()),
+        tls_endpoint: tls_addr.map(|a| {
+            config
+                .listen
+                .tls_advertised
+                .clone()
+                .unwrap_or_else(|| a.to_string())
+        }),
+        tokens: crate::token::TokenVerifier::new(ccf.clone(), config.token_leeway_secs),
+        ccf,
         apis: config.apis.clone(),
     });
     let roots = certs_from_pem("CA certificate", &ca)?;
@@ -109,15 +134,36 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
                 .serve_with_incoming_shutdown(incoming, stop),
         )
     };
-    let tasks = vec![
-        spawn_server(security_listener, tls, false, sec_routes, stopped(stop_rx)),
+    let mut tasks = vec![
+        spawn_server(
+            security_listener,
+            tls,
+            false,
+            sec_routes,
+            stopped(stop_rx.clone()),
+        ),
         psk_task,
     ];
-    tracing::info!(%aef_id, %security_addr, %psk_addr, profile = ?config.psk_tls, "AEF listening");
+    if let Some(listener) = tls_listener {
+        // Methods 2 and 3: the AEF's own certificate; a client certificate is checked against
+        // the CAs held for the invoker it names, a client without one must bring a token.
+        let verifier = Arc::new(InvokerCertVerifier::new(state.keys.clone()));
+        let app_tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Custom(verifier))?;
+        let demo = DemoApiServer::new(DemoApiService::new(state.clone()));
+        tasks.push(spawn_server(
+            listener,
+            app_tls,
+            false,
+            Routes::new(demo),
+            stopped(stop_rx),
+        ));
+    }
+    tracing::info!(%aef_id, %security_addr, %psk_addr, tls_addr = ?tls_addr, profile = ?config.psk_tls, "AEF listening");
     Ok(RunningAef {
         state,
         security_addr,
         psk_addr,
+        tls_addr,
         stop,
         tasks,
     })

@@ -1,7 +1,8 @@
 //! The AEF's two gRPC services: `AefSecurity` (Authentication Initiation for invokers, revocation
-//! from the CCF) on the security listener, and `DemoApi` behind the TLS-PSK endpoint, where the
-//! invoker is the one its PSK handshake authenticated and may call only the APIs its
-//! authorization information lists (seed 000 step 6).
+//! from the CCF) on the security listener, and `DemoApi` behind the TLS-PSK endpoint (method 1)
+//! and the TLS endpoint (methods 2 and 3). The invoker is the one its PSK handshake, its verified
+//! certificate or its verified token names, and it may call only the APIs its authorization
+//! information (or the token's scope) lists (seed 000 step 6).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +19,11 @@ use ccf_core::kdf::AefPsk;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use ccf_core::tls::ConnInfo;
+use ccf_core::token::Scope;
+
 use crate::identity::PskIdentity;
-use crate::keys::{HeldKey, KeyStore};
+use crate::keys::{HeldCa, HeldKey, KeyStore};
 use crate::psk::PskPeer;
 
 /// What both services share.
@@ -35,6 +39,10 @@ pub struct AefState {
     pub ccf: SecurityClient<Channel>,
     /// What invokers are told to dial for the PSK endpoint.
     pub psk_endpoint: String,
+    /// What invokers are told to dial for the TLS endpoint (methods 2 and 3), if served.
+    pub tls_endpoint: Option<String>,
+    /// Method 3: bearer-token verification.
+    pub tokens: crate::token::TokenVerifier,
     /// APIs served.
     pub apis: Vec<String>,
 }
@@ -59,12 +67,12 @@ impl AefSecurityService {
         Self { state }
     }
 
-    async fn fetch(
+    async fn ask_ccf(
         &self,
         invoker: &ApiInvokerId,
         home: &CcfId,
         presented: &str,
-    ) -> Result<HeldKey, Status> {
+    ) -> Result<(pb::InvokerSecurityInformation, Instant), Status> {
         let mut r = Request::new(pb::GetSecurityInformationRequest {
             api_invoker_id: invoker.to_string(),
             aef_id: self.state.aef_id.to_string(),
@@ -75,7 +83,7 @@ impl AefSecurityService {
         });
         r.set_timeout(Duration::from_secs(5));
         let sent_at = Instant::now();
-        let mut info = self
+        let info = self
             .state
             .ccf
             .clone()
@@ -93,6 +101,16 @@ impl AefSecurityService {
                 }
             })?
             .into_inner();
+        Ok((info, sent_at))
+    }
+
+    async fn fetch(
+        &self,
+        invoker: &ApiInvokerId,
+        home: &CcfId,
+        presented: &str,
+    ) -> Result<HeldKey, Status> {
+        let (mut info, sent_at) = self.ask_ccf(invoker, home, presented).await?;
         let psk = AefPsk::from_slice(&info.aef_psk);
         zeroize::Zeroize::zeroize(&mut info.aef_psk);
         let psk = psk.ok_or_else(|| {
@@ -109,6 +127,44 @@ impl AefSecurityService {
             // The AEF's own timer starts from the remaining validity it was given.
             expires_at: sent_at + Duration::from_millis(info.remaining_validity_ms),
             allowed_apis: info.allowed_api_names.clone(),
+        })
+    }
+
+    /// Method 2: the CAs that may have issued the invoker's certificate.
+    async fn fetch_ca(&self, invoker: &ApiInvokerId, home: &CcfId) -> Result<HeldCa, Status> {
+        let (info, sent_at) = self.ask_ccf(invoker, home, "").await?;
+        if info.sel_security_method != pb::SecurityMethod::Pki as i32 {
+            return Err(error_status(
+                Code::FailedPrecondition,
+                ErrorReason::MethodMismatch,
+                format!("API invoker {invoker} did not negotiate PKI for this AEF"),
+            ));
+        }
+        let verifier =
+            crate::certauth::verifier_for(&info.invoker_ca_certificates).map_err(|e| {
+                error_status(
+                    Code::FailedPrecondition,
+                    ErrorReason::CaNotFederated,
+                    format!(
+                        "the CA certificates named for API invoker {invoker} are unusable: {e}"
+                    ),
+                )
+            })?;
+        Ok(HeldCa {
+            verifier,
+            home_ccf_id: home.to_string(),
+            expires_at: sent_at + Duration::from_millis(info.remaining_validity_ms),
+            allowed_apis: info.allowed_api_names,
+        })
+    }
+
+    fn tls_endpoint(&self, method: &str) -> Result<String, Status> {
+        self.state.tls_endpoint.clone().ok_or_else(|| {
+            error_status(
+                Code::FailedPrecondition,
+                ErrorReason::MethodMismatch,
+                format!("AEF {} does not serve {method}", self.state.aef_id),
+            )
         })
     }
 }
@@ -129,15 +185,42 @@ impl AefSecurity for AefSecurityService {
         };
         let method = pb::SecurityMethod::try_from(req.security_method)
             .unwrap_or(pb::SecurityMethod::Unspecified);
-        if !matches!(
-            method,
-            pb::SecurityMethod::Psk | pb::SecurityMethod::Unspecified
-        ) {
-            return Err(error_status(
-                Code::FailedPrecondition,
-                ErrorReason::MethodMismatch,
-                format!("AEF {} serves only PSK in this release", self.state.aef_id),
-            ));
+        match method {
+            pb::SecurityMethod::Pki => {
+                let endpoint = self.tls_endpoint("PKI")?;
+                let held = self
+                    .state
+                    .keys
+                    .valid_ca(&invoker)
+                    .filter(|c| c.home_ccf_id == home.as_str());
+                let ca = match held {
+                    Some(c) => c,
+                    None => {
+                        let c = self.fetch_ca(&invoker, &home).await?;
+                        self.state.keys.put_ca(invoker.clone(), c.clone());
+                        tracing::info!(api_invoker_id = %invoker, %home, remaining_ms = c.remaining().as_millis() as u64, "invoker CA fetched from CCF");
+                        c
+                    }
+                };
+                return Ok(Response::new(CheckAuthenticationRsp {
+                    supported_features: req.supported_features,
+                    tls_endpoint: endpoint,
+                    psk_identity: String::new(),
+                    key_id: String::new(),
+                    remaining_validity_ms: ca.remaining().as_millis() as u64,
+                }));
+            }
+            pb::SecurityMethod::Oauth => {
+                // Nothing to fetch: every call carries a token, checked with the issuer's keys.
+                return Ok(Response::new(CheckAuthenticationRsp {
+                    supported_features: req.supported_features,
+                    tls_endpoint: self.tls_endpoint("OAUTH")?,
+                    psk_identity: String::new(),
+                    key_id: String::new(),
+                    remaining_validity_ms: 0,
+                }));
+            }
+            pb::SecurityMethod::Psk | pb::SecurityMethod::Unspecified => {}
         }
         let held = self.state.keys.valid(&invoker).filter(|k| {
             k.home_ccf_id == home.as_str() && (req.key_id.is_empty() || req.key_id == k.key_id)
@@ -211,18 +294,77 @@ impl DemoApi for DemoApiService {
         &self,
         request: Request<InvokeRequest>,
     ) -> Result<Response<InvokeResponse>, Status> {
-        let peer = request
-            .extensions()
-            .get::<PskPeer>()
-            .cloned()
-            .ok_or_else(|| {
-                error_status(
-                    Code::Unauthenticated,
-                    ErrorReason::InternalFault,
-                    "no PSK peer on this connection",
-                )
-            })?;
+        let caller = if let Some(peer) = request.extensions().get::<PskPeer>().cloned() {
+            self.psk_caller(&peer)?
+        } else if let Some(info) = request.extensions().get::<ConnInfo>().cloned() {
+            match &info.peer {
+                Some(peer) => self.certificate_caller(&request, peer)?,
+                None => self.token_caller(&request).await?,
+            }
+        } else {
+            return Err(error_status(
+                Code::Unauthenticated,
+                ErrorReason::InternalFault,
+                "this connection carries no authenticated invoker",
+            ));
+        };
         let req = request.into_inner();
+        let allowed = match &caller.allowed {
+            Allowed::Apis(list) => list.contains(&req.api_name),
+            Allowed::Scope(scope) => scope.covers(&self.state.aef_id, &req.api_name),
+        };
+        if !self.state.apis.contains(&req.api_name) || !allowed {
+            tracing::info!(api_invoker_id = %caller.invoker, method = caller.method, api = %req.api_name, "API call refused: not authorized");
+            let (reason, what) = match caller.allowed {
+                Allowed::Apis(_) => (ErrorReason::ApiNotAuthorized, "is not authorized for"),
+                Allowed::Scope(_) => (
+                    ErrorReason::InsufficientScope,
+                    "holds a token whose scope does not cover",
+                ),
+            };
+            return Err(error_status(
+                Code::PermissionDenied,
+                reason,
+                format!(
+                    "API invoker {} {what} API {:?} at {}",
+                    caller.invoker, req.api_name, self.state.aef_id
+                ),
+            ));
+        }
+        tracing::info!(api_invoker_id = %caller.invoker, method = caller.method, api = %req.api_name, "API call served");
+        Ok(Response::new(InvokeResponse {
+            aef_id: self.state.aef_id.to_string(),
+            api_name: req.api_name,
+            api_invoker_id: caller.invoker.to_string(),
+            home_ccf_id: caller.home.to_string(),
+            key_id: caller.key_id,
+            result: req.payload,
+        }))
+    }
+}
+
+/// What a call may do, by method.
+enum Allowed {
+    /// Methods 1 and 2: the authorization information the CCF handed the AEF.
+    Apis(Vec<String>),
+    /// Method 3: the token's scope.
+    Scope(Scope),
+}
+
+/// The authenticated invoker of one call.
+struct Caller {
+    invoker: ApiInvokerId,
+    home: CcfId,
+    key_id: String,
+    method: &'static str,
+    allowed: Allowed,
+}
+
+/// The metadata a method-2 call names its invoker in.
+pub const INVOKER_ID_HEADER: &str = "capif-api-invoker-id";
+
+impl DemoApiService {
+    fn psk_caller(&self, peer: &PskPeer) -> Result<Caller, Status> {
         let id = &peer.identity;
         let key = self
             .state
@@ -238,25 +380,109 @@ impl DemoApi for DemoApiService {
                     ),
                 )
             })?;
-        if !self.state.apis.contains(&req.api_name) || !key.allowed_apis.contains(&req.api_name) {
-            tracing::info!(api_invoker_id = %id.api_invoker_id, api = %req.api_name, "API call refused: not authorized");
-            return Err(error_status(
-                Code::PermissionDenied,
-                ErrorReason::ApiNotAuthorized,
-                format!(
-                    "API invoker {} is not authorized for API {:?} at {}",
-                    id.api_invoker_id, req.api_name, self.state.aef_id
-                ),
-            ));
-        }
-        tracing::info!(api_invoker_id = %id.api_invoker_id, api = %req.api_name, "API call served");
-        Ok(Response::new(InvokeResponse {
-            aef_id: self.state.aef_id.to_string(),
-            api_name: req.api_name,
-            api_invoker_id: id.api_invoker_id.to_string(),
-            home_ccf_id: id.home_ccf_id.to_string(),
+        Ok(Caller {
+            invoker: id.api_invoker_id.clone(),
+            home: id.home_ccf_id.clone(),
             key_id: id.key_id.clone(),
-            result: req.payload,
-        }))
+            method: "PSK",
+            allowed: Allowed::Apis(key.allowed_apis),
+        })
+    }
+
+    fn certificate_caller<T>(
+        &self,
+        request: &Request<T>,
+        peer: &ccf_core::tls::PeerInfo,
+    ) -> Result<Caller, Status> {
+        let refused = |reason: String| {
+            tracing::info!(%reason, "certificate refused");
+            error_status(
+                Code::PermissionDenied,
+                ErrorReason::CertificateRefused,
+                reason,
+            )
+        };
+        let id = peer
+            .identity
+            .as_ref()
+            .map_err(|e| refused(format!("the certificate names no CAPIF identity: {e}")))?;
+        let Role::Invoker(invoker) = &id.role else {
+            return Err(refused(
+                "the certificate does not name an API invoker".into(),
+            ));
+        };
+        let presented = request
+            .metadata()
+            .get(INVOKER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if presented != invoker.as_str() {
+            return Err(refused(format!(
+                "the certificate names API invoker {invoker}, but the call presents {presented:?} (header {INVOKER_ID_HEADER})"
+            )));
+        }
+        // Checked again on every call: a revocation or the end of validity since the handshake.
+        let ca = self
+            .state
+            .keys
+            .for_certificate(invoker, id.ccf_id.as_str())
+            .map_err(|r| {
+                error_status(
+                    Code::Unauthenticated,
+                    ErrorReason::CertificateRefused,
+                    format!(
+                        "this connection's invoker is no longer accepted: {}",
+                        r.as_str()
+                    ),
+                )
+            })?;
+        Ok(Caller {
+            invoker: invoker.clone(),
+            home: id.ccf_id.clone(),
+            key_id: String::new(),
+            method: "PKI",
+            allowed: Allowed::Apis(ca.allowed_apis),
+        })
+    }
+
+    async fn token_caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let Some(token) = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return Err(error_status(
+                Code::Unauthenticated,
+                ErrorReason::InvalidToken,
+                "present a client certificate (PKI) or an \"authorization: Bearer <token>\" header (OAUTH)",
+            ));
+        };
+        let claims = self.state.tokens.verify(token.trim()).await.map_err(|r| {
+            tracing::info!(reason = %r.reason, "access token refused");
+            error_status(r.code, ErrorReason::InvalidToken, r.reason)
+        })?;
+        let bad = |reason: String| {
+            tracing::info!(%reason, "access token refused");
+            error_status(Code::Unauthenticated, ErrorReason::InvalidToken, reason)
+        };
+        let invoker = ApiInvokerId::new(claims.sub.clone())
+            .map_err(|e| bad(format!("the token's subject is not an API invoker id: {e}")))?;
+        let home = CcfId::new(claims.iss.clone())
+            .map_err(|e| bad(format!("the token's issuer is not a CCF id: {e}")))?;
+        if self.state.keys.is_revoked(&invoker) {
+            return Err(bad(format!(
+                "API invoker {invoker}'s authorization was revoked by the CCF"
+            )));
+        }
+        let scope = Scope::parse(&claims.scope)
+            .map_err(|e| bad(format!("the token's scope is malformed: {e}")))?;
+        Ok(Caller {
+            invoker,
+            home,
+            key_id: String::new(),
+            method: "OAUTH",
+            allowed: Allowed::Scope(scope),
+        })
     }
 }

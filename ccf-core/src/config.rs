@@ -117,6 +117,25 @@ impl Default for SecurityConfig {
 }
 
 /// `[onboarding]`.
+/// `[token]`: method 3 access tokens.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Lifetime of issued access tokens, seconds (never beyond the security context's validity).
+    pub lifetime_secs: u64,
+    /// How often holders of this CCF's key set should refresh it, seconds.
+    pub key_set_refresh_secs: u64,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            lifetime_secs: 600,
+            key_set_refresh_secs: 300,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OnboardingConfig {
@@ -159,6 +178,8 @@ pub struct CcfConfig {
     /// Onboarding credentials.
     #[serde(default)]
     pub onboarding: OnboardingConfig,
+    #[serde(default)]
+    pub token: TokenConfig,
     /// The AEF registry (`[[aef]]` tables).
     #[serde(default, rename = "aef")]
     pub aefs: Vec<AefConfig>,

@@ -14,6 +14,7 @@
 //! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
 //! - [`registry`] — the AEF registry and the canonical interface string.
 //! - [`store`] — invokers and security contexts in redb.
+//! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
 //! - [`config`] — the TOML configuration.
 //! - [`server`] — starting a CCF.
 //! - [`testkit`] — helpers for the crates' integration tests (grpcurl).
@@ -30,3 +31,4 @@ pub mod service;
 pub mod store;
 pub mod testkit;
 pub mod tls;
+pub mod token;

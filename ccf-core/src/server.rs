@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capif_proto::v1::{
     RevocationKind, RevocationNotice, aef_security_client::AefSecurityClient,
-    federation_server::FederationServer, gateway_client::GatewayClient,
-    invoker_management_server::InvokerManagementServer, security_server::SecurityServer,
+    ccf_admin_server::CcfAdminServer, federation_server::FederationServer,
+    gateway_client::GatewayClient, invoker_management_server::InvokerManagementServer,
+    security_server::SecurityServer,
 };
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -23,7 +24,9 @@ use crate::identity::{PeerIdentity, Role};
 use crate::ids::CcfId;
 use crate::pki::DomainCa;
 use crate::registry::AefRegistry;
-use crate::service::{FederationService, InvokerManagementService, SecurityService};
+use crate::service::{
+    CcfAdminService, FederationService, InvokerManagementService, SecurityService,
+};
 use crate::store::Store;
 use crate::tls::{ClientAuth, certs_from_pem, server_config};
 
@@ -58,6 +61,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The token signing keys.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
     /// Other I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -85,6 +91,12 @@ pub struct CcfState {
         std::collections::BTreeMap<crate::ids::AefId, AefSecurityClient<tonic::transport::Channel>>,
     /// CAPIF-6 client of this domain's gateway, when one is configured.
     pub gateway: Option<GatewayClient<tonic::transport::Channel>>,
+    /// Method 3: the access-token signing keys.
+    pub token_keys: crate::token::TokenKeys,
+    /// Method 3: lifetime of issued tokens.
+    pub token_lifetime: Duration,
+    /// Method 3: the refresh interval advertised with the key set.
+    pub key_set_refresh_secs: u64,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -222,6 +234,16 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         config.pki.ca_key.as_deref(),
     )?;
     let store = Store::open(&config.state_dir.join("ccf.redb"))?;
+    if config.token.lifetime_secs == 0 || config.token.key_set_refresh_secs == 0 {
+        return Err(StartError::Config(
+            "token.lifetime_secs and token.key_set_refresh_secs must be at least 1".into(),
+        ));
+    }
+    let token_keys = crate::token::TokenKeys::load_or_generate(
+        &config.state_dir,
+        config.token.lifetime_secs,
+        now_ms(),
+    )?;
     // A fresh server certificate at every start: nothing to rotate, nothing stale on disk.
     let own = ca.issue_with_new_key(
         &PeerIdentity::new(ccf_id.clone(), Role::Ccf),
@@ -257,6 +279,9 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         ccf_id: ccf_id.clone(),
         ca,
         store,
+        token_keys,
+        token_lifetime: Duration::from_secs(config.token.lifetime_secs),
+        key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,
         context_validity: Duration::from_secs(config.security.aef_psk_validity_secs),
         cert_validity_days: config.pki.cert_validity_days,
@@ -285,11 +310,17 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         .map_err(|e| StartError::Config(e.message().to_string()))?;
     let sec = SecurityServer::new(SecurityService::new(state.clone()));
     let fed = FederationServer::new(FederationService::new(state.clone()));
-    let names = [im_name, name_of(&sec), name_of(&fed)];
-    let capif_routes =
-        with_standard_services(Routes::new(im).add_service(sec).add_service(fed), &names)
-            .await
-            .map_err(|e| StartError::Config(e.message().to_string()))?;
+    let admin = CcfAdminServer::new(CcfAdminService::new(state.clone()));
+    let names = [im_name, name_of(&sec), name_of(&fed), name_of(&admin)];
+    let capif_routes = with_standard_services(
+        Routes::new(im)
+            .add_service(sec)
+            .add_service(fed)
+            .add_service(admin),
+        &names,
+    )
+    .await
+    .map_err(|e| StartError::Config(e.message().to_string()))?;
 
     let (stop, stop_rx) = watch::channel(false);
     let tasks = vec![

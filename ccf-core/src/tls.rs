@@ -59,7 +59,8 @@ pub enum TlsError {
     },
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The one crypto provider of the workspace (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -91,7 +92,8 @@ pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-fn roots(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+/// A root store of `certs`.
+pub fn roots(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     for c in certs {
         store.add(c.clone())?;
@@ -109,6 +111,9 @@ pub enum ClientAuth<'a> {
     Optional(&'a [CertificateDer<'static>]),
     /// Server authentication only (onboarding).
     None,
+    /// A verifier of the caller's own (an AEF's method-2 endpoint, whose trusted CAs depend on
+    /// the invoker the certificate names).
+    Custom(Arc<dyn rustls::server::danger::ClientCertVerifier>),
 }
 
 /// A TLS 1.3 server configuration with ALPN h2 for gRPC.
@@ -136,6 +141,7 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
         ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Custom(v) => builder.with_client_cert_verifier(v),
     };
     let mut cfg = builder.with_single_cert(
         certs_from_pem("server certificate", cert_chain_pem)?,

@@ -12,6 +12,7 @@
 //! - [`discovery`] — SRV lookup with priority/weight, static addresses.
 //! - [`partner`] — one reused channel per partner, failover, deadlines, retry budget, state.
 //! - [`cache`] — validity-bound moka cache with coalescing and negative entries.
+//! - [`keysets`] — partner CCFs' token verification keys, refreshed on unknown key ids.
 //! - [`state`] — what the services share.
 //! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
 //! - [`server`] — starting a gateway.
@@ -19,6 +20,7 @@
 pub mod cache;
 pub mod config;
 pub mod discovery;
+pub mod keysets;
 pub mod partner;
 pub mod server;
 pub mod service;

@@ -152,6 +152,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         federation,
         links,
         cache: KeyCache::new(&config.cache),
+        key_sets: Default::default(),
         ccf: FederationClient::new(ccf_channel),
         fetchers: Default::default(),
         default_budget: Duration::from_millis(config.outbound.default_timeout_ms),

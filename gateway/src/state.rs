@@ -26,6 +26,8 @@ pub struct GatewayState {
     pub links: BTreeMap<CcfId, PartnerLink>,
     /// The cache.
     pub cache: KeyCache,
+    /// Partner CCFs' token verification keys.
+    pub key_sets: crate::keysets::KeySetCache,
     /// CAPIF-6 client of the own CCF.
     pub ccf: FederationClient<Channel>,
     /// Partners that fetched keys of each of our invokers.

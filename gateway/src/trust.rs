@@ -85,6 +85,32 @@ impl PartnerTrust {
     pub fn server_verifier(&self) -> Arc<PartnerServerVerifier> {
         self.server_verifier.clone()
     }
+
+    /// Method 2 across domains: the CA certificates the partner's CCF names as issuers of its
+    /// invoker's certificate must be CAs this federation trusts for that partner. Otherwise a
+    /// partner (or whoever answers in its name) could make our AEFs accept certificates of any
+    /// CA. Returns why not, as a sentence.
+    pub fn check_invoker_cas(&self, pems: &[String]) -> Result<(), String> {
+        if pems.is_empty() {
+            return Err(format!("{} named no CA for its invoker", self.ccf_id));
+        }
+        for pem in pems {
+            let certs = certs_from_pem("invoker CA certificate", pem).map_err(|e| e.to_string())?;
+            if certs.is_empty() {
+                return Err(format!("{} sent an empty CA certificate", self.ccf_id));
+            }
+            if let Some(c) = certs.iter().find(|c| !self.ca_certs.contains(c)) {
+                let subject = x509_parser::parse_x509_certificate(c)
+                    .map(|(_, x)| x.subject().to_string())
+                    .unwrap_or_else(|_| "an unparsable certificate".into());
+                return Err(format!(
+                    "{} named CA {subject:?} for its invoker, which is not the CA this federation trusts for {}",
+                    self.ccf_id, self.ccf_id
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// All partners.

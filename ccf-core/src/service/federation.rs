@@ -1,7 +1,9 @@
 //! `Federation`: what this CCF answers its own gateway on behalf of partner domains (CAPIF-6).
 //!
-//! DESIGN.md invariant 1 is enforced here: a key leaves the domain only towards the domain that
-//! owns the AEF the key is bound to, and only if the invoker negotiated PSK for that AEF. The
+//! DESIGN.md invariant 1 is enforced here: a key (or, for method 2, the invoker's CA) leaves the
+//! domain only towards the domain that owns the AEF it is bound to, and only if the invoker
+//! negotiated PSK or PKI for that AEF. The CCF's token verification keys are public and go to
+//! any partner the gateway authenticated. The
 //! partner is the one the gateway read from the partner's verified certificate.
 
 use std::sync::Arc;
@@ -84,12 +86,14 @@ impl Federation for FederationService {
             }
         }
         let ctx = valid_context(&self.state, &invoker, &aef)?;
-        if ctx.method != SecurityMethod::Psk {
+        // PSK hands out the key, PKI the CA that issues the invoker's certificates. OAUTH needs
+        // neither: the AEF verifies the token with the issuer's published keys.
+        if !matches!(ctx.method, SecurityMethod::Psk | SecurityMethod::Pki) {
             return Err(error_status(
                 Code::FailedPrecondition,
                 ErrorReason::MethodMismatch,
                 format!(
-                    "API invoker {invoker} negotiated {:?}, not PSK, for AEF {aef}",
+                    "API invoker {invoker} negotiated {:?} for AEF {aef}; its tokens carry what the AEF needs",
                     ctx.method
                 ),
             ));
@@ -132,12 +136,30 @@ impl Federation for FederationService {
 
     async fn get_token_key_set(
         &self,
-        _request: Request<TokenKeySetRequest>,
+        request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "method 3 (OAuth access tokens) is not available in this release",
-        ))
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        if who.role != Role::Gateway {
+            return Err(role_not_allowed(
+                &who,
+                "read token verification keys for partners",
+            ));
+        }
+        let req = request.into_inner();
+        if !req.issuer_ccf_id.is_empty() && req.issuer_ccf_id != self.state.ccf_id.as_str() {
+            return Err(invalid(
+                "issuer_ccf_id",
+                format!(
+                    "names {}, not this domain {}",
+                    req.issuer_ccf_id, self.state.ccf_id
+                ),
+            ));
+        }
+        Ok(Response::new(self.state.token_keys.key_set(
+            self.state.ccf_id.as_str(),
+            self.state.key_set_refresh_secs,
+            crate::server::now_ms(),
+        )))
     }
 }

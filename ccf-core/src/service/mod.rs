@@ -1,11 +1,14 @@
 //! The CCF's gRPC services, one file each: `InvokerManagement` (onboarding, offboarding),
-//! `Security` (CAPIF-1e and CAPIF-3) and `Federation` (CAPIF-6, called by the domain's gateway).
+//! `Security` (CAPIF-1e and CAPIF-3), `Federation` (CAPIF-6, called by the domain's gateway) and
+//! `CcfAdmin` (the operator).
 //! Shared here: turning library errors and bad input into statuses with stable reasons.
 
+mod admin;
 mod federation;
 mod invoker_management;
 mod security;
 
+pub use admin::CcfAdminService;
 pub use federation::FederationService;
 pub use invoker_management::InvokerManagementService;
 pub use security::SecurityService;

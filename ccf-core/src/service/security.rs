@@ -24,6 +24,7 @@ use crate::ids::{ApiInvokerId, ApiName};
 use crate::registry::{AefEntry, Interface, SecurityMethod, select_method};
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
+use crate::token::{AccessTokenClaims, Scope};
 
 /// Budget of a CAPIF-3 request that goes to the gateway when the AEF sets no deadline.
 const DEFAULT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
@@ -406,23 +407,173 @@ impl Security for SecurityService {
 
     async fn obtain_access_token(
         &self,
-        _request: Request<AccessTokenReq>,
+        request: Request<AccessTokenReq>,
     ) -> Result<Response<AccessTokenRsp>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "method 3 (OAuth access tokens) is not available in this release",
-        ))
+        let who = caller(&request)?;
+        let id = calling_invoker(&self.state, &who, "obtain access tokens")?;
+        let req = request.into_inner();
+        let oauth = |code, reason, msg: String| error_status(code, reason, msg);
+        if req.grant_type != "client_credentials" {
+            return Err(oauth(
+                Code::InvalidArgument,
+                ErrorReason::UnsupportedGrantType,
+                format!(
+                    "grant_type {:?} is not supported; use \"client_credentials\"",
+                    req.grant_type
+                ),
+            ));
+        }
+        if req.client_id != id.as_str() {
+            return Err(oauth(
+                Code::PermissionDenied,
+                ErrorReason::InvalidClient,
+                format!("client_id must be the caller's own API invoker id ({id})"),
+            ));
+        }
+        let asked = Scope::parse(&req.scope).map_err(|e| {
+            oauth(
+                Code::InvalidArgument,
+                ErrorReason::InvalidScope,
+                e.to_string(),
+            )
+        })?;
+        let now = now_ms();
+        let contexts: Vec<SecurityContext> = self
+            .state
+            .store
+            .contexts_of(&id)
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|c| c.method == SecurityMethod::Oauth && c.expires_at_ms > now)
+            .collect();
+        if contexts.is_empty() {
+            return Err(oauth(
+                Code::FailedPrecondition,
+                ErrorReason::UnauthorizedClient,
+                format!(
+                    "API invoker {id} holds no valid security context with method OAUTH; obtain one first"
+                ),
+            ));
+        }
+        // What is granted: the asked scope, each part checked against a context; or, when no
+        // scope is asked, everything the OAUTH contexts allow.
+        let mut granted = Vec::new();
+        let mut context_end = u64::MAX;
+        if asked.is_empty() {
+            for c in &contexts {
+                granted.push((c.aef_id.clone(), c.allowed_apis.clone()));
+                context_end = context_end.min(c.expires_at_ms);
+            }
+        } else {
+            for (aef, apis) in &asked.0 {
+                let Some(c) = contexts.iter().find(|c| &c.aef_id == aef) else {
+                    return Err(oauth(
+                        Code::PermissionDenied,
+                        ErrorReason::InvalidScope,
+                        format!("API invoker {id} holds no OAUTH security context for AEF {aef}"),
+                    ));
+                };
+                if let Some(api) = apis.iter().find(|a| !c.allowed_apis.contains(a)) {
+                    return Err(oauth(
+                        Code::PermissionDenied,
+                        ErrorReason::InvalidScope,
+                        format!("API invoker {id} is not authorized for API {api} at AEF {aef}"),
+                    ));
+                }
+                granted.push((aef.clone(), apis.clone()));
+                context_end = context_end.min(c.expires_at_ms);
+            }
+        }
+        let scope = Scope(granted).to_string();
+        let now_s = now / 1000;
+        let exp = (now_s + self.state.token_lifetime.as_secs()).min(context_end / 1000);
+        if exp <= now_s {
+            return Err(oauth(
+                Code::FailedPrecondition,
+                ErrorReason::InvalidGrant,
+                format!(
+                    "API invoker {id}'s security contexts expire within a second; obtain new ones"
+                ),
+            ));
+        }
+        let claims = AccessTokenClaims {
+            iss: self.state.ccf_id.to_string(),
+            sub: id.to_string(),
+            client_id: id.to_string(),
+            scope: scope.clone(),
+            exp,
+            iat: now_s,
+            jti: hex::encode(rand::random::<[u8; 12]>()),
+        };
+        let token = self.state.token_keys.sign(&claims).map_err(|e| {
+            tracing::error!(error = %e, "cannot sign an access token");
+            error_status(
+                Code::Internal,
+                ErrorReason::InternalFault,
+                "the CCF could not sign the access token",
+            )
+        })?;
+        tracing::info!(api_invoker_id = %id, %scope, exp, kid = %self.state.token_keys.current_kid(), "access token issued");
+        Ok(Response::new(AccessTokenRsp {
+            access_token: token,
+            token_type: "Bearer".into(),
+            expires_in: exp - now_s,
+            scope,
+        }))
     }
 
     async fn get_token_key_set(
         &self,
-        _request: Request<TokenKeySetRequest>,
+        request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "method 3 (OAuth access tokens) is not available in this release",
-        ))
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        if !matches!(who.role, Role::Aef(_) | Role::Operator) {
+            return Err(role_not_allowed(&who, "read token verification keys"));
+        }
+        let budget = crate::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
+        let req = request.into_inner();
+        let issuer = if req.issuer_ccf_id.is_empty() {
+            self.state.ccf_id.clone()
+        } else {
+            ccf_id("issuer_ccf_id", &req.issuer_ccf_id)?
+        };
+        if issuer == self.state.ccf_id {
+            return Ok(Response::new(self.state.token_keys.key_set(
+                issuer.as_str(),
+                self.state.key_set_refresh_secs,
+                now_ms(),
+            )));
+        }
+        let Some(gw) = &self.state.gateway else {
+            return Err(error_status(
+                Code::FailedPrecondition,
+                ErrorReason::NoInterconnect,
+                format!(
+                    "tokens of {issuer} cannot be verified: {} has no interconnect gateway configured",
+                    self.state.ccf_id
+                ),
+            ));
+        };
+        let mut r = Request::new(TokenKeySetRequest {
+            issuer_ccf_id: issuer.to_string(),
+            unknown_kid: req.unknown_kid,
+        });
+        r.set_timeout(crate::grpc::inner_budget(budget));
+        let set = gw.clone().fetch_token_key_set(r).await.map_err(|s| {
+            if crate::grpc::error_reason(&s).is_some() {
+                s
+            } else {
+                error_status(
+                    Code::Unavailable,
+                    ErrorReason::PartnerUnavailable,
+                    format!(
+                        "the interconnect gateway of {} is unreachable",
+                        self.state.ccf_id
+                    ),
+                )
+            }
+        })?;
+        Ok(Response::new(set.into_inner()))
     }
 }

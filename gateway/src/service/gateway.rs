@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use capif_proto::v1::{
     ErrorReason, InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
-    SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, gateway_server::Gateway,
+    SecurityInformationQuery, SecurityMethod, TokenKeySet, TokenKeySetRequest,
+    gateway_server::Gateway,
 };
 use ccf_core::grpc::{budget, caller, error_status, inner_budget};
 use ccf_core::identity::Role;
-use ccf_core::ids::ApiInvokerId;
+use ccf_core::ids::{ApiInvokerId, CcfId};
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
@@ -78,18 +79,35 @@ impl Gateway for GatewayService {
         };
         let presented = q.presented_key_id.clone();
         let outbound = q.clone();
-        let result = self
-            .state
-            .cache
-            .get_or_fetch(
-                key,
-                &presented,
-                link.call(deadline, move |mut client, remaining| {
+        let trust = self.state.federation.get(&home);
+        let fetch = async {
+            let info = link
+                .call(deadline, move |mut client, remaining| {
                     let mut r = Request::new(outbound.clone());
                     r.set_timeout(remaining);
                     async move { client.fetch_security_information(r).await }
-                }),
-            )
+                })
+                .await?;
+            // Method 2: the CA the partner names must be the one we trust for it.
+            if info.sel_security_method == SecurityMethod::Pki as i32 {
+                let verdict = trust
+                    .map(|t| t.check_invoker_cas(&info.invoker_ca_certificates))
+                    .unwrap_or_else(|| Err(format!("{home} has no configured CA")));
+                if let Err(why) = verdict {
+                    tracing::warn!(partner = %home, error = %why, "partner answer refused");
+                    return Err(error_status(
+                        Code::PermissionDenied,
+                        ErrorReason::CaNotFederated,
+                        why,
+                    ));
+                }
+            }
+            Ok(info)
+        };
+        let result = self
+            .state
+            .cache
+            .get_or_fetch(key, &presented, fetch)
             .instrument(span.clone())
             .await;
         span.in_scope(|| match &result {
@@ -155,12 +173,61 @@ impl Gateway for GatewayService {
 
     async fn fetch_token_key_set(
         &self,
-        _request: Request<TokenKeySetRequest>,
+        request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "method 3 (OAuth access tokens) is not available in this release",
-        ))
+        let who = caller(&request)?;
+        require(
+            &self.state,
+            &who,
+            Role::Ccf,
+            "ask the gateway for partners' token keys",
+        )?;
+        let deadline = Instant::now()
+            + inner_budget(budget(
+                &request,
+                self.state.default_budget,
+                self.state.max_budget,
+            ));
+        let req = request.into_inner();
+        let issuer =
+            CcfId::new(req.issuer_ccf_id.clone()).map_err(|e| invalid("issuer_ccf_id", e))?;
+        let Some(link) = self.state.links.get(&issuer) else {
+            return Err(error_status(
+                Code::NotFound,
+                ErrorReason::UnknownPartner,
+                format!("{issuer} is not a partner of {}", self.state.ccf_id),
+            ));
+        };
+        let outbound = TokenKeySetRequest {
+            issuer_ccf_id: issuer.to_string(),
+            unknown_kid: String::new(),
+        };
+        let fetch = async {
+            let set = link
+                .call(deadline, move |mut client, remaining| {
+                    let mut r = Request::new(outbound.clone());
+                    r.set_timeout(remaining);
+                    async move { client.get_token_key_set(r).await }
+                })
+                .await?;
+            if set.issuer_ccf_id != issuer.as_str() {
+                return Err(error_status(
+                    Code::PermissionDenied,
+                    ErrorReason::IdentityMismatch,
+                    format!(
+                        "{issuer}'s gateway sent the key set of {:?}",
+                        set.issuer_ccf_id
+                    ),
+                ));
+            }
+            tracing::info!(partner = %issuer, keys = set.keys.len(), "partner token keys fetched");
+            Ok(set)
+        };
+        let set = self
+            .state
+            .key_sets
+            .get_or_fetch(&issuer, &req.unknown_kid, fetch)
+            .await?;
+        Ok(Response::new((*set).clone()))
     }
 }

@@ -165,12 +165,49 @@ impl Interconnect for InterconnectService {
 
     async fn get_token_key_set(
         &self,
-        _request: Request<TokenKeySetRequest>,
+        request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "method 3 (OAuth access tokens) is not available in this release",
-        ))
+        let partner = self.partner(&request)?;
+        let remaining = inner_budget(budget(
+            &request,
+            self.state.default_budget,
+            self.state.max_budget,
+        ));
+        let req = request.into_inner();
+        if !req.issuer_ccf_id.is_empty() && req.issuer_ccf_id != self.state.ccf_id.as_str() {
+            return Err(invalid(
+                "issuer_ccf_id",
+                format!("this gateway serves {} only", self.state.ccf_id),
+            ));
+        }
+        let mut r = Request::new(TokenKeySetRequest {
+            issuer_ccf_id: self.state.ccf_id.to_string(),
+            unknown_kid: String::new(),
+        });
+        r.set_timeout(remaining);
+        let mut ccf = self.state.ccf.clone();
+        match tokio::time::timeout(remaining, ccf.get_token_key_set(r)).await {
+            Ok(Ok(rsp)) => {
+                tracing::info!(%partner, "token keys handed to partner");
+                Ok(rsp)
+            }
+            Ok(Err(s)) if error_reason(&s).is_some() => Err(s),
+            Ok(Err(s)) => {
+                tracing::error!(error = %s.message(), "own CCF unreachable");
+                Err(error_status(
+                    Code::Unavailable,
+                    ErrorReason::PartnerUnavailable,
+                    format!("the CCF of {} is unavailable", self.state.ccf_id),
+                ))
+            }
+            Err(_) => Err(error_status(
+                Code::DeadlineExceeded,
+                ErrorReason::PartnerTimeout,
+                format!(
+                    "the CCF of {} did not answer within the deadline",
+                    self.state.ccf_id
+                ),
+            )),
+        }
     }
 }

@@ -1,0 +1,56 @@
+//! `CcfAdmin`: what the domain's operator does to a running CCF (operator role, mutual TLS).
+//! Today: rotating the access-token signing key without a restart.
+
+use std::sync::Arc;
+
+use capif_proto::v1::{
+    ErrorReason, RotateTokenSigningKeyRequest, TokenKeySet, ccf_admin_server::CcfAdmin,
+};
+use tonic::{Code, Request, Response, Status};
+
+use super::{own_domain, role_not_allowed};
+use crate::grpc::{caller, error_status};
+use crate::identity::Role;
+use crate::server::{CcfState, now_ms};
+
+/// The CcfAdmin service.
+#[derive(Clone, Debug)]
+pub struct CcfAdminService {
+    state: Arc<CcfState>,
+}
+
+impl CcfAdminService {
+    /// A service over the CCF's state.
+    pub fn new(state: Arc<CcfState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl CcfAdmin for CcfAdminService {
+    async fn rotate_token_signing_key(
+        &self,
+        request: Request<RotateTokenSigningKeyRequest>,
+    ) -> Result<Response<TokenKeySet>, Status> {
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        if who.role != Role::Operator {
+            return Err(role_not_allowed(&who, "rotate the token signing key"));
+        }
+        let previous = self.state.token_keys.current_kid();
+        let kid = self.state.token_keys.rotate(now_ms()).map_err(|e| {
+            tracing::error!(error = %e, "token signing key rotation failed");
+            error_status(
+                Code::Internal,
+                ErrorReason::StoreFailure,
+                "the new signing key could not be stored; the current key stays in use",
+            )
+        })?;
+        tracing::info!(%previous, current = %kid, "token signing key rotated");
+        Ok(Response::new(self.state.token_keys.key_set(
+            self.state.ccf_id.as_str(),
+            self.state.key_set_refresh_secs,
+            now_ms(),
+        )))
+    }
+}
