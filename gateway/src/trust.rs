@@ -245,3 +245,34 @@ pub fn partner_client_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccf_core::pki::DomainCa;
+
+    #[test]
+    fn invoker_cas_must_be_the_partners_configured_ca() {
+        let b = CcfId::new("operator-b.test").unwrap();
+        let real = DomainCa::generate(&b).unwrap();
+        let rogue = DomainCa::generate(&b).unwrap();
+        let trust = PartnerTrust::new(b, real.cert_pem()).unwrap();
+        assert!(
+            trust
+                .check_invoker_cas(&[real.cert_pem().to_string()])
+                .is_ok()
+        );
+        let e = trust
+            .check_invoker_cas(&[rogue.cert_pem().to_string()])
+            .unwrap_err();
+        assert!(e.contains("not the CA this federation trusts"), "{e}");
+        // One bad CA among good ones is enough to refuse; so is naming none.
+        assert!(
+            trust
+                .check_invoker_cas(&[real.cert_pem().to_string(), rogue.cert_pem().to_string()])
+                .is_err()
+        );
+        assert!(trust.check_invoker_cas(&[]).is_err());
+        assert!(trust.check_invoker_cas(&["not a pem".into()]).is_err());
+    }
+}

@@ -345,3 +345,240 @@ pub async fn call(
         .map(|r| r.into_inner())
         .map_err(status_error)
 }
+
+/// The method names the CLI and scenario files use.
+pub fn parse_method(s: &str) -> Result<pb::SecurityMethod> {
+    match s.to_ascii_lowercase().as_str() {
+        "psk" => Ok(pb::SecurityMethod::Psk),
+        "pki" => Ok(pb::SecurityMethod::Pki),
+        "oauth" => Ok(pb::SecurityMethod::Oauth),
+        _ => bail!("unknown security method {s:?}: use psk, pki or oauth"),
+    }
+}
+
+/// CAPIF-1e: obtains `method` (PKI or OAUTH; PSK is [`security`], which also derives the key)
+/// for `aef`, optionally for one API only. Returns the CCF's answer for that AEF.
+pub async fn negotiate(
+    profile: &Profile,
+    aef: &str,
+    api: Option<&str>,
+    method: pb::SecurityMethod,
+) -> Result<pb::SecurityInformation> {
+    let rsp = SecurityClient::new(profile.capif1e_channel().await?)
+        .obtain_security_method(pb::ObtainSecurityMethodRequest {
+            api_invoker_id: profile.id().to_string(),
+            service_security: Some(pb::ServiceSecurity {
+                security_info: vec![pb::SecurityInformation {
+                    aef_id: aef.to_string(),
+                    api_id: api.unwrap_or_default().to_string(),
+                    pref_security_methods: vec![method as i32],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let info = rsp
+        .security_info
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("the CCF answered no security information"))?;
+    if info.sel_security_method != method as i32 {
+        bail!(
+            "the CCF selected {:?}, not {method:?}",
+            pb::SecurityMethod::try_from(info.sel_security_method)
+        );
+    }
+    Ok(info)
+}
+
+/// Method 3: an access token from the home CCF (client credentials grant over CAPIF-1e).
+/// `scope` in the `3gpp#<aefId>:<apiName>` form; empty asks for everything negotiated.
+pub async fn token(profile: &Profile, scope: &str) -> Result<pb::AccessTokenRsp> {
+    SecurityClient::new(profile.capif1e_channel().await?)
+        .obtain_access_token(pb::AccessTokenReq {
+            grant_type: "client_credentials".into(),
+            client_id: profile.id().to_string(),
+            client_secret: String::new(),
+            scope: scope.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+/// Authentication Initiation for any method (see [`auth`] for PSK).
+pub async fn auth_method(
+    profile: &Profile,
+    method: pb::SecurityMethod,
+    key_id: &str,
+    aef_addr: &str,
+    aef_ca_pem: &str,
+    aef_server_name: &str,
+) -> Result<pb::CheckAuthenticationRsp> {
+    let (ch, _) = connect(
+        aef_addr,
+        aef_server_name,
+        client_config(aef_ca_pem, None)?,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    AefSecurityClient::new(ch)
+        .check_authentication(pb::CheckAuthenticationReq {
+            api_invoker_id: profile.id().to_string(),
+            supported_features: String::new(),
+            home_ccf_id: profile.file.ccf_id.clone(),
+            security_method: method as i32,
+            key_id: key_id.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+fn invoke_request(api: &str) -> pb::InvokeRequest {
+    pb::InvokeRequest {
+        api_name: api.to_string(),
+        payload: "hello from the invoker".into(),
+    }
+}
+
+/// Method 2: mutual TLS (rustls) with the certificate the home CCF issued, and one demo API call
+/// that presents `presented_id` (normally the profile's own id) as the invoker.
+pub async fn call_pki(
+    profile: &Profile,
+    presented_id: &str,
+    endpoint: &str,
+    aef_ca_pem: &str,
+    aef_server_name: &str,
+    api: &str,
+) -> Result<pb::InvokeResponse> {
+    let cfg = client_config(aef_ca_pem, Some((&profile.cert_pem, &profile.key_pem)))?;
+    let (ch, _) = connect(endpoint, aef_server_name, cfg, CONNECT_TIMEOUT).await?;
+    let mut r = tonic::Request::new(invoke_request(api));
+    r.metadata_mut().insert(
+        aef_stub::service::INVOKER_ID_HEADER,
+        presented_id
+            .parse()
+            .map_err(|_| anyhow!("{presented_id:?} cannot be sent as metadata"))?,
+    );
+    DemoApiClient::new(ch)
+        .invoke(r)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+/// Method 3: server-authenticated TLS (rustls) and one demo API call with the bearer token.
+pub async fn call_oauth(
+    access_token: &str,
+    endpoint: &str,
+    aef_ca_pem: &str,
+    aef_server_name: &str,
+    api: &str,
+) -> Result<pb::InvokeResponse> {
+    let (ch, _) = connect(
+        endpoint,
+        aef_server_name,
+        client_config(aef_ca_pem, None)?,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
+    let mut r = tonic::Request::new(invoke_request(api));
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {access_token}")
+            .parse()
+            .map_err(|_| anyhow!("the access token cannot be sent as metadata"))?,
+    );
+    DemoApiClient::new(ch)
+        .invoke(r)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(status_error)
+}
+
+/// Where an AEF is and how to trust it.
+#[derive(Clone, Debug)]
+pub struct AefTarget<'a> {
+    /// host:port of its security listener.
+    pub addr: &'a str,
+    /// Its domain's CA, PEM.
+    pub ca_pem: &'a str,
+    /// The name in its certificate.
+    pub server_name: &'a str,
+}
+
+/// The whole flow with one method: obtain the method at the home CCF (and, for OAUTH, a token
+/// scoped to this AEF and API), Authentication Initiation at the AEF, then one call.
+pub async fn run_flow(
+    profile: &Profile,
+    method: pb::SecurityMethod,
+    aef: &str,
+    api: &str,
+    target: &AefTarget<'_>,
+    psk_tls: TlsProfile,
+) -> Result<pb::InvokeResponse> {
+    match method {
+        pb::SecurityMethod::Pki => {
+            negotiate(profile, aef, None, method).await?;
+            let a = auth_method(
+                profile,
+                method,
+                "",
+                target.addr,
+                target.ca_pem,
+                target.server_name,
+            )
+            .await?;
+            call_pki(
+                profile,
+                profile.id(),
+                &a.tls_endpoint,
+                target.ca_pem,
+                target.server_name,
+                api,
+            )
+            .await
+        }
+        pb::SecurityMethod::Oauth => {
+            negotiate(profile, aef, None, method).await?;
+            let t = token(
+                profile,
+                &format!("{}{aef}:{api}", ccf_core::token::SCOPE_PREFIX),
+            )
+            .await?;
+            let a = auth_method(
+                profile,
+                method,
+                "",
+                target.addr,
+                target.ca_pem,
+                target.server_name,
+            )
+            .await?;
+            call_oauth(
+                &t.access_token,
+                &a.tls_endpoint,
+                target.ca_pem,
+                target.server_name,
+                api,
+            )
+            .await
+        }
+        _ => {
+            let k = security(profile, aef, None).await?;
+            let a = auth(
+                profile,
+                Some(&k),
+                target.addr,
+                target.ca_pem,
+                target.server_name,
+            )
+            .await?;
+            call(profile, &k, &a.tls_endpoint, api, psk_tls).await
+        }
+    }
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use aef_stub::psk::TlsProfile;
 use anyhow::{Context, Result};
+use capif_proto::v1::SecurityMethod;
 use capif_scenarios::invoker::{self, Profile};
 use capif_scenarios::runner::{Runner, table};
 use capif_scenarios::scenario::Scenario;
@@ -147,7 +148,8 @@ enum InvokerCommand {
         #[arg(long, default_value = "localhost")]
         server_name: String,
     },
-    /// CAPIF-1e: obtain PSK for an AEF on a new TLS session and derive the AEFPSK.
+    /// CAPIF-1e: obtain a security method for an AEF. With PSK (the default), on a new TLS
+    /// session, deriving the AEFPSK.
     Security {
         #[command(flatten)]
         profile: ProfileArg,
@@ -157,6 +159,19 @@ enum InvokerCommand {
         /// Ask authorization for this API only (default: every API of the AEF).
         #[arg(long)]
         api: Option<String>,
+        /// Security method: psk, pki or oauth.
+        #[arg(long, default_value = "psk", value_parser = invoker::parse_method)]
+        method: SecurityMethod,
+    },
+    /// Method 3: obtain an access token from the home CCF and print it (the invoker's own
+    /// credential, for calls with other tools).
+    Token {
+        #[command(flatten)]
+        profile: ProfileArg,
+        /// Scope, `3gpp#<aefId>:<apiName>[,<apiName>][;<aefId>:...]` (default: everything
+        /// negotiated with method OAUTH).
+        #[arg(long, default_value = "")]
+        scope: String,
     },
     /// Authentication Initiation at the AEF.
     Auth {
@@ -167,6 +182,9 @@ enum InvokerCommand {
         aef: String,
         #[command(flatten)]
         target: AefArgs,
+        /// Security method: psk, pki or oauth.
+        #[arg(long, default_value = "psk", value_parser = invoker::parse_method)]
+        method: SecurityMethod,
     },
     /// TLS-PSK handshake with the AEF and one demo API call.
     Call {
@@ -194,7 +212,9 @@ enum InvokerCommand {
         #[arg(long)]
         aef: String,
     },
-    /// The whole flow: security, auth, PSK handshake, API call.
+    /// The whole flow with one method: security method (and, for oauth, a token), Authentication
+    /// Initiation, handshake (TLS-PSK, mutual TLS with the invoker's certificate, or TLS with a
+    /// bearer token), API call.
     Run {
         #[command(flatten)]
         profile: ProfileArg,
@@ -206,6 +226,9 @@ enum InvokerCommand {
         /// The API to call.
         #[arg(long)]
         api: String,
+        /// Security method: psk, pki or oauth.
+        #[arg(long, default_value = "psk", value_parser = invoker::parse_method)]
+        method: SecurityMethod,
         /// PSK TLS profile: tls13 or tls12.
         #[arg(long, default_value = "tls13")]
         tls: TlsProfile,
@@ -448,18 +471,64 @@ async fn run(cli: Cli) -> Result<()> {
                 p.dir.display()
             );
         }
-        InvokerCommand::Security { profile, aef, api } => {
+        InvokerCommand::Security {
+            profile,
+            aef,
+            api,
+            method,
+        } => {
             let p = Profile::load(&profile.profile)?;
-            let k = invoker::security(&p, &aef, api.as_deref()).await?;
+            if method == SecurityMethod::Psk {
+                let k = invoker::security(&p, &aef, api.as_deref()).await?;
+                println!(
+                    "security method PSK for {aef}: key_id={} interface={} expires_at_ms={}",
+                    k.key_id, k.interface, k.expires_at_ms
+                );
+            } else {
+                let i = invoker::negotiate(&p, &aef, api.as_deref(), method).await?;
+                println!(
+                    "security method {} for {aef}: authorized APIs {}",
+                    method.as_str_name(),
+                    i.authorization_info
+                );
+            }
+        }
+        InvokerCommand::Token { profile, scope } => {
+            let p = Profile::load(&profile.profile)?;
+            let t = invoker::token(&p, &scope).await?;
+            eprintln!("scope={} expires_in={}s", t.scope, t.expires_in);
+            // The invoker asked for its own credential: printing it is this command's purpose.
+            println!("{}", t.access_token);
+        }
+        InvokerCommand::Auth {
+            profile,
+            aef: _,
+            target,
+            method,
+        } if method != SecurityMethod::Psk => {
+            let p = Profile::load(&profile.profile)?;
+            let ca = std::fs::read_to_string(&target.aef_ca)?;
+            let r = invoker::auth_method(
+                &p,
+                method,
+                "",
+                &target.aef_addr,
+                &ca,
+                &target.aef_server_name,
+            )
+            .await?;
             println!(
-                "security method PSK for {aef}: key_id={} interface={} expires_at_ms={}",
-                k.key_id, k.interface, k.expires_at_ms
+                "authenticated: method={} tls_endpoint={} remaining_validity_ms={}",
+                method.as_str_name(),
+                r.tls_endpoint,
+                r.remaining_validity_ms
             );
         }
         InvokerCommand::Auth {
             profile,
             aef,
             target,
+            ..
         } => {
             let p = Profile::load(&profile.profile)?;
             let k = p.key(&aef)?;
@@ -494,17 +563,30 @@ async fn run(cli: Cli) -> Result<()> {
             aef,
             target,
             api,
+            method,
             tls,
         } => {
             let p = Profile::load(&profile.profile)?;
-            let k = invoker::security(&p, &aef, None).await?;
             let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let a =
-                invoker::auth(&p, Some(&k), &target.aef_addr, &ca, &target.aef_server_name).await?;
-            let r = invoker::call(&p, &k, &a.tls_endpoint, &api, tls).await?;
+            let t = invoker::AefTarget {
+                addr: &target.aef_addr,
+                ca_pem: &ca,
+                server_name: &target.aef_server_name,
+            };
+            let r = invoker::run_flow(&p, method, &aef, &api, &t, tls).await?;
             println!(
-                "{} answered {} for {} (key {}): {}",
-                r.aef_id, r.api_name, r.api_invoker_id, r.key_id, r.result
+                "{} answered {} for {} of {} ({}{}): {}",
+                r.aef_id,
+                r.api_name,
+                r.api_invoker_id,
+                r.home_ccf_id,
+                method.as_str_name(),
+                if r.key_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(", key {}", r.key_id)
+                },
+                r.result
             );
         }
     }

@@ -140,7 +140,7 @@ fn ccf_config(d: &Domain, o: &Options) -> CcfConfig {
     let mut aefs = String::new();
     for (i, (aef, owner)) in AEFS.iter().enumerate() {
         aefs += &format!(
-            "[[aef]]\naef_id = \"{aef}\"\nccf_id = \"{owner}\"\ninterface = {{ fqdn = \"{aef}.{owner}\", port = {}, api_prefix = \"/api\" }}\nsecurity_methods = [\"PSK\"]\napis = [\"api-{aef}\", \"admin-{aef}\"]\n",
+            "[[aef]]\naef_id = \"{aef}\"\nccf_id = \"{owner}\"\ninterface = {{ fqdn = \"{aef}.{owner}\", port = {}, api_prefix = \"/api\" }}\nsecurity_methods = [\"PSK\", \"PKI\", \"OAUTH\"]\napis = [\"api-{aef}\", \"admin-{aef}\"]\n",
             8440 + i
         );
         if let Some(port) = d.aef_ports.get(*aef) {
@@ -294,7 +294,7 @@ impl Testbed {
                     "aef_id = \"{aef}\"\nccf_id = \"{id}\"\napis = [\"api-{aef}\", \"admin-{aef}\"]\n\
                      [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                      [ccf]\naddress = \"{ccf}\"\n\
-                     [listen]\nsecurity = \"127.0.0.1:{port}\"\npsk = \"127.0.0.1:0\"\n",
+                     [listen]\nsecurity = \"127.0.0.1:{port}\"\npsk = \"127.0.0.1:0\"\ntls = \"127.0.0.1:0\"\n",
                     id = d.id,
                     ca = d.dir.join("ca.pem").display(),
                     cert = cert.display(),

@@ -1,0 +1,406 @@
+//! Security methods 2 (TLS with certificates) and 3 (OAuth 2.0 access tokens), end to end with
+//! the real CCF, gateways and AEF stub, in one domain and across two: the invoker's call
+//! succeeds, and each forbidden case is refused with its own reason in the AEF's log.
+
+#[path = "../../gateway/tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use aef_stub::psk::TlsProfile;
+use capif_proto::v1::{self as pb, SecurityMethod};
+use capif_scenarios::invoker::{self, AefTarget, Profile};
+use ccf_core::identity::Role;
+use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::pki::DomainCa;
+use ccf_core::server::now_ms;
+use ccf_core::token::{AccessTokenClaims, TokenKeys};
+use common::*;
+
+const A: &str = "operator-a.test";
+const B: &str = "operator-b.test";
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> &'static Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let c = Capture::default();
+        let w = c.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("aef_stub=info,capif_gateway=info")
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .init();
+        c
+    })
+}
+
+async fn wait_for_log(needle: &[&str]) -> String {
+    for _ in 0..100 {
+        let text = String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned();
+        if let Some(line) = text.lines().find(|l| needle.iter().all(|n| l.contains(n))) {
+            return line.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no log line with {needle:?}");
+}
+
+async fn profile(t: &Testbed, home: &str, credential: &str) -> Profile {
+    let d = t.d(home);
+    invoker::onboard(
+        &d.ccf().onboarding_addr.to_string(),
+        &d.ccf().capif_addr.to_string(),
+        &d.ca_pem(),
+        "localhost",
+        credential,
+        &t.tmp.path().join(format!("{home}-{credential}")),
+    )
+    .await
+    .expect("onboarding")
+}
+
+/// AEF aef-a1 of domain A: its security listener and A's CA.
+fn aef_a1(t: &Testbed) -> (String, String) {
+    (
+        t.d(A).aefs["aef-a1"].security_addr.to_string(),
+        t.d(A).ca_pem(),
+    )
+}
+
+async fn run(
+    t: &Testbed,
+    p: &Profile,
+    method: SecurityMethod,
+) -> anyhow::Result<pb::InvokeResponse> {
+    let (addr, ca) = aef_a1(t);
+    let target = AefTarget {
+        addr: &addr,
+        ca_pem: &ca,
+        server_name: "localhost",
+    };
+    invoker::run_flow(
+        p,
+        method,
+        "aef-a1",
+        "api-aef-a1",
+        &target,
+        TlsProfile::Tls13,
+    )
+    .await
+}
+
+fn opts() -> Options {
+    Options {
+        with_aefs: true,
+        ..Default::default()
+    }
+}
+
+fn err_text(e: anyhow::Error) -> String {
+    format!("{e:#}")
+}
+
+/// Acceptance 1 for both methods, in one domain and across two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_methods_work_in_one_domain_and_across_two() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    for (home, cred) in [(A, "c0"), (B, "c0")] {
+        let p = profile(&t, home, cred).await;
+        for method in [SecurityMethod::Pki, SecurityMethod::Oauth] {
+            let r = run(&t, &p, method)
+                .await
+                .unwrap_or_else(|e| panic!("{method:?} for an invoker of {home}: {e:#}"));
+            assert_eq!(r.api_invoker_id, p.id());
+            assert_eq!(r.home_ccf_id, home);
+            assert_eq!(r.aef_id, "aef-a1");
+        }
+    }
+    // Across domains, the PKI answer went through A's gateway, which checked B's CA.
+    let a_gw = &t.d(A).gw().state;
+    assert!(
+        a_gw.cache
+            .counters
+            .misses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // And B's key set reached A's gateway (method 3 across domains).
+    wait_for_log(&["partner token keys fetched", B]).await;
+}
+
+/// Acceptance 2: PKI refusals, each with its own reason in the AEF's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    let (addr, ca) = aef_a1(&t);
+    let x = profile(&t, B, "c1").await;
+    run(&t, &x, SecurityMethod::Pki).await.expect("X gets in");
+    let endpoint = invoker::auth_method(&x, SecurityMethod::Pki, "", &addr, &ca, "localhost")
+        .await
+        .unwrap()
+        .tls_endpoint;
+
+    // A certificate for X from a CA nobody federated ("operator-b.test" forged by a rogue CA).
+    let rogue = DomainCa::generate(&CcfId::new(B).unwrap()).unwrap();
+    let forged = rogue
+        .issue_with_new_key(
+            &ccf_core::identity::PeerIdentity::new(
+                CcfId::new(B).unwrap(),
+                Role::Invoker(ApiInvokerId::new(x.id()).unwrap()),
+            ),
+            &[],
+            1,
+        )
+        .unwrap();
+    let fake_dir = t.tmp.path().join("forged-x");
+    std::fs::create_dir_all(&fake_dir).unwrap();
+    for f in ["profile.toml", "ca.pem"] {
+        std::fs::copy(x.dir.join(f), fake_dir.join(f)).unwrap();
+    }
+    std::fs::write(fake_dir.join("invoker.pem"), &forged.cert_pem).unwrap();
+    std::fs::write(fake_dir.join("invoker.key"), forged.key_pem.as_bytes()).unwrap();
+    let fake = Profile::load(&fake_dir).unwrap();
+    let e = invoker::call_pki(&fake, x.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+        .await
+        .expect_err("a certificate from an unfederated CA is refused");
+    let _ = err_text(e);
+    wait_for_log(&["certificate refused", x.id(), "unfederated CA"]).await;
+
+    // Y's genuine certificate, presenting X.
+    let y = profile(&t, B, "c2").await;
+    run(&t, &y, SecurityMethod::Pki)
+        .await
+        .expect("Y gets in as Y");
+    let e = invoker::call_pki(&y, x.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+        .await
+        .expect_err("a certificate naming another invoker is refused");
+    let e = err_text(e);
+    assert!(e.contains("CERTIFICATE_REFUSED"), "{e}");
+    wait_for_log(&[
+        "certificate refused",
+        &format!("names API invoker {}", y.id()),
+        x.id(),
+    ])
+    .await;
+    // A certificate of an invoker that never initiated authentication here is refused at the
+    // handshake.
+    let z = profile(&t, B, "c3").await;
+    invoker::negotiate(&z, "aef-a1", None, SecurityMethod::Pki)
+        .await
+        .unwrap();
+    assert!(
+        invoker::call_pki(&z, z.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+            .await
+            .is_err()
+    );
+    wait_for_log(&["certificate refused", z.id(), "initiated no authentication"]).await;
+
+    // X revoked at home (B's operator): the revocation reaches A's AEF through the gateways.
+    let op = t.d(B).issue(Role::Operator);
+    let ch = channel(
+        t.d(B).ccf().capif_addr,
+        &t.d(B).ca_pem(),
+        Some((&op.cert_pem, &op.key_pem)),
+    )
+    .await;
+    pb::security_client::SecurityClient::new(ch)
+        .revoke_authorization(pb::RevokeAuthorizationRequest {
+            revoke_info: Some(pb::SecurityNotification {
+                api_invoker_id: x.id().into(),
+                cause: pb::Cause::AuthorizationIssue as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    wait_for_log(&["authorization revoked by the CCF", x.id()]).await;
+    assert!(
+        invoker::call_pki(&x, x.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+            .await
+            .is_err()
+    );
+    wait_for_log(&["certificate refused", x.id(), "revoked invoker"]).await;
+    // Y is untouched.
+    invoker::call_pki(&y, y.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+        .await
+        .expect("Y still gets in");
+}
+
+fn claims(iss: &str, sub: &str, scope: &str, exp: u64) -> AccessTokenClaims {
+    AccessTokenClaims {
+        iss: iss.into(),
+        sub: sub.into(),
+        client_id: sub.into(),
+        scope: scope.into(),
+        exp,
+        iat: now_ms() / 1000,
+        jti: "test".into(),
+    }
+}
+
+/// Acceptance 3: OAuth refusals, each with its own reason, and a key rotation at CCF-B survived
+/// by domain A without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    let (addr, ca) = aef_a1(&t);
+    let p = profile(&t, B, "c4").await;
+    invoker::negotiate(&p, "aef-a1", None, SecurityMethod::Oauth)
+        .await
+        .unwrap();
+    let endpoint = invoker::auth_method(&p, SecurityMethod::Oauth, "", &addr, &ca, "localhost")
+        .await
+        .unwrap()
+        .tls_endpoint;
+    let call = |token: String| {
+        let endpoint = endpoint.clone();
+        let ca = ca.clone();
+        async move { invoker::call_oauth(&token, &endpoint, &ca, "localhost", "api-aef-a1").await }
+    };
+    let good = invoker::token(&p, "3gpp#aef-a1:api-aef-a1").await.unwrap();
+    assert_eq!(good.token_type, "Bearer");
+    call(good.access_token.clone())
+        .await
+        .expect("a good token works");
+
+    // The CCF refuses a scope beyond the invoker's authorization.
+    let e = err_text(
+        invoker::token(&p, "3gpp#aef-a1:no-such-api")
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.contains("INVALID_SCOPE"), "{e}");
+
+    // Tampered: B's genuine signature over other claims.
+    let parts: Vec<&str> = good.access_token.split('.').collect();
+    let other = t
+        .d(B)
+        .ccf()
+        .state
+        .token_keys
+        .sign(&claims(
+            B,
+            p.id(),
+            "3gpp#aef-a1:api-aef-a1,admin-aef-a1",
+            now_ms() / 1000 + 60,
+        ))
+        .unwrap();
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        other.split('.').nth(1).unwrap(),
+        parts[2]
+    );
+    let e = err_text(call(tampered).await.unwrap_err());
+    assert!(e.contains("INVALID_TOKEN"), "{e}");
+    wait_for_log(&["access token refused", "bad signature"]).await;
+
+    // Expired beyond the 30 s leeway, signed by B's real key.
+    let expired = t
+        .d(B)
+        .ccf()
+        .state
+        .token_keys
+        .sign(&claims(
+            B,
+            p.id(),
+            "3gpp#aef-a1:api-aef-a1",
+            now_ms() / 1000 - 45,
+        ))
+        .unwrap();
+    let e = err_text(call(expired).await.unwrap_err());
+    assert!(e.contains("INVALID_TOKEN"), "{e}");
+    wait_for_log(&["access token refused", "expired"]).await;
+
+    // Scope naming another AEF, and one naming another API of this AEF.
+    for scope in ["3gpp#aef-b1:api-aef-b1", "3gpp#aef-a1:admin-aef-a1"] {
+        let t2 = t
+            .d(B)
+            .ccf()
+            .state
+            .token_keys
+            .sign(&claims(B, p.id(), scope, now_ms() / 1000 + 60))
+            .unwrap();
+        let e = err_text(call(t2).await.unwrap_err());
+        assert!(e.contains("INSUFFICIENT_SCOPE"), "{scope}: {e}");
+    }
+    wait_for_log(&["API call refused: not authorized", "OAUTH"]).await;
+
+    // A domain that is not a partner: its own key, its own issuer name.
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = TokenKeys::load_or_generate(dir.path(), 600, now_ms()).unwrap();
+    let foreign = stranger
+        .sign(&claims(
+            "operator-x.test",
+            "someone",
+            "3gpp#aef-a1:api-aef-a1",
+            now_ms() / 1000 + 60,
+        ))
+        .unwrap();
+    let e = err_text(call(foreign).await.unwrap_err());
+    assert!(e.contains("INVALID_TOKEN"), "{e}");
+    wait_for_log(&["access token refused", "operator-x.test", "not a partner"]).await;
+
+    // B's name, a key B does not publish.
+    let unknown = stranger
+        .sign(&claims(
+            B,
+            p.id(),
+            "3gpp#aef-a1:api-aef-a1",
+            now_ms() / 1000 + 60,
+        ))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let e = err_text(call(unknown).await.unwrap_err());
+    assert!(e.contains("INVALID_TOKEN"), "{e}");
+    wait_for_log(&[
+        "access token refused",
+        &stranger.current_kid(),
+        "does not publish",
+    ])
+    .await;
+
+    // Rotation at B, by B's operator; nothing in A restarts.
+    let old_kid = t.d(B).ccf().state.token_keys.current_kid();
+    let op = t.d(B).issue(Role::Operator);
+    let ch = channel(
+        t.d(B).ccf().capif_addr,
+        &t.d(B).ca_pem(),
+        Some((&op.cert_pem, &op.key_pem)),
+    )
+    .await;
+    let set = pb::ccf_admin_client::CcfAdminClient::new(ch)
+        .rotate_token_signing_key(pb::RotateTokenSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let new_kid = t.d(B).ccf().state.token_keys.current_kid();
+    assert_ne!(old_kid, new_kid);
+    assert_eq!(set.keys.len(), 2, "the previous key is still published");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = invoker::token(&p, "3gpp#aef-a1:api-aef-a1").await.unwrap();
+    call(fresh.access_token)
+        .await
+        .expect("a token signed with the new key works at once");
+    call(good.access_token)
+        .await
+        .expect("a token signed with the previous key works until it expires");
+}
