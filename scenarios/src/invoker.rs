@@ -458,6 +458,8 @@ pub async fn call_pki(
     let cfg = client_config(aef_ca_pem, Some((&profile.cert_pem, &profile.key_pem)))?;
     let (ch, _) = connect(endpoint, aef_server_name, cfg, CONNECT_TIMEOUT).await?;
     let mut r = tonic::Request::new(invoke_request(api));
+    // In TLS 1.3 the server judges the client's certificate after the client's handshake is
+    // done, so a refusal arrives as the connection closing under the first call.
     r.metadata_mut().insert(
         aef_stub::service::INVOKER_ID_HEADER,
         presented_id
@@ -468,8 +470,22 @@ pub async fn call_pki(
         .invoke(r)
         .await
         .map(|r| r.into_inner())
-        .map_err(status_error)
+        .map_err(|s| {
+            if ccf_core::grpc::error_reason(&s).is_none()
+                && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+            {
+                anyhow::Error::new(HandshakeRefused(s.message().to_string()))
+            } else {
+                status_error(s)
+            }
+        })
 }
+
+/// The AEF closed the connection instead of answering: it refused the certificate (its log
+/// says why).
+#[derive(Debug, thiserror::Error)]
+#[error("the AEF refused the TLS handshake (certificate not accepted): {0}")]
+pub struct HandshakeRefused(pub String);
 
 /// Method 3: server-authenticated TLS (rustls) and one demo API call with the bearer token.
 pub async fn call_oauth(

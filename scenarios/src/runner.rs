@@ -124,6 +124,13 @@ fn classify(e: &anyhow::Error) -> Outcome {
                 detail,
             };
         }
+        if cause.downcast_ref::<invoker::HandshakeRefused>().is_some() {
+            return Outcome {
+                code: "HANDSHAKE_REFUSED".into(),
+                reason: String::new(),
+                detail,
+            };
+        }
         if cause.downcast_ref::<ccf_core::tls::TlsError>().is_some() {
             return Outcome {
                 code: "UNAVAILABLE".into(),
@@ -244,6 +251,17 @@ impl<'a> Runner<'a> {
                     r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
                     String::new(),
                 )
+            }
+            Action::RotateTokenKey => {
+                let d = step
+                    .domain
+                    .as_ref()
+                    .map(|d| d.get_ref().clone())
+                    .unwrap_or_default();
+                match self.rotate_token_key(&d).await {
+                    Ok(kid) => (d, Outcome::ok(), format!("new key id {kid}")),
+                    Err(e) => (d, classify(&e), String::new()),
+                }
             }
             Action::Counters => {
                 let d = step
@@ -383,6 +401,36 @@ impl<'a> Runner<'a> {
     }
 }
 
+impl Runner<'_> {
+    /// The domain's operator rotates its CCF's token signing key (CcfAdmin, mutual TLS).
+    async fn rotate_token_key(&self, domain: &str) -> Result<String> {
+        let d = self
+            .tb
+            .domains
+            .get(domain)
+            .ok_or_else(|| anyhow::anyhow!("unknown domain {domain}"))?;
+        let (cert, key) = d.operator();
+        let ca = std::fs::read_to_string(d.ca_pem())?;
+        let (cert, key) = (
+            std::fs::read_to_string(cert)?,
+            zeroize::Zeroizing::new(std::fs::read_to_string(key)?),
+        );
+        let (ch, _) = connect(
+            &format!("127.0.0.1:{}", d.capif_port),
+            "localhost",
+            client_config(&ca, Some((&cert, &key)))?,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let set = pb::ccf_admin_client::CcfAdminClient::new(ch)
+            .rotate_token_signing_key(pb::RotateTokenSigningKeyRequest {})
+            .await
+            .map_err(invoker::status_error)?
+            .into_inner();
+        Ok(set.keys.last().map(|k| k.kid.clone()).unwrap_or_default())
+    }
+}
+
 /// Everything one operation of a group step needs, owned (it runs in its own task).
 struct OpContext {
     action: Action,
@@ -397,7 +445,9 @@ struct OpContext {
     aef_addr: String,
     aef_ca: PathBuf,
     psk_endpoint: String,
+    tls_endpoint: String,
     psk_tls: TlsProfile,
+    method: pb::SecurityMethod,
 }
 
 impl OpContext {
@@ -434,7 +484,15 @@ impl OpContext {
             psk_endpoint: a
                 .map(|a| format!("127.0.0.1:{}", a.psk_port))
                 .unwrap_or_default(),
+            tls_endpoint: a
+                .map(|a| format!("127.0.0.1:{}", a.tls_port))
+                .unwrap_or_default(),
             psk_tls: a.and_then(|a| a.psk_tls.parse().ok()).unwrap_or_default(),
+            method: step
+                .method
+                .as_ref()
+                .and_then(|m| invoker::parse_method(m.get_ref()).ok())
+                .unwrap_or(pb::SecurityMethod::Psk),
         }
     }
 
@@ -454,8 +512,17 @@ impl OpContext {
                 )
                 .await?;
             }
+            Action::Security if self.method != pb::SecurityMethod::Psk => {
+                let p = Profile::load(&self.profile_dir)?;
+                invoker::negotiate(&p, &aef, None, self.method).await?;
+            }
             Action::Security => {
                 invoker::security(&Profile::load(&self.profile_dir)?, &aef, None).await?;
+            }
+            Action::Auth if self.method != pb::SecurityMethod::Psk => {
+                let p = Profile::load(&self.profile_dir)?;
+                let ca = std::fs::read_to_string(&self.aef_ca)?;
+                invoker::auth_method(&p, self.method, "", &self.aef_addr, &ca, "localhost").await?;
             }
             Action::Auth => {
                 let p = Profile::load(&self.profile_dir)?;
@@ -466,14 +533,40 @@ impl OpContext {
             }
             Action::Call => {
                 let p = Profile::load(&self.profile_dir)?;
-                invoker::call(&p, &p.key(&aef)?, &self.psk_endpoint, &api, self.psk_tls).await?;
+                let ca = std::fs::read_to_string(&self.aef_ca)?;
+                match self.method {
+                    pb::SecurityMethod::Pki => {
+                        invoker::call_pki(&p, p.id(), &self.tls_endpoint, &ca, "localhost", &api)
+                            .await?;
+                    }
+                    pb::SecurityMethod::Oauth => {
+                        // A fresh token for this AEF and API from the home CCF, then the call.
+                        let scope = format!("{}{aef}:{api}", ccf_core::token::SCOPE_PREFIX);
+                        let t = invoker::token(&p, &scope).await?;
+                        invoker::call_oauth(
+                            &t.access_token,
+                            &self.tls_endpoint,
+                            &ca,
+                            "localhost",
+                            &api,
+                        )
+                        .await?;
+                    }
+                    _ => {
+                        invoker::call(&p, &p.key(&aef)?, &self.psk_endpoint, &api, self.psk_tls)
+                            .await?;
+                    }
+                }
             }
             Action::Run => {
                 let p = Profile::load(&self.profile_dir)?;
-                let k = invoker::security(&p, &aef, None).await?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
-                let a = invoker::auth(&p, Some(&k), &self.aef_addr, &ca, "localhost").await?;
-                invoker::call(&p, &k, &a.tls_endpoint, &api, self.psk_tls).await?;
+                let target = invoker::AefTarget {
+                    addr: &self.aef_addr,
+                    ca_pem: &ca,
+                    server_name: "localhost",
+                };
+                invoker::run_flow(&p, self.method, &aef, &api, &target, self.psk_tls).await?;
             }
             Action::Revoke => {
                 let p = Profile::load(&self.profile_dir)?;

@@ -93,6 +93,8 @@ pub enum Action {
     SetValidity,
     /// Check a gateway's admin counters (`domain`, `counters`).
     Counters,
+    /// The domain's operator rotates its CCF's access-token signing key (`domain`).
+    RotateTokenKey,
 }
 
 /// One step.
@@ -113,6 +115,9 @@ pub struct Step {
     /// API to call (default: the AEF's first API).
     #[serde(default)]
     pub api: Option<String>,
+    /// Security method of security/auth/call/run: "psk" (default), "pki" or "oauth".
+    #[serde(default)]
+    pub method: Option<Spanned<String>>,
     /// Component: "ccf:<domain>", "gateway:<domain>" or "aef:<aef-id>".
     #[serde(default)]
     pub component: Option<Spanned<String>>,
@@ -345,6 +350,11 @@ impl Scenario {
                     );
                 }
             }
+            if let Some(m) = &step.method
+                && let Err(e) = crate::invoker::parse_method(m.get_ref())
+            {
+                bail!("{}: {what}: {e}", self.at(m.span()));
+            }
             use Action::*;
             match step.action {
                 Onboard | Offboard | Revoke => {
@@ -361,6 +371,9 @@ impl Scenario {
                 }
                 Wait => {
                     step.ms.ok_or_else(|| need("ms"))?;
+                }
+                RotateTokenKey => {
+                    step.domain.as_ref().ok_or_else(|| need("domain"))?;
                 }
                 SetValidity => {
                     step.domain.as_ref().ok_or_else(|| need("domain"))?;

@@ -74,6 +74,8 @@ pub struct AefPlan {
     pub security_port: u16,
     /// PSK endpoint port.
     pub psk_port: u16,
+    /// TLS endpoint port (methods 2 and 3).
+    pub tls_port: u16,
     /// APIs.
     pub apis: Vec<String>,
     /// PSK TLS profile.
@@ -173,6 +175,7 @@ impl Testbed {
                         domain: d.id.clone(),
                         security_port: free_port()?,
                         psk_port: free_port()?,
+                        tls_port: free_port()?,
                         apis: a.apis.clone(),
                         psk_tls: a.psk_tls.clone().unwrap_or_else(|| "tls13".into()),
                     },
@@ -268,7 +271,7 @@ impl Testbed {
         for a in self.aefs.values() {
             t += &format!(
                 "\n[[aef]]\naef_id = \"{id}\"\nccf_id = \"{dom}\"\ninterface = {{ fqdn = \"{id}.{dom}\", port = {port}, api_prefix = \"/{id}\" }}\n\
-                 security_methods = [\"PSK\"]\napis = [{apis}]\n",
+                 security_methods = [\"PSK\", \"PKI\", \"OAUTH\"]\napis = [{apis}]\n",
                 id = a.id,
                 dom = a.domain,
                 port = a.psk_port,
@@ -318,7 +321,7 @@ impl Testbed {
         format!(
             "aef_id = \"{id}\"\nccf_id = \"{dom}\"\napis = [{apis}]\npsk_tls = \"{tls}\"\n\n\
              [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/{id}.pem\"\nkey = \"{dir}/{id}.key\"\n\n\
-             [ccf]\naddress = \"127.0.0.1:{cap}\"\n\n[listen]\nsecurity = \"127.0.0.1:{sec}\"\npsk = \"127.0.0.1:{psk}\"\n",
+             [ccf]\naddress = \"127.0.0.1:{cap}\"\n\n[listen]\nsecurity = \"127.0.0.1:{sec}\"\npsk = \"127.0.0.1:{psk}\"\ntls = \"127.0.0.1:{tlsp}\"\n",
             id = a.id,
             dom = d.id,
             apis = a
@@ -331,6 +334,7 @@ impl Testbed {
             cap = d.capif_port,
             sec = a.security_port,
             psk = a.psk_port,
+            tlsp = a.tls_port,
         )
     }
 
@@ -504,10 +508,11 @@ impl Testbed {
             }
             for a in self.aefs.values().filter(|a| a.domain == d.id) {
                 out += &format!(
-                    "  {:<9} security 127.0.0.1:{}  psk 127.0.0.1:{}  apis {}\n",
+                    "  {:<9} security 127.0.0.1:{}  psk 127.0.0.1:{}  tls (pki, oauth) 127.0.0.1:{}  apis {}\n",
                     a.id,
                     a.security_port,
                     a.psk_port,
+                    a.tls_port,
                     a.apis.join(", ")
                 );
             }

@@ -98,6 +98,16 @@ fn shipped_load() {
 }
 
 #[test]
+fn shipped_pki() {
+    assert_passes("pki.toml");
+}
+
+#[test]
+fn shipped_oauth() {
+    assert_passes("oauth.toml");
+}
+
+#[test]
 fn a_wrong_expectation_fails_with_a_clear_row() {
     let text = std::fs::read_to_string(shipped("two-operators.toml")).unwrap();
     let wrong = text.replacen(
