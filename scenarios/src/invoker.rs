@@ -456,7 +456,17 @@ pub async fn call_pki(
     api: &str,
 ) -> Result<pb::InvokeResponse> {
     let cfg = client_config(aef_ca_pem, Some((&profile.cert_pem, &profile.key_pem)))?;
-    let (ch, _) = connect(endpoint, aef_server_name, cfg, CONNECT_TIMEOUT).await?;
+    let (ch, _) = connect(endpoint, aef_server_name, cfg, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| {
+            // The AEF's alert can arrive while the channel is still being set up.
+            let text = e.to_string();
+            if text.contains("alert") {
+                anyhow::Error::new(HandshakeRefused(text))
+            } else {
+                e.into()
+            }
+        })?;
     let mut r = tonic::Request::new(invoke_request(api));
     // In TLS 1.3 the server judges the client's certificate after the client's handshake is
     // done, so a refusal arrives as the connection closing under the first call.
@@ -472,7 +482,10 @@ pub async fn call_pki(
         .map(|r| r.into_inner())
         .map_err(|s| {
             if ccf_core::grpc::error_reason(&s).is_none()
-                && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                && matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                )
             {
                 anyhow::Error::new(HandshakeRefused(s.message().to_string()))
             } else {

@@ -23,7 +23,21 @@ use crate::scenario::Scenario;
 /// How long a component may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A port for a component to listen on, chosen before the component starts. Taken below Linux's
+/// ephemeral range (32768 and up): a port from that range can be taken by an outgoing connection
+/// of a component started in the meantime, and the later listener then fails with "address in
+/// use". Random, and never the same twice in one process, so concurrent testbeds rarely meet.
 fn free_port() -> Result<u16> {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().map_err(|_| anyhow!("port list poisoned"))?;
+    for _ in 0..500 {
+        let port = 20000 + rand::random::<u16>() % 12000;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
