@@ -72,6 +72,7 @@ impl AefSecurityService {
         invoker: &ApiInvokerId,
         home: &CcfId,
         presented: &str,
+        method: pb::SecurityMethod,
     ) -> Result<(pb::InvokerSecurityInformation, Instant), Status> {
         let mut r = Request::new(pb::GetSecurityInformationRequest {
             api_invoker_id: invoker.to_string(),
@@ -80,6 +81,7 @@ impl AefSecurityService {
             authentication_info: true,
             authorization_info: true,
             presented_key_id: presented.to_string(),
+            security_method: method as i32,
         });
         r.set_timeout(Duration::from_secs(5));
         let sent_at = Instant::now();
@@ -110,7 +112,9 @@ impl AefSecurityService {
         home: &CcfId,
         presented: &str,
     ) -> Result<HeldKey, Status> {
-        let (mut info, sent_at) = self.ask_ccf(invoker, home, presented).await?;
+        let (mut info, sent_at) = self
+            .ask_ccf(invoker, home, presented, pb::SecurityMethod::Psk)
+            .await?;
         let psk = AefPsk::from_slice(&info.aef_psk);
         zeroize::Zeroize::zeroize(&mut info.aef_psk);
         let psk = psk.ok_or_else(|| {
@@ -132,7 +136,9 @@ impl AefSecurityService {
 
     /// Method 2: the CAs that may have issued the invoker's certificate.
     async fn fetch_ca(&self, invoker: &ApiInvokerId, home: &CcfId) -> Result<HeldCa, Status> {
-        let (info, sent_at) = self.ask_ccf(invoker, home, "").await?;
+        let (info, sent_at) = self
+            .ask_ccf(invoker, home, "", pb::SecurityMethod::Pki)
+            .await?;
         if info.sel_security_method != pb::SecurityMethod::Pki as i32 {
             return Err(error_status(
                 Code::FailedPrecondition,

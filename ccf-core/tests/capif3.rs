@@ -140,6 +140,7 @@ fn partner_query(partner: &str, invoker: &str, aef: &str) -> pb::PartnerSecurity
             home_ccf_id: CCF.into(),
             aef_id: aef.into(),
             presented_key_id: String::new(),
+            security_method: 0,
         }),
     }
 }

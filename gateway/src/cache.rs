@@ -6,7 +6,8 @@
 //! what is served carries the validity remaining at serve time. Concurrent misses for one key share one upstream call. Definite refusals get short
 //! negative entries; transport failures are never cached. A caller presenting a key id other
 //! than the cached one (the invoker re-authenticated at its home CCF) bypasses the entry and
-//! refreshes it, so a stale entry cannot lock the invoker out.
+//! refreshes it, so a stale entry cannot lock the invoker out; so does a caller announcing another
+//! security method than the cached answer's (the invoker negotiated anew at home).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -216,6 +217,7 @@ impl KeyCache {
         &self,
         key: CacheKey,
         presented_key_id: &str,
+        method: i32,
         fetch: F,
     ) -> Result<InvokerSecurityInformation, Status>
     where
@@ -223,7 +225,10 @@ impl KeyCache {
     {
         if let Some(e) = self.cache.get(&key).await {
             match &e {
-                Entry::Key(k) if presented_key_id.is_empty() || presented_key_id == k.key_id() => {
+                Entry::Key(k)
+                    if (presented_key_id.is_empty() || presented_key_id == k.key_id())
+                        && (method == 0 || method == k.info.sel_security_method) =>
+                {
                     if let Some(a) = k.answer() {
                         self.counters.hits.fetch_add(1, Ordering::Relaxed);
                         return Ok(a);
@@ -236,7 +241,7 @@ impl KeyCache {
                 _ => tracing::info!(
                     partner = %key.home,
                     api_invoker_id = %key.invoker,
-                    "presented key id differs from the cached one; refreshing"
+                    "presented key id or method differs from the cached answer; refreshing"
                 ),
             }
             self.cache.invalidate(&key).await;

@@ -208,6 +208,7 @@ async fn confused_deputy_is_refused() {
             home_ccf_id: B.into(),
             aef_id: "aef-a1".into(),
             presented_key_id: String::new(),
+            security_method: 0,
         })
         .await
         .unwrap_err();
@@ -254,6 +255,7 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
         home_ccf_id: B.into(),
         aef_id: "aef-a1".into(),
         presented_key_id: String::new(),
+        security_method: 0,
     };
     let ccf_cred = t.d(A).issue(Role::Ccf);
     let ch = channel(
@@ -321,6 +323,7 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
         home_ccf_id: A.into(),
         aef_id: "aef-b1".into(),
         presented_key_id: String::new(),
+        security_method: 0,
     };
     // Inbound: the rogue "operator-b" gateway dials A.
     let cfg =
@@ -559,6 +562,7 @@ async fn partner_answers_hide_internal_addresses() {
             home_ccf_id: B.into(),
             aef_id: "aef-a1".into(),
             presented_key_id: String::new(),
+            security_method: 0,
         })
         .await
         .unwrap_err();

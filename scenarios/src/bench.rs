@@ -372,6 +372,7 @@ fn query(invoker: &str) -> pb::SecurityInformationQuery {
         home_ccf_id: "operator-b.test".into(),
         aef_id: "aef-weather".into(),
         presented_key_id: String::new(),
+        security_method: 0,
     }
 }
 
@@ -603,6 +604,7 @@ async fn cases(
                     authentication_info: true,
                     authorization_info: true,
                     presented_key_id: String::new(),
+                    security_method: 0,
                 })
                 .await
                 .map(|_| ())
@@ -821,7 +823,7 @@ pub async fn memory_case(n: usize) -> Result<String> {
         let mut ans = sample.clone();
         ans.api_invoker_id = key.invoker.to_string();
         cache
-            .get_or_fetch(key, "", async move { Ok::<_, Status>(ans) })
+            .get_or_fetch(key, "", 0, async move { Ok::<_, Status>(ans) })
             .await
             .map_err(|e| anyhow!("{e}"))?;
     }

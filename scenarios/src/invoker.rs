@@ -287,8 +287,8 @@ pub async fn security(profile: &Profile, aef: &str, api: Option<&str>) -> Result
     Ok(key)
 }
 
-/// Authentication Initiation at the AEF (server-authenticated TLS with the AEF domain's CA).
-/// `key` is the key the invoker holds for that AEF, if any (its key id lets the AEF detect a
+/// Authentication Initiation at the AEF (server-authenticated TLS with the AEF domain's CA), for
+/// PSK. `key` is the key the invoker holds for that AEF, if any (its key id lets the AEF detect a
 /// stale key).
 pub async fn auth(
     profile: &Profile,
@@ -297,24 +297,16 @@ pub async fn auth(
     aef_ca_pem: &str,
     aef_server_name: &str,
 ) -> Result<pb::CheckAuthenticationRsp> {
-    let (ch, _) = connect(
+    let key_id = key.map(|k| k.key_id.as_str()).unwrap_or_default();
+    auth_method(
+        profile,
+        pb::SecurityMethod::Psk,
+        key_id,
         aef_addr,
+        aef_ca_pem,
         aef_server_name,
-        client_config(aef_ca_pem, None)?,
-        CONNECT_TIMEOUT,
     )
-    .await?;
-    AefSecurityClient::new(ch)
-        .check_authentication(pb::CheckAuthenticationReq {
-            api_invoker_id: profile.id().to_string(),
-            supported_features: String::new(),
-            home_ccf_id: profile.file.ccf_id.clone(),
-            security_method: pb::SecurityMethod::Psk as i32,
-            key_id: key.map(|k| k.key_id.clone()).unwrap_or_default(),
-        })
-        .await
-        .map(|r| r.into_inner())
-        .map_err(status_error)
+    .await
 }
 
 /// The PSK identity for a stored key.
@@ -409,7 +401,7 @@ pub async fn token(profile: &Profile, scope: &str) -> Result<pb::AccessTokenRsp>
         .map_err(status_error)
 }
 
-/// Authentication Initiation for any method (see [`auth`] for PSK).
+/// Authentication Initiation for any method; `key_id` is the held AEFPSK's (PSK only).
 pub async fn auth_method(
     profile: &Profile,
     method: pb::SecurityMethod,

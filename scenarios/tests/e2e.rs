@@ -5,71 +5,18 @@
 
 #[path = "../../gateway/tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aef_stub::psk::TlsProfile;
 use capif_scenarios::invoker::{self, Profile};
 use common::*;
+use support::{logs, profile, wait_for_log};
 
 const A: &str = "operator-a.test";
 const B: &str = "operator-b.test";
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The AEF's log lines, captured for the whole test binary.
-fn logs() -> &'static Capture {
-    static CAPTURE: OnceLock<Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let c = Capture::default();
-        let w = c.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("aef_stub=info")
-            .with_writer(move || w.clone())
-            .with_ansi(false)
-            .init();
-        c
-    })
-}
-
-async fn wait_for_log(needle: &[&str]) -> String {
-    for _ in 0..50 {
-        let text = String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned();
-        if let Some(line) = text.lines().find(|l| needle.iter().all(|n| l.contains(n))) {
-            return line.to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no log line with {needle:?}");
-}
-
-async fn profile(t: &Testbed, home: &str, credential: &str) -> Profile {
-    let d = t.d(home);
-    invoker::onboard(
-        &d.ccf().onboarding_addr.to_string(),
-        &d.ccf().capif_addr.to_string(),
-        &d.ca_pem(),
-        "localhost",
-        credential,
-        &t.tmp.path().join(format!("{home}-{credential}")),
-    )
-    .await
-    .expect("onboarding")
-}
 
 fn aef_addr(t: &Testbed, aef: &str) -> (String, String) {
     let owner = AEFS.iter().find(|(a, _)| *a == aef).unwrap().1;

@@ -297,6 +297,67 @@ fn testbed_up_prints_grpcurl_commands_that_work() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Acceptance of the methods issue: the invoker CLI runs the whole flow with each method, as
+    // a user would against this testbed: an invoker of B at A's AEF.
+    let read_toml = |p: PathBuf| -> toml::Value {
+        toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    };
+    let (a, b) = (
+        run_dir.join("operator-a.test"),
+        run_dir.join("operator-b.test"),
+    );
+    let ccf_b = read_toml(b.join("ccf.toml"));
+    let aef = read_toml(a.join("aef-weather.toml"));
+    let profile = dir.path().join("cli-invoker");
+    let onboard = capif()
+        .args(["invoker", "onboard", "--profile"])
+        .arg(&profile)
+        .args([
+            "--onboarding",
+            ccf_b["listen"]["onboarding"].as_str().unwrap(),
+        ])
+        .args(["--capif", ccf_b["listen"]["capif"].as_str().unwrap()])
+        .arg("--ca")
+        .arg(b.join("ca.pem"))
+        .args([
+            "--credential",
+            ccf_b["onboarding"]["credentials"][0].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        onboard.status.success(),
+        "{}",
+        String::from_utf8_lossy(&onboard.stderr)
+    );
+    for method in ["psk", "pki", "oauth"] {
+        let out = capif()
+            .args(["invoker", "run", "--profile"])
+            .arg(&profile)
+            .args([
+                "--aef",
+                "aef-weather",
+                "--api",
+                "weather-v1",
+                "--method",
+                method,
+            ])
+            .args(["--aef-addr", aef["listen"]["security"].as_str().unwrap()])
+            .arg("--aef-ca")
+            .arg(a.join("ca.pem"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && text.contains("aef-weather answered weather-v1")
+                && text.contains("of operator-b.test")
+                && text.contains(&method.to_uppercase()),
+            "capif invoker run --method {method}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // `testbed down` from another shell stops it.
     let out = capif()
         .args(["testbed", "down", "--run-dir"])

@@ -46,6 +46,23 @@ impl SecurityService {
         Self { state }
     }
 
+    /// A refusal of the own gateway passes on with its reason; anything else means the gateway
+    /// could not be reached.
+    fn gateway_failure(&self, s: Status) -> Status {
+        if crate::grpc::error_reason(&s).is_some() {
+            s
+        } else {
+            error_status(
+                Code::Unavailable,
+                ErrorReason::PartnerUnavailable,
+                format!(
+                    "the interconnect gateway of {} is unreachable",
+                    self.state.ccf_id
+                ),
+            )
+        }
+    }
+
     fn resolve_aef(&self, i: usize, info: &pb::SecurityInformation) -> Result<&AefEntry, Status> {
         let field = format!("service_security.security_info[{i}]");
         let entry = if !info.aef_id.is_empty() {
@@ -332,26 +349,14 @@ impl Security for SecurityService {
                 home_ccf_id: home.to_string(),
                 aef_id: own_aef.to_string(),
                 presented_key_id: req.presented_key_id.clone(),
+                security_method: req.security_method,
             });
             r.set_timeout(crate::grpc::inner_budget(budget));
             let answer = gw
                 .clone()
                 .fetch_security_information(r)
                 .await
-                .map_err(|s| {
-                    if crate::grpc::error_reason(&s).is_some() {
-                        s
-                    } else {
-                        error_status(
-                            Code::Unavailable,
-                            ErrorReason::PartnerUnavailable,
-                            format!(
-                                "the interconnect gateway of {} is unreachable",
-                                self.state.ccf_id
-                            ),
-                        )
-                    }
-                })?;
+                .map_err(|s| self.gateway_failure(s))?;
             // Per-request and hot (every AEF lookup of a foreign invoker): debug, not info.
             tracing::debug!(
                 api_invoker_id = %invoker,
@@ -560,20 +565,11 @@ impl Security for SecurityService {
             unknown_kid: req.unknown_kid,
         });
         r.set_timeout(crate::grpc::inner_budget(budget));
-        let set = gw.clone().fetch_token_key_set(r).await.map_err(|s| {
-            if crate::grpc::error_reason(&s).is_some() {
-                s
-            } else {
-                error_status(
-                    Code::Unavailable,
-                    ErrorReason::PartnerUnavailable,
-                    format!(
-                        "the interconnect gateway of {} is unreachable",
-                        self.state.ccf_id
-                    ),
-                )
-            }
-        })?;
+        let set = gw
+            .clone()
+            .fetch_token_key_set(r)
+            .await
+            .map_err(|s| self.gateway_failure(s))?;
         Ok(Response::new(set.into_inner()))
     }
 }

@@ -208,6 +208,7 @@ pub async fn get_info(
         authentication_info: true,
         authorization_info: true,
         presented_key_id: String::new(),
+        security_method: 0,
     })
     .await
     .map(|r| r.into_inner())

@@ -107,7 +107,7 @@ impl Gateway for GatewayService {
         let result = self
             .state
             .cache
-            .get_or_fetch(key, &presented, fetch)
+            .get_or_fetch(key, &presented, q.security_method, fetch)
             .instrument(span.clone())
             .await;
         span.in_scope(|| match &result {

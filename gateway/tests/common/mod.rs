@@ -30,7 +30,20 @@ pub const AEFS: [(&str, &str); 3] = [
     ("aef-c1", "operator-c.test"),
 ];
 
+/// A port for a server started later. Below Linux's ephemeral range (32768 and up), so that an
+/// outgoing connection of a component started in the meantime cannot take it; random, and never
+/// handed out twice in one test binary.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..500 {
+        let port = 20000 + rand::random::<u16>() % 12000;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -450,6 +463,7 @@ pub async fn ask(
         authentication_info: true,
         authorization_info: true,
         presented_key_id: presented_key_id.into(),
+        security_method: 0,
     });
     r.set_timeout(timeout);
     c.get_security_information(r).await.map(|r| r.into_inner())
