@@ -51,6 +51,17 @@ async fn run(
     .await
 }
 
+/// A channel to `domain`'s CCF with that domain's operator certificate.
+async fn operator_channel(t: &Testbed, domain: &str) -> tonic::transport::Channel {
+    let op = t.d(domain).issue(Role::Operator);
+    channel(
+        t.d(domain).ccf().capif_addr,
+        &t.d(domain).ca_pem(),
+        Some((&op.cert_pem, &op.key_pem)),
+    )
+    .await
+}
+
 fn opts() -> Options {
     Options {
         with_aefs: true,
@@ -160,13 +171,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     wait_for_log(&["certificate refused", z.id(), "initiated no authentication"]).await;
 
     // X revoked at home (B's operator): the revocation reaches A's AEF through the gateways.
-    let op = t.d(B).issue(Role::Operator);
-    let ch = channel(
-        t.d(B).ccf().capif_addr,
-        &t.d(B).ca_pem(),
-        Some((&op.cert_pem, &op.key_pem)),
-    )
-    .await;
+    let ch = operator_channel(&t, B).await;
     pb::security_client::SecurityClient::new(ch)
         .revoke_authorization(pb::RevokeAuthorizationRequest {
             revoke_info: Some(pb::SecurityNotification {
@@ -327,13 +332,7 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
 
     // Rotation at B, by B's operator; nothing in A restarts.
     let old_kid = t.d(B).ccf().state.token_keys.current_kid();
-    let op = t.d(B).issue(Role::Operator);
-    let ch = channel(
-        t.d(B).ccf().capif_addr,
-        &t.d(B).ca_pem(),
-        Some((&op.cert_pem, &op.key_pem)),
-    )
-    .await;
+    let ch = operator_channel(&t, B).await;
     let set = pb::ccf_admin_client::CcfAdminClient::new(ch)
         .rotate_token_signing_key(pb::RotateTokenSigningKeyRequest {})
         .await

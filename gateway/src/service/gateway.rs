@@ -34,6 +34,17 @@ impl GatewayService {
     pub fn new(state: Arc<GatewayState>) -> Self {
         Self { state }
     }
+
+    /// When a call made for `request` must be answered: its budget, minus the reserve that lets
+    /// a failure reach the caller with its reason.
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        Instant::now()
+            + inner_budget(budget(
+                request,
+                self.state.default_budget,
+                self.state.max_budget,
+            ))
+    }
 }
 
 #[tonic::async_trait]
@@ -49,12 +60,7 @@ impl Gateway for GatewayService {
             Role::Ccf,
             "ask the gateway for foreign invokers",
         )?;
-        let deadline = Instant::now()
-            + inner_budget(budget(
-                &request,
-                self.state.default_budget,
-                self.state.max_budget,
-            ));
+        let deadline = self.deadline(&request);
         let q = request.into_inner();
         let (invoker, home, aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
         if home == self.state.ccf_id {
@@ -182,12 +188,7 @@ impl Gateway for GatewayService {
             Role::Ccf,
             "ask the gateway for partners' token keys",
         )?;
-        let deadline = Instant::now()
-            + inner_budget(budget(
-                &request,
-                self.state.default_budget,
-                self.state.max_budget,
-            ));
+        let deadline = self.deadline(&request);
         let req = request.into_inner();
         let issuer =
             CcfId::new(req.issuer_ccf_id.clone()).map_err(|e| invalid("issuer_ccf_id", e))?;
