@@ -17,7 +17,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::keys::KeyStore;
+use crate::keys::{InvokerRef, KeyStore};
 
 /// The verifier of the AEF's TLS endpoint.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl ClientCertVerifier for InvokerCertVerifier {
         };
         let held = self
             .keys
-            .for_certificate(invoker, id.ccf_id.as_str())
+            .for_certificate(&InvokerRef::new(id.ccf_id.clone(), invoker.clone()))
             .map_err(|r| refuse(&subject, r.as_str()))?;
         held.verifier
             .verify_client_cert(end_entity, intermediates, now)

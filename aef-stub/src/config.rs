@@ -86,6 +86,42 @@ pub struct AefConfig {
     /// Method 3: clock-skew leeway when checking a token's expiry, seconds (at most 30).
     #[serde(default = "default_leeway")]
     pub token_leeway_secs: u64,
+    /// Connection caps, timeouts and message limits of every listener.
+    #[serde(default)]
+    pub limits: ccf_core::limits::ListenerLimits,
+    /// Budgets against amplification and bounds on what revocations leave behind.
+    #[serde(default)]
+    pub budgets: BudgetConfig,
+}
+
+/// `[budgets]`: what one source may make the AEF do, and what revocations leave behind.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Authentication Initiations per second per source address (token bucket refill).
+    pub initiation_rate_per_sec: u32,
+    /// Authentication Initiations one source address may make at once (bucket size).
+    pub initiation_burst: u32,
+    /// A presented key id that differs from the held key refreshes it at most once in this
+    /// interval (counted from the fetch), milliseconds.
+    pub refresh_interval_ms: u64,
+    /// A revocation mark lives at least this long (longer than any token issued before the
+    /// revocation), seconds.
+    pub revoked_mark_ttl_secs: u64,
+    /// Revocation marks held at most (the one closest to its end is dropped beyond).
+    pub max_revoked_marks: usize,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            initiation_rate_per_sec: 100,
+            initiation_burst: 2000,
+            refresh_interval_ms: 1000,
+            revoked_mark_ttl_secs: 3600,
+            max_revoked_marks: 100_000,
+        }
+    }
 }
 
 fn default_leeway() -> u64 {
@@ -112,6 +148,17 @@ impl AefConfig {
 
     /// Checks what TOML cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate().map_err(|message| ConfigError {
+            origin: "limits".into(),
+            message,
+        })?;
+        let b = &self.budgets;
+        if b.initiation_rate_per_sec == 0 || b.initiation_burst == 0 || b.max_revoked_marks == 0 {
+            return Err(ConfigError {
+                origin: "budgets".into(),
+                message: "initiation_rate_per_sec, initiation_burst and max_revoked_marks must be at least 1".into(),
+            });
+        }
         if self.token_leeway_secs > ccf_core::token::MAX_LEEWAY_SECS {
             return Err(ConfigError {
                 origin: "token_leeway_secs".into(),

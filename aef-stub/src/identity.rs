@@ -54,6 +54,13 @@ impl PskIdentity {
     }
 }
 
+impl PskIdentity {
+    /// The invoker it names, with its home.
+    pub fn invoker_ref(&self) -> crate::keys::InvokerRef {
+        crate::keys::InvokerRef::new(self.home_ccf_id.clone(), self.api_invoker_id.clone())
+    }
+}
+
 impl fmt::Display for PskIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

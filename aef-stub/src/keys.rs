@@ -1,14 +1,48 @@
-//! The keys an AEF holds (and, for method 2, the CAs it trusts per invoker): one per invoker, each with its own validity timer started from the
-//! remaining validity its CCF returned (seed 000 step 5), the APIs the invoker may call, and the
-//! invoker's open connections (closed when the invoker is revoked). Keys are zeroized on drop.
+//! What an AEF holds per invoker: the key (method 1) or the CAs (method 2), each with its own
+//! validity timer started from the remaining validity its CCF returned (seed 000 step 5) and the
+//! APIs the invoker may call; revocation marks; and the invoker's open PSK connections (closed
+//! when it is revoked). Keys are zeroized on drop.
+//!
+//! An invoker is `(home CCF id, apiInvokerId)` everywhere here ([`InvokerRef`]): ids are assigned
+//! by each home CCF, so two domains may use the same one, and a notice or identity from one
+//! domain must never touch the other's invoker. Revocation marks expire (with the held key, and
+//! at least after `revoked_mark_ttl`, which covers the life of a token issued before the
+//! revocation) and are capped in number, so a peer cannot grow them without bound. Locks are
+//! `parking_lot`'s: they do not poison, so a panic elsewhere cannot turn a check into "not
+//! revoked".
 
 use std::collections::HashMap;
-use std::net::Shutdown;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ccf_core::ids::ApiInvokerId;
+use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
+use futures_util::task::AtomicWaker;
+use parking_lot::{Mutex, RwLock};
+
+/// An invoker as the AEF knows it: its home domain and its id there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InvokerRef {
+    /// The invoker's home CCF.
+    pub home: CcfId,
+    /// Its id at home.
+    pub invoker: ApiInvokerId,
+}
+
+impl InvokerRef {
+    /// `invoker` of `home`.
+    pub fn new(home: CcfId, invoker: ApiInvokerId) -> Self {
+        Self { home, invoker }
+    }
+}
+
+impl std::fmt::Display for InvokerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of {}", self.invoker, self.home)
+    }
+}
 
 /// A key the AEF holds for one invoker.
 #[derive(Clone, Debug)]
@@ -17,10 +51,11 @@ pub struct HeldKey {
     pub psk: AefPsk,
     /// Its key id.
     pub key_id: String,
-    /// The invoker's home CCF.
-    pub home_ccf_id: String,
     /// When the AEF stops accepting it.
     pub expires_at: Instant,
+    /// When it was fetched or last refreshed (a presented key id refreshes it at most once per
+    /// interval).
+    pub fetched_at: Instant,
     /// APIs the invoker may call.
     pub allowed_apis: Vec<String>,
 }
@@ -39,8 +74,6 @@ impl HeldKey {
 pub struct HeldCa {
     /// Verifies the invoker's certificate chain against the named CAs.
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-    /// The invoker's home CCF.
-    pub home_ccf_id: String,
     /// When the AEF stops accepting it (the security context's validity).
     pub expires_at: Instant,
     /// APIs the invoker may call.
@@ -54,10 +87,10 @@ impl HeldCa {
     }
 }
 
-/// Why the PSK endpoint refused a key (what the log says).
+/// Why the PSK or TLS endpoint refused an invoker (what the log says).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// No key is held for this invoker (never fetched, or revoked).
+    /// No key is held for this invoker of this home (never fetched, or revoked).
     UnknownIdentity,
     /// The identity names another key id than the one held.
     StaleKeyId,
@@ -65,25 +98,91 @@ pub enum Refusal {
     Expired,
     /// The invoker's authorization was revoked by the CCF.
     Revoked,
-    /// Method 2: no CA is held for the invoker the certificate names.
+    /// Method 2: no CA is held for the invoker the certificate names (of that home).
     NoCertificateInfo,
-    /// Method 2: the certificate's domain is not the home CCF the CA was fetched for.
-    OtherHome,
 }
 
 impl Refusal {
     /// The log's words.
     pub fn as_str(self) -> &'static str {
         match self {
-            Refusal::UnknownIdentity => "unknown identity (no key held for this invoker)",
+            Refusal::UnknownIdentity => {
+                "unknown identity (no key held for this invoker of this home domain)"
+            }
             Refusal::StaleKeyId => "key id does not match the key held",
             Refusal::Expired => "expired key",
             Refusal::Revoked => "revoked invoker (its authorization was withdrawn by the CCF)",
             Refusal::NoCertificateInfo => {
-                "the certificate names an invoker that initiated no authentication here (no CA held for it)"
+                "the certificate names an invoker (of its home domain) that initiated no \
+                 authentication here (no CA held for it)"
             }
-            Refusal::OtherHome => {
-                "the certificate names another home domain than the invoker's authentication initiation"
+        }
+    }
+}
+
+/// Revocation-mark policy.
+#[derive(Clone, Copy, Debug)]
+pub struct MarkPolicy {
+    /// A mark lives at least this long (tokens issued before the revocation live at most this).
+    pub ttl: Duration,
+    /// At most this many marks are kept; the one closest to its end goes first.
+    pub max_marks: usize,
+}
+
+impl Default for MarkPolicy {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(3600),
+            max_marks: 100_000,
+        }
+    }
+}
+
+/// The revocation switch of one open PSK connection.
+#[derive(Debug, Default)]
+pub struct ConnControl {
+    closed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl ConnControl {
+    /// Ready once the connection's invoker was revoked (registers the task to be woken).
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.closed.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// An open connection's place in the [`KeyStore`]; it leaves when dropped (with the connection),
+/// so nothing of a closed connection stays behind.
+#[derive(Debug)]
+pub struct ConnTicket {
+    store: Arc<KeyStore>,
+    who: InvokerRef,
+    id: u64,
+    /// The connection's revocation switch.
+    pub control: Arc<ConnControl>,
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        let mut conns = self.store.conns.lock();
+        if let Some(m) = conns.get_mut(&self.who) {
+            m.remove(&self.id);
+            if m.is_empty() {
+                conns.remove(&self.who);
             }
         }
     }
@@ -92,116 +191,246 @@ impl Refusal {
 /// The AEF's key store.
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    keys: RwLock<HashMap<ApiInvokerId, HeldKey>>,
-    cas: RwLock<HashMap<ApiInvokerId, HeldCa>>,
-    revoked: RwLock<std::collections::HashSet<ApiInvokerId>>,
-    conns: Mutex<HashMap<ApiInvokerId, Vec<std::net::TcpStream>>>,
+    keys: RwLock<HashMap<InvokerRef, HeldKey>>,
+    cas: RwLock<HashMap<InvokerRef, HeldCa>>,
+    revoked: RwLock<HashMap<InvokerRef, Instant>>,
+    conns: Mutex<HashMap<InvokerRef, HashMap<u64, Arc<ConnControl>>>>,
+    next_conn: AtomicU64,
+    marks: MarkPolicy,
 }
 
 impl KeyStore {
-    /// The key for `invoker` when it is still valid.
-    pub fn valid(&self, invoker: &ApiInvokerId) -> Option<HeldKey> {
-        let k = self.keys.read().ok()?.get(invoker).cloned()?;
+    /// A store with the given revocation-mark policy.
+    pub fn new(marks: MarkPolicy) -> Self {
+        Self {
+            marks,
+            ..Default::default()
+        }
+    }
+
+    /// The key for `who` when it is still valid.
+    pub fn valid(&self, who: &InvokerRef) -> Option<HeldKey> {
+        let k = self.keys.read().get(who).cloned()?;
         (!k.remaining().is_zero()).then_some(k)
     }
 
     /// Stores a key fetched from the CCF (a fresh key lifts an earlier revocation: the CCF
     /// would not have handed it out otherwise).
-    pub fn put(&self, invoker: ApiInvokerId, key: HeldKey) {
-        if let Ok(mut r) = self.revoked.write() {
-            r.remove(&invoker);
+    pub fn put(&self, who: InvokerRef, key: HeldKey) {
+        self.revoked.write().remove(&who);
+        let mut keys = self.keys.write();
+        // Expired keys of other invokers go while we hold the lock anyway (bounded by use).
+        if keys.len() >= 1024 && keys.len().is_power_of_two() {
+            keys.retain(|_, k| !k.remaining().is_zero());
         }
-        if let Ok(mut m) = self.keys.write() {
-            m.insert(invoker, key);
+        keys.insert(who, key);
+    }
+
+    /// Claims the one refresh per `interval` that a presented key id may force for the key held
+    /// for `who` (true: go ahead; nothing held: always).
+    pub fn claim_refresh(&self, who: &InvokerRef, interval: Duration) -> bool {
+        match self.keys.write().get_mut(who) {
+            Some(k) if k.fetched_at.elapsed() < interval => false,
+            Some(k) => {
+                k.fetched_at = Instant::now();
+                true
+            }
+            None => true,
         }
     }
 
-    /// The CA held for `invoker` when it is still valid.
-    pub fn valid_ca(&self, invoker: &ApiInvokerId) -> Option<HeldCa> {
-        let c = self.cas.read().ok()?.get(invoker).cloned()?;
+    /// The CA held for `who` when it is still valid.
+    pub fn valid_ca(&self, who: &InvokerRef) -> Option<HeldCa> {
+        let c = self.cas.read().get(who).cloned()?;
         (!c.remaining().is_zero()).then_some(c)
     }
 
-    /// Stores what method 2 needs for `invoker` (lifts an earlier revocation, as [`Self::put`]).
-    pub fn put_ca(&self, invoker: ApiInvokerId, ca: HeldCa) {
-        if let Ok(mut r) = self.revoked.write() {
-            r.remove(&invoker);
+    /// Stores what method 2 needs for `who` (lifts an earlier revocation, as [`Self::put`]).
+    pub fn put_ca(&self, who: InvokerRef, ca: HeldCa) {
+        self.revoked.write().remove(&who);
+        let mut cas = self.cas.write();
+        if cas.len() >= 1024 && cas.len().is_power_of_two() {
+            cas.retain(|_, c| !c.remaining().is_zero());
         }
-        if let Ok(mut m) = self.cas.write() {
-            m.insert(invoker, ca);
-        }
+        cas.insert(who, ca);
     }
 
-    /// What a method-2 handshake of `invoker` of `home` is checked against, or why nothing.
-    pub fn for_certificate(&self, invoker: &ApiInvokerId, home: &str) -> Result<HeldCa, Refusal> {
-        if self.is_revoked(invoker) {
+    /// What a method-2 handshake of `who` is checked against, or why nothing.
+    pub fn for_certificate(&self, who: &InvokerRef) -> Result<HeldCa, Refusal> {
+        if self.is_revoked(who) {
             return Err(Refusal::Revoked);
         }
-        let m = self.cas.read().map_err(|_| Refusal::NoCertificateInfo)?;
-        let c = m.get(invoker).ok_or(Refusal::NoCertificateInfo)?;
-        if c.home_ccf_id != home {
-            return Err(Refusal::OtherHome);
-        }
+        let c = self
+            .cas
+            .read()
+            .get(who)
+            .cloned()
+            .ok_or(Refusal::NoCertificateInfo)?;
         if c.remaining().is_zero() {
             return Err(Refusal::Expired);
         }
-        Ok(c.clone())
+        Ok(c)
     }
 
-    /// Whether the CCF revoked `invoker` (and nothing newer was fetched since).
-    pub fn is_revoked(&self, invoker: &ApiInvokerId) -> bool {
-        self.revoked.read().is_ok_and(|r| r.contains(invoker))
+    /// Whether the CCF revoked `who` (and nothing newer was fetched since).
+    pub fn is_revoked(&self, who: &InvokerRef) -> bool {
+        self.revoked
+            .read()
+            .get(who)
+            .is_some_and(|until| *until > Instant::now())
     }
 
-    /// The key for a PSK handshake, or why there is none.
-    pub fn for_handshake(&self, invoker: &ApiInvokerId, key_id: &str) -> Result<HeldKey, Refusal> {
-        if self.revoked.read().is_ok_and(|r| r.contains(invoker)) {
+    /// The key for a PSK handshake, or why there is none: home, invoker and key id must all
+    /// match the key held.
+    pub fn for_handshake(&self, who: &InvokerRef, key_id: &str) -> Result<HeldKey, Refusal> {
+        if self.is_revoked(who) {
             return Err(Refusal::Revoked);
         }
-        let m = self.keys.read().map_err(|_| Refusal::UnknownIdentity)?;
-        let k = m.get(invoker).ok_or(Refusal::UnknownIdentity)?;
+        let k = self
+            .keys
+            .read()
+            .get(who)
+            .cloned()
+            .ok_or(Refusal::UnknownIdentity)?;
         if k.key_id != key_id {
             return Err(Refusal::StaleKeyId);
         }
         if k.remaining().is_zero() {
             return Err(Refusal::Expired);
         }
-        Ok(k.clone())
+        Ok(k)
     }
 
-    /// Remembers an open connection of `invoker` (a clone of its socket, to shut it down).
-    pub fn track(&self, invoker: &ApiInvokerId, socket: std::net::TcpStream) {
-        if let Ok(mut c) = self.conns.lock() {
-            let list = c.entry(invoker.clone()).or_default();
-            // Forget sockets of connections that ended.
-            list.retain(|s| s.peer_addr().is_ok());
-            list.push(socket);
-        }
-    }
-
-    /// Drops the invoker's key and closes its open connections; returns how many were closed.
-    pub fn revoke(&self, invoker: &ApiInvokerId) -> u32 {
-        if let Ok(mut m) = self.keys.write() {
-            m.remove(invoker);
-        }
-        if let Ok(mut m) = self.cas.write() {
-            m.remove(invoker);
-        }
-        if let Ok(mut r) = self.revoked.write() {
-            r.insert(invoker.clone());
-        }
-        let socks = self
-            .conns
+    /// Registers an open PSK connection of `who`; it stays registered while the ticket lives.
+    pub fn track(self: &Arc<Self>, who: &InvokerRef) -> ConnTicket {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let control = Arc::new(ConnControl::default());
+        self.conns
             .lock()
-            .ok()
-            .and_then(|mut c| c.remove(invoker))
-            .unwrap_or_default();
-        let mut closed = 0;
-        for s in socks {
-            if s.shutdown(Shutdown::Both).is_ok() {
-                closed += 1;
-            }
+            .entry(who.clone())
+            .or_default()
+            .insert(id, control.clone());
+        ConnTicket {
+            store: self.clone(),
+            who: who.clone(),
+            id,
+            control,
         }
-        closed
+    }
+
+    /// Open PSK connections held now (all invokers).
+    pub fn open_connections(&self) -> usize {
+        self.conns.lock().values().map(HashMap::len).sum()
+    }
+
+    /// Revocation marks held now.
+    pub fn revoked_marks(&self) -> usize {
+        self.revoked.read().len()
+    }
+
+    /// Drops what is held for `who`, marks it revoked (until its key would have expired, and at
+    /// least the mark TTL) and closes its open connections; returns how many were open.
+    pub fn revoke(&self, who: &InvokerRef) -> u32 {
+        let now = Instant::now();
+        let key_end = self.keys.write().remove(who).map(|k| k.expires_at);
+        let ca_end = self.cas.write().remove(who).map(|c| c.expires_at);
+        let until = [key_end, ca_end]
+            .into_iter()
+            .flatten()
+            .fold(now + self.marks.ttl, Instant::max);
+        {
+            let mut r = self.revoked.write();
+            if r.len() >= self.marks.max_marks && !r.contains_key(who) {
+                r.retain(|_, u| *u > now);
+                if r.len() >= self.marks.max_marks {
+                    let first = r.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
+                    if let Some(first) = first {
+                        tracing::warn!(dropped = %first, max = self.marks.max_marks, "revocation marks full; the mark closest to its end was dropped");
+                        r.remove(&first);
+                    }
+                }
+            }
+            r.insert(who.clone(), until);
+        }
+        let open = self.conns.lock().remove(who).unwrap_or_default();
+        for c in open.values() {
+            c.close();
+        }
+        u32::try_from(open.len()).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(home: &str, id: &str) -> InvokerRef {
+        InvokerRef::new(CcfId::new(home).unwrap(), ApiInvokerId::new(id).unwrap())
+    }
+
+    fn key(byte: u8) -> HeldKey {
+        let psk = AefPsk::from_slice(&[byte; 32]).unwrap();
+        HeldKey {
+            key_id: psk.key_id(),
+            psk,
+            expires_at: Instant::now() + Duration::from_secs(60),
+            fetched_at: Instant::now(),
+            allowed_apis: vec![],
+        }
+    }
+
+    #[test]
+    fn same_id_in_two_domains_are_two_invokers() {
+        let s = KeyStore::default();
+        let (b, c) = (who("operator-b.test", "inv-1"), who("operator-c.test", "inv-1"));
+        let (kb, kc) = (key(1), key(2));
+        s.put(b.clone(), kb.clone());
+        s.put(c.clone(), kc.clone());
+        assert_eq!(s.for_handshake(&b, &kb.key_id).unwrap().key_id, kb.key_id);
+        assert_eq!(s.for_handshake(&c, &kc.key_id).unwrap().key_id, kc.key_id);
+        // Home C with B's key id: refused.
+        assert_eq!(
+            s.for_handshake(&c, &kb.key_id).unwrap_err(),
+            Refusal::StaleKeyId
+        );
+        s.revoke(&b);
+        assert_eq!(s.for_handshake(&b, &kb.key_id).unwrap_err(), Refusal::Revoked);
+        assert!(s.for_handshake(&c, &kc.key_id).is_ok(), "C untouched");
+        assert!(!s.is_revoked(&c));
+    }
+
+    #[test]
+    fn closed_connections_leave_nothing_and_revocation_counts_open_ones() {
+        let s = Arc::new(KeyStore::default());
+        let b = who("operator-b.test", "inv-1");
+        let tickets: Vec<_> = (0..5).map(|_| s.track(&b)).collect();
+        assert_eq!(s.open_connections(), 5);
+        drop(tickets);
+        assert_eq!(s.open_connections(), 0);
+        let t1 = s.track(&b);
+        let _t2 = s.track(&b);
+        drop(t1);
+        assert_eq!(s.revoke(&b), 1, "only the connection still open");
+        let waker = std::task::Waker::noop();
+        assert!(
+            _t2.control
+                .poll_closed(&mut Context::from_waker(waker))
+                .is_ready()
+        );
+    }
+
+    #[test]
+    fn marks_are_bounded_and_expire() {
+        let s = KeyStore::new(MarkPolicy {
+            ttl: Duration::from_millis(50),
+            max_marks: 10,
+        });
+        for i in 0..100 {
+            s.revoke(&who("operator-b.test", &format!("inv-{i}")));
+        }
+        assert_eq!(s.revoked_marks(), 10);
+        assert!(s.is_revoked(&who("operator-b.test", "inv-99")));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!s.is_revoked(&who("operator-b.test", "inv-99")));
     }
 }

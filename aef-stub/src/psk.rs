@@ -27,7 +27,8 @@ use tonic::transport::server::Connected;
 use zeroize::Zeroizing;
 
 use crate::identity::PskIdentity;
-use crate::keys::KeyStore;
+use crate::keys::{ConnTicket, KeyStore};
+use ccf_core::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
 
 /// TLS version and suite of the PSK endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Default)]
@@ -52,7 +53,7 @@ impl std::str::FromStr for TlsProfile {
     }
 }
 
-/// How long a PSK handshake may take.
+/// How long the client side of a PSK handshake may take (the server's is `limits`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn profile(b: &mut SslContextBuilder, p: TlsProfile) -> Result<(), openssl::error::ErrorStack> {
@@ -101,7 +102,7 @@ pub fn server_context(
         let note = match parsed {
             None => Note::Refused(None, "no PSK identity offered".into()),
             Some(Err(e)) => Note::Refused(None, e.to_string()),
-            Some(Ok(id)) => match store.for_handshake(&id.api_invoker_id, &id.key_id) {
+            Some(Ok(id)) => match store.for_handshake(&id.invoker_ref(), &id.key_id) {
                 Ok(key) if psk_out.len() >= key.psk.expose().len() => {
                     let k = key.psk.expose();
                     psk_out[..k.len()].copy_from_slice(k);
@@ -125,12 +126,34 @@ pub struct PskPeer {
     pub identity: PskIdentity,
     /// Where it connected from.
     pub remote: SocketAddr,
+    /// Request activity on the connection (for its idle timeout).
+    pub activity: Activity,
 }
 
-/// A server-side PSK TLS stream carrying its [`PskPeer`].
+impl PskPeer {
+    /// Finds a request's connection activity (for [`ccf_core::limits::serve_builder`]).
+    pub fn activity_of(ext: &tonic::codegen::http::Extensions) -> Option<Activity> {
+        ext.get::<PskPeer>().map(|p| p.activity.clone())
+    }
+}
+
+/// A server-side PSK TLS stream carrying its [`PskPeer`]. It owns the one file descriptor of the
+/// connection; its place at the listener and in the key store are released when it is dropped.
 pub struct PskConn {
     inner: SslStream<TcpStream>,
     peer: PskPeer,
+    idle: IdleTimer,
+    ticket: ConnTicket,
+    _permit: ConnPermit,
+}
+
+impl PskConn {
+    fn revoked_error() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the invoker's authorization was revoked",
+        )
+    }
 }
 
 impl Connected for PskConn {
@@ -146,6 +169,12 @@ impl AsyncRead for PskConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.ticket.control.poll_closed(cx).is_ready() {
+            return Poll::Ready(Err(Self::revoked_error()));
+        }
+        if self.idle.poll_expired(cx) {
+            return Poll::Ready(Err(self.idle.error()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -156,6 +185,9 @@ impl AsyncWrite for PskConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.ticket.control.poll_closed(cx).is_ready() {
+            return Poll::Ready(Err(Self::revoked_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -168,17 +200,13 @@ impl AsyncWrite for PskConn {
 
 async fn accept_one(
     tcp: TcpStream,
-    remote: SocketAddr,
     ctx: &SslContext,
-    store: &KeyStore,
-) -> Result<PskConn, String> {
-    // A second handle on the socket, so a revocation can shut the connection down under tonic.
-    let std_tcp = tcp.into_std().map_err(|e| e.to_string())?;
-    let control = std_tcp.try_clone().map_err(|e| e.to_string())?;
-    let tcp = TcpStream::from_std(std_tcp).map_err(|e| e.to_string())?;
+    store: &Arc<KeyStore>,
+    handshake_timeout: Duration,
+) -> Result<(SslStream<TcpStream>, PskIdentity, ConnTicket), String> {
     let ssl = Ssl::new(ctx).map_err(|e| e.to_string())?;
     let mut stream = SslStream::new(ssl, tcp).map_err(|e| e.to_string())?;
-    let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut stream).accept()).await;
+    let result = tokio::time::timeout(handshake_timeout, Pin::new(&mut stream).accept()).await;
     let note = stream.ssl().ex_data(note_index()).cloned();
     let failure = match result {
         Err(_) => Some("handshake timed out".to_string()),
@@ -187,11 +215,9 @@ async fn accept_one(
     };
     match (failure, note) {
         (None, Some(Note::Offered(identity))) => {
-            store.track(&identity.api_invoker_id, control);
-            Ok(PskConn {
-                inner: stream,
-                peer: PskPeer { identity, remote },
-            })
+            // Registered only once the key was accepted: a revocation closes it from now on.
+            let ticket = store.track(&identity.invoker_ref());
+            Ok((stream, identity, ticket))
         }
         (None, _) => Err("handshake finished without a PSK (refused)".into()),
         (Some(e), Some(Note::Offered(id))) => {
@@ -203,14 +229,20 @@ async fn accept_one(
     }
 }
 
-/// Accepts PSK TLS connections; yields those whose handshake succeeded. Refusals are logged with
-/// their reason (never key bytes). Ends when the consumer is dropped.
+/// Accepts PSK TLS connections that `gate` admits; yields those whose handshake succeeded within
+/// the gate's handshake timeout. Each pending handshake holds one file descriptor and its place at
+/// the gate; an accepted connection closes after the gate's idle timeout, when its invoker is
+/// revoked, or when tonic drops it. Refusals are logged with their reason (never key bytes). Ends
+/// when the consumer is dropped.
 pub fn psk_incoming(
     listener: TcpListener,
     ctx: SslContext,
     store: Arc<KeyStore>,
+    gate: Arc<ConnGate>,
 ) -> ReceiverStream<Result<PskConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let handshake_timeout = gate.limits().handshake_timeout();
+    let idle_timeout = gate.limits().idle_timeout();
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -224,12 +256,28 @@ pub fn psk_incoming(
                 },
                 _ = tx.closed() => return,
             };
+            let Some(permit) = gate.admit(remote.ip()) else {
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (ctx, store, tx) = (ctx.clone(), store.clone(), tx.clone());
             tokio::spawn(async move {
-                match accept_one(tcp, remote, &ctx, &store).await {
-                    Ok(conn) => {
-                        tracing::info!(%remote, identity = %conn.peer.identity, "PSK handshake accepted");
+                match accept_one(tcp, &ctx, &store, handshake_timeout).await {
+                    Ok((inner, identity, ticket)) => {
+                        tracing::info!(%remote, %identity, "PSK handshake accepted");
+                        let activity = Activity::default();
+                        let conn = PskConn {
+                            inner,
+                            peer: PskPeer {
+                                identity,
+                                remote,
+                                activity: activity.clone(),
+                            },
+                            idle: IdleTimer::new(activity, idle_timeout),
+                            ticket,
+                            _permit: permit,
+                        };
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Err(why) => tracing::warn!(%remote, reason = %why, "PSK handshake refused"),

@@ -12,7 +12,9 @@ use capif_proto::v1::{
 };
 use ccf_core::grpc::{spawn_server, with_standard_services};
 use ccf_core::ids::{AefId, CcfId};
-use ccf_core::tls::{ClientAuth, certs_from_pem, client_config, connect_lazy, server_config};
+use ccf_core::tls::{
+    ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
@@ -20,8 +22,10 @@ use tonic::service::Routes;
 
 use crate::certauth::InvokerCertVerifier;
 use crate::config::AefConfig;
-use crate::keys::KeyStore;
-use crate::psk::{psk_incoming, server_context};
+use crate::keys::{KeyStore, MarkPolicy};
+use crate::psk::{PskPeer, psk_incoming, server_context};
+use ccf_core::limits::{ConnGate, serve_builder};
+use std::num::NonZeroU32;
 use crate::service::{AefSecurityService, AefState, DemoApiService};
 
 /// A running AEF.
@@ -70,7 +74,9 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
     let ccf = SecurityClient::new(connect_lazy(
         &config.ccf.address,
         &config.ccf.server_name,
-        client_config(&ca, Some((&cert, &key)))?,
+        // Only the own domain's CCF: it hands this AEF invokers' keys and token keys, and a
+        // gateway's or another AEF's certificate from the same CA could serve here too.
+        client_config(&ca, Some((&cert, &key)), ExpectedPeer::ccf(&ccf_id))?,
         Duration::from_secs(2),
     )?);
     let security_listener = TcpListener::bind(&config.listen.security)
@@ -93,7 +99,14 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let keys = Arc::new(KeyStore::default());
+    let keys = Arc::new(KeyStore::new(MarkPolicy {
+        ttl: Duration::from_secs(config.budgets.revoked_mark_ttl_secs),
+        max_marks: config.budgets.max_revoked_marks,
+    }));
+    let per_source = governor::Quota::per_second(
+        NonZeroU32::new(config.budgets.initiation_rate_per_sec).unwrap_or(NonZeroU32::MIN),
+    )
+    .allow_burst(NonZeroU32::new(config.budgets.initiation_burst).unwrap_or(NonZeroU32::MIN));
     let state = Arc::new(AefState {
         aef_id: aef_id.clone(),
         ccf_id,
@@ -113,23 +126,31 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         tokens: crate::token::TokenVerifier::new(ccf.clone(), config.token_leeway_secs),
         ccf,
         apis: config.apis.clone(),
+        initiation_limiter: governor::RateLimiter::keyed(per_source),
+        refresh_interval: Duration::from_millis(config.budgets.refresh_interval_ms),
     });
+    let max_msg = config.limits.max_message_bytes;
     let roots = certs_from_pem("CA certificate", &ca)?;
     let tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Optional(&roots))?;
-    let sec = AefSecurityServer::new(AefSecurityService::new(state.clone()));
+    let sec = AefSecurityServer::new(AefSecurityService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     let names = [name_of(&sec)];
     let sec_routes = with_standard_services(Routes::new(sec), &names)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    let demo = DemoApiServer::new(DemoApiService::new(state.clone()));
+    let demo = DemoApiServer::new(DemoApiService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     let psk_ctx = server_context(keys.clone(), config.psk_tls)?;
 
     let (stop, stop_rx) = watch::channel(false);
     let psk_task = {
-        let incoming = psk_incoming(psk_listener, psk_ctx, keys);
+        let gate = ConnGate::new("psk", config.limits.clone());
+        let incoming = psk_incoming(psk_listener, psk_ctx, keys, gate);
         let stop = stopped(stop_rx.clone());
         tokio::spawn(
-            tonic::transport::Server::builder()
+            serve_builder(&config.limits, PskPeer::activity_of)
                 .add_routes(Routes::new(demo))
                 .serve_with_incoming_shutdown(incoming, stop),
         )
@@ -140,6 +161,7 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
             tls,
             false,
             sec_routes,
+            ConnGate::new("security", config.limits.clone()),
             stopped(stop_rx.clone()),
         ),
         psk_task,
@@ -149,12 +171,15 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         // the CAs held for the invoker it names, a client without one must bring a token.
         let verifier = Arc::new(InvokerCertVerifier::new(state.keys.clone()));
         let app_tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Custom(verifier))?;
-        let demo = DemoApiServer::new(DemoApiService::new(state.clone()));
+        let demo = DemoApiServer::new(DemoApiService::new(state.clone()))
+            .max_decoding_message_size(max_msg)
+            .max_encoding_message_size(max_msg);
         tasks.push(spawn_server(
             listener,
             app_tls,
             false,
             Routes::new(demo),
+            ConnGate::new("tls", config.limits.clone()),
             stopped(stop_rx),
         ));
     }

@@ -14,16 +14,16 @@ use capif_proto::v1::{
 };
 use ccf_core::grpc::{caller, error_reason, error_status};
 use ccf_core::identity::Role;
-use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
 use ccf_core::kdf::AefPsk;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use ccf_core::tls::ConnInfo;
-use ccf_core::token::Scope;
+use ccf_core::token::{KnownCaller, Scope, refusal_status};
 
 use crate::identity::PskIdentity;
-use crate::keys::{HeldCa, HeldKey, KeyStore};
+use crate::keys::{HeldCa, HeldKey, InvokerRef, KeyStore};
 use crate::psk::PskPeer;
 
 /// What both services share.
@@ -45,6 +45,36 @@ pub struct AefState {
     pub tokens: crate::token::TokenVerifier,
     /// APIs served.
     pub apis: Vec<String>,
+    /// Authentication Initiations allowed per source address (token buckets).
+    pub initiation_limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    /// A presented key id refreshes a held key at most once in this interval.
+    pub refresh_interval: Duration,
+}
+
+impl AefState {
+    /// Takes one Authentication Initiation from the budget of the caller's source address.
+    fn admit_initiation<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(ip) = request
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.remote_addr)
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        if self.initiation_limiter.check_key(&ip).is_ok() {
+            return Ok(());
+        }
+        // The limiter keeps one small state per source; forget the idle ones now and then.
+        if self.initiation_limiter.len() > 10_000 {
+            self.initiation_limiter.retain_recent();
+        }
+        Err(error_status(
+            Code::ResourceExhausted,
+            ErrorReason::RateLimited,
+            format!("too many authentication initiations from {ip}; retry in a second"),
+        ))
+    }
 }
 
 fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
@@ -52,6 +82,14 @@ fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
         Code::InvalidArgument,
         ErrorReason::InvalidField,
         format!("{field}: {e}"),
+    )
+}
+
+/// Whether a refusal is the CCF's definite answer (as opposed to a budget or a failed link).
+fn definite(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::NotFound | Code::PermissionDenied | Code::FailedPrecondition
     )
 }
 
@@ -124,10 +162,20 @@ impl AefSecurityService {
                 format!("the CCF holds no PSK for API invoker {invoker} at this AEF"),
             )
         })?;
+        if info.api_invoker_id != invoker.as_str()
+            || (!info.home_ccf_id.is_empty() && info.home_ccf_id != home.as_str())
+            || KeyId::new(info.key_id.as_str()).is_err()
+        {
+            return Err(error_status(
+                Code::Internal,
+                ErrorReason::IdentityMismatch,
+                format!("the CCF's answer is not about API invoker {invoker} of {home}"),
+            ));
+        }
         Ok(HeldKey {
             key_id: info.key_id.clone(),
             psk,
-            home_ccf_id: home.to_string(),
+            fetched_at: sent_at,
             // The AEF's own timer starts from the remaining validity it was given.
             expires_at: sent_at + Duration::from_millis(info.remaining_validity_ms),
             allowed_apis: info.allowed_api_names.clone(),
@@ -158,7 +206,6 @@ impl AefSecurityService {
             })?;
         Ok(HeldCa {
             verifier,
-            home_ccf_id: home.to_string(),
             expires_at: sent_at + Duration::from_millis(info.remaining_validity_ms),
             allowed_apis: info.allowed_api_names,
         })
@@ -181,6 +228,9 @@ impl AefSecurity for AefSecurityService {
         &self,
         request: Request<CheckAuthenticationReq>,
     ) -> Result<Response<CheckAuthenticationRsp>, Status> {
+        // Anyone may initiate (the invoker has not authenticated yet), so each source address
+        // gets a budget: a stranger cannot turn requests into CCF and partner fetches at will.
+        self.state.admit_initiation(&request)?;
         let req = request.into_inner();
         let invoker = ApiInvokerId::new(req.api_invoker_id.clone())
             .map_err(|e| invalid("api_invoker_id", e))?;
@@ -189,21 +239,19 @@ impl AefSecurity for AefSecurityService {
         } else {
             CcfId::new(req.home_ccf_id.clone()).map_err(|e| invalid("home_ccf_id", e))?
         };
+        KeyId::optional(&req.key_id).map_err(|e| invalid("key_id", e))?;
+        let who = InvokerRef::new(home.clone(), invoker.clone());
         let method = pb::SecurityMethod::try_from(req.security_method)
             .unwrap_or(pb::SecurityMethod::Unspecified);
         match method {
             pb::SecurityMethod::Pki => {
                 let endpoint = self.tls_endpoint("PKI")?;
-                let held = self
-                    .state
-                    .keys
-                    .valid_ca(&invoker)
-                    .filter(|c| c.home_ccf_id == home.as_str());
+                let held = self.state.keys.valid_ca(&who);
                 let ca = match held {
                     Some(c) => c,
                     None => {
                         let c = self.fetch_ca(&invoker, &home).await?;
-                        self.state.keys.put_ca(invoker.clone(), c.clone());
+                        self.state.keys.put_ca(who.clone(), c.clone());
                         tracing::info!(api_invoker_id = %invoker, %home, remaining_ms = c.remaining().as_millis() as u64, "invoker CA fetched from CCF");
                         c
                     }
@@ -228,14 +276,32 @@ impl AefSecurity for AefSecurityService {
             }
             pb::SecurityMethod::Psk | pb::SecurityMethod::Unspecified => {}
         }
-        let held = self.state.keys.valid(&invoker).filter(|k| {
-            k.home_ccf_id == home.as_str() && (req.key_id.is_empty() || req.key_id == k.key_id)
-        });
-        let key = match held {
-            Some(k) => k,
-            None => {
-                let k = self.fetch(&invoker, &home, &req.key_id).await?;
-                self.state.keys.put(invoker.clone(), k.clone());
+        // A presented key id that differs from the held one refreshes it (the invoker
+        // re-authenticated at home), at most once per interval; a refresh that fails for want of
+        // budget or reachability leaves the held key standing.
+        let held = self.state.keys.valid(&who);
+        let refresh = match &held {
+            None => true,
+            Some(k) => {
+                !req.key_id.is_empty()
+                    && req.key_id != k.key_id
+                    && self
+                        .state
+                        .keys
+                        .claim_refresh(&who, self.state.refresh_interval)
+            }
+        };
+        let key = match (held, refresh) {
+            (Some(k), false) => k,
+            (held, _) => {
+                let k = match self.fetch(&invoker, &home, &req.key_id).await {
+                    Ok(k) => k,
+                    Err(s) => match held {
+                        Some(k) if !definite(&s) => k,
+                        _ => return Err(s),
+                    },
+                };
+                self.state.keys.put(who.clone(), k.clone());
                 tracing::info!(api_invoker_id = %invoker, %home, key_id = %k.key_id, remaining_ms = k.remaining().as_millis() as u64, "key fetched from CCF");
                 k
             }
@@ -272,8 +338,17 @@ impl AefSecurity for AefSecurityService {
             .ok_or_else(|| invalid("revoke_info", "is required"))?;
         let invoker = ApiInvokerId::new(info.api_invoker_id)
             .map_err(|e| invalid("revoke_info.api_invoker_id", e))?;
-        let closed = self.state.keys.revoke(&invoker);
-        tracing::info!(api_invoker_id = %invoker, connections_closed = closed, "authorization revoked by the CCF");
+        // The notice concerns the invoker of the domain it names (its home); empty: this domain.
+        let home = if info.home_ccf_id.is_empty() {
+            self.state.ccf_id.clone()
+        } else {
+            CcfId::new(info.home_ccf_id).map_err(|e| invalid("revoke_info.home_ccf_id", e))?
+        };
+        let closed = self
+            .state
+            .keys
+            .revoke(&InvokerRef::new(home.clone(), invoker.clone()));
+        tracing::info!(api_invoker_id = %invoker, %home, connections_closed = closed, "authorization revoked by the CCF");
         Ok(Response::new(RevokeAuthorizationRsp {
             supported_features: req.supported_features,
             connections_closed: closed,
@@ -304,8 +379,12 @@ impl DemoApi for DemoApiService {
             self.psk_caller(&peer)?
         } else if let Some(info) = request.extensions().get::<ConnInfo>().cloned() {
             match &info.peer {
-                Some(peer) => self.certificate_caller(&request, peer)?,
-                None => self.token_caller(&request).await?,
+                // A bearer token makes the call method 3 even over a client certificate: the
+                // token is what grants, and the certificate only names whom it must be issued to.
+                Some(peer) if bearer_token(&request).is_none() => {
+                    self.certificate_caller(&request, peer)?
+                }
+                peer => self.token_caller(&request, peer.as_deref()).await?,
             }
         } else {
             return Err(error_status(
@@ -369,13 +448,23 @@ struct Caller {
 /// The metadata a method-2 call names its invoker in.
 pub const INVOKER_ID_HEADER: &str = "capif-api-invoker-id";
 
+/// The token of an `authorization: Bearer <token>` header, if the call carries one.
+fn bearer_token<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 impl DemoApiService {
     fn psk_caller(&self, peer: &PskPeer) -> Result<Caller, Status> {
         let id = &peer.identity;
         let key = self
             .state
             .keys
-            .for_handshake(&id.api_invoker_id, &id.key_id)
+            .for_handshake(&id.invoker_ref(), &id.key_id)
             .map_err(|r| {
                 error_status(
                     Code::Unauthenticated,
@@ -431,7 +520,7 @@ impl DemoApiService {
         let ca = self
             .state
             .keys
-            .for_certificate(invoker, id.ccf_id.as_str())
+            .for_certificate(&InvokerRef::new(id.ccf_id.clone(), invoker.clone()))
             .map_err(|r| {
                 error_status(
                     Code::Unauthenticated,
@@ -451,38 +540,80 @@ impl DemoApiService {
         })
     }
 
-    async fn token_caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let Some(token) = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
-            return Err(error_status(
-                Code::Unauthenticated,
-                ErrorReason::InvalidToken,
-                "present a client certificate (PKI) or an \"authorization: Bearer <token>\" header (OAUTH)",
+    async fn token_caller<T>(
+        &self,
+        request: &Request<T>,
+        peer: Option<&ccf_core::tls::PeerInfo>,
+    ) -> Result<Caller, Status> {
+        let bad = |check: &'static str, reason: String| {
+            tracing::info!(%reason, check, "access token refused");
+            refusal_status(Code::Unauthenticated, check, reason)
+        };
+        let Some(token) = bearer_token(request) else {
+            return Err(bad(
+                "MISSING_TOKEN",
+                "present a client certificate (PKI) or an \"authorization: Bearer <token>\" header (OAUTH)".into(),
             ));
         };
-        let claims = self.state.tokens.verify(token.trim()).await.map_err(|r| {
-            tracing::info!(reason = %r.reason, "access token refused");
-            error_status(r.code, ErrorReason::InvalidToken, r.reason)
+        // Whatever else names the caller must name the token's subject: a token issued to X is
+        // not X's to lend. The texts below are not invoker ids, so they can match no `sub`.
+        let cert_invoker = peer.map(|p| match &p.identity {
+            Ok(id) => match &id.role {
+                Role::Invoker(invoker) => invoker.to_string(),
+                _ => format!("{id} (not an API invoker)"),
+            },
+            Err(_) => "(no CAPIF identity)".to_string(),
+        });
+        let header = request
+            .metadata()
+            .get(INVOKER_ID_HEADER)
+            .map(|v| v.to_str().unwrap_or("(not text)"));
+        let mut callers = Vec::new();
+        if let Some(invoker) = &cert_invoker {
+            callers.push(KnownCaller {
+                invoker,
+                source: "the client certificate",
+            });
+        }
+        if let Some(invoker) = header {
+            callers.push(KnownCaller {
+                invoker,
+                source: "the capif-api-invoker-id header",
+            });
+        }
+        let claims = self
+            .state
+            .tokens
+            .verify(token, self.state.aef_id.as_str(), &callers)
+            .await
+            .map_err(|r| {
+                tracing::info!(reason = %r, check = r.check(), "access token refused");
+                r.status()
+            })?;
+        let invoker = ApiInvokerId::new(claims.sub.clone()).map_err(|e| {
+            bad(
+                "MALFORMED",
+                format!("the token's subject is not an API invoker id: {e}"),
+            )
         })?;
-        let bad = |reason: String| {
-            tracing::info!(%reason, "access token refused");
-            error_status(Code::Unauthenticated, ErrorReason::InvalidToken, reason)
-        };
-        let invoker = ApiInvokerId::new(claims.sub.clone())
-            .map_err(|e| bad(format!("the token's subject is not an API invoker id: {e}")))?;
-        let home = CcfId::new(claims.iss.clone())
-            .map_err(|e| bad(format!("the token's issuer is not a CCF id: {e}")))?;
-        if self.state.keys.is_revoked(&invoker) {
-            return Err(bad(format!(
-                "API invoker {invoker}'s authorization was revoked by the CCF"
-            )));
+        let home = CcfId::new(claims.iss.clone()).map_err(|e| {
+            bad(
+                "MALFORMED",
+                format!("the token's issuer is not a CCF id: {e}"),
+            )
+        })?;
+        if self
+            .state
+            .keys
+            .is_revoked(&InvokerRef::new(home.clone(), invoker.clone()))
+        {
+            return Err(bad(
+                "REVOKED",
+                format!("API invoker {invoker}'s authorization was revoked by the CCF"),
+            ));
         }
         let scope = Scope::parse(&claims.scope)
-            .map_err(|e| bad(format!("the token's scope is malformed: {e}")))?;
+            .map_err(|e| bad("MALFORMED", format!("the token's scope is malformed: {e}")))?;
         Ok(Caller {
             invoker,
             home,

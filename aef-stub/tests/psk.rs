@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aef_stub::identity::PskIdentity;
-use aef_stub::keys::{HeldKey, KeyStore};
+use aef_stub::keys::{HeldKey, InvokerRef, KeyStore};
+use ccf_core::limits::ConnGate;
 use aef_stub::psk::{TlsProfile, connect, psk_incoming, server_context};
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
@@ -24,12 +25,15 @@ fn identity(key_id: &str) -> PskIdentity {
 async fn server(profile: TlsProfile, key: &AefPsk) -> String {
     let store = Arc::new(KeyStore::default());
     store.put(
-        ApiInvokerId::new("inv-1").unwrap(),
+        InvokerRef::new(
+            CcfId::new("operator-b.test").unwrap(),
+            ApiInvokerId::new("inv-1").unwrap(),
+        ),
         HeldKey {
             psk: key.clone(),
             key_id: key.key_id(),
-            home_ccf_id: "operator-b.test".into(),
             expires_at: Instant::now() + Duration::from_secs(60),
+            fetched_at: Instant::now(),
             allowed_apis: vec![],
         },
     );
@@ -39,6 +43,7 @@ async fn server(profile: TlsProfile, key: &AefPsk) -> String {
         listener,
         server_context(store, profile).unwrap(),
         Arc::new(KeyStore::default()),
+        ConnGate::new("psk", Default::default()),
     );
     tokio::spawn(async move {
         // Echo one message per accepted connection.
@@ -88,6 +93,13 @@ async fn right_key_works_and_everything_else_is_refused() {
         assert!(
             !roundtrip(&addr, &stranger, &key, p).await,
             "{p:?}: unknown identity accepted"
+        );
+        // The same invoker id and key id, but another home domain: another invoker.
+        let mut other_home = identity(&key.key_id());
+        other_home.home_ccf_id = CcfId::new("operator-c.test").unwrap();
+        assert!(
+            !roundtrip(&addr, &other_home, &key, p).await,
+            "{p:?}: identity of another home accepted with this home's key"
         );
     }
 }

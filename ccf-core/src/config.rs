@@ -106,12 +106,17 @@ impl Default for PkiConfig {
 pub struct SecurityConfig {
     /// Validity of an AEFPSK (and of other security contexts), seconds. Default one hour.
     pub aef_psk_validity_secs: u64,
+    /// How often expired security contexts (with their AEFPSKs) are deleted from the store,
+    /// seconds; also how long a context stays after its expiry, so that AEFs asking just after
+    /// it get `KEY_EXPIRED` rather than `NO_SECURITY_CONTEXT`. Default 60, 1 to 86400.
+    pub context_purge_interval_secs: u64,
 }
 
 impl Default for SecurityConfig {
     fn default() -> Self {
         Self {
             aef_psk_validity_secs: 3600,
+            context_purge_interval_secs: 60,
         }
     }
 }
@@ -186,6 +191,9 @@ pub struct CcfConfig {
     /// The domain's gateway.
     #[serde(default)]
     pub gateway: Option<GatewayLinkConfig>,
+    /// Connection caps, timeouts and message limits of both listeners.
+    #[serde(default)]
+    pub limits: crate::limits::ListenerLimits,
 }
 
 impl CcfConfig {

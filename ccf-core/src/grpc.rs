@@ -14,6 +14,7 @@ use tonic::{Code, Request, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::identity::PeerIdentity;
+use crate::limits::{ConnGate, serve_builder};
 use crate::tls::{ConnInfo, tls_incoming};
 
 /// A status whose details carry `google.rpc.ErrorInfo { reason, domain: "capif.v1" }`.
@@ -109,17 +110,20 @@ pub async fn with_standard_services(routes: Routes, names: &[&str]) -> Result<Ro
         .add_service(v1alpha))
 }
 
-/// Serves `routes` on `listener` over TLS until `shutdown` completes.
+/// Serves `routes` on `listener` over TLS until `shutdown` completes, within the limits of
+/// `gate` (connection caps, handshake and idle timeouts, streams and header sizes).
 pub fn spawn_server(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     export_binding: bool,
     routes: Routes,
+    gate: Arc<ConnGate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-    let incoming = tls_incoming(listener, tls, export_binding);
+    let mut builder = serve_builder(gate.limits(), ConnInfo::activity_of);
+    let incoming = tls_incoming(listener, tls, export_binding, gate);
     tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown),
     )

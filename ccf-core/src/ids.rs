@@ -1,4 +1,5 @@
-//! Identifiers in the spec's words: `CcfId` (a domain), `ApiInvokerId`, `AefId`, `ApiName`.
+//! Identifiers in the spec's words: `CcfId` (a domain), `ApiInvokerId`, `AefId`, `ApiName`, and
+//! the AEFPSK's `KeyId`.
 //!
 //! Each is a newtype that validates on construction, so a malformed or oversized id from a peer is
 //! refused at the edge and cannot travel further into stores, caches or logs.
@@ -178,9 +179,52 @@ id_type!(
     no_extra
 );
 
+fn exactly_16(s: &str) -> Result<(), IdError> {
+    if s.len() != 16 {
+        return Err(IdError::BadCharacter {
+            kind: "key id",
+            allowed: "exactly 16 lowercase hex digits",
+        });
+    }
+    Ok(())
+}
+
+id_type!(
+    /// The key id of an AEFPSK: 16 lowercase hex digits (`kdf::key_id`, PROTOCOL.md 4.4). It
+    /// names a key without revealing it, so an AEF can tell a stale key from a fresh one.
+    KeyId,
+    "key id",
+    16,
+    "exactly 16 lowercase hex digits",
+    |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c),
+    exactly_16
+);
+
+impl KeyId {
+    /// A key id a request may leave empty ("none presented"): `None` when empty, else checked.
+    pub fn optional(s: &str) -> Result<Option<Self>, IdError> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            Self::new(s).map(Some)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_ids_are_16_lowercase_hex() {
+        assert!(KeyId::new("0123456789abcdef").is_ok());
+        assert!(KeyId::new("0123456789ABCDEF").is_err());
+        assert!(KeyId::new("0123456789abcde").is_err());
+        assert!(KeyId::new("0123456789abcdefa").is_err());
+        assert!(KeyId::new("x".repeat(3 * 1024 * 1024)).is_err());
+        assert_eq!(KeyId::optional("").unwrap(), None);
+        assert!(KeyId::optional("zz").is_err());
+    }
 
     #[test]
     fn ccf_ids_are_dns_names() {

@@ -11,6 +11,7 @@
 //! - [`pki`] — the domain root CA and the certificates it issues.
 //! - [`tls`] — rustls configs, the accept loop feeding tonic, the client connector.
 //! - [`grpc`] — error statuses with reasons, caller identity, health + reflection.
+//! - [`limits`] — connection caps, idle timeouts and message limits of every listener.
 //! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
 //! - [`registry`] — the AEF registry and the canonical interface string.
 //! - [`store`] — invokers and security contexts in redb.
@@ -24,6 +25,7 @@ pub mod grpc;
 pub mod identity;
 pub mod ids;
 pub mod kdf;
+pub mod limits;
 pub mod pki;
 pub mod registry;
 pub mod server;

@@ -88,6 +88,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 /// Writes `contents` to `path` readable by the owner only.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -95,8 +96,51 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> 
         .mode(0o600)
         .open(path)
         .map_err(io_err(path))?;
+    // `mode` applies only to a file this call creates; an existing file keeps its own. Tighten
+    // that one through the open handle, before the secret goes into it.
+    let mode = f.metadata().map_err(io_err(path))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o700))
+            .map_err(io_err(path))?;
+    }
     f.write_all(contents).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
+}
+
+/// Creates the directory `dir` owner-only (0700) from the start; missing parents get the
+/// default mode, as they are not the CCF's. An existing directory is left as it is: the CCF
+/// checks its mode when it starts.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        other => other,
+    }
+}
+
+/// The extended key usages a certificate of `role` gets: server-auth only if the role serves TLS
+/// with it, client-auth only if it calls with it. rustls enforces both (webpki checks server-auth
+/// on every client, client-auth on every mutual-TLS listener), so an invoker's or operator's key
+/// cannot serve at all. The roles that do both need both; that an AEF cannot pose as its CCF is
+/// the clients' identity check (`tls::ExpectedPeer`), not the EKU. No wildcard arm: a new role
+/// must be decided here.
+pub fn extended_key_usages(role: &Role) -> Vec<ExtendedKeyUsagePurpose> {
+    use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    match role {
+        // Serves onboarding and CAPIF-1e/3/6; calls its gateway and its AEFs (revocation).
+        Role::Ccf => vec![ServerAuth, ClientAuth],
+        // Serves CAPIF-6 and CAPIF-6e; calls its CCF and partner gateways.
+        Role::Gateway => vec![ServerAuth, ClientAuth],
+        // Serves Authentication Initiation and the method 2/3 TLS endpoint; calls its CCF.
+        Role::Aef(_) => vec![ServerAuth, ClientAuth],
+        // Calls its CCF (CAPIF-1e) and, with method 2, an AEF's TLS endpoint; serves nothing.
+        Role::Invoker(_) => vec![ClientAuth],
+        // Calls CcfAdmin and GatewayAdmin; serves nothing.
+        Role::Operator => vec![ClientAuth],
+    }
 }
 
 fn random_serial() -> SerialNumber {
@@ -174,7 +218,7 @@ impl DomainCa {
             _ => return Err(PkiError::HalfConfigured),
         };
         if ca_cert.is_none() && !cert_path.exists() {
-            fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+            create_private_dir(state_dir).map_err(io_err(state_dir))?;
             let ca = Self::generate(ccf_id)?;
             write_private_file(&key_path, ca.issuer.key().serialize_pem().as_bytes())?;
             fs::write(&cert_path, &ca.cert_pem).map_err(io_err(&cert_path))?;
@@ -220,13 +264,7 @@ impl DomainCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match identity.role {
-            Role::Invoker(_) | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            _ => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        };
+        params.extended_key_usages = extended_key_usages(&identity.role);
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, days);
@@ -267,6 +305,7 @@ impl DomainCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn issued_certificates_name_their_identity() {
@@ -279,6 +318,132 @@ mod tests {
         let der = CertificateDer::from_pem_slice(cred.cert_pem.as_bytes()).unwrap();
         assert_eq!(PeerIdentity::from_certificate(&der).unwrap(), id);
         assert!(!format!("{cred:?}").contains("PRIVATE"));
+    }
+
+    /// (server-auth, client-auth) of an issued certificate, read back with x509-parser; fails if
+    /// any other purpose is present.
+    fn ekus_of(cert_pem: &str) -> (bool, bool) {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let eku = cert
+            .extended_key_usage()
+            .unwrap()
+            .expect("every issued certificate names its purposes")
+            .value;
+        assert!(
+            !eku.any
+                && !eku.code_signing
+                && !eku.email_protection
+                && !eku.time_stamping
+                && !eku.ocsp_signing
+                && eku.other.is_empty(),
+            "unexpected purpose in {eku:?}"
+        );
+        (eku.server_auth, eku.client_auth)
+    }
+
+    /// Issue 11 item 5: each role gets the EKUs of what it does, and no more. The table is
+    /// written out here rather than taken from `extended_key_usages`, so a change there fails.
+    #[test]
+    fn each_role_gets_only_the_ekus_it_uses() {
+        let ccf = CcfId::new("operator-a.test").unwrap();
+        let ca = DomainCa::generate(&ccf).unwrap();
+        let cases = [
+            (Role::Ccf, (true, true)),
+            (Role::Gateway, (true, true)),
+            (
+                Role::Aef(crate::ids::AefId::new("aef-1").unwrap()),
+                (true, true),
+            ),
+            (Role::Operator, (false, true)),
+            (
+                Role::Invoker(crate::ids::ApiInvokerId::new("inv-1").unwrap()),
+                (false, true),
+            ),
+        ];
+        for (role, want) in cases {
+            let id = PeerIdentity::new(ccf.clone(), role);
+            let cred = ca
+                .issue_with_new_key(&id, &["localhost".into()], 1)
+                .unwrap();
+            assert_eq!(ekus_of(&cred.cert_pem), want, "{id}");
+        }
+        // Invokers get theirs through onboarding, for the public key they sent.
+        let key = KeyPair::generate().unwrap();
+        let id = PeerIdentity::new(
+            ccf.clone(),
+            Role::Invoker(crate::ids::ApiInvokerId::new("inv-2").unwrap()),
+        );
+        let pem = ca
+            .issue_for_public_key_pem(&id, &key.public_key_pem(), 1)
+            .unwrap();
+        assert_eq!(ekus_of(&pem), (false, true));
+    }
+
+    /// The EKUs only matter if rustls checks them: a client-only certificate cannot serve (the
+    /// verifier of every client is webpki's server verifier), and a server-only certificate
+    /// cannot call a mutual-TLS listener (webpki's client verifier).
+    #[test]
+    fn rustls_enforces_the_ekus_on_both_sides() {
+        use rustls::CertificateError;
+        use rustls::client::WebPkiServerVerifier;
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::server::WebPkiClientVerifier;
+        use rustls_pki_types::{ServerName, UnixTime};
+
+        let ccf = CcfId::new("operator-a.test").unwrap();
+        let ca = DomainCa::generate(&ccf).unwrap();
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let roots = Arc::new(roots);
+        let wrong_purpose = |e: rustls::Error| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. }
+                )
+            )
+        };
+
+        let servers = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let serve = |role: Role| {
+            let cred = ca
+                .issue_with_new_key(&PeerIdentity::new(ccf.clone(), role), &["localhost".into()], 1)
+                .unwrap();
+            servers.verify_server_cert(&der(&cred.cert_pem), &[], &name, &[], UnixTime::now())
+        };
+        assert!(serve(Role::Ccf).is_ok());
+        let e = serve(Role::Operator).unwrap_err();
+        assert!(wrong_purpose(e.clone()), "{e}");
+
+        let clients = WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .build()
+            .unwrap();
+        let operator = ca
+            .issue_with_new_key(&PeerIdentity::new(ccf.clone(), Role::Operator), &[], 1)
+            .unwrap();
+        assert!(
+            clients
+                .verify_client_cert(&der(&operator.cert_pem), &[], UnixTime::now())
+                .is_ok()
+        );
+        // The CA issues no server-only role, so build one directly with its issuer.
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, 1);
+        let server_only = params
+            .signed_by(&KeyPair::generate().unwrap(), &ca.issuer)
+            .unwrap();
+        let e = clients
+            .verify_client_cert(server_only.der(), &[], UnixTime::now())
+            .unwrap_err();
+        assert!(wrong_purpose(e.clone()), "{e}");
     }
 
     #[test]

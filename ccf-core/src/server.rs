@@ -20,6 +20,7 @@ use tonic::service::Routes;
 
 use crate::config::CcfConfig;
 use crate::grpc::{spawn_server, with_standard_services};
+use crate::limits::ConnGate;
 use crate::identity::{PeerIdentity, Role};
 use crate::ids::CcfId;
 use crate::pki::DomainCa;
@@ -27,8 +28,8 @@ use crate::registry::AefRegistry;
 use crate::service::{
     CcfAdminService, FederationService, InvokerManagementService, SecurityService,
 };
-use crate::store::Store;
-use crate::tls::{ClientAuth, certs_from_pem, server_config};
+use crate::store::{Store, StoreError};
+use crate::tls::{ClientAuth, ExpectedPeer, certs_from_pem, server_config};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -64,6 +65,43 @@ pub enum StartError {
     /// The token signing keys.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
+    /// The state store file can be read or written by users other than the CCF's. It is refused,
+    /// not fixed: the AEFPSKs in it may already have been read.
+    #[error(
+        "refusing to start: the state store {} has mode {mode:04o}, so other users can read the \
+         AEFPSKs in it. Find out who could have read it, then fix with `chmod 600 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    StoreExposed {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The state directory is open to other users and the CCF may not tighten it itself.
+    #[error(
+        "refusing to start: the state directory {} has mode {mode:04o} and {why}. Check the \
+         files in it, then fix with `chmod 700 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    StateDirExposed {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Why it was not tightened.
+        why: String,
+    },
+    /// The state directory cannot be created or inspected.
+    #[error("state directory {}: {source}", .path.display())]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// Other I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -215,25 +253,141 @@ fn name_of<S: NamedService>(_: &S) -> &'static str {
     S::NAME
 }
 
+/// The store's file name in the state directory.
+pub const STORE_FILE: &str = "ccf.redb";
+
+/// Everything the CCF itself writes into its state directory. A directory that holds nothing
+/// else is the CCF's own, so the CCF may tighten its mode.
+const STATE_FILES: &[&str] = &[
+    "ca.pem",
+    "ca.key",
+    STORE_FILE,
+    "token-signing-keys.json",
+    "token-signing-keys.json.tmp",
+];
+
+/// Creates the state directory owner-only (0700), or checks an existing one. An existing
+/// directory open to group or others is tightened to owner-only when that is safe: nobody else
+/// could write in it (else its files may have been replaced: refused), it holds only the CCF's
+/// own files (else it is not the CCF's alone: refused), and the CCF may change its mode.
+/// Tightening rather than refusing, because `mkdir` and `ccf pki issue` before the first start
+/// leave it 0755, and a listable directory exposes no secret while its files are 0600.
+fn prepare_state_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| StartError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    crate::pki::create_private_dir(dir).map_err(io)?;
+    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let refuse = |why: String| StartError::StateDirExposed {
+        path: dir.to_path_buf(),
+        mode,
+        why,
+    };
+    if mode & 0o022 != 0 {
+        return Err(refuse(
+            "other users can write in it, so its files may have been replaced".into(),
+        ));
+    }
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        if !STATE_FILES.iter().any(|f| name == *f) {
+            return Err(refuse(format!(
+                "it holds {}, which the CCF did not write, so it is not the CCF's to tighten",
+                name.to_string_lossy()
+            )));
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o077))
+        .map_err(|e| refuse(format!("the CCF cannot tighten it ({e})")))?;
+    tracing::warn!(
+        path = %dir.display(),
+        mode = format!("{mode:04o}"),
+        "the state directory was open to other users; its mode is now owner-only"
+    );
+    Ok(())
+}
+
+/// Deletes the security contexts that have been expired for at least `grace` (so that an AEF
+/// asking shortly after the expiry still gets `KEY_EXPIRED`), in one write transaction, and logs
+/// how many. Returns that number.
+pub fn purge_expired(store: &Store, grace: Duration) -> Result<u64, StoreError> {
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    let purged = store.purge_expired(now_ms().saturating_sub(grace_ms))?;
+    if purged > 0 {
+        tracing::info!(purged, "purged expired security contexts from the store");
+    } else {
+        tracing::debug!("no expired security context to purge");
+    }
+    Ok(purged)
+}
+
+/// Purges expired contexts every `every` until `stop`. The purge at start ran already.
+fn spawn_purge(
+    state: Arc<CcfState>,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = stopped(stop);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = ticks.tick() => {}
+            }
+            // A durable redb commit blocks on fsync: keep it off the runtime's workers.
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || purge_expired(&s.store, every)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "purging expired security contexts failed")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the purge of expired security contexts failed")
+                }
+            }
+        }
+    })
+}
+
 /// Starts a CCF from its configuration.
 pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let ccf_id = CcfId::new(config.ccf_id.clone())
         .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
     let registry = AefRegistry::from_config(&ccf_id, &config.aefs)
         .map_err(|e| StartError::Config(e.to_string()))?;
+    config.limits.validate().map_err(StartError::Config)?;
     if config.security.aef_psk_validity_secs == 0 {
         return Err(StartError::Config(
             "security.aef_psk_validity_secs must be at least 1".into(),
         ));
     }
-    std::fs::create_dir_all(&config.state_dir)?;
+    let purge_every = Duration::from_secs(config.security.context_purge_interval_secs);
+    if !(1..=86_400).contains(&config.security.context_purge_interval_secs) {
+        return Err(StartError::Config(
+            "security.context_purge_interval_secs must be between 1 and 86400".into(),
+        ));
+    }
+    prepare_state_dir(&config.state_dir)?;
     let ca = DomainCa::load_or_generate(
         &ccf_id,
         &config.state_dir,
         config.pki.ca_cert.as_deref(),
         config.pki.ca_key.as_deref(),
     )?;
-    let store = Store::open(&config.state_dir.join("ccf.redb"))?;
+    let store = Store::open(&config.state_dir.join(STORE_FILE)).map_err(|e| match e {
+        StoreError::Exposed { path, mode } => StartError::StoreExposed { path, mode },
+        e => StartError::Store(e),
+    })?;
+    // Contexts that expired while the CCF was down go before anything is served.
+    purge_expired(&store, purge_every)?;
     if config.token.lifetime_secs == 0 || config.token.key_set_refresh_secs == 0 {
         return Err(StartError::Config(
             "token.lifetime_secs and token.key_set_refresh_secs must be at least 1".into(),
@@ -257,7 +411,13 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
 
     let gateway = match &config.gateway {
         Some(g) => {
-            let tls = crate::tls::client_config(ca.cert_pem(), Some((&chain, &own.key_pem)))?;
+            // Only the own domain's gateway: any other certificate of this CA that may serve
+            // (an AEF's) must not receive revocations and partner queries.
+            let tls = crate::tls::client_config(
+                ca.cert_pem(),
+                Some((&chain, &own.key_pem)),
+                ExpectedPeer::gateway(&ccf_id),
+            )?;
             let channel =
                 crate::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
             Some(GatewayClient::new(channel))
@@ -267,7 +427,12 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let mut aefs = std::collections::BTreeMap::new();
     for e in registry.iter().filter(|e| e.ccf_id == ccf_id) {
         if let Some((addr, name)) = &e.security_endpoint {
-            let tls = crate::tls::client_config(ca.cert_pem(), Some((&chain, &own.key_pem)))?;
+            // Exactly this AEF: a revocation meant for it must not reach another holder.
+            let tls = crate::tls::client_config(
+                ca.cert_pem(),
+                Some((&chain, &own.key_pem)),
+                ExpectedPeer::aef(&ccf_id, &e.aef_id),
+            )?;
             let channel = crate::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
             aefs.insert(e.aef_id.clone(), AefSecurityClient::new(channel));
         }
@@ -303,14 +468,23 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let onboarding_addr = onboarding_listener.local_addr()?;
     let capif_addr = capif_listener.local_addr()?;
 
-    let im = InvokerManagementServer::new(InvokerManagementService::new(state.clone()));
+    let max_msg = config.limits.max_message_bytes;
+    let im = InvokerManagementServer::new(InvokerManagementService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     let im_name = name_of(&im);
     let onboarding_routes = with_standard_services(Routes::new(im.clone()), &[im_name])
         .await
         .map_err(|e| StartError::Config(e.message().to_string()))?;
-    let sec = SecurityServer::new(SecurityService::new(state.clone()));
-    let fed = FederationServer::new(FederationService::new(state.clone()));
-    let admin = CcfAdminServer::new(CcfAdminService::new(state.clone()));
+    let sec = SecurityServer::new(SecurityService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let fed = FederationServer::new(FederationService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let admin = CcfAdminServer::new(CcfAdminService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     let names = [im_name, name_of(&sec), name_of(&fed), name_of(&admin)];
     let capif_routes = with_standard_services(
         Routes::new(im)
@@ -329,6 +503,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             onboarding_tls,
             false,
             onboarding_routes,
+            ConnGate::new("onboarding", config.limits.clone()),
             stopped(stop_rx.clone()),
         ),
         spawn_server(
@@ -336,9 +511,13 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             capif_tls,
             true,
             capif_routes,
+            ConnGate::new("capif", config.limits.clone()),
             stopped(stop_rx),
         ),
     ];
+    // `stop` ends the purge task too, and `shutdown` waits for it as for the listeners.
+    let mut tasks = tasks;
+    tasks.push(spawn_purge(state.clone(), purge_every, stop.subscribe()));
     tracing::info!(%ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
     Ok(RunningCcf {
         state,

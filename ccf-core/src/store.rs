@@ -4,8 +4,13 @@
 //! Every operation is one write transaction, committed durably before the RPC that caused it is
 //! answered, so whatever a client saw acknowledged survives a crash. Values are JSON; a context's
 //! AEFPSK is kept (hex) because the CCF must hand it to AEFs later.
+//!
+//! Because the file holds those keys, it is owner-only (0600) from the moment it is created, a
+//! file that others can read is refused, and expired contexts are deleted
+//! ([`Store::purge_expired`]) rather than kept forever.
 
-use std::path::Path;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -35,6 +40,19 @@ pub enum StoreError {
     /// The invoker is not (or no longer) onboarded.
     #[error("the API invoker is not onboarded")]
     InvokerGone,
+    /// The store file can be read or written by users other than its owner.
+    #[error(
+        "the state store {} has mode {mode:04o}, so other users can read the AEFPSKs in it; \
+         fix with `chmod 600 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    Exposed {
+        /// The store file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 macro_rules! db_err {
@@ -148,9 +166,35 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store file.
+    /// Opens (or creates, mode 0600) the store file. Refuses, with [`StoreError::Exposed`], a
+    /// file that group or others may read or write.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        // `Database::create` would create the file with the process umask (typically 0644). So
+        // the file is created here, owner-only from the start, and redb gets the open handle:
+        // no moment exists when the file is readable by others, and no chmod races a writer.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+        // The mode of the handle redb will use, not of the path (no gap between check and use).
+        // An existing file is refused, not fixed: it may already have been read.
+        let mode = file
+            .metadata()
+            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Exposed {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let db = redb::Builder::new().create_file(file)?;
         let tx = db.begin_write()?;
         tx.open_table(INVOKERS)?;
         tx.open_table(CONTEXTS)?;
@@ -303,6 +347,45 @@ impl Store {
         tx.commit()?;
         Ok(removed)
     }
+
+    /// Deletes every security context that expired at or before `cutoff_ms` (Unix ms), in one
+    /// write transaction, and returns how many it deleted. Contexts that expire later, invokers
+    /// and credentials are not touched.
+    pub fn purge_expired(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        // Only the expiry is read, so no AEFPSK is decoded into memory to decide.
+        #[derive(Deserialize)]
+        struct Expiry {
+            expires_at_ms: u64,
+        }
+        let tx = self.db.begin_write()?;
+        let mut purged = 0u64;
+        let mut unreadable = Vec::new();
+        {
+            let mut t = tx.open_table(CONTEXTS)?;
+            t.retain(|key, value| match serde_json::from_slice::<Expiry>(value) {
+                Ok(e) if e.expires_at_ms <= cutoff_ms => {
+                    purged += 1;
+                    false
+                }
+                Ok(_) => true,
+                // Its expiry is unknown, so it might be live: keep it. The lookup that reads it
+                // reports it as corrupt.
+                Err(_) => {
+                    unreadable.push(key.to_string());
+                    true
+                }
+            })?;
+        }
+        tx.commit()?;
+        if !unreadable.is_empty() {
+            // Keys are "<apiInvokerId>/<aefId>": ids, not secrets.
+            tracing::warn!(
+                records = ?unreadable,
+                "security contexts without a readable expiry were kept by the purge"
+            );
+        }
+        Ok(purged)
+    }
 }
 
 #[cfg(test)]
@@ -380,5 +463,71 @@ mod tests {
             Err(StoreError::InvokerGone)
         ));
         assert_eq!(s.context_count().unwrap(), 1);
+    }
+
+    fn ctx_expiring(inv: &str, aef: &str, psk: u8, expires_at_ms: u64) -> SecurityContext {
+        SecurityContext {
+            expires_at_ms,
+            ..ctx(inv, aef, psk)
+        }
+    }
+
+    #[test]
+    fn purge_deletes_only_contexts_expired_by_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.onboard("d1", &rec("inv-1")).unwrap();
+        s.onboard("d2", &rec("inv-2")).unwrap();
+        let id1 = ApiInvokerId::new("inv-1").unwrap();
+        let id2 = ApiInvokerId::new("inv-2").unwrap();
+        s.put_contexts(
+            &id1,
+            &[
+                ctx_expiring("inv-1", "aef-a", 1, 100),
+                ctx_expiring("inv-1", "aef-b", 2, 1_000),
+            ],
+        )
+        .unwrap();
+        s.put_contexts(
+            &id2,
+            &[
+                // Exactly at the cutoff: expired (the CCF refuses a key when expiry <= now).
+                ctx_expiring("inv-2", "aef-a", 3, 500),
+                ctx_expiring("inv-2", "aef-b", 4, 501),
+            ],
+        )
+        .unwrap();
+
+        assert_eq!(s.purge_expired(500).unwrap(), 2);
+        let aef = |a: &str| AefId::new(a).unwrap();
+        assert!(s.context(&id1, &aef("aef-a")).unwrap().is_none());
+        assert!(s.context(&id2, &aef("aef-a")).unwrap().is_none());
+        let live = s.context(&id1, &aef("aef-b")).unwrap().unwrap();
+        assert_eq!(live.aef_psk.unwrap().expose(), &[2; 32]);
+        let live = s.context(&id2, &aef("aef-b")).unwrap().unwrap();
+        assert_eq!(live.aef_psk.unwrap().expose(), &[4; 32]);
+        assert_eq!(s.invoker_count().unwrap(), 2, "invokers are not purged");
+        assert_eq!(s.purge_expired(500).unwrap(), 0, "nothing left to purge");
+        assert_eq!(s.context_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn store_file_is_created_owner_only_and_an_exposed_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        match Store::open(&path) {
+            Err(StoreError::Exposed { path: p, mode: m }) => {
+                assert_eq!((p.as_path(), m), (path.as_path(), 0o640));
+            }
+            other => panic!("expected Exposed, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(mode(&path), 0o640, "refused, not silently fixed");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Store::open(&path).expect("opens again once fixed");
     }
 }

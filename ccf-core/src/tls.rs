@@ -4,7 +4,8 @@
 //! (`serve_with_incoming`), so that every request carries a [`ConnInfo`]: the peer's verified
 //! identity and, for CAPIF-1e, the [`Capif1eBinding`] exported from that very TLS session (tonic's
 //! built-in TLS gives handlers neither). Clients use [`connect`], a custom connector that records
-//! the same binding on the invoker side.
+//! the same binding on the invoker side. Every [`client_config`] names the server it expects
+//! ([`ExpectedPeer`]), checked during the handshake by [`PeerServerVerifier`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,11 +24,15 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, server::Connected};
 
-use crate::identity::{IdentityError, PeerIdentity};
-use crate::kdf::Capif1eBinding;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::UnixTime;
+use rustls::{DigitallySignedStruct, OtherError, SignatureScheme};
 
-/// How long a TLS handshake may take before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::identity::{IdentityError, PeerIdentity, Role, URI_SCHEME};
+use crate::ids::{AefId, CcfId};
+use crate::kdf::Capif1eBinding;
+use crate::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,9 @@ pub enum TlsError {
     /// The client verifier could not be built.
     #[error("client certificate verifier: {0}")]
     Verifier(String),
+    /// The server verifier of a client could not be built.
+    #[error("server certificate verifier: {0}")]
+    ServerVerifier(String),
     /// A server name is not a valid DNS name or IP address.
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
@@ -151,15 +159,200 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// The server a client accepts at the other end of a link, by the `capif://` identity its
+/// certificate names. A chain to the right CA and the right DNS name only say "some holder of a
+/// certificate of that domain": every AEF, gateway and CCF certificate may serve, so the role is
+/// what tells the own CCF from an AEF posing as it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ExpectedPeer {
+    /// Exactly this identity: the own CCF or gateway, an AEF whose id the client knows.
+    Exactly(PeerIdentity),
+    /// Any AEF of this domain: an invoker that knows the AEF's domain but not its id.
+    AnyAefOf(CcfId),
+    /// The CCF of whichever domain the trusted CA vouches for. Only for onboarding, where the
+    /// invoker learns its home domain from the answer; the caller must then compare the
+    /// answer's domain with [`ClientSession::server_identity`].
+    AnyCcf,
+}
+
+impl ExpectedPeer {
+    /// The CCF of `ccf_id`.
+    pub fn ccf(ccf_id: &CcfId) -> Self {
+        Self::Exactly(PeerIdentity::new(ccf_id.clone(), Role::Ccf))
+    }
+
+    /// The gateway of `ccf_id`.
+    pub fn gateway(ccf_id: &CcfId) -> Self {
+        Self::Exactly(PeerIdentity::new(ccf_id.clone(), Role::Gateway))
+    }
+
+    /// The AEF `aef_id` of `ccf_id`.
+    pub fn aef(ccf_id: &CcfId, aef_id: &AefId) -> Self {
+        Self::Exactly(PeerIdentity::new(ccf_id.clone(), Role::Aef(aef_id.clone())))
+    }
+
+    /// Whether a verified certificate naming `presented` is the expected server.
+    pub fn accepts(&self, presented: &PeerIdentity) -> bool {
+        match self {
+            Self::Exactly(id) => id == presented,
+            Self::AnyAefOf(ccf_id) => {
+                presented.ccf_id == *ccf_id && matches!(presented.role, Role::Aef(_))
+            }
+            Self::AnyCcf => presented.role == Role::Ccf,
+        }
+    }
+}
+
+/// `*` stands for "any": `capif://<domain>/aef/*`, `capif://*/ccf`.
+impl std::fmt::Display for ExpectedPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exactly(id) => write!(f, "{id}"),
+            Self::AnyAefOf(ccf_id) => write!(f, "{URI_SCHEME}{ccf_id}/aef/*"),
+            Self::AnyCcf => write!(f, "{URI_SCHEME}*/ccf"),
+        }
+    }
+}
+
+/// Parses the [`Display`](std::fmt::Display) form, so that configs, flags and tests can name an
+/// expectation as a URI.
+impl std::str::FromStr for ExpectedPeer {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, IdentityError> {
+        if s == format!("{URI_SCHEME}*/ccf") {
+            return Ok(Self::AnyCcf);
+        }
+        if let Some(domain) = s
+            .strip_prefix(URI_SCHEME)
+            .and_then(|r| r.strip_suffix("/aef/*"))
+        {
+            return CcfId::new(domain)
+                .map(Self::AnyAefOf)
+                .map_err(|e| IdentityError::BadUri {
+                    uri: s.chars().take(200).collect(),
+                    why: e.to_string(),
+                });
+        }
+        PeerIdentity::parse_uri(s).map(Self::Exactly)
+    }
+}
+
+/// Why a client refused a server whose chain verified: its certificate names another identity.
+/// Says what was expected and what was presented (identities are public; no key material).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerIdentityError {
+    /// The certificate names another domain or role.
+    #[error("the server's certificate names {presented}, expected {expected}")]
+    Mismatch {
+        /// What the client expected.
+        expected: ExpectedPeer,
+        /// What the certificate names.
+        presented: PeerIdentity,
+    },
+    /// The certificate names no usable identity.
+    #[error("the server's certificate names no identity (expected {expected}): {why}")]
+    NoIdentity {
+        /// What the client expected.
+        expected: ExpectedPeer,
+        /// Why the certificate names none.
+        why: IdentityError,
+    },
+}
+
+/// The server-certificate verifier of every [`client_config`]: webpki first (chain to the
+/// configured CA, validity, the server-auth EKU, the DNS name), then the `capif://` identity
+/// against an [`ExpectedPeer`]. Running inside the handshake means a refused identity fails the
+/// connection before the client sends its certificate or any request.
+#[derive(Debug)]
+pub struct PeerServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: ExpectedPeer,
+}
+
+impl PeerServerVerifier {
+    /// A verifier trusting `roots` and accepting only `expected`.
+    pub fn new(roots: RootCertStore, expected: ExpectedPeer) -> Result<Self, TlsError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::ServerVerifier(e.to_string()))?;
+        Ok(Self { inner, expected })
+    }
+
+    /// The identity check alone, on a certificate whose chain is already verified.
+    pub fn check_identity(&self, end_entity: &[u8]) -> Result<PeerIdentity, ServerIdentityError> {
+        match PeerIdentity::from_certificate(end_entity) {
+            Ok(id) if self.expected.accepts(&id) => Ok(id),
+            Ok(presented) => Err(ServerIdentityError::Mismatch {
+                expected: self.expected.clone(),
+                presented,
+            }),
+            Err(why) => Err(ServerIdentityError::NoIdentity {
+                expected: self.expected.clone(),
+                why,
+            }),
+        }
+    }
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Unlike a partner link (gateway::trust), an internal address is configured, not
+        // discovered, so a DNS name mismatch still means a misconfiguration and stays fatal.
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        // `Other` keeps the typed error as the source; the alert is handshake_failure.
+        self.check_identity(end_entity)
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(|e| rustls::Error::Other(OtherError(Arc::new(e))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A TLS 1.3 client configuration trusting `ca_pem`, presenting `identity` (cert PEM, key PEM)
-/// when given.
+/// when given, and accepting only a server whose certificate names `expected`
+/// ([`PeerServerVerifier`]). There is no configuration without an expectation: every client
+/// says which role it is calling.
 pub fn client_config(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
+    expected: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = PeerServerVerifier::new(
+        roots(&certs_from_pem("CA certificate", ca_pem)?)?,
+        expected,
+    )?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(&certs_from_pem("CA certificate", ca_pem)?)?);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut cfg = match identity {
         Some((cert, key)) => builder.with_client_auth_cert(
             certs_from_pem("client certificate", cert)?,
@@ -189,12 +382,24 @@ pub struct ConnInfo {
     pub peer: Option<Arc<PeerInfo>>,
     /// The CAPIF-1e binding of this TLS session (only when the server asked for it).
     pub binding: Option<Arc<Capif1eBinding>>,
+    /// Request activity on this connection (for its idle timeout).
+    pub activity: Activity,
+}
+
+impl ConnInfo {
+    /// Finds a request's connection activity (for [`crate::limits::serve_builder`]).
+    pub fn activity_of(ext: &tonic::codegen::http::Extensions) -> Option<Activity> {
+        ext.get::<ConnInfo>().map(|c| c.activity.clone())
+    }
 }
 
 /// A server-side TLS stream carrying its [`ConnInfo`].
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: ConnInfo,
+    idle: IdleTimer,
+    // Holds the connection's place at its listener until tonic drops the stream.
+    _permit: ConnPermit,
 }
 
 impl Connected for TlsConn {
@@ -210,6 +415,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.idle.poll_expired(cx) {
+            return Poll::Ready(Err(self.idle.error()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -240,16 +448,21 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections, runs each TLS handshake in its own task (a slow client cannot stall
-/// the others) and yields finished streams. With `export_binding`, the CAPIF-1e binding is exported
-/// from every session whose client presented a certificate. Ends when the consumer is dropped.
+/// Accepts TCP connections that `gate` admits (over its caps they are closed at once), runs each
+/// TLS handshake in its own task within the gate's handshake timeout (a slow client cannot stall
+/// the others) and yields finished streams, which close after the gate's idle timeout. With
+/// `export_binding`, the CAPIF-1e binding is exported from every session whose client presented
+/// a certificate. Ends when the consumer is dropped.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     export_binding: bool,
+    gate: Arc<ConnGate>,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshake_timeout = gate.limits().handshake_timeout();
+    let idle_timeout = gate.limits().idle_timeout();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -259,16 +472,21 @@ pub fn tls_incoming(
             let (tcp, remote) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let Some(permit) = gate.admit(remote.ip()) else {
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -298,12 +516,20 @@ pub fn tls_incoming(
                 } else {
                     None
                 };
+                let activity = Activity::default();
                 let info = ConnInfo {
                     remote_addr: Some(remote),
                     peer,
                     binding,
+                    activity: activity.clone(),
                 };
-                let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
+                let conn = TlsConn {
+                    inner: tls,
+                    info,
+                    idle: IdleTimer::new(activity, idle_timeout),
+                    _permit: permit,
+                };
+                let _ = tx.send(Ok(conn)).await;
             });
         }
     });
@@ -315,7 +541,8 @@ pub fn tls_incoming(
 pub struct ClientSession {
     /// The CAPIF-1e binding of the session (client side).
     pub binding: Option<Arc<Capif1eBinding>>,
-    /// The identity named by the server's certificate.
+    /// The identity named by the server's certificate, which the config's
+    /// [`PeerServerVerifier`] already accepted for this session.
     pub server_identity: Option<PeerIdentity>,
 }
 
@@ -375,7 +602,8 @@ fn tls_connector_service(
 }
 
 /// Connects a gRPC channel over TLS to `addr` (`host:port`), verifying the server certificate
-/// against `server_name`. The returned slot holds the session's binding and server identity.
+/// against `server_name` and against the identity `config` expects (see [`client_config`]). The
+/// returned slot holds the session's binding and server identity.
 pub async fn connect(
     addr: &str,
     server_name: &str,
@@ -406,4 +634,190 @@ pub fn connect_lazy(
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .connect_with_connector_lazy(svc))
+}
+
+/// The client side: [`ExpectedPeer`] and [`PeerServerVerifier`].
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+    use crate::pki::{DomainCa, IssuedCredential};
+
+    const A: &str = "operator-a.test";
+    const B: &str = "operator-b.test";
+
+    fn id(uri: &str) -> PeerIdentity {
+        PeerIdentity::parse_uri(uri).unwrap()
+    }
+
+    fn ca() -> DomainCa {
+        DomainCa::generate(&CcfId::new(A).unwrap()).unwrap()
+    }
+
+    /// A certificate of `ca` for `localhost` naming `uri` (the CA signs any name it is given,
+    /// so a wrong domain under the right CA can be tested too).
+    fn cert(ca: &DomainCa, uri: &str) -> IssuedCredential {
+        ca.issue_with_new_key(&id(uri), &["localhost".into()], 1)
+            .unwrap()
+    }
+
+    fn der(c: &IssuedCredential) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap()
+    }
+
+    fn verifier(ca: &DomainCa, expected: &str) -> PeerServerVerifier {
+        PeerServerVerifier::new(
+            roots(std::slice::from_ref(ca.cert_der())).unwrap(),
+            expected.parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn verify(v: &PeerServerVerifier, c: &IssuedCredential, name: &str) -> Result<(), String> {
+        v.verify_server_cert(
+            &der(c),
+            &[],
+            &ServerName::try_from(name.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn expectations_print_and_parse_as_uris() {
+        for uri in [
+            "capif://operator-a.test/ccf",
+            "capif://operator-a.test/aef/aef-1",
+            "capif://operator-a.test/aef/*",
+            "capif://*/ccf",
+        ] {
+            assert_eq!(uri.parse::<ExpectedPeer>().unwrap().to_string(), uri);
+        }
+        assert_eq!(
+            "capif://operator-a.test/aef/*".parse::<ExpectedPeer>().unwrap(),
+            ExpectedPeer::AnyAefOf(CcfId::new(A).unwrap())
+        );
+        for bad in ["capif://*/gateway", "capif://Bad/aef/*", "capif://a.test/king"] {
+            assert!(bad.parse::<ExpectedPeer>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn expectations_accept_only_their_role_and_domain() {
+        let a = CcfId::new(A).unwrap();
+        let exactly = ExpectedPeer::ccf(&a);
+        assert!(exactly.accepts(&id("capif://operator-a.test/ccf")));
+        for other in [
+            "capif://operator-a.test/gateway",
+            "capif://operator-a.test/aef/aef-1",
+            "capif://operator-b.test/ccf",
+        ] {
+            assert!(!exactly.accepts(&id(other)), "{other}");
+        }
+        let aef = ExpectedPeer::aef(&a, &AefId::new("aef-1").unwrap());
+        assert!(aef.accepts(&id("capif://operator-a.test/aef/aef-1")));
+        assert!(!aef.accepts(&id("capif://operator-a.test/aef/aef-2")));
+        let any_aef = ExpectedPeer::AnyAefOf(a.clone());
+        assert!(any_aef.accepts(&id("capif://operator-a.test/aef/aef-2")));
+        assert!(!any_aef.accepts(&id("capif://operator-b.test/aef/aef-2")));
+        assert!(!any_aef.accepts(&id("capif://operator-a.test/gateway")));
+        assert!(ExpectedPeer::AnyCcf.accepts(&id("capif://operator-b.test/ccf")));
+        assert!(!ExpectedPeer::AnyCcf.accepts(&id("capif://operator-b.test/gateway")));
+        assert_eq!(
+            ExpectedPeer::gateway(&a),
+            ExpectedPeer::Exactly(id("capif://operator-a.test/gateway"))
+        );
+    }
+
+    /// The verifier accepts the right identity under the right CA and name, and refuses every
+    /// other role or domain, although the chain and the DNS name verify. Webpki's own checks
+    /// still run first.
+    #[test]
+    fn verifier_accepts_the_right_identity_and_refuses_wrong_role_or_domain() {
+        let ca = ca();
+        let ccf = cert(&ca, "capif://operator-a.test/ccf");
+        let v = verifier(&ca, "capif://operator-a.test/ccf");
+        assert_eq!(verify(&v, &ccf, "localhost"), Ok(()));
+        for (uri, names) in [
+            ("capif://operator-a.test/aef/aef-1", "capif://operator-a.test/aef/aef-1"),
+            ("capif://operator-a.test/gateway", "capif://operator-a.test/gateway"),
+            ("capif://operator-b.test/ccf", "capif://operator-b.test/ccf"),
+        ] {
+            let e = verify(&v, &cert(&ca, uri), "localhost").unwrap_err();
+            assert!(
+                e.contains(&format!("names {names}, expected capif://operator-a.test/ccf")),
+                "{uri}: {e}"
+            );
+        }
+
+        let any_aef = verifier(&ca, "capif://operator-a.test/aef/*");
+        assert_eq!(
+            verify(&any_aef, &cert(&ca, "capif://operator-a.test/aef/aef-2"), "localhost"),
+            Ok(())
+        );
+        let e = verify(&any_aef, &ccf, "localhost").unwrap_err();
+        assert!(e.contains("expected capif://operator-a.test/aef/*"), "{e}");
+        let e = verify(
+            &any_aef,
+            &cert(&ca, "capif://operator-b.test/aef/aef-2"),
+            "localhost",
+        )
+        .unwrap_err();
+        assert!(e.contains("names capif://operator-b.test/aef/aef-2"), "{e}");
+
+        // The right identity, but not the configured name or not the configured CA.
+        let e = verify(&v, &ccf, "ccf.elsewhere.test").unwrap_err();
+        assert!(e.contains("not valid for name"), "{e}");
+        let other_ca = DomainCa::generate(&CcfId::new(B).unwrap()).unwrap();
+        let e = verify(&v, &cert(&other_ca, "capif://operator-a.test/ccf"), "localhost")
+            .unwrap_err();
+        assert!(e.contains("UnknownIssuer"), "{e}");
+    }
+
+    /// Refused in the handshake, not after it: the server's accept fails too (it got an alert,
+    /// no session exists), and the client's error says what was expected and what was presented.
+    #[tokio::test]
+    async fn a_wrong_identity_fails_the_handshake_on_both_sides() {
+        let ca = ca();
+        let aef = cert(&ca, "capif://operator-a.test/aef/aef-1");
+        let client = cert(&ca, "capif://operator-a.test/gateway");
+        let server = server_config(
+            &aef.cert_pem,
+            &aef.key_pem,
+            ClientAuth::Required(std::slice::from_ref(ca.cert_der())),
+        )
+        .unwrap();
+        let handshake = |expected: ExpectedPeer| {
+            let cfg = client_config(
+                ca.cert_pem(),
+                Some((&client.cert_pem, &client.key_pem)),
+                expected,
+            )
+            .unwrap();
+            let server = server.clone();
+            async move {
+                let (c, s) = tokio::io::duplex(64 * 1024);
+                let name = ServerName::try_from("localhost").unwrap();
+                let (c, s) = tokio::join!(
+                    TlsConnector::from(cfg).connect(name, c),
+                    TlsAcceptor::from(server).accept(s)
+                );
+                (c.map(|_| ()), s.map(|_| ()))
+            }
+        };
+        let a = CcfId::new(A).unwrap();
+        let (c, s) = handshake(ExpectedPeer::ccf(&a)).await;
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "the server's certificate names capif://operator-a.test/aef/aef-1, expected capif://operator-a.test/ccf"
+            ),
+            "{e}"
+        );
+        assert!(s.is_err(), "the server completed a handshake the client refused");
+
+        let (c, s) = handshake(ExpectedPeer::aef(&a, &AefId::new("aef-1").unwrap())).await;
+        assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");
+    }
 }

@@ -54,29 +54,162 @@ pub enum TokenError {
         /// Why.
         why: String,
     },
-    /// The token failed verification; the text says which check.
-    #[error("{0}")]
-    Invalid(String),
+    // The verification failures below each name one check, so that an AEF can tell the caller
+    // (and its log) exactly why a token was refused; `check` gives each a stable name.
+    /// The token is not a JWS of our access-token claims (shape, encoding, JSON, no `kid`).
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The token lacks a claim the verifier requires.
+    #[error("the token lacks the {0:?} claim")]
+    MissingClaim(String),
+    /// The issuer does not publish the key id the token names.
+    #[error("the token is signed with key id {kid:?}, which {issuer} does not publish")]
+    UnknownKeyId {
+        /// The key id the token names (not secret: it is a public key's thumbprint).
+        kid: String,
+        /// The issuer whose published set lacks it.
+        issuer: String,
+    },
+    /// The signature does not verify with the issuer's key.
+    #[error("bad signature (the token was altered or forged)")]
+    BadSignature,
+    /// The token's algorithm is not the one of the key it names.
+    #[error("the token's algorithm does not match its key")]
+    WrongAlgorithm,
+    /// `iss` is not the issuer whose key verified the token.
+    #[error("the token was not issued by {expected}")]
+    WrongIssuer {
+        /// The issuer expected.
+        expected: String,
+    },
+    /// `exp` is past, beyond the leeway.
+    #[error("the token has expired (beyond the {leeway_secs} s leeway)")]
+    Expired {
+        /// The leeway allowed.
+        leeway_secs: u64,
+    },
+    /// `nbf` is in the future, beyond the leeway.
+    #[error("the token is not valid yet (its nbf is more than {leeway_secs} s ahead)")]
+    NotYetValid {
+        /// The leeway allowed.
+        leeway_secs: u64,
+    },
+    /// `iat` is in the future, beyond the leeway: a clock fault at the issuer, or a forgery.
+    #[error("the token claims to be issued {ahead_secs} s in the future (leeway {leeway_secs} s)")]
+    IssuedInFuture {
+        /// How far ahead of the verifier's clock `iat` is.
+        ahead_secs: u64,
+        /// The leeway allowed.
+        leeway_secs: u64,
+    },
+    /// `aud` does not name the verifying AEF.
+    #[error("the token's audience does not include {expected}")]
+    WrongAudience {
+        /// The verifying AEF.
+        expected: String,
+    },
+    /// `sub` is not the client the token is used by (or not its own `client_id`).
+    #[error("the token was issued to {subject:?}, but {source_name} names {other:?}")]
+    SubjectMismatch {
+        /// The token's `sub`.
+        subject: String,
+        /// Where the other identity comes from ("its client_id claim", "the client certificate").
+        source_name: &'static str,
+        /// The other identity.
+        other: String,
+    },
+}
+
+impl TokenError {
+    /// A stable, machine-readable name of the check that failed (SCREAMING_SNAKE_CASE), sent
+    /// with a refusal so that clients and tests need not parse sentences.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Self::Scope(_) => "SCOPE",
+            Self::KeyFile { .. } | Self::Key(_) => "SIGNING_KEY",
+            Self::BadJwk { .. } => "UNUSABLE_KEY",
+            Self::Malformed(_) => "MALFORMED",
+            Self::MissingClaim(_) => "MISSING_CLAIM",
+            Self::UnknownKeyId { .. } => "UNKNOWN_KEY_ID",
+            Self::BadSignature => "BAD_SIGNATURE",
+            Self::WrongAlgorithm => "WRONG_ALGORITHM",
+            Self::WrongIssuer { .. } => "WRONG_ISSUER",
+            Self::Expired { .. } => "EXPIRED",
+            Self::NotYetValid { .. } => "NOT_YET_VALID",
+            Self::IssuedInFuture { .. } => "ISSUED_IN_FUTURE",
+            Self::WrongAudience { .. } => "WRONG_AUDIENCE",
+            Self::SubjectMismatch { .. } => "SUBJECT_MISMATCH",
+        }
+    }
+}
+
+/// The ErrorInfo metadata key under which a token refusal names its check.
+pub const CHECK_METADATA_KEY: &str = "check";
+
+/// The status of a refused token: reason `INVALID_TOKEN` (one reason for every token failure,
+/// as the contract has it) plus the failed check under [`CHECK_METADATA_KEY`] in the ErrorInfo
+/// metadata. `message` must never contain the token.
+pub fn refusal_status(code: tonic::Code, check: &str, message: impl Into<String>) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    tonic::Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(
+            pb::ErrorReason::InvalidToken.as_str_name(),
+            capif_proto::ERROR_DOMAIN,
+            std::collections::HashMap::from([(CHECK_METADATA_KEY.to_string(), check.to_string())]),
+        ),
+    )
+}
+
+/// The failed check a token refusal names, if the status carries one.
+pub fn refusal_check(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .and_then(|mut i| i.metadata.remove(CHECK_METADATA_KEY))
 }
 
 /// The claims of our access tokens: TS 29.222 `AccessTokenClaims` (`iss`, `scope`, `exp`) plus
-/// TS 33.122 Table C.2.2-1 `client_id`, and `sub`/`iat`/`jti` of RFC 7519.
+/// TS 33.122 Table C.2.2-1 `client_id`, and `sub`/`aud`/`nbf`/`iat`/`jti` of RFC 7519.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AccessTokenClaims {
     /// The issuing CCF's id (its domain).
     pub iss: String,
     /// The API invoker the token was issued to.
     pub sub: String,
+    /// The AEFs the token is meant for: those its scope names. Always sent as an array; a single
+    /// string (RFC 7519 4.1.3 allows either) is accepted. A missing `aud` is refused by
+    /// [`verify`], so the default only lets that refusal name the claim.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
     /// The same invoker, as TS 33.122 names it.
     pub client_id: String,
     /// What the invoker may call, `3gpp#<aefId>:<apiName>[,...][;<aefId>:...]`.
     pub scope: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Not valid before, seconds since the Unix epoch (optional in RFC 7519; ours set it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Issue time, seconds since the Unix epoch.
     pub iat: u64,
     /// A unique token id.
     pub jti: String,
+}
+
+/// `aud` as RFC 7519 allows it: one string or an array of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Aud::deserialize(d)? {
+        Aud::One(s) => vec![s],
+        Aud::Many(v) => v,
+    })
 }
 
 /// A parsed scope: for each AEF, the APIs granted.
@@ -123,6 +256,11 @@ impl Scope {
         self.0
             .iter()
             .any(|(a, apis)| a == aef && apis.iter().any(|x| x.as_str() == api))
+    }
+
+    /// The AEFs the scope names, in order: a token's audience (`aud`).
+    pub fn aef_ids(&self) -> Vec<String> {
+        self.0.iter().map(|(a, _)| a.to_string()).collect()
     }
 
     /// Whether nothing is granted.
@@ -372,11 +510,10 @@ impl TokenKeys {
 /// The header and the claimed issuer of a token, read WITHOUT checking anything: only to choose
 /// which issuer's key set to look at. Nothing read here is trusted.
 pub fn peek(token: &str) -> Result<(String, Algorithm, String), TokenError> {
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|e| TokenError::Invalid(format!("malformed token: {e}")))?;
+    let header = jsonwebtoken::decode_header(token).map_err(|e| malformed(&e))?;
     let kid = header
         .kid
-        .ok_or_else(|| TokenError::Invalid("the token names no key id (kid)".into()))?;
+        .ok_or_else(|| TokenError::Malformed("the token names no key id (kid)".into()))?;
     let mut v = Validation::new(header.alg);
     v.insecure_disable_signature_validation();
     v.validate_exp = false;
@@ -388,8 +525,62 @@ pub fn peek(token: &str) -> Result<(String, Algorithm, String), TokenError> {
         iss: String,
     }
     let data = jsonwebtoken::decode::<Iss>(token, &DecodingKey::from_secret(&[]), &v)
-        .map_err(|e| TokenError::Invalid(format!("malformed token: {e}")))?;
+        .map_err(|e| malformed(&e))?;
     Ok((kid, header.alg, data.claims.iss))
+}
+
+/// A decoding failure as text that never quotes the token: jsonwebtoken's own messages for
+/// shape, base64 and UTF-8 name no input; serde's may quote one claim value, which is not secret
+/// (the payload is readable by anyone who holds the token, and the signature is never quoted).
+fn malformed(e: &jsonwebtoken::errors::Error) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    TokenError::Malformed(match e.kind() {
+        K::InvalidToken => "not three dot-separated parts".into(),
+        K::Base64(_) => "a part is not base64url".into(),
+        K::Utf8(_) => "a part is not UTF-8".into(),
+        K::Json(j) => format!("not an access token's header or claims ({j})"),
+        _ => e.to_string(),
+    })
+}
+
+/// What a verifier expects of a token besides a genuine signature.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'a> {
+    /// The issuer whose key is used: `iss` must name it.
+    pub issuer: &'a str,
+    /// The verifying AEF's id: `aud` must contain it.
+    pub audience: &'a str,
+    /// What the verifier otherwise knows of the caller (its certificate, the invoker it names
+    /// in metadata): `sub` must be each of them. Empty when the token is all it knows.
+    pub callers: &'a [KnownCaller<'a>],
+    /// Clock-skew leeway for `exp`, `nbf` and `iat`, capped at [`MAX_LEEWAY_SECS`].
+    pub leeway_secs: u64,
+}
+
+/// An identity of the caller the verifier learned other than from the token.
+#[derive(Clone, Copy, Debug)]
+pub struct KnownCaller<'a> {
+    /// The API invoker id.
+    pub invoker: &'a str,
+    /// Where it was learned, for the refusal's sentence ("the client certificate").
+    pub source: &'static str,
+}
+
+/// `sub` must equal `other`; `source` says where `other` comes from.
+fn same_subject(
+    claims: &AccessTokenClaims,
+    other: &str,
+    source: &'static str,
+) -> Result<(), TokenError> {
+    if claims.sub == other {
+        Ok(())
+    } else {
+        Err(TokenError::SubjectMismatch {
+            subject: claims.sub.clone(),
+            source_name: source,
+            other: other.to_string(),
+        })
+    }
 }
 
 /// The verification key of a published JWK, with its algorithm.
@@ -411,33 +602,60 @@ pub fn decoding_key(jwk: &pb::JsonWebKey) -> Result<(DecodingKey, Algorithm), To
     }
 }
 
-/// Checks signature, algorithm, issuer and expiry (with `leeway_secs`, at most
-/// [`MAX_LEEWAY_SECS`]). Scope is the caller's to check.
+/// Checks, in this order, the signature and algorithm, the presence of `exp`/`iss`/`sub`/`aud`,
+/// `exp` and `nbf` (with the leeway), `iss`, `aud` (must contain the verifying AEF), `iat` (not
+/// in the future beyond the leeway), and `sub` (equal to `client_id` and to every known caller).
+/// The first failure is returned, naming its check. Scope is the caller's to check.
 pub fn verify(
     token: &str,
     jwk: &pb::JsonWebKey,
-    issuer: &str,
-    leeway_secs: u64,
+    expected: &Expected<'_>,
 ) -> Result<AccessTokenClaims, TokenError> {
+    let leeway_secs = expected.leeway_secs.min(MAX_LEEWAY_SECS);
     let (key, alg) = decoding_key(jwk)?;
     let mut v = Validation::new(alg);
-    v.leeway = leeway_secs.min(MAX_LEEWAY_SECS);
-    v.set_issuer(&[issuer]);
-    v.set_required_spec_claims(&["exp", "iss", "sub"]);
-    v.validate_aud = false;
-    jsonwebtoken::decode::<AccessTokenClaims>(token, &key, &v)
+    v.leeway = leeway_secs;
+    v.set_issuer(&[expected.issuer]);
+    // Without "aud" here jsonwebtoken would accept a token that has no `aud` at all.
+    v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    v.set_audience(&[expected.audience]);
+    v.validate_nbf = true;
+    let claims = jsonwebtoken::decode::<AccessTokenClaims>(token, &key, &v)
         .map(|d| d.claims)
         .map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
-            TokenError::Invalid(match e.kind() {
-                K::InvalidSignature => "bad signature (the token was altered or forged)".into(),
-                K::ExpiredSignature => "the token has expired".into(),
-                K::InvalidIssuer => format!("the token was not issued by {issuer}"),
-                K::InvalidAlgorithm => "the token's algorithm does not match its key".into(),
-                K::MissingRequiredClaim(c) => format!("the token lacks the {c:?} claim"),
-                _ => format!("malformed token: {e}"),
-            })
-        })
+            match e.kind() {
+                K::InvalidSignature => TokenError::BadSignature,
+                K::InvalidAlgorithm => TokenError::WrongAlgorithm,
+                K::ExpiredSignature => TokenError::Expired { leeway_secs },
+                K::ImmatureSignature => TokenError::NotYetValid { leeway_secs },
+                K::InvalidIssuer => TokenError::WrongIssuer {
+                    expected: expected.issuer.to_string(),
+                },
+                K::InvalidAudience => TokenError::WrongAudience {
+                    expected: expected.audience.to_string(),
+                },
+                K::MissingRequiredClaim(c) => TokenError::MissingClaim(c.clone()),
+                _ => malformed(&e),
+            }
+        })?;
+    // jsonwebtoken does not look at `iat`. One issued "in the future" comes from a CCF whose
+    // clock is off or from a forger hoping to outlive `exp` checks elsewhere; refuse it like an
+    // early `nbf`, with the same leeway, and with the same clock jsonwebtoken used for `exp`.
+    let now = jsonwebtoken::get_current_timestamp();
+    if claims.iat > now.saturating_add(leeway_secs) {
+        return Err(TokenError::IssuedInFuture {
+            ahead_secs: claims.iat - now,
+            leeway_secs,
+        });
+    }
+    // TS 33.122 names the client `client_id`, RFC 7519 names it `sub`: a token where the two
+    // differ cannot say whom it was issued to.
+    same_subject(&claims, &claims.client_id, "its client_id claim")?;
+    for c in expected.callers {
+        same_subject(&claims, c.invoker, c.source)?;
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]
@@ -448,11 +666,23 @@ mod tests {
         AccessTokenClaims {
             iss: iss.into(),
             sub: "inv-1".into(),
+            aud: vec!["aef-a".into()],
             client_id: "inv-1".into(),
             scope: "3gpp#aef-a:weather-v1".into(),
             exp,
+            nbf: None,
             iat: exp - 60,
             jti: "j1".into(),
+        }
+    }
+
+    /// What AEF "aef-a" expects of tokens issued by `iss`, knowing nothing else of the caller.
+    fn expect(iss: &'static str, leeway_secs: u64) -> Expected<'static> {
+        Expected {
+            issuer: iss,
+            audience: "aef-a",
+            callers: &[],
+            leeway_secs,
         }
     }
 
@@ -489,7 +719,7 @@ mod tests {
             let (kid, _, iss) = peek(t).unwrap();
             assert_eq!(iss, "b.test");
             let jwk = set.keys.iter().find(|k| k.kid == kid).unwrap();
-            verify(t, jwk, "b.test", 0).unwrap();
+            verify(t, jwk, &expect("b.test", 0)).unwrap();
         }
         // The file holds both keys; reloading publishes the same set.
         let again = TokenKeys::load_or_generate(dir.path(), 600, crate::server::now_ms()).unwrap();
@@ -517,25 +747,219 @@ mod tests {
         let set = keys.key_set("b.test", 60, crate::server::now_ms());
         let jwk = &set.keys[0];
         let good = keys.sign(&claims("b.test", now_s() + 60)).unwrap();
-        verify(&good, jwk, "b.test", 0).unwrap();
+        verify(&good, jwk, &expect("b.test", 0)).unwrap();
         // Altering the payload breaks the signature.
         let parts: Vec<&str> = good.split('.').collect();
         let mut c = claims("b.test", now_s() + 60);
         c.scope = "3gpp#aef-a:weather-v1,admin".into();
         let forged_payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap());
         let tampered = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
-        let e = verify(&tampered, jwk, "b.test", 0).unwrap_err().to_string();
+        let e = verify(&tampered, jwk, &expect("b.test", 0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("signature"), "{e}");
         // Expired beyond the leeway.
         let old = keys.sign(&claims("b.test", now_s() - 40)).unwrap();
-        let e = verify(&old, jwk, "b.test", 30).unwrap_err().to_string();
+        let e = verify(&old, jwk, &expect("b.test", 30))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expired"), "{e}");
         // Within the leeway it is still accepted; the leeway is capped at 30 s.
         let recent = keys.sign(&claims("b.test", now_s() - 5)).unwrap();
-        verify(&recent, jwk, "b.test", 30).unwrap();
-        assert!(verify(&old, jwk, "b.test", 3600).is_err());
+        verify(&recent, jwk, &expect("b.test", 30)).unwrap();
+        assert!(verify(&old, jwk, &expect("b.test", 3600)).is_err());
         // Another issuer.
-        let e = verify(&good, jwk, "c.test", 0).unwrap_err().to_string();
+        let e = verify(&good, jwk, &expect("c.test", 0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.test"), "{e}");
+    }
+
+    /// Real keys, real signatures: `(keys, jwk)` for issuer "b.test".
+    fn issuer() -> (tempfile::TempDir, TokenKeys, pb::JsonWebKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::server::now_ms()).unwrap();
+        let jwk = keys.key_set("b.test", 60, crate::server::now_ms()).keys[0].clone();
+        (dir, keys, jwk)
+    }
+
+    /// The refusal of `c` (signed with the real key), checking that it never quotes the
+    /// token's signature.
+    fn refusal(keys: &TokenKeys, jwk: &pb::JsonWebKey, c: &AccessTokenClaims) -> TokenError {
+        refusal_with(keys, jwk, c, &expect("b.test", 30))
+    }
+
+    fn refusal_with(
+        keys: &TokenKeys,
+        jwk: &pb::JsonWebKey,
+        c: &AccessTokenClaims,
+        x: &Expected<'_>,
+    ) -> TokenError {
+        let t = keys.sign(c).unwrap();
+        let e = verify(&t, jwk, x).unwrap_err();
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!e.to_string().contains(sig) && !format!("{e:?}").contains(sig));
+        e
+    }
+
+    #[test]
+    fn audience_must_name_the_verifying_aef() {
+        let (_d, keys, jwk) = issuer();
+        let mut c = claims("b.test", now_s() + 60);
+        c.aud = vec!["aef-b".into()];
+        let e = refusal(&keys, &jwk, &c);
+        assert!(
+            matches!(&e, TokenError::WrongAudience { expected } if expected == "aef-a"),
+            "{e:?}"
+        );
+        assert_eq!(e.check(), "WRONG_AUDIENCE");
+        // An empty audience names nobody.
+        c.aud = vec![];
+        let e = refusal(&keys, &jwk, &c);
+        assert!(matches!(e, TokenError::WrongAudience { .. }), "{e:?}");
+        // Several AEFs, this one among them: accepted.
+        c.aud = vec!["aef-b".into(), "aef-a".into()];
+        verify(&keys.sign(&c).unwrap(), &jwk, &expect("b.test", 30)).unwrap();
+        // RFC 7519 allows a single string; an absent `aud` deserializes empty (and is refused
+        // by the required-claim check before that matters).
+        let mut v = serde_json::to_value(&c).unwrap();
+        v["aud"] = serde_json::json!("aef-a");
+        let one: AccessTokenClaims = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(one.aud, vec!["aef-a".to_string()]);
+        v.as_object_mut().unwrap().remove("aud");
+        let none: AccessTokenClaims = serde_json::from_value(v).unwrap();
+        assert!(none.aud.is_empty());
+    }
+
+    #[test]
+    fn future_nbf_beyond_the_leeway_is_refused() {
+        let (_d, keys, jwk) = issuer();
+        let mut c = claims("b.test", now_s() + 600);
+        c.nbf = Some(now_s() + 120);
+        let e = refusal(&keys, &jwk, &c);
+        assert!(
+            matches!(e, TokenError::NotYetValid { leeway_secs: 30 }),
+            "{e:?}"
+        );
+        assert_eq!(e.check(), "NOT_YET_VALID");
+        // The leeway is capped at 30 s for nbf as for exp.
+        let e = refusal_with(&keys, &jwk, &c, &expect("b.test", 3600));
+        assert!(matches!(e, TokenError::NotYetValid { .. }), "{e:?}");
+        // Within the leeway: accepted; without leeway the same token is refused.
+        c.nbf = Some(now_s() + 10);
+        verify(&keys.sign(&c).unwrap(), &jwk, &expect("b.test", 30)).unwrap();
+        let e = refusal_with(&keys, &jwk, &c, &expect("b.test", 0));
+        assert!(matches!(e, TokenError::NotYetValid { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn future_iat_beyond_the_leeway_is_refused() {
+        let (_d, keys, jwk) = issuer();
+        let mut c = claims("b.test", now_s() + 600);
+        c.iat = now_s() + 120;
+        let e = refusal(&keys, &jwk, &c);
+        assert!(
+            matches!(e, TokenError::IssuedInFuture { ahead_secs, leeway_secs: 30 } if ahead_secs >= 119),
+            "{e:?}"
+        );
+        assert_eq!(e.check(), "ISSUED_IN_FUTURE");
+        let e = refusal_with(&keys, &jwk, &c, &expect("b.test", 3600));
+        assert!(matches!(e, TokenError::IssuedInFuture { .. }), "{e:?}");
+        c.iat = now_s() + 10;
+        verify(&keys.sign(&c).unwrap(), &jwk, &expect("b.test", 30)).unwrap();
+        let e = refusal_with(&keys, &jwk, &c, &expect("b.test", 0));
+        assert!(matches!(e, TokenError::IssuedInFuture { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn subject_must_be_the_client_and_the_known_caller() {
+        let (_d, keys, jwk) = issuer();
+        // A token whose client_id and sub disagree says nothing about whom it was issued to.
+        let mut c = claims("b.test", now_s() + 60);
+        c.client_id = "inv-2".into();
+        let e = refusal(&keys, &jwk, &c);
+        assert!(
+            matches!(&e, TokenError::SubjectMismatch { subject, source_name: "its client_id claim", other } if subject == "inv-1" && other == "inv-2"),
+            "{e:?}"
+        );
+        assert_eq!(e.check(), "SUBJECT_MISMATCH");
+        // Issued to inv-1, used by a caller the AEF knows as inv-2.
+        let c = claims("b.test", now_s() + 60);
+        let callers = [KnownCaller {
+            invoker: "inv-2",
+            source: "the client certificate",
+        }];
+        let x = Expected {
+            callers: &callers,
+            ..expect("b.test", 30)
+        };
+        let e = refusal_with(&keys, &jwk, &c, &x);
+        assert!(
+            matches!(&e, TokenError::SubjectMismatch { other, source_name: "the client certificate", .. } if other == "inv-2"),
+            "{e:?}"
+        );
+        // Every known identity must match, not just one of them.
+        let callers = [
+            KnownCaller {
+                invoker: "inv-1",
+                source: "the client certificate",
+            },
+            KnownCaller {
+                invoker: "inv-2",
+                source: "the invoker id header",
+            },
+        ];
+        let x = Expected {
+            callers: &callers,
+            ..expect("b.test", 30)
+        };
+        let e = refusal_with(&keys, &jwk, &c, &x);
+        assert!(matches!(e, TokenError::SubjectMismatch { .. }), "{e:?}");
+        // The right caller is accepted.
+        let callers = [KnownCaller {
+            invoker: "inv-1",
+            source: "the client certificate",
+        }];
+        let x = Expected {
+            callers: &callers,
+            ..expect("b.test", 30)
+        };
+        verify(&keys.sign(&c).unwrap(), &jwk, &x).unwrap();
+    }
+
+    #[test]
+    fn each_failure_names_its_check_in_a_typed_error() {
+        let (_d, keys, jwk) = issuer();
+        let good = keys.sign(&claims("b.test", now_s() + 60)).unwrap();
+        let e = verify(&good, &jwk, &expect("c.test", 0)).unwrap_err();
+        assert!(matches!(e, TokenError::WrongIssuer { .. }), "{e:?}");
+        assert_eq!(e.check(), "WRONG_ISSUER");
+        let e = refusal(&keys, &jwk, &claims("b.test", now_s() - 60));
+        assert!(matches!(e, TokenError::Expired { .. }), "{e:?}");
+        assert_eq!(e.check(), "EXPIRED");
+        let (head, rest) = good.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        let other = URL_SAFE_NO_PAD.encode(br#"{"iss":"b.test"}"#);
+        let e = verify(&format!("{head}.{other}.{sig}"), &jwk, &expect("b.test", 0)).unwrap_err();
+        assert!(matches!(e, TokenError::BadSignature), "{e:?}");
+        assert_eq!(e.check(), "BAD_SIGNATURE");
+        for garbage in ["", "a.b", "not.a.token", &format!("!!.{rest}")] {
+            let e = verify(garbage, &jwk, &expect("b.test", 0)).unwrap_err();
+            assert!(matches!(e, TokenError::Malformed(_)), "{garbage}: {e:?}");
+            assert_eq!(e.check(), "MALFORMED");
+        }
+        assert!(matches!(peek("a.b"), Err(TokenError::Malformed(_))));
+        // At the gRPC edge: one stable reason, the check in the ErrorInfo metadata.
+        let e = TokenError::WrongAudience {
+            expected: "aef-a".into(),
+        };
+        let s = refusal_status(tonic::Code::Unauthenticated, e.check(), e.to_string());
+        assert_eq!(s.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            crate::grpc::error_reason(&s).as_deref(),
+            Some("INVALID_TOKEN")
+        );
+        assert_eq!(refusal_check(&s).as_deref(), Some("WRONG_AUDIENCE"));
+        assert!(s.message().contains("aef-a"));
     }
 }

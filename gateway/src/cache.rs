@@ -5,9 +5,11 @@
 //! when the request was SENT (network delay can only shorten it) and rechecked on every hit;
 //! what is served carries the validity remaining at serve time. Concurrent misses for one key share one upstream call. Definite refusals get short
 //! negative entries; transport failures are never cached. A caller presenting a key id other
-//! than the cached one (the invoker re-authenticated at its home CCF) bypasses the entry and
-//! refreshes it, so a stale entry cannot lock the invoker out; so does a caller announcing another
-//! security method than the cached answer's (the invoker negotiated anew at home).
+//! than the cached one (the invoker re-authenticated at its home CCF) refreshes the entry, so a
+//! stale entry cannot lock the invoker out; so does a caller announcing another security method
+//! than the cached answer's (the invoker negotiated anew at home). Such a refresh happens at most
+//! once per `refresh_interval_ms` per entry and never bypasses a refusal entry, so what a caller
+//! presents cannot multiply partner fetches.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub struct CachedKey {
     info: InvokerSecurityInformation,
     psk: Option<AefPsk>,
     key_expires_at: Instant,
+    // When a presented key id or method last forced (or may next force) a refresh.
+    last_refresh: parking_lot::Mutex<Instant>,
     ttl: Duration,
 }
 
@@ -65,6 +69,17 @@ impl CachedKey {
     /// The key id.
     pub fn key_id(&self) -> &str {
         &self.info.key_id
+    }
+
+    /// Claims the one refresh allowed per `interval`: true for the first caller after it.
+    fn claim_refresh(&self, interval: Duration) -> bool {
+        let mut last = self.last_refresh.lock();
+        if last.elapsed() >= interval {
+            *last = Instant::now();
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -140,6 +155,7 @@ pub struct KeyCache {
     max_ttl: Duration,
     margin: Duration,
     negative_ttl: Duration,
+    refresh_interval: Duration,
     /// Counters for the admin RPC.
     pub counters: Counters,
 }
@@ -194,6 +210,7 @@ impl KeyCache {
             max_ttl: Duration::from_secs(cfg.max_ttl_secs),
             margin: Duration::from_millis(cfg.safety_margin_ms),
             negative_ttl: Duration::from_millis(cfg.negative_ttl_ms),
+            refresh_interval: Duration::from_millis(cfg.refresh_interval_ms),
             counters: Counters::default(),
         }
     }
@@ -208,6 +225,7 @@ impl KeyCache {
             info,
             psk,
             key_expires_at: sent_at + remaining,
+            last_refresh: parking_lot::Mutex::new(sent_at),
             ttl,
         }))
     }
@@ -225,24 +243,29 @@ impl KeyCache {
     {
         if let Some(e) = self.cache.get(&key).await {
             match &e {
-                Entry::Key(k)
-                    if (presented_key_id.is_empty() || presented_key_id == k.key_id())
-                        && (method == 0 || method == k.info.sel_security_method) =>
-                {
+                Entry::Key(k) => {
+                    let same = (presented_key_id.is_empty() || presented_key_id == k.key_id())
+                        && (method == 0 || method == k.info.sel_security_method);
+                    // What a caller presents may force at most one refresh per interval: random
+                    // key ids from a stranger must not become partner fetches.
+                    if !same && k.claim_refresh(self.refresh_interval) {
+                        tracing::info!(
+                            partner = %key.home,
+                            api_invoker_id = %key.invoker,
+                            "presented key id or method differs from the cached answer; refreshing"
+                        );
+                        return self.refresh(key, k, fetch).await;
+                    }
                     if let Some(a) = k.answer() {
                         self.counters.hits.fetch_add(1, Ordering::Relaxed);
                         return Ok(a);
                     }
                 }
-                Entry::Refusal(r, _) if presented_key_id.is_empty() => {
+                // A refusal stands for its short lifetime whatever the caller presents.
+                Entry::Refusal(r, _) => {
                     self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
                     return Err(r.status());
                 }
-                _ => tracing::info!(
-                    partner = %key.home,
-                    api_invoker_id = %key.invoker,
-                    "presented key id or method differs from the cached answer; refreshing"
-                ),
             }
             self.cache.invalidate(&key).await;
         }
@@ -281,6 +304,54 @@ impl KeyCache {
             }),
             Ok(Entry::Refusal(r, _)) => Err(r.status()),
             Err(shared) => Err(copy_status(&shared)),
+        }
+    }
+
+    /// Replaces a live entry with a fresh answer. The entry stays until the answer is in: a
+    /// refresh that fails for want of budget or of the partner serves the still-valid answer
+    /// (nothing a caller presents can evict a valid key), while a definite refusal replaces it.
+    async fn refresh<F>(
+        &self,
+        key: CacheKey,
+        old: &CachedKey,
+        fetch: F,
+    ) -> Result<InvokerSecurityInformation, Status>
+    where
+        F: Future<Output = Result<InvokerSecurityInformation, Status>>,
+    {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let sent_at = Instant::now();
+        match fetch.await {
+            Ok(info) => {
+                let entry = self.key_entry(info, sent_at);
+                let answer = match &entry {
+                    Entry::Key(k) => k.answer(),
+                    Entry::Refusal(..) => None,
+                };
+                self.cache.insert(key, entry).await;
+                answer.ok_or_else(|| {
+                    error_status(
+                        Code::FailedPrecondition,
+                        ErrorReason::KeyExpired,
+                        "the key expired before it could be handed on",
+                    )
+                })
+            }
+            Err(s) if definite(&s) => {
+                let refusal = Refusal {
+                    code: s.code(),
+                    reason: error_reason(&s).unwrap_or_default(),
+                    message: s.message().to_string(),
+                };
+                self.cache
+                    .insert(key, Entry::Refusal(Arc::new(refusal), self.negative_ttl))
+                    .await;
+                Err(s)
+            }
+            Err(s) => {
+                tracing::info!(error = %s.message(), "refresh failed; the cached answer stands");
+                old.answer().ok_or(s)
+            }
         }
     }
 

@@ -95,6 +95,10 @@ pub struct CacheConfig {
     pub negative_ttl_ms: u64,
     /// Capacity in weight units (approximately bytes).
     pub max_weight: u64,
+    /// A presented key id that differs from the cached one refreshes an entry at most once in
+    /// this interval (counted from the entry's fetch), milliseconds; within it the cached
+    /// answer is served. Keeps random key ids from turning into partner fetches.
+    pub refresh_interval_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -104,6 +108,7 @@ impl Default for CacheConfig {
             safety_margin_ms: 1000,
             negative_ttl_ms: 5000,
             max_weight: 64 * 1024 * 1024,
+            refresh_interval_ms: 1000,
         }
     }
 }
@@ -122,6 +127,12 @@ pub struct OutboundConfig {
     pub max_retries: u32,
     /// Retries allowed per request made (token bucket refill), e.g. 0.2.
     pub retry_budget_ratio: f64,
+    /// Outbound fetches (security information, token key sets) per partner per second: the
+    /// refill of a token bucket. Beyond it a fetch is refused with `RESOURCE_EXHAUSTED` /
+    /// `OUTBOUND_BUDGET_EXHAUSTED`; cache hits and revocation pushes are not counted.
+    pub fetch_rate_per_sec: u32,
+    /// Size of that bucket: fetches allowed at once after a quiet period.
+    pub fetch_burst: u32,
 }
 
 impl Default for OutboundConfig {
@@ -132,6 +143,8 @@ impl Default for OutboundConfig {
             connect_timeout_ms: 1000,
             max_retries: 2,
             retry_budget_ratio: 0.2,
+            fetch_rate_per_sec: 100,
+            fetch_burst: 1000,
         }
     }
 }
@@ -174,6 +187,9 @@ pub struct GatewayConfig {
     /// The federation.
     #[serde(default, rename = "partner")]
     pub partners: Vec<PartnerConfig>,
+    /// Connection caps, timeouts and message limits of both listeners.
+    #[serde(default)]
+    pub limits: ccf_core::limits::ListenerLimits,
 }
 
 impl GatewayConfig {

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::io;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ pub struct PartnerLink {
     stats: Arc<Mutex<PartnerStats>>,
     budget: RetryBudget,
     max_retries: u32,
+    fetch_budget: governor::DefaultDirectRateLimiter,
+    fetches_refused: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PartnerLink {
@@ -93,6 +96,18 @@ pub struct LinkPolicy {
     pub max_retries: u32,
     /// Retry budget ratio.
     pub retry_budget_ratio: f64,
+    /// Outbound fetches per second (bucket refill).
+    pub fetch_rate_per_sec: u32,
+    /// Outbound fetch bucket size.
+    pub fetch_burst: u32,
+}
+
+impl LinkPolicy {
+    fn fetch_quota(&self) -> governor::Quota {
+        let rate = std::num::NonZeroU32::new(self.fetch_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(self.fetch_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        governor::Quota::per_second(rate).allow_burst(burst)
+    }
 }
 
 impl PartnerLink {
@@ -157,7 +172,38 @@ impl PartnerLink {
             stats,
             budget: RetryBudget::new(policy.retry_budget_ratio),
             max_retries: policy.max_retries,
+            fetch_budget: governor::RateLimiter::direct(policy.fetch_quota()),
+            fetches_refused: Default::default(),
         }
+    }
+
+    /// Takes one outbound fetch from this partner's budget, or refuses with
+    /// `RESOURCE_EXHAUSTED` / `OUTBOUND_BUDGET_EXHAUSTED`. Only this partner's callers wait.
+    pub fn take_fetch(&self) -> Result<(), Status> {
+        if self.fetch_budget.check().is_ok() {
+            return Ok(());
+        }
+        let n = self
+            .fetches_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(partner = %self.ccf_id, refused = n, "outbound fetch budget spent; fetches refused");
+        }
+        Err(error_status(
+            Code::ResourceExhausted,
+            ErrorReason::OutboundBudgetExhausted,
+            format!(
+                "the budget of fetches to partner {} is spent for now; retry in a second",
+                self.ccf_id
+            ),
+        ))
+    }
+
+    /// Fetches refused by the budget since start.
+    pub fn fetches_refused(&self) -> u64 {
+        self.fetches_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Calls the partner with `f` until `deadline`, retrying retryable failures within budget.

@@ -13,7 +13,10 @@ use capif_proto::v1::{
 };
 use ccf_core::grpc::{spawn_server, with_standard_services};
 use ccf_core::ids::CcfId;
-use ccf_core::tls::{ClientAuth, certs_from_pem, client_config, connect_lazy, server_config};
+use ccf_core::limits::ConnGate;
+use ccf_core::tls::{
+    ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
@@ -98,6 +101,12 @@ fn name_of<S: NamedService>(_: &S) -> &'static str {
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
     let ccf_id = CcfId::new(config.ccf_id.clone())
         .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
+    config.limits.validate().map_err(StartError::Config)?;
+    if config.outbound.fetch_rate_per_sec == 0 || config.outbound.fetch_burst == 0 {
+        return Err(StartError::Config(
+            "outbound.fetch_rate_per_sec and outbound.fetch_burst must be at least 1".into(),
+        ));
+    }
     if config.partners.is_empty() {
         return Err(StartError::Config(
             "configure at least one [[partner]]".into(),
@@ -116,6 +125,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),
         max_retries: config.outbound.max_retries,
         retry_budget_ratio: config.outbound.retry_budget_ratio,
+        fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
+        fetch_burst: config.outbound.fetch_burst,
     };
     let mut trusts = Vec::new();
     let mut links = BTreeMap::new();
@@ -139,7 +150,13 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
     }
     let federation = Federation::new(trusts);
 
-    let ccf_tls = client_config(&ca_pem, Some((&cert_pem, &key_pem)))?;
+    // Only the own domain's CCF: an AEF's certificate from the same CA also serves and names
+    // `localhost`, and must not receive partner queries and revocations.
+    let ccf_tls = client_config(
+        &ca_pem,
+        Some((&cert_pem, &key_pem)),
+        ExpectedPeer::ccf(&ccf_id),
+    )?;
     let ccf_channel = connect_lazy(
         &config.ccf.address,
         &config.ccf.server_name,
@@ -182,13 +199,20 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         source,
     })?;
 
-    let gw = GatewayServer::new(GatewayService::new(state.clone()));
-    let admin = GatewayAdminServer::new(AdminService::new(state.clone()));
+    let max_msg = config.limits.max_message_bytes;
+    let gw = GatewayServer::new(GatewayService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+    let admin = GatewayAdminServer::new(AdminService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     let names6 = [name_of(&gw), name_of(&admin)];
     let routes6 = with_standard_services(Routes::new(gw).add_service(admin), &names6)
         .await
         .map_err(|e| StartError::Config(e.message().to_string()))?;
-    let ic = InterconnectServer::new(InterconnectService::new(state.clone()));
+    let ic = InterconnectServer::new(InterconnectService::new(state.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
     let names6e = [name_of(&ic)];
     let routes6e = with_standard_services(Routes::new(ic), &names6e)
         .await
@@ -196,8 +220,22 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
 
     let (stop, stop_rx) = watch::channel(false);
     let tasks = vec![
-        spawn_server(l6, capif6_tls, false, routes6, stopped(stop_rx.clone())),
-        spawn_server(l6e, capif6e_tls, false, routes6e, stopped(stop_rx)),
+        spawn_server(
+            l6,
+            capif6_tls,
+            false,
+            routes6,
+            ConnGate::new("capif6", config.limits.clone()),
+            stopped(stop_rx.clone()),
+        ),
+        spawn_server(
+            l6e,
+            capif6e_tls,
+            false,
+            routes6e,
+            ConnGate::new("capif6e", config.limits.clone()),
+            stopped(stop_rx),
+        ),
     ];
     tracing::info!(%ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
     Ok(RunningGateway {

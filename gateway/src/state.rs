@@ -3,7 +3,6 @@
 //! revocation push).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -31,7 +30,7 @@ pub struct GatewayState {
     /// CAPIF-6 client of the own CCF.
     pub ccf: FederationClient<Channel>,
     /// Partners that fetched keys of each of our invokers.
-    pub fetchers: Mutex<HashMap<ApiInvokerId, BTreeSet<CcfId>>>,
+    pub fetchers: parking_lot::Mutex<HashMap<ApiInvokerId, BTreeSet<CcfId>>>,
     /// Budget when the caller gives none.
     pub default_budget: Duration,
     /// Largest budget honoured.
@@ -45,18 +44,17 @@ pub struct GatewayState {
 impl GatewayState {
     /// Remembers that `partner` holds keys of `invoker`.
     pub fn record_fetch(&self, invoker: &ApiInvokerId, partner: &CcfId) {
-        if let Ok(mut f) = self.fetchers.lock() {
-            f.entry(invoker.clone())
-                .or_default()
-                .insert(partner.clone());
-        }
+        self.fetchers
+            .lock()
+            .entry(invoker.clone())
+            .or_default()
+            .insert(partner.clone());
     }
 
     /// The partners holding keys of `invoker`; forgets them when `forget` (the invoker is gone).
     pub fn fetchers_of(&self, invoker: &ApiInvokerId, forget: bool) -> Vec<CcfId> {
-        let Ok(mut f) = self.fetchers.lock() else {
-            return Vec::new();
-        };
+        // parking_lot's lock does not poison: a panic elsewhere cannot make this list empty.
+        let mut f = self.fetchers.lock();
         let set = if forget {
             f.remove(invoker)
         } else {

@@ -158,7 +158,8 @@ async fn short_validity_is_never_exceeded_and_refetched() {
 }
 
 /// The stale-key rule: the invoker re-authenticated at CCF-B while A still caches the old key;
-/// presenting the new key id refreshes A's entry at once.
+/// presenting the new key id refreshes A's entry (once the refresh interval since the fetch has
+/// passed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_key_id_refreshes_the_cache() {
     let t = Testbed::start(Options::default()).await;
@@ -176,6 +177,16 @@ async fn a_newer_key_id_refreshes_the_cache() {
     let mut again = inv.new_session(t.d(B)).await;
     let (psk2, new_id) = again.obtain_psk("aef-a1").await;
     assert_ne!(old_id, new_id);
+    let before = partner_requests(&t, B);
+    // Within the refresh interval (1 s, counted from the fetch) a presented key id forces no
+    // refresh: the cached answer is served.
+    let early = ask(&mut aef_a, "aef-a1", &inv.id, B, &new_id, T)
+        .await
+        .unwrap();
+    if early.key_id == old_id {
+        assert_eq!(partner_requests(&t, B), before, "no fetch within the interval");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
     let got = ask(&mut aef_a, "aef-a1", &inv.id, B, &new_id, T)
         .await
         .unwrap();
@@ -200,6 +211,7 @@ async fn confused_deputy_is_refused() {
         t.d(B).gw().capif6e_addr,
         &t.d(B).ca_pem(),
         Some((&cred_c.cert_pem, &cred_c.key_pem)),
+        t.d(B).gw_peer(),
     )
     .await;
     let e = InterconnectClient::new(ch)
@@ -262,6 +274,7 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
         gw.capif6_addr,
         &t.d(A).ca_pem(),
         Some((&ccf_cred.cert_pem, &ccf_cred.key_pem)),
+        t.d(A).gw_peer(),
     )
     .await;
     let e = pb::gateway_client::GatewayClient::new(ch)
@@ -326,9 +339,12 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
         security_method: 0,
     };
     // Inbound: the rogue "operator-b" gateway dials A.
-    let cfg =
-        ccf_core::tls::client_config(&t.d(A).ca_pem(), Some((&rogue.cert_pem, &rogue.key_pem)))
-            .unwrap();
+    let cfg = ccf_core::tls::client_config(
+        &t.d(A).ca_pem(),
+        Some((&rogue.cert_pem, &rogue.key_pem)),
+        t.d(A).gw_peer(),
+    )
+    .unwrap();
     let r = async {
         let (ch, _) =
             ccf_core::tls::connect(&t.d(A).gw().capif6e_addr.to_string(), "localhost", cfg, T)
@@ -358,6 +374,7 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
         t.d(A).gw().capif6e_addr,
         &t.d(A).ca_pem(),
         Some((&forged.cert_pem, &forged.key_pem)),
+        t.d(A).gw_peer(),
     )
     .await;
     let e = InterconnectClient::new(ch)
@@ -384,7 +401,14 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
     .unwrap();
     let routes = tonic::service::Routes::new(tonic_health::server::health_reporter().1);
     let _srv =
-        ccf_core::grpc::spawn_server(listener, rogue_tls, false, routes, std::future::pending());
+        ccf_core::grpc::spawn_server(
+            listener,
+            rogue_tls,
+            false,
+            routes,
+            ccf_core::limits::ConnGate::new("rogue", Default::default()),
+            std::future::pending(),
+        );
     let mut cfg = t.d(A).gw_config.clone();
     cfg.listen.capif6 = "127.0.0.1:0".into();
     cfg.listen.capif6e = "127.0.0.1:0".into();
@@ -399,6 +423,7 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
         gw.capif6_addr,
         &t.d(A).ca_pem(),
         Some((&ccf_cred.cert_pem, &ccf_cred.key_pem)),
+        t.d(A).gw_peer(),
     )
     .await;
     let mut q = query.clone();
@@ -507,6 +532,7 @@ async fn offboarding_at_home_evicts_partner_caches() {
         t.d(B).ccf().capif_addr,
         &t.d(B).ca_pem(),
         Some((&inv.cert_pem, &inv.key_pem)),
+        t.d(B).ccf_peer(),
     )
     .await;
     pb::invoker_management_client::InvokerManagementClient::new(ch)
@@ -554,6 +580,7 @@ async fn partner_answers_hide_internal_addresses() {
         t.d(B).gw().capif6e_addr,
         &t.d(B).ca_pem(),
         Some((&cred_a.cert_pem, &cred_a.key_pem)),
+        t.d(B).gw_peer(),
     )
     .await;
     let e = InterconnectClient::new(ch)

@@ -25,7 +25,9 @@ use ccf_core::grpc::error_status;
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::pki::DomainCa;
-use ccf_core::tls::{ClientAuth, client_config, connect, connect_lazy, server_config};
+use ccf_core::tls::{
+    ClientAuth, ExpectedPeer, client_config, connect, connect_lazy, server_config,
+};
 use hdrhistogram::Histogram;
 use tokio::process::Child;
 use tonic::transport::Channel;
@@ -292,7 +294,8 @@ pub async fn serve_floor(
         Some(addr) => Some(GatewayClient::new(connect_lazy(
             addr,
             "localhost",
-            client_config(&ca, Some((&cert, &key)))?,
+            // Every hop of a chain serves the same certificate: the next one must name it.
+            client_config(&ca, Some((&cert, &key)), own_identity(&cert)?)?,
             Duration::from_secs(2),
         )?)),
         None => None,
@@ -303,7 +306,14 @@ pub async fn serve_floor(
         next,
         answer: sample_answer(),
     }));
-    ccf_core::grpc::spawn_server(listener, tls, false, routes, std::future::pending())
+    ccf_core::grpc::spawn_server(
+        listener,
+        tls,
+        false,
+        routes,
+        ccf_core::limits::ConnGate::new("floor", Default::default()),
+        std::future::pending(),
+    )
         .await?
         .map_err(|e| anyhow!("floor hop: {e}"))
 }
@@ -359,8 +369,20 @@ fn credential(tb: &Testbed, domain: &str, role: Role) -> Result<(String, String,
     Ok((ca.cert_pem().to_string(), c.cert_pem, c.key_pem.to_string()))
 }
 
-async fn channel(addr: &str, cred: &(String, String, String)) -> Result<Channel> {
-    let cfg = client_config(&cred.0, Some((&cred.1, &cred.2)))?;
+/// The identity a PEM certificate names, as a client's expectation.
+fn own_identity(cert_pem: &str) -> Result<ExpectedPeer> {
+    let der = ccf_core::tls::certs_from_pem("certificate", cert_pem)?;
+    Ok(ExpectedPeer::Exactly(PeerIdentity::from_certificate(
+        &der[0],
+    )?))
+}
+
+async fn channel(
+    addr: &str,
+    cred: &(String, String, String),
+    expected: ExpectedPeer,
+) -> Result<Channel> {
+    let cfg = client_config(&cred.0, Some((&cred.1, &cred.2)), expected)?;
     Ok(connect(addr, "localhost", cfg, Duration::from_secs(5))
         .await?
         .0)
@@ -478,8 +500,14 @@ async fn cases(
         setup.elapsed().as_secs_f64()
     ));
 
+    let a_id = CcfId::new("operator-a.test")?;
     let ccf_cred = credential(tb, "operator-a.test", Role::Ccf)?;
-    let gw_a = channel(&format!("127.0.0.1:{}", a.gw6_port), &ccf_cred).await?;
+    let gw_a = channel(
+        &format!("127.0.0.1:{}", a.gw6_port),
+        &ccf_cred,
+        ExpectedPeer::gateway(&a_id),
+    )
+    .await?;
     let tls = TlsFiles {
         ca: a.ca_pem(),
         server_cert: a.dir.join("gateway.pem"),
@@ -488,9 +516,10 @@ async fn cases(
     let (f1, _c1) = floor_chain(capif_bin, run_dir, &tls, 1).await?;
     let (f2, _c2) = floor_chain(capif_bin, run_dir, &tls, 2).await?;
     let (f3, _c3) = floor_chain(capif_bin, run_dir, &tls, 3).await?;
-    let floor1 = channel(&f1, &ccf_cred).await?;
-    let floor2 = channel(&f2, &ccf_cred).await?;
-    let floor3 = channel(&f3, &ccf_cred).await?;
+    // The floor hops serve A's gateway certificate.
+    let floor1 = channel(&f1, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
+    let floor2 = channel(&f2, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
+    let floor3 = channel(&f3, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
 
     let fetch = |ch: Channel, ids: Arc<Vec<String>>| {
         move |i: u64| {
@@ -589,7 +618,12 @@ async fn cases(
 
     // (c) AEF -> CCF-A -> gateway-A (hit) vs 2 bare hops.
     let aef_cred = credential(tb, "operator-a.test", Role::Aef(AefId::new("aef-weather")?))?;
-    let ccf_a = channel(&format!("127.0.0.1:{}", a.capif_port), &aef_cred).await?;
+    let ccf_a = channel(
+        &format!("127.0.0.1:{}", a.capif_port),
+        &aef_cred,
+        ExpectedPeer::ccf(&a_id),
+    )
+    .await?;
     let aef_op = {
         let ch = ccf_a.clone();
         let id = hot[0].clone();
@@ -656,7 +690,15 @@ async fn cases(
             async move {
                 let p = Profile::load(&profiles[i as usize % profiles.len()])?;
                 let k = invoker::security(&p, "aef-weather", None).await?;
-                let r = invoker::auth(&p, Some(&k), &addr, &aef_ca, "localhost").await?;
+                let r = invoker::auth(
+                    &p,
+                    Some(&k),
+                    &addr,
+                    &aef_ca,
+                    "localhost",
+                    &invoker::expected_aef("operator-a.test", "aef-weather")?,
+                )
+                .await?;
                 invoker::call(
                     &p,
                     &k,
@@ -683,7 +725,12 @@ async fn cases(
 
     // (e) coalescing storm.
     let admin_cred = credential(tb, "operator-a.test", Role::Operator)?;
-    let admin = channel(&format!("127.0.0.1:{}", a.gw6_port), &admin_cred).await?;
+    let admin = channel(
+        &format!("127.0.0.1:{}", a.gw6_port),
+        &admin_cred,
+        ExpectedPeer::gateway(&a_id),
+    )
+    .await?;
     let before = GatewayAdminClient::new(admin.clone())
         .get_status(pb::GetStatusRequest {})
         .await?

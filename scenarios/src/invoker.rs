@@ -20,7 +20,7 @@ use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::pki::write_private_file;
 use ccf_core::server::now_ms;
-use ccf_core::tls::{client_config, connect};
+use ccf_core::tls::{ExpectedPeer, client_config, connect};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -124,9 +124,18 @@ impl Profile {
         Ok(self.dir.join("keys").join(format!("{aef}.toml")))
     }
 
+    /// The home CCF, as its certificate must name it: `capif://<home>/ccf`.
+    pub fn home_ccf(&self) -> Result<ExpectedPeer> {
+        Ok(ExpectedPeer::ccf(&CcfId::new(self.file.ccf_id.clone())?))
+    }
+
     /// A new CAPIF-1e (mutual TLS) channel to the home CCF.
     pub async fn capif1e_channel(&self) -> Result<tonic::transport::Channel> {
-        let cfg = client_config(&self.ca_pem, Some((&self.cert_pem, &self.key_pem)))?;
+        let cfg = client_config(
+            &self.ca_pem,
+            Some((&self.cert_pem, &self.key_pem)),
+            self.home_ccf()?,
+        )?;
         Ok(connect(
             &self.file.capif_addr,
             &self.file.ccf_server_name,
@@ -159,10 +168,12 @@ pub async fn onboard(
     dir: &Path,
 ) -> Result<Profile> {
     let key = rcgen::KeyPair::generate()?;
-    let (ch, _) = connect(
+    // The home domain is not known before the answer: any CCF the CA vouches for, and then the
+    // answer must name the domain its certificate named.
+    let (ch, slot) = connect(
         onboarding_addr,
         server_name,
-        client_config(ca_pem, None)?,
+        client_config(ca_pem, None, ExpectedPeer::AnyCcf)?,
         CONNECT_TIMEOUT,
     )
     .await?;
@@ -178,6 +189,18 @@ pub async fn onboard(
         .await
         .map_err(status_error)?
         .into_inner();
+    let certified = slot
+        .lock()
+        .map_err(|_| anyhow!("session slot poisoned"))?
+        .server_identity
+        .clone()
+        .ok_or_else(|| anyhow!("the onboarding session recorded no server identity"))?;
+    if rsp.ccf_id != certified.ccf_id.as_str() {
+        bail!(
+            "the CCF answered ccf_id {:?}, but its certificate names {certified}",
+            rsp.ccf_id
+        );
+    }
     std::fs::create_dir_all(dir.join("keys"))?;
     let key_pem = Zeroizing::new(key.serialize_pem());
     write_private_file(&dir.join("invoker.key"), key_pem.as_bytes())?;
@@ -219,7 +242,32 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 /// CAPIF-1e: obtains PSK for `aef` (optionally for one API only) on a NEW TLS session, derives
 /// the AEFPSK from it and stores it.
 pub async fn security(profile: &Profile, aef: &str, api: Option<&str>) -> Result<ObtainedKey> {
-    let cfg = client_config(&profile.ca_pem, Some((&profile.cert_pem, &profile.key_pem)))?;
+    Ok(obtain_psk(profile, aef, api).await?.0)
+}
+
+/// The AEF an invoker expects at an AEF's endpoints: `capif://<domain>/aef/<aef>`.
+pub fn expected_aef(domain: &str, aef: &str) -> Result<ExpectedPeer> {
+    Ok(ExpectedPeer::aef(&CcfId::new(domain)?, &AefId::new(aef)?))
+}
+
+/// The AEF as the home CCF's answer places it: the asked id, in the domain the CCF names as its
+/// owner (the invoker trusts its home CCF's registry for this, as for the interface).
+fn aef_of_answer(aef: &str, info: &pb::SecurityInformation) -> Result<ExpectedPeer> {
+    expected_aef(&info.aef_ccf_id, aef)
+        .with_context(|| format!("the CCF's answer names no usable owner domain for {aef}"))
+}
+
+/// [`security`], also returning the AEF identity the answer implies ([`aef_of_answer`]).
+async fn obtain_psk(
+    profile: &Profile,
+    aef: &str,
+    api: Option<&str>,
+) -> Result<(ObtainedKey, ExpectedPeer)> {
+    let cfg = client_config(
+        &profile.ca_pem,
+        Some((&profile.cert_pem, &profile.key_pem)),
+        profile.home_ccf()?,
+    )?;
     let (ch, slot) = connect(
         &profile.file.capif_addr,
         &profile.file.ccf_server_name,
@@ -281,21 +329,23 @@ pub async fn security(profile: &Profile, aef: &str, api: Option<&str>) -> Result
         interface: iface,
         expires_at_ms: now_ms() + info.aef_psk_validity_secs * 1000,
     };
+    let expected = aef_of_answer(aef, info)?;
     let text = Zeroizing::new(toml::to_string(&key)?);
     std::fs::create_dir_all(profile.dir.join("keys"))?;
     write_private_file(&profile.key_path(aef)?, text.as_bytes())?;
-    Ok(key)
+    Ok((key, expected))
 }
 
 /// Authentication Initiation at the AEF (server-authenticated TLS with the AEF domain's CA), for
 /// PSK. `key` is the key the invoker holds for that AEF, if any (its key id lets the AEF detect a
-/// stale key).
+/// stale key). `aef` is the identity the AEF's certificate must name ([`expected_aef`]).
 pub async fn auth(
     profile: &Profile,
     key: Option<&ObtainedKey>,
     aef_addr: &str,
     aef_ca_pem: &str,
     aef_server_name: &str,
+    aef: &ExpectedPeer,
 ) -> Result<pb::CheckAuthenticationRsp> {
     let key_id = key.map(|k| k.key_id.as_str()).unwrap_or_default();
     auth_method(
@@ -305,6 +355,7 @@ pub async fn auth(
         aef_addr,
         aef_ca_pem,
         aef_server_name,
+        aef,
     )
     .await
 }
@@ -401,7 +452,9 @@ pub async fn token(profile: &Profile, scope: &str) -> Result<pb::AccessTokenRsp>
         .map_err(status_error)
 }
 
-/// Authentication Initiation for any method; `key_id` is the held AEFPSK's (PSK only).
+/// Authentication Initiation for any method; `key_id` is the held AEFPSK's (PSK only). `aef` is
+/// the identity the AEF's certificate must name: the invoker tells the AEF who it is and which
+/// key it holds, which only that AEF should learn.
 pub async fn auth_method(
     profile: &Profile,
     method: pb::SecurityMethod,
@@ -409,11 +462,12 @@ pub async fn auth_method(
     aef_addr: &str,
     aef_ca_pem: &str,
     aef_server_name: &str,
+    aef: &ExpectedPeer,
 ) -> Result<pb::CheckAuthenticationRsp> {
     let (ch, _) = connect(
         aef_addr,
         aef_server_name,
-        client_config(aef_ca_pem, None)?,
+        client_config(aef_ca_pem, None, aef.clone())?,
         CONNECT_TIMEOUT,
     )
     .await?;
@@ -438,7 +492,8 @@ fn invoke_request(api: &str) -> pb::InvokeRequest {
 }
 
 /// Method 2: mutual TLS (rustls) with the certificate the home CCF issued, and one demo API call
-/// that presents `presented_id` (normally the profile's own id) as the invoker.
+/// that presents `presented_id` (normally the profile's own id) as the invoker, at the AEF whose
+/// certificate names `aef`.
 pub async fn call_pki(
     profile: &Profile,
     presented_id: &str,
@@ -446,8 +501,13 @@ pub async fn call_pki(
     aef_ca_pem: &str,
     aef_server_name: &str,
     api: &str,
+    aef: &ExpectedPeer,
 ) -> Result<pb::InvokeResponse> {
-    let cfg = client_config(aef_ca_pem, Some((&profile.cert_pem, &profile.key_pem)))?;
+    let cfg = client_config(
+        aef_ca_pem,
+        Some((&profile.cert_pem, &profile.key_pem)),
+        aef.clone(),
+    )?;
     let (ch, _) = connect(endpoint, aef_server_name, cfg, CONNECT_TIMEOUT)
         .await
         .map_err(|e| {
@@ -492,18 +552,20 @@ pub async fn call_pki(
 #[error("the AEF refused the TLS handshake (certificate not accepted): {0}")]
 pub struct HandshakeRefused(pub String);
 
-/// Method 3: server-authenticated TLS (rustls) and one demo API call with the bearer token.
+/// Method 3: server-authenticated TLS (rustls) and one demo API call with the bearer token, at
+/// the AEF whose certificate names `aef` (the token is a credential: only that AEF may see it).
 pub async fn call_oauth(
     access_token: &str,
     endpoint: &str,
     aef_ca_pem: &str,
     aef_server_name: &str,
     api: &str,
+    aef: &ExpectedPeer,
 ) -> Result<pb::InvokeResponse> {
     let (ch, _) = connect(
         endpoint,
         aef_server_name,
-        client_config(aef_ca_pem, None)?,
+        client_config(aef_ca_pem, None, aef.clone())?,
         CONNECT_TIMEOUT,
     )
     .await?;
@@ -542,9 +604,12 @@ pub async fn run_flow(
     target: &AefTarget<'_>,
     psk_tls: TlsProfile,
 ) -> Result<pb::InvokeResponse> {
+    // Which AEF must answer comes from the home CCF's answer (its owner domain), not from the
+    // caller: the same source as the key's interface.
     match method {
         pb::SecurityMethod::Pki => {
-            negotiate(profile, aef, None, method).await?;
+            let info = negotiate(profile, aef, None, method).await?;
+            let expected = aef_of_answer(aef, &info)?;
             let a = auth_method(
                 profile,
                 method,
@@ -552,6 +617,7 @@ pub async fn run_flow(
                 target.addr,
                 target.ca_pem,
                 target.server_name,
+                &expected,
             )
             .await?;
             call_pki(
@@ -561,11 +627,13 @@ pub async fn run_flow(
                 target.ca_pem,
                 target.server_name,
                 api,
+                &expected,
             )
             .await
         }
         pb::SecurityMethod::Oauth => {
-            negotiate(profile, aef, None, method).await?;
+            let info = negotiate(profile, aef, None, method).await?;
+            let expected = aef_of_answer(aef, &info)?;
             let t = token(
                 profile,
                 &format!("{}{aef}:{api}", ccf_core::token::SCOPE_PREFIX),
@@ -578,6 +646,7 @@ pub async fn run_flow(
                 target.addr,
                 target.ca_pem,
                 target.server_name,
+                &expected,
             )
             .await?;
             call_oauth(
@@ -586,17 +655,19 @@ pub async fn run_flow(
                 target.ca_pem,
                 target.server_name,
                 api,
+                &expected,
             )
             .await
         }
         _ => {
-            let k = security(profile, aef, None).await?;
+            let (k, expected) = obtain_psk(profile, aef, None).await?;
             let a = auth(
                 profile,
                 Some(&k),
                 target.addr,
                 target.ca_pem,
                 target.server_name,
+                &expected,
             )
             .await?;
             call(profile, &k, &a.tls_endpoint, api, psk_tls).await

@@ -10,7 +10,7 @@ use capif_proto::v1::SecurityMethod;
 use capif_scenarios::invoker::{self, Profile};
 use capif_scenarios::runner::{Runner, table};
 use capif_scenarios::scenario::Scenario;
-use capif_scenarios::testbed::Testbed;
+use capif_scenarios::testbed::{ProcRecord, Testbed, confirm_own, proc_record};
 use clap::{Parser, Subcommand};
 
 /// The CAPIF testbed CLI.
@@ -180,6 +180,10 @@ enum InvokerCommand {
         /// The AEF.
         #[arg(long)]
         aef: String,
+        /// The AEF's domain (the CCF id that owns it): the AEF's certificate must name
+        /// capif://<aef-domain>/aef/<aef>. (`run` learns it from the home CCF's answer.)
+        #[arg(long)]
+        aef_domain: String,
         #[command(flatten)]
         target: AefArgs,
         /// Security method: psk, pki or oauth.
@@ -329,9 +333,14 @@ async fn testbed_up(args: RunArgs) -> Result<()> {
     let mut tb = Testbed::up(&s, &dir, &bin, false).await?;
     let mut pids = tb.pids();
     pids.insert("launcher".into(), std::process::id());
+    // With each pid its start time: `testbed down` signals only processes it can confirm.
+    let records: std::collections::BTreeMap<String, ProcRecord> = pids
+        .into_iter()
+        .filter_map(|(k, pid)| Some((k, proc_record(pid)?)))
+        .collect();
     std::fs::write(
         dir.join("testbed.json"),
-        serde_json::to_string_pretty(&pids)?,
+        serde_json::to_string_pretty(&records)?,
     )?;
     let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     println!(
@@ -362,17 +371,20 @@ fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
             path.display()
         )
     })?;
-    let pids: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text)?;
+    let pids: std::collections::BTreeMap<String, ProcRecord> = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a testbed record", path.display()))?;
     // The launcher stops its components itself on SIGTERM; the rest is a fallback.
-    let order = pids.get("launcher").into_iter().chain(
-        pids.iter()
-            .filter(|(k, _)| *k != "launcher")
-            .map(|(_, v)| v),
+    let order = pids.get_key_value("launcher").into_iter().chain(
+        pids.iter().filter(|(k, _)| *k != "launcher"),
     );
-    for pid in order {
-        // SAFETY: plain signal to a pid the testbed recorded.
+    for (name, rec) in order {
+        if let Err(why) = confirm_own(rec) {
+            println!("{name}: not signalled ({why})");
+            continue;
+        }
+        // SAFETY: a plain signal to a pid just confirmed to be the recorded process (> 1).
         unsafe {
-            libc::kill(*pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(rec.pid as libc::pid_t, libc::SIGTERM);
         }
     }
     println!("testbed in {} told to stop", run_dir.display());
@@ -502,7 +514,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         InvokerCommand::Auth {
             profile,
-            aef: _,
+            aef,
+            aef_domain,
             target,
             method,
         } if method != SecurityMethod::Psk => {
@@ -515,6 +528,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &target.aef_addr,
                 &ca,
                 &target.aef_server_name,
+                &invoker::expected_aef(&aef_domain, &aef)?,
             )
             .await?;
             println!(
@@ -527,14 +541,22 @@ async fn run(cli: Cli) -> Result<()> {
         InvokerCommand::Auth {
             profile,
             aef,
+            aef_domain,
             target,
             ..
         } => {
             let p = Profile::load(&profile.profile)?;
             let k = p.key(&aef)?;
             let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let r =
-                invoker::auth(&p, Some(&k), &target.aef_addr, &ca, &target.aef_server_name).await?;
+            let r = invoker::auth(
+                &p,
+                Some(&k),
+                &target.aef_addr,
+                &ca,
+                &target.aef_server_name,
+                &invoker::expected_aef(&aef_domain, &aef)?,
+            )
+            .await?;
             println!(
                 "authenticated: tls_endpoint={} psk_identity={} remaining_validity_ms={}",
                 r.tls_endpoint, r.psk_identity, r.remaining_validity_ms

@@ -14,7 +14,8 @@ use capif_proto::v1::{
     self as pb, gateway_admin_client::GatewayAdminClient,
     invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
-use ccf_core::tls::{client_config, connect};
+use ccf_core::ids::CcfId;
+use ccf_core::tls::{ExpectedPeer, client_config, connect};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -373,6 +374,7 @@ impl<'a> Runner<'a> {
                 &std::fs::read_to_string(cert)?,
                 &std::fs::read_to_string(key)?,
             )),
+            ExpectedPeer::gateway(&CcfId::new(domain)?),
         )?;
         let (ch, _) = connect(
             &format!("127.0.0.1:{}", d.gw6_port),
@@ -418,7 +420,11 @@ impl Runner<'_> {
         let (ch, _) = connect(
             &format!("127.0.0.1:{}", d.capif_port),
             "localhost",
-            client_config(&ca, Some((&cert, &key)))?,
+            client_config(
+                &ca,
+                Some((&cert, &key)),
+                ExpectedPeer::ccf(&CcfId::new(domain)?),
+            )?,
             Duration::from_secs(5),
         )
         .await?;
@@ -444,6 +450,8 @@ struct OpContext {
     api: Option<String>,
     aef_addr: String,
     aef_ca: PathBuf,
+    /// The domain that owns the AEF (its certificate must name it).
+    aef_domain: String,
     psk_endpoint: String,
     tls_endpoint: String,
     psk_tls: TlsProfile,
@@ -481,6 +489,7 @@ impl OpContext {
             aef_ca: a
                 .map(|a| r.tb.domains[&a.domain].ca_pem())
                 .unwrap_or_default(),
+            aef_domain: a.map(|a| a.domain.clone()).unwrap_or_default(),
             psk_endpoint: a
                 .map(|a| format!("127.0.0.1:{}", a.psk_port))
                 .unwrap_or_default(),
@@ -522,22 +531,48 @@ impl OpContext {
             Action::Auth if self.method != pb::SecurityMethod::Psk => {
                 let p = Profile::load(&self.profile_dir)?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
-                invoker::auth_method(&p, self.method, "", &self.aef_addr, &ca, "localhost").await?;
+                invoker::auth_method(
+                    &p,
+                    self.method,
+                    "",
+                    &self.aef_addr,
+                    &ca,
+                    "localhost",
+                    &invoker::expected_aef(&self.aef_domain, &aef)?,
+                )
+                .await?;
             }
             Action::Auth => {
                 let p = Profile::load(&self.profile_dir)?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
                 // Without a key for this AEF the invoker still asks (and is told why not).
                 let k = p.key(&aef).ok();
-                invoker::auth(&p, k.as_ref(), &self.aef_addr, &ca, "localhost").await?;
+                invoker::auth(
+                    &p,
+                    k.as_ref(),
+                    &self.aef_addr,
+                    &ca,
+                    "localhost",
+                    &invoker::expected_aef(&self.aef_domain, &aef)?,
+                )
+                .await?;
             }
             Action::Call => {
                 let p = Profile::load(&self.profile_dir)?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
+                let expected = invoker::expected_aef(&self.aef_domain, &aef);
                 match self.method {
                     pb::SecurityMethod::Pki => {
-                        invoker::call_pki(&p, p.id(), &self.tls_endpoint, &ca, "localhost", &api)
-                            .await?;
+                        invoker::call_pki(
+                            &p,
+                            p.id(),
+                            &self.tls_endpoint,
+                            &ca,
+                            "localhost",
+                            &api,
+                            &expected?,
+                        )
+                        .await?;
                     }
                     pb::SecurityMethod::Oauth => {
                         // A fresh token for this AEF and API from the home CCF, then the call.
@@ -549,6 +584,7 @@ impl OpContext {
                             &ca,
                             "localhost",
                             &api,
+                            &expected?,
                         )
                         .await?;
                     }
@@ -578,7 +614,7 @@ impl OpContext {
                 let (ch, _) = connect(
                     &self.capif,
                     "localhost",
-                    client_config(&ca, Some((&cert, &key)))?,
+                    client_config(&ca, Some((&cert, &key)), p.home_ccf()?)?,
                     Duration::from_secs(5),
                 )
                 .await?;

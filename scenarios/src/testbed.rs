@@ -546,6 +546,74 @@ impl Testbed {
     }
 }
 
+/// What `testbed.json` records of one process: enough to tell it from a later process that got
+/// the same pid.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcRecord {
+    /// The pid.
+    pub pid: u32,
+    /// Its start time (`/proc/<pid>/stat` field 22, clock ticks since boot).
+    pub start_time: u64,
+}
+
+/// The start time of `pid`, from `/proc/<pid>/stat` (`None`: no such process).
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Records `pid` as it is now.
+pub fn proc_record(pid: u32) -> Option<ProcRecord> {
+    Some(ProcRecord {
+        pid,
+        start_time: proc_start_time(pid)?,
+    })
+}
+
+/// Whether `rec` still names the process it was written for, so that signalling it cannot hit
+/// another process (a pid reused since, or 0, 1 or our own, which `kill` would treat specially).
+pub fn confirm_own(rec: &ProcRecord) -> Result<(), String> {
+    if rec.pid <= 1 || rec.pid == std::process::id() || i32::try_from(rec.pid).is_err() {
+        return Err(format!("pid {} is not a component's", rec.pid));
+    }
+    match proc_start_time(rec.pid) {
+        None => Err(format!("pid {} has ended", rec.pid)),
+        Some(t) if t != rec.start_time => Err(format!(
+            "pid {} now belongs to another process (it started later)",
+            rec.pid
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod proc_tests {
+    use super::*;
+
+    #[test]
+    fn only_recorded_processes_are_confirmed() {
+        let me = proc_record(std::process::id()).unwrap();
+        // Our own pid is never a component.
+        assert!(confirm_own(&me).is_err());
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let rec = proc_record(child.id()).unwrap();
+        assert!(confirm_own(&rec).is_ok());
+        let stale = ProcRecord {
+            start_time: rec.start_time + 1,
+            ..rec.clone()
+        };
+        assert!(confirm_own(&stale).is_err(), "a reused pid");
+        for pid in [0, 1, u32::MAX] {
+            assert!(confirm_own(&ProcRecord { pid, start_time: 0 }).is_err(), "{pid}");
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(confirm_own(&rec).is_err(), "an ended process");
+    }
+}
+
 /// Starts `bin args` with stderr appended to `log`, waits for its first stdout line, which must
 /// contain " ready " (every binary of the project prints one when it accepts connections), and
 /// returns the child and that line. The child gets SIGTERM if this process dies.

@@ -24,6 +24,12 @@ fn aef_addr(t: &Testbed, aef: &str) -> (String, String) {
     (d.aefs[aef].security_addr.to_string(), d.ca_pem())
 }
 
+/// The identity `aef`'s certificate names, as the invoker expects it.
+fn aef_peer(t: &Testbed, aef: &str) -> ccf_core::tls::ExpectedPeer {
+    let owner = AEFS.iter().find(|(a, _)| *a == aef).unwrap().1;
+    t.d(owner).aef_peer(aef)
+}
+
 /// security -> auth -> PSK handshake -> API call; returns the call's result.
 async fn flow(
     t: &Testbed,
@@ -33,7 +39,7 @@ async fn flow(
 ) -> anyhow::Result<capif_proto::v1::InvokeResponse> {
     let k = invoker::security(p, aef, None).await?;
     let (addr, ca) = aef_addr(t, aef);
-    let a = invoker::auth(p, Some(&k), &addr, &ca, "localhost").await?;
+    let a = invoker::auth(p, Some(&k), &addr, &ca, "localhost", &aef_peer(t, aef)).await?;
     invoker::call(p, &k, &a.tls_endpoint, api, TlsProfile::Tls13).await
 }
 
@@ -94,7 +100,7 @@ async fn cross_domain_flow_succeeds_through_the_gateways() {
     // 1.2-only client is refused: the profile is enforced).
     let k = p.key("aef-a1").unwrap();
     let (addr, ca) = aef_addr(&t, "aef-a1");
-    let a = invoker::auth(&p, Some(&k), &addr, &ca, "localhost")
+    let a = invoker::auth(&p, Some(&k), &addr, &ca, "localhost", &aef_peer(&t, "aef-a1"))
         .await
         .unwrap();
     assert!(
@@ -119,7 +125,7 @@ async fn refusals_each_have_their_reason() {
     // Wrong key: right identity, a different key.
     let p = profile(&t, A, "c0").await;
     let k = invoker::security(&p, "aef-a1", None).await.unwrap();
-    let a = invoker::auth(&p, Some(&k), &addr, &ca, "localhost")
+    let a = invoker::auth(&p, Some(&k), &addr, &ca, "localhost", &aef_peer(&t, "aef-a1"))
         .await
         .unwrap();
     let mut bad = invoker::ObtainedKey {
@@ -151,7 +157,7 @@ async fn refusals_each_have_their_reason() {
     let kr = invoker::security(&r, "aef-a1", Some("api-aef-a1"))
         .await
         .unwrap();
-    let ar = invoker::auth(&r, Some(&kr), &addr, &ca, "localhost")
+    let ar = invoker::auth(&r, Some(&kr), &addr, &ca, "localhost", &aef_peer(&t, "aef-a1"))
         .await
         .unwrap();
     invoker::call(&r, &kr, &ar.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
@@ -168,7 +174,7 @@ async fn refusals_each_have_their_reason() {
     // Revoked invoker: the CCF revokes (operator), the AEF drops the key and refuses it.
     let v = profile(&t, A, "c3").await;
     let kv = invoker::security(&v, "aef-a1", None).await.unwrap();
-    let av = invoker::auth(&v, Some(&kv), &addr, &ca, "localhost")
+    let av = invoker::auth(&v, Some(&kv), &addr, &ca, "localhost", &aef_peer(&t, "aef-a1"))
         .await
         .unwrap();
     invoker::call(&v, &kv, &av.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
@@ -179,6 +185,7 @@ async fn refusals_each_have_their_reason() {
         t.d(A).ccf().capif_addr,
         &t.d(A).ca_pem(),
         Some((&op.cert_pem, &op.key_pem)),
+        t.d(A).ccf_peer(),
     )
     .await;
     capif_proto::v1::security_client::SecurityClient::new(ch)
@@ -202,7 +209,7 @@ async fn refusals_each_have_their_reason() {
     // Expired key: validity 3 s; the AEF's own timer runs out.
     let x = profile(&t, A, "c4").await;
     let kx = invoker::security(&x, "aef-a1", None).await.unwrap();
-    let ax = invoker::auth(&x, Some(&kx), &addr, &ca, "localhost")
+    let ax = invoker::auth(&x, Some(&kx), &addr, &ca, "localhost", &aef_peer(&t, "aef-a1"))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(ax.remaining_validity_ms + 100)).await;

@@ -15,7 +15,7 @@ use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::pki::DomainCa;
 use ccf_core::server::now_ms;
-use ccf_core::token::{AccessTokenClaims, TokenKeys};
+use ccf_core::token::{AccessTokenClaims, Expected, KnownCaller, TokenKeys, refusal_check, verify};
 use common::*;
 use support::{logs, profile, wait_for_log};
 
@@ -58,6 +58,7 @@ async fn operator_channel(t: &Testbed, domain: &str) -> tonic::transport::Channe
         t.d(domain).ccf().capif_addr,
         &t.d(domain).ca_pem(),
         Some((&op.cert_pem, &op.key_pem)),
+        t.d(domain).ccf_peer(),
     )
     .await
 }
@@ -110,7 +111,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     let (addr, ca) = aef_a1(&t);
     let x = profile(&t, B, "c1").await;
     run(&t, &x, SecurityMethod::Pki).await.expect("X gets in");
-    let endpoint = invoker::auth_method(&x, SecurityMethod::Pki, "", &addr, &ca, "localhost")
+    let endpoint = invoker::auth_method(&x, SecurityMethod::Pki, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
         .await
         .unwrap()
         .tls_endpoint;
@@ -135,7 +136,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     std::fs::write(fake_dir.join("invoker.pem"), &forged.cert_pem).unwrap();
     std::fs::write(fake_dir.join("invoker.key"), forged.key_pem.as_bytes()).unwrap();
     let fake = Profile::load(&fake_dir).unwrap();
-    let e = invoker::call_pki(&fake, x.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+    let e = invoker::call_pki(&fake, x.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
         .await
         .expect_err("a certificate from an unfederated CA is refused");
     let _ = err_text(e);
@@ -146,7 +147,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     run(&t, &y, SecurityMethod::Pki)
         .await
         .expect("Y gets in as Y");
-    let e = invoker::call_pki(&y, x.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+    let e = invoker::call_pki(&y, x.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
         .await
         .expect_err("a certificate naming another invoker is refused");
     let e = err_text(e);
@@ -164,7 +165,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .await
         .unwrap();
     assert!(
-        invoker::call_pki(&z, z.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+        invoker::call_pki(&z, z.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
             .await
             .is_err()
     );
@@ -184,13 +185,13 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .unwrap();
     wait_for_log(&["authorization revoked by the CCF", x.id()]).await;
     assert!(
-        invoker::call_pki(&x, x.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+        invoker::call_pki(&x, x.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
             .await
             .is_err()
     );
     wait_for_log(&["certificate refused", x.id(), "revoked invoker"]).await;
     // Y is untouched.
-    invoker::call_pki(&y, y.id(), &endpoint, &ca, "localhost", "api-aef-a1")
+    invoker::call_pki(&y, y.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
         .await
         .expect("Y still gets in");
 }
@@ -199,9 +200,13 @@ fn claims(iss: &str, sub: &str, scope: &str, exp: u64) -> AccessTokenClaims {
     AccessTokenClaims {
         iss: iss.into(),
         sub: sub.into(),
+        // Always the AEF under test, whatever the scope: the scope checks below must reach the
+        // scope check, not stop at the audience check.
+        aud: vec!["aef-a1".into()],
         client_id: sub.into(),
         scope: scope.into(),
         exp,
+        nbf: None,
         iat: now_ms() / 1000,
         jti: "test".into(),
     }
@@ -218,14 +223,18 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
     invoker::negotiate(&p, "aef-a1", None, SecurityMethod::Oauth)
         .await
         .unwrap();
-    let endpoint = invoker::auth_method(&p, SecurityMethod::Oauth, "", &addr, &ca, "localhost")
+    let endpoint = invoker::auth_method(&p, SecurityMethod::Oauth, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
         .await
         .unwrap()
         .tls_endpoint;
+    let a1 = t.d(A).aef_peer("aef-a1");
     let call = |token: String| {
         let endpoint = endpoint.clone();
         let ca = ca.clone();
-        async move { invoker::call_oauth(&token, &endpoint, &ca, "localhost", "api-aef-a1").await }
+        let a1 = a1.clone();
+        async move {
+            invoker::call_oauth(&token, &endpoint, &ca, "localhost", "api-aef-a1", &a1).await
+        }
     };
     let good = invoker::token(&p, "3gpp#aef-a1:api-aef-a1").await.unwrap();
     assert_eq!(good.token_type, "Bearer");
@@ -349,4 +358,157 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
     call(good.access_token)
         .await
         .expect("a token signed with the previous key works until it expires");
+}
+
+/// One demo call to aef-a1's TLS endpoint with `token`, naming `as_invoker` in the
+/// `capif-api-invoker-id` header and presenting `cert` (PEM certificate and key), each if given;
+/// the raw status when refused, so that its reason and check can be read.
+async fn call_a1(
+    t: &Testbed,
+    token: &str,
+    as_invoker: Option<&str>,
+    cert: Option<(&str, &str)>,
+) -> Result<pb::InvokeResponse, tonic::Status> {
+    let addr = t.d(A).aefs["aef-a1"].tls_addr.expect("aef-a1 serves TLS");
+    let ch = channel(addr, &t.d(A).ca_pem(), cert, t.d(A).aef_peer("aef-a1")).await;
+    let mut r = tonic::Request::new(pb::InvokeRequest {
+        api_name: "api-aef-a1".into(),
+        payload: "hello".into(),
+    });
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    if let Some(id) = as_invoker {
+        r.metadata_mut()
+            .insert(aef_stub::service::INVOKER_ID_HEADER, id.parse().unwrap());
+    }
+    pb::demo_api_client::DemoApiClient::new(ch)
+        .invoke(r)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The call was refused as an invalid token (UNAUTHENTICATED, INVALID_TOKEN), by `check`.
+fn assert_token_refused(r: Result<pb::InvokeResponse, tonic::Status>, check: &str) -> String {
+    let s = r.expect_err(check);
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{check}: {s:?}");
+    assert_eq!(
+        ccf_core::grpc::error_reason(&s).as_deref(),
+        Some("INVALID_TOKEN"),
+        "{check}: {s:?}"
+    );
+    assert_eq!(refusal_check(&s).as_deref(), Some(check), "{s:?}");
+    s.message().to_string()
+}
+
+/// Issue 11 item 7: the CCF issues tokens with `aud` = the scope's AEFs and `sub` = the calling
+/// invoker; the AEF refuses, each with its own check, a token meant for another AEF, one not
+/// valid yet, one issued in the future, and one of invoker X used by invoker Y (named in the
+/// header, or by Y's own client certificate). Across domains: X and its token are B's, the AEF
+/// is A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() {
+    logs();
+    let t = Testbed::start(opts()).await;
+    let (addr, ca) = aef_a1(&t);
+    let x = profile(&t, B, "c5").await;
+    invoker::negotiate(&x, "aef-a1", None, SecurityMethod::Oauth)
+        .await
+        .unwrap();
+    invoker::auth_method(&x, SecurityMethod::Oauth, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
+        .await
+        .unwrap();
+    let token = invoker::token(&x, "3gpp#aef-a1:api-aef-a1")
+        .await
+        .unwrap()
+        .access_token;
+
+    // What B's CCF issued: audience aef-a1, subject and client_id X, nbf and iat now.
+    let set = t.d(B).ccf().state.token_keys.key_set(B, 60, now_ms());
+    let expected = Expected {
+        issuer: B,
+        audience: "aef-a1",
+        callers: &[KnownCaller {
+            invoker: x.id(),
+            source: "test",
+        }],
+        leeway_secs: 0,
+    };
+    let issued = verify(&token, &set.keys[0], &expected).expect("B's token verifies");
+    assert_eq!(issued.aud, vec!["aef-a1".to_string()]);
+    assert_eq!(
+        (issued.sub.as_str(), issued.client_id.as_str()),
+        (x.id(), x.id())
+    );
+    let now_s = now_ms() / 1000;
+    assert!(issued.nbf.is_some_and(|n| n <= now_s) && issued.iat <= now_s);
+
+    // X's token works for X, named or not.
+    for named in [None, Some(x.id())] {
+        let r = call_a1(&t, &token, named, None).await.expect("X gets in");
+        assert_eq!(r.api_invoker_id, x.id());
+    }
+
+    // Y (of domain A) calls with X's token, named in the header: refused.
+    let y = profile(&t, A, "c1").await;
+    let msg = assert_token_refused(
+        call_a1(&t, &token, Some(y.id()), None).await,
+        "SUBJECT_MISMATCH",
+    );
+    assert!(msg.contains(x.id()) && msg.contains(y.id()), "{msg}");
+    wait_for_log(&["access token refused", "SUBJECT_MISMATCH", y.id()]).await;
+
+    // Y presents its own certificate (method 2 negotiated, so the handshake passes) and X's
+    // token, naming nobody: the certificate names the caller, and it is not X.
+    invoker::negotiate(&y, "aef-a1", None, SecurityMethod::Pki)
+        .await
+        .unwrap();
+    let endpoint = invoker::auth_method(&y, SecurityMethod::Pki, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
+        .await
+        .unwrap()
+        .tls_endpoint;
+    let y_cert = std::fs::read_to_string(y.dir.join("invoker.pem")).unwrap();
+    let y_key = std::fs::read_to_string(y.dir.join("invoker.key")).unwrap();
+    let msg = assert_token_refused(
+        call_a1(&t, &token, None, Some((&y_cert, &y_key))).await,
+        "SUBJECT_MISMATCH",
+    );
+    assert!(msg.contains("client certificate"), "{msg}");
+    // Without a token, Y's certificate is a method-2 call as Y, as before.
+    let r = invoker::call_pki(&y, y.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
+        .await
+        .expect("Y's own certificate still works for method 2");
+    assert_eq!(r.api_invoker_id, y.id());
+
+    // Crafted with B's real key, everything else right.
+    let keys = &t.d(B).ccf().state.token_keys;
+    let sign = |f: &dyn Fn(&mut AccessTokenClaims)| {
+        let mut c = claims(B, x.id(), "3gpp#aef-a1:api-aef-a1", now_ms() / 1000 + 300);
+        f(&mut c);
+        keys.sign(&c).unwrap()
+    };
+    let other_aef = sign(&|c| c.aud = vec!["aef-b1".into()]);
+    let msg = assert_token_refused(
+        call_a1(&t, &other_aef, Some(x.id()), None).await,
+        "WRONG_AUDIENCE",
+    );
+    assert!(msg.contains("aef-a1"), "{msg}");
+    let early = sign(&|c| c.nbf = Some(now_ms() / 1000 + 120));
+    assert_token_refused(
+        call_a1(&t, &early, Some(x.id()), None).await,
+        "NOT_YET_VALID",
+    );
+    let future = sign(&|c| c.iat = now_ms() / 1000 + 120);
+    assert_token_refused(
+        call_a1(&t, &future, Some(x.id()), None).await,
+        "ISSUED_IN_FUTURE",
+    );
+    // Within the AEF's leeway (the testbed's default) the same times are accepted.
+    let near = sign(&|c| {
+        c.nbf = Some(now_ms() / 1000 + 5);
+        c.iat = now_ms() / 1000 + 5;
+    });
+    call_a1(&t, &near, Some(x.id()), None)
+        .await
+        .expect("nbf and iat within the leeway");
+    wait_for_log(&["access token refused", "ISSUED_IN_FUTURE"]).await;
 }

@@ -489,7 +489,10 @@ impl Security for SecurityService {
                 context_end = context_end.min(c.expires_at_ms);
             }
         }
-        let scope = Scope(granted).to_string();
+        let granted = Scope(granted);
+        // The token is meant for exactly the AEFs its scope names; each checks it is one of them.
+        let aud = granted.aef_ids();
+        let scope = granted.to_string();
         let now_s = now / 1000;
         let exp = (now_s + self.state.token_lifetime.as_secs()).min(context_end / 1000);
         if exp <= now_s {
@@ -503,10 +506,13 @@ impl Security for SecurityService {
         }
         let claims = AccessTokenClaims {
             iss: self.state.ccf_id.to_string(),
+            // The invoker of the calling certificate, which client_id was checked against above.
             sub: id.to_string(),
+            aud,
             client_id: id.to_string(),
             scope: scope.clone(),
             exp,
+            nbf: Some(now_s),
             iat: now_s,
             jti: hex::encode(rand::random::<[u8; 12]>()),
         };

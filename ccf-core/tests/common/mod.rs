@@ -13,7 +13,7 @@ use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::pki::IssuedCredential;
 use ccf_core::server::RunningCcf;
-use ccf_core::tls::{SessionSlot, client_config, connect};
+use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use tonic::transport::Channel;
 
 pub const CCF: &str = "operator-a.test";
@@ -93,7 +93,9 @@ pub async fn channel(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> Result<(Channel, SessionSlot), ccf_core::tls::TlsError> {
-    let cfg = client_config(ca_pem, identity).expect("client config");
+    // Every client of these tests calls the one CCF under test.
+    let expected = ExpectedPeer::ccf(&CcfId::new(CCF).unwrap());
+    let cfg = client_config(ca_pem, identity, expected).expect("client config");
     connect(&addr.to_string(), "localhost", cfg, Duration::from_secs(5)).await
 }
 

@@ -12,7 +12,7 @@ use capif_proto::v1::{
 };
 use ccf_core::grpc::{budget, caller, error_status, inner_budget};
 use ccf_core::identity::Role;
-use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
@@ -63,6 +63,7 @@ impl Gateway for GatewayService {
         let deadline = self.deadline(&request);
         let q = request.into_inner();
         let (invoker, home, aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
+        KeyId::optional(&q.presented_key_id).map_err(|e| invalid("presented_key_id", e))?;
         if home == self.state.ccf_id {
             return Err(invalid(
                 "home_ccf_id",
@@ -80,13 +81,14 @@ impl Gateway for GatewayService {
             tracing::info_span!("fetch", partner = %home, api_invoker_id = %invoker, aef_id = %aef);
         let key = CacheKey {
             home: home.clone(),
-            invoker,
-            aef,
+            invoker: invoker.clone(),
+            aef: aef.clone(),
         };
         let presented = q.presented_key_id.clone();
         let outbound = q.clone();
         let trust = self.state.federation.get(&home);
         let fetch = async {
+            link.take_fetch()?;
             let info = link
                 .call(deadline, move |mut client, remaining| {
                     let mut r = Request::new(outbound.clone());
@@ -94,6 +96,15 @@ impl Gateway for GatewayService {
                     async move { client.fetch_security_information(r).await }
                 })
                 .await?;
+            // The answer must be about what was asked, before anything of it is cached.
+            if let Err(why) = answer_matches(&info, &invoker, &home, &aef) {
+                tracing::warn!(partner = %home, error = %why, "partner answer refused");
+                return Err(error_status(
+                    Code::PermissionDenied,
+                    ErrorReason::IdentityMismatch,
+                    format!("partner {home} answered about something else: {why}"),
+                ));
+            }
             // Method 2: the CA the partner names must be the one we trust for it.
             if info.sel_security_method == SecurityMethod::Pki as i32 {
                 let verdict = trust
@@ -204,6 +215,7 @@ impl Gateway for GatewayService {
             unknown_kid: String::new(),
         };
         let fetch = async {
+            link.take_fetch()?;
             let set = link
                 .call(deadline, move |mut client, remaining| {
                     let mut r = Request::new(outbound.clone());
@@ -230,5 +242,70 @@ impl Gateway for GatewayService {
             .get_or_fetch(&issuer, &req.unknown_kid, fetch)
             .await?;
         Ok(Response::new((*set).clone()))
+    }
+}
+
+/// Whether a partner's answer is about the invoker, home and AEF asked for, and is well formed
+/// (a PSK answer carries a 32-byte key and a key id of the right syntax).
+fn answer_matches(
+    info: &InvokerSecurityInformation,
+    invoker: &ApiInvokerId,
+    home: &CcfId,
+    aef: &AefId,
+) -> Result<(), String> {
+    if info.api_invoker_id != invoker.as_str() {
+        return Err(format!("api_invoker_id {:?}", info.api_invoker_id));
+    }
+    if info.home_ccf_id != home.as_str() {
+        return Err(format!("home_ccf_id {:?}", info.home_ccf_id));
+    }
+    if info.aef_id != aef.as_str() {
+        return Err(format!("aef_id {:?}", info.aef_id));
+    }
+    if info.sel_security_method == SecurityMethod::Psk as i32 {
+        KeyId::new(info.key_id.as_str()).map_err(|e| e.to_string())?;
+        if info.aef_psk.len() != 32 {
+            return Err("a PSK answer without a 32-byte AEFPSK".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> InvokerSecurityInformation {
+        InvokerSecurityInformation {
+            api_invoker_id: "inv-1".into(),
+            home_ccf_id: "operator-b.test".into(),
+            aef_id: "aef-a1".into(),
+            sel_security_method: SecurityMethod::Psk as i32,
+            aef_psk: vec![7; 32],
+            key_id: "0123456789abcdef".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn partner_answers_must_match_the_request() {
+        let (inv, home, aef) = (
+            ApiInvokerId::new("inv-1").unwrap(),
+            CcfId::new("operator-b.test").unwrap(),
+            AefId::new("aef-a1").unwrap(),
+        );
+        assert!(answer_matches(&info(), &inv, &home, &aef).is_ok());
+        let bad: [fn(&mut InvokerSecurityInformation); 5] = [
+            |i| i.api_invoker_id = "inv-2".into(),
+            |i| i.home_ccf_id = "operator-c.test".into(),
+            |i| i.aef_id = "aef-a2".into(),
+            |i| i.key_id = "XYZ".into(),
+            |i| i.aef_psk = vec![1; 5],
+        ];
+        for (n, f) in bad.iter().enumerate() {
+            let mut i = info();
+            f(&mut i);
+            assert!(answer_matches(&i, &inv, &home, &aef).is_err(), "case {n}");
+        }
     }
 }

@@ -19,7 +19,7 @@ use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::pki::{DomainCa, IssuedCredential};
 use ccf_core::server::RunningCcf;
-use ccf_core::tls::{SessionSlot, client_config, connect};
+use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use tonic::transport::Channel;
 
 /// Every AEF of the federation: (aef id, owning domain). Each CCF's registry lists them all, as
@@ -64,6 +64,11 @@ pub struct Options {
     pub use_dns: bool,
     /// Start an AEF stub for every AEF a domain owns.
     pub with_aefs: bool,
+    /// Every gateway's outbound fetch budget per partner: rate per second and burst.
+    pub fetch_rate: u32,
+    pub fetch_burst: u32,
+    /// TOML appended to every AEF's config (e.g. a `[budgets]` table).
+    pub aef_extra: String,
 }
 
 impl Default for Options {
@@ -75,6 +80,9 @@ impl Default for Options {
             negative_ttl_ms: 300,
             use_dns: true,
             with_aefs: false,
+            fetch_rate: 100,
+            fetch_burst: 1000,
+            aef_extra: String::new(),
         }
     }
 }
@@ -103,6 +111,21 @@ impl Domain {
     }
     pub fn ca_pem(&self) -> String {
         self.ca.cert_pem().to_string()
+    }
+    /// What a client of this domain's CCF expects its certificate to name.
+    pub fn ccf_peer(&self) -> ExpectedPeer {
+        ExpectedPeer::ccf(&CcfId::new(self.id.clone()).unwrap())
+    }
+    /// What a client of this domain's gateway expects its certificate to name.
+    pub fn gw_peer(&self) -> ExpectedPeer {
+        ExpectedPeer::gateway(&CcfId::new(self.id.clone()).unwrap())
+    }
+    /// What a client of this domain's AEF `aef` expects its certificate to name.
+    pub fn aef_peer(&self, aef: &str) -> ExpectedPeer {
+        ExpectedPeer::aef(
+            &CcfId::new(self.id.clone()).unwrap(),
+            &AefId::new(aef).unwrap(),
+        )
     }
     pub fn issue(&self, role: Role) -> IssuedCredential {
         self.ca
@@ -217,7 +240,11 @@ negative_ttl_ms = {neg}
 [outbound]
 default_timeout_ms = 2000
 connect_timeout_ms = 500
+fetch_rate_per_sec = {rate}
+fetch_burst = {burst}
 {partners}"#,
+        rate = o.fetch_rate,
+        burst = o.fetch_burst,
         id = d.id,
         gw6 = d.gw6_port,
         gw6e = d.gw6e_port,
@@ -307,7 +334,8 @@ impl Testbed {
                     "aef_id = \"{aef}\"\nccf_id = \"{id}\"\napis = [\"api-{aef}\", \"admin-{aef}\"]\n\
                      [tls]\nca_cert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                      [ccf]\naddress = \"{ccf}\"\n\
-                     [listen]\nsecurity = \"127.0.0.1:{port}\"\npsk = \"127.0.0.1:0\"\ntls = \"127.0.0.1:0\"\n",
+                     [listen]\nsecurity = \"127.0.0.1:{port}\"\npsk = \"127.0.0.1:0\"\ntls = \"127.0.0.1:0\"\n{extra}",
+                    extra = o.aef_extra,
                     id = d.id,
                     ca = d.dir.join("ca.pem").display(),
                     cert = cert.display(),
@@ -335,8 +363,14 @@ impl Testbed {
     }
 }
 
-pub async fn channel(addr: SocketAddr, ca_pem: &str, identity: Option<(&str, &str)>) -> Channel {
-    let cfg = client_config(ca_pem, identity).unwrap();
+/// A client channel to `addr`, accepting only a server whose certificate names `expected`.
+pub async fn channel(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    expected: ExpectedPeer,
+) -> Channel {
+    let cfg = client_config(ca_pem, identity, expected).unwrap();
     connect(&addr.to_string(), "localhost", cfg, Duration::from_secs(5))
         .await
         .unwrap()
@@ -355,7 +389,7 @@ pub struct Invoker {
 
 pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
     let key = rcgen::KeyPair::generate().unwrap();
-    let ch = channel(d.ccf().onboarding_addr, &d.ca_pem(), None).await;
+    let ch = channel(d.ccf().onboarding_addr, &d.ca_pem(), None, d.ccf_peer()).await;
     let rsp = InvokerManagementClient::new(ch)
         .onboard(pb::OnboardRequest {
             onboarding_information: Some(pb::OnboardingInformation {
@@ -368,7 +402,12 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
         .expect("onboarding")
         .into_inner();
     let key_pem = key.serialize_pem();
-    let cfg = client_config(&d.ca_pem(), Some((&rsp.api_invoker_certificate, &key_pem))).unwrap();
+    let cfg = client_config(
+        &d.ca_pem(),
+        Some((&rsp.api_invoker_certificate, &key_pem)),
+        d.ccf_peer(),
+    )
+    .unwrap();
     let (ch, slot) = connect(
         &d.ccf().capif_addr.to_string(),
         "localhost",
@@ -390,7 +429,12 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
 impl Invoker {
     /// The same invoker on a new CAPIF-1e TLS session (re-authentication: a new AEFPSK).
     pub async fn new_session(&self, d: &Domain) -> Invoker {
-        let cfg = client_config(&d.ca_pem(), Some((&self.cert_pem, &self.key_pem))).unwrap();
+        let cfg = client_config(
+            &d.ca_pem(),
+            Some((&self.cert_pem, &self.key_pem)),
+            d.ccf_peer(),
+        )
+        .unwrap();
         let (ch, slot) = connect(
             &d.ccf().capif_addr.to_string(),
             "localhost",
@@ -443,6 +487,7 @@ pub async fn aef(d: &Domain, aef: &str) -> SecurityClient<Channel> {
             d.ccf().capif_addr,
             &d.ca_pem(),
             Some((&cred.cert_pem, &cred.key_pem)),
+            d.ccf_peer(),
         )
         .await,
     )
