@@ -820,21 +820,37 @@ mod tests {
         // Several AEFs, this one among them: accepted.
         c.aud = vec!["aef-b".into(), "aef-a".into()];
         verify(&keys.sign(&c).unwrap(), &jwk, &expect("b.test", 30)).unwrap();
-        // RFC 7519 allows a single string; an absent `aud` deserializes empty (and is refused
-        // by the required-claim check before that matters).
+        // RFC 7519 allows a single string; signed as such by the real key, it is checked too.
         let mut v = serde_json::to_value(&c).unwrap();
         v["aud"] = serde_json::json!("aef-a");
-        let one: AccessTokenClaims = serde_json::from_value(v.clone()).unwrap();
-        assert_eq!(one.aud, vec!["aef-a".to_string()]);
+        verify(&sign_json(&keys, &v), &jwk, &expect("b.test", 30)).unwrap();
+        v["aud"] = serde_json::json!("aef-b");
+        let e = verify(&sign_json(&keys, &v), &jwk, &expect("b.test", 30)).unwrap_err();
+        assert!(matches!(e, TokenError::WrongAudience { .. }), "{e:?}");
+        // No `aud` at all is refused, not taken as "meant for everyone".
         v.as_object_mut().unwrap().remove("aud");
-        let none: AccessTokenClaims = serde_json::from_value(v).unwrap();
-        assert!(none.aud.is_empty());
+        let e = verify(&sign_json(&keys, &v), &jwk, &expect("b.test", 30)).unwrap_err();
+        assert!(
+            matches!(&e, TokenError::MissingClaim(c) if c == "aud"),
+            "{e:?}"
+        );
+        assert_eq!(e.check(), "MISSING_CLAIM");
+    }
+
+    /// Any JSON claims, signed by the current key exactly as [`TokenKeys::sign`] signs.
+    fn sign_json(keys: &TokenKeys, claims: &serde_json::Value) -> String {
+        let held = keys.keys.read().unwrap();
+        let key = held.last().unwrap();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(key.stored.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
     }
 
     #[test]
     fn future_nbf_beyond_the_leeway_is_refused() {
         let (_d, keys, jwk) = issuer();
         let mut c = claims("b.test", now_s() + 600);
+        c.iat = now_s();
         c.nbf = Some(now_s() + 120);
         let e = refusal(&keys, &jwk, &c);
         assert!(

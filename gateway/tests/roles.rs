@@ -248,6 +248,7 @@ async fn the_ccf_refuses_impostors_of_its_gateway_and_of_an_aef() {
                 cause: pb::Cause::AuthorizationIssue as i32,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await;
     assert_refused(

@@ -15,8 +15,8 @@ use capif_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    aef_id, ccf_id, invalid, invoker_id, own_domain, role_not_allowed, security_information,
-    valid_context,
+    aef_id, ccf_id, invalid, invoker_id, optional_key_id, own_domain, role_not_allowed,
+    security_information, valid_context,
 };
 use crate::grpc::{caller, error_status};
 use crate::identity::Role;
@@ -68,6 +68,7 @@ impl Federation for FederationService {
         let q = req.query.ok_or_else(|| invalid("query", "is required"))?;
         let invoker = invoker_id("query.api_invoker_id", &q.api_invoker_id)?;
         let aef = aef_id("query.aef_id", &q.aef_id)?;
+        optional_key_id("query.presented_key_id", &q.presented_key_id)?;
         if !q.home_ccf_id.is_empty() && q.home_ccf_id != self.state.ccf_id.as_str() {
             return Err(invalid(
                 "query.home_ccf_id",

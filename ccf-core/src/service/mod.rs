@@ -47,6 +47,13 @@ pub(crate) fn aef_id(field: &str, s: &str) -> Result<AefId, Status> {
     parse_id(field, s, |v| AefId::new(v))
 }
 
+/// A key id a request may leave empty (`presented_key_id`): checked when present.
+pub(crate) fn optional_key_id(field: &str, s: &str) -> Result<(), Status> {
+    crate::ids::KeyId::optional(s)
+        .map(|_| ())
+        .map_err(|e| invalid(field, e))
+}
+
 pub(crate) fn ccf_id(field: &str, s: &str) -> Result<CcfId, Status> {
     parse_id(field, s, |v| CcfId::new(v))
 }

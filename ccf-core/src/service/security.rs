@@ -15,7 +15,8 @@ use capif_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    aef_id, calling_invoker, ccf_id, invalid, invoker_id, own_domain, role_not_allowed,
+    aef_id, calling_invoker, ccf_id, invalid, invoker_id, optional_key_id, own_domain,
+    role_not_allowed,
     security_information, store_status, valid_context,
 };
 use crate::grpc::{caller, conn_info, error_status};
@@ -321,6 +322,7 @@ impl Security for SecurityService {
         };
         let req = request.into_inner();
         let invoker = invoker_id("api_invoker_id", &req.api_invoker_id)?;
+        optional_key_id("presented_key_id", &req.presented_key_id)?;
         if !req.aef_id.is_empty() && req.aef_id != own_aef.as_str() {
             return Err(error_status(
                 Code::PermissionDenied,

@@ -13,7 +13,7 @@ use capif_proto::v1::{
     interconnect_server::Interconnect,
 };
 use ccf_core::grpc::{budget, conn_info, error_reason, error_status, inner_budget};
-use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::ids::{ApiInvokerId, CcfId, KeyId};
 use tonic::{Code, Request, Response, Status};
 
 use super::{ids, invalid};
@@ -69,6 +69,7 @@ impl Interconnect for InterconnectService {
             ));
         let q = request.into_inner();
         let (invoker, home, _aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
+        KeyId::optional(&q.presented_key_id).map_err(|e| invalid("presented_key_id", e))?;
         if home != self.state.ccf_id {
             return Err(invalid(
                 "home_ccf_id",
