@@ -53,9 +53,11 @@ pub struct HeldKey {
     pub key_id: String,
     /// When the AEF stops accepting it.
     pub expires_at: Instant,
-    /// When it was fetched or last refreshed (a presented key id refreshes it at most once per
-    /// interval).
+    /// When it was fetched.
     pub fetched_at: Instant,
+    /// When a presented key id last forced a refresh (`None`: fetched on a plain miss; its
+    /// first refresh may happen at once, later ones wait for the interval).
+    pub last_refresh: Option<Instant>,
     /// APIs the invoker may call.
     pub allowed_apis: Vec<String>,
 }
@@ -230,9 +232,9 @@ impl KeyStore {
     /// for `who` (true: go ahead; nothing held: always).
     pub fn claim_refresh(&self, who: &InvokerRef, interval: Duration) -> bool {
         match self.keys.write().get_mut(who) {
-            Some(k) if k.fetched_at.elapsed() < interval => false,
+            Some(k) if k.last_refresh.is_some_and(|t| t.elapsed() < interval) => false,
             Some(k) => {
-                k.fetched_at = Instant::now();
+                k.last_refresh = Some(Instant::now());
                 true
             }
             None => true,
@@ -375,6 +377,7 @@ mod tests {
             psk,
             expires_at: Instant::now() + Duration::from_secs(60),
             fetched_at: Instant::now(),
+            last_refresh: None,
             allowed_apis: vec![],
         }
     }
@@ -382,7 +385,10 @@ mod tests {
     #[test]
     fn same_id_in_two_domains_are_two_invokers() {
         let s = KeyStore::default();
-        let (b, c) = (who("operator-b.test", "inv-1"), who("operator-c.test", "inv-1"));
+        let (b, c) = (
+            who("operator-b.test", "inv-1"),
+            who("operator-c.test", "inv-1"),
+        );
         let (kb, kc) = (key(1), key(2));
         s.put(b.clone(), kb.clone());
         s.put(c.clone(), kc.clone());
@@ -394,7 +400,10 @@ mod tests {
             Refusal::StaleKeyId
         );
         s.revoke(&b);
-        assert_eq!(s.for_handshake(&b, &kb.key_id).unwrap_err(), Refusal::Revoked);
+        assert_eq!(
+            s.for_handshake(&b, &kb.key_id).unwrap_err(),
+            Refusal::Revoked
+        );
         assert!(s.for_handshake(&c, &kc.key_id).is_ok(), "C untouched");
         assert!(!s.is_revoked(&c));
     }

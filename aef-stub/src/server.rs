@@ -24,9 +24,9 @@ use crate::certauth::InvokerCertVerifier;
 use crate::config::AefConfig;
 use crate::keys::{KeyStore, MarkPolicy};
 use crate::psk::{PskPeer, psk_incoming, server_context};
+use crate::service::{AefSecurityService, AefState, DemoApiService};
 use ccf_core::limits::{ConnGate, serve_builder};
 use std::num::NonZeroU32;
-use crate::service::{AefSecurityService, AefState, DemoApiService};
 
 /// A running AEF.
 pub struct RunningAef {

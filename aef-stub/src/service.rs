@@ -176,6 +176,7 @@ impl AefSecurityService {
             key_id: info.key_id.clone(),
             psk,
             fetched_at: sent_at,
+            last_refresh: None,
             // The AEF's own timer starts from the remaining validity it was given.
             expires_at: sent_at + Duration::from_millis(info.remaining_validity_ms),
             allowed_apis: info.allowed_api_names.clone(),
@@ -295,6 +296,11 @@ impl AefSecurity for AefSecurityService {
             (Some(k), false) => k,
             (held, _) => {
                 let k = match self.fetch(&invoker, &home, &req.key_id).await {
+                    // A refreshed key keeps the refresh mark: the next one waits the interval.
+                    Ok(mut k) if held.is_some() => {
+                        k.last_refresh = Some(k.fetched_at);
+                        k
+                    }
                     Ok(k) => k,
                     Err(s) => match held {
                         Some(k) if !definite(&s) => k,
@@ -559,25 +565,27 @@ impl DemoApiService {
         // not X's to lend. The texts below are not invoker ids, so they can match no `sub`.
         let cert_invoker = peer.map(|p| match &p.identity {
             Ok(id) => match &id.role {
-                Role::Invoker(invoker) => invoker.to_string(),
-                _ => format!("{id} (not an API invoker)"),
+                Role::Invoker(invoker) => (invoker.to_string(), Some(id.ccf_id.as_str())),
+                _ => (format!("{id} (not an API invoker)"), None),
             },
-            Err(_) => "(no CAPIF identity)".to_string(),
+            Err(_) => ("(no CAPIF identity)".to_string(), None),
         });
         let header = request
             .metadata()
             .get(INVOKER_ID_HEADER)
             .map(|v| v.to_str().unwrap_or("(not text)"));
         let mut callers = Vec::new();
-        if let Some(invoker) = &cert_invoker {
+        if let Some((invoker, home)) = &cert_invoker {
             callers.push(KnownCaller {
                 invoker,
+                home: *home,
                 source: "the client certificate",
             });
         }
         if let Some(invoker) = header {
             callers.push(KnownCaller {
                 invoker,
+                home: None,
                 source: "the capif-api-invoker-id header",
             });
         }

@@ -90,7 +90,10 @@ async fn start_aef(limits: &str) -> Aef {
 
 fn hold_key(aef: &Aef, invoker: &str, byte: u8) -> PskIdentity {
     let psk = AefPsk::from_slice(&[byte; 32]).unwrap();
-    let who = InvokerRef::new(CcfId::new(HOME).unwrap(), ApiInvokerId::new(invoker).unwrap());
+    let who = InvokerRef::new(
+        CcfId::new(HOME).unwrap(),
+        ApiInvokerId::new(invoker).unwrap(),
+    );
     let identity = PskIdentity {
         home_ccf_id: who.home.clone(),
         api_invoker_id: who.invoker.clone(),
@@ -103,6 +106,7 @@ fn hold_key(aef: &Aef, invoker: &str, byte: u8) -> PskIdentity {
             psk,
             expires_at: Instant::now() + Duration::from_secs(600),
             fetched_at: Instant::now(),
+            last_refresh: None,
             allowed_apis: vec![API.into()],
         },
     );
@@ -111,7 +115,9 @@ fn hold_key(aef: &Aef, invoker: &str, byte: u8) -> PskIdentity {
 
 async fn call_once(addr: &str, id: &PskIdentity, byte: u8) {
     let psk = AefPsk::from_slice(&[byte; 32]).unwrap();
-    let ch = demo_channel(addr, id, &psk, TlsProfile::Tls13).await.unwrap();
+    let ch = demo_channel(addr, id, &psk, TlsProfile::Tls13)
+        .await
+        .unwrap();
     let rsp = DemoApiClient::new(ch)
         .invoke(InvokeRequest {
             api_name: API.into(),
@@ -154,8 +160,15 @@ async fn completed_psk_connections_leave_no_fd_behind() {
     let after = open_fds();
     println!("fds before {before}, after 1000 PSK connections {after}");
     // A revocation now finds nothing open to close.
-    let who = InvokerRef::new(CcfId::new(HOME).unwrap(), ApiInvokerId::new("inv-1").unwrap());
-    assert_eq!(keys.revoke(&who), 0, "revocation counts only open connections");
+    let who = InvokerRef::new(
+        CcfId::new(HOME).unwrap(),
+        ApiInvokerId::new("inv-1").unwrap(),
+    );
+    assert_eq!(
+        keys.revoke(&who),
+        0,
+        "revocation counts only open connections"
+    );
 }
 
 /// Acceptance 1 (second half): 2000 pending PSK handshakes cost at most one fd each at the AEF
@@ -164,7 +177,11 @@ async fn completed_psk_connections_leave_no_fd_behind() {
 async fn pending_handshakes_hold_one_fd_and_time_out() {
     let _serial = SERIAL.lock().await;
     let limit = raise_fd_limit();
-    let n: usize = if limit >= 5000 { 2000 } else { (limit as usize / 3).max(100) };
+    let n: usize = if limit >= 5000 {
+        2000
+    } else {
+        (limit as usize / 3).max(100)
+    };
     let aef = start_aef(
         "[limits]\nhandshake_timeout_secs = 2\nmax_connections = 4096\nmax_connections_per_source = 4096\n",
     )
@@ -191,10 +208,7 @@ async fn pending_handshakes_hold_one_fd_and_time_out() {
     for mut c in clients.drain(..) {
         let mut b = [0u8; 1];
         let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await;
-        assert!(
-            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-            "connection still open"
-        );
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "connection still open");
     }
     println!("all closed {:?} after the first check", start.elapsed());
     wait_for("server fds released", Duration::from_secs(5), || {
@@ -204,10 +218,8 @@ async fn pending_handshakes_hold_one_fd_and_time_out() {
 }
 
 fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
-    let roots = ccf_core::tls::roots(
-        &ccf_core::tls::certs_from_pem("CA", ca_pem).unwrap(),
-    )
-    .unwrap();
+    let roots =
+        ccf_core::tls::roots(&ccf_core::tls::certs_from_pem("CA", ca_pem).unwrap()).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(ccf_core::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -230,7 +242,11 @@ async fn tcp_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
 async fn idle_tls_connections_are_closed() {
     let _serial = SERIAL.lock().await;
     let limit = raise_fd_limit();
-    let n: usize = if limit >= 5000 { 2000 } else { (limit as usize / 3).max(100) };
+    let n: usize = if limit >= 5000 {
+        2000
+    } else {
+        (limit as usize / 3).max(100)
+    };
     let aef = start_aef(
         "[limits]\nidle_timeout_secs = 2\nmax_connections = 4096\nmax_connections_per_source = 4096\n",
     )
@@ -279,11 +295,13 @@ async fn idle_tls_connections_are_closed() {
 async fn a_flood_from_one_source_does_not_starve_another() {
     let _serial = SERIAL.lock().await;
     let limit = raise_fd_limit();
-    let n: usize = if limit >= 5000 { 3000 } else { (limit as usize / 3).max(300) };
-    let aef = start_aef(
-        "[limits]\nmax_connections = 1000\nmax_connections_per_source = 100\n",
-    )
-    .await;
+    let n: usize = if limit >= 5000 {
+        3000
+    } else {
+        (limit as usize / 3).max(300)
+    };
+    let aef =
+        start_aef("[limits]\nmax_connections = 1000\nmax_connections_per_source = 100\n").await;
     let id = hold_key(&aef, "inv-9", 9);
     let addr = aef.running.security_addr;
     let mut flood = Vec::with_capacity(n);

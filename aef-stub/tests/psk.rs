@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use aef_stub::identity::PskIdentity;
 use aef_stub::keys::{HeldKey, InvokerRef, KeyStore};
-use ccf_core::limits::ConnGate;
 use aef_stub::psk::{TlsProfile, connect, psk_incoming, server_context};
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
+use ccf_core::limits::ConnGate;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
@@ -34,6 +34,7 @@ async fn server(profile: TlsProfile, key: &AefPsk) -> String {
             key_id: key.key_id(),
             expires_at: Instant::now() + Duration::from_secs(60),
             fetched_at: Instant::now(),
+            last_refresh: None,
             allowed_apis: vec![],
         },
     );

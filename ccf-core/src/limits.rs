@@ -319,8 +319,7 @@ impl IdleTimer {
 pub fn serve_builder(
     limits: &ListenerLimits,
     activity: fn(&http::Extensions) -> Option<Activity>,
-) -> tonic::transport::Server<tower::layer::util::Stack<EdgeLayer, tower::layer::util::Identity>>
-{
+) -> tonic::transport::Server<tower::layer::util::Stack<EdgeLayer, tower::layer::util::Identity>> {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -405,8 +404,7 @@ fn is_message_too_large<R>(r: &http::Response<R>) -> bool {
     let h = r.headers();
     h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"11")
         && h.get("grpc-status-details-bin").is_none()
-        && h
-            .get("grpc-message")
+        && h.get("grpc-message")
             .is_some_and(|m| m.as_bytes().windows(7).any(|w| w == b"decoded"))
 }
 

@@ -402,7 +402,8 @@ mod tests {
             matches!(
                 e,
                 rustls::Error::InvalidCertificate(
-                    CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. }
+                    CertificateError::InvalidPurpose
+                        | CertificateError::InvalidPurposeContext { .. }
                 )
             )
         };
@@ -413,7 +414,11 @@ mod tests {
         let name = ServerName::try_from("localhost").unwrap();
         let serve = |role: Role| {
             let cred = ca
-                .issue_with_new_key(&PeerIdentity::new(ccf.clone(), role), &["localhost".into()], 1)
+                .issue_with_new_key(
+                    &PeerIdentity::new(ccf.clone(), role),
+                    &["localhost".into()],
+                    1,
+                )
                 .unwrap();
             servers.verify_server_cert(&der(&cred.cert_pem), &[], &name, &[], UnixTime::now())
         };

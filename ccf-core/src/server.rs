@@ -20,9 +20,9 @@ use tonic::service::Routes;
 
 use crate::config::CcfConfig;
 use crate::grpc::{spawn_server, with_standard_services};
-use crate::limits::ConnGate;
 use crate::identity::{PeerIdentity, Role};
 use crate::ids::CcfId;
+use crate::limits::ConnGate;
 use crate::pki::DomainCa;
 use crate::registry::AefRegistry;
 use crate::service::{

@@ -305,8 +305,13 @@ impl ServerCertVerifier for PeerServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Unlike a partner link (gateway::trust), an internal address is configured, not
         // discovered, so a DNS name mismatch still means a misconfiguration and stays fatal.
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         // `Other` keeps the typed error as the source; the alert is handshake_failure.
         self.check_identity(end_entity)
             .map(|_| ServerCertVerified::assertion())
@@ -345,10 +350,8 @@ pub fn client_config(
     identity: Option<(&str, &str)>,
     expected: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let verifier = PeerServerVerifier::new(
-        roots(&certs_from_pem("CA certificate", ca_pem)?)?,
-        expected,
-    )?;
+    let verifier =
+        PeerServerVerifier::new(roots(&certs_from_pem("CA certificate", ca_pem)?)?, expected)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -695,10 +698,16 @@ mod client_tests {
             assert_eq!(uri.parse::<ExpectedPeer>().unwrap().to_string(), uri);
         }
         assert_eq!(
-            "capif://operator-a.test/aef/*".parse::<ExpectedPeer>().unwrap(),
+            "capif://operator-a.test/aef/*"
+                .parse::<ExpectedPeer>()
+                .unwrap(),
             ExpectedPeer::AnyAefOf(CcfId::new(A).unwrap())
         );
-        for bad in ["capif://*/gateway", "capif://Bad/aef/*", "capif://a.test/king"] {
+        for bad in [
+            "capif://*/gateway",
+            "capif://Bad/aef/*",
+            "capif://a.test/king",
+        ] {
             assert!(bad.parse::<ExpectedPeer>().is_err(), "{bad}");
         }
     }
@@ -740,20 +749,32 @@ mod client_tests {
         let v = verifier(&ca, "capif://operator-a.test/ccf");
         assert_eq!(verify(&v, &ccf, "localhost"), Ok(()));
         for (uri, names) in [
-            ("capif://operator-a.test/aef/aef-1", "capif://operator-a.test/aef/aef-1"),
-            ("capif://operator-a.test/gateway", "capif://operator-a.test/gateway"),
+            (
+                "capif://operator-a.test/aef/aef-1",
+                "capif://operator-a.test/aef/aef-1",
+            ),
+            (
+                "capif://operator-a.test/gateway",
+                "capif://operator-a.test/gateway",
+            ),
             ("capif://operator-b.test/ccf", "capif://operator-b.test/ccf"),
         ] {
             let e = verify(&v, &cert(&ca, uri), "localhost").unwrap_err();
             assert!(
-                e.contains(&format!("names {names}, expected capif://operator-a.test/ccf")),
+                e.contains(&format!(
+                    "names {names}, expected capif://operator-a.test/ccf"
+                )),
                 "{uri}: {e}"
             );
         }
 
         let any_aef = verifier(&ca, "capif://operator-a.test/aef/*");
         assert_eq!(
-            verify(&any_aef, &cert(&ca, "capif://operator-a.test/aef/aef-2"), "localhost"),
+            verify(
+                &any_aef,
+                &cert(&ca, "capif://operator-a.test/aef/aef-2"),
+                "localhost"
+            ),
             Ok(())
         );
         let e = verify(&any_aef, &ccf, "localhost").unwrap_err();
@@ -770,8 +791,12 @@ mod client_tests {
         let e = verify(&v, &ccf, "ccf.elsewhere.test").unwrap_err();
         assert!(e.contains("not valid for name"), "{e}");
         let other_ca = DomainCa::generate(&CcfId::new(B).unwrap()).unwrap();
-        let e = verify(&v, &cert(&other_ca, "capif://operator-a.test/ccf"), "localhost")
-            .unwrap_err();
+        let e = verify(
+            &v,
+            &cert(&other_ca, "capif://operator-a.test/ccf"),
+            "localhost",
+        )
+        .unwrap_err();
         assert!(e.contains("UnknownIssuer"), "{e}");
     }
 
@@ -815,7 +840,10 @@ mod client_tests {
             ),
             "{e}"
         );
-        assert!(s.is_err(), "the server completed a handshake the client refused");
+        assert!(
+            s.is_err(),
+            "the server completed a handshake the client refused"
+        );
 
         let (c, s) = handshake(ExpectedPeer::aef(&a, &AefId::new("aef-1").unwrap())).await;
         assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");

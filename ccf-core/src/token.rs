@@ -562,25 +562,31 @@ pub struct Expected<'a> {
 pub struct KnownCaller<'a> {
     /// The API invoker id.
     pub invoker: &'a str,
+    /// Its home CCF, when the source names one (a certificate does, a bare id does not). An
+    /// invoker id is unique only within its home, and a token's home is its issuer, so then
+    /// `iss` must be this too.
+    pub home: Option<&'a str>,
     /// Where it was learned, for the refusal's sentence ("the client certificate").
     pub source: &'static str,
 }
 
-/// `sub` must equal `other`; `source` says where `other` comes from.
-fn same_subject(
-    claims: &AccessTokenClaims,
-    other: &str,
-    source: &'static str,
-) -> Result<(), TokenError> {
-    if claims.sub == other {
-        Ok(())
-    } else {
-        Err(TokenError::SubjectMismatch {
-            subject: claims.sub.clone(),
-            source_name: source,
-            other: other.to_string(),
-        })
+/// `sub` (and, when `other` names a home, `iss`) must be `other`.
+fn same_subject(claims: &AccessTokenClaims, other: &KnownCaller<'_>) -> Result<(), TokenError> {
+    if claims.sub == other.invoker && other.home.is_none_or(|h| h == claims.iss) {
+        return Ok(());
     }
+    let (subject, other_id) = match other.home {
+        Some(h) => (
+            format!("{} of {}", claims.sub, claims.iss),
+            format!("{} of {h}", other.invoker),
+        ),
+        None => (claims.sub.clone(), other.invoker.to_string()),
+    };
+    Err(TokenError::SubjectMismatch {
+        subject,
+        source_name: other.source,
+        other: other_id,
+    })
 }
 
 /// The verification key of a published JWK, with its algorithm.
@@ -651,9 +657,14 @@ pub fn verify(
     }
     // TS 33.122 names the client `client_id`, RFC 7519 names it `sub`: a token where the two
     // differ cannot say whom it was issued to.
-    same_subject(&claims, &claims.client_id, "its client_id claim")?;
+    let client = KnownCaller {
+        invoker: &claims.client_id,
+        home: None,
+        source: "its client_id claim",
+    };
+    same_subject(&claims, &client)?;
     for c in expected.callers {
-        same_subject(&claims, c.invoker, c.source)?;
+        same_subject(&claims, c)?;
     }
     Ok(claims)
 }
@@ -901,46 +912,49 @@ mod tests {
         assert_eq!(e.check(), "SUBJECT_MISMATCH");
         // Issued to inv-1, used by a caller the AEF knows as inv-2.
         let c = claims("b.test", now_s() + 60);
-        let callers = [KnownCaller {
-            invoker: "inv-2",
+        let cert = |invoker, home| KnownCaller {
+            invoker,
+            home: Some(home),
             source: "the client certificate",
-        }];
-        let x = Expected {
-            callers: &callers,
-            ..expect("b.test", 30)
         };
-        let e = refusal_with(&keys, &jwk, &c, &x);
+        let header = |invoker| KnownCaller {
+            invoker,
+            home: None,
+            source: "the invoker id header",
+        };
+        let with = |callers: &[KnownCaller<'static>]| {
+            let x = Expected {
+                callers,
+                ..expect("b.test", 30)
+            };
+            verify(&keys.sign(&c).unwrap(), &jwk, &x)
+        };
+        let e = refusal_with(
+            &keys,
+            &jwk,
+            &c,
+            &Expected {
+                callers: &[header("inv-2")],
+                ..expect("b.test", 30)
+            },
+        );
         assert!(
-            matches!(&e, TokenError::SubjectMismatch { other, source_name: "the client certificate", .. } if other == "inv-2"),
+            matches!(&e, TokenError::SubjectMismatch { other, source_name: "the invoker id header", .. } if other == "inv-2"),
             "{e:?}"
         );
         // Every known identity must match, not just one of them.
-        let callers = [
-            KnownCaller {
-                invoker: "inv-1",
-                source: "the client certificate",
-            },
-            KnownCaller {
-                invoker: "inv-2",
-                source: "the invoker id header",
-            },
-        ];
-        let x = Expected {
-            callers: &callers,
-            ..expect("b.test", 30)
-        };
-        let e = refusal_with(&keys, &jwk, &c, &x);
+        let e = with(&[cert("inv-1", "b.test"), header("inv-2")]).unwrap_err();
         assert!(matches!(e, TokenError::SubjectMismatch { .. }), "{e:?}");
-        // The right caller is accepted.
-        let callers = [KnownCaller {
-            invoker: "inv-1",
-            source: "the client certificate",
-        }];
-        let x = Expected {
-            callers: &callers,
-            ..expect("b.test", 30)
-        };
-        verify(&keys.sign(&c).unwrap(), &jwk, &x).unwrap();
+        // The same invoker id at another home is another invoker.
+        let e = with(&[cert("inv-1", "c.test")]).unwrap_err();
+        assert!(
+            matches!(&e, TokenError::SubjectMismatch { subject, other, source_name: "the client certificate" } if subject == "inv-1 of b.test" && other == "inv-1 of c.test"),
+            "{e:?}"
+        );
+        // The right caller is accepted, by certificate, by header, or both.
+        with(&[cert("inv-1", "b.test")]).unwrap();
+        with(&[header("inv-1")]).unwrap();
+        with(&[cert("inv-1", "b.test"), header("inv-1")]).unwrap();
     }
 
     #[test]

@@ -92,6 +92,23 @@ async fn world_readable_store_stops_the_start_with_the_fix() {
     ccf.shutdown().await;
 }
 
+#[test]
+fn ca_generation_creates_the_state_dir_owner_only() {
+    // `ccf pki issue` generates the CA before the CCF ever starts: the directory it creates is
+    // owner-only from the start, not only after the CCF's start-up check tightened it.
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    ccf_core::pki::DomainCa::load_or_generate(
+        &ccf_core::ids::CcfId::new(CCF).unwrap(),
+        &state,
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("ca.key")), 0o600);
+}
+
 #[tokio::test]
 async fn state_dir_readable_by_others_is_tightened_when_it_is_the_ccfs() {
     let tmp = tempfile::tempdir().unwrap();

@@ -7,9 +7,11 @@
 //! negative entries; transport failures are never cached. A caller presenting a key id other
 //! than the cached one (the invoker re-authenticated at its home CCF) refreshes the entry, so a
 //! stale entry cannot lock the invoker out; so does a caller announcing another security method
-//! than the cached answer's (the invoker negotiated anew at home). Such a refresh happens at most
-//! once per `refresh_interval_ms` per entry and never bypasses a refusal entry, so what a caller
-//! presents cannot multiply partner fetches.
+//! than the cached answer's (the invoker negotiated anew at home). The first such refresh of an entry
+//! happens at once; later ones at most once per `refresh_interval_ms`. A refusal entry is
+//! bypassed the same way only when it is about the key or the context (`KEY_EXPIRED`,
+//! `NO_SECURITY_CONTEXT`: the invoker may have negotiated since), never when it is about the
+//! invoker, so what a caller presents cannot multiply partner fetches.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,8 +44,10 @@ pub struct CachedKey {
     info: InvokerSecurityInformation,
     psk: Option<AefPsk>,
     key_expires_at: Instant,
-    // When a presented key id or method last forced (or may next force) a refresh.
-    last_refresh: parking_lot::Mutex<Instant>,
+    // When a presented key id or method last forced a refresh of this key; `None` for an entry
+    // that came from a plain miss, whose first refresh may happen at once (the invoker just
+    // re-authenticated at home), while later ones wait for the interval.
+    last_refresh: parking_lot::Mutex<Option<Instant>>,
     ttl: Duration,
 }
 
@@ -74,8 +78,8 @@ impl CachedKey {
     /// Claims the one refresh allowed per `interval`: true for the first caller after it.
     fn claim_refresh(&self, interval: Duration) -> bool {
         let mut last = self.last_refresh.lock();
-        if last.elapsed() >= interval {
-            *last = Instant::now();
+        if last.is_none_or(|t| t.elapsed() >= interval) {
+            *last = Some(Instant::now());
             true
         } else {
             false
@@ -88,11 +92,40 @@ pub struct Refusal {
     code: Code,
     reason: String,
     message: String,
+    // As for keys: `None` unless the refusal came from a fetch a presented key id forced.
+    last_refresh: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl Refusal {
+    fn new(s: &Status, refreshed: bool) -> Self {
+        Self {
+            code: s.code(),
+            reason: error_reason(s).unwrap_or_default(),
+            message: s.message().to_string(),
+            last_refresh: parking_lot::Mutex::new(refreshed.then(Instant::now)),
+        }
+    }
+
     fn status(&self) -> Status {
         status_with_reason(self.code, &self.reason, self.message.clone())
+    }
+
+    /// Whether a presented key id may ask again: only refusals about the key or the context
+    /// (the invoker may have negotiated anew at home since), never about the invoker itself
+    /// (an unknown invoker stays unknown whatever key id a stranger presents).
+    fn renewable(&self) -> bool {
+        self.reason == ErrorReason::KeyExpired.as_str_name()
+            || self.reason == ErrorReason::NoSecurityContext.as_str_name()
+    }
+
+    fn claim_refresh(&self, interval: Duration) -> bool {
+        let mut last = self.last_refresh.lock();
+        if last.is_none_or(|t| t.elapsed() >= interval) {
+            *last = Some(Instant::now());
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -215,7 +248,12 @@ impl KeyCache {
         }
     }
 
-    fn key_entry(&self, mut info: InvokerSecurityInformation, sent_at: Instant) -> Entry {
+    fn key_entry(
+        &self,
+        mut info: InvokerSecurityInformation,
+        sent_at: Instant,
+        refreshed: bool,
+    ) -> Entry {
         let psk = AefPsk::from_slice(&info.aef_psk);
         // The bytes now live in `psk` only.
         zeroize::Zeroize::zeroize(&mut info.aef_psk);
@@ -225,7 +263,7 @@ impl KeyCache {
             info,
             psk,
             key_expires_at: sent_at + remaining,
-            last_refresh: parking_lot::Mutex::new(sent_at),
+            last_refresh: parking_lot::Mutex::new(refreshed.then_some(sent_at)),
             ttl,
         }))
     }
@@ -241,6 +279,9 @@ impl KeyCache {
     where
         F: Future<Output = Result<InvokerSecurityInformation, Status>>,
     {
+        // Whether this fetch was forced by what the caller presented (it then counts as a
+        // refresh of the entry it replaces).
+        let mut refreshed = false;
         if let Some(e) = self.cache.get(&key).await {
             match &e {
                 Entry::Key(k) => {
@@ -263,8 +304,14 @@ impl KeyCache {
                 }
                 // A refusal stands for its short lifetime whatever the caller presents.
                 Entry::Refusal(r, _) => {
-                    self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
-                    return Err(r.status());
+                    let renew = !presented_key_id.is_empty()
+                        && r.renewable()
+                        && r.claim_refresh(self.refresh_interval);
+                    if !renew {
+                        self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+                        return Err(r.status());
+                    }
+                    refreshed = true;
                 }
             }
             self.cache.invalidate(&key).await;
@@ -276,13 +323,9 @@ impl KeyCache {
                 ran.store(true, Ordering::Relaxed);
                 let sent_at = Instant::now();
                 match fetch.await {
-                    Ok(info) => Ok(self.key_entry(info, sent_at)),
+                    Ok(info) => Ok(self.key_entry(info, sent_at, refreshed)),
                     Err(s) if definite(&s) => Ok(Entry::Refusal(
-                        Arc::new(Refusal {
-                            code: s.code(),
-                            reason: error_reason(&s).unwrap_or_default(),
-                            message: s.message().to_string(),
-                        }),
+                        Arc::new(Refusal::new(&s, refreshed)),
                         self.negative_ttl,
                     )),
                     Err(s) => Err(s),
@@ -323,7 +366,7 @@ impl KeyCache {
         let sent_at = Instant::now();
         match fetch.await {
             Ok(info) => {
-                let entry = self.key_entry(info, sent_at);
+                let entry = self.key_entry(info, sent_at, true);
                 let answer = match &entry {
                     Entry::Key(k) => k.answer(),
                     Entry::Refusal(..) => None,
@@ -338,11 +381,7 @@ impl KeyCache {
                 })
             }
             Err(s) if definite(&s) => {
-                let refusal = Refusal {
-                    code: s.code(),
-                    reason: error_reason(&s).unwrap_or_default(),
-                    message: s.message().to_string(),
-                };
+                let refusal = Refusal::new(&s, true);
                 self.cache
                     .insert(key, Entry::Refusal(Arc::new(refusal), self.negative_ttl))
                     .await;

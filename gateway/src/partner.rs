@@ -104,7 +104,8 @@ pub struct LinkPolicy {
 
 impl LinkPolicy {
     fn fetch_quota(&self) -> governor::Quota {
-        let rate = std::num::NonZeroU32::new(self.fetch_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+        let rate =
+            std::num::NonZeroU32::new(self.fetch_rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(self.fetch_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         governor::Quota::per_second(rate).allow_burst(burst)
     }

@@ -73,8 +73,7 @@ async fn one_client_cannot_amplify_into_partner_fetches() {
         fetch_rate: RATE,
         fetch_burst: BURST,
         // The AEF's own per-source budget is wide here: this test is about the gateway's.
-        aef_extra: "[budgets]\ninitiation_rate_per_sec = 10000\ninitiation_burst = 10000\n"
-            .into(),
+        aef_extra: "[budgets]\ninitiation_rate_per_sec = 10000\ninitiation_burst = 10000\n".into(),
         ..Default::default()
     })
     .await;
@@ -85,7 +84,10 @@ async fn one_client_cannot_amplify_into_partner_fetches() {
     let mut client = initiation_client(&t, A, "aef-a1").await;
     // The real invoker's key is held before the attack.
     assert_eq!(
-        initiate(&mut client, &inv_b.id, B, &key_b).await.unwrap().key_id,
+        initiate(&mut client, &inv_b.id, B, &key_b)
+            .await
+            .unwrap()
+            .key_id,
         key_b
     );
 
@@ -104,7 +106,8 @@ async fn one_client_cannot_amplify_into_partner_fetches() {
         }
     }
     let fetches = served_for_partners(&t, B) - before;
-    let allowed = u64::from(BURST) + (start.elapsed().as_secs_f64() * f64::from(RATE)).ceil() as u64;
+    let allowed =
+        u64::from(BURST) + (start.elapsed().as_secs_f64() * f64::from(RATE)).ceil() as u64;
     println!(
         "1000 random ids in {:?}: {fetches} partner fetches (budget allows {allowed}), \
          {refused_budget} refused by the budget, {not_found} refused by B",
@@ -114,7 +117,9 @@ async fn one_client_cannot_amplify_into_partner_fetches() {
     assert!(refused_budget > 0);
 
     // Another partner's traffic is unaffected while B's budget is spent.
-    let ok = initiate(&mut client, &inv_c.id, C, "").await.expect("C is served");
+    let ok = initiate(&mut client, &inv_c.id, C, "")
+        .await
+        .expect("C is served");
     assert!(!ok.key_id.is_empty());
 
     // 500 with the real invoker id and random key ids.
@@ -148,7 +153,9 @@ async fn one_client_cannot_amplify_into_partner_fetches() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert_eq!(reason(&e), "MESSAGE_TOO_LARGE");
     // A short malformed one is refused by syntax.
-    let e = initiate(&mut client, "inv-x", B, "NOT-HEX").await.unwrap_err();
+    let e = initiate(&mut client, "inv-x", B, "NOT-HEX")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(reason(&e), "INVALID_FIELD");
     assert_eq!(
@@ -222,12 +229,28 @@ async fn invokers_are_home_and_id_at_the_aef() {
         api_invoker_id: ApiInvokerId::new(inv).unwrap(),
         key_id: key.into(),
     };
-    assert!(psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_c), &psk_c).await.is_ok());
-    assert!(psk_call(&psk_addr, &id_of(B, &inv_b.id, &key_b), &psk_b).await.is_ok());
+    assert!(
+        psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_c), &psk_c)
+            .await
+            .is_ok()
+    );
+    assert!(
+        psk_call(&psk_addr, &id_of(B, &inv_b.id, &key_b), &psk_b)
+            .await
+            .is_ok()
+    );
     // C's invoker id with home B, and with B's key: refused.
-    assert!(psk_call(&psk_addr, &id_of(B, &inv_c.id, &key_b), &psk_b).await.is_err());
+    assert!(
+        psk_call(&psk_addr, &id_of(B, &inv_c.id, &key_b), &psk_b)
+            .await
+            .is_err()
+    );
     // Home C naming C's invoker with B's key id (and key): refused.
-    assert!(psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_b), &psk_b).await.is_err());
+    assert!(
+        psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_b), &psk_b)
+            .await
+            .is_err()
+    );
     assert_eq!(rb.psk_identity, id_of(B, &inv_b.id, &key_b).to_string());
 
     // CCF-A tells its AEF that B revoked an invoker whose id is C's invoker's id.
@@ -257,7 +280,9 @@ async fn invokers_are_home_and_id_at_the_aef() {
         .into_inner();
     assert_eq!(rsp.connections_closed, 0);
     assert!(
-        psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_c), &psk_c).await.is_ok(),
+        psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_c), &psk_c)
+            .await
+            .is_ok(),
         "C's invoker was touched by a notice about B's"
     );
     // The same notice about B's own invoker takes effect.
@@ -273,6 +298,14 @@ async fn invokers_are_home_and_id_at_the_aef() {
         })
         .await
         .unwrap();
-    assert!(psk_call(&psk_addr, &id_of(B, &inv_b.id, &key_b), &psk_b).await.is_err());
-    assert!(psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_c), &psk_c).await.is_ok());
+    assert!(
+        psk_call(&psk_addr, &id_of(B, &inv_b.id, &key_b), &psk_b)
+            .await
+            .is_err()
+    );
+    assert!(
+        psk_call(&psk_addr, &id_of(C, &inv_c.id, &key_c), &psk_c)
+            .await
+            .is_ok()
+    );
 }

@@ -314,8 +314,8 @@ pub async fn serve_floor(
         ccf_core::limits::ConnGate::new("floor", Default::default()),
         std::future::pending(),
     )
-        .await?
-        .map_err(|e| anyhow!("floor hop: {e}"))
+    .await?
+    .map_err(|e| anyhow!("floor hop: {e}"))
 }
 
 /// A chain of `n` floor hops (processes); returns the first hop's address and the children.

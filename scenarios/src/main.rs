@@ -374,9 +374,10 @@ fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
     let pids: std::collections::BTreeMap<String, ProcRecord> = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a testbed record", path.display()))?;
     // The launcher stops its components itself on SIGTERM; the rest is a fallback.
-    let order = pids.get_key_value("launcher").into_iter().chain(
-        pids.iter().filter(|(k, _)| *k != "launcher"),
-    );
+    let order = pids
+        .get_key_value("launcher")
+        .into_iter()
+        .chain(pids.iter().filter(|(k, _)| *k != "launcher"));
     for (name, rec) in order {
         if let Err(why) = confirm_own(rec) {
             println!("{name}: not signalled ({why})");

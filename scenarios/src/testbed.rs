@@ -588,32 +588,6 @@ pub fn confirm_own(rec: &ProcRecord) -> Result<(), String> {
     }
 }
 
-#[cfg(test)]
-mod proc_tests {
-    use super::*;
-
-    #[test]
-    fn only_recorded_processes_are_confirmed() {
-        let me = proc_record(std::process::id()).unwrap();
-        // Our own pid is never a component.
-        assert!(confirm_own(&me).is_err());
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
-        let rec = proc_record(child.id()).unwrap();
-        assert!(confirm_own(&rec).is_ok());
-        let stale = ProcRecord {
-            start_time: rec.start_time + 1,
-            ..rec.clone()
-        };
-        assert!(confirm_own(&stale).is_err(), "a reused pid");
-        for pid in [0, 1, u32::MAX] {
-            assert!(confirm_own(&ProcRecord { pid, start_time: 0 }).is_err(), "{pid}");
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(confirm_own(&rec).is_err(), "an ended process");
-    }
-}
-
 /// Starts `bin args` with stderr appended to `log`, waits for its first stdout line, which must
 /// contain " ready " (every binary of the project prints one when it accepts connections), and
 /// returns the child and that line. The child gets SIGTERM if this process dies.
@@ -665,5 +639,37 @@ pub async fn spawn_ready(bin: &Path, args: &[String], log: &Path) -> Result<(Chi
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod proc_tests {
+    use super::*;
+
+    #[test]
+    fn only_recorded_processes_are_confirmed() {
+        let me = proc_record(std::process::id()).unwrap();
+        // Our own pid is never a component.
+        assert!(confirm_own(&me).is_err());
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let rec = proc_record(child.id()).unwrap();
+        assert!(confirm_own(&rec).is_ok());
+        let stale = ProcRecord {
+            start_time: rec.start_time + 1,
+            ..rec.clone()
+        };
+        assert!(confirm_own(&stale).is_err(), "a reused pid");
+        for pid in [0, 1, u32::MAX] {
+            assert!(
+                confirm_own(&ProcRecord { pid, start_time: 0 }).is_err(),
+                "{pid}"
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(confirm_own(&rec).is_err(), "an ended process");
     }
 }

@@ -111,10 +111,18 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     let (addr, ca) = aef_a1(&t);
     let x = profile(&t, B, "c1").await;
     run(&t, &x, SecurityMethod::Pki).await.expect("X gets in");
-    let endpoint = invoker::auth_method(&x, SecurityMethod::Pki, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .unwrap()
-        .tls_endpoint;
+    let endpoint = invoker::auth_method(
+        &x,
+        SecurityMethod::Pki,
+        "",
+        &addr,
+        &ca,
+        "localhost",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .unwrap()
+    .tls_endpoint;
 
     // A certificate for X from a CA nobody federated ("operator-b.test" forged by a rogue CA).
     let rogue = DomainCa::generate(&CcfId::new(B).unwrap()).unwrap();
@@ -136,9 +144,17 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     std::fs::write(fake_dir.join("invoker.pem"), &forged.cert_pem).unwrap();
     std::fs::write(fake_dir.join("invoker.key"), forged.key_pem.as_bytes()).unwrap();
     let fake = Profile::load(&fake_dir).unwrap();
-    let e = invoker::call_pki(&fake, x.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .expect_err("a certificate from an unfederated CA is refused");
+    let e = invoker::call_pki(
+        &fake,
+        x.id(),
+        &endpoint,
+        &ca,
+        "localhost",
+        "api-aef-a1",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .expect_err("a certificate from an unfederated CA is refused");
     let _ = err_text(e);
     wait_for_log(&["certificate refused", x.id(), "unfederated CA"]).await;
 
@@ -147,9 +163,17 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     run(&t, &y, SecurityMethod::Pki)
         .await
         .expect("Y gets in as Y");
-    let e = invoker::call_pki(&y, x.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .expect_err("a certificate naming another invoker is refused");
+    let e = invoker::call_pki(
+        &y,
+        x.id(),
+        &endpoint,
+        &ca,
+        "localhost",
+        "api-aef-a1",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .expect_err("a certificate naming another invoker is refused");
     let e = err_text(e);
     assert!(e.contains("CERTIFICATE_REFUSED"), "{e}");
     wait_for_log(&[
@@ -165,9 +189,17 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .await
         .unwrap();
     assert!(
-        invoker::call_pki(&z, z.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
-            .await
-            .is_err()
+        invoker::call_pki(
+            &z,
+            z.id(),
+            &endpoint,
+            &ca,
+            "localhost",
+            "api-aef-a1",
+            &t.d(A).aef_peer("aef-a1")
+        )
+        .await
+        .is_err()
     );
     wait_for_log(&["certificate refused", z.id(), "initiated no authentication"]).await;
 
@@ -185,15 +217,31 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .unwrap();
     wait_for_log(&["authorization revoked by the CCF", x.id()]).await;
     assert!(
-        invoker::call_pki(&x, x.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
-            .await
-            .is_err()
+        invoker::call_pki(
+            &x,
+            x.id(),
+            &endpoint,
+            &ca,
+            "localhost",
+            "api-aef-a1",
+            &t.d(A).aef_peer("aef-a1")
+        )
+        .await
+        .is_err()
     );
     wait_for_log(&["certificate refused", x.id(), "revoked invoker"]).await;
     // Y is untouched.
-    invoker::call_pki(&y, y.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .expect("Y still gets in");
+    invoker::call_pki(
+        &y,
+        y.id(),
+        &endpoint,
+        &ca,
+        "localhost",
+        "api-aef-a1",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .expect("Y still gets in");
 }
 
 fn claims(iss: &str, sub: &str, scope: &str, exp: u64) -> AccessTokenClaims {
@@ -223,18 +271,24 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
     invoker::negotiate(&p, "aef-a1", None, SecurityMethod::Oauth)
         .await
         .unwrap();
-    let endpoint = invoker::auth_method(&p, SecurityMethod::Oauth, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .unwrap()
-        .tls_endpoint;
+    let endpoint = invoker::auth_method(
+        &p,
+        SecurityMethod::Oauth,
+        "",
+        &addr,
+        &ca,
+        "localhost",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .unwrap()
+    .tls_endpoint;
     let a1 = t.d(A).aef_peer("aef-a1");
     let call = |token: String| {
         let endpoint = endpoint.clone();
         let ca = ca.clone();
         let a1 = a1.clone();
-        async move {
-            invoker::call_oauth(&token, &endpoint, &ca, "localhost", "api-aef-a1", &a1).await
-        }
+        async move { invoker::call_oauth(&token, &endpoint, &ca, "localhost", "api-aef-a1", &a1).await }
     };
     let good = invoker::token(&p, "3gpp#aef-a1:api-aef-a1").await.unwrap();
     assert_eq!(good.token_type, "Bearer");
@@ -414,9 +468,17 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
     invoker::negotiate(&x, "aef-a1", None, SecurityMethod::Oauth)
         .await
         .unwrap();
-    invoker::auth_method(&x, SecurityMethod::Oauth, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .unwrap();
+    invoker::auth_method(
+        &x,
+        SecurityMethod::Oauth,
+        "",
+        &addr,
+        &ca,
+        "localhost",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .unwrap();
     let token = invoker::token(&x, "3gpp#aef-a1:api-aef-a1")
         .await
         .unwrap()
@@ -429,6 +491,7 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
         audience: "aef-a1",
         callers: &[KnownCaller {
             invoker: x.id(),
+            home: Some(B),
             source: "test",
         }],
         leeway_secs: 0,
@@ -462,10 +525,18 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
     invoker::negotiate(&y, "aef-a1", None, SecurityMethod::Pki)
         .await
         .unwrap();
-    let endpoint = invoker::auth_method(&y, SecurityMethod::Pki, "", &addr, &ca, "localhost", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .unwrap()
-        .tls_endpoint;
+    let endpoint = invoker::auth_method(
+        &y,
+        SecurityMethod::Pki,
+        "",
+        &addr,
+        &ca,
+        "localhost",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .unwrap()
+    .tls_endpoint;
     let y_cert = std::fs::read_to_string(y.dir.join("invoker.pem")).unwrap();
     let y_key = std::fs::read_to_string(y.dir.join("invoker.key")).unwrap();
     let msg = assert_token_refused(
@@ -474,9 +545,17 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
     );
     assert!(msg.contains("client certificate"), "{msg}");
     // Without a token, Y's certificate is a method-2 call as Y, as before.
-    let r = invoker::call_pki(&y, y.id(), &endpoint, &ca, "localhost", "api-aef-a1", &t.d(A).aef_peer("aef-a1"))
-        .await
-        .expect("Y's own certificate still works for method 2");
+    let r = invoker::call_pki(
+        &y,
+        y.id(),
+        &endpoint,
+        &ca,
+        "localhost",
+        "api-aef-a1",
+        &t.d(A).aef_peer("aef-a1"),
+    )
+    .await
+    .expect("Y's own certificate still works for method 2");
     assert_eq!(r.api_invoker_id, y.id());
 
     // Crafted with B's real key, everything else right.

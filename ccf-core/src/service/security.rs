@@ -16,8 +16,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::{
     aef_id, calling_invoker, ccf_id, invalid, invoker_id, optional_key_id, own_domain,
-    role_not_allowed,
-    security_information, store_status, valid_context,
+    role_not_allowed, security_information, store_status, valid_context,
 };
 use crate::grpc::{caller, conn_info, error_status};
 use crate::identity::Role;
