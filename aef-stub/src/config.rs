@@ -83,7 +83,8 @@ pub struct AefConfig {
     /// PSK TLS profile: "tls13" (default) or "tls12".
     #[serde(default)]
     pub psk_tls: TlsProfile,
-    /// Method 3: clock-skew leeway when checking a token's expiry, seconds (at most 30).
+    /// Method 3: clock-skew leeway when checking a token's `exp`, `nbf` and `iat`, seconds (at
+    /// most 30).
     #[serde(default = "default_leeway")]
     pub token_leeway_secs: u64,
     /// Connection caps, timeouts and message limits of every listener.
