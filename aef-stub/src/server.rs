@@ -78,7 +78,8 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         // gateway's or another AEF's certificate from the same CA could serve here too.
         client_config(&ca, Some((&cert, &key)), ExpectedPeer::ccf(&ccf_id))?,
         Duration::from_secs(2),
-    )?);
+    )?)
+    .max_decoding_message_size(config.limits.max_message_bytes);
     let security_listener = TcpListener::bind(&config.listen.security)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen.security))?;

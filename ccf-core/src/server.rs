@@ -420,7 +420,10 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             )?;
             let channel =
                 crate::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
-            Some(GatewayClient::new(channel))
+            Some(
+                GatewayClient::new(channel)
+                    .max_decoding_message_size(config.limits.max_message_bytes),
+            )
         }
         None => None,
     };
@@ -434,7 +437,11 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
                 ExpectedPeer::aef(&ccf_id, &e.aef_id),
             )?;
             let channel = crate::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
-            aefs.insert(e.aef_id.clone(), AefSecurityClient::new(channel));
+            aefs.insert(
+                e.aef_id.clone(),
+                AefSecurityClient::new(channel)
+                    .max_decoding_message_size(config.limits.max_message_bytes),
+            );
         }
     }
     let state = Arc::new(CcfState {

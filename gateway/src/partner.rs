@@ -78,6 +78,7 @@ pub struct PartnerLink {
     budget: RetryBudget,
     max_retries: u32,
     fetch_budget: governor::DefaultDirectRateLimiter,
+    max_message_bytes: usize,
     fetches_refused: std::sync::atomic::AtomicU64,
 }
 
@@ -100,6 +101,8 @@ pub struct LinkPolicy {
     pub fetch_rate_per_sec: u32,
     /// Outbound fetch bucket size.
     pub fetch_burst: u32,
+    /// Largest answer accepted from the partner, bytes.
+    pub max_message_bytes: usize,
 }
 
 impl LinkPolicy {
@@ -174,6 +177,7 @@ impl PartnerLink {
             budget: RetryBudget::new(policy.retry_budget_ratio),
             max_retries: policy.max_retries,
             fetch_budget: governor::RateLimiter::direct(policy.fetch_quota()),
+            max_message_bytes: policy.max_message_bytes,
             fetches_refused: Default::default(),
         }
     }
@@ -220,7 +224,9 @@ impl PartnerLink {
             if remaining.is_zero() {
                 return Err(self.failed(self.timeout_status()));
             }
-            let client = InterconnectClient::new(self.channel.clone());
+            // A partner's answers are held to the same size as our own requests.
+            let client = InterconnectClient::new(self.channel.clone())
+                .max_decoding_message_size(self.max_message_bytes);
             match tokio::time::timeout(remaining, f(client, remaining)).await {
                 Err(_) => return Err(self.failed(self.timeout_status())),
                 Ok(Ok(rsp)) => {

@@ -127,6 +127,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         retry_budget_ratio: config.outbound.retry_budget_ratio,
         fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
         fetch_burst: config.outbound.fetch_burst,
+        max_message_bytes: config.limits.max_message_bytes,
     };
     let mut trusts = Vec::new();
     let mut links = BTreeMap::new();
@@ -170,7 +171,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         links,
         cache: KeyCache::new(&config.cache),
         key_sets: Default::default(),
-        ccf: FederationClient::new(ccf_channel),
+        ccf: FederationClient::new(ccf_channel)
+            .max_decoding_message_size(config.limits.max_message_bytes),
         fetchers: Default::default(),
         default_budget: Duration::from_millis(config.outbound.default_timeout_ms),
         max_budget: Duration::from_millis(config.outbound.max_timeout_ms),
