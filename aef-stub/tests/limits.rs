@@ -45,6 +45,17 @@ fn raise_fd_limit() -> u64 {
     l.rlim_cur
 }
 
+/// `wanted` connections, or fewer when the fd limit cannot hold about three times as many
+/// (both ends live in this process), but never fewer than `least`.
+fn connections_within_fd_limit(wanted: usize, least: usize) -> usize {
+    let limit = usize::try_from(raise_fd_limit()).unwrap_or(usize::MAX);
+    if limit >= wanted * 5 / 2 {
+        wanted
+    } else {
+        (limit / 3).max(least)
+    }
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
@@ -176,12 +187,7 @@ async fn completed_psk_connections_leave_no_fd_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_handshakes_hold_one_fd_and_time_out() {
     let _serial = SERIAL.lock().await;
-    let limit = raise_fd_limit();
-    let n: usize = if limit >= 5000 {
-        2000
-    } else {
-        (limit as usize / 3).max(100)
-    };
+    let n = connections_within_fd_limit(2000, 100);
     let aef = start_aef(
         "[limits]\nhandshake_timeout_secs = 2\nmax_connections = 4096\nmax_connections_per_source = 4096\n",
     )
@@ -241,12 +247,7 @@ async fn tcp_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tls_connections_are_closed() {
     let _serial = SERIAL.lock().await;
-    let limit = raise_fd_limit();
-    let n: usize = if limit >= 5000 {
-        2000
-    } else {
-        (limit as usize / 3).max(100)
-    };
+    let n = connections_within_fd_limit(2000, 100);
     let aef = start_aef(
         "[limits]\nidle_timeout_secs = 2\nmax_connections = 4096\nmax_connections_per_source = 4096\n",
     )
@@ -294,12 +295,7 @@ async fn idle_tls_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_source_does_not_starve_another() {
     let _serial = SERIAL.lock().await;
-    let limit = raise_fd_limit();
-    let n: usize = if limit >= 5000 {
-        3000
-    } else {
-        (limit as usize / 3).max(300)
-    };
+    let n = connections_within_fd_limit(3000, 300);
     let aef =
         start_aef("[limits]\nmax_connections = 1000\nmax_connections_per_source = 100\n").await;
     let id = hold_key(&aef, "inv-9", 9);

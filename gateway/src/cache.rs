@@ -39,15 +39,34 @@ pub struct CacheKey {
     pub aef: AefId,
 }
 
+/// When what a caller presented last forced a refresh of an entry; unset for an entry that came
+/// from a plain miss, whose first refresh may happen at once (the invoker just re-authenticated
+/// at home), while later ones wait for the interval.
+struct RefreshMark(parking_lot::Mutex<Option<Instant>>);
+
+impl RefreshMark {
+    fn new(at: Option<Instant>) -> Self {
+        Self(parking_lot::Mutex::new(at))
+    }
+
+    /// Claims the one refresh allowed per `interval`: true for the first caller after it.
+    fn claim(&self, interval: Duration) -> bool {
+        let mut last = self.0.lock();
+        if last.is_none_or(|t| t.elapsed() >= interval) {
+            *last = Some(Instant::now());
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// A cached key. The AEFPSK is held in [`AefPsk`] (zeroized on drop), not in the message.
 pub struct CachedKey {
     info: InvokerSecurityInformation,
     psk: Option<AefPsk>,
     key_expires_at: Instant,
-    // When a presented key id or method last forced a refresh of this key; `None` for an entry
-    // that came from a plain miss, whose first refresh may happen at once (the invoker just
-    // re-authenticated at home), while later ones wait for the interval.
-    last_refresh: parking_lot::Mutex<Option<Instant>>,
+    last_refresh: RefreshMark,
     ttl: Duration,
 }
 
@@ -74,17 +93,6 @@ impl CachedKey {
     pub fn key_id(&self) -> &str {
         &self.info.key_id
     }
-
-    /// Claims the one refresh allowed per `interval`: true for the first caller after it.
-    fn claim_refresh(&self, interval: Duration) -> bool {
-        let mut last = self.last_refresh.lock();
-        if last.is_none_or(|t| t.elapsed() >= interval) {
-            *last = Some(Instant::now());
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// A cached definite refusal.
@@ -92,8 +100,7 @@ pub struct Refusal {
     code: Code,
     reason: String,
     message: String,
-    // As for keys: `None` unless the refusal came from a fetch a presented key id forced.
-    last_refresh: parking_lot::Mutex<Option<Instant>>,
+    last_refresh: RefreshMark,
 }
 
 impl Refusal {
@@ -102,7 +109,7 @@ impl Refusal {
             code: s.code(),
             reason: error_reason(s).unwrap_or_default(),
             message: s.message().to_string(),
-            last_refresh: parking_lot::Mutex::new(refreshed.then(Instant::now)),
+            last_refresh: RefreshMark::new(refreshed.then(Instant::now)),
         }
     }
 
@@ -116,16 +123,6 @@ impl Refusal {
     fn renewable(&self) -> bool {
         self.reason == ErrorReason::KeyExpired.as_str_name()
             || self.reason == ErrorReason::NoSecurityContext.as_str_name()
-    }
-
-    fn claim_refresh(&self, interval: Duration) -> bool {
-        let mut last = self.last_refresh.lock();
-        if last.is_none_or(|t| t.elapsed() >= interval) {
-            *last = Some(Instant::now());
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -263,7 +260,7 @@ impl KeyCache {
             info,
             psk,
             key_expires_at: sent_at + remaining,
-            last_refresh: parking_lot::Mutex::new(refreshed.then_some(sent_at)),
+            last_refresh: RefreshMark::new(refreshed.then_some(sent_at)),
             ttl,
         }))
     }
@@ -289,7 +286,7 @@ impl KeyCache {
                         && (method == 0 || method == k.info.sel_security_method);
                     // What a caller presents may force at most one refresh per interval: random
                     // key ids from a stranger must not become partner fetches.
-                    if !same && k.claim_refresh(self.refresh_interval) {
+                    if !same && k.last_refresh.claim(self.refresh_interval) {
                         tracing::info!(
                             partner = %key.home,
                             api_invoker_id = %key.invoker,
@@ -306,7 +303,7 @@ impl KeyCache {
                 Entry::Refusal(r, _) => {
                     let renew = !presented_key_id.is_empty()
                         && r.renewable()
-                        && r.claim_refresh(self.refresh_interval);
+                        && r.last_refresh.claim(self.refresh_interval);
                     if !renew {
                         self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
                         return Err(r.status());

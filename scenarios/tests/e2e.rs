@@ -30,6 +30,18 @@ fn aef_peer(t: &Testbed, aef: &str) -> ccf_core::tls::ExpectedPeer {
     t.d(owner).aef_peer(aef)
 }
 
+/// Authentication Initiation at aef-a1 with a stored key.
+async fn auth_a1(
+    t: &Testbed,
+    p: &Profile,
+    k: &invoker::ObtainedKey,
+) -> capif_proto::v1::CheckAuthenticationRsp {
+    let (addr, ca) = aef_addr(t, "aef-a1");
+    invoker::auth(p, Some(k), &addr, &ca, "localhost", &aef_peer(t, "aef-a1"))
+        .await
+        .unwrap()
+}
+
 /// security -> auth -> PSK handshake -> API call; returns the call's result.
 async fn flow(
     t: &Testbed,
@@ -99,17 +111,7 @@ async fn cross_domain_flow_succeeds_through_the_gateways() {
     // TLS 1.2 ECDHE-PSK works as an option too (the AEF stub is configured for 1.3 here, so a
     // 1.2-only client is refused: the profile is enforced).
     let k = p.key("aef-a1").unwrap();
-    let (addr, ca) = aef_addr(&t, "aef-a1");
-    let a = invoker::auth(
-        &p,
-        Some(&k),
-        &addr,
-        &ca,
-        "localhost",
-        &aef_peer(&t, "aef-a1"),
-    )
-    .await
-    .unwrap();
+    let a = auth_a1(&t, &p, &k).await;
     assert!(
         invoker::call(&p, &k, &a.tls_endpoint, "api-aef-a1", TlsProfile::Tls12)
             .await
@@ -127,21 +129,11 @@ async fn refusals_each_have_their_reason() {
         ..opts()
     })
     .await;
-    let (addr, ca) = aef_addr(&t, "aef-a1");
 
     // Wrong key: right identity, a different key.
     let p = profile(&t, A, "c0").await;
     let k = invoker::security(&p, "aef-a1", None).await.unwrap();
-    let a = invoker::auth(
-        &p,
-        Some(&k),
-        &addr,
-        &ca,
-        "localhost",
-        &aef_peer(&t, "aef-a1"),
-    )
-    .await
-    .unwrap();
+    let a = auth_a1(&t, &p, &k).await;
     let mut bad = invoker::ObtainedKey {
         aef_id: k.aef_id.clone(),
         aef_psk_hex: "00".repeat(32),
@@ -171,16 +163,7 @@ async fn refusals_each_have_their_reason() {
     let kr = invoker::security(&r, "aef-a1", Some("api-aef-a1"))
         .await
         .unwrap();
-    let ar = invoker::auth(
-        &r,
-        Some(&kr),
-        &addr,
-        &ca,
-        "localhost",
-        &aef_peer(&t, "aef-a1"),
-    )
-    .await
-    .unwrap();
+    let ar = auth_a1(&t, &r, &kr).await;
     invoker::call(&r, &kr, &ar.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
         .await
         .expect("authorized API");
@@ -195,16 +178,7 @@ async fn refusals_each_have_their_reason() {
     // Revoked invoker: the CCF revokes (operator), the AEF drops the key and refuses it.
     let v = profile(&t, A, "c3").await;
     let kv = invoker::security(&v, "aef-a1", None).await.unwrap();
-    let av = invoker::auth(
-        &v,
-        Some(&kv),
-        &addr,
-        &ca,
-        "localhost",
-        &aef_peer(&t, "aef-a1"),
-    )
-    .await
-    .unwrap();
+    let av = auth_a1(&t, &v, &kv).await;
     invoker::call(&v, &kv, &av.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
         .await
         .expect("before revocation");
@@ -237,16 +211,7 @@ async fn refusals_each_have_their_reason() {
     // Expired key: validity 3 s; the AEF's own timer runs out.
     let x = profile(&t, A, "c4").await;
     let kx = invoker::security(&x, "aef-a1", None).await.unwrap();
-    let ax = invoker::auth(
-        &x,
-        Some(&kx),
-        &addr,
-        &ca,
-        "localhost",
-        &aef_peer(&t, "aef-a1"),
-    )
-    .await
-    .unwrap();
+    let ax = auth_a1(&t, &x, &kx).await;
     tokio::time::sleep(Duration::from_millis(ax.remaining_validity_ms + 100)).await;
     assert!(
         invoker::call(&x, &kx, &ax.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)

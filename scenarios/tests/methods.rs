@@ -29,6 +29,16 @@ fn aef_a1(t: &Testbed) -> (String, String) {
     )
 }
 
+/// Authentication Initiation for PKI at aef-a1: the TLS endpoint to dial.
+async fn pki_endpoint(t: &Testbed, p: &Profile) -> String {
+    let (addr, ca) = aef_a1(t);
+    let peer = t.d(A).aef_peer("aef-a1");
+    invoker::auth_method(p, SecurityMethod::Pki, "", &addr, &ca, "localhost", &peer)
+        .await
+        .unwrap()
+        .tls_endpoint
+}
+
 async fn run(
     t: &Testbed,
     p: &Profile,
@@ -108,21 +118,10 @@ async fn both_methods_work_in_one_domain_and_across_two() {
 async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     logs();
     let t = Testbed::start(opts()).await;
-    let (addr, ca) = aef_a1(&t);
+    let (_, ca) = aef_a1(&t);
     let x = profile(&t, B, "c1").await;
     run(&t, &x, SecurityMethod::Pki).await.expect("X gets in");
-    let endpoint = invoker::auth_method(
-        &x,
-        SecurityMethod::Pki,
-        "",
-        &addr,
-        &ca,
-        "localhost",
-        &t.d(A).aef_peer("aef-a1"),
-    )
-    .await
-    .unwrap()
-    .tls_endpoint;
+    let endpoint = pki_endpoint(&t, &x).await;
 
     // A certificate for X from a CA nobody federated ("operator-b.test" forged by a rogue CA).
     let rogue = DomainCa::generate(&CcfId::new(B).unwrap()).unwrap();
@@ -525,18 +524,7 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
     invoker::negotiate(&y, "aef-a1", None, SecurityMethod::Pki)
         .await
         .unwrap();
-    let endpoint = invoker::auth_method(
-        &y,
-        SecurityMethod::Pki,
-        "",
-        &addr,
-        &ca,
-        "localhost",
-        &t.d(A).aef_peer("aef-a1"),
-    )
-    .await
-    .unwrap()
-    .tls_endpoint;
+    let endpoint = pki_endpoint(&t, &y).await;
     let y_cert = std::fs::read_to_string(y.dir.join("invoker.pem")).unwrap();
     let y_key = std::fs::read_to_string(y.dir.join("invoker.key")).unwrap();
     let msg = assert_token_refused(
