@@ -1,12 +1,15 @@
-//! The CAPIF core function (CCF) of one domain, and the building blocks the other crates reuse.
+//! The building blocks every CAPIF crate of the workspace shares: identifiers, certificate
+//! identities, the domain PKI, TLS and gRPC plumbing with their limits, the AEFPSK KDF, access
+//! tokens and the AEF registry's data model. It holds no product: the CCF itself is the
+//! `capif-ccf` crate (`ccf-core/ccf/`), which builds on this one like the gateway and the AEF do.
 //!
-//! How a request moves through it: a TLS connection is accepted by [`tls`] (which reads the
-//! peer's identity from its verified certificate via [`identity`] and, on CAPIF-1e, exports the
-//! session binding); tonic routes the request to a service in [`service`]; the service checks the
-//! caller's role, consults the [`registry`] and the [`store`], derives keys with [`kdf`], and
-//! answers with statuses built by [`grpc`].
+//! How a request moves through a server built on it: a TLS connection is admitted by [`limits`]
+//! and accepted by [`tls`] (which reads the peer's identity from its verified certificate via
+//! [`identity`] and, on CAPIF-1e, exports the session binding); tonic routes the request to the
+//! product's service, which gets the caller from [`grpc`], checks ids with [`ids`], derives keys
+//! with [`kdf`] and answers with statuses built by [`grpc`].
 //!
-//! - [`ids`] — validated identifiers (`CcfId`, `ApiInvokerId`, `AefId`, `ApiName`).
+//! - [`ids`] — validated identifiers (`CcfId`, `ApiInvokerId`, `AefId`, `ApiName`, `KeyId`).
 //! - [`identity`] — `capif://<domain>/<role>` identities in certificates.
 //! - [`pki`] — the domain root CA and the certificates it issues.
 //! - [`tls`] — rustls configs, the accept loop feeding tonic, the client connector.
@@ -14,13 +17,11 @@
 //! - [`limits`] — connection caps, idle timeouts and message limits of every listener.
 //! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
 //! - [`registry`] — the AEF registry and the canonical interface string.
-//! - [`store`] — invokers and security contexts in redb.
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
-//! - [`config`] — the TOML configuration.
-//! - [`server`] — starting a CCF.
+//! - [`clock`] — wall-clock milliseconds.
 //! - [`testkit`] — helpers for the crates' integration tests (grpcurl).
 
-pub mod config;
+pub mod clock;
 pub mod grpc;
 pub mod identity;
 pub mod ids;
@@ -28,9 +29,6 @@ pub mod kdf;
 pub mod limits;
 pub mod pki;
 pub mod registry;
-pub mod server;
-pub mod service;
-pub mod store;
 pub mod testkit;
 pub mod tls;
 pub mod token;

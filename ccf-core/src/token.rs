@@ -698,7 +698,7 @@ mod tests {
     }
 
     fn now_s() -> u64 {
-        crate::server::now_ms() / 1000
+        crate::clock::now_ms() / 1000
     }
 
     #[test]
@@ -718,13 +718,13 @@ mod tests {
     #[test]
     fn rotated_key_still_verifies_and_survives_reload() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::server::now_ms()).unwrap();
+        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::clock::now_ms()).unwrap();
         let old = keys.sign(&claims("b.test", now_s() + 60)).unwrap();
         let old_kid = keys.current_kid();
-        let new_kid = keys.rotate(crate::server::now_ms()).unwrap();
+        let new_kid = keys.rotate(crate::clock::now_ms()).unwrap();
         assert_ne!(old_kid, new_kid);
         let new = keys.sign(&claims("b.test", now_s() + 60)).unwrap();
-        let set = keys.key_set("b.test", 60, crate::server::now_ms());
+        let set = keys.key_set("b.test", 60, crate::clock::now_ms());
         assert_eq!(set.keys.len(), 2);
         for t in [&old, &new] {
             let (kid, _, iss) = peek(t).unwrap();
@@ -733,14 +733,14 @@ mod tests {
             verify(t, jwk, &expect("b.test", 0)).unwrap();
         }
         // The file holds both keys; reloading publishes the same set.
-        let again = TokenKeys::load_or_generate(dir.path(), 600, crate::server::now_ms()).unwrap();
+        let again = TokenKeys::load_or_generate(dir.path(), 600, crate::clock::now_ms()).unwrap();
         assert_eq!(again.current_kid(), new_kid);
         assert_eq!(
-            again.key_set("b.test", 60, crate::server::now_ms()).keys,
+            again.key_set("b.test", 60, crate::clock::now_ms()).keys,
             set.keys
         );
         // Past the retention the old key is no longer published.
-        let later = crate::server::now_ms() + (600 + MAX_LEEWAY_SECS + 1) * 1000;
+        let later = crate::clock::now_ms() + (600 + MAX_LEEWAY_SECS + 1) * 1000;
         let kids: Vec<String> = keys
             .key_set("b.test", 60, later)
             .keys
@@ -754,8 +754,8 @@ mod tests {
     #[test]
     fn tampered_expired_and_foreign_tokens_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::server::now_ms()).unwrap();
-        let set = keys.key_set("b.test", 60, crate::server::now_ms());
+        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::clock::now_ms()).unwrap();
+        let set = keys.key_set("b.test", 60, crate::clock::now_ms());
         let jwk = &set.keys[0];
         let good = keys.sign(&claims("b.test", now_s() + 60)).unwrap();
         verify(&good, jwk, &expect("b.test", 0)).unwrap();
@@ -789,8 +789,8 @@ mod tests {
     /// Real keys, real signatures: `(keys, jwk)` for issuer "b.test".
     fn issuer() -> (tempfile::TempDir, TokenKeys, pb::JsonWebKey) {
         let dir = tempfile::tempdir().unwrap();
-        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::server::now_ms()).unwrap();
-        let jwk = keys.key_set("b.test", 60, crate::server::now_ms()).keys[0].clone();
+        let keys = TokenKeys::load_or_generate(dir.path(), 600, crate::clock::now_ms()).unwrap();
+        let jwk = keys.key_set("b.test", 60, crate::clock::now_ms()).keys[0].clone();
         (dir, keys, jwk)
     }
 

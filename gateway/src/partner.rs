@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capif_proto::v1::{ErrorReason, PartnerState, interconnect_client::InterconnectClient};
+use ccf_core::clock::now_ms;
 use ccf_core::grpc::{error_reason, error_status};
 use ccf_core::ids::CcfId;
-use ccf_core::server::now_ms;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;

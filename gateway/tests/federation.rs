@@ -44,7 +44,7 @@ async fn two_domains_aef_gets_the_invokers_key() {
         .context(&inv.id.parse().unwrap(), &"aef-a1".parse().unwrap())
         .unwrap()
         .unwrap();
-    assert!(got.remaining_validity_ms <= direct.expires_at_ms - ccf_core::server::now_ms() + 5);
+    assert!(got.remaining_validity_ms <= direct.expires_at_ms - ccf_core::clock::now_ms() + 5);
     // The partner located B through DNS and recorded the success.
     let state = t.d(A).gw().state.links[&CcfId::new(B).unwrap()].state();
     assert!(
@@ -119,7 +119,7 @@ async fn short_validity_is_never_exceeded_and_refetched() {
     let start = Instant::now();
     let mut served = 0;
     while start.elapsed() < Duration::from_millis(4000) {
-        let now = ccf_core::server::now_ms();
+        let now = ccf_core::clock::now_ms();
         match ask(&mut aef_a, "aef-a1", &inv.id, B, "", T).await {
             Ok(info) => {
                 served += 1;

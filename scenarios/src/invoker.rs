@@ -16,10 +16,10 @@ use capif_proto::v1::{
     self as pb, aef_security_client::AefSecurityClient, demo_api_client::DemoApiClient,
     invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
+use ccf_core::clock::now_ms;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::pki::write_private_file;
-use ccf_core::server::now_ms;
 use ccf_core::tls::{ExpectedPeer, client_config, connect};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;

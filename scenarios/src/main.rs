@@ -255,7 +255,7 @@ fn run_dir(args: &RunArgs, s: &capif_scenarios::scenario::Scenario) -> PathBuf {
         PathBuf::from("run").join(format!(
             "{}-{}",
             slug.trim_matches('-'),
-            ccf_core::server::now_ms()
+            ccf_core::clock::now_ms()
         ))
     })
 }
@@ -426,7 +426,7 @@ async fn run(cli: Cli) -> Result<()> {
                 capif_scenarios::bench::BenchOpts::full()
             };
             let dir = run_dir.unwrap_or_else(|| {
-                PathBuf::from("run").join(format!("bench-{}", ccf_core::server::now_ms()))
+                PathBuf::from("run").join(format!("bench-{}", ccf_core::clock::now_ms()))
             });
             let bin = match bin_dir {
                 Some(b) => b,

@@ -9,16 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use capif_ccf::config::CcfConfig;
+use capif_ccf::server::RunningCcf;
 use capif_gateway::config::GatewayConfig;
 use capif_gateway::server::RunningGateway;
 use capif_proto::v1::{
     self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
-use ccf_core::config::CcfConfig;
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::pki::{DomainCa, IssuedCredential};
-use ccf_core::server::RunningCcf;
 use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use tonic::transport::Channel;
 
@@ -320,7 +320,7 @@ impl Testbed {
             let mut g = gateway_config(d, &all, &o);
             g.dns.nameserver = dns.as_ref().map(|n| n.addr.to_string());
             d.gw_config = g;
-            d.ccf = Some(ccf_core::server::start(ccf_config(d, &o)).await.unwrap());
+            d.ccf = Some(capif_ccf::server::start(ccf_config(d, &o)).await.unwrap());
             d.start_gateway().await;
             for (aef, port) in d.aef_ports.clone() {
                 let cred = d.issue(Role::Aef(AefId::new(aef.clone()).unwrap()));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::registry::AefConfig;
+use ccf_core::registry::AefConfig;
 
 /// The demo configuration shipped in the binary (`ccf serve --demo`).
 pub const DEMO_CONFIG: &str = include_str!("../demo/ccf.toml");
@@ -193,7 +193,7 @@ pub struct CcfConfig {
     pub gateway: Option<GatewayLinkConfig>,
     /// Connection caps, timeouts and message limits of both listeners.
     #[serde(default)]
-    pub limits: crate::limits::ListenerLimits,
+    pub limits: ccf_core::limits::ListenerLimits,
 }
 
 impl CcfConfig {

@@ -18,13 +18,13 @@ use super::{
     aef_id, calling_invoker, ccf_id, invalid, invoker_id, optional_key_id, own_domain,
     role_not_allowed, security_information, store_status, valid_context,
 };
-use crate::grpc::{caller, conn_info, error_status};
-use crate::identity::Role;
-use crate::ids::{ApiInvokerId, ApiName};
-use crate::registry::{AefEntry, Interface, SecurityMethod, select_method};
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
-use crate::token::{AccessTokenClaims, Scope};
+use ccf_core::grpc::{caller, conn_info, error_status};
+use ccf_core::identity::Role;
+use ccf_core::ids::{ApiInvokerId, ApiName};
+use ccf_core::registry::{AefEntry, Interface, SecurityMethod, select_method};
+use ccf_core::token::{AccessTokenClaims, Scope};
 
 /// Budget of a CAPIF-3 request that goes to the gateway when the AEF sets no deadline.
 const DEFAULT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
@@ -49,7 +49,7 @@ impl SecurityService {
     /// A refusal of the own gateway passes on with its reason; anything else means the gateway
     /// could not be reached.
     fn gateway_failure(&self, s: Status) -> Status {
-        if crate::grpc::error_reason(&s).is_some() {
+        if ccf_core::grpc::error_reason(&s).is_some() {
             s
         } else {
             error_status(
@@ -267,9 +267,9 @@ impl SecurityService {
 
 fn revoke_target(
     state: &CcfState,
-    who: &crate::identity::PeerIdentity,
+    who: &ccf_core::identity::PeerIdentity,
     info: &pb::SecurityNotification,
-) -> Result<(ApiInvokerId, Option<crate::ids::AefId>), Status> {
+) -> Result<(ApiInvokerId, Option<ccf_core::ids::AefId>), Status> {
     own_domain(state, who)?;
     let id = invoker_id("revoke_info.api_invoker_id", &info.api_invoker_id)?;
     let aef = if info.aef_id.is_empty() {
@@ -312,7 +312,7 @@ impl Security for SecurityService {
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
-        let budget = crate::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
+        let budget = ccf_core::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
         let Role::Aef(own_aef) = &who.role else {
             return Err(role_not_allowed(
                 &who,
@@ -352,7 +352,7 @@ impl Security for SecurityService {
                 presented_key_id: req.presented_key_id.clone(),
                 security_method: req.security_method,
             });
-            r.set_timeout(crate::grpc::inner_budget(budget));
+            r.set_timeout(ccf_core::grpc::inner_budget(budget));
             let answer = gw
                 .clone()
                 .fetch_security_information(r)
@@ -543,7 +543,7 @@ impl Security for SecurityService {
         if !matches!(who.role, Role::Aef(_) | Role::Operator) {
             return Err(role_not_allowed(&who, "read token verification keys"));
         }
-        let budget = crate::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
+        let budget = ccf_core::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
         let req = request.into_inner();
         let issuer = if req.issuer_ccf_id.is_empty() {
             self.state.ccf_id.clone()
@@ -571,7 +571,7 @@ impl Security for SecurityService {
             issuer_ccf_id: issuer.to_string(),
             unknown_kid: req.unknown_kid,
         });
-        r.set_timeout(crate::grpc::inner_budget(budget));
+        r.set_timeout(ccf_core::grpc::inner_budget(budget));
         let set = gw
             .clone()
             .fetch_token_key_set(r)

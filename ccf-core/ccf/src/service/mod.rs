@@ -16,12 +16,12 @@ pub use security::SecurityService;
 use capif_proto::v1::{self as pb, ErrorReason};
 use tonic::{Code, Status};
 
-use crate::grpc::error_status;
-use crate::identity::{PeerIdentity, Role};
-use crate::ids::{AefId, ApiInvokerId, CcfId, IdError};
-use crate::kdf::AefPsk;
 use crate::server::{CcfState, now_ms};
 use crate::store::{SecurityContext, StoreError};
+use ccf_core::grpc::error_status;
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError};
+use ccf_core::kdf::AefPsk;
 
 pub(crate) fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
     error_status(
@@ -49,7 +49,7 @@ pub(crate) fn aef_id(field: &str, s: &str) -> Result<AefId, Status> {
 
 /// A key id a request may leave empty (`presented_key_id`): checked when present.
 pub(crate) fn optional_key_id(field: &str, s: &str) -> Result<(), Status> {
-    crate::ids::KeyId::optional(s)
+    ccf_core::ids::KeyId::optional(s)
         .map(|_| ())
         .map_err(|e| invalid(field, e))
 }
@@ -142,7 +142,7 @@ pub(crate) fn security_information(
         key_id: ctx.key_id.clone(),
         remaining_validity_ms: ctx.expires_at_ms.saturating_sub(now_ms()),
         allowed_api_names: ctx.allowed_apis.iter().map(|a| a.to_string()).collect(),
-        invoker_ca_certificates: if ctx.method == crate::registry::SecurityMethod::Pki {
+        invoker_ca_certificates: if ctx.method == ccf_core::registry::SecurityMethod::Pki {
             vec![state.ca.cert_pem().to_string()]
         } else {
             Vec::new()

@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use capif_ccf::server::{STORE_FILE, StartError, now_ms};
+use capif_ccf::store::SecurityContext;
 use ccf_core::ids::{AefId, ApiInvokerId};
-use ccf_core::server::{STORE_FILE, StartError, now_ms};
-use ccf_core::store::SecurityContext;
 use common::*;
 use tonic::Code;
 
@@ -22,8 +22,8 @@ fn chmod(p: &Path, m: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
 }
 
-async fn start_err(config: ccf_core::config::CcfConfig) -> StartError {
-    match ccf_core::server::start(config).await {
+async fn start_err(config: capif_ccf::config::CcfConfig) -> StartError {
+    match capif_ccf::server::start(config).await {
         Ok(_) => panic!("the CCF started"),
         Err(e) => e,
     }
@@ -42,7 +42,7 @@ async fn state_dir_is_0700_and_the_store_and_key_files_are_0600() {
     );
 
     let state = tmp.path().join("missing-parent").join("state");
-    let ccf = ccf_core::server::start(config(&state, 3600))
+    let ccf = capif_ccf::server::start(config(&state, 3600))
         .await
         .expect("CCF starts");
     assert_eq!(mode(&state), 0o700, "state directory");
@@ -68,7 +68,7 @@ async fn state_dir_is_0700_and_the_store_and_key_files_are_0600() {
 async fn world_readable_store_stops_the_start_with_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join(STORE_FILE);
-    drop(ccf_core::store::Store::open(&store).expect("store"));
+    drop(capif_ccf::store::Store::open(&store).expect("store"));
     chmod(&store, 0o644);
 
     match start_err(config(tmp.path(), 3600)).await {
@@ -86,7 +86,7 @@ async fn world_readable_store_stops_the_start_with_the_fix() {
     assert_eq!(mode(&store), 0o644, "refused, not silently fixed");
 
     chmod(&store, 0o600);
-    let ccf = ccf_core::server::start(config(tmp.path(), 3600))
+    let ccf = capif_ccf::server::start(config(tmp.path(), 3600))
         .await
         .expect("starts once fixed");
     ccf.shutdown().await;
@@ -123,7 +123,7 @@ async fn state_dir_readable_by_others_is_tightened_when_it_is_the_ccfs() {
     )
     .unwrap();
     chmod(&state, 0o755);
-    let ccf = ccf_core::server::start(config(&state, 3600))
+    let ccf = capif_ccf::server::start(config(&state, 3600))
         .await
         .expect("CCF starts");
     assert_eq!(mode(&state), 0o700);
@@ -262,7 +262,7 @@ async fn expired_contexts_are_purged_at_start_and_live_ones_still_answer() {
 
     let TestCcf { ccf, dir } = t;
     ccf.shutdown().await;
-    let ccf = ccf_core::server::start(config(dir.path(), 3600))
+    let ccf = capif_ccf::server::start(config(dir.path(), 3600))
         .await
         .expect("CCF restarts");
     let t = TestCcf { ccf, dir };
@@ -309,7 +309,7 @@ async fn expired_contexts_are_purged_periodically_while_live_ones_answer() {
     let mut c = config(dir.path(), 3600);
     c.security.context_purge_interval_secs = 1;
     let t = TestCcf {
-        ccf: ccf_core::server::start(c).await.expect("CCF starts"),
+        ccf: capif_ccf::server::start(c).await.expect("CCF starts"),
         dir,
     };
     let one = onboard(&t, CREDENTIALS[0]).await.unwrap();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use ccf_core::config::{CcfConfig, DEMO_CONFIG};
+use capif_ccf::config::{CcfConfig, DEMO_CONFIG};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::derive_aefpsk;
@@ -56,7 +56,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ConfigArgs {
-    /// TOML configuration file (see ccf-core/demo/ccf.toml).
+    /// TOML configuration file (see ccf-core/ccf/demo/ccf.toml).
     #[arg(long, short, env = "CCF_CONFIG", required_unless_present = "demo")]
     config: Option<PathBuf>,
     /// Use the demo configuration built into the binary instead of a file.
@@ -185,7 +185,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .ca_cert
         .clone()
         .unwrap_or_else(|| cfg.state_dir.join("ca.pem"));
-    let ccf = ccf_core::server::start(cfg).await?;
+    let ccf = capif_ccf::server::start(cfg).await?;
     println!(
         "ccf ready ccf_id={} onboarding={} capif={} ca={}",
         ccf.state.ccf_id,

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use capif_ccf::config::CcfConfig;
+use capif_ccf::server::RunningCcf;
 use capif_proto::v1::{
     self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
-use ccf_core::config::CcfConfig;
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::pki::IssuedCredential;
-use ccf_core::server::RunningCcf;
 use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use tonic::transport::Channel;
 
@@ -63,7 +63,7 @@ pub struct TestCcf {
 
 pub async fn start(validity_secs: u64) -> TestCcf {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ccf = ccf_core::server::start(config(dir.path(), validity_secs))
+    let ccf = capif_ccf::server::start(config(dir.path(), validity_secs))
         .await
         .expect("CCF starts");
     TestCcf { ccf, dir }

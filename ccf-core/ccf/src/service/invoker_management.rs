@@ -13,11 +13,11 @@ use capif_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use super::{calling_invoker, invalid, store_status};
-use crate::grpc::{caller, error_status};
-use crate::identity::{PeerIdentity, Role};
-use crate::ids::ApiInvokerId;
 use crate::server::{CcfState, credential_digest, now_ms};
 use crate::store::InvokerRecord;
+use ccf_core::grpc::{caller, error_status};
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::ApiInvokerId;
 
 /// The InvokerManagement service.
 #[derive(Clone, Debug)]

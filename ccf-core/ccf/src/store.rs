@@ -16,9 +16,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::ids::{AefId, ApiInvokerId, ApiName, CcfId};
-use crate::kdf::AefPsk;
-use crate::registry::SecurityMethod;
+use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
+use ccf_core::kdf::AefPsk;
+use ccf_core::registry::SecurityMethod;
 
 const INVOKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("invokers");
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("security_contexts");

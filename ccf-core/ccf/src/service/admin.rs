@@ -9,9 +9,9 @@ use capif_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use super::{own_domain, role_not_allowed};
-use crate::grpc::{caller, error_status};
-use crate::identity::Role;
 use crate::server::{CcfState, now_ms};
+use ccf_core::grpc::{caller, error_status};
+use ccf_core::identity::Role;
 
 /// The CcfAdmin service.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use capif_proto::v1::{
     RevocationKind, RevocationNotice, aef_security_client::AefSecurityClient,
@@ -19,25 +19,19 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use crate::config::CcfConfig;
-use crate::grpc::{spawn_server, with_standard_services};
-use crate::identity::{PeerIdentity, Role};
-use crate::ids::CcfId;
-use crate::limits::ConnGate;
-use crate::pki::DomainCa;
-use crate::registry::AefRegistry;
 use crate::service::{
     CcfAdminService, FederationService, InvokerManagementService, SecurityService,
 };
 use crate::store::{Store, StoreError};
-use crate::tls::{ClientAuth, ExpectedPeer, certs_from_pem, server_config};
+use ccf_core::grpc::{spawn_server, with_standard_services};
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::CcfId;
+use ccf_core::limits::ConnGate;
+use ccf_core::pki::DomainCa;
+use ccf_core::registry::AefRegistry;
+use ccf_core::tls::{ClientAuth, ExpectedPeer, certs_from_pem, server_config};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use ccf_core::clock::now_ms;
 
 /// Why a CCF could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +44,10 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     /// The PKI.
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    Pki(#[from] ccf_core::pki::PkiError),
     /// TLS material.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] ccf_core::tls::TlsError),
     /// A listener.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -64,7 +58,7 @@ pub enum StartError {
     },
     /// The token signing keys.
     #[error(transparent)]
-    Token(#[from] crate::token::TokenError),
+    Token(#[from] ccf_core::token::TokenError),
     /// The state store file can be read or written by users other than the CCF's. It is refused,
     /// not fixed: the AEFPSKs in it may already have been read.
     #[error(
@@ -125,12 +119,14 @@ pub struct CcfState {
     /// Requests answered for partner domains (through the gateway), for inspection and tests.
     pub partner_requests: std::sync::atomic::AtomicU64,
     /// AefSecurity clients of this domain's AEFs that have a security endpoint.
-    pub aefs:
-        std::collections::BTreeMap<crate::ids::AefId, AefSecurityClient<tonic::transport::Channel>>,
+    pub aefs: std::collections::BTreeMap<
+        ccf_core::ids::AefId,
+        AefSecurityClient<tonic::transport::Channel>,
+    >,
     /// CAPIF-6 client of this domain's gateway, when one is configured.
     pub gateway: Option<GatewayClient<tonic::transport::Channel>>,
     /// Method 3: the access-token signing keys.
-    pub token_keys: crate::token::TokenKeys,
+    pub token_keys: ccf_core::token::TokenKeys,
     /// Method 3: lifetime of issued tokens.
     pub token_lifetime: Duration,
     /// Method 3: the refresh interval advertised with the key set.
@@ -157,7 +153,7 @@ impl CcfState {
     /// Hands a revocation of one of this domain's invokers on: to the gateway, which pushes it to
     /// every partner that fetched the invoker's keys, and to the affected AEFs of this domain.
     /// Runs in the background: the RPC that caused it has committed and must not wait.
-    pub fn publish_revocation(&self, notice: RevocationNotice, affected: &[crate::ids::AefId]) {
+    pub fn publish_revocation(&self, notice: RevocationNotice, affected: &[ccf_core::ids::AefId]) {
         let affected = Some(affected);
         tracing::info!(
             api_invoker_id = %notice.api_invoker_id,
@@ -185,7 +181,7 @@ impl CcfState {
     pub fn revoke_at_aefs(
         &self,
         notice: &RevocationNotice,
-        affected: Option<&[crate::ids::AefId]>,
+        affected: Option<&[ccf_core::ids::AefId]>,
     ) {
         if notice.kind() == RevocationKind::KeyReplacedByNewer {
             return;
@@ -278,7 +274,7 @@ fn prepare_state_dir(dir: &std::path::Path) -> Result<(), StartError> {
         path: dir.to_path_buf(),
         source,
     };
-    crate::pki::create_private_dir(dir).map_err(io)?;
+    ccf_core::pki::create_private_dir(dir).map_err(io)?;
     let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o7777;
     if mode & 0o077 == 0 {
         return Ok(());
@@ -393,7 +389,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             "token.lifetime_secs and token.key_set_refresh_secs must be at least 1".into(),
         ));
     }
-    let token_keys = crate::token::TokenKeys::load_or_generate(
+    let token_keys = ccf_core::token::TokenKeys::load_or_generate(
         &config.state_dir,
         config.token.lifetime_secs,
         now_ms(),
@@ -413,13 +409,17 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         Some(g) => {
             // Only the own domain's gateway: any other certificate of this CA that may serve
             // (an AEF's) must not receive revocations and partner queries.
-            let tls = crate::tls::client_config(
+            let tls = ccf_core::tls::client_config(
                 ca.cert_pem(),
                 Some((&chain, &own.key_pem)),
                 ExpectedPeer::gateway(&ccf_id),
             )?;
-            let channel =
-                crate::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
+            let channel = ccf_core::tls::connect_lazy(
+                &g.address,
+                &g.server_name,
+                tls,
+                Duration::from_secs(1),
+            )?;
             Some(
                 GatewayClient::new(channel)
                     .max_decoding_message_size(config.limits.max_message_bytes),
@@ -431,12 +431,12 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     for e in registry.iter().filter(|e| e.ccf_id == ccf_id) {
         if let Some((addr, name)) = &e.security_endpoint {
             // Exactly this AEF: a revocation meant for it must not reach another holder.
-            let tls = crate::tls::client_config(
+            let tls = ccf_core::tls::client_config(
                 ca.cert_pem(),
                 Some((&chain, &own.key_pem)),
                 ExpectedPeer::aef(&ccf_id, &e.aef_id),
             )?;
-            let channel = crate::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
+            let channel = ccf_core::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
             aefs.insert(
                 e.aef_id.clone(),
                 AefSecurityClient::new(channel)

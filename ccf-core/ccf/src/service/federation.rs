@@ -18,10 +18,10 @@ use super::{
     aef_id, ccf_id, invalid, invoker_id, optional_key_id, own_domain, role_not_allowed,
     security_information, valid_context,
 };
-use crate::grpc::{caller, error_status};
-use crate::identity::Role;
-use crate::registry::SecurityMethod;
 use crate::server::CcfState;
+use ccf_core::grpc::{caller, error_status};
+use ccf_core::identity::Role;
+use ccf_core::registry::SecurityMethod;
 
 /// The Federation service.
 #[derive(Clone, Debug)]
@@ -114,10 +114,10 @@ impl Federation for FederationService {
         }
         let n = request.into_inner();
         // The gateway has evicted its cache; the AEFs drop the key and close the connections.
-        let affected: Vec<crate::ids::AefId> = n
+        let affected: Vec<ccf_core::ids::AefId> = n
             .aef_ids
             .iter()
-            .filter_map(|a| crate::ids::AefId::new(a.clone()).ok())
+            .filter_map(|a| ccf_core::ids::AefId::new(a.clone()).ok())
             .collect();
         // An empty list in a notice means every AEF.
         self.state
@@ -160,7 +160,7 @@ impl Federation for FederationService {
         Ok(Response::new(self.state.token_keys.key_set(
             self.state.ccf_id.as_str(),
             self.state.key_set_refresh_secs,
-            crate::server::now_ms(),
+            ccf_core::clock::now_ms(),
         )))
     }
 }

@@ -76,7 +76,7 @@ async fn key_differs_per_aef_and_per_tls_session() {
 
 #[test]
 fn cli_kdf_matches_the_python_vectors() {
-    let text = include_str!("vectors/aefpsk_vectors.json");
+    let text = include_str!("../../tests/vectors/aefpsk_vectors.json");
     let vectors: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
     for v in vectors.iter().take(3) {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ccf"))
@@ -105,7 +105,7 @@ fn cli_kdf_matches_the_python_vectors() {
 
 #[test]
 fn python_script_reproduces_the_committed_vectors() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/vectors");
     let out = std::process::Command::new("python3")
         .arg(format!("{dir}/aefpsk_vectors.py"))
         .output()
@@ -117,7 +117,7 @@ fn python_script_reproduces_the_committed_vectors() {
     );
     let fresh: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let committed: serde_json::Value =
-        serde_json::from_str(include_str!("vectors/aefpsk_vectors.json")).unwrap();
+        serde_json::from_str(include_str!("../../tests/vectors/aefpsk_vectors.json")).unwrap();
     assert_eq!(
         fresh, committed,
         "regenerate the vectors: the script and its output disagree"
