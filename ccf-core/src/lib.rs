@@ -19,7 +19,6 @@
 //! - [`registry`] — the AEF registry and the canonical interface string.
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
 //! - [`clock`] — wall-clock milliseconds.
-//! - [`testkit`] — helpers for the crates' integration tests (grpcurl).
 
 pub mod clock;
 pub mod grpc;
@@ -29,6 +28,5 @@ pub mod kdf;
 pub mod limits;
 pub mod pki;
 pub mod registry;
-pub mod testkit;
 pub mod tls;
 pub mod token;

@@ -1,16 +1,14 @@
 //! The gateway's acceptance tests: real CCFs and gateways of several domains with their own CAs,
 //! real mutual TLS, and a real DNS server on loopback.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use capif_proto::v1::{self as pb, interconnect_client::InterconnectClient};
+use capif_testkit::federation::*;
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::pki::DomainCa;
-use common::*;
 use tonic::Code;
 
 const A: &str = "operator-a.test";
@@ -289,7 +287,7 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
         .values()
         .map(|d| (d.id.clone(), if d.id == B { port } else { d.gw6e_port }))
         .collect();
-    let dns = Dns::start(&srv).await;
+    let dns = Dns::start(&srv).await.expect("DNS server");
     let mut cfg = t.d(A).gw_config.clone();
     cfg.dns.nameserver = Some(dns.addr.to_string());
     cfg.listen.capif6 = "127.0.0.1:0".into();

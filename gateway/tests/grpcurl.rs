@@ -1,13 +1,11 @@
 //! Acceptance 8: the real grpcurl lists the gateway's services and reads the admin counters, with
 //! an operator certificate of the domain, as an operator would.
 
-mod common;
-
 use std::time::Duration;
 
+use capif_testkit::federation::*;
+use capif_testkit::grpcurl::grpcurl_ok;
 use ccf_core::identity::Role;
-use ccf_core::testkit::grpcurl_ok;
-use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_services_and_reads_counters() {

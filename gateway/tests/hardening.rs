@@ -3,8 +3,6 @@
 //! fetches than the budgets allow, nor starve other partners; oversized or malformed key ids are
 //! refused at the AEF; invokers of two domains are kept apart at one AEF.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -12,10 +10,10 @@ use aef_stub::identity::PskIdentity;
 use capif_proto::v1::{
     self as pb, aef_security_client::AefSecurityClient, demo_api_client::DemoApiClient,
 };
+use capif_testkit::federation::*;
 use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
-use common::*;
 use tonic::Code;
 use tonic::transport::Channel;
 

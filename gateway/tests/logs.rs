@@ -2,13 +2,11 @@
 //! every log event (TRACE and up, every crate) of a full cross-domain run, including a revocation,
 //! and searches them for the AEFPSK in the forms it could take.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use capif_testkit::federation::*;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);

@@ -4,16 +4,14 @@
 //! valid certificate of the right CA, but of the wrong role, sits where a client expects its
 //! CCF, its gateway or an AEF, and the real client refuses it.
 
-mod common;
-
 use std::net::SocketAddr;
 
 use capif_proto::v1 as pb;
+use capif_testkit::federation::*;
 use ccf_core::identity::Role;
 use ccf_core::ids::AefId;
 use ccf_core::pki::IssuedCredential;
 use ccf_core::tls::{ClientAuth, ExpectedPeer, server_config};
-use common::*;
 use tokio::net::TcpListener;
 use tonic::Code;
 

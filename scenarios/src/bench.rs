@@ -35,7 +35,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::invoker::{self, Profile};
 use crate::scenario::Scenario;
-use crate::testbed::{Testbed, spawn_ready};
+use crate::testbed::{DomainPlan, Testbed, spawn_ready};
 
 /// Sizes and durations of a run.
 #[derive(Clone, Debug)]
@@ -447,7 +447,38 @@ async fn cases(
 ) -> Result<()> {
     let a = tb.domains["operator-a.test"].clone();
     let b = tb.domains["operator-b.test"].clone();
-    say(format!(
+    say(machine_line());
+    say(format!("settings: {opts:?}"));
+    let (names, ids) = onboard_invokers(opts, &b, run_dir, say).await?;
+    let targets = Targets::up(tb, &a, run_dir, capif_bin).await?;
+
+    let ids = Arc::new(ids);
+    let (misses_ids, rest) = ids.split_at(opts.unique_keys);
+    let (flow_ids, hot) = rest.split_at(opts.flows);
+    let misses_ids = Arc::new(misses_ids.to_vec());
+    let hot = Arc::new(vec![hot[0].clone()]);
+    let storm_id = rest.last().cloned().unwrap_or_default();
+
+    let (floor_a, subj_a) = case_a(opts, &targets, &hot, say).await?;
+    let (floor_b, subj_b) = case_b(opts, &targets, &misses_ids, say).await;
+    let (floor_c, subj_c) = case_c(opts, tb, &a, &targets, &hot, say).await?;
+    let d = case_d(opts, tb, &a, run_dir, &names, flow_ids, say).await?;
+    case_e(opts, tb, &a, &targets, storm_id, say).await?;
+    case_f(opts, capif_bin, say).await?;
+    for m in [&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d] {
+        if m.errors > 0 {
+            bail!(
+                "a case had errors: {}",
+                m.first_error.clone().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The first line of the report: cores and CPU model, without which no number means much.
+fn machine_line() -> String {
+    format!(
         "machine: {} cores; {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -463,10 +494,18 @@ async fn cases(
                     .to_string())
             )
             .unwrap_or_default()
-    ));
-    say(format!("settings: {opts:?}"));
+    )
+}
 
-    // Invokers of B with a key for A's AEF.
+/// Invokers of B with a key for A's AEF: onboards every bench invoker (32 at a time) and has
+/// each obtain a security method for aef-weather. Returns the member names and the
+/// apiInvokerIds.
+async fn onboard_invokers(
+    opts: &BenchOpts,
+    b: &DomainPlan,
+    run_dir: &Path,
+    say: &mut impl FnMut(String),
+) -> Result<(Vec<String>, Vec<String>)> {
     let setup = Instant::now();
     let names: Vec<String> = (1..=opts.unique_keys + opts.flows + 2)
         .map(|i| format!("bench-{i}"))
@@ -499,79 +538,112 @@ async fn cases(
         ids.len(),
         setup.elapsed().as_secs_f64()
     ));
+    Ok((names, ids))
+}
 
-    let a_id = CcfId::new("operator-a.test")?;
-    let ccf_cred = credential(tb, "operator-a.test", Role::Ccf)?;
-    let gw_a = channel(
-        &format!("127.0.0.1:{}", a.gw6_port),
-        &ccf_cred,
-        ExpectedPeer::gateway(&a_id),
-    )
-    .await?;
-    let tls = TlsFiles {
-        ca: a.ca_pem(),
-        server_cert: a.dir.join("gateway.pem"),
-        server_key: a.dir.join("gateway.key"),
-    };
-    let (f1, _c1) = floor_chain(capif_bin, run_dir, &tls, 1).await?;
-    let (f2, _c2) = floor_chain(capif_bin, run_dir, &tls, 2).await?;
-    let (f3, _c3) = floor_chain(capif_bin, run_dir, &tls, 3).await?;
-    // The floor hops serve A's gateway certificate.
-    let floor1 = channel(&f1, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
-    let floor2 = channel(&f2, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
-    let floor3 = channel(&f3, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
+/// What the latency cases measure against: gateway-A's CAPIF-6 listener (as CCF-A) and the
+/// first hops of floor chains of 1, 2 and 3 bare hops. The floor processes live as long as
+/// this does.
+struct Targets {
+    a_id: CcfId,
+    gw_a: Channel,
+    floor1: Channel,
+    floor2: Channel,
+    floor3: Channel,
+    _floor_hops: [Vec<Child>; 3],
+}
 
-    let fetch = |ch: Channel, ids: Arc<Vec<String>>| {
-        move |i: u64| {
-            let mut c = GatewayClient::new(ch.clone());
-            let id = ids[i as usize % ids.len()].clone();
-            async move {
-                c.fetch_security_information(query(&id))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| anyhow!("{e}"))
-            }
+impl Targets {
+    async fn up(tb: &Testbed, a: &DomainPlan, run_dir: &Path, capif_bin: &Path) -> Result<Self> {
+        let a_id = CcfId::new("operator-a.test")?;
+        let ccf_cred = credential(tb, "operator-a.test", Role::Ccf)?;
+        let gw_a = channel(
+            &format!("127.0.0.1:{}", a.gw6_port),
+            &ccf_cred,
+            ExpectedPeer::gateway(&a_id),
+        )
+        .await?;
+        let tls = TlsFiles {
+            ca: a.ca_pem(),
+            server_cert: a.dir.join("gateway.pem"),
+            server_key: a.dir.join("gateway.key"),
+        };
+        let (f1, c1) = floor_chain(capif_bin, run_dir, &tls, 1).await?;
+        let (f2, c2) = floor_chain(capif_bin, run_dir, &tls, 2).await?;
+        let (f3, c3) = floor_chain(capif_bin, run_dir, &tls, 3).await?;
+        // The floor hops serve A's gateway certificate.
+        let floor1 = channel(&f1, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
+        let floor2 = channel(&f2, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
+        let floor3 = channel(&f3, &ccf_cred, ExpectedPeer::gateway(&a_id)).await?;
+        Ok(Self {
+            a_id,
+            gw_a,
+            floor1,
+            floor2,
+            floor3,
+            _floor_hops: [c1, c2, c3],
+        })
+    }
+}
+
+/// One CAPIF-6 lookup per operation over `ch`, cycling through `ids`.
+fn fetch(
+    ch: Channel,
+    ids: Arc<Vec<String>>,
+) -> impl Fn(u64) -> (impl Future<Output = Result<()>> + Send) + Clone + Send + Sync + 'static {
+    move |i: u64| {
+        let mut c = GatewayClient::new(ch.clone());
+        let id = ids[i as usize % ids.len()].clone();
+        async move {
+            c.fetch_security_information(query(&id))
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e}"))
         }
-    };
-    let ids = Arc::new(ids);
-    let (misses_ids, rest) = ids.split_at(opts.unique_keys);
-    let (flow_ids, hot) = rest.split_at(opts.flows);
-    let misses_ids = Arc::new(misses_ids.to_vec());
-    let hot = Arc::new(vec![hot[0].clone()]);
-    let storm_id = rest.last().cloned().unwrap_or_default();
+    }
+}
 
-    // (a) cache hit at gateway-A vs one bare hop.
-    GatewayClient::new(gw_a.clone())
+/// Closed-loop warm-up before a latency case.
+const WARM_UP: Duration = Duration::from_millis(300);
+
+/// (a) cache hit at gateway-A vs one bare hop: closed loop, then open loop at half the floor's
+/// closed-loop throughput. Returns the closed-loop floor and subject.
+async fn case_a(
+    opts: &BenchOpts,
+    t: &Targets,
+    hot: &Arc<Vec<String>>,
+    say: &mut impl FnMut(String),
+) -> Result<(Measured, Measured)> {
+    GatewayClient::new(t.gw_a.clone())
         .fetch_security_information(query(&hot[0]))
         .await
         .context("warming the cache")?;
-    let warm = Duration::from_millis(300);
     closed_loop(
         opts.concurrency,
-        warm,
+        WARM_UP,
         None,
-        fetch(floor1.clone(), hot.clone()),
+        fetch(t.floor1.clone(), hot.clone()),
     )
     .await;
     closed_loop(
         opts.concurrency,
-        warm,
+        WARM_UP,
         None,
-        fetch(gw_a.clone(), hot.clone()),
+        fetch(t.gw_a.clone(), hot.clone()),
     )
     .await;
     let floor_a = closed_loop(
         opts.concurrency,
         opts.duration,
         None,
-        fetch(floor1.clone(), hot.clone()),
+        fetch(t.floor1.clone(), hot.clone()),
     )
     .await;
     let subj_a = closed_loop(
         opts.concurrency,
         opts.duration,
         None,
-        fetch(gw_a.clone(), hot.clone()),
+        fetch(t.gw_a.clone(), hot.clone()),
     )
     .await;
     say(String::new());
@@ -580,8 +652,8 @@ async fn cases(
     say(subj_a.line("  gateway-A, cache hit"));
     say(ratio_line("a", &subj_a, &floor_a, 1.3, 0.75));
     let rate = (floor_a.throughput() * 0.5).max(10.0) as u64;
-    let open_floor = open_loop(rate, opts.duration, fetch(floor1.clone(), hot.clone())).await;
-    let open_subj = open_loop(rate, opts.duration, fetch(gw_a.clone(), hot.clone())).await;
+    let open_floor = open_loop(rate, opts.duration, fetch(t.floor1.clone(), hot.clone())).await;
+    let open_subj = open_loop(rate, opts.duration, fetch(t.gw_a.clone(), hot.clone())).await;
     say(format!(
         "    open loop at {rate} ops/s (half the floor's closed-loop throughput):"
     ));
@@ -591,21 +663,29 @@ async fn cases(
         "    open-loop p50 ratio {:.2}",
         open_subj.q(0.5) / open_floor.q(0.5)
     ));
+    Ok((floor_a, subj_a))
+}
 
-    // (b) misses with unique keys: client -> gw-A -> gw-B -> CCF-B vs 3 bare hops.
+/// (b) misses with unique keys: client -> gw-A -> gw-B -> CCF-B vs 3 bare hops, each key once.
+async fn case_b(
+    opts: &BenchOpts,
+    t: &Targets,
+    misses_ids: &Arc<Vec<String>>,
+    say: &mut impl FnMut(String),
+) -> (Measured, Measured) {
     let n = misses_ids.len() as u64;
     let floor_b = closed_loop(
         opts.concurrency,
         Duration::from_secs(3600),
         Some(n),
-        fetch(floor3.clone(), misses_ids.clone()),
+        fetch(t.floor3.clone(), misses_ids.clone()),
     )
     .await;
     let subj_b = closed_loop(
         opts.concurrency,
         Duration::from_secs(3600),
         Some(n),
-        fetch(gw_a.clone(), misses_ids.clone()),
+        fetch(t.gw_a.clone(), misses_ids.clone()),
     )
     .await;
     say(String::new());
@@ -615,13 +695,23 @@ async fn cases(
     say(floor_b.line("  floor: chain of 3 bare hops"));
     say(subj_b.line("  gateway-A miss"));
     say(ratio_line("b", &subj_b, &floor_b, 1.2, 0.0));
+    (floor_b, subj_b)
+}
 
-    // (c) AEF -> CCF-A -> gateway-A (hit) vs 2 bare hops.
+/// (c) AEF -> CCF-A -> gateway-A (hit) vs 2 bare hops.
+async fn case_c(
+    opts: &BenchOpts,
+    tb: &Testbed,
+    a: &DomainPlan,
+    t: &Targets,
+    hot: &Arc<Vec<String>>,
+    say: &mut impl FnMut(String),
+) -> Result<(Measured, Measured)> {
     let aef_cred = credential(tb, "operator-a.test", Role::Aef(AefId::new("aef-weather")?))?;
     let ccf_a = channel(
         &format!("127.0.0.1:{}", a.capif_port),
         &aef_cred,
-        ExpectedPeer::ccf(&a_id),
+        ExpectedPeer::ccf(&t.a_id),
     )
     .await?;
     let aef_op = {
@@ -646,19 +736,19 @@ async fn cases(
             }
         }
     };
-    closed_loop(opts.concurrency, warm, None, aef_op.clone()).await;
+    closed_loop(opts.concurrency, WARM_UP, None, aef_op.clone()).await;
     closed_loop(
         opts.concurrency,
-        warm,
+        WARM_UP,
         None,
-        fetch(floor2.clone(), hot.clone()),
+        fetch(t.floor2.clone(), hot.clone()),
     )
     .await;
     let floor_c = closed_loop(
         opts.concurrency,
         opts.duration,
         None,
-        fetch(floor2.clone(), hot.clone()),
+        fetch(t.floor2.clone(), hot.clone()),
     )
     .await;
     let subj_c = closed_loop(opts.concurrency, opts.duration, None, aef_op).await;
@@ -667,8 +757,20 @@ async fn cases(
     say(floor_c.line("  floor: chain of 2 bare hops"));
     say(subj_c.line("  AEF -> CCF-A -> gateway-A"));
     say(ratio_line("c", &subj_c, &floor_c, 1.2, 0.0));
+    Ok((floor_c, subj_c))
+}
 
-    // (d) full invoker flows per second.
+/// (d) full invoker flows per second: the invokers of `flow_ids`, each flow CAPIF-1e security,
+/// Authentication Initiation at A's AEF, TLS-PSK handshake and one API call.
+async fn case_d(
+    opts: &BenchOpts,
+    tb: &Testbed,
+    a: &DomainPlan,
+    run_dir: &Path,
+    names: &[String],
+    flow_ids: &[String],
+    say: &mut impl FnMut(String),
+) -> Result<Measured> {
     let aef_plan = tb.aefs["aef-weather"].clone();
     let flow_profiles: Arc<Vec<PathBuf>> = Arc::new(
         flow_ids
@@ -722,13 +824,24 @@ async fn cases(
     say("(d) full invoker flow (CAPIF-1e security + auth init at AEF-A + TLS-PSK handshake + API call), cross-domain".into());
     say(d.line("  invoker of B at A's AEF"));
     say(format!("    {:.0} flows per second", d.throughput()));
+    Ok(d)
+}
 
-    // (e) coalescing storm.
+/// (e) coalescing storm: `opts.storm` concurrent misses for one key; gateway-A's counters
+/// before and after tell how many went upstream.
+async fn case_e(
+    opts: &BenchOpts,
+    tb: &Testbed,
+    a: &DomainPlan,
+    t: &Targets,
+    storm_id: String,
+    say: &mut impl FnMut(String),
+) -> Result<()> {
     let admin_cred = credential(tb, "operator-a.test", Role::Operator)?;
     let admin = channel(
         &format!("127.0.0.1:{}", a.gw6_port),
         &admin_cred,
-        ExpectedPeer::gateway(&a_id),
+        ExpectedPeer::gateway(&t.a_id),
     )
     .await?;
     let before = GatewayAdminClient::new(admin.clone())
@@ -740,7 +853,7 @@ async fn cases(
         opts.storm,
         Duration::from_secs(3600),
         Some(opts.storm as u64),
-        fetch(gw_a.clone(), storm_ids),
+        fetch(t.gw_a.clone(), storm_ids),
     )
     .await;
     let after = GatewayAdminClient::new(admin)
@@ -767,11 +880,14 @@ async fn cases(
             e.first_error.clone().unwrap_or_default()
         ));
     }
+    Ok(())
+}
 
-    // (f) memory per cached entry.
+/// (f) memory per cached entry, each count in a fresh `capif bench-memory` process: RSS of this
+/// one is already grown by the other cases.
+async fn case_f(opts: &BenchOpts, capif_bin: &Path, say: &mut impl FnMut(String)) -> Result<()> {
     say(String::new());
     say("(f) memory per cached entry (gateway cache in this process, RSS delta)".into());
-    // Each count in a fresh process: RSS of this one is already grown by the other cases.
     for n in &opts.mem_entries {
         let out = tokio::process::Command::new(capif_bin)
             .args(["bench-memory", "--entries", &n.to_string()])
@@ -781,14 +897,6 @@ async fn cases(
             bail!("bench-memory: {}", String::from_utf8_lossy(&out.stderr));
         }
         say(String::from_utf8_lossy(&out.stdout).trim_end().to_string());
-    }
-    for m in [&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d] {
-        if m.errors > 0 {
-            bail!(
-                "a case had errors: {}",
-                m.first_error.clone().unwrap_or_default()
-            );
-        }
     }
     Ok(())
 }

@@ -3,17 +3,13 @@
 //! own domain and across domains through the gateways. Refusals are checked at the handshake,
 //! with the AEF's log reason.
 
-#[path = "../../gateway/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aef_stub::psk::TlsProfile;
 use capif_scenarios::invoker::{self, Profile};
-use common::*;
-use support::{logs, profile, wait_for_log};
+use capif_testkit::federation::*;
+use capif_testkit::logs;
 
 const A: &str = "operator-a.test";
 const B: &str = "operator-b.test";
@@ -65,7 +61,6 @@ fn opts() -> Options {
 /// Acceptance 1: single domain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_domain_flow_succeeds() {
-    logs();
     let t = Testbed::start(opts()).await;
     let p = profile(&t, A, "c0").await;
     let r = flow(&t, &p, "aef-a1", "api-aef-a1")
@@ -87,7 +82,6 @@ async fn single_domain_flow_succeeds() {
 /// Acceptance 2: across two domains; the AEF's key came from CCF-B through the gateways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_domain_flow_succeeds_through_the_gateways() {
-    logs();
     let t = Testbed::start(opts()).await;
     let p = profile(&t, B, "c0").await;
     let r = flow(&t, &p, "aef-a1", "api-aef-a1")
@@ -122,7 +116,7 @@ async fn cross_domain_flow_succeeds_through_the_gateways() {
 /// Acceptance 3: wrong key, unknown identity, expired key, revoked invoker, unauthorized API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_each_have_their_reason() {
-    logs();
+    let logs = logs::capture().await;
     let t = Testbed::start(Options {
         validity_secs: 3,
         margin_ms: 200,
@@ -146,7 +140,8 @@ async fn refusals_each_have_their_reason() {
             .await
             .is_err()
     );
-    wait_for_log(&["PSK handshake refused", "wrong key", p.id()]).await;
+    logs.wait_for(&["PSK handshake refused", "wrong key", p.id()])
+        .await;
 
     // Unknown identity: a key the AEF was never told about (no Authentication Initiation).
     let q = profile(&t, A, "c1").await;
@@ -156,7 +151,8 @@ async fn refusals_each_have_their_reason() {
             .await
             .is_err()
     );
-    wait_for_log(&["PSK handshake refused", "unknown identity", q.id()]).await;
+    logs.wait_for(&["PSK handshake refused", "unknown identity", q.id()])
+        .await;
 
     // Unauthorized API: authorized for api-aef-a1 only, calls admin-aef-a1.
     let r = profile(&t, A, "c2").await;
@@ -200,13 +196,15 @@ async fn refusals_each_have_their_reason() {
         })
         .await
         .unwrap();
-    wait_for_log(&["authorization revoked by the CCF", v.id()]).await;
+    logs.wait_for(&["authorization revoked by the CCF", v.id()])
+        .await;
     assert!(
         invoker::call(&v, &kv, &av.tls_endpoint, "api-aef-a1", TlsProfile::Tls13)
             .await
             .is_err()
     );
-    wait_for_log(&["PSK handshake refused", "revoked invoker", v.id()]).await;
+    logs.wait_for(&["PSK handshake refused", "revoked invoker", v.id()])
+        .await;
 
     // Expired key: validity 3 s; the AEF's own timer runs out.
     let x = profile(&t, A, "c4").await;
@@ -218,7 +216,8 @@ async fn refusals_each_have_their_reason() {
             .await
             .is_err()
     );
-    wait_for_log(&["PSK handshake refused", "expired key", x.id()]).await;
+    logs.wait_for(&["PSK handshake refused", "expired key", x.id()])
+        .await;
     bad.aef_psk_hex.clear();
 }
 
@@ -226,7 +225,6 @@ async fn refusals_each_have_their_reason() {
 /// caches the old key: its next attempt succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reauthentication_at_home_does_not_lock_the_invoker_out() {
-    logs();
     let t = Testbed::start(opts()).await;
     let p = profile(&t, B, "c0").await;
     let first = flow(&t, &p, "aef-a1", "api-aef-a1").await.unwrap();

@@ -2,22 +2,18 @@
 //! the real CCF, gateways and AEF stub, in one domain and across two: the invoker's call
 //! succeeds, and each forbidden case is refused with its own reason in the AEF's log.
 
-#[path = "../../gateway/tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::time::Duration;
 
 use aef_stub::psk::TlsProfile;
 use capif_proto::v1::{self as pb, SecurityMethod};
 use capif_scenarios::invoker::{self, AefTarget, Profile};
+use capif_testkit::federation::*;
+use capif_testkit::logs;
 use ccf_core::clock::now_ms;
 use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::pki::DomainCa;
 use ccf_core::token::{AccessTokenClaims, Expected, KnownCaller, TokenKeys, refusal_check, verify};
-use common::*;
-use support::{logs, profile, wait_for_log};
 
 const A: &str = "operator-a.test";
 const B: &str = "operator-b.test";
@@ -87,7 +83,7 @@ fn err_text(e: anyhow::Error) -> String {
 /// Acceptance 1 for both methods, in one domain and across two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_methods_work_in_one_domain_and_across_two() {
-    logs();
+    let logs = logs::capture().await;
     let t = Testbed::start(opts()).await;
     for (home, cred) in [(A, "c0"), (B, "c0")] {
         let p = profile(&t, home, cred).await;
@@ -110,13 +106,13 @@ async fn both_methods_work_in_one_domain_and_across_two() {
             >= 1
     );
     // And B's key set reached A's gateway (method 3 across domains).
-    wait_for_log(&["partner token keys fetched", B]).await;
+    logs.wait_for(&["partner token keys fetched", B]).await;
 }
 
 /// Acceptance 2: PKI refusals, each with its own reason in the AEF's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
-    logs();
+    let logs = logs::capture().await;
     let t = Testbed::start(opts()).await;
     let (_, ca) = aef_a1(&t);
     let x = profile(&t, B, "c1").await;
@@ -155,7 +151,8 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     .await
     .expect_err("a certificate from an unfederated CA is refused");
     let _ = err_text(e);
-    wait_for_log(&["certificate refused", x.id(), "unfederated CA"]).await;
+    logs.wait_for(&["certificate refused", x.id(), "unfederated CA"])
+        .await;
 
     // Y's genuine certificate, presenting X.
     let y = profile(&t, B, "c2").await;
@@ -175,7 +172,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     .expect_err("a certificate naming another invoker is refused");
     let e = err_text(e);
     assert!(e.contains("CERTIFICATE_REFUSED"), "{e}");
-    wait_for_log(&[
+    logs.wait_for(&[
         "certificate refused",
         &format!("names API invoker {}", y.id()),
         x.id(),
@@ -200,7 +197,8 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .await
         .is_err()
     );
-    wait_for_log(&["certificate refused", z.id(), "initiated no authentication"]).await;
+    logs.wait_for(&["certificate refused", z.id(), "initiated no authentication"])
+        .await;
 
     // X revoked at home (B's operator): the revocation reaches A's AEF through the gateways.
     let ch = operator_channel(&t, B).await;
@@ -214,7 +212,8 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         })
         .await
         .unwrap();
-    wait_for_log(&["authorization revoked by the CCF", x.id()]).await;
+    logs.wait_for(&["authorization revoked by the CCF", x.id()])
+        .await;
     assert!(
         invoker::call_pki(
             &x,
@@ -228,7 +227,8 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .await
         .is_err()
     );
-    wait_for_log(&["certificate refused", x.id(), "revoked invoker"]).await;
+    logs.wait_for(&["certificate refused", x.id(), "revoked invoker"])
+        .await;
     // Y is untouched.
     invoker::call_pki(
         &y,
@@ -263,7 +263,7 @@ fn claims(iss: &str, sub: &str, scope: &str, exp: u64) -> AccessTokenClaims {
 /// by domain A without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
-    logs();
+    let logs = logs::capture().await;
     let t = Testbed::start(opts()).await;
     let (addr, ca) = aef_a1(&t);
     let p = profile(&t, B, "c4").await;
@@ -325,7 +325,8 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
     );
     let e = err_text(call(tampered).await.unwrap_err());
     assert!(e.contains("INVALID_TOKEN"), "{e}");
-    wait_for_log(&["access token refused", "bad signature"]).await;
+    logs.wait_for(&["access token refused", "bad signature"])
+        .await;
 
     // Expired beyond the 30 s leeway, signed by B's real key.
     let expired = t
@@ -342,7 +343,7 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
         .unwrap();
     let e = err_text(call(expired).await.unwrap_err());
     assert!(e.contains("INVALID_TOKEN"), "{e}");
-    wait_for_log(&["access token refused", "expired"]).await;
+    logs.wait_for(&["access token refused", "expired"]).await;
 
     // Scope naming another AEF, and one naming another API of this AEF.
     for scope in ["3gpp#aef-b1:api-aef-b1", "3gpp#aef-a1:admin-aef-a1"] {
@@ -356,7 +357,8 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
         let e = err_text(call(t2).await.unwrap_err());
         assert!(e.contains("INSUFFICIENT_SCOPE"), "{scope}: {e}");
     }
-    wait_for_log(&["API call refused: not authorized", "OAUTH"]).await;
+    logs.wait_for(&["API call refused: not authorized", "OAUTH"])
+        .await;
 
     // A domain that is not a partner: its own key, its own issuer name.
     let dir = tempfile::tempdir().unwrap();
@@ -371,7 +373,8 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
         .unwrap();
     let e = err_text(call(foreign).await.unwrap_err());
     assert!(e.contains("INVALID_TOKEN"), "{e}");
-    wait_for_log(&["access token refused", "operator-x.test", "not a partner"]).await;
+    logs.wait_for(&["access token refused", "operator-x.test", "not a partner"])
+        .await;
 
     // B's name, a key B does not publish.
     let unknown = stranger
@@ -385,7 +388,7 @@ async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let e = err_text(call(unknown).await.unwrap_err());
     assert!(e.contains("INVALID_TOKEN"), "{e}");
-    wait_for_log(&[
+    logs.wait_for(&[
         "access token refused",
         &stranger.current_kid(),
         "does not publish",
@@ -460,7 +463,7 @@ fn assert_token_refused(r: Result<pb::InvokeResponse, tonic::Status>, check: &st
 /// is A's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() {
-    logs();
+    let logs = logs::capture().await;
     let t = Testbed::start(opts()).await;
     let (addr, ca) = aef_a1(&t);
     let x = profile(&t, B, "c5").await;
@@ -517,7 +520,8 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
         "SUBJECT_MISMATCH",
     );
     assert!(msg.contains(x.id()) && msg.contains(y.id()), "{msg}");
-    wait_for_log(&["access token refused", "SUBJECT_MISMATCH", y.id()]).await;
+    logs.wait_for(&["access token refused", "SUBJECT_MISMATCH", y.id()])
+        .await;
 
     // Y presents its own certificate (method 2 negotiated, so the handshake passes) and X's
     // token, naming nobody: the certificate names the caller, and it is not X.
@@ -577,5 +581,6 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
     call_a1(&t, &near, Some(x.id()), None)
         .await
         .expect("nbf and iat within the leeway");
-    wait_for_log(&["access token refused", "ISSUED_IN_FUTURE"]).await;
+    logs.wait_for(&["access token refused", "ISSUED_IN_FUTURE"])
+        .await;
 }

@@ -261,7 +261,7 @@ fn malformed_scenarios_are_refused_before_anything_starts() {
 #[test]
 fn testbed_up_prints_grpcurl_commands_that_work() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let grpcurl = ccf_core::testkit::grpcurl();
+    let grpcurl = capif_testkit::grpcurl::grpcurl();
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let mut child = capif()

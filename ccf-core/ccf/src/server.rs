@@ -355,6 +355,47 @@ fn spawn_purge(
 
 /// Starts a CCF from its configuration.
 pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
+    let (ccf_id, registry, purge_every) = validate_config(&config)?;
+    let (ca, store, token_keys) = open_state(&config, &ccf_id, purge_every)?;
+    // A fresh server certificate at every start: nothing to rotate, nothing stale on disk.
+    let own = ca.issue_with_new_key(
+        &PeerIdentity::new(ccf_id.clone(), Role::Ccf),
+        &config.pki.server_names,
+        config.pki.cert_validity_days,
+    )?;
+    let chain = format!("{}{}", own.cert_pem, ca.cert_pem());
+    let roots = certs_from_pem("CA certificate", ca.cert_pem())?;
+    let onboarding_tls = server_config(&chain, &own.key_pem, ClientAuth::None)?;
+    let capif_tls = server_config(&chain, &own.key_pem, ClientAuth::Required(&roots))?;
+    let own_identity = (chain.as_str(), own.key_pem.as_str());
+    let gateway = gateway_client(&config, &ccf_id, &ca, own_identity)?;
+    let aefs = aef_clients(&config, &ccf_id, &registry, &ca, own_identity)?;
+    let state = Arc::new(CcfState {
+        aefs,
+        partner_requests: Default::default(),
+        gateway,
+        ccf_id,
+        ca,
+        store,
+        token_keys,
+        token_lifetime: Duration::from_secs(config.token.lifetime_secs),
+        key_set_refresh_secs: config.token.key_set_refresh_secs,
+        registry,
+        context_validity: Duration::from_secs(config.security.aef_psk_validity_secs),
+        cert_validity_days: config.pki.cert_validity_days,
+        credential_digests: config
+            .onboarding
+            .credentials
+            .iter()
+            .map(|c| credential_digest(c.expose()))
+            .collect(),
+    });
+    serve(&config, state, onboarding_tls, capif_tls, purge_every).await
+}
+
+/// The checks of the configuration that need no state: the CCF id, the AEF registry, the
+/// limits, the context validity and the purge interval (returned as a duration).
+fn validate_config(config: &CcfConfig) -> Result<(CcfId, AefRegistry, Duration), StartError> {
     let ccf_id = CcfId::new(config.ccf_id.clone())
         .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
     let registry = AefRegistry::from_config(&ccf_id, &config.aefs)
@@ -371,9 +412,19 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             "security.context_purge_interval_secs must be between 1 and 86400".into(),
         ));
     }
+    Ok((ccf_id, registry, purge_every))
+}
+
+/// The state directory and what lives in it: the domain CA, the store (purged of contexts that
+/// expired while the CCF was down, before anything is served) and the token signing keys.
+fn open_state(
+    config: &CcfConfig,
+    ccf_id: &CcfId,
+    purge_every: Duration,
+) -> Result<(DomainCa, Store, ccf_core::token::TokenKeys), StartError> {
     prepare_state_dir(&config.state_dir)?;
     let ca = DomainCa::load_or_generate(
-        &ccf_id,
+        ccf_id,
         &config.state_dir,
         config.pki.ca_cert.as_deref(),
         config.pki.ca_key.as_deref(),
@@ -394,47 +445,53 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         config.token.lifetime_secs,
         now_ms(),
     )?;
-    // A fresh server certificate at every start: nothing to rotate, nothing stale on disk.
-    let own = ca.issue_with_new_key(
-        &PeerIdentity::new(ccf_id.clone(), Role::Ccf),
-        &config.pki.server_names,
-        config.pki.cert_validity_days,
-    )?;
-    let chain = format!("{}{}", own.cert_pem, ca.cert_pem());
-    let roots = certs_from_pem("CA certificate", ca.cert_pem())?;
-    let onboarding_tls = server_config(&chain, &own.key_pem, ClientAuth::None)?;
-    let capif_tls = server_config(&chain, &own.key_pem, ClientAuth::Required(&roots))?;
+    Ok((ca, store, token_keys))
+}
 
-    let gateway = match &config.gateway {
-        Some(g) => {
-            // Only the own domain's gateway: any other certificate of this CA that may serve
-            // (an AEF's) must not receive revocations and partner queries.
-            let tls = ccf_core::tls::client_config(
-                ca.cert_pem(),
-                Some((&chain, &own.key_pem)),
-                ExpectedPeer::gateway(&ccf_id),
-            )?;
-            let channel = ccf_core::tls::connect_lazy(
-                &g.address,
-                &g.server_name,
-                tls,
-                Duration::from_secs(1),
-            )?;
-            Some(
-                GatewayClient::new(channel)
-                    .max_decoding_message_size(config.limits.max_message_bytes),
-            )
-        }
-        None => None,
+/// The CAPIF-6 client of the own domain's gateway, when one is configured. `own_identity` is
+/// the CCF's certificate chain and key.
+fn gateway_client(
+    config: &CcfConfig,
+    ccf_id: &CcfId,
+    ca: &DomainCa,
+    own_identity: (&str, &str),
+) -> Result<Option<GatewayClient<tonic::transport::Channel>>, StartError> {
+    let Some(g) = &config.gateway else {
+        return Ok(None);
     };
+    // Only the own domain's gateway: any other certificate of this CA that may serve
+    // (an AEF's) must not receive revocations and partner queries.
+    let tls = ccf_core::tls::client_config(
+        ca.cert_pem(),
+        Some(own_identity),
+        ExpectedPeer::gateway(ccf_id),
+    )?;
+    let channel =
+        ccf_core::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
+    Ok(Some(GatewayClient::new(channel).max_decoding_message_size(
+        config.limits.max_message_bytes,
+    )))
+}
+
+/// AefSecurity clients of this domain's AEFs that have a security endpoint.
+fn aef_clients(
+    config: &CcfConfig,
+    ccf_id: &CcfId,
+    registry: &AefRegistry,
+    ca: &DomainCa,
+    own_identity: (&str, &str),
+) -> Result<
+    std::collections::BTreeMap<ccf_core::ids::AefId, AefSecurityClient<tonic::transport::Channel>>,
+    StartError,
+> {
     let mut aefs = std::collections::BTreeMap::new();
-    for e in registry.iter().filter(|e| e.ccf_id == ccf_id) {
+    for e in registry.iter().filter(|e| &e.ccf_id == ccf_id) {
         if let Some((addr, name)) = &e.security_endpoint {
             // Exactly this AEF: a revocation meant for it must not reach another holder.
             let tls = ccf_core::tls::client_config(
                 ca.cert_pem(),
-                Some((&chain, &own.key_pem)),
-                ExpectedPeer::aef(&ccf_id, &e.aef_id),
+                Some(own_identity),
+                ExpectedPeer::aef(ccf_id, &e.aef_id),
             )?;
             let channel = ccf_core::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
             aefs.insert(
@@ -444,27 +501,17 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             );
         }
     }
-    let state = Arc::new(CcfState {
-        aefs,
-        partner_requests: Default::default(),
-        gateway,
-        ccf_id: ccf_id.clone(),
-        ca,
-        store,
-        token_keys,
-        token_lifetime: Duration::from_secs(config.token.lifetime_secs),
-        key_set_refresh_secs: config.token.key_set_refresh_secs,
-        registry,
-        context_validity: Duration::from_secs(config.security.aef_psk_validity_secs),
-        cert_validity_days: config.pki.cert_validity_days,
-        credential_digests: config
-            .onboarding
-            .credentials
-            .iter()
-            .map(|c| credential_digest(c.expose()))
-            .collect(),
-    });
+    Ok(aefs)
+}
 
+/// Binds both listeners and serves them, with the purge task, until the CCF is shut down.
+async fn serve(
+    config: &CcfConfig,
+    state: Arc<CcfState>,
+    onboarding_tls: Arc<rustls::ServerConfig>,
+    capif_tls: Arc<rustls::ServerConfig>,
+    purge_every: Duration,
+) -> Result<RunningCcf, StartError> {
     let bind = |addr: String| async move {
         TcpListener::bind(&addr)
             .await
@@ -474,8 +521,43 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let capif_listener = bind(config.listen.capif.clone()).await?;
     let onboarding_addr = onboarding_listener.local_addr()?;
     let capif_addr = capif_listener.local_addr()?;
+    let (onboarding_routes, capif_routes) = routes(&state, config.limits.max_message_bytes).await?;
 
-    let max_msg = config.limits.max_message_bytes;
+    let (stop, stop_rx) = watch::channel(false);
+    let tasks = vec![
+        spawn_server(
+            onboarding_listener,
+            onboarding_tls,
+            false,
+            onboarding_routes,
+            ConnGate::new("onboarding", config.limits.clone()),
+            stopped(stop_rx.clone()),
+        ),
+        spawn_server(
+            capif_listener,
+            capif_tls,
+            true,
+            capif_routes,
+            ConnGate::new("capif", config.limits.clone()),
+            stopped(stop_rx),
+        ),
+    ];
+    // `stop` ends the purge task too, and `shutdown` waits for it as for the listeners.
+    let mut tasks = tasks;
+    tasks.push(spawn_purge(state.clone(), purge_every, stop.subscribe()));
+    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
+    Ok(RunningCcf {
+        state,
+        onboarding_addr,
+        capif_addr,
+        stop,
+        tasks,
+    })
+}
+
+/// The services of the two listeners, each with health and reflection: InvokerManagement on
+/// the onboarding listener; it, Security, Federation and CcfAdmin on the CAPIF-1e/3/6 one.
+async fn routes(state: &Arc<CcfState>, max_msg: usize) -> Result<(Routes, Routes), StartError> {
     let im = InvokerManagementServer::new(InvokerManagementService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
@@ -502,35 +584,5 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     )
     .await
     .map_err(|e| StartError::Config(e.message().to_string()))?;
-
-    let (stop, stop_rx) = watch::channel(false);
-    let tasks = vec![
-        spawn_server(
-            onboarding_listener,
-            onboarding_tls,
-            false,
-            onboarding_routes,
-            ConnGate::new("onboarding", config.limits.clone()),
-            stopped(stop_rx.clone()),
-        ),
-        spawn_server(
-            capif_listener,
-            capif_tls,
-            true,
-            capif_routes,
-            ConnGate::new("capif", config.limits.clone()),
-            stopped(stop_rx),
-        ),
-    ];
-    // `stop` ends the purge task too, and `shutdown` waits for it as for the listeners.
-    let mut tasks = tasks;
-    tasks.push(spawn_purge(state.clone(), purge_every, stop.subscribe()));
-    tracing::info!(%ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
-    Ok(RunningCcf {
-        state,
-        onboarding_addr,
-        capif_addr,
-        stop,
-        tasks,
-    })
+    Ok((onboarding_routes, capif_routes))
 }

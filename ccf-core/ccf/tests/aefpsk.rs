@@ -1,10 +1,8 @@
 //! Acceptance 3: an invoker client (tokio-rustls) and the CCF derive the same AEFPSK from one
 //! CAPIF-1e session; it differs for another AEF and for another TLS session.
 
-mod common;
-
+use capif_testkit::ccf::*;
 use ccf_core::registry::Interface;
-use common::*;
 
 #[tokio::test]
 async fn invoker_and_ccf_derive_the_same_aefpsk() {

@@ -2,16 +2,14 @@
 //! every key file in it are 0600, a store that others can read stops the CCF from starting, and
 //! expired security contexts (with their AEFPSKs) are purged while live ones keep answering.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capif_ccf::server::{STORE_FILE, StartError, now_ms};
 use capif_ccf::store::SecurityContext;
+use capif_testkit::ccf::*;
 use ccf_core::ids::{AefId, ApiInvokerId};
-use common::*;
 use tonic::Code;
 
 fn mode(p: &Path) -> u32 {

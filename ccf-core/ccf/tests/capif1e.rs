@@ -1,13 +1,11 @@
 //! Acceptance 2: CAPIF-1e refuses no certificate, a certificate from another CA, and a
 //! certificate whose role is not invoker. Identity comes from the certificate only.
 
-mod common;
-
 use capif_proto::v1::security_client::SecurityClient;
+use capif_testkit::ccf::*;
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::pki::DomainCa;
-use common::*;
 use tonic::Code;
 
 #[tokio::test]

@@ -1,16 +1,14 @@
 //! Acceptance 4: the CAPIF-3 authorization matrix, and the partner-domain rule of DESIGN.md
 //! invariant 1 on the CAPIF-6 side of the CCF.
 
-mod common;
-
 use std::time::Duration;
 
 use capif_proto::v1::{
     self as pb, federation_client::FederationClient, security_client::SecurityClient,
 };
+use capif_testkit::ccf::*;
 use ccf_core::identity::Role;
 use ccf_core::ids::AefId;
-use common::*;
 use tonic::Code;
 
 #[tokio::test]

@@ -2,15 +2,13 @@
 //! shows documented messages, health reports SERVING. grpcurl is installed by the project's own
 //! `scripts/install-grpcurl.sh` when it is not on hand; a missing grpcurl fails the test.
 
-mod common;
-
 use std::process::Command;
 
+use capif_testkit::ccf::*;
 use ccf_core::identity::Role;
-use common::*;
 
 fn run(args: &[&str]) -> String {
-    ccf_core::testkit::grpcurl_ok(args)
+    capif_testkit::grpcurl::grpcurl_ok(args)
 }
 
 #[tokio::test]
@@ -19,7 +17,7 @@ async fn grpcurl_lists_describes_and_checks_health() {
     let state = dir.path().join("state");
     let cfg = dir.path().join("ccf.toml");
     std::fs::write(&cfg, config_text(&state, 600)).unwrap();
-    let p = CcfProcess::spawn(&cfg);
+    let p = CcfProcess::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_ccf")), &cfg);
     let v = process_view(&p, &state);
     let op = v.issue(Role::Operator);
     let files = dir.path();
@@ -91,7 +89,7 @@ async fn grpcurl_lists_describes_and_checks_health() {
     );
 
     // A stable reason reaches grpcurl users too.
-    let out = Command::new(ccf_core::testkit::grpcurl())
+    let out = Command::new(capif_testkit::grpcurl::grpcurl())
         .args(with(&[
             "-d",
             r#"{"api_invoker_id":"inv-x","aef_id":"aef-weather"}"#,

@@ -1,9 +1,7 @@
 //! Acceptance 1: onboarding with a good credential yields a working client certificate; a bad or
 //! reused credential is refused and leaves the store unchanged.
 
-mod common;
-
-use common::*;
+use capif_testkit::ccf::*;
 use tonic::Code;
 
 #[tokio::test]

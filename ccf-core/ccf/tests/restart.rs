@@ -2,16 +2,14 @@
 //! process and restart it: the invoker and its key are still there with the right remaining
 //! validity.
 
-mod common;
-
 use std::time::Duration;
 
 use capif_proto::v1::{
     self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
+use capif_testkit::ccf::*;
 use ccf_core::identity::Role;
 use ccf_core::ids::AefId;
-use common::*;
 
 #[tokio::test]
 async fn acknowledged_state_survives_sigkill() {
@@ -20,7 +18,7 @@ async fn acknowledged_state_survives_sigkill() {
     let cfg = dir.path().join("ccf.toml");
     std::fs::write(&cfg, config_text(&state, 600)).unwrap();
 
-    let mut p = CcfProcess::spawn(&cfg);
+    let mut p = CcfProcess::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_ccf")), &cfg);
     let v = process_view(&p, &state);
     let key = rcgen::KeyPair::generate().unwrap();
     let (ch, _) = channel(v.onboarding, &v.ca_pem(), None).await.unwrap();
@@ -66,7 +64,7 @@ async fn acknowledged_state_survives_sigkill() {
     // Acknowledged: now crash without any chance to flush.
     p.sigkill();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let p = CcfProcess::spawn(&cfg);
+    let p = CcfProcess::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_ccf")), &cfg);
     let v = process_view(&p, &state);
 
     let aef = v.issue(Role::Aef(AefId::new("aef-weather").unwrap()));

@@ -23,6 +23,7 @@ use crate::store::SecurityContext;
 use ccf_core::grpc::{caller, conn_info, error_status};
 use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, ApiName};
+use ccf_core::kdf::{AefPsk, Capif1eBinding};
 use ccf_core::registry::{AefEntry, Interface, SecurityMethod, select_method};
 use ccf_core::token::{AccessTokenClaims, Scope};
 
@@ -101,140 +102,120 @@ impl SecurityService {
         let who = caller(&request)?;
         let id = calling_invoker(&self.state, &who, "obtain a security method")?;
         let binding = conn_info(&request)?.binding.clone();
-        let req = request.into_inner();
-        if req.api_invoker_id != id.as_str() {
-            return Err(error_status(
-                Code::PermissionDenied,
-                ErrorReason::IdentityMismatch,
-                format!("api_invoker_id must be the caller's own id ({id})"),
-            ));
-        }
-        let ss = req
-            .service_security
-            .ok_or_else(|| invalid("service_security", "is required"))?;
-        if ss.security_info.is_empty() || ss.security_info.len() > MAX_SECURITY_INFO {
-            return Err(invalid(
-                "service_security.security_info",
-                format!("needs between 1 and {MAX_SECURITY_INFO} entries"),
-            ));
-        }
+        let ss = requested_service_security(&id, request.into_inner())?;
         let now = now_ms();
-        let expires = now + self.state.context_validity.as_millis() as u64;
+        let negotiation = Negotiation {
+            invoker: &id,
+            binding: binding.as_deref(),
+            update,
+            now,
+            expires: now + self.state.context_validity.as_millis() as u64,
+        };
         let mut contexts = Vec::new();
         let mut answers = Vec::new();
         for (i, info) in ss.security_info.iter().enumerate() {
-            let entry = self.resolve_aef(i, info)?;
-            if update
-                && self
-                    .state
-                    .store
-                    .context(&id, &entry.aef_id)
-                    .map_err(store_status)?
-                    .is_none()
-            {
-                return Err(error_status(
-                    Code::NotFound,
-                    ErrorReason::NoSecurityContext,
-                    format!("no security context for AEF {} to update", entry.aef_id),
-                ));
-            }
-            let preferred: Vec<SecurityMethod> = info
-                .pref_security_methods
-                .iter()
-                .map(|m| SecurityMethod::from_proto(*m))
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    invalid(
-                        &format!("service_security.security_info[{i}].pref_security_methods"),
-                        "holds an unspecified or unknown method",
-                    )
-                })?;
-            if preferred.is_empty() {
-                return Err(invalid(
-                    &format!("service_security.security_info[{i}].pref_security_methods"),
-                    "needs at least one method",
-                ));
-            }
-            let method = select_method(&preferred, &entry.security_methods).ok_or_else(|| {
-                error_status(
-                    Code::FailedPrecondition,
-                    ErrorReason::NoCommonSecurityMethod,
-                    format!(
-                        "AEF {} supports none of the preferred methods (it supports {:?})",
-                        entry.aef_id, entry.security_methods
-                    ),
-                )
-            })?;
-            let allowed_apis: Vec<ApiName> = if info.api_id.is_empty() {
-                entry.apis.clone()
-            } else {
-                let api = ApiName::new(info.api_id.clone()).map_err(|e| {
-                    invalid(&format!("service_security.security_info[{i}].api_id"), e)
-                })?;
-                if !entry.apis.contains(&api) {
-                    return Err(error_status(
-                        Code::NotFound,
-                        ErrorReason::AefNotFound,
-                        format!("AEF {} does not expose API {api}", entry.aef_id),
-                    ));
-                }
-                vec![api]
-            };
-            let aef_psk =
-                match method {
-                    SecurityMethod::Psk => {
-                        let binding = binding.as_ref().ok_or_else(|| {
-                            error_status(
-                                Code::Internal,
-                                ErrorReason::InternalFault,
-                                "the CAPIF-1e TLS session binding is missing",
-                            )
-                        })?;
-                        Some(binding.aefpsk(&entry.interface_canonical).map_err(|e| {
-                            invalid(&format!("service_security.security_info[{i}]"), e)
-                        })?)
-                    }
-                    _ => None,
-                };
-            let key_id = aef_psk.as_ref().map(|k| k.key_id()).unwrap_or_default();
-            let validity_secs = self.state.context_validity.as_secs();
-            answers.push(pb::SecurityInformation {
-                aef_id: entry.aef_id.to_string(),
-                interface_details: Some(entry.interface.to_proto(&entry.security_methods)),
-                api_id: info.api_id.clone(),
-                pref_security_methods: info.pref_security_methods.clone(),
-                sel_security_method: method.to_proto() as i32,
-                authentication_info: String::new(),
-                authorization_info: allowed_apis
-                    .iter()
-                    .map(|a| a.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                aef_psk_validity_secs: if aef_psk.is_some() { validity_secs } else { 0 },
-                aef_psk_key_id: key_id.clone(),
-                interface_canonical: entry.interface_canonical.clone(),
-                aef_ccf_id: entry.ccf_id.to_string(),
-            });
-            contexts.push(SecurityContext {
-                api_invoker_id: id.clone(),
-                aef_id: entry.aef_id.clone(),
-                aef_ccf_id: entry.ccf_id.clone(),
-                method,
-                aef_psk,
-                key_id,
-                interface_canonical: entry.interface_canonical.clone(),
-                allowed_apis,
-                created_at_ms: now,
-                expires_at_ms: expires,
-            });
+            let (answer, context) = self.negotiate_entry(&negotiation, i, info)?;
+            answers.push(answer);
+            contexts.push(context);
         }
         let replaced = self
             .state
             .store
             .put_contexts(&id, &contexts)
             .map_err(store_status)?;
+        self.announce_replaced_keys(&id, &replaced, &contexts);
+        tracing::info!(
+            api_invoker_id = %id,
+            aefs = contexts.len(),
+            "security method negotiated"
+        );
+        Ok(ServiceSecurity {
+            security_info: answers,
+            notification_destination: ss.notification_destination,
+            request_test_notification: false,
+            supported_features: ss.supported_features,
+        })
+    }
+
+    /// One `security_info[i]` entry: the method selected for its AEF, the APIs allowed, and
+    /// with PSK the AEFPSK of this session; as the answer and as the context to store.
+    fn negotiate_entry(
+        &self,
+        n: &Negotiation<'_>,
+        i: usize,
+        info: &pb::SecurityInformation,
+    ) -> Result<(pb::SecurityInformation, SecurityContext), Status> {
+        let entry = self.resolve_aef(i, info)?;
+        if n.update {
+            self.require_context_to_update(n.invoker, entry)?;
+        }
+        let method = preferred_method(i, info, entry)?;
+        let allowed_apis = allowed_apis(i, info, entry)?;
+        let aef_psk = match method {
+            SecurityMethod::Psk => Some(session_aef_psk(i, n.binding, entry)?),
+            _ => None,
+        };
+        let key_id = aef_psk.as_ref().map(|k| k.key_id()).unwrap_or_default();
+        let validity_secs = self.state.context_validity.as_secs();
+        let answer = pb::SecurityInformation {
+            aef_id: entry.aef_id.to_string(),
+            interface_details: Some(entry.interface.to_proto(&entry.security_methods)),
+            api_id: info.api_id.clone(),
+            pref_security_methods: info.pref_security_methods.clone(),
+            sel_security_method: method.to_proto() as i32,
+            authentication_info: String::new(),
+            authorization_info: allowed_apis
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            aef_psk_validity_secs: if aef_psk.is_some() { validity_secs } else { 0 },
+            aef_psk_key_id: key_id.clone(),
+            interface_canonical: entry.interface_canonical.clone(),
+            aef_ccf_id: entry.ccf_id.to_string(),
+        };
+        let context = SecurityContext {
+            api_invoker_id: n.invoker.clone(),
+            aef_id: entry.aef_id.clone(),
+            aef_ccf_id: entry.ccf_id.clone(),
+            method,
+            aef_psk,
+            key_id,
+            interface_canonical: entry.interface_canonical.clone(),
+            allowed_apis,
+            created_at_ms: n.now,
+            expires_at_ms: n.expires,
+        };
+        Ok((answer, context))
+    }
+
+    /// Update changes existing contexts only.
+    fn require_context_to_update(&self, id: &ApiInvokerId, entry: &AefEntry) -> Result<(), Status> {
+        if self
+            .state
+            .store
+            .context(id, &entry.aef_id)
+            .map_err(store_status)?
+            .is_none()
+        {
+            return Err(error_status(
+                Code::NotFound,
+                ErrorReason::NoSecurityContext,
+                format!("no security context for AEF {} to update", entry.aef_id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Announces the keys the new contexts replaced. Only a key that really changed is
+    /// announced (the same session asking twice keeps it).
+    fn announce_replaced_keys(
+        &self,
+        id: &ApiInvokerId,
+        replaced: &[SecurityContext],
+        contexts: &[SecurityContext],
+    ) {
         let new_ids: Vec<&str> = contexts.iter().map(|c| c.key_id.as_str()).collect();
-        // Only a key that really changed is announced (the same session asking twice keeps it).
         for old in replaced
             .iter()
             .filter(|c| !c.key_id.is_empty() && !new_ids.contains(&c.key_id.as_str()))
@@ -251,18 +232,118 @@ impl SecurityService {
                 std::slice::from_ref(&old.aef_id),
             );
         }
-        tracing::info!(
-            api_invoker_id = %id,
-            aefs = contexts.len(),
-            "security method negotiated"
-        );
-        Ok(ServiceSecurity {
-            security_info: answers,
-            notification_destination: ss.notification_destination,
-            request_test_notification: false,
-            supported_features: ss.supported_features,
-        })
     }
+}
+
+/// What every entry of one Obtain or Update request shares.
+struct Negotiation<'a> {
+    /// The calling invoker.
+    invoker: &'a ApiInvokerId,
+    /// The CAPIF-1e binding of the request's TLS session: the AEFPSK derives from it.
+    binding: Option<&'a Capif1eBinding>,
+    /// Update rather than Obtain.
+    update: bool,
+    now: u64,
+    expires: u64,
+}
+
+/// The request's `service_security`, once the request is known to be the caller's own and to
+/// name between 1 and [`MAX_SECURITY_INFO`] AEFs.
+fn requested_service_security(
+    id: &ApiInvokerId,
+    req: ObtainSecurityMethodRequest,
+) -> Result<ServiceSecurity, Status> {
+    if req.api_invoker_id != id.as_str() {
+        return Err(error_status(
+            Code::PermissionDenied,
+            ErrorReason::IdentityMismatch,
+            format!("api_invoker_id must be the caller's own id ({id})"),
+        ));
+    }
+    let ss = req
+        .service_security
+        .ok_or_else(|| invalid("service_security", "is required"))?;
+    if ss.security_info.is_empty() || ss.security_info.len() > MAX_SECURITY_INFO {
+        return Err(invalid(
+            "service_security.security_info",
+            format!("needs between 1 and {MAX_SECURITY_INFO} entries"),
+        ));
+    }
+    Ok(ss)
+}
+
+/// The first of the invoker's preferred methods that the AEF supports.
+fn preferred_method(
+    i: usize,
+    info: &pb::SecurityInformation,
+    entry: &AefEntry,
+) -> Result<SecurityMethod, Status> {
+    let preferred: Vec<SecurityMethod> = info
+        .pref_security_methods
+        .iter()
+        .map(|m| SecurityMethod::from_proto(*m))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            invalid(
+                &format!("service_security.security_info[{i}].pref_security_methods"),
+                "holds an unspecified or unknown method",
+            )
+        })?;
+    if preferred.is_empty() {
+        return Err(invalid(
+            &format!("service_security.security_info[{i}].pref_security_methods"),
+            "needs at least one method",
+        ));
+    }
+    select_method(&preferred, &entry.security_methods).ok_or_else(|| {
+        error_status(
+            Code::FailedPrecondition,
+            ErrorReason::NoCommonSecurityMethod,
+            format!(
+                "AEF {} supports none of the preferred methods (it supports {:?})",
+                entry.aef_id, entry.security_methods
+            ),
+        )
+    })
+}
+
+/// The APIs the context allows: the one asked for, or every API of the AEF.
+fn allowed_apis(
+    i: usize,
+    info: &pb::SecurityInformation,
+    entry: &AefEntry,
+) -> Result<Vec<ApiName>, Status> {
+    if info.api_id.is_empty() {
+        return Ok(entry.apis.clone());
+    }
+    let api = ApiName::new(info.api_id.clone())
+        .map_err(|e| invalid(&format!("service_security.security_info[{i}].api_id"), e))?;
+    if !entry.apis.contains(&api) {
+        return Err(error_status(
+            Code::NotFound,
+            ErrorReason::AefNotFound,
+            format!("AEF {} does not expose API {api}", entry.aef_id),
+        ));
+    }
+    Ok(vec![api])
+}
+
+/// The AEFPSK for the AEF, derived from the binding of the request's own TLS session.
+fn session_aef_psk(
+    i: usize,
+    binding: Option<&Capif1eBinding>,
+    entry: &AefEntry,
+) -> Result<AefPsk, Status> {
+    let binding = binding.ok_or_else(|| {
+        error_status(
+            Code::Internal,
+            ErrorReason::InternalFault,
+            "the CAPIF-1e TLS session binding is missing",
+        )
+    })?;
+    binding
+        .aefpsk(&entry.interface_canonical)
+        .map_err(|e| invalid(&format!("service_security.security_info[{i}]"), e))
 }
 
 fn revoke_target(
@@ -418,86 +499,24 @@ impl Security for SecurityService {
         let who = caller(&request)?;
         let id = calling_invoker(&self.state, &who, "obtain access tokens")?;
         let req = request.into_inner();
-        let oauth = |code, reason, msg: String| error_status(code, reason, msg);
-        if req.grant_type != "client_credentials" {
-            return Err(oauth(
-                Code::InvalidArgument,
-                ErrorReason::UnsupportedGrantType,
-                format!(
-                    "grant_type {:?} is not supported; use \"client_credentials\"",
-                    req.grant_type
-                ),
-            ));
-        }
-        if req.client_id != id.as_str() {
-            return Err(oauth(
-                Code::PermissionDenied,
-                ErrorReason::InvalidClient,
-                format!("client_id must be the caller's own API invoker id ({id})"),
-            ));
-        }
+        check_client_credentials(&id, &req)?;
         let asked = Scope::parse(&req.scope).map_err(|e| {
-            oauth(
+            error_status(
                 Code::InvalidArgument,
                 ErrorReason::InvalidScope,
                 e.to_string(),
             )
         })?;
         let now = now_ms();
-        let contexts: Vec<SecurityContext> = self
-            .state
-            .store
-            .contexts_of(&id)
-            .map_err(store_status)?
-            .into_iter()
-            .filter(|c| c.method == SecurityMethod::Oauth && c.expires_at_ms > now)
-            .collect();
-        if contexts.is_empty() {
-            return Err(oauth(
-                Code::FailedPrecondition,
-                ErrorReason::UnauthorizedClient,
-                format!(
-                    "API invoker {id} holds no valid security context with method OAUTH; obtain one first"
-                ),
-            ));
-        }
-        // What is granted: the asked scope, each part checked against a context; or, when no
-        // scope is asked, everything the OAUTH contexts allow.
-        let mut granted = Vec::new();
-        let mut context_end = u64::MAX;
-        if asked.is_empty() {
-            for c in &contexts {
-                granted.push((c.aef_id.clone(), c.allowed_apis.clone()));
-                context_end = context_end.min(c.expires_at_ms);
-            }
-        } else {
-            for (aef, apis) in &asked.0 {
-                let Some(c) = contexts.iter().find(|c| &c.aef_id == aef) else {
-                    return Err(oauth(
-                        Code::PermissionDenied,
-                        ErrorReason::InvalidScope,
-                        format!("API invoker {id} holds no OAUTH security context for AEF {aef}"),
-                    ));
-                };
-                if let Some(api) = apis.iter().find(|a| !c.allowed_apis.contains(a)) {
-                    return Err(oauth(
-                        Code::PermissionDenied,
-                        ErrorReason::InvalidScope,
-                        format!("API invoker {id} is not authorized for API {api} at AEF {aef}"),
-                    ));
-                }
-                granted.push((aef.clone(), apis.clone()));
-                context_end = context_end.min(c.expires_at_ms);
-            }
-        }
-        let granted = Scope(granted);
+        let contexts = oauth_contexts(&self.state, &id, now)?;
+        let (granted, context_end) = granted_scope(&id, &asked, &contexts)?;
         // The token is meant for exactly the AEFs its scope names; each checks it is one of them.
         let aud = granted.aef_ids();
         let scope = granted.to_string();
         let now_s = now / 1000;
         let exp = (now_s + self.state.token_lifetime.as_secs()).min(context_end / 1000);
         if exp <= now_s {
-            return Err(oauth(
+            return Err(error_status(
                 Code::FailedPrecondition,
                 ErrorReason::InvalidGrant,
                 format!(
@@ -517,14 +536,7 @@ impl Security for SecurityService {
             iat: now_s,
             jti: hex::encode(rand::random::<[u8; 12]>()),
         };
-        let token = self.state.token_keys.sign(&claims).map_err(|e| {
-            tracing::error!(error = %e, "cannot sign an access token");
-            error_status(
-                Code::Internal,
-                ErrorReason::InternalFault,
-                "the CCF could not sign the access token",
-            )
-        })?;
+        let token = sign_access_token(&self.state, &claims)?;
         tracing::info!(api_invoker_id = %id, %scope, exp, kid = %self.state.token_keys.current_kid(), "access token issued");
         Ok(Response::new(AccessTokenRsp {
             access_token: token,
@@ -579,4 +591,101 @@ impl Security for SecurityService {
             .map_err(|s| self.gateway_failure(s))?;
         Ok(Response::new(set.into_inner()))
     }
+}
+
+/// Method 3: only the client-credentials grant, and only for the caller's own invoker id.
+fn check_client_credentials(id: &ApiInvokerId, req: &AccessTokenReq) -> Result<(), Status> {
+    if req.grant_type != "client_credentials" {
+        return Err(error_status(
+            Code::InvalidArgument,
+            ErrorReason::UnsupportedGrantType,
+            format!(
+                "grant_type {:?} is not supported; use \"client_credentials\"",
+                req.grant_type
+            ),
+        ));
+    }
+    if req.client_id != id.as_str() {
+        return Err(error_status(
+            Code::PermissionDenied,
+            ErrorReason::InvalidClient,
+            format!("client_id must be the caller's own API invoker id ({id})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The invoker's security contexts with method OAUTH that are still valid at `now`; at least
+/// one is needed for a token.
+fn oauth_contexts(
+    state: &CcfState,
+    id: &ApiInvokerId,
+    now: u64,
+) -> Result<Vec<SecurityContext>, Status> {
+    let contexts: Vec<SecurityContext> = state
+        .store
+        .contexts_of(id)
+        .map_err(store_status)?
+        .into_iter()
+        .filter(|c| c.method == SecurityMethod::Oauth && c.expires_at_ms > now)
+        .collect();
+    if contexts.is_empty() {
+        return Err(error_status(
+            Code::FailedPrecondition,
+            ErrorReason::UnauthorizedClient,
+            format!(
+                "API invoker {id} holds no valid security context with method OAUTH; obtain one first"
+            ),
+        ));
+    }
+    Ok(contexts)
+}
+
+/// What is granted: the asked scope, each part checked against a context; or, when no scope is
+/// asked, everything the OAUTH contexts allow. With it, the earliest expiry of the contexts used.
+fn granted_scope(
+    id: &ApiInvokerId,
+    asked: &Scope,
+    contexts: &[SecurityContext],
+) -> Result<(Scope, u64), Status> {
+    let mut granted = Vec::new();
+    let mut context_end = u64::MAX;
+    if asked.is_empty() {
+        for c in contexts {
+            granted.push((c.aef_id.clone(), c.allowed_apis.clone()));
+            context_end = context_end.min(c.expires_at_ms);
+        }
+    } else {
+        for (aef, apis) in &asked.0 {
+            let Some(c) = contexts.iter().find(|c| &c.aef_id == aef) else {
+                return Err(error_status(
+                    Code::PermissionDenied,
+                    ErrorReason::InvalidScope,
+                    format!("API invoker {id} holds no OAUTH security context for AEF {aef}"),
+                ));
+            };
+            if let Some(api) = apis.iter().find(|a| !c.allowed_apis.contains(a)) {
+                return Err(error_status(
+                    Code::PermissionDenied,
+                    ErrorReason::InvalidScope,
+                    format!("API invoker {id} is not authorized for API {api} at AEF {aef}"),
+                ));
+            }
+            granted.push((aef.clone(), apis.clone()));
+            context_end = context_end.min(c.expires_at_ms);
+        }
+    }
+    Ok((Scope(granted), context_end))
+}
+
+/// Signs the token with the current key; a failure is logged here and answered as internal.
+fn sign_access_token(state: &CcfState, claims: &AccessTokenClaims) -> Result<String, Status> {
+    state.token_keys.sign(claims).map_err(|e| {
+        tracing::error!(error = %e, "cannot sign an access token");
+        error_status(
+            Code::Internal,
+            ErrorReason::InternalFault,
+            "the CCF could not sign the access token",
+        )
+    })
 }

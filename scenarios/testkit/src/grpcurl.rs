@@ -1,5 +1,5 @@
-//! Test support shared by the crates' integration tests: locating the real grpcurl (installed by
-//! the project's own `scripts/install-grpcurl.sh` when missing). Not used by any binary.
+//! Locating the real grpcurl (installed by the project's own `scripts/install-grpcurl.sh` when
+//! missing), for tests that inspect servers the way users do.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,7 +11,7 @@ pub fn grpcurl() -> PathBuf {
     if let Some(p) = std::env::var_os("GRPCURL") {
         return PathBuf::from(p);
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new("bash")
         .arg(root.join("scripts/install-grpcurl.sh"))
         .output()

@@ -1,6 +1,5 @@
 //! Test harness: a CCF on loopback in a temporary state directory, and the clients that talk to
 //! it the way real invokers, AEFs and gateways do (real TLS, real certificates).
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,9 +227,10 @@ pub struct CcfProcess {
 }
 
 impl CcfProcess {
-    pub fn spawn(config_path: &std::path::Path) -> Self {
+    /// Starts the `ccf` binary at `bin` (a test passes `env!("CARGO_BIN_EXE_ccf")`).
+    pub fn spawn(bin: &std::path::Path, config_path: &std::path::Path) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ccf"))
+        let mut child = std::process::Command::new(bin)
             .args(["serve", "--config"])
             .arg(config_path)
             .stdout(std::process::Stdio::piped())

@@ -1,12 +1,10 @@
 //! Test harness: several operator domains on loopback, each with its own CA, a real CCF and a
 //! real gateway (in-process, real mutual TLS), and a real DNS server (hickory-server on
 //! loopback) serving the `_capif-6e._tcp` SRV records the gateways discover each other with.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use capif_ccf::config::CcfConfig;
@@ -16,11 +14,15 @@ use capif_gateway::server::RunningGateway;
 use capif_proto::v1::{
     self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
-use ccf_core::identity::{PeerIdentity, Role};
-use ccf_core::ids::{AefId, CcfId};
+use ccf_core::identity::PeerIdentity;
 use ccf_core::pki::{DomainCa, IssuedCredential};
-use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
+use ccf_core::tls::{SessionSlot, client_config, connect};
 use tonic::transport::Channel;
+
+// What nearly every federation test names.
+pub use ccf_core::identity::Role;
+pub use ccf_core::ids::{AefId, CcfId};
+pub use ccf_core::tls::ExpectedPeer;
 
 /// Every AEF of the federation: (aef id, owning domain). Each CCF's registry lists them all, as
 /// interconnection publishing would.
@@ -312,7 +314,7 @@ impl Testbed {
             .map(|d| (d.id.clone(), srv_override(&d.id).unwrap_or(d.gw6e_port)))
             .collect();
         let dns = if o.use_dns {
-            Some(Dns::start(&srv).await)
+            Some(Dns::start(&srv).await.expect("DNS server"))
         } else {
             None
         };
@@ -519,60 +521,29 @@ pub fn reason(s: &tonic::Status) -> String {
         .unwrap_or_else(|| format!("<no reason: {:?} {}>", s.code(), s.message()))
 }
 
-/// A DNS server on loopback serving one zone per domain: `_capif-6e._tcp.<d>` SRV -> `gw.<d>`,
-/// `gw.<d>` A 127.0.0.1.
-pub struct Dns {
-    pub addr: SocketAddr,
-    server: hickory_server::Server<hickory_server::zone_handler::Catalog>,
-}
-
-impl Dns {
-    pub async fn start(domains: &[(String, u16)]) -> Self {
-        use hickory_proto::rr::{LowerName, Name};
-        use hickory_proto::serialize::txt::Parser;
-        use hickory_server::store::in_memory::InMemoryZoneHandler;
-        use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
-
-        let mut catalog = Catalog::new();
-        for (d, port) in domains {
-            let zone = format!(
-                "@ 60 IN SOA ns.{d}. admin.{d}. 1 60 60 60 60\n\
-                 _capif-6e._tcp 5 IN SRV 10 10 {port} gw.{d}.\n\
-                 gw 5 IN A 127.0.0.1\n"
-            );
-            let origin = Name::from_ascii(format!("{d}.")).unwrap();
-            let (origin, records) = Parser::new(zone, None, Some(origin)).parse().unwrap();
-            let handler =
-                InMemoryZoneHandler::<hickory_resolver::net::runtime::TokioRuntimeProvider>::new(
-                    origin.clone(),
-                    records,
-                    ZoneType::Primary,
-                    AxfrPolicy::Deny,
-                )
-                .unwrap();
-            catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
-        }
-        // UDP and TCP on one port: an ephemeral UDP port may be taken for TCP; try another.
-        let mut tries = 0;
-        let (udp, addr, tcp) = loop {
-            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let addr = udp.local_addr().unwrap();
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(tcp) => break (udp, addr, tcp),
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                }
-                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
-            }
-        };
-        let mut server = hickory_server::Server::new(catalog);
-        server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(5), 64);
-        Self { addr, server }
-    }
-}
+/// The testbed's DNS server (the same one `capif testbed up` runs).
+pub use capif_scenarios::dns::DnsServer as Dns;
 
 pub fn path(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// Onboards an invoker profile (the `capif invoker` client library) at `home` with
+/// `credential`; it lives in the testbed's temporary directory.
+pub async fn profile(
+    t: &Testbed,
+    home: &str,
+    credential: &str,
+) -> capif_scenarios::invoker::Profile {
+    let d = t.d(home);
+    capif_scenarios::invoker::onboard(
+        &d.ccf().onboarding_addr.to_string(),
+        &d.ccf().capif_addr.to_string(),
+        &d.ca_pem(),
+        "localhost",
+        credential,
+        &t.tmp.path().join(format!("{home}-{credential}")),
+    )
+    .await
+    .expect("onboarding")
 }
