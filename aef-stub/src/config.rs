@@ -103,8 +103,8 @@ pub struct BudgetConfig {
     pub initiation_rate_per_sec: u32,
     /// Authentication Initiations one source address may make at once (bucket size).
     pub initiation_burst: u32,
-    /// A presented key id that differs from the held key refreshes it at most once in this
-    /// interval (counted from the fetch), milliseconds.
+    /// A presented key id that differs from the held key refreshes it: the first time at once,
+    /// then at most once in this interval (counted from the last refresh), milliseconds.
     pub refresh_interval_ms: u64,
     /// A revocation mark lives at least this long (longer than any token issued before the
     /// revocation), seconds.

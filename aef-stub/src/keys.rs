@@ -76,6 +76,8 @@ impl HeldKey {
 pub struct HeldCa {
     /// Verifies the invoker's certificate chain against the named CAs.
     pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// When the request that fetched it was sent.
+    pub fetched_at: Instant,
     /// When the AEF stops accepting it (the security context's validity).
     pub expires_at: Instant,
     /// APIs the invoker may call.
@@ -140,6 +142,13 @@ impl Default for MarkPolicy {
     }
 }
 
+/// A revocation mark: when the notice arrived, and until when it stands.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    revoked_at: Instant,
+    until: Instant,
+}
+
 /// The revocation switch of one open PSK connection.
 #[derive(Debug, Default)]
 pub struct ConnControl {
@@ -195,7 +204,7 @@ impl Drop for ConnTicket {
 pub struct KeyStore {
     keys: RwLock<HashMap<InvokerRef, HeldKey>>,
     cas: RwLock<HashMap<InvokerRef, HeldCa>>,
-    revoked: RwLock<HashMap<InvokerRef, Instant>>,
+    revoked: RwLock<HashMap<InvokerRef, Mark>>,
     conns: Mutex<HashMap<InvokerRef, HashMap<u64, Arc<ConnControl>>>>,
     next_conn: AtomicU64,
     marks: MarkPolicy,
@@ -216,16 +225,34 @@ impl KeyStore {
         (!k.remaining().is_zero()).then_some(k)
     }
 
-    /// Stores a key fetched from the CCF (a fresh key lifts an earlier revocation: the CCF
-    /// would not have handed it out otherwise).
-    pub fn put(&self, who: InvokerRef, key: HeldKey) {
-        self.revoked.write().remove(&who);
+    /// Stores a key fetched from the CCF. A key fetched after a revocation lifts it (the CCF
+    /// would not have handed it out otherwise); a key whose request was sent before the
+    /// revocation arrived is refused (false): it may be the very key that was revoked.
+    #[must_use]
+    pub fn put(&self, who: InvokerRef, key: HeldKey) -> bool {
+        if !self.lift_mark(&who, key.fetched_at) {
+            return false;
+        }
         let mut keys = self.keys.write();
         // Expired keys of other invokers go while we hold the lock anyway (bounded by use).
         if keys.len() >= 1024 && keys.len().is_power_of_two() {
             keys.retain(|_, k| !k.remaining().is_zero());
         }
         keys.insert(who, key);
+        true
+    }
+
+    /// Removes `who`'s revocation mark unless the revocation is newer than `fetched_at`.
+    fn lift_mark(&self, who: &InvokerRef, fetched_at: Instant) -> bool {
+        let mut marks = self.revoked.write();
+        match marks.get(who) {
+            Some(m) if m.revoked_at >= fetched_at => false,
+            Some(_) => {
+                marks.remove(who);
+                true
+            }
+            None => true,
+        }
     }
 
     /// Claims the one refresh per `interval` that a presented key id may force for the key held
@@ -247,14 +274,18 @@ impl KeyStore {
         (!c.remaining().is_zero()).then_some(c)
     }
 
-    /// Stores what method 2 needs for `who` (lifts an earlier revocation, as [`Self::put`]).
-    pub fn put_ca(&self, who: InvokerRef, ca: HeldCa) {
-        self.revoked.write().remove(&who);
+    /// Stores what method 2 needs for `who` (a revocation rule as [`Self::put`]).
+    #[must_use]
+    pub fn put_ca(&self, who: InvokerRef, ca: HeldCa) -> bool {
+        if !self.lift_mark(&who, ca.fetched_at) {
+            return false;
+        }
         let mut cas = self.cas.write();
         if cas.len() >= 1024 && cas.len().is_power_of_two() {
             cas.retain(|_, c| !c.remaining().is_zero());
         }
         cas.insert(who, ca);
+        true
     }
 
     /// What a method-2 handshake of `who` is checked against, or why nothing.
@@ -279,7 +310,7 @@ impl KeyStore {
         self.revoked
             .read()
             .get(who)
-            .is_some_and(|until| *until > Instant::now())
+            .is_some_and(|m| m.until > Instant::now())
     }
 
     /// The key for a PSK handshake, or why there is none: home, invoker and key id must all
@@ -312,6 +343,11 @@ impl KeyStore {
             .entry(who.clone())
             .or_default()
             .insert(id, control.clone());
+        // A revocation between the handshake's key check and this registration found nothing
+        // to close: close it now.
+        if self.is_revoked(who) {
+            control.close();
+        }
         ConnTicket {
             store: self.clone(),
             who: who.clone(),
@@ -343,22 +379,49 @@ impl KeyStore {
         {
             let mut r = self.revoked.write();
             if r.len() >= self.marks.max_marks && !r.contains_key(who) {
-                r.retain(|_, u| *u > now);
+                r.retain(|_, m| m.until > now);
                 if r.len() >= self.marks.max_marks {
-                    let first = r.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
-                    if let Some(first) = first {
-                        tracing::warn!(dropped = %first, max = self.marks.max_marks, "revocation marks full; the mark closest to its end was dropped");
-                        r.remove(&first);
-                    }
+                    evict_one(&mut r, self.marks.max_marks);
                 }
             }
-            r.insert(who.clone(), until);
+            r.insert(
+                who.clone(),
+                Mark {
+                    revoked_at: now,
+                    until,
+                },
+            );
         }
         let open = self.conns.lock().remove(who).unwrap_or_default();
         for c in open.values() {
             c.close();
         }
         u32::try_from(open.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// Makes room for one mark: the one closest to its end among the marks of the home domain that
+/// holds the most, so that one domain's notices can only push out that domain's own marks.
+fn evict_one(marks: &mut HashMap<InvokerRef, Mark>, max: usize) {
+    let mut per_home: HashMap<&CcfId, usize> = HashMap::new();
+    for k in marks.keys() {
+        *per_home.entry(&k.home).or_default() += 1;
+    }
+    let Some(home) = per_home
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(h, _)| h.clone())
+    else {
+        return;
+    };
+    let first = marks
+        .iter()
+        .filter(|(k, _)| k.home == home)
+        .min_by_key(|(_, m)| m.until)
+        .map(|(k, _)| k.clone());
+    if let Some(first) = first {
+        tracing::warn!(dropped = %first, max, "revocation marks full; the mark closest to its end, of the domain holding most, was dropped");
+        marks.remove(&first);
     }
 }
 
@@ -390,8 +453,8 @@ mod tests {
             who("operator-c.test", "inv-1"),
         );
         let (kb, kc) = (key(1), key(2));
-        s.put(b.clone(), kb.clone());
-        s.put(c.clone(), kc.clone());
+        assert!(s.put(b.clone(), kb.clone()));
+        assert!(s.put(c.clone(), kc.clone()));
         assert_eq!(s.for_handshake(&b, &kb.key_id).unwrap().key_id, kb.key_id);
         assert_eq!(s.for_handshake(&c, &kc.key_id).unwrap().key_id, kc.key_id);
         // Home C with B's key id: refused.
@@ -426,6 +489,51 @@ mod tests {
                 .poll_closed(&mut Context::from_waker(waker))
                 .is_ready()
         );
+    }
+
+    #[test]
+    fn a_key_fetched_before_a_revocation_does_not_lift_it() {
+        let s = Arc::new(KeyStore::default());
+        let b = who("operator-b.test", "inv-1");
+        let before = key(1); // its request was sent now
+        std::thread::sleep(Duration::from_millis(2));
+        s.revoke(&b);
+        assert!(
+            !s.put(b.clone(), before.clone()),
+            "a fetch older than the revocation"
+        );
+        assert!(s.is_revoked(&b));
+        let mut after = key(2);
+        after.fetched_at = Instant::now();
+        assert!(s.put(b.clone(), after), "a fetch newer than the revocation");
+        assert!(!s.is_revoked(&b));
+        // A connection registered after its invoker was revoked is closed at once.
+        s.revoke(&b);
+        let t = s.track(&b);
+        let waker = std::task::Waker::noop();
+        assert!(
+            t.control
+                .poll_closed(&mut Context::from_waker(waker))
+                .is_ready()
+        );
+    }
+
+    #[test]
+    fn one_domain_cannot_push_out_anothers_marks() {
+        let s = KeyStore::new(MarkPolicy {
+            ttl: Duration::from_secs(60),
+            max_marks: 10,
+        });
+        for i in 0..3 {
+            s.revoke(&who("operator-c.test", &format!("c-{i}")));
+        }
+        for i in 0..100 {
+            s.revoke(&who("operator-b.test", &format!("b-{i}")));
+        }
+        assert_eq!(s.revoked_marks(), 10);
+        for i in 0..3 {
+            assert!(s.is_revoked(&who("operator-c.test", &format!("c-{i}"))));
+        }
     }
 
     #[test]

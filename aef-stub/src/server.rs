@@ -131,6 +131,21 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         refresh_interval: Duration::from_millis(config.budgets.refresh_interval_ms),
     });
     let max_msg = config.limits.max_message_bytes;
+    // The per-source limiter keeps a small state per address it saw: forget the quiet ones
+    // every minute, so a stranger rotating source addresses cannot grow it without bound.
+    {
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(state) = weak.upgrade() else { return };
+                state.initiation_limiter.retain_recent();
+                state.initiation_limiter.shrink_to_fit();
+            }
+        });
+    }
     let roots = certs_from_pem("CA certificate", &ca)?;
     let tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Optional(&roots))?;
     let sec = AefSecurityServer::new(AefSecurityService::new(state.clone()))

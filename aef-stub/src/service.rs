@@ -54,20 +54,22 @@ pub struct AefState {
 impl AefState {
     /// Takes one Authentication Initiation from the budget of the caller's source address.
     fn admit_initiation<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        // Every request reaches here through the TLS accept loop; one that did not is refused
+        // rather than let through unbudgeted.
         let Some(ip) = request
             .extensions()
             .get::<ConnInfo>()
             .and_then(|c| c.remote_addr)
             .map(|a| a.ip())
         else {
-            return Ok(());
+            return Err(error_status(
+                Code::Internal,
+                ErrorReason::InternalFault,
+                "the request carries no source address",
+            ));
         };
         if self.initiation_limiter.check_key(&ip).is_ok() {
             return Ok(());
-        }
-        // The limiter keeps one small state per source; forget the idle ones now and then.
-        if self.initiation_limiter.len() > 10_000 {
-            self.initiation_limiter.retain_recent();
         }
         Err(error_status(
             Code::ResourceExhausted,
@@ -82,6 +84,33 @@ fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
         Code::InvalidArgument,
         ErrorReason::InvalidField,
         format!("{field}: {e}"),
+    )
+}
+
+/// The CCF's answer must be about the invoker and home asked for.
+fn check_answer(
+    info: &pb::InvokerSecurityInformation,
+    invoker: &ApiInvokerId,
+    home: &CcfId,
+) -> Result<(), Status> {
+    if info.api_invoker_id != invoker.as_str()
+        || (!info.home_ccf_id.is_empty() && info.home_ccf_id != home.as_str())
+    {
+        return Err(error_status(
+            Code::Internal,
+            ErrorReason::IdentityMismatch,
+            format!("the CCF's answer is not about API invoker {invoker} of {home}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The answer when a revocation arrived while the key or CA was being fetched.
+fn revoked_meanwhile(who: &InvokerRef) -> Status {
+    error_status(
+        Code::PermissionDenied,
+        ErrorReason::RevokedDuringFetch,
+        format!("the authorization of API invoker {who} was revoked while its key was fetched"),
     )
 }
 
@@ -162,16 +191,14 @@ impl AefSecurityService {
                 format!("the CCF holds no PSK for API invoker {invoker} at this AEF"),
             )
         })?;
-        if info.api_invoker_id != invoker.as_str()
-            || (!info.home_ccf_id.is_empty() && info.home_ccf_id != home.as_str())
-            || KeyId::new(info.key_id.as_str()).is_err()
-        {
-            return Err(error_status(
+        check_answer(&info, invoker, home)?;
+        KeyId::new(info.key_id.as_str()).map_err(|e| {
+            error_status(
                 Code::Internal,
                 ErrorReason::IdentityMismatch,
-                format!("the CCF's answer is not about API invoker {invoker} of {home}"),
-            ));
-        }
+                format!("the CCF's answer carries an unusable key id: {e}"),
+            )
+        })?;
         Ok(HeldKey {
             key_id: info.key_id.clone(),
             psk,
@@ -195,6 +222,7 @@ impl AefSecurityService {
                 format!("API invoker {invoker} did not negotiate PKI for this AEF"),
             ));
         }
+        check_answer(&info, invoker, home)?;
         let verifier =
             crate::certauth::verifier_for(&info.invoker_ca_certificates).map_err(|e| {
                 error_status(
@@ -207,6 +235,7 @@ impl AefSecurityService {
             })?;
         Ok(HeldCa {
             verifier,
+            fetched_at: sent_at,
             expires_at: sent_at + Duration::from_millis(info.remaining_validity_ms),
             allowed_apis: info.allowed_api_names,
         })
@@ -252,7 +281,9 @@ impl AefSecurity for AefSecurityService {
                     Some(c) => c,
                     None => {
                         let c = self.fetch_ca(&invoker, &home).await?;
-                        self.state.keys.put_ca(who.clone(), c.clone());
+                        if !self.state.keys.put_ca(who.clone(), c.clone()) {
+                            return Err(revoked_meanwhile(&who));
+                        }
                         tracing::info!(api_invoker_id = %invoker, %home, remaining_ms = c.remaining().as_millis() as u64, "invoker CA fetched from CCF");
                         c
                     }
@@ -294,23 +325,25 @@ impl AefSecurity for AefSecurityService {
         };
         let key = match (held, refresh) {
             (Some(k), false) => k,
-            (held, _) => {
-                let k = match self.fetch(&invoker, &home, &req.key_id).await {
+            (held, _) => match self.fetch(&invoker, &home, &req.key_id).await {
+                Ok(mut k) => {
                     // A refreshed key keeps the refresh mark: the next one waits the interval.
-                    Ok(mut k) if held.is_some() => {
+                    if held.is_some() {
                         k.last_refresh = Some(k.fetched_at);
-                        k
                     }
-                    Ok(k) => k,
-                    Err(s) => match held {
-                        Some(k) if !definite(&s) => k,
-                        _ => return Err(s),
-                    },
-                };
-                self.state.keys.put(who.clone(), k.clone());
-                tracing::info!(api_invoker_id = %invoker, %home, key_id = %k.key_id, remaining_ms = k.remaining().as_millis() as u64, "key fetched from CCF");
-                k
-            }
+                    if !self.state.keys.put(who.clone(), k.clone()) {
+                        return Err(revoked_meanwhile(&who));
+                    }
+                    tracing::info!(api_invoker_id = %invoker, %home, key_id = %k.key_id, remaining_ms = k.remaining().as_millis() as u64, "key fetched from CCF");
+                    k
+                }
+                // The held key stands (nothing is written back: a revocation or a newer key
+                // that arrived meanwhile must not be undone).
+                Err(s) => match held {
+                    Some(k) if !definite(&s) => k,
+                    _ => return Err(s),
+                },
+            },
         };
         let identity = PskIdentity {
             home_ccf_id: home,

@@ -110,7 +110,7 @@ fn hold_key(aef: &Aef, invoker: &str, byte: u8) -> PskIdentity {
         api_invoker_id: who.invoker.clone(),
         key_id: psk.key_id(),
     };
-    aef.running.state.keys.put(
+    assert!(aef.running.state.keys.put(
         who,
         HeldKey {
             key_id: psk.key_id(),
@@ -120,7 +120,7 @@ fn hold_key(aef: &Aef, invoker: &str, byte: u8) -> PskIdentity {
             last_refresh: None,
             allowed_apis: vec![API.into()],
         },
-    );
+    ));
     identity
 }
 

@@ -24,7 +24,7 @@ fn identity(key_id: &str) -> PskIdentity {
 
 async fn server(profile: TlsProfile, key: &AefPsk) -> String {
     let store = Arc::new(KeyStore::default());
-    store.put(
+    assert!(store.put(
         InvokerRef::new(
             CcfId::new("operator-b.test").unwrap(),
             ApiInvokerId::new("inv-1").unwrap(),
@@ -37,7 +37,7 @@ async fn server(profile: TlsProfile, key: &AefPsk) -> String {
             last_refresh: None,
             allowed_apis: vec![],
         },
-    );
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let mut incoming = psk_incoming(

@@ -104,10 +104,12 @@ pub async fn with_standard_services(routes: Routes, names: &[&str]) -> Result<Ro
     let v1alpha = refl(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(|e| Status::internal(e.to_string()))?;
+    // Their requests name a service or a symbol: a few KiB is plenty, whatever `[limits]` says.
+    const SMALL: usize = 16 * 1024;
     Ok(routes
-        .add_service(health)
-        .add_service(v1)
-        .add_service(v1alpha))
+        .add_service(health.max_decoding_message_size(SMALL))
+        .add_service(v1.max_decoding_message_size(SMALL))
+        .add_service(v1alpha.max_decoding_message_size(SMALL)))
 }
 
 /// Serves `routes` on `listener` over TLS until `shutdown` completes, within the limits of

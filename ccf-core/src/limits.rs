@@ -42,6 +42,10 @@ pub struct ListenerLimits {
     pub max_header_list_bytes: u32,
     /// Concurrent requests (HTTP/2 streams) on one connection.
     pub max_concurrent_streams: u32,
+    /// A request not answered within this long is cancelled, seconds (above every budget the
+    /// services honour). It also ends a request whose body a client stalls, which would
+    /// otherwise count as activity and hold the connection past its idle timeout.
+    pub request_timeout_secs: u64,
 }
 
 impl Default for ListenerLimits {
@@ -54,6 +58,7 @@ impl Default for ListenerLimits {
             max_message_bytes: 64 * 1024,
             max_header_list_bytes: 16 * 1024,
             max_concurrent_streams: 128,
+            request_timeout_secs: 30,
         }
     }
 }
@@ -61,7 +66,7 @@ impl Default for ListenerLimits {
 impl ListenerLimits {
     /// Checks the values make sense; says which does not.
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(&str, bool); 7] = [
+        let checks: [(&str, bool); 8] = [
             ("max_connections", self.max_connections > 0),
             (
                 "max_connections_per_source",
@@ -82,6 +87,10 @@ impl ListenerLimits {
                 (1024..=1024 * 1024).contains(&self.max_header_list_bytes),
             ),
             ("max_concurrent_streams", self.max_concurrent_streams > 0),
+            (
+                "request_timeout_secs",
+                (16..=600).contains(&self.request_timeout_secs),
+            ),
         ];
         match checks.iter().find(|(_, ok)| !ok) {
             None => Ok(()),
@@ -89,7 +98,8 @@ impl ListenerLimits {
                 "limits.{key} is out of range (max_connections > 0, 0 < \
                  max_connections_per_source <= max_connections, idle_timeout_secs > 0, \
                  handshake_timeout_secs 1..=120, max_message_bytes 4096..=16777216, \
-                 max_header_list_bytes 1024..=1048576, max_concurrent_streams > 0)"
+                 max_header_list_bytes 1024..=1048576, max_concurrent_streams > 0, \
+                 request_timeout_secs 16..=600)"
             )),
         }
     }
@@ -325,6 +335,7 @@ pub fn serve_builder(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_header_list_size(limits.max_header_list_bytes)
+        .timeout(Duration::from_secs(limits.request_timeout_secs))
         .layer(EdgeLayer {
             activity,
             max_message_bytes: limits.max_message_bytes,

@@ -95,9 +95,10 @@ pub struct CacheConfig {
     pub negative_ttl_ms: u64,
     /// Capacity in weight units (approximately bytes).
     pub max_weight: u64,
-    /// A presented key id that differs from the cached one refreshes an entry at most once in
-    /// this interval (counted from the entry's fetch), milliseconds; within it the cached
-    /// answer is served. Keeps random key ids from turning into partner fetches.
+    /// A presented key id that differs from the cached one refreshes an entry: the first time
+    /// at once, then at most once in this interval (counted from the last refresh),
+    /// milliseconds; within it the cached answer is served. Keeps random key ids from turning
+    /// into partner fetches.
     pub refresh_interval_ms: u64,
 }
 

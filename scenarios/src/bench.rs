@@ -438,6 +438,8 @@ pub async fn run(
     Ok(out)
 }
 
+/// Cases (a) to (f) in order on the running testbed; an error in a latency case or in (d)
+/// fails the run after the report is complete.
 async fn cases(
     opts: &BenchOpts,
     tb: &mut Testbed,
@@ -586,11 +588,23 @@ impl Targets {
     }
 }
 
+/// An operation for [`closed_loop`] and [`open_loop`], as a name: a function cannot return
+/// `impl Fn(u64) -> impl Future`, but it can return `impl Op`.
+trait Op: Fn(u64) -> <Self as Op>::Fut + Clone + Send + Sync + 'static {
+    /// The future of one operation.
+    type Fut: Future<Output = Result<()>> + Send + 'static;
+}
+
+impl<F, Fut> Op for F
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    type Fut = Fut;
+}
+
 /// One CAPIF-6 lookup per operation over `ch`, cycling through `ids`.
-fn fetch(
-    ch: Channel,
-    ids: Arc<Vec<String>>,
-) -> impl Fn(u64) -> (impl Future<Output = Result<()>> + Send) + Clone + Send + Sync + 'static {
+fn fetch(ch: Channel, ids: Arc<Vec<String>>) -> impl Op {
     move |i: u64| {
         let mut c = GatewayClient::new(ch.clone());
         let id = ids[i as usize % ids.len()].clone();

@@ -1,7 +1,7 @@
 //! `capif`: the testbed launcher (`capif testbed up|down`), the scenario runner
 //! (`capif scenario run|check`) and the invoker role step by step (`capif invoker ...`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use aef_stub::psk::TlsProfile;
@@ -393,59 +393,26 @@ fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let cmd = match cli.command {
+    match cli.command {
         Command::Scenario(ScenarioCommand::Run(args)) => {
             if !scenario_run(args).await? {
                 std::process::exit(1);
             }
-            return Ok(());
+            Ok(())
         }
-        Command::Scenario(ScenarioCommand::Check { file }) => {
-            let s = Scenario::load(&file)?;
-            println!(
-                "{}: ok ({} domains, {} invoker entries, {} steps)",
-                file.display(),
-                s.domains.len(),
-                s.invokers.len(),
-                s.steps.len()
-            );
-            return Ok(());
-        }
-        Command::Testbed(TestbedCommand::Up(args)) => return testbed_up(args).await,
-        Command::Testbed(TestbedCommand::Down { run_dir }) => return testbed_down(&run_dir),
-        Command::Invoker(cmd) => cmd,
+        Command::Scenario(ScenarioCommand::Check { file }) => scenario_check(&file),
+        Command::Testbed(TestbedCommand::Up(args)) => testbed_up(args).await,
+        Command::Testbed(TestbedCommand::Down { run_dir }) => testbed_down(&run_dir),
+        Command::Invoker(cmd) => invoker_command(cmd).await,
         Command::Bench {
             smoke,
             out,
             run_dir,
             bin_dir,
-        } => {
-            let opts = if smoke {
-                capif_scenarios::bench::BenchOpts::smoke()
-            } else {
-                capif_scenarios::bench::BenchOpts::full()
-            };
-            let dir = run_dir.unwrap_or_else(|| {
-                PathBuf::from("run").join(format!("bench-{}", ccf_core::clock::now_ms()))
-            });
-            let bin = match bin_dir {
-                Some(b) => b,
-                None => capif_scenarios::testbed::default_bin_dir()?,
-            };
-            let me = std::env::current_exe()?;
-            let report = tokio::select! {
-                r = capif_scenarios::bench::run(&opts, &dir, &bin, &me) => r?,
-                sig = interrupted() => anyhow::bail!("{sig}: benchmark stopped"),
-            };
-            if let Some(out) = out {
-                std::fs::write(&out, &report)?;
-                println!("report written to {}", out.display());
-            }
-            return Ok(());
-        }
+        } => bench(smoke, out, run_dir, bin_dir).await,
         Command::BenchMemory { entries } => {
             println!("{}", capif_scenarios::bench::memory_case(entries).await?);
-            return Ok(());
+            Ok(())
         }
         Command::BenchFloor {
             ca,
@@ -453,11 +420,56 @@ async fn run(cli: Cli) -> Result<()> {
             key,
             listen,
             next,
-        } => {
-            return capif_scenarios::bench::serve_floor(&ca, &cert, &key, &listen, next.as_deref())
-                .await;
-        }
+        } => capif_scenarios::bench::serve_floor(&ca, &cert, &key, &listen, next.as_deref()).await,
+    }
+}
+
+/// `capif scenario check`: parse and validate, start nothing.
+fn scenario_check(file: &Path) -> Result<()> {
+    let s = Scenario::load(file)?;
+    println!(
+        "{}: ok ({} domains, {} invoker entries, {} steps)",
+        file.display(),
+        s.domains.len(),
+        s.invokers.len(),
+        s.steps.len()
+    );
+    Ok(())
+}
+
+/// `capif bench`: the full run or the smoke run, stopped cleanly on a signal.
+async fn bench(
+    smoke: bool,
+    out: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    bin_dir: Option<PathBuf>,
+) -> Result<()> {
+    let opts = if smoke {
+        capif_scenarios::bench::BenchOpts::smoke()
+    } else {
+        capif_scenarios::bench::BenchOpts::full()
     };
+    let dir = run_dir.unwrap_or_else(|| {
+        PathBuf::from("run").join(format!("bench-{}", ccf_core::clock::now_ms()))
+    });
+    let bin = match bin_dir {
+        Some(b) => b,
+        None => capif_scenarios::testbed::default_bin_dir()?,
+    };
+    let me = std::env::current_exe()?;
+    let report = tokio::select! {
+        r = capif_scenarios::bench::run(&opts, &dir, &bin, &me) => r?,
+        sig = interrupted() => anyhow::bail!("{sig}: benchmark stopped"),
+    };
+    if let Some(out) = out {
+        std::fs::write(&out, &report)?;
+        println!("report written to {}", out.display());
+    }
+    Ok(())
+}
+
+/// `capif invoker ...`: one step of the invoker role, its result on stdout.
+async fn invoker_command(cmd: InvokerCommand) -> Result<()> {
     match cmd {
         InvokerCommand::Onboard {
             profile,
@@ -489,23 +501,7 @@ async fn run(cli: Cli) -> Result<()> {
             aef,
             api,
             method,
-        } => {
-            let p = Profile::load(&profile.profile)?;
-            if method == SecurityMethod::Psk {
-                let k = invoker::security(&p, &aef, api.as_deref()).await?;
-                println!(
-                    "security method PSK for {aef}: key_id={} interface={} expires_at_ms={}",
-                    k.key_id, k.interface, k.expires_at_ms
-                );
-            } else {
-                let i = invoker::negotiate(&p, &aef, api.as_deref(), method).await?;
-                println!(
-                    "security method {} for {aef}: authorized APIs {}",
-                    method.as_str_name(),
-                    i.authorization_info
-                );
-            }
-        }
+        } => invoker_security(&profile.profile, &aef, api.as_deref(), method).await?,
         InvokerCommand::Token { profile, scope } => {
             let p = Profile::load(&profile.profile)?;
             let t = invoker::token(&p, &scope).await?;
@@ -519,50 +515,7 @@ async fn run(cli: Cli) -> Result<()> {
             aef_domain,
             target,
             method,
-        } if method != SecurityMethod::Psk => {
-            let p = Profile::load(&profile.profile)?;
-            let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let r = invoker::auth_method(
-                &p,
-                method,
-                "",
-                &target.aef_addr,
-                &ca,
-                &target.aef_server_name,
-                &invoker::expected_aef(&aef_domain, &aef)?,
-            )
-            .await?;
-            println!(
-                "authenticated: method={} tls_endpoint={} remaining_validity_ms={}",
-                method.as_str_name(),
-                r.tls_endpoint,
-                r.remaining_validity_ms
-            );
-        }
-        InvokerCommand::Auth {
-            profile,
-            aef,
-            aef_domain,
-            target,
-            ..
-        } => {
-            let p = Profile::load(&profile.profile)?;
-            let k = p.key(&aef)?;
-            let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let r = invoker::auth(
-                &p,
-                Some(&k),
-                &target.aef_addr,
-                &ca,
-                &target.aef_server_name,
-                &invoker::expected_aef(&aef_domain, &aef)?,
-            )
-            .await?;
-            println!(
-                "authenticated: tls_endpoint={} psk_identity={} remaining_validity_ms={}",
-                r.tls_endpoint, r.psk_identity, r.remaining_validity_ms
-            );
-        }
+        } => invoker_auth(&profile.profile, &aef, &aef_domain, &target, method).await?,
         InvokerCommand::Call {
             profile,
             aef,
@@ -588,31 +541,116 @@ async fn run(cli: Cli) -> Result<()> {
             api,
             method,
             tls,
-        } => {
-            let p = Profile::load(&profile.profile)?;
-            let ca = std::fs::read_to_string(&target.aef_ca)?;
-            let t = invoker::AefTarget {
-                addr: &target.aef_addr,
-                ca_pem: &ca,
-                server_name: &target.aef_server_name,
-            };
-            let r = invoker::run_flow(&p, method, &aef, &api, &t, tls).await?;
-            println!(
-                "{} answered {} for {} of {} ({}{}): {}",
-                r.aef_id,
-                r.api_name,
-                r.api_invoker_id,
-                r.home_ccf_id,
-                method.as_str_name(),
-                if r.key_id.is_empty() {
-                    String::new()
-                } else {
-                    format!(", key {}", r.key_id)
-                },
-                r.result
-            );
-        }
+        } => invoker_run(&profile.profile, &aef, &target, &api, method, tls).await?,
     }
+    Ok(())
+}
+
+/// `capif invoker security`: with PSK the key for the AEF, with another method its
+/// authorization.
+async fn invoker_security(
+    profile: &Path,
+    aef: &str,
+    api: Option<&str>,
+    method: SecurityMethod,
+) -> Result<()> {
+    let p = Profile::load(profile)?;
+    if method == SecurityMethod::Psk {
+        let k = invoker::security(&p, aef, api).await?;
+        println!(
+            "security method PSK for {aef}: key_id={} interface={} expires_at_ms={}",
+            k.key_id, k.interface, k.expires_at_ms
+        );
+    } else {
+        let i = invoker::negotiate(&p, aef, api, method).await?;
+        println!(
+            "security method {} for {aef}: authorized APIs {}",
+            method.as_str_name(),
+            i.authorization_info
+        );
+    }
+    Ok(())
+}
+
+/// `capif invoker auth`: Authentication Initiation at the AEF, with the stored PSK key or
+/// with another method.
+async fn invoker_auth(
+    profile: &Path,
+    aef: &str,
+    aef_domain: &str,
+    target: &AefArgs,
+    method: SecurityMethod,
+) -> Result<()> {
+    let p = Profile::load(profile)?;
+    if method != SecurityMethod::Psk {
+        let ca = std::fs::read_to_string(&target.aef_ca)?;
+        let r = invoker::auth_method(
+            &p,
+            method,
+            "",
+            &target.aef_addr,
+            &ca,
+            &target.aef_server_name,
+            &invoker::expected_aef(aef_domain, aef)?,
+        )
+        .await?;
+        println!(
+            "authenticated: method={} tls_endpoint={} remaining_validity_ms={}",
+            method.as_str_name(),
+            r.tls_endpoint,
+            r.remaining_validity_ms
+        );
+        return Ok(());
+    }
+    let k = p.key(aef)?;
+    let ca = std::fs::read_to_string(&target.aef_ca)?;
+    let r = invoker::auth(
+        &p,
+        Some(&k),
+        &target.aef_addr,
+        &ca,
+        &target.aef_server_name,
+        &invoker::expected_aef(aef_domain, aef)?,
+    )
+    .await?;
+    println!(
+        "authenticated: tls_endpoint={} psk_identity={} remaining_validity_ms={}",
+        r.tls_endpoint, r.psk_identity, r.remaining_validity_ms
+    );
+    Ok(())
+}
+
+/// `capif invoker run`: the whole flow with one method, and the AEF's answer.
+async fn invoker_run(
+    profile: &Path,
+    aef: &str,
+    target: &AefArgs,
+    api: &str,
+    method: SecurityMethod,
+    tls: TlsProfile,
+) -> Result<()> {
+    let p = Profile::load(profile)?;
+    let ca = std::fs::read_to_string(&target.aef_ca)?;
+    let t = invoker::AefTarget {
+        addr: &target.aef_addr,
+        ca_pem: &ca,
+        server_name: &target.aef_server_name,
+    };
+    let r = invoker::run_flow(&p, method, aef, api, &t, tls).await?;
+    println!(
+        "{} answered {} for {} of {} ({}{}): {}",
+        r.aef_id,
+        r.api_name,
+        r.api_invoker_id,
+        r.home_ccf_id,
+        method.as_str_name(),
+        if r.key_id.is_empty() {
+            String::new()
+        } else {
+            format!(", key {}", r.key_id)
+        },
+        r.result
+    );
     Ok(())
 }
 

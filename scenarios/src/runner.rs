@@ -147,6 +147,36 @@ fn classify(e: &anyhow::Error) -> Outcome {
     }
 }
 
+/// The step's `domain`, or "" (validation made sure the actions that need one have it).
+fn domain_of(step: &Step) -> String {
+    step.domain
+        .as_ref()
+        .map(|d| d.get_ref().clone())
+        .unwrap_or_default()
+}
+
+/// The operations of a group step: (member, home, AEF) for every member, times every AEF when
+/// the step names any.
+fn group_ops(
+    members: &[(String, String)],
+    aefs: &[String],
+) -> Vec<(String, String, Option<String>)> {
+    if aefs.is_empty() {
+        members
+            .iter()
+            .map(|(m, h)| (m.clone(), h.clone(), None))
+            .collect()
+    } else {
+        members
+            .iter()
+            .flat_map(|(m, h)| {
+                aefs.iter()
+                    .map(move |a| (m.clone(), h.clone(), Some(a.clone())))
+            })
+            .collect()
+    }
+}
+
 /// Runs the steps and builds the report.
 pub struct Runner<'a> {
     scenario: &'a Scenario,
@@ -209,157 +239,142 @@ impl<'a> Runner<'a> {
     }
 
     async fn step(&mut self, step: &Step) -> (String, Outcome, String) {
-        let s = self.scenario;
         match step.action {
             Action::Wait => {
                 let ms = step.ms.unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 (format!("{ms} ms"), Outcome::ok(), String::new())
             }
-            Action::Stop | Action::Kill | Action::Start => {
-                let c = step
-                    .component
-                    .as_ref()
-                    .map(|c| c.get_ref().clone())
-                    .unwrap_or_default();
-                let r = match step.action {
-                    Action::Start => self.tb.start(&c).await,
-                    Action::Kill => self.tb.stop(&c, true).await,
-                    _ => self.tb.stop(&c, false).await,
-                };
-                (
-                    c,
-                    r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
-                    String::new(),
-                )
-            }
-            Action::SetValidity => {
-                let d = step
-                    .domain
-                    .as_ref()
-                    .map(|d| d.get_ref().clone())
-                    .unwrap_or_default();
-                let secs = step.secs.unwrap_or(0);
-                let comp = format!("ccf:{d}");
-                let r = async {
-                    self.tb.set_validity(&d, secs)?;
-                    self.tb.stop(&comp, false).await?;
-                    self.tb.start(&comp).await
-                }
-                .await;
-                (
-                    format!("{d} = {secs} s"),
-                    r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
-                    String::new(),
-                )
-            }
+            Action::Stop | Action::Kill | Action::Start => self.component_step(step).await,
+            Action::SetValidity => self.set_validity_step(step).await,
             Action::RotateTokenKey => {
-                let d = step
-                    .domain
-                    .as_ref()
-                    .map(|d| d.get_ref().clone())
-                    .unwrap_or_default();
+                let d = domain_of(step);
                 match self.rotate_token_key(&d).await {
                     Ok(kid) => (d, Outcome::ok(), format!("new key id {kid}")),
                     Err(e) => (d, classify(&e), String::new()),
                 }
             }
-            Action::Counters => {
-                let d = step
-                    .domain
-                    .as_ref()
-                    .map(|d| d.get_ref().clone())
-                    .unwrap_or_default();
-                let want = step.counters.clone().unwrap_or_default();
-                match self.counters(&d).await {
-                    Ok(have) => {
-                        let short: Vec<String> = want
-                            .iter()
-                            .filter(|(k, v)| have.get(*k).copied().unwrap_or(0) < **v)
-                            .map(|(k, v)| {
-                                format!("{k}={} < {v}", have.get(k).copied().unwrap_or(0))
-                            })
-                            .collect();
-                        let shown = want
-                            .keys()
-                            .map(|k| format!("{k}={}", have.get(k).copied().unwrap_or(0)))
-                            .collect::<Vec<_>>()
-                            .join(" ");
-                        if short.is_empty() {
-                            (d, Outcome::ok(), shown)
-                        } else {
-                            (
-                                d,
-                                Outcome {
-                                    code: "COUNTERS_MISMATCH".into(),
-                                    reason: String::new(),
-                                    detail: short.join(", "),
-                                },
-                                shown,
-                            )
-                        }
-                    }
-                    Err(e) => (d, classify(&e), String::new()),
-                }
+            Action::Counters => self.counters_step(step).await,
+            _ => self.group_step(step).await,
+        }
+    }
+
+    /// Stop, kill or start one component.
+    async fn component_step(&mut self, step: &Step) -> (String, Outcome, String) {
+        let c = step
+            .component
+            .as_ref()
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_default();
+        let r = match step.action {
+            Action::Start => self.tb.start(&c).await,
+            Action::Kill => self.tb.stop(&c, true).await,
+            _ => self.tb.stop(&c, false).await,
+        };
+        (
+            c,
+            r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
+            String::new(),
+        )
+    }
+
+    /// A new AEFPSK validity for a domain's CCF, which restarts to apply it.
+    async fn set_validity_step(&mut self, step: &Step) -> (String, Outcome, String) {
+        let d = domain_of(step);
+        let secs = step.secs.unwrap_or(0);
+        let comp = format!("ccf:{d}");
+        let r = async {
+            self.tb.set_validity(&d, secs)?;
+            self.tb.stop(&comp, false).await?;
+            self.tb.start(&comp).await
+        }
+        .await;
+        (
+            format!("{d} = {secs} s"),
+            r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
+            String::new(),
+        )
+    }
+
+    /// The domain's gateway counters against the minimums the step expects; the values are
+    /// shown either way.
+    async fn counters_step(&mut self, step: &Step) -> (String, Outcome, String) {
+        let d = domain_of(step);
+        let want = step.counters.clone().unwrap_or_default();
+        let have = match self.counters(&d).await {
+            Ok(have) => have,
+            Err(e) => return (d, classify(&e), String::new()),
+        };
+        let short: Vec<String> = want
+            .iter()
+            .filter(|(k, v)| have.get(*k).copied().unwrap_or(0) < **v)
+            .map(|(k, v)| format!("{k}={} < {v}", have.get(k).copied().unwrap_or(0)))
+            .collect();
+        let shown = want
+            .keys()
+            .map(|k| format!("{k}={}", have.get(k).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if short.is_empty() {
+            (d, Outcome::ok(), shown)
+        } else {
+            (
+                d,
+                Outcome {
+                    code: "COUNTERS_MISMATCH".into(),
+                    reason: String::new(),
+                    detail: short.join(", "),
+                },
+                shown,
+            )
+        }
+    }
+
+    /// An invoker action: every member of the group, times every AEF of the step, with bounded
+    /// concurrency. "ok" only when every operation succeeded, otherwise the first failure.
+    async fn group_step(&mut self, step: &Step) -> (String, Outcome, String) {
+        let group = step
+            .invoker
+            .as_ref()
+            .map(|i| i.get_ref().clone())
+            .unwrap_or_default();
+        let members = self.members.get(&group).cloned().unwrap_or_default();
+        let aefs = Self::aefs_of(step);
+        let target = if aefs.is_empty() {
+            format!("{group} ({})", members.len())
+        } else {
+            format!("{group} ({}) -> {}", members.len(), aefs.join(","))
+        };
+        let ops = group_ops(&members, &aefs);
+        let total = ops.len();
+        let sem = Arc::new(Semaphore::new(step.concurrency.unwrap_or(16).max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for (member, home, aef) in ops {
+            let ctx = OpContext::new(self, self.scenario, step, &member, &home, aef.as_deref());
+            let sem = sem.clone();
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                ctx.run().await
+            });
+        }
+        let mut failures = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(classify(&e)),
+                Err(e) => failures.push(Outcome {
+                    code: "ERROR".into(),
+                    reason: String::new(),
+                    detail: e.to_string(),
+                }),
             }
-            _ => {
-                let group = step
-                    .invoker
-                    .as_ref()
-                    .map(|i| i.get_ref().clone())
-                    .unwrap_or_default();
-                let members = self.members.get(&group).cloned().unwrap_or_default();
-                let aefs = Self::aefs_of(step);
-                let target = if aefs.is_empty() {
-                    format!("{group} ({})", members.len())
-                } else {
-                    format!("{group} ({}) -> {}", members.len(), aefs.join(","))
-                };
-                let ops: Vec<(String, String, Option<String>)> = if aefs.is_empty() {
-                    members
-                        .iter()
-                        .map(|(m, h)| (m.clone(), h.clone(), None))
-                        .collect()
-                } else {
-                    members
-                        .iter()
-                        .flat_map(|(m, h)| {
-                            aefs.iter()
-                                .map(move |a| (m.clone(), h.clone(), Some(a.clone())))
-                        })
-                        .collect()
-                };
-                let total = ops.len();
-                let sem = Arc::new(Semaphore::new(step.concurrency.unwrap_or(16).max(1)));
-                let mut set = tokio::task::JoinSet::new();
-                for (member, home, aef) in ops {
-                    let ctx = OpContext::new(self, s, step, &member, &home, aef.as_deref());
-                    let sem = sem.clone();
-                    set.spawn(async move {
-                        let _permit = sem.acquire_owned().await;
-                        ctx.run().await
-                    });
-                }
-                let mut failures = Vec::new();
-                while let Some(r) = set.join_next().await {
-                    match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => failures.push(classify(&e)),
-                        Err(e) => failures.push(Outcome {
-                            code: "ERROR".into(),
-                            reason: String::new(),
-                            detail: e.to_string(),
-                        }),
-                    }
-                }
-                let detail = format!("{}/{} succeeded", total - failures.len(), total);
-                match failures.into_iter().next() {
-                    None => (target, Outcome::ok(), detail),
-                    Some(mut first) => {
-                        first.detail = format!("{detail}; first failure: {}", first.detail);
-                        (target, first, String::new())
-                    }
-                }
+        }
+        let detail = format!("{}/{} succeeded", total - failures.len(), total);
+        match failures.into_iter().next() {
+            None => (target, Outcome::ok(), detail),
+            Some(mut first) => {
+                first.detail = format!("{detail}; first failure: {}", first.detail);
+                (target, first, String::new())
             }
         }
     }
@@ -528,72 +543,8 @@ impl OpContext {
             Action::Security => {
                 invoker::security(&Profile::load(&self.profile_dir)?, &aef, None).await?;
             }
-            Action::Auth if self.method != pb::SecurityMethod::Psk => {
-                let p = Profile::load(&self.profile_dir)?;
-                let ca = std::fs::read_to_string(&self.aef_ca)?;
-                invoker::auth_method(
-                    &p,
-                    self.method,
-                    "",
-                    &self.aef_addr,
-                    &ca,
-                    "localhost",
-                    &invoker::expected_aef(&self.aef_domain, &aef)?,
-                )
-                .await?;
-            }
-            Action::Auth => {
-                let p = Profile::load(&self.profile_dir)?;
-                let ca = std::fs::read_to_string(&self.aef_ca)?;
-                // Without a key for this AEF the invoker still asks (and is told why not).
-                let k = p.key(&aef).ok();
-                invoker::auth(
-                    &p,
-                    k.as_ref(),
-                    &self.aef_addr,
-                    &ca,
-                    "localhost",
-                    &invoker::expected_aef(&self.aef_domain, &aef)?,
-                )
-                .await?;
-            }
-            Action::Call => {
-                let p = Profile::load(&self.profile_dir)?;
-                let ca = std::fs::read_to_string(&self.aef_ca)?;
-                let expected = invoker::expected_aef(&self.aef_domain, &aef);
-                match self.method {
-                    pb::SecurityMethod::Pki => {
-                        invoker::call_pki(
-                            &p,
-                            p.id(),
-                            &self.tls_endpoint,
-                            &ca,
-                            "localhost",
-                            &api,
-                            &expected?,
-                        )
-                        .await?;
-                    }
-                    pb::SecurityMethod::Oauth => {
-                        // A fresh token for this AEF and API from the home CCF, then the call.
-                        let scope = format!("{}{aef}:{api}", ccf_core::token::SCOPE_PREFIX);
-                        let t = invoker::token(&p, &scope).await?;
-                        invoker::call_oauth(
-                            &t.access_token,
-                            &self.tls_endpoint,
-                            &ca,
-                            "localhost",
-                            &api,
-                            &expected?,
-                        )
-                        .await?;
-                    }
-                    _ => {
-                        invoker::call(&p, &p.key(&aef)?, &self.psk_endpoint, &api, self.psk_tls)
-                            .await?;
-                    }
-                }
-            }
+            Action::Auth => self.auth(&aef).await?,
+            Action::Call => self.call(&aef, &api).await?,
             Action::Run => {
                 let p = Profile::load(&self.profile_dir)?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
@@ -604,32 +555,7 @@ impl OpContext {
                 };
                 invoker::run_flow(&p, self.method, &aef, &api, &target, self.psk_tls).await?;
             }
-            Action::Revoke => {
-                let p = Profile::load(&self.profile_dir)?;
-                let ca = std::fs::read_to_string(&self.home_ca)?;
-                let (cert, key) = (
-                    std::fs::read_to_string(&self.operator.0)?,
-                    std::fs::read_to_string(&self.operator.1)?,
-                );
-                let (ch, _) = connect(
-                    &self.capif,
-                    "localhost",
-                    client_config(&ca, Some((&cert, &key)), p.home_ccf()?)?,
-                    Duration::from_secs(5),
-                )
-                .await?;
-                SecurityClient::new(ch)
-                    .revoke_authorization(pb::RevokeAuthorizationRequest {
-                        revoke_info: Some(pb::SecurityNotification {
-                            api_invoker_id: p.id().to_string(),
-                            aef_id: aef,
-                            cause: pb::Cause::AuthorizationIssue as i32,
-                            ..Default::default()
-                        }),
-                    })
-                    .await
-                    .map_err(invoker::status_error)?;
-            }
+            Action::Revoke => self.revoke(aef).await?,
             Action::Offboard => {
                 let p = Profile::load(&self.profile_dir)?;
                 let ch = p.capif1e_channel().await?;
@@ -642,6 +568,107 @@ impl OpContext {
             }
             other => return Err(anyhow!("{other:?} is not an invoker action")),
         }
+        Ok(())
+    }
+
+    /// Authentication Initiation at the AEF with the step's method.
+    async fn auth(&self, aef: &str) -> Result<()> {
+        let p = Profile::load(&self.profile_dir)?;
+        let ca = std::fs::read_to_string(&self.aef_ca)?;
+        if self.method != pb::SecurityMethod::Psk {
+            invoker::auth_method(
+                &p,
+                self.method,
+                "",
+                &self.aef_addr,
+                &ca,
+                "localhost",
+                &invoker::expected_aef(&self.aef_domain, aef)?,
+            )
+            .await?;
+            return Ok(());
+        }
+        // Without a key for this AEF the invoker still asks (and is told why not).
+        let k = p.key(aef).ok();
+        invoker::auth(
+            &p,
+            k.as_ref(),
+            &self.aef_addr,
+            &ca,
+            "localhost",
+            &invoker::expected_aef(&self.aef_domain, aef)?,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One API call at the AEF: mutual TLS with the invoker's certificate (PKI), TLS with a
+    /// fresh bearer token (OAUTH), or TLS-PSK.
+    async fn call(&self, aef: &str, api: &str) -> Result<()> {
+        let p = Profile::load(&self.profile_dir)?;
+        let ca = std::fs::read_to_string(&self.aef_ca)?;
+        let expected = invoker::expected_aef(&self.aef_domain, aef);
+        match self.method {
+            pb::SecurityMethod::Pki => {
+                invoker::call_pki(
+                    &p,
+                    p.id(),
+                    &self.tls_endpoint,
+                    &ca,
+                    "localhost",
+                    api,
+                    &expected?,
+                )
+                .await?;
+            }
+            pb::SecurityMethod::Oauth => {
+                // A fresh token for this AEF and API from the home CCF, then the call.
+                let scope = format!("{}{aef}:{api}", ccf_core::token::SCOPE_PREFIX);
+                let t = invoker::token(&p, &scope).await?;
+                invoker::call_oauth(
+                    &t.access_token,
+                    &self.tls_endpoint,
+                    &ca,
+                    "localhost",
+                    api,
+                    &expected?,
+                )
+                .await?;
+            }
+            _ => {
+                invoker::call(&p, &p.key(aef)?, &self.psk_endpoint, api, self.psk_tls).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The home domain's operator revokes the invoker's authorization at the AEF (CAPIF-1e,
+    /// mutual TLS).
+    async fn revoke(&self, aef: String) -> Result<()> {
+        let p = Profile::load(&self.profile_dir)?;
+        let ca = std::fs::read_to_string(&self.home_ca)?;
+        let (cert, key) = (
+            std::fs::read_to_string(&self.operator.0)?,
+            std::fs::read_to_string(&self.operator.1)?,
+        );
+        let (ch, _) = connect(
+            &self.capif,
+            "localhost",
+            client_config(&ca, Some((&cert, &key)), p.home_ccf()?)?,
+            Duration::from_secs(5),
+        )
+        .await?;
+        SecurityClient::new(ch)
+            .revoke_authorization(pb::RevokeAuthorizationRequest {
+                revoke_info: Some(pb::SecurityNotification {
+                    api_invoker_id: p.id().to_string(),
+                    aef_id: aef,
+                    cause: pb::Cause::AuthorizationIssue as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(invoker::status_error)?;
         Ok(())
     }
 }

@@ -269,6 +269,23 @@ impl Scenario {
         if domains.len() != self.domains.len() {
             bail!("{}: a domain id is listed twice", self.origin);
         }
+        self.validate_ids()?;
+        let aefs = self.aef_domains();
+        if aefs.len() != self.domains.iter().map(|d| d.aefs.len()).sum::<usize>() {
+            bail!("{}: an AEF id is used twice", self.origin);
+        }
+        self.validate_homes_and_federation(&domains)?;
+        let invokers: BTreeSet<String> = self.invokers.iter().map(|i| i.name.clone()).collect();
+        for (n, step) in self.steps.iter().enumerate() {
+            let what = format!("step {} ({:?})", n + 1, step.action);
+            self.validate_step_references(step, &what, &domains, &aefs, &invokers)?;
+            self.validate_step_fields(step, &what)?;
+        }
+        Ok(())
+    }
+
+    /// Domain and AEF ids must be valid ids; every AEF serves at least one API.
+    fn validate_ids(&self) -> Result<()> {
         for d in &self.domains {
             ccf_core::ids::CcfId::new(d.id.clone())
                 .map_err(|e| anyhow!("{}: domain {:?}: {e}", self.origin, d.id))?;
@@ -280,10 +297,11 @@ impl Scenario {
                 }
             }
         }
-        let aefs = self.aef_domains();
-        if aefs.len() != self.domains.iter().map(|d| d.aefs.len()).sum::<usize>() {
-            bail!("{}: an AEF id is used twice", self.origin);
-        }
+        Ok(())
+    }
+
+    /// Invokers' home domains and the federation's pairs must be listed domains.
+    fn validate_homes_and_federation(&self, domains: &BTreeSet<&str>) -> Result<()> {
         for i in &self.invokers {
             if !domains.contains(i.home.get_ref().as_str()) {
                 bail!(
@@ -305,84 +323,98 @@ impl Scenario {
                 }
             }
         }
-        let invokers: BTreeSet<String> = self.invokers.iter().map(|i| i.name.clone()).collect();
-        for (n, step) in self.steps.iter().enumerate() {
-            let what = format!("step {} ({:?})", n + 1, step.action);
-            let need = |field: &str| anyhow!("{}: {what} needs `{field}`", self.origin);
-            if let Some(i) = &step.invoker
-                && !invokers.contains(i.get_ref())
-            {
+        Ok(())
+    }
+
+    /// What a step names (invoker, AEFs, domain, component, method) must exist; the error
+    /// points at the line.
+    fn validate_step_references(
+        &self,
+        step: &Step,
+        what: &str,
+        domains: &BTreeSet<&str>,
+        aefs: &BTreeMap<String, String>,
+        invokers: &BTreeSet<String>,
+    ) -> Result<()> {
+        if let Some(i) = &step.invoker
+            && !invokers.contains(i.get_ref())
+        {
+            bail!(
+                "{}: {what}: unknown invoker {:?}",
+                self.at(i.span()),
+                i.get_ref()
+            );
+        }
+        for a in step.aef.iter().chain(step.aefs.iter().flatten()) {
+            if !aefs.contains_key(a.get_ref()) {
                 bail!(
-                    "{}: {what}: unknown invoker {:?}",
-                    self.at(i.span()),
-                    i.get_ref()
+                    "{}: {what}: unknown AEF {:?}",
+                    self.at(a.span()),
+                    a.get_ref()
                 );
             }
-            for a in step.aef.iter().chain(step.aefs.iter().flatten()) {
-                if !aefs.contains_key(a.get_ref()) {
-                    bail!(
-                        "{}: {what}: unknown AEF {:?}",
-                        self.at(a.span()),
-                        a.get_ref()
-                    );
-                }
-            }
-            if let Some(d) = &step.domain
-                && !domains.contains(d.get_ref().as_str())
-            {
+        }
+        if let Some(d) = &step.domain
+            && !domains.contains(d.get_ref().as_str())
+        {
+            bail!(
+                "{}: {what}: unknown domain {:?}",
+                self.at(d.span()),
+                d.get_ref()
+            );
+        }
+        if let Some(c) = &step.component {
+            let ok = match c.get_ref().split_once(':') {
+                Some(("ccf" | "gateway", d)) => domains.contains(d),
+                Some(("aef", a)) => aefs.contains_key(a),
+                _ => false,
+            };
+            if !ok {
                 bail!(
-                    "{}: {what}: unknown domain {:?}",
-                    self.at(d.span()),
-                    d.get_ref()
+                    "{}: {what}: unknown component {:?} (use ccf:<domain>, gateway:<domain> or aef:<aef-id>)",
+                    self.at(c.span()),
+                    c.get_ref()
                 );
             }
-            if let Some(c) = &step.component {
-                let ok = match c.get_ref().split_once(':') {
-                    Some(("ccf" | "gateway", d)) => domains.contains(d),
-                    Some(("aef", a)) => aefs.contains_key(a),
-                    _ => false,
-                };
-                if !ok {
-                    bail!(
-                        "{}: {what}: unknown component {:?} (use ccf:<domain>, gateway:<domain> or aef:<aef-id>)",
-                        self.at(c.span()),
-                        c.get_ref()
-                    );
+        }
+        if let Some(m) = &step.method
+            && let Err(e) = crate::invoker::parse_method(m.get_ref())
+        {
+            bail!("{}: {what}: {e}", self.at(m.span()));
+        }
+        Ok(())
+    }
+
+    /// The fields the step's action needs.
+    fn validate_step_fields(&self, step: &Step, what: &str) -> Result<()> {
+        let need = |field: &str| anyhow!("{}: {what} needs `{field}`", self.origin);
+        use Action::*;
+        match step.action {
+            Onboard | Offboard | Revoke => {
+                step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
+            }
+            Security | Auth | Call | Run => {
+                step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
+                if step.aef.is_none() && step.aefs.is_none() {
+                    return Err(need("aef"));
                 }
             }
-            if let Some(m) = &step.method
-                && let Err(e) = crate::invoker::parse_method(m.get_ref())
-            {
-                bail!("{}: {what}: {e}", self.at(m.span()));
+            Stop | Kill | Start => {
+                step.component.as_ref().ok_or_else(|| need("component"))?;
             }
-            use Action::*;
-            match step.action {
-                Onboard | Offboard | Revoke => {
-                    step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
-                }
-                Security | Auth | Call | Run => {
-                    step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
-                    if step.aef.is_none() && step.aefs.is_none() {
-                        return Err(need("aef"));
-                    }
-                }
-                Stop | Kill | Start => {
-                    step.component.as_ref().ok_or_else(|| need("component"))?;
-                }
-                Wait => {
-                    step.ms.ok_or_else(|| need("ms"))?;
-                }
-                RotateTokenKey => {
-                    step.domain.as_ref().ok_or_else(|| need("domain"))?;
-                }
-                SetValidity => {
-                    step.domain.as_ref().ok_or_else(|| need("domain"))?;
-                    step.secs.ok_or_else(|| need("secs"))?;
-                }
-                Counters => {
-                    step.domain.as_ref().ok_or_else(|| need("domain"))?;
-                    step.counters.as_ref().ok_or_else(|| need("counters"))?;
-                }
+            Wait => {
+                step.ms.ok_or_else(|| need("ms"))?;
+            }
+            RotateTokenKey => {
+                step.domain.as_ref().ok_or_else(|| need("domain"))?;
+            }
+            SetValidity => {
+                step.domain.as_ref().ok_or_else(|| need("domain"))?;
+                step.secs.ok_or_else(|| need("secs"))?;
+            }
+            Counters => {
+                step.domain.as_ref().ok_or_else(|| need("domain"))?;
+                step.counters.as_ref().ok_or_else(|| need("counters"))?;
             }
         }
         Ok(())

@@ -554,6 +554,19 @@ pub struct ProcRecord {
     pub pid: u32,
     /// Its start time (`/proc/<pid>/stat` field 22, clock ticks since boot).
     pub start_time: u64,
+    /// Its command line (`/proc/<pid>/cmdline`, arguments joined by spaces).
+    pub cmdline: String,
+}
+
+fn proc_cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 /// The start time of `pid`, from `/proc/<pid>/stat` (`None`: no such process).
@@ -569,11 +582,13 @@ pub fn proc_record(pid: u32) -> Option<ProcRecord> {
     Some(ProcRecord {
         pid,
         start_time: proc_start_time(pid)?,
+        cmdline: proc_cmdline(pid)?,
     })
 }
 
 /// Whether `rec` still names the process it was written for, so that signalling it cannot hit
-/// another process (a pid reused since, or 0, 1 or our own, which `kill` would treat specially).
+/// another process (a pid reused since, or 0, 1 or our own, which `kill` would treat specially):
+/// same start time and same command line, and the command is one of the project's binaries.
 pub fn confirm_own(rec: &ProcRecord) -> Result<(), String> {
     if rec.pid <= 1 || rec.pid == std::process::id() || i32::try_from(rec.pid).is_err() {
         return Err(format!("pid {} is not a component's", rec.pid));
@@ -584,7 +599,20 @@ pub fn confirm_own(rec: &ProcRecord) -> Result<(), String> {
             "pid {} now belongs to another process (it started later)",
             rec.pid
         )),
-        Some(_) => Ok(()),
+        Some(_) => {
+            let now = proc_cmdline(rec.pid).unwrap_or_default();
+            let program = now.split(' ').next().unwrap_or_default();
+            let ours = ["capif", "ccf", "capif-gateway", "aef-stub"]
+                .iter()
+                .any(|b| Path::new(program).file_name().is_some_and(|f| f == *b));
+            if now != rec.cmdline || !ours {
+                return Err(format!(
+                    "pid {} runs {now:?}, not the recorded component",
+                    rec.pid
+                ));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -651,22 +679,49 @@ mod proc_tests {
         let me = proc_record(std::process::id()).unwrap();
         // Our own pid is never a component.
         assert!(confirm_own(&me).is_err());
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let rec = proc_record(child.id()).unwrap();
-        assert!(confirm_own(&rec).is_ok());
+        // A stand-in component: `sleep` under one of the project's binary names.
+        let dir = tempfile::tempdir().unwrap();
+        let ccf = dir.path().join("ccf");
+        std::fs::copy("/bin/sleep", &ccf).unwrap();
+        let mut child = std::process::Command::new(&ccf).arg("5").spawn().unwrap();
+        // Recorded once it runs (the testbed records after the ready line; here, after exec).
+        let mut rec = proc_record(child.id()).unwrap();
+        for _ in 0..100 {
+            if rec.cmdline.contains("ccf") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            rec = proc_record(child.id()).unwrap();
+        }
+        assert!(confirm_own(&rec).is_ok(), "{rec:?}");
         let stale = ProcRecord {
             start_time: rec.start_time + 1,
             ..rec.clone()
         };
         assert!(confirm_own(&stale).is_err(), "a reused pid");
+        let other = ProcRecord {
+            cmdline: format!("{} 6", ccf.display()),
+            ..rec.clone()
+        };
+        assert!(confirm_own(&other).is_err(), "another command line");
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let foreign = proc_record(sleep.id()).unwrap();
+        assert!(
+            confirm_own(&foreign).is_err(),
+            "not one of the project's binaries"
+        );
+        sleep.kill().unwrap();
+        sleep.wait().unwrap();
         for pid in [0, 1, u32::MAX] {
-            assert!(
-                confirm_own(&ProcRecord { pid, start_time: 0 }).is_err(),
-                "{pid}"
-            );
+            let r = ProcRecord {
+                pid,
+                start_time: 0,
+                cmdline: String::new(),
+            };
+            assert!(confirm_own(&r).is_err(), "{pid}");
         }
         child.kill().unwrap();
         child.wait().unwrap();
