@@ -17,32 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::ids::CcfId;
 use ccf_core::kdf::AefPsk;
 use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
 
-/// An invoker as the AEF knows it: its home domain and its id there.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct InvokerRef {
-    /// The invoker's home CCF.
-    pub home: CcfId,
-    /// Its id at home.
-    pub invoker: ApiInvokerId,
-}
-
-impl InvokerRef {
-    /// `invoker` of `home`.
-    pub fn new(home: CcfId, invoker: ApiInvokerId) -> Self {
-        Self { home, invoker }
-    }
-}
-
-impl std::fmt::Display for InvokerRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} of {}", self.invoker, self.home)
-    }
-}
+pub use ccf_core::ids::InvokerRef;
 
 /// A key the AEF holds for one invoker.
 #[derive(Clone, Debug)]
@@ -430,7 +410,10 @@ mod tests {
     use super::*;
 
     fn who(home: &str, id: &str) -> InvokerRef {
-        InvokerRef::new(CcfId::new(home).unwrap(), ApiInvokerId::new(id).unwrap())
+        InvokerRef::new(
+            CcfId::new(home).unwrap(),
+            ccf_core::ids::ApiInvokerId::new(id).unwrap(),
+        )
     }
 
     fn key(byte: u8) -> HeldKey {

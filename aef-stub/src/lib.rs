@@ -4,7 +4,7 @@
 //! An invoker calls `AefSecurity.CheckAuthentication` ([`service`]); if the AEF holds no valid key
 //! it asks its CCF (CAPIF-3; through the gateways for foreign invokers) and keeps the key in the
 //! [`keys`] store with its own validity timer. The invoker then opens a TLS-PSK connection
-//! ([`psk`]) whose identity ([`identity`]) names the invoker and the key id; after the handshake
+//! ([`psk`]) whose identity (`capif_2e::identity`) names the invoker and the key id; after the handshake
 //! the demo API serves only the APIs the invoker is authorized for.
 //!
 //! Methods 2 and 3 share a second endpoint, rustls TLS 1.3: with a client certificate
@@ -12,9 +12,9 @@
 //! a bearer token on every call ([`token`] verifies it with the issuer's published keys).
 //!
 //! - [`config`] — TOML configuration.
-//! - [`identity`] — the PSK identity format.
 //! - [`keys`] — held keys, validity timers, open connections, revocation.
-//! - [`psk`] — OpenSSL TLS-PSK server (accept loop feeding tonic) and client.
+//! - [`psk`] — OpenSSL TLS-PSK server (accept loop feeding tonic); the profiles and the invoker's
+//!   side are `capif_2e::psk`, shared with the invoker client.
 //! - [`certauth`] — method 2: the client-certificate verifier of the TLS endpoint.
 //! - [`token`] — method 3: bearer-token verification and the issuers' key sets.
 //! - [`service`] — AefSecurity and DemoApi.
@@ -22,7 +22,6 @@
 
 pub mod certauth;
 pub mod config;
-pub mod identity;
 pub mod keys;
 pub mod psk;
 pub mod server;

@@ -22,9 +22,9 @@ use tonic::{Code, Request, Response, Status};
 use ccf_core::tls::ConnInfo;
 use ccf_core::token::{KnownCaller, Scope, refusal_status};
 
-use crate::identity::PskIdentity;
 use crate::keys::{HeldCa, HeldKey, InvokerRef, KeyStore};
 use crate::psk::PskPeer;
+use capif_2e::identity::PskIdentity;
 
 /// What both services share.
 #[derive(Debug)]
@@ -485,15 +485,15 @@ struct Caller {
 }
 
 /// The metadata a method-2 call names its invoker in.
-pub const INVOKER_ID_HEADER: &str = "capif-api-invoker-id";
+pub use capif_2e::headers::INVOKER_ID_HEADER;
 
 /// The token of an `authorization: Bearer <token>` header, if the call carries one.
 fn bearer_token<T>(request: &Request<T>) -> Option<&str> {
     request
         .metadata()
-        .get("authorization")
+        .get(capif_2e::headers::AUTHORIZATION_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.strip_prefix(capif_2e::headers::BEARER_PREFIX))
         .map(str::trim)
 }
 

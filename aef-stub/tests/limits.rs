@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aef_stub::identity::PskIdentity;
 use aef_stub::keys::{HeldKey, InvokerRef};
-use aef_stub::psk::{TlsProfile, demo_channel};
 use aef_stub::server::RunningAef;
+use capif_2e::identity::PskIdentity;
+use capif_2e::psk::{TlsProfile, demo_channel};
 use capif_proto::v1::{
     CheckAuthenticationReq, InvokeRequest, aef_security_client::AefSecurityClient,
     demo_api_client::DemoApiClient,

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aef_stub::identity::PskIdentity;
 use aef_stub::keys::{HeldKey, InvokerRef, KeyStore};
-use aef_stub::psk::{TlsProfile, connect, psk_incoming, server_context};
+use aef_stub::psk::{psk_incoming, server_context};
+use capif_2e::identity::PskIdentity;
+use capif_2e::psk::{TlsProfile, connect};
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::limits::ConnGate;

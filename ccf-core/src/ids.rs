@@ -211,6 +211,29 @@ impl KeyId {
     }
 }
 
+/// An invoker across the federation: its home domain and its id there (ids are assigned by each
+/// home CCF, so two domains may use the same one).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InvokerRef {
+    /// The invoker's home CCF.
+    pub home: CcfId,
+    /// Its id at home.
+    pub invoker: ApiInvokerId,
+}
+
+impl InvokerRef {
+    /// `invoker` of `home`.
+    pub fn new(home: CcfId, invoker: ApiInvokerId) -> Self {
+        Self { home, invoker }
+    }
+}
+
+impl std::fmt::Display for InvokerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of {}", self.invoker, self.home)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

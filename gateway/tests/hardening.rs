@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use aef_stub::identity::PskIdentity;
+use capif_2e::identity::PskIdentity;
 use capif_proto::v1::{
     self as pb, aef_security_client::AefSecurityClient, demo_api_client::DemoApiClient,
 };
@@ -191,7 +191,7 @@ async fn psk_call(
     psk: &[u8],
 ) -> Result<pb::InvokeResponse, String> {
     let psk = AefPsk::from_slice(psk).unwrap();
-    let ch = aef_stub::psk::demo_channel(addr, identity, &psk, Default::default())
+    let ch = capif_2e::psk::demo_channel(addr, identity, &psk, Default::default())
         .await
         .map_err(|e| e.to_string())?;
     DemoApiClient::new(ch)

@@ -820,7 +820,7 @@ async fn case_d(
                     &k,
                     &r.tls_endpoint,
                     "weather-v1",
-                    aef_stub::psk::TlsProfile::Tls13,
+                    capif_2e::psk::TlsProfile::Tls13,
                 )
                 .await?;
                 Ok(())

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aef_stub::identity::PskIdentity;
-use aef_stub::psk::{TlsProfile, demo_channel};
 use anyhow::{Context, Result, anyhow, bail};
+use capif_2e::identity::PskIdentity;
+use capif_2e::psk::{TlsProfile, demo_channel};
 use capif_proto::v1::{
     self as pb, aef_security_client::AefSecurityClient, demo_api_client::DemoApiClient,
     invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
@@ -523,7 +523,7 @@ pub async fn call_pki(
     // In TLS 1.3 the server judges the client's certificate after the client's handshake is
     // done, so a refusal arrives as the connection closing under the first call.
     r.metadata_mut().insert(
-        aef_stub::service::INVOKER_ID_HEADER,
+        capif_2e::headers::INVOKER_ID_HEADER,
         presented_id
             .parse()
             .map_err(|_| anyhow!("{presented_id:?} cannot be sent as metadata"))?,
@@ -571,8 +571,8 @@ pub async fn call_oauth(
     .await?;
     let mut r = tonic::Request::new(invoke_request(api));
     r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {access_token}")
+        capif_2e::headers::AUTHORIZATION_HEADER,
+        format!("{}{access_token}", capif_2e::headers::BEARER_PREFIX)
             .parse()
             .map_err(|_| anyhow!("the access token cannot be sent as metadata"))?,
     );

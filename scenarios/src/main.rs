@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use aef_stub::psk::TlsProfile;
 use anyhow::{Context, Result};
+use capif_2e::psk::TlsProfile;
 use capif_proto::v1::SecurityMethod;
 use capif_scenarios::invoker::{self, Profile};
 use capif_scenarios::runner::{Runner, table};

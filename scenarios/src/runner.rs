@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aef_stub::psk::TlsProfile;
 use anyhow::{Result, anyhow};
+use capif_2e::psk::TlsProfile;
 use capif_proto::v1::{
     self as pb, gateway_admin_client::GatewayAdminClient,
     invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
@@ -114,10 +114,10 @@ fn classify(e: &anyhow::Error) -> Outcome {
                 detail,
             };
         }
-        if let Some(c) = cause.downcast_ref::<aef_stub::psk::ConnectError>() {
+        if let Some(c) = cause.downcast_ref::<capif_2e::psk::ConnectError>() {
             let code = match c {
-                aef_stub::psk::ConnectError::Handshake { .. } => "HANDSHAKE_REFUSED",
-                aef_stub::psk::ConnectError::Tcp { .. } => "UNAVAILABLE",
+                capif_2e::psk::ConnectError::Handshake { .. } => "HANDSHAKE_REFUSED",
+                capif_2e::psk::ConnectError::Tcp { .. } => "UNAVAILABLE",
             };
             return Outcome {
                 code: code.into(),

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use aef_stub::psk::TlsProfile;
+use capif_2e::psk::TlsProfile;
 use capif_scenarios::invoker::{self, Profile};
 use capif_testkit::federation::*;
 use capif_testkit::logs;

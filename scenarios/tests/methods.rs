@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use aef_stub::psk::TlsProfile;
+use capif_2e::psk::TlsProfile;
 use capif_proto::v1::{self as pb, SecurityMethod};
 use capif_scenarios::invoker::{self, AefTarget, Profile};
 use capif_testkit::federation::*;
@@ -435,7 +435,7 @@ async fn call_a1(
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     if let Some(id) = as_invoker {
         r.metadata_mut()
-            .insert(aef_stub::service::INVOKER_ID_HEADER, id.parse().unwrap());
+            .insert(capif_2e::headers::INVOKER_ID_HEADER, id.parse().unwrap());
     }
     pb::demo_api_client::DemoApiClient::new(ch)
         .invoke(r)

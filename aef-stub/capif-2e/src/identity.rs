@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::ids::{ApiInvokerId, CcfId, InvokerRef};
 
 /// The fixed prefix.
 pub const PREFIX: &str = "3GPP-CAPIF-AEFPSK";
@@ -56,8 +56,8 @@ impl PskIdentity {
 
 impl PskIdentity {
     /// The invoker it names, with its home.
-    pub fn invoker_ref(&self) -> crate::keys::InvokerRef {
-        crate::keys::InvokerRef::new(self.home_ccf_id.clone(), self.api_invoker_id.clone())
+    pub fn invoker_ref(&self) -> InvokerRef {
+        InvokerRef::new(self.home_ccf_id.clone(), self.api_invoker_id.clone())
     }
 }
 
