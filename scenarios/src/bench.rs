@@ -897,18 +897,23 @@ async fn case_e(
     Ok(())
 }
 
-/// (f) memory per cached entry, each count in a fresh `capif bench-memory` process: RSS of this
-/// one is already grown by the other cases.
+/// (f) memory per cached entry, each count in a fresh `capif-gateway-cache-memory` process (the
+/// gateway's own measurement of its cache): RSS of this one is already grown by the other cases.
 async fn case_f(opts: &BenchOpts, capif_bin: &Path, say: &mut impl FnMut(String)) -> Result<()> {
     say(String::new());
-    say("(f) memory per cached entry (gateway cache in this process, RSS delta)".into());
+    say("(f) memory per cached entry (gateway cache in a fresh process, RSS delta)".into());
+    let bin = capif_bin.with_file_name("capif-gateway-cache-memory");
     for n in &opts.mem_entries {
-        let out = tokio::process::Command::new(capif_bin)
-            .args(["bench-memory", "--entries", &n.to_string()])
+        let out = tokio::process::Command::new(&bin)
+            .args(["--entries", &n.to_string()])
             .output()
-            .await?;
+            .await
+            .map_err(|e| anyhow!("cannot run {}: {e}", bin.display()))?;
         if !out.status.success() {
-            bail!("bench-memory: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "capif-gateway-cache-memory: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         say(String::from_utf8_lossy(&out.stdout).trim_end().to_string());
     }
@@ -940,69 +945,4 @@ fn ratio_line(
         );
     }
     s
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 4096
-}
-
-/// Case f in this (fresh) process: fills a gateway cache with `n` entries, reports RSS growth.
-pub async fn memory_case(n: usize) -> Result<String> {
-    use capif_gateway::cache::{CacheKey, KeyCache};
-    use ccf_core::ids::ApiInvokerId;
-    let cache = KeyCache::new(&capif_gateway::config::CacheConfig {
-        max_weight: u64::MAX / 2,
-        ..Default::default()
-    });
-    let home = CcfId::new("operator-b.test")?;
-    let aef = AefId::new("aef-weather")?;
-    let sample = sample_answer();
-    let payload = {
-        let k = "inv-0123456789abcdef".len() + home.as_str().len() + aef.as_str().len();
-        let v = sample.api_invoker_id.len()
-            + sample.home_ccf_id.len()
-            + sample.aef_id.len()
-            + 32
-            + sample.key_id.len()
-            + sample.interface_canonical.len()
-            + sample
-                .allowed_api_names
-                .iter()
-                .map(String::len)
-                .sum::<usize>()
-            + 8
-            + 4;
-        k + v
-    };
-    let before = rss_bytes();
-    for i in 0..n {
-        let key = CacheKey {
-            home: home.clone(),
-            invoker: ApiInvokerId::new(format!("inv-{i:016x}"))?,
-            aef: aef.clone(),
-        };
-        let mut ans = sample.clone();
-        ans.api_invoker_id = key.invoker.to_string();
-        cache
-            .get_or_fetch(key, "", 0, async move { Ok::<_, Status>(ans) })
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-    }
-    cache.sync().await;
-    let after = rss_bytes();
-    let per = (after.saturating_sub(before)) as f64 / n as f64;
-    let over = per - payload as f64;
-    Ok(format!(
-        "  {n:>8} entries: RSS +{:.1} MiB, {per:.0} bytes/entry; key+value themselves {payload} bytes; overhead {over:.0} bytes/entry (target <= 300: {})",
-        (after.saturating_sub(before)) as f64 / 1048576.0,
-        if over <= 300.0 { "met" } else { "NOT met" }
-    ))
 }

@@ -47,12 +47,6 @@ enum Command {
         #[arg(long, env = "CAPIF_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
-    /// Case f of the benchmark in a fresh process (used by `capif bench`).
-    #[command(hide = true)]
-    BenchMemory {
-        #[arg(long)]
-        entries: usize,
-    },
     /// One bare hop of the benchmark floor (used by `capif bench`).
     #[command(hide = true)]
     BenchFloor {
@@ -410,10 +404,6 @@ async fn run(cli: Cli) -> Result<()> {
             run_dir,
             bin_dir,
         } => bench(smoke, out, run_dir, bin_dir).await,
-        Command::BenchMemory { entries } => {
-            println!("{}", capif_scenarios::bench::memory_case(entries).await?);
-            Ok(())
-        }
         Command::BenchFloor {
             ca,
             cert,
