@@ -1,5 +1,5 @@
 //! What an AEF holds per invoker: the key (method 1) or the CAs (method 2), each with its own
-//! validity timer started from the remaining validity its CCF returned (seed 000 step 5) and the
+//! validity timer started from the remaining validity its CCF returned (docs/PROTOCOL.md 4.5, step 5) and the
 //! APIs the invoker may call; revocation marks; and the invoker's open PSK connections (closed
 //! when it is revoked). Keys are zeroized on drop.
 //!

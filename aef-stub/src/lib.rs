@@ -1,4 +1,4 @@
-//! A working AEF for testbeds (DESIGN.md §3; seeds 000 and 002): Authentication Initiation, a
+//! A working AEF for testbeds (docs/PROTOCOL.md sections 7 and 9): Authentication Initiation, a
 //! real TLS-PSK endpoint, and one small demo API behind it.
 //!
 //! An invoker calls `AefSecurity.CheckAuthentication` ([`service`]); if the AEF holds no valid key

@@ -2,7 +2,7 @@
 //! from the CCF) on the security listener, and `DemoApi` behind the TLS-PSK endpoint (method 1)
 //! and the TLS endpoint (methods 2 and 3). The invoker is the one its PSK handshake, its verified
 //! certificate or its verified token names, and it may call only the APIs its authorization
-//! information (or the token's scope) lists (seed 000 step 6).
+//! information (or the token's scope) lists (docs/PROTOCOL.md 4.5, step 6).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -5,26 +5,22 @@
 //! fetches a partner's set through the gateways; never from a URL in the token. Sets are held
 //! for the refresh interval their issuer advertises; a token naming a key id the held set lacks
 //! causes one refetch (at most once a second per issuer), so a key rotated in at the issuer is
-//! learned at its first token. Then `ccf_core::token::verify` checks signature, issuer, `exp`,
+//! learned at its first token: the rule of `ccf_core::keysets`, which the gateway follows too. Then `ccf_core::token::verify` checks signature, issuer, `exp`,
 //! `nbf` and `iat` (with at most 30 s leeway), that `aud` names this AEF, and that `sub` is the
 //! token's `client_id` and every identity the AEF otherwise knows of the caller; the caller
 //! checks the scope. Each refusal names the failed check (`TokenRefusal::check`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capif_proto::v1::{TokenKeySet, TokenKeySetRequest, security_client::SecurityClient};
 use ccf_core::grpc::error_reason;
 use ccf_core::ids::{CcfId, IdError};
+use ccf_core::keysets::KeySetCache;
 use ccf_core::token::{
     AccessTokenClaims, Expected, KnownCaller, TokenError, peek, refusal_status, verify,
 };
 use tonic::transport::Channel;
-use tonic::{Code, Request};
-
-/// Least time between two refetches of one issuer's set caused by unknown key ids.
-const MIN_FORCED_REFRESH: Duration = Duration::from_secs(1);
+use tonic::{Code, Request, Status};
 
 /// Why a token was refused (never quoting the token itself): a check of the token, or a reason
 /// its issuer's keys could not be had.
@@ -83,17 +79,11 @@ impl TokenRefusal {
     }
 }
 
-struct HeldSet {
-    set: Arc<TokenKeySet>,
-    fetched_at: Instant,
-}
-
 /// Verifies bearer tokens for one AEF.
 pub struct TokenVerifier {
     ccf: SecurityClient<Channel>,
     leeway_secs: u64,
-    sets: Mutex<HashMap<CcfId, HeldSet>>,
-    forced: Mutex<HashMap<CcfId, Instant>>,
+    sets: KeySetCache,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -108,66 +98,23 @@ impl TokenVerifier {
         Self {
             ccf,
             leeway_secs: leeway_secs.min(ccf_core::token::MAX_LEEWAY_SECS),
-            sets: Mutex::default(),
-            forced: Mutex::default(),
+            sets: KeySetCache::default(),
         }
     }
 
-    fn held(&self, issuer: &CcfId) -> Option<Arc<TokenKeySet>> {
-        let sets = self.sets.lock().ok()?;
-        let h = sets.get(issuer)?;
-        let ttl = Duration::from_secs(h.set.refresh_interval_secs.clamp(1, 3600));
-        (h.fetched_at.elapsed() < ttl).then(|| h.set.clone())
-    }
-
-    fn may_force(&self, issuer: &CcfId) -> bool {
-        let Ok(mut f) = self.forced.lock() else {
-            return false;
-        };
-        match f.get(issuer) {
-            Some(t) if t.elapsed() < MIN_FORCED_REFRESH => false,
-            _ => {
-                f.insert(issuer.clone(), Instant::now());
-                true
-            }
-        }
-    }
-
-    async fn fetch(
-        &self,
-        issuer: &CcfId,
-        unknown_kid: &str,
-    ) -> Result<Arc<TokenKeySet>, TokenRefusal> {
+    /// Asks the own CCF for `issuer`'s set (naming the key id it lacks, if any).
+    async fn fetch(&self, issuer: &CcfId, unknown_kid: &str) -> Result<TokenKeySet, Status> {
         let mut r = Request::new(TokenKeySetRequest {
             issuer_ccf_id: issuer.to_string(),
             unknown_kid: unknown_kid.to_string(),
         });
         r.set_timeout(Duration::from_secs(5));
-        let set = self.ccf.clone().get_token_key_set(r).await.map_err(|s| {
-            match error_reason(&s).as_deref() {
-                Some("UNKNOWN_PARTNER") => TokenRefusal::NotAPartner(issuer.clone()),
-                Some("NO_INTERCONNECT") => TokenRefusal::NoInterconnect(issuer.clone()),
-                _ => TokenRefusal::KeysUnavailable {
-                    issuer: issuer.clone(),
-                    why: s.message().to_string(),
-                },
-            }
-        })?;
-        let set = Arc::new(set.into_inner());
+        let set = self.ccf.clone().get_token_key_set(r).await?.into_inner();
         if set.issuer_ccf_id != issuer.as_str() {
-            return Err(TokenRefusal::KeysUnavailable {
-                issuer: issuer.clone(),
-                why: format!("the answer holds the keys of {:?}", set.issuer_ccf_id),
-            });
-        }
-        if let Ok(mut sets) = self.sets.lock() {
-            sets.insert(
-                issuer.clone(),
-                HeldSet {
-                    set: set.clone(),
-                    fetched_at: Instant::now(),
-                },
-            );
+            return Err(Status::unavailable(format!(
+                "the answer holds the keys of {:?}",
+                set.issuer_ccf_id
+            )));
         }
         Ok(set)
     }
@@ -184,13 +131,18 @@ impl TokenVerifier {
         let (kid, _alg, iss) = peek(token)?;
         let issuer =
             CcfId::new(iss.clone()).map_err(|why| TokenRefusal::BadIssuerName { iss, why })?;
-        let mut set = match self.held(&issuer) {
-            Some(s) => s,
-            None => self.fetch(&issuer, "").await?,
-        };
-        if !set.keys.iter().any(|k| k.kid == kid) && self.may_force(&issuer) {
-            set = self.fetch(&issuer, &kid).await?;
-        }
+        let set = self
+            .sets
+            .get_or_fetch(&issuer, &kid, self.fetch(&issuer, &kid))
+            .await
+            .map_err(|s| match error_reason(&s).as_deref() {
+                Some("UNKNOWN_PARTNER") => TokenRefusal::NotAPartner(issuer.clone()),
+                Some("NO_INTERCONNECT") => TokenRefusal::NoInterconnect(issuer.clone()),
+                _ => TokenRefusal::KeysUnavailable {
+                    issuer: issuer.clone(),
+                    why: s.message().to_string(),
+                },
+            })?;
         let jwk =
             set.keys
                 .iter()

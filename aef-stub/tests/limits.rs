@@ -148,7 +148,7 @@ async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// Acceptance 1 (first half): 1000 completed TLS-PSK connections, each with a real API call,
+/// 1000 completed TLS-PSK connections, each with a real API call,
 /// leave the process's fd count where it started (±5), and the key store holds no connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_psk_connections_leave_no_fd_behind() {
@@ -182,7 +182,7 @@ async fn completed_psk_connections_leave_no_fd_behind() {
     );
 }
 
-/// Acceptance 1 (second half): 2000 pending PSK handshakes cost at most one fd each at the AEF
+/// 2000 pending PSK handshakes cost at most one fd each at the AEF
 /// and are freed by the handshake timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_handshakes_hold_one_fd_and_time_out() {
@@ -242,7 +242,7 @@ async fn tcp_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
     s.connect(to).await
 }
 
-/// Acceptance 2 (first half): 2000 connections with completed TLS on the AEF's security port
+/// 2000 connections with completed TLS on the AEF's security port
 /// (no client certificate needed) that send nothing are closed by the idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tls_connections_are_closed() {
@@ -290,7 +290,7 @@ async fn idle_tls_connections_are_closed() {
     );
 }
 
-/// Acceptance 2 (second half): while 3000 connections are attempted from 127.0.0.1 (per-source
+/// while 3000 connections are attempted from 127.0.0.1 (per-source
 /// cap 100), an invoker at 127.0.0.2 completes Authentication Initiation and a PSK call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_source_does_not_starve_another() {

@@ -132,7 +132,7 @@ pub fn spawn_server(
 }
 
 /// The time budget of a request: the caller's `grpc-timeout`, else `default`, never above `max`.
-/// Outbound calls made on its behalf use what is left of it (DESIGN.md §7).
+/// Outbound calls made on its behalf use what is left of it (docs/PROTOCOL.md 6.6).
 pub fn budget<T>(
     req: &Request<T>,
     default: std::time::Duration,

@@ -1,5 +1,5 @@
 //! Who a TLS peer is: its domain (`CcfId`) and role, read from the URI SAN of its verified
-//! certificate (DESIGN.md §4): `capif://<ccf-id>/<role>[/<id>]`.
+//! certificate (docs/PROTOCOL.md section 2): `capif://<ccf-id>/<role>[/<id>]`.
 //!
 //! Every server of the project calls [`PeerIdentity::from_certificate`] on the verified client
 //! certificate and never takes an identity from a request field.

@@ -18,6 +18,7 @@
 //! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
 //! - [`registry`] — the AEF registry and the canonical interface string.
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
+//! - [`keysets`] — issuers' token key sets, cached per issuer with the refetch rule.
 //! - [`clock`] — wall-clock milliseconds.
 
 pub mod clock;
@@ -25,6 +26,7 @@ pub mod grpc;
 pub mod identity;
 pub mod ids;
 pub mod kdf;
+pub mod keysets;
 pub mod limits;
 pub mod pki;
 pub mod registry;

@@ -1,7 +1,7 @@
 //! The domain PKI: the root CA of one CCF domain, loaded from PEM files or generated on first
 //! start into the state directory, and the certificates it issues (rcgen).
 //!
-//! Every certificate carries the identity URI SAN of DESIGN.md §4 (see [`crate::identity`]) plus,
+//! Every certificate carries the identity URI SAN of docs/PROTOCOL.md section 2 (see [`crate::identity`]) plus,
 //! for servers, DNS/IP SANs. The CA private key never leaves this module except to its own file
 //! (mode 0600); key material handed out (`IssuedCredential`) is zeroized on drop.
 

@@ -514,6 +514,12 @@ pub fn peek(token: &str) -> Result<(String, Algorithm, String), TokenError> {
     let kid = header
         .kid
         .ok_or_else(|| TokenError::Malformed("the token names no key id (kid)".into()))?;
+    // Peer-chosen and about to travel (AEF -> CCF -> gateways): only a plausible key id goes on.
+    if !crate::keysets::plausible_kid(&kid) {
+        return Err(TokenError::Malformed(
+            "the token's key id (kid) is not a short base64url name".into(),
+        ));
+    }
     let mut v = Validation::new(header.alg);
     v.insecure_disable_signature_validation();
     v.validate_exp = false;

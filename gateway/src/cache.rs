@@ -1,4 +1,4 @@
-//! The gateway's cache of partner answers (DESIGN.md §6, invariant 3), on moka.
+//! The gateway's cache of partner answers (invariant 3 in docs/ARCHITECTURE.md; rules in docs/PROTOCOL.md 6.7), on moka.
 //!
 //! Key `(home CCF id, apiInvokerId, aefId)`. A key entry lives for the remaining validity the
 //! partner returned minus a safety margin, capped by config. The key's own end is reckoned from

@@ -83,7 +83,7 @@ pub struct DnsConfig {
     pub timeout_ms: Option<u64>,
 }
 
-/// `[cache]` (DESIGN.md §6).
+/// `[cache]` (docs/PROTOCOL.md 6.7 and section 8).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -114,7 +114,7 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[outbound]` (DESIGN.md §7).
+/// `[outbound]` (docs/PROTOCOL.md 6.6 and section 8).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundConfig {

@@ -1,5 +1,5 @@
 //! The interconnect federation gateway of one CAPIF domain: the only endpoint a partner domain
-//! ever talks to (DESIGN.md §3, §4, §6, §7; TR 33.700-22 solution #13).
+//! ever talks to (docs/PROTOCOL.md section 6; TR 33.700-22 solution #13).
 //!
 //! A request for a foreign invoker moves like this: the own CCF calls `Gateway` on the CAPIF-6
 //! listener ([`service`]); the [`cache`] answers or makes one upstream call through the partner's
@@ -12,7 +12,6 @@
 //! - [`discovery`] — SRV lookup with priority/weight, static addresses.
 //! - [`partner`] — one reused channel per partner, failover, deadlines, retry budget, state.
 //! - [`cache`] — validity-bound moka cache with coalescing and negative entries.
-//! - [`keysets`] — partner CCFs' token verification keys, refreshed on unknown key ids.
 //! - [`state`] — what the services share.
 //! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
 //! - [`server`] — starting a gateway.
@@ -20,7 +19,6 @@
 pub mod cache;
 pub mod config;
 pub mod discovery;
-pub mod keysets;
 pub mod partner;
 pub mod server;
 pub mod service;

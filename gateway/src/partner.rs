@@ -1,7 +1,7 @@
 //! One partner domain as seen from this gateway: a single reused gRPC channel whose connector
 //! discovers the partner's gateway (DNS or static), fails over between targets and verifies each
 //! with the partner's trust; per-partner state for inspection; deadlines and a retry budget on
-//! every call (DESIGN.md §7). A dead partner costs only its own callers their deadline.
+//! every call (docs/PROTOCOL.md 6.6). A dead partner costs only its own callers their deadline.
 
 use std::future::Future;
 use std::io;

@@ -26,7 +26,7 @@ pub struct GatewayState {
     /// The cache.
     pub cache: KeyCache,
     /// Partner CCFs' token verification keys.
-    pub key_sets: crate::keysets::KeySetCache,
+    pub key_sets: ccf_core::keysets::KeySetCache,
     /// CAPIF-6 client of the own CCF.
     pub ccf: FederationClient<Channel>,
     /// Partners that fetched keys of each of our invokers.

@@ -1,4 +1,4 @@
-//! The federation's trust rules (DESIGN.md §4, invariant 2): trust is configured, location is
+//! The federation's trust rules (docs/PROTOCOL.md 6.3; invariant 2 in docs/ARCHITECTURE.md): trust is configured, location is
 //! discovered. A partner's gateway is accepted only if its certificate chains to THAT partner's
 //! configured CA and names THAT partner's gateway (`capif://<partner>/gateway`), whatever DNS said
 //! and whichever other partner CA might also have signed it.

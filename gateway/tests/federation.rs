@@ -20,7 +20,7 @@ fn partner_requests(t: &Testbed, d: &str) -> u64 {
     t.d(d).ccf().state.partner_requests.load(Ordering::Relaxed)
 }
 
-/// Acceptance 1: AEF-A gets, through CCF-A and the gateways, the AEFPSK the invoker of B derived.
+/// AEF-A gets, through CCF-A and the gateways, the AEFPSK the invoker of B derived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_domains_aef_gets_the_invokers_key() {
     let t = Testbed::start(Options::default()).await;
@@ -61,7 +61,7 @@ async fn two_domains_aef_gets_the_invokers_key() {
     assert_eq!(reason(&e), "KEY_BOUND_TO_OTHER_AEF");
 }
 
-/// Acceptance 2: 200 concurrent identical requests on a cold cache make one request at CCF-B.
+/// 200 concurrent identical requests on a cold cache make one request at CCF-B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_make_one_upstream_call() {
     let t = Testbed::start(Options::default()).await;
@@ -92,7 +92,7 @@ async fn concurrent_misses_make_one_upstream_call() {
     );
 }
 
-/// Acceptance 3: a short-lived key is never served after its expiry and is refetched.
+/// A short-lived key is never served after its expiry and is refetched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_validity_is_never_exceeded_and_refetched() {
     let t = Testbed::start(Options {
@@ -225,7 +225,7 @@ async fn a_newer_key_id_refreshes_the_cache() {
     );
 }
 
-/// Acceptance 4: C asks B for a key bound to an AEF of A: PERMISSION_DENIED, nothing cached for C.
+/// C asks B for a key bound to an AEF of A: PERMISSION_DENIED, nothing cached for C.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confused_deputy_is_refused() {
     let t = Testbed::start(Options {
@@ -317,7 +317,7 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
     (e, st)
 }
 
-/// Acceptance 5a: DNS points B's SRV record elsewhere: A refuses, whatever DNS said.
+/// DNS points B's SRV record elsewhere: A refuses, whatever DNS said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_pointing_at_another_party_is_refused() {
     let t = Testbed::start(Options {
@@ -345,7 +345,7 @@ async fn dns_pointing_at_another_party_is_refused() {
     assert_eq!(partner_requests(&t, B), 0, "a key request reached CCF-B");
 }
 
-/// Acceptance 5b: a gateway with a certificate from an unconfigured CA is refused, both when we
+/// A gateway with a certificate from an unconfigured CA is refused, both when we
 /// dial it and when it dials us; a partner CA cannot vouch for another partner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
@@ -468,7 +468,7 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
     assert!(st.last_error.contains("invalid peer certificate"), "{st:?}");
 }
 
-/// Acceptance 6: partner B stopped: requests for B fail within the deadline while requests for C
+/// Partner B stopped: requests for B fail within the deadline while requests for C
 /// keep succeeding; B restarted: A recovers without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partner_outage_is_contained_and_recovers() {
@@ -548,7 +548,7 @@ async fn partner_outage_is_contained_and_recovers() {
     }
 }
 
-/// Acceptance 7: B offboards the invoker: within 1 s A's cache no longer serves its key.
+/// B offboards the invoker: within 1 s A's cache no longer serves its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offboarding_at_home_evicts_partner_caches() {
     let t = Testbed::start(Options::default()).await;

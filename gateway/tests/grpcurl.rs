@@ -1,4 +1,4 @@
-//! Acceptance 8: the real grpcurl lists the gateway's services and reads the admin counters, with
+//! The real grpcurl lists the gateway's services and reads the admin counters, with
 //! an operator certificate of the domain, as an operator would.
 
 use std::time::Duration;

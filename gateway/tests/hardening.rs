@@ -60,7 +60,8 @@ fn random_hex16() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Acceptance 3.
+/// One unauthenticated client cannot turn Authentication Initiations into partner fetches
+/// beyond the budgets, nor starve another partner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_amplify_into_partner_fetches() {
     const RATE: u32 = 5;
@@ -204,7 +205,7 @@ async fn psk_call(
         .map_err(|e| e.to_string())
 }
 
-/// Acceptance 4: at one AEF, a notice about B's invoker leaves C's invoker of the same id
+/// At one AEF, a notice about B's invoker leaves C's invoker of the same id
 /// working, and a PSK identity naming one home with the other's key id is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invokers_are_home_and_id_at_the_aef() {

@@ -1,4 +1,4 @@
-//! Acceptance 9 / DESIGN.md invariant 4: no key bytes in any log line at any level. Captures
+//! Invariant 4 (docs/ARCHITECTURE.md): no key bytes in any log line at any level. Captures
 //! every log event (TRACE and up, every crate) of a full cross-domain run, including a revocation,
 //! and searches them for the AEFPSK in the forms it could take.
 

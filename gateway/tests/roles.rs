@@ -89,7 +89,7 @@ fn partner_query(aef: &str) -> pb::PartnerSecurityInformationRequest {
     }
 }
 
-/// Acceptance 5: an AEF's certificate (same CA, valid, `localhost`) where the gateway expects
+/// An AEF's certificate (same CA, valid, `localhost`) where the gateway expects
 /// its CCF. Without the identity check the gateway would send partner queries (and pass on
 /// revocations) to an AEF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +140,7 @@ async fn an_aef_posing_as_the_ccf_is_refused_by_the_gateway() {
     gw.shutdown().await;
 }
 
-/// Acceptance 5: the domain's gateway certificate where an AEF expects its CCF. Without the
+/// The domain's gateway certificate where an AEF expects its CCF. Without the
 /// identity check the AEF would take invokers' keys and token keys from the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_posing_as_the_ccf_is_refused_by_the_aef() {

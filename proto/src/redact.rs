@@ -1,6 +1,6 @@
 //! `Debug` for the messages that carry secrets (AEFPSK, onboarding credentials, access tokens):
-//! the secret fields print as `<redacted>` so no `{:?}` anywhere can leak them (DESIGN.md
-//! invariant 4). The messages do not implement `Drop` (that would forbid `..Default::default()`
+//! the secret fields print as `<redacted>` so no `{:?}` anywhere can leak them (invariant 4
+//! in docs/ARCHITECTURE.md). The messages do not implement `Drop` (that would forbid `..Default::default()`
 //! construction); code that keeps a key moves it out into `ccf_core::kdf::AefPsk`, which zeroizes.
 
 use std::fmt;

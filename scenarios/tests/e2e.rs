@@ -58,7 +58,7 @@ fn opts() -> Options {
     }
 }
 
-/// Acceptance 1: single domain.
+/// Single domain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_domain_flow_succeeds() {
     let t = Testbed::start(opts()).await;
@@ -79,7 +79,7 @@ async fn single_domain_flow_succeeds() {
     }
 }
 
-/// Acceptance 2: across two domains; the AEF's key came from CCF-B through the gateways.
+/// Across two domains; the AEF's key came from CCF-B through the gateways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_domain_flow_succeeds_through_the_gateways() {
     let t = Testbed::start(opts()).await;
@@ -113,7 +113,7 @@ async fn cross_domain_flow_succeeds_through_the_gateways() {
     );
 }
 
-/// Acceptance 3: wrong key, unknown identity, expired key, revoked invoker, unauthorized API.
+/// Wrong key, unknown identity, expired key, revoked invoker, unauthorized API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_each_have_their_reason() {
     let logs = logs::capture().await;
@@ -221,7 +221,7 @@ async fn refusals_each_have_their_reason() {
     bad.aef_psk_hex.clear();
 }
 
-/// Acceptance 4: the invoker re-authenticates at CCF-B (new TLS session, new AEFPSK) while A still
+/// The invoker re-authenticates at CCF-B (new TLS session, new AEFPSK) while A still
 /// caches the old key: its next attempt succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reauthentication_at_home_does_not_lock_the_invoker_out() {

@@ -80,7 +80,7 @@ fn err_text(e: anyhow::Error) -> String {
     format!("{e:#}")
 }
 
-/// Acceptance 1 for both methods, in one domain and across two.
+/// The whole flow for both methods, in one domain and across two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_methods_work_in_one_domain_and_across_two() {
     let logs = logs::capture().await;
@@ -109,7 +109,7 @@ async fn both_methods_work_in_one_domain_and_across_two() {
     logs.wait_for(&["partner token keys fetched", B]).await;
 }
 
-/// Acceptance 2: PKI refusals, each with its own reason in the AEF's log.
+/// PKI refusals, each with its own reason in the AEF's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     let logs = logs::capture().await;
@@ -259,7 +259,7 @@ fn claims(iss: &str, sub: &str, scope: &str, exp: u64) -> AccessTokenClaims {
     }
 }
 
-/// Acceptance 3: OAuth refusals, each with its own reason, and a key rotation at CCF-B survived
+/// OAuth refusals, each with its own reason, and a key rotation at CCF-B survived
 /// by domain A without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_refuses_bad_tokens_and_survives_key_rotation() {

@@ -297,7 +297,7 @@ fn testbed_up_prints_grpcurl_commands_that_work() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // Acceptance of the methods issue: the invoker CLI runs the whole flow with each method, as
+    // The invoker CLI runs the whole flow with each method, as
     // a user would against this testbed: an invoker of B at A's AEF.
     let read_toml = |p: PathBuf| -> toml::Value {
         toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()

@@ -1,4 +1,4 @@
-//! Acceptance 3: an invoker client (tokio-rustls) and the CCF derive the same AEFPSK from one
+//! An invoker client (tokio-rustls) and the CCF derive the same AEFPSK from one
 //! CAPIF-1e session; it differs for another AEF and for another TLS session.
 
 use capif_testkit::ccf::*;

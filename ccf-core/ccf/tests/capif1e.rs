@@ -1,4 +1,4 @@
-//! Acceptance 2: CAPIF-1e refuses no certificate, a certificate from another CA, and a
+//! CAPIF-1e refuses no certificate, a certificate from another CA, and a
 //! certificate whose role is not invoker. Identity comes from the certificate only.
 
 use capif_proto::v1::security_client::SecurityClient;

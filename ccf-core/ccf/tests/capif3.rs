@@ -1,5 +1,5 @@
-//! Acceptance 4: the CAPIF-3 authorization matrix, and the partner-domain rule of DESIGN.md
-//! invariant 1 on the CAPIF-6 side of the CCF.
+//! The CAPIF-3 authorization matrix, and the partner-domain rule of invariant 1
+//! (docs/ARCHITECTURE.md) on the CAPIF-6 side of the CCF.
 
 use std::time::Duration;
 
@@ -143,7 +143,7 @@ fn partner_query(partner: &str, invoker: &str, aef: &str) -> pb::PartnerSecurity
     }
 }
 
-/// DESIGN.md invariant 1: a key is handed only to the domain that owns the AEF it is bound to.
+/// Invariant 1: a key is handed only to the domain that owns the AEF it is bound to.
 #[tokio::test]
 async fn partner_gets_keys_only_for_aefs_it_owns() {
     let t = start(3600).await;

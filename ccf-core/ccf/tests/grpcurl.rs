@@ -1,4 +1,4 @@
-//! Acceptance 6: the real grpcurl against a running `ccf`: `list` shows the services, `describe`
+//! The real grpcurl against a running `ccf`: `list` shows the services, `describe`
 //! shows documented messages, health reports SERVING. grpcurl is installed by the project's own
 //! `scripts/install-grpcurl.sh` when it is not on hand; a missing grpcurl fails the test.
 

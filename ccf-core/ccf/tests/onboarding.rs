@@ -1,4 +1,4 @@
-//! Acceptance 1: onboarding with a good credential yields a working client certificate; a bad or
+//! Onboarding with a good credential yields a working client certificate; a bad or
 //! reused credential is refused and leaves the store unchanged.
 
 use capif_testkit::ccf::*;

@@ -1,4 +1,4 @@
-//! Acceptance 5: after an acknowledged onboarding and security-method call, SIGKILL the `ccf`
+//! After an acknowledged onboarding and security-method call, SIGKILL the `ccf`
 //! process and restart it: the invoker and its key are still there with the right remaining
 //! validity.
 

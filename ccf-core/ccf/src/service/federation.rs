@@ -1,6 +1,6 @@
 //! `Federation`: what this CCF answers its own gateway on behalf of partner domains (CAPIF-6).
 //!
-//! DESIGN.md invariant 1 is enforced here: a key (or, for method 2, the invoker's CA) leaves the
+//! Invariant 1 (docs/ARCHITECTURE.md) is enforced here: a key (or, for method 2, the invoker's CA) leaves the
 //! domain only towards the domain that owns the AEF it is bound to, and only if the invoker
 //! negotiated PSK or PKI for that AEF. The CCF's token verification keys are public and go to
 //! any partner the gateway authenticated. The

@@ -1,4 +1,6 @@
-//! Partner CCFs' access-token verification keys (method 3 across domains), cached per issuer.
+//! Issuers' access-token verification keys (method 3), cached per issuer: the one rule both the
+//! gateway (partner CCFs' sets, for its own CCF) and the AEF (any issuer's set, from its CCF)
+//! follow.
 //!
 //! A set lives for the refresh interval its issuer advertises (between 1 s and 1 h). A request
 //! naming a key id the cached set lacks refetches the set, at most once a second per issuer, so a
@@ -10,9 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::grpc::{error_reason, status_with_reason};
+use crate::ids::CcfId;
 use capif_proto::v1::TokenKeySet;
-use ccf_core::grpc::{error_reason, status_with_reason};
-use ccf_core::ids::CcfId;
 use moka::Expiry;
 use moka::future::Cache;
 use tonic::Status;
@@ -78,7 +80,10 @@ impl KeySetCache {
         F: Future<Output = Result<TokenKeySet, Status>>,
     {
         if let Some(set) = self.cache.get(issuer).await {
-            let knows = unknown_kid.is_empty() || set.keys.iter().any(|k| k.kid == unknown_kid);
+            // A key id that cannot be a thumbprint never forces a refetch.
+            let knows = unknown_kid.is_empty()
+                || !plausible_kid(unknown_kid)
+                || set.keys.iter().any(|k| k.kid == unknown_kid);
             if knows || !self.may_force(issuer) {
                 return Ok(set);
             }
@@ -95,6 +100,7 @@ impl KeySetCache {
     }
 
     fn may_force(&self, issuer: &CcfId) -> bool {
+        // A poisoned map means a panic elsewhere; refusing to refetch is the safe side.
         let Ok(mut f) = self.forced.lock() else {
             return false;
         };
@@ -107,6 +113,15 @@ impl KeySetCache {
             }
         }
     }
+}
+
+/// Whether `kid` could be a key id of ours (an RFC 7638 thumbprint, base64url, or any short
+/// base64url name): anything else is refused without asking anyone.
+pub fn plausible_kid(kid: &str) -> bool {
+    (1..=128).contains(&kid.len())
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
