@@ -2,7 +2,6 @@
 //! (google.rpc.ErrorInfo), the caller's verified identity, and a listener that serves the given
 //! routes plus health and reflection (v1 and v1alpha: grpcurl 1.8.6 only speaks v1alpha).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -11,49 +10,12 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::{Code, Request, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::identity::PeerIdentity;
 use crate::limits::{ConnGate, serve_builder};
 use crate::tls::{ConnInfo, tls_incoming};
 
-/// A status whose details carry `google.rpc.ErrorInfo { reason, domain: "capif.v1" }`.
-pub fn error_status(code: Code, reason: ErrorReason, message: impl Into<String>) -> Status {
-    status_with_reason(code, reason.as_str_name(), message)
-}
-
-/// Like [`error_status`] with the reason as text (to re-create a status received from a peer).
-pub fn status_with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(
-            reason,
-            capif_proto::ERROR_DOMAIN,
-            HashMap::<String, String>::new(),
-        ),
-    )
-}
-
-/// The ErrorInfo reason of a status, if it carries one.
-pub fn error_reason(status: &Status) -> Option<String> {
-    status.get_details_error_info().map(|i| i.reason)
-}
-
-/// The error and its sources, joined, for messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use crate::status::{error_chain, error_reason, error_status, status_with_reason};
 
 /// The connection info of a request accepted by [`spawn_server`].
 pub fn conn_info<T>(req: &Request<T>) -> Result<&ConnInfo, Status> {

@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::grpc::{error_reason, status_with_reason};
 use crate::ids::CcfId;
+use crate::status::{error_reason, status_with_reason};
 use capif_proto::v1::TokenKeySet;
 use moka::Expiry;
 use moka::future::Cache;

@@ -13,7 +13,8 @@
 //! - [`identity`] — `capif://<domain>/<role>` identities in certificates.
 //! - [`pki`] — the domain root CA and the certificates it issues.
 //! - [`tls`] — rustls configs, the accept loop feeding tonic, the client connector.
-//! - [`grpc`] — error statuses with reasons, caller identity, health + reflection.
+//! - [`status`] — error statuses with stable reasons, error chains.
+//! - [`grpc`] — caller identity, health + reflection, serving a listener, request budgets.
 //! - [`limits`] — connection caps, idle timeouts and message limits of every listener.
 //! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
 //! - [`registry`] — the AEF registry and the canonical interface string.
@@ -30,5 +31,6 @@ pub mod keysets;
 pub mod limits;
 pub mod pki;
 pub mod registry;
+pub mod status;
 pub mod tls;
 pub mod token;

@@ -392,7 +392,7 @@ where
             drop(in_flight);
             rsp.map(|r| {
                 if is_message_too_large(&r) {
-                    crate::grpc::error_status(
+                    crate::status::error_status(
                         Code::InvalidArgument,
                         ErrorReason::MessageTooLarge,
                         format!(

@@ -620,7 +620,7 @@ pub async fn connect(
         .await
         .map_err(|e| TlsError::Connect {
             addr: addr.to_string(),
-            why: crate::grpc::error_chain(&e),
+            why: crate::status::error_chain(&e),
         })?;
     Ok((channel, slot))
 }

@@ -1,4 +1,4 @@
-//! the CCF's state directory is owner-only, the store and
+//! At rest: the CCF's state directory is owner-only, the store and
 //! every key file in it are 0600, a store that others can read stops the CCF from starting, and
 //! expired security contexts (with their AEFPSKs) are purged while live ones keep answering.
 
