@@ -1,6 +1,7 @@
-//! What every gRPC server of the project shares: statuses with a stable reason
-//! (google.rpc.ErrorInfo), the caller's verified identity, and a listener that serves the given
-//! routes plus health and reflection (v1 and v1alpha: grpcurl 1.8.6 only speaks v1alpha).
+//! What every gRPC server of the project shares: the caller's verified identity, a listener that
+//! serves the given routes within its limits plus health and reflection (v1 and v1alpha: grpcurl
+//! 1.8.6 only speaks v1alpha), and request budgets. Statuses with a stable reason are
+//! [`crate::status`], re-exported here.
 
 use std::future::Future;
 use std::sync::Arc;
