@@ -14,7 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         let protoc = protoc_bin_vendored::protoc_bin_path()?;
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
-        unsafe { std::env::set_var("PROTOC", protoc) };
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("PROTOC", protoc)
+        };
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let files = [

@@ -11,13 +11,76 @@
 
 use std::sync::Arc;
 
-use ccf_core::identity::{PeerIdentity, Role};
+use capif_proto::v1::ErrorReason;
+use ccf_core::grpc::Refusal;
+use ccf_core::identity::{IdentityError, PeerIdentity, Role};
+use ccf_core::ids::{ApiInvokerId, CcfId};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
+use tonic::Code;
 
-use crate::keys::{InvokerRef, KeyStore};
+use crate::keys::{self, InvokerRef, KeyStore};
+
+/// Why an invoker's certificate is refused (method 2), in the handshake or on a call. Answered
+/// `CERTIFICATE_REFUSED` ([`Refusal`]); the log's words are the `Display`.
+#[derive(Debug, thiserror::Error)]
+pub enum CertRefusal {
+    /// The certificate names no `capif://` identity.
+    #[error("the certificate names no CAPIF identity: {0}")]
+    NoIdentity(#[source] IdentityError),
+    /// It names an identity that is not an API invoker's.
+    #[error("the certificate does not name an API invoker")]
+    NotAnInvoker,
+    /// The key store holds nothing that accepts the invoker it names (handshake).
+    #[error("{}", .0.as_str())]
+    NotHeld(keys::Refusal),
+    /// It does not chain to a CA the invoker's home CCF named.
+    #[error(
+        "the certificate does not chain to a CA that {home} named for its invokers (unfederated CA: {source})"
+    )]
+    Unfederated {
+        /// The home domain the certificate names.
+        home: CcfId,
+        /// What the verification against those CAs said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The call presents another invoker than the certificate names.
+    #[error(
+        "the certificate names API invoker {invoker}, but the call presents {presented:?} (header {})",
+        capif_2e::headers::INVOKER_ID_HEADER
+    )]
+    OtherInvoker {
+        /// The invoker of the certificate.
+        invoker: ApiInvokerId,
+        /// The invoker the call's header names.
+        presented: String,
+    },
+    /// The invoker was accepted at the handshake but no longer is (revoked or expired since).
+    #[error("this connection's invoker is no longer accepted: {}", .0.as_str())]
+    NoLongerAccepted(keys::Refusal),
+}
+
+impl Refusal for CertRefusal {
+    fn code(&self) -> Code {
+        match self {
+            Self::NoLongerAccepted(_) => Code::Unauthenticated,
+            _ => Code::PermissionDenied,
+        }
+    }
+
+    fn reason(&self) -> ErrorReason {
+        ErrorReason::CertificateRefused
+    }
+}
+
+impl From<CertRefusal> for tonic::Status {
+    fn from(e: CertRefusal) -> Self {
+        e.status()
+    }
+}
 
 /// The verifier of the AEF's TLS endpoint.
 #[derive(Debug)]
@@ -36,9 +99,10 @@ impl InvokerCertVerifier {
     }
 }
 
-fn refuse(subject: &str, reason: &str) -> rustls::Error {
-    tracing::info!(%subject, %reason, "certificate refused");
-    rustls::Error::General(format!("certificate refused: {reason}"))
+/// Logs the refusal and fails the handshake with it (kept as the error's source).
+fn refuse(subject: &str, refusal: CertRefusal) -> rustls::Error {
+    tracing::info!(%subject, reason = %refusal, "certificate refused");
+    rustls::Error::Other(OtherError(Arc::new(refusal)))
 }
 
 impl ClientCertVerifier for InvokerCertVerifier {
@@ -60,32 +124,25 @@ impl ClientCertVerifier for InvokerCertVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = PeerIdentity::from_certificate(end_entity).map_err(|e| {
-            refuse(
-                "?",
-                &format!("the certificate names no CAPIF identity: {e}"),
-            )
-        })?;
+        let id = PeerIdentity::from_certificate(end_entity)
+            .map_err(|e| refuse("?", CertRefusal::NoIdentity(e)))?;
         let subject = id.uri();
         let Role::Invoker(invoker) = &id.role else {
-            return Err(refuse(
-                &subject,
-                "the certificate does not name an API invoker",
-            ));
+            return Err(refuse(&subject, CertRefusal::NotAnInvoker));
         };
         let held = self
             .keys
             .for_certificate(&InvokerRef::new(id.ccf_id.clone(), invoker.clone()))
-            .map_err(|r| refuse(&subject, r.as_str()))?;
+            .map_err(|r| refuse(&subject, CertRefusal::NotHeld(r)))?;
         held.verifier
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| {
+            .map_err(|source| {
                 refuse(
                     &subject,
-                    &format!(
-                        "the certificate does not chain to a CA that {} named for its invokers (unfederated CA: {e})",
-                        id.ccf_id
-                    ),
+                    CertRefusal::Unfederated {
+                        home: id.ccf_id.clone(),
+                        source,
+                    },
                 )
             })
     }
@@ -142,5 +199,5 @@ pub fn verifier_for(
         ccf_core::tls::provider(),
     )
     .build()
-    .map_err(|e| ccf_core::tls::TlsError::Verifier(e.to_string()))
+    .map_err(ccf_core::tls::TlsError::Verifier)
 }

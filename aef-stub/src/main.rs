@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use aef_stub::config::AefConfig;
-use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
+use anyhow::Result;
+use ccf_core::process::{LogFormat, init_logging, run_async, terminated};
+use clap::Parser;
 
 /// An API exposing function (AEF) for CAPIF testbeds.
 ///
@@ -30,12 +31,6 @@ struct Cli {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let mut cfg = AefConfig::load(&cli.config)?;
     if let Some(a) = cli.listen_security {
@@ -49,34 +44,14 @@ async fn run(cli: Cli) -> Result<()> {
         "aef-stub ready aef_id={} security={} psk={}",
         aef.state.aef_id, aef.security_addr, aef.psk_addr
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let signal = terminated().await;
+    tracing::info!(signal, "shutting down");
     aef.shutdown().await;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-    match tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(cli)))
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("aef-stub: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    init_logging(cli.log_format, "info");
+    run_async("aef-stub", run(cli))
 }

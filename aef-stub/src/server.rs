@@ -10,14 +10,13 @@ use capif_proto::v1::{
     aef_security_server::AefSecurityServer, demo_api_server::DemoApiServer,
     security_client::SecurityClient,
 };
-use ccf_core::grpc::{spawn_server, with_standard_services};
+use ccf_core::grpc::{service_name, spawn_server, with_standard_services};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::tls::{
     ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use crate::certauth::InvokerCertVerifier;
@@ -54,10 +53,6 @@ impl RunningAef {
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-fn name_of<S: NamedService>(_: &S) -> &'static str {
-    S::NAME
 }
 
 /// Starts an AEF.
@@ -151,7 +146,7 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
     let sec = AefSecurityServer::new(AefSecurityService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let names = [name_of(&sec)];
+    let names = [service_name(&sec)];
     let sec_routes = with_standard_services(Routes::new(sec), &names)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?;

@@ -12,18 +12,20 @@ use capif_proto::v1::{
     InvokeResponse, RevokeAuthorizationReq, RevokeAuthorizationRsp,
     aef_security_server::AefSecurity, demo_api_server::DemoApi, security_client::SecurityClient,
 };
-use ccf_core::grpc::{caller, error_reason, error_status};
-use ccf_core::identity::Role;
-use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
+use ccf_core::grpc::{Refusal, UpstreamError, caller, error_status, invalid_field};
+use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use ccf_core::kdf::AefPsk;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use ccf_core::tls::ConnInfo;
-use ccf_core::token::{KnownCaller, Scope, refusal_status};
+use ccf_core::token::{KnownCaller, Scope};
 
-use crate::keys::{HeldCa, HeldKey, InvokerRef, KeyStore};
+use crate::certauth::CertRefusal;
+use crate::keys::{self, HeldCa, HeldKey, InvokerRef, KeyStore};
 use crate::psk::PskPeer;
+use crate::token::TokenRefusal;
 use capif_2e::identity::PskIdentity;
 
 /// What both services share.
@@ -71,20 +73,122 @@ impl AefState {
         if self.initiation_limiter.check_key(&ip).is_ok() {
             return Ok(());
         }
-        Err(error_status(
-            Code::ResourceExhausted,
-            ErrorReason::RateLimited,
-            format!("too many authentication initiations from {ip}; retry in a second"),
-        ))
+        Err(Refused::RateLimited(ip).into())
     }
 }
 
-fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
-    error_status(
-        Code::InvalidArgument,
-        ErrorReason::InvalidField,
-        format!("{field}: {e}"),
-    )
+/// Why the AEF refuses an Authentication Initiation, a revocation or a call (certificates and
+/// tokens have their own types, [`CertRefusal`] and [`TokenRefusal`]). [`Refusal`] maps each
+/// variant to its code and reason; the message is the `Display`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The source address spent its budget of Authentication Initiations.
+    #[error("too many authentication initiations from {0}; retry in a second")]
+    RateLimited(std::net::IpAddr),
+    /// The CCF's answer is about another invoker or home than asked.
+    #[error("the CCF's answer is not about API invoker {invoker} of {home}")]
+    AnswerNotAsked {
+        /// The invoker asked about.
+        invoker: ApiInvokerId,
+        /// Its home.
+        home: CcfId,
+    },
+    /// The CCF's answer carries a key id that is not one.
+    #[error("the CCF's answer carries an unusable key id: {0}")]
+    AnswerKeyId(#[source] IdError),
+    /// A revocation arrived while the key or CA was being fetched.
+    #[error("the authorization of API invoker {0} was revoked while its key was fetched")]
+    RevokedMeanwhile(InvokerRef),
+    /// The CCF holds no PSK for the invoker at this AEF (it negotiated another method).
+    #[error("the CCF holds no PSK for API invoker {0} at this AEF")]
+    NoPsk(ApiInvokerId),
+    /// The invoker did not negotiate PKI for this AEF.
+    #[error("API invoker {0} did not negotiate PKI for this AEF")]
+    NotPki(ApiInvokerId),
+    /// This AEF has no TLS endpoint for methods 2 and 3.
+    #[error("AEF {aef} does not serve {method}")]
+    MethodNotServed {
+        /// This AEF.
+        aef: AefId,
+        /// The method asked for.
+        method: &'static str,
+    },
+    /// The CA certificates the CCF named for the invoker cannot make a verifier.
+    #[error("the CA certificates named for API invoker {invoker} are unusable: {source}")]
+    UnusableCas {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// Why.
+        #[source]
+        source: ccf_core::tls::TlsError,
+    },
+    /// A revocation from another caller than the own domain's CCF.
+    #[error("{0} may not revoke authorizations at this AEF")]
+    RoleNotAllowed(PeerIdentity),
+    /// The key a PSK connection was accepted with is no longer valid (revoked, replaced or
+    /// expired since the handshake).
+    #[error("the key of this connection is no longer valid: {}", .0.as_str())]
+    KeyNoLongerValid(keys::Refusal),
+    /// Methods 1 and 2: the API is not in the invoker's authorization information.
+    #[error("API invoker {invoker} is not authorized for API {api:?} at {aef}")]
+    ApiNotAuthorized {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// The API called.
+        api: String,
+        /// This AEF.
+        aef: AefId,
+    },
+    /// Method 3: the token's scope does not cover the API.
+    #[error("API invoker {invoker} holds a token whose scope does not cover API {api:?} at {aef}")]
+    InsufficientScope {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// The API called.
+        api: String,
+        /// This AEF.
+        aef: AefId,
+    },
+}
+
+impl Refusal for Refused {
+    fn code(&self) -> Code {
+        match self {
+            Self::RateLimited(_) => Code::ResourceExhausted,
+            Self::AnswerNotAsked { .. } | Self::AnswerKeyId(_) => Code::Internal,
+            Self::RevokedMeanwhile(_)
+            | Self::RoleNotAllowed(_)
+            | Self::ApiNotAuthorized { .. }
+            | Self::InsufficientScope { .. } => Code::PermissionDenied,
+            Self::NoPsk(_)
+            | Self::NotPki(_)
+            | Self::MethodNotServed { .. }
+            | Self::UnusableCas { .. } => Code::FailedPrecondition,
+            Self::KeyNoLongerValid(_) => Code::Unauthenticated,
+        }
+    }
+
+    fn reason(&self) -> ErrorReason {
+        match self {
+            Self::RateLimited(_) => ErrorReason::RateLimited,
+            Self::AnswerNotAsked { .. } | Self::AnswerKeyId(_) => ErrorReason::IdentityMismatch,
+            Self::RevokedMeanwhile(_) => ErrorReason::RevokedDuringFetch,
+            Self::NoPsk(_) | Self::NotPki(_) | Self::MethodNotServed { .. } => {
+                ErrorReason::MethodMismatch
+            }
+            Self::UnusableCas { .. } => ErrorReason::CaNotFederated,
+            Self::RoleNotAllowed(_) => ErrorReason::RoleNotAllowed,
+            Self::KeyNoLongerValid(_) => ErrorReason::KeyExpired,
+            Self::ApiNotAuthorized { .. } => ErrorReason::ApiNotAuthorized,
+            Self::InsufficientScope { .. } => ErrorReason::InsufficientScope,
+        }
+    }
+}
+
+impl From<Refused> for Status {
+    fn from(e: Refused) -> Self {
+        e.status()
+    }
 }
 
 /// The CCF's answer must be about the invoker and home asked for.
@@ -92,26 +196,16 @@ fn check_answer(
     info: &pb::InvokerSecurityInformation,
     invoker: &ApiInvokerId,
     home: &CcfId,
-) -> Result<(), Status> {
+) -> Result<(), Refused> {
     if info.api_invoker_id != invoker.as_str()
         || (!info.home_ccf_id.is_empty() && info.home_ccf_id != home.as_str())
     {
-        return Err(error_status(
-            Code::Internal,
-            ErrorReason::IdentityMismatch,
-            format!("the CCF's answer is not about API invoker {invoker} of {home}"),
-        ));
+        return Err(Refused::AnswerNotAsked {
+            invoker: invoker.clone(),
+            home: home.clone(),
+        });
     }
     Ok(())
-}
-
-/// The answer when a revocation arrived while the key or CA was being fetched.
-fn revoked_meanwhile(who: &InvokerRef) -> Status {
-    error_status(
-        Code::PermissionDenied,
-        ErrorReason::RevokedDuringFetch,
-        format!("the authorization of API invoker {who} was revoked while its key was fetched"),
-    )
 }
 
 /// Whether a refusal is the CCF's definite answer (as opposed to a budget or a failed link).
@@ -159,15 +253,7 @@ impl AefSecurityService {
             .get_security_information(r)
             .await
             .map_err(|s| {
-                if error_reason(&s).is_some() {
-                    s
-                } else {
-                    error_status(
-                        Code::Unavailable,
-                        ErrorReason::PartnerUnavailable,
-                        format!("the CCF of {} is unreachable", self.state.ccf_id),
-                    )
-                }
+                UpstreamError::from_status(format!("the CCF of {}", self.state.ccf_id), s)
             })?
             .into_inner();
         Ok((info, sent_at))
@@ -184,21 +270,9 @@ impl AefSecurityService {
             .await?;
         let psk = AefPsk::from_slice(&info.aef_psk);
         zeroize::Zeroize::zeroize(&mut info.aef_psk);
-        let psk = psk.ok_or_else(|| {
-            error_status(
-                Code::FailedPrecondition,
-                ErrorReason::MethodMismatch,
-                format!("the CCF holds no PSK for API invoker {invoker} at this AEF"),
-            )
-        })?;
+        let psk = psk.ok_or_else(|| Refused::NoPsk(invoker.clone()))?;
         check_answer(&info, invoker, home)?;
-        KeyId::new(info.key_id.as_str()).map_err(|e| {
-            error_status(
-                Code::Internal,
-                ErrorReason::IdentityMismatch,
-                format!("the CCF's answer carries an unusable key id: {e}"),
-            )
-        })?;
+        KeyId::new(info.key_id.as_str()).map_err(Refused::AnswerKeyId)?;
         Ok(HeldKey {
             key_id: info.key_id.clone(),
             psk,
@@ -216,22 +290,15 @@ impl AefSecurityService {
             .ask_ccf(invoker, home, "", pb::SecurityMethod::Pki)
             .await?;
         if info.sel_security_method != pb::SecurityMethod::Pki as i32 {
-            return Err(error_status(
-                Code::FailedPrecondition,
-                ErrorReason::MethodMismatch,
-                format!("API invoker {invoker} did not negotiate PKI for this AEF"),
-            ));
+            return Err(Refused::NotPki(invoker.clone()).into());
         }
         check_answer(&info, invoker, home)?;
         let verifier =
-            crate::certauth::verifier_for(&info.invoker_ca_certificates).map_err(|e| {
-                error_status(
-                    Code::FailedPrecondition,
-                    ErrorReason::CaNotFederated,
-                    format!(
-                        "the CA certificates named for API invoker {invoker} are unusable: {e}"
-                    ),
-                )
+            crate::certauth::verifier_for(&info.invoker_ca_certificates).map_err(|source| {
+                Refused::UnusableCas {
+                    invoker: invoker.clone(),
+                    source,
+                }
             })?;
         Ok(HeldCa {
             verifier,
@@ -241,14 +308,14 @@ impl AefSecurityService {
         })
     }
 
-    fn tls_endpoint(&self, method: &str) -> Result<String, Status> {
-        self.state.tls_endpoint.clone().ok_or_else(|| {
-            error_status(
-                Code::FailedPrecondition,
-                ErrorReason::MethodMismatch,
-                format!("AEF {} does not serve {method}", self.state.aef_id),
-            )
-        })
+    fn tls_endpoint(&self, method: &'static str) -> Result<String, Refused> {
+        self.state
+            .tls_endpoint
+            .clone()
+            .ok_or_else(|| Refused::MethodNotServed {
+                aef: self.state.aef_id.clone(),
+                method,
+            })
     }
 }
 
@@ -263,13 +330,13 @@ impl AefSecurity for AefSecurityService {
         self.state.admit_initiation(&request)?;
         let req = request.into_inner();
         let invoker = ApiInvokerId::new(req.api_invoker_id.clone())
-            .map_err(|e| invalid("api_invoker_id", e))?;
+            .map_err(|e| invalid_field("api_invoker_id", e))?;
         let home = if req.home_ccf_id.is_empty() {
             self.state.ccf_id.clone()
         } else {
-            CcfId::new(req.home_ccf_id.clone()).map_err(|e| invalid("home_ccf_id", e))?
+            CcfId::new(req.home_ccf_id.clone()).map_err(|e| invalid_field("home_ccf_id", e))?
         };
-        KeyId::optional(&req.key_id).map_err(|e| invalid("key_id", e))?;
+        KeyId::optional(&req.key_id).map_err(|e| invalid_field("key_id", e))?;
         let who = InvokerRef::new(home.clone(), invoker.clone());
         let method = pb::SecurityMethod::try_from(req.security_method)
             .unwrap_or(pb::SecurityMethod::Unspecified);
@@ -282,7 +349,7 @@ impl AefSecurity for AefSecurityService {
                     None => {
                         let c = self.fetch_ca(&invoker, &home).await?;
                         if !self.state.keys.put_ca(who.clone(), c.clone()) {
-                            return Err(revoked_meanwhile(&who));
+                            return Err(Refused::RevokedMeanwhile(who).into());
                         }
                         tracing::info!(api_invoker_id = %invoker, %home, remaining_ms = c.remaining().as_millis() as u64, "invoker CA fetched from CCF");
                         c
@@ -332,7 +399,7 @@ impl AefSecurity for AefSecurityService {
                         k.last_refresh = Some(k.fetched_at);
                     }
                     if !self.state.keys.put(who.clone(), k.clone()) {
-                        return Err(revoked_meanwhile(&who));
+                        return Err(Refused::RevokedMeanwhile(who).into());
                     }
                     tracing::info!(api_invoker_id = %invoker, %home, key_id = %k.key_id, remaining_ms = k.remaining().as_millis() as u64, "key fetched from CCF");
                     k
@@ -365,23 +432,19 @@ impl AefSecurity for AefSecurityService {
     ) -> Result<Response<RevokeAuthorizationRsp>, Status> {
         let who = caller(&request)?;
         if who.ccf_id != self.state.ccf_id || who.role != Role::Ccf {
-            return Err(error_status(
-                Code::PermissionDenied,
-                ErrorReason::RoleNotAllowed,
-                format!("{who} may not revoke authorizations at this AEF"),
-            ));
+            return Err(Refused::RoleNotAllowed(who).into());
         }
         let req = request.into_inner();
         let info = req
             .revoke_info
-            .ok_or_else(|| invalid("revoke_info", "is required"))?;
+            .ok_or_else(|| invalid_field("revoke_info", "is required"))?;
         let invoker = ApiInvokerId::new(info.api_invoker_id)
-            .map_err(|e| invalid("revoke_info.api_invoker_id", e))?;
+            .map_err(|e| invalid_field("revoke_info.api_invoker_id", e))?;
         // The notice concerns the invoker of the domain it names (its home); empty: this domain.
         let home = if info.home_ccf_id.is_empty() {
             self.state.ccf_id.clone()
         } else {
-            CcfId::new(info.home_ccf_id).map_err(|e| invalid("revoke_info.home_ccf_id", e))?
+            CcfId::new(info.home_ccf_id).map_err(|e| invalid_field("revoke_info.home_ccf_id", e))?
         };
         let closed = self
             .state
@@ -439,21 +502,12 @@ impl DemoApi for DemoApiService {
         };
         if !self.state.apis.contains(&req.api_name) || !allowed {
             tracing::info!(api_invoker_id = %caller.invoker, method = caller.method, api = %req.api_name, "API call refused: not authorized");
-            let (reason, what) = match caller.allowed {
-                Allowed::Apis(_) => (ErrorReason::ApiNotAuthorized, "is not authorized for"),
-                Allowed::Scope(_) => (
-                    ErrorReason::InsufficientScope,
-                    "holds a token whose scope does not cover",
-                ),
-            };
-            return Err(error_status(
-                Code::PermissionDenied,
-                reason,
-                format!(
-                    "API invoker {} {what} API {:?} at {}",
-                    caller.invoker, req.api_name, self.state.aef_id
-                ),
-            ));
+            let (invoker, api, aef) = (caller.invoker, req.api_name, self.state.aef_id.clone());
+            return Err(match caller.allowed {
+                Allowed::Apis(_) => Refused::ApiNotAuthorized { invoker, api, aef },
+                Allowed::Scope(_) => Refused::InsufficientScope { invoker, api, aef },
+            }
+            .into());
         }
         tracing::info!(api_invoker_id = %caller.invoker, method = caller.method, api = %req.api_name, "API call served");
         Ok(Response::new(InvokeResponse {
@@ -504,16 +558,7 @@ impl DemoApiService {
             .state
             .keys
             .for_handshake(&id.invoker_ref(), &id.key_id)
-            .map_err(|r| {
-                error_status(
-                    Code::Unauthenticated,
-                    ErrorReason::KeyExpired,
-                    format!(
-                        "the key of this connection is no longer valid: {}",
-                        r.as_str()
-                    ),
-                )
-            })?;
+            .map_err(|r| Status::from(Refused::KeyNoLongerValid(r)))?;
         Ok(Caller {
             invoker: id.api_invoker_id.clone(),
             home: id.home_ccf_id.clone(),
@@ -528,22 +573,16 @@ impl DemoApiService {
         request: &Request<T>,
         peer: &ccf_core::tls::PeerInfo,
     ) -> Result<Caller, Status> {
-        let refused = |reason: String| {
-            tracing::info!(%reason, "certificate refused");
-            error_status(
-                Code::PermissionDenied,
-                ErrorReason::CertificateRefused,
-                reason,
-            )
+        let refused = |refusal: CertRefusal| {
+            tracing::info!(reason = %refusal, "certificate refused");
+            Status::from(refusal)
         };
         let id = peer
             .identity
             .as_ref()
-            .map_err(|e| refused(format!("the certificate names no CAPIF identity: {e}")))?;
+            .map_err(|e| refused(CertRefusal::NoIdentity(e.clone())))?;
         let Role::Invoker(invoker) = &id.role else {
-            return Err(refused(
-                "the certificate does not name an API invoker".into(),
-            ));
+            return Err(refused(CertRefusal::NotAnInvoker));
         };
         let presented = request
             .metadata()
@@ -551,25 +590,17 @@ impl DemoApiService {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if presented != invoker.as_str() {
-            return Err(refused(format!(
-                "the certificate names API invoker {invoker}, but the call presents {presented:?} (header {INVOKER_ID_HEADER})"
-            )));
+            return Err(refused(CertRefusal::OtherInvoker {
+                invoker: invoker.clone(),
+                presented: presented.to_string(),
+            }));
         }
         // Checked again on every call: a revocation or the end of validity since the handshake.
         let ca = self
             .state
             .keys
             .for_certificate(&InvokerRef::new(id.ccf_id.clone(), invoker.clone()))
-            .map_err(|r| {
-                error_status(
-                    Code::Unauthenticated,
-                    ErrorReason::CertificateRefused,
-                    format!(
-                        "this connection's invoker is no longer accepted: {}",
-                        r.as_str()
-                    ),
-                )
-            })?;
+            .map_err(|r| Status::from(CertRefusal::NoLongerAccepted(r)))?;
         Ok(Caller {
             invoker: invoker.clone(),
             home: id.ccf_id.clone(),
@@ -584,15 +615,12 @@ impl DemoApiService {
         request: &Request<T>,
         peer: Option<&ccf_core::tls::PeerInfo>,
     ) -> Result<Caller, Status> {
-        let bad = |check: &'static str, reason: String| {
-            tracing::info!(%reason, check, "access token refused");
-            refusal_status(Code::Unauthenticated, check, reason)
+        let bad = |r: TokenRefusal| {
+            tracing::info!(reason = %r, check = r.check(), "access token refused");
+            Status::from(r)
         };
         let Some(token) = bearer_token(request) else {
-            return Err(bad(
-                "MISSING_TOKEN",
-                "present a client certificate (PKI) or an \"authorization: Bearer <token>\" header (OAUTH)".into(),
-            ));
+            return Err(bad(TokenRefusal::Missing));
         };
         // Whatever else names the caller must name the token's subject: a token issued to X is
         // not X's to lend. The texts below are not invoker ids, so they can match no `sub`.
@@ -627,34 +655,24 @@ impl DemoApiService {
             .tokens
             .verify(token, self.state.aef_id.as_str(), &callers)
             .await
-            .map_err(|r| {
-                tracing::info!(reason = %r, check = r.check(), "access token refused");
-                r.status()
-            })?;
-        let invoker = ApiInvokerId::new(claims.sub.clone()).map_err(|e| {
-            bad(
-                "MALFORMED",
-                format!("the token's subject is not an API invoker id: {e}"),
-            )
-        })?;
-        let home = CcfId::new(claims.iss.clone()).map_err(|e| {
-            bad(
-                "MALFORMED",
-                format!("the token's issuer is not a CCF id: {e}"),
-            )
+            .map_err(bad)?;
+        let invoker = ApiInvokerId::new(claims.sub.clone())
+            .map_err(|e| bad(TokenRefusal::SubjectNotAnInvoker(e)))?;
+        // `verify` checked `iss` names a CCF (the issuer whose keys verified the token).
+        let home = CcfId::new(claims.iss.clone()).map_err(|why| {
+            bad(TokenRefusal::BadIssuerName {
+                iss: claims.iss.clone(),
+                why,
+            })
         })?;
         if self
             .state
             .keys
             .is_revoked(&InvokerRef::new(home.clone(), invoker.clone()))
         {
-            return Err(bad(
-                "REVOKED",
-                format!("API invoker {invoker}'s authorization was revoked by the CCF"),
-            ));
+            return Err(bad(TokenRefusal::Revoked(invoker)));
         }
-        let scope = Scope::parse(&claims.scope)
-            .map_err(|e| bad("MALFORMED", format!("the token's scope is malformed: {e}")))?;
+        let scope = Scope::parse(&claims.scope).map_err(|e| bad(TokenRefusal::BadScope(e)))?;
         Ok(Caller {
             invoker,
             home,

@@ -12,9 +12,11 @@
 
 use std::time::Duration;
 
-use capif_proto::v1::{TokenKeySet, TokenKeySetRequest, security_client::SecurityClient};
-use ccf_core::grpc::error_reason;
-use ccf_core::ids::{CcfId, IdError};
+use capif_proto::v1::{
+    ErrorReason, TokenKeySet, TokenKeySetRequest, security_client::SecurityClient,
+};
+use ccf_core::grpc::{Refusal, reason_of};
+use ccf_core::ids::{ApiInvokerId, CcfId, IdError};
 use ccf_core::keysets::KeySetCache;
 use ccf_core::token::{
     AccessTokenClaims, Expected, KnownCaller, TokenError, peek, refusal_status, verify,
@@ -22,10 +24,17 @@ use ccf_core::token::{
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-/// Why a token was refused (never quoting the token itself): a check of the token, or a reason
-/// its issuer's keys could not be had.
+/// Why a token was refused (never quoting the token itself): a check of the token, a reason its
+/// issuer's keys could not be had, or a check the AEF makes of the verified claims. Each variant
+/// names its check ([`TokenRefusal::check`]); [`Refusal`] maps it to its code, reason
+/// `INVALID_TOKEN`, and the check in the ErrorInfo metadata.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenRefusal {
+    /// The call carries neither a client certificate nor a bearer token.
+    #[error(
+        "present a client certificate (PKI) or an \"authorization: Bearer <token>\" header (OAUTH)"
+    )]
+    Missing,
     /// A check of `ccf_core::token` failed (signature, issuer, times, audience, subject, ...).
     #[error(transparent)]
     Token(#[from] TokenError),
@@ -35,6 +44,7 @@ pub enum TokenRefusal {
         /// What the token claims.
         iss: String,
         /// Why it is not a CCF id.
+        #[source]
         why: IdError,
     },
     /// The issuer is not a partner of this domain.
@@ -44,38 +54,76 @@ pub enum TokenRefusal {
     #[error("the token was issued by {0}, and this domain has no interconnect gateway")]
     NoInterconnect(CcfId),
     /// The issuer's keys could not be fetched now; the token may be fine.
-    #[error("the keys of {issuer} are unavailable: {why}")]
+    #[error("the keys of {issuer} are unavailable: {}", .source.message())]
     KeysUnavailable {
         /// The issuer.
         issuer: CcfId,
         /// What the own CCF answered.
-        why: String,
+        #[source]
+        source: Status,
     },
+    /// The verified token's subject is not an API invoker id.
+    #[error("the token's subject is not an API invoker id: {0}")]
+    SubjectNotAnInvoker(#[source] IdError),
+    /// The verified token's scope does not parse.
+    #[error("the token's scope is malformed: {0}")]
+    BadScope(#[source] TokenError),
+    /// The CCF revoked the invoker the token was issued to.
+    #[error("API invoker {0}'s authorization was revoked by the CCF")]
+    Revoked(ApiInvokerId),
 }
 
 impl TokenRefusal {
+    /// The stable name of what failed, sent in the refusal's ErrorInfo metadata.
+    pub fn check(&self) -> &'static str {
+        match self {
+            Self::Missing => "MISSING_TOKEN",
+            Self::Token(e) => e.check(),
+            Self::BadIssuerName { .. } | Self::SubjectNotAnInvoker(_) | Self::BadScope(_) => {
+                "MALFORMED"
+            }
+            Self::NotAPartner(_) => "ISSUER_NOT_PARTNER",
+            Self::NoInterconnect(_) => "NO_INTERCONNECT",
+            Self::KeysUnavailable { .. } => "KEYS_UNAVAILABLE",
+            Self::Revoked(_) => "REVOKED",
+        }
+    }
+
+    /// What the own CCF's refusal to hand over `issuer`'s key set means for the token.
+    fn keys_refused(issuer: &CcfId, s: Status) -> Self {
+        match reason_of(&s) {
+            Some(ErrorReason::UnknownPartner) => Self::NotAPartner(issuer.clone()),
+            Some(ErrorReason::NoInterconnect) => Self::NoInterconnect(issuer.clone()),
+            _ => Self::KeysUnavailable {
+                issuer: issuer.clone(),
+                source: s,
+            },
+        }
+    }
+}
+
+impl Refusal for TokenRefusal {
     /// UNAVAILABLE when the keys could not be had (worth a retry), else UNAUTHENTICATED.
-    pub fn code(&self) -> Code {
+    fn code(&self) -> Code {
         match self {
             Self::KeysUnavailable { .. } => Code::Unavailable,
             _ => Code::Unauthenticated,
         }
     }
 
-    /// The stable name of what failed, sent in the refusal's ErrorInfo metadata.
-    pub fn check(&self) -> &'static str {
-        match self {
-            Self::Token(e) => e.check(),
-            Self::BadIssuerName { .. } => "MALFORMED",
-            Self::NotAPartner(_) => "ISSUER_NOT_PARTNER",
-            Self::NoInterconnect(_) => "NO_INTERCONNECT",
-            Self::KeysUnavailable { .. } => "KEYS_UNAVAILABLE",
-        }
+    fn reason(&self) -> ErrorReason {
+        ErrorReason::InvalidToken
     }
 
-    /// The gRPC status: reason INVALID_TOKEN, the check in the metadata, this sentence.
-    pub fn status(&self) -> tonic::Status {
+    /// Reason INVALID_TOKEN, the check in the metadata, this sentence.
+    fn status(&self) -> Status {
         refusal_status(self.code(), self.check(), self.to_string())
+    }
+}
+
+impl From<TokenRefusal> for Status {
+    fn from(e: TokenRefusal) -> Self {
+        e.status()
     }
 }
 
@@ -135,14 +183,7 @@ impl TokenVerifier {
             .sets
             .get_or_fetch(&issuer, &kid, self.fetch(&issuer, &kid))
             .await
-            .map_err(|s| match error_reason(&s).as_deref() {
-                Some("UNKNOWN_PARTNER") => TokenRefusal::NotAPartner(issuer.clone()),
-                Some("NO_INTERCONNECT") => TokenRefusal::NoInterconnect(issuer.clone()),
-                _ => TokenRefusal::KeysUnavailable {
-                    issuer: issuer.clone(),
-                    why: s.message().to_string(),
-                },
-            })?;
+            .map_err(|s| TokenRefusal::keys_refused(&issuer, s))?;
         let jwk =
             set.keys
                 .iter()
@@ -158,5 +199,41 @@ impl TokenVerifier {
             leeway_secs: self.leeway_secs,
         };
         Ok(verify(token, jwk, &expected)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccf_core::grpc::error_status;
+    use ccf_core::token::refusal_check;
+
+    /// The own CCF's refusal to hand over an issuer's keys is read by its reason value, and
+    /// each outcome is answered with its code and check.
+    #[test]
+    fn key_set_refusals_are_read_by_reason() {
+        let b = CcfId::new("operator-b.test").unwrap();
+        let r = TokenRefusal::keys_refused(
+            &b,
+            error_status(Code::NotFound, ErrorReason::UnknownPartner, "no"),
+        );
+        assert!(
+            matches!(&r, TokenRefusal::NotAPartner(i) if i == &b),
+            "{r:?}"
+        );
+        let r = TokenRefusal::keys_refused(
+            &b,
+            error_status(Code::FailedPrecondition, ErrorReason::NoInterconnect, "no"),
+        );
+        assert!(matches!(r, TokenRefusal::NoInterconnect(_)), "{r:?}");
+        let r = TokenRefusal::keys_refused(&b, Status::unavailable("connection refused"));
+        assert!(matches!(r, TokenRefusal::KeysUnavailable { .. }), "{r:?}");
+        let s = Status::from(r);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(reason_of(&s), Some(ErrorReason::InvalidToken));
+        assert_eq!(refusal_check(&s).as_deref(), Some("KEYS_UNAVAILABLE"));
+        let s = Status::from(TokenRefusal::Missing);
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert_eq!(refusal_check(&s).as_deref(), Some("MISSING_TOKEN"));
     }
 }

@@ -3,6 +3,7 @@
 //! handshake timeout; idle TLS connections are closed by the idle timeout; a flood from one
 //! source address does not keep another source from being served. Counts are bounded and every
 //! address is loopback.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ fn raise_fd_limit() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    #[allow(unsafe_code)]
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
         l.rlim_cur = l.rlim_max;

@@ -1,6 +1,7 @@
 //! Real OpenSSL TLS-PSK handshakes between the AEF's server side and the invoker's client side:
 //! TLS 1.3 (psk_dhe_ke) and TLS 1.2 (ECDHE-PSK) succeed with the right key; a wrong key, a stale
 //! key id and an unknown identity are refused.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,7 +16,10 @@ use crate::identity::PeerIdentity;
 use crate::limits::{ConnGate, serve_builder};
 use crate::tls::{ConnInfo, tls_incoming};
 
-pub use crate::status::{error_chain, error_reason, error_status, status_with_reason};
+pub use crate::status::{
+    Refusal, UpstreamError, error_chain, error_reason, error_status, invalid_field, reason_of,
+    status_with_reason,
+};
 
 /// The connection info of a request accepted by [`spawn_server`].
 pub fn conn_info<T>(req: &Request<T>) -> Result<&ConnInfo, Status> {
@@ -46,6 +49,11 @@ pub fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
             format!("the client certificate names no usable identity: {e}"),
         )
     })
+}
+
+/// The full gRPC name of a service (`capif.v1.Gateway`), as health and reflection list it.
+pub fn service_name<S: tonic::server::NamedService>(_: &S) -> &'static str {
+    S::NAME
 }
 
 /// Adds grpc.health.v1 (each of `names` SERVING) and server reflection v1 + v1alpha over every

@@ -21,6 +21,7 @@
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
 //! - [`keysets`] — issuers' token key sets, cached per issuer with the refetch rule.
 //! - [`clock`] — wall-clock milliseconds.
+//! - [`process`] — what every binary shares: logging, signals, exit codes.
 
 pub mod clock;
 pub mod grpc;
@@ -30,6 +31,7 @@ pub mod kdf;
 pub mod keysets;
 pub mod limits;
 pub mod pki;
+pub mod process;
 pub mod registry;
 pub mod status;
 pub mod tls;

@@ -32,13 +32,24 @@ pub enum PkiError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A PEM text could not be used.
-    #[error("{what} is not usable: {why}")]
+    /// A PEM text could not be parsed.
+    #[error("{what} is not usable: {source}")]
     BadPem {
         /// What was being read.
-        what: String,
-        /// Why.
-        why: String,
+        what: &'static str,
+        /// The PEM parser's error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A key or certificate parsed, but cannot serve its purpose (not a key rcgen can use, not a
+    /// CA certificate it can sign with).
+    #[error("{what} is not usable: {source}")]
+    Unusable {
+        /// What was being read.
+        what: &'static str,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
     },
     /// rcgen refused to build or sign a certificate.
     #[error("certificate generation failed: {0}")]
@@ -184,19 +195,21 @@ impl DomainCa {
 
     /// Loads a CA from PEM texts.
     pub fn from_pem(ccf_id: &CcfId, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadPem {
-            what: "the CA private key".into(),
-            why: e.to_string(),
+        let key = KeyPair::from_pem(key_pem).map_err(|source| PkiError::Unusable {
+            what: "the CA private key",
+            source,
         })?;
-        let cert_der =
-            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| PkiError::BadPem {
-                what: "the CA certificate".into(),
-                why: e.to_string(),
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|source| {
+            PkiError::BadPem {
+                what: "the CA certificate",
+                source,
+            }
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der, key).map_err(|source| PkiError::Unusable {
+                what: "the CA certificate",
+                source,
             })?;
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadPem {
-            what: "the CA certificate".into(),
-            why: e.to_string(),
-        })?;
         Ok(Self {
             ccf_id: ccf_id.clone(),
             cert_pem: cert_pem.to_string(),
@@ -278,11 +291,12 @@ impl DomainCa {
         public_key_pem: &str,
         days: i64,
     ) -> Result<String, PkiError> {
-        let spki =
-            SubjectPublicKeyInfo::from_pem(public_key_pem).map_err(|e| PkiError::BadPem {
-                what: "the public key".into(),
-                why: e.to_string(),
-            })?;
+        let spki = SubjectPublicKeyInfo::from_pem(public_key_pem).map_err(|source| {
+            PkiError::Unusable {
+                what: "the public key",
+                source,
+            }
+        })?;
         self.issue(identity, &[], &spki, days)
     }
 

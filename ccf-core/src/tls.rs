@@ -34,36 +34,51 @@ use crate::ids::{AefId, CcfId};
 use crate::kdf::Capif1eBinding;
 use crate::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
 
-/// Why TLS material could not be used.
+/// Why TLS material could not be used. Each cause is its own variant, and the underlying error
+/// is kept as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM text holds no usable certificate or key.
-    #[error("{what}: {why}")]
+    /// A PEM text could not be parsed.
+    #[error("{what}: {source}")]
     Pem {
         /// Which input.
         what: &'static str,
-        /// Why.
-        why: String,
+        /// The parser's error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A PEM text holds no certificate.
+    #[error("{what}: no CERTIFICATE block")]
+    NoCertificate {
+        /// Which input.
+        what: &'static str,
     },
     /// rustls refused the configuration.
     #[error("TLS configuration refused: {0}")]
     Rustls(#[from] rustls::Error),
     /// The client verifier could not be built.
     #[error("client certificate verifier: {0}")]
-    Verifier(String),
+    Verifier(#[source] rustls::server::VerifierBuilderError),
     /// The server verifier of a client could not be built.
     #[error("server certificate verifier: {0}")]
-    ServerVerifier(String),
+    ServerVerifier(#[source] rustls::client::VerifierBuilderError),
     /// A server name is not a valid DNS name or IP address.
-    #[error("{0:?} is not a valid TLS server name")]
-    ServerName(String),
+    #[error("{name:?} is not a valid TLS server name")]
+    ServerName {
+        /// The name given.
+        name: String,
+        /// Why it is not one.
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
     /// The connection could not be made.
-    #[error("cannot connect to {addr}: {why}")]
+    #[error("cannot connect to {addr}: {}", crate::status::error_chain(.source))]
     Connect {
         /// Where.
         addr: String,
-        /// Why.
-        why: String,
+        /// The transport's error (its own sources say what failed).
+        #[source]
+        source: tonic::transport::Error,
     },
 }
 
@@ -79,24 +94,18 @@ pub fn certs_from_pem(
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Pem {
-            what,
-            why: e.to_string(),
-        })?;
+        .map_err(|source| TlsError::Pem { what, source })?;
     if certs.is_empty() {
-        return Err(TlsError::Pem {
-            what,
-            why: "no CERTIFICATE block".into(),
-        });
+        return Err(TlsError::NoCertificate { what });
     }
     Ok(certs)
 }
 
 /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
 pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| TlsError::Pem {
         what: "private key",
-        why: e.to_string(),
+        source,
     })
 }
 
@@ -137,7 +146,7 @@ pub fn server_config(
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                     .build()
-                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                    .map_err(TlsError::Verifier)?;
             builder.with_client_cert_verifier(verifier)
         }
         ClientAuth::Optional(ca) => {
@@ -145,7 +154,7 @@ pub fn server_config(
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                     .allow_unauthenticated()
                     .build()
-                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                    .map_err(TlsError::Verifier)?;
             builder.with_client_cert_verifier(verifier)
         }
         ClientAuth::None => builder.with_no_client_auth(),
@@ -255,6 +264,7 @@ pub enum ServerIdentityError {
         /// What the client expected.
         expected: ExpectedPeer,
         /// Why the certificate names none.
+        #[source]
         why: IdentityError,
     },
 }
@@ -274,7 +284,7 @@ impl PeerServerVerifier {
     pub fn new(roots: RootCertStore, expected: ExpectedPeer) -> Result<Self, TlsError> {
         let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
-            .map_err(|e| TlsError::ServerVerifier(e.to_string()))?;
+            .map_err(TlsError::ServerVerifier)?;
         Ok(Self { inner, expected })
     }
 
@@ -567,16 +577,19 @@ fn tls_connector_service(
     server_name: &str,
     config: Arc<ClientConfig>,
 ) -> Result<Connector, TlsError> {
-    let name = ServerName::try_from(server_name.to_string())
-        .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
+    let name =
+        ServerName::try_from(server_name.to_string()).map_err(|source| TlsError::ServerName {
+            name: server_name.to_string(),
+            source,
+        })?;
     let slot: SessionSlot = Arc::default();
     let connector = TlsConnector::from(config);
     let target = addr.to_string();
     let slot2 = slot.clone();
     let endpoint =
-        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| TlsError::Connect {
+        Endpoint::from_shared(format!("http://{addr}")).map_err(|source| TlsError::Connect {
             addr: addr.to_string(),
-            why: e.to_string(),
+            source,
         })?;
     let svc = tower::service_fn(move |_uri| {
         let connector = connector.clone();
@@ -618,9 +631,9 @@ pub async fn connect(
         .connect_timeout(connect_timeout)
         .connect_with_connector(svc)
         .await
-        .map_err(|e| TlsError::Connect {
+        .map_err(|source| TlsError::Connect {
             addr: addr.to_string(),
-            why: crate::status::error_chain(&e),
+            source,
         })?;
     Ok((channel, slot))
 }

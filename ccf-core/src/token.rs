@@ -35,24 +35,74 @@ pub enum TokenError {
     /// The scope string is malformed.
     #[error("scope {0}")]
     Scope(String),
-    /// The key file could not be read or written.
-    #[error("token signing keys at {path}: {why}")]
-    KeyFile {
+    /// The key file could not be read.
+    #[error("token signing keys at {}: {source}", .path.display())]
+    KeyFileRead {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        why: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
-    /// A key could not be generated or used.
+    /// The key file is not a list of signing keys.
+    #[error("token signing keys at {}: {source}", .path.display())]
+    KeyFileFormat {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The key file lists no key.
+    #[error("token signing keys at {}: holds no key", .path.display())]
+    KeyFileEmpty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The key file could not be written (serialized, written owner-only, or renamed in place).
+    #[error("token signing keys at {}: {source}", .path.display())]
+    KeyFileWrite {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A signing key could not be generated, or a stored one read back.
     #[error("token signing key: {0}")]
-    Key(String),
-    /// A published key cannot be used to verify.
-    #[error("published key {kid:?} is unusable: {why}")]
+    Key(#[source] rcgen::Error),
+    /// A stored signing key is not a P-256 key.
+    #[error("token signing key: not an uncompressed P-256 public key")]
+    NotP256,
+    /// A stored signing key is not the key its stored key id names.
+    #[error("token signing key: stored key id {stored} does not match its key")]
+    KidMismatch {
+        /// The stored key id.
+        stored: String,
+    },
+    /// A token could not be signed (or the key loaded for signing).
+    #[error("token signing key: {0}")]
+    Signing(#[source] jsonwebtoken::errors::Error),
+    /// The key set's lock is poisoned (a panic while it was held).
+    #[error("token signing key: lock poisoned")]
+    LockPoisoned,
+    /// There is no current signing key.
+    #[error("token signing key: no signing key")]
+    NoSigningKey,
+    /// A published key is of a type or algorithm this verifier does not support.
+    #[error("published key {kid:?} is unusable: only ES256 (P-256) and RS256 keys are supported")]
+    UnsupportedJwk {
+        /// Its key id.
+        kid: String,
+    },
+    /// A published key's parameters are not a key.
+    #[error("published key {kid:?} is unusable: {source}")]
     BadJwk {
         /// Its key id.
         kid: String,
-        /// Why.
-        why: String,
+        /// jsonwebtoken's error.
+        #[source]
+        source: jsonwebtoken::errors::Error,
     },
     // The verification failures below each name one check, so that an AEF can tell the caller
     // (and its log) exactly why a token was refused; `check` gives each a stable name.
@@ -126,8 +176,17 @@ impl TokenError {
     pub fn check(&self) -> &'static str {
         match self {
             Self::Scope(_) => "SCOPE",
-            Self::KeyFile { .. } | Self::Key(_) => "SIGNING_KEY",
-            Self::BadJwk { .. } => "UNUSABLE_KEY",
+            Self::KeyFileRead { .. }
+            | Self::KeyFileFormat { .. }
+            | Self::KeyFileEmpty { .. }
+            | Self::KeyFileWrite { .. }
+            | Self::Key(_)
+            | Self::NotP256
+            | Self::KidMismatch { .. }
+            | Self::Signing(_)
+            | Self::LockPoisoned
+            | Self::NoSigningKey => "SIGNING_KEY",
+            Self::UnsupportedJwk { .. } | Self::BadJwk { .. } => "UNUSABLE_KEY",
             Self::Malformed(_) => "MALFORMED",
             Self::MissingClaim(_) => "MISSING_CLAIM",
             Self::UnknownKeyId { .. } => "UNKNOWN_KEY_ID",
@@ -306,7 +365,7 @@ struct SigningKey {
 impl SigningKey {
     fn generate(now_ms: u64) -> Result<Self, TokenError> {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| TokenError::Key(e.to_string()))?;
+            .map_err(TokenError::Key)?;
         let pem = Zeroizing::new(pair.serialize_pem());
         Self::from_stored(StoredKey {
             kid: String::new(),
@@ -317,14 +376,11 @@ impl SigningKey {
     }
 
     fn from_stored(mut stored: StoredKey) -> Result<Self, TokenError> {
-        let pair = rcgen::KeyPair::from_pem(&stored.pkcs8_pem)
-            .map_err(|e| TokenError::Key(e.to_string()))?;
+        let pair = rcgen::KeyPair::from_pem(&stored.pkcs8_pem).map_err(TokenError::Key)?;
         let raw = pair.public_key_raw();
         // An uncompressed P-256 point: 0x04 || x || y.
         if raw.len() != 65 || raw[0] != 4 {
-            return Err(TokenError::Key(
-                "not an uncompressed P-256 public key".into(),
-            ));
+            return Err(TokenError::NotP256);
         }
         let x = URL_SAFE_NO_PAD.encode(&raw[1..33]);
         let y = URL_SAFE_NO_PAD.encode(&raw[33..65]);
@@ -332,14 +388,13 @@ impl SigningKey {
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
         let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
         if !stored.kid.is_empty() && stored.kid != kid {
-            return Err(TokenError::Key(format!(
-                "stored key id {} does not match its key",
-                stored.kid
-            )));
+            return Err(TokenError::KidMismatch {
+                stored: stored.kid.clone(),
+            });
         }
         stored.kid = kid.clone();
-        let encoding = EncodingKey::from_ec_pem(stored.pkcs8_pem.as_bytes())
-            .map_err(|e| TokenError::Key(e.to_string()))?;
+        let encoding =
+            EncodingKey::from_ec_pem(stored.pkcs8_pem.as_bytes()).map_err(TokenError::Signing)?;
         Ok(Self {
             stored,
             encoding,
@@ -385,28 +440,27 @@ impl TokenKeys {
     ) -> Result<Self, TokenError> {
         let path = state_dir.join(KEY_FILE);
         let retention_ms = (token_lifetime_secs + MAX_LEEWAY_SECS) * 1000;
-        let file_err = |why: String| TokenError::KeyFile {
-            path: path.clone(),
-            why,
-        };
         let keys = match std::fs::read(&path) {
             Ok(bytes) => {
                 let bytes = Zeroizing::new(bytes);
                 let stored: Vec<StoredKey> =
-                    serde_json::from_slice(&bytes).map_err(|e| file_err(e.to_string()))?;
+                    serde_json::from_slice(&bytes).map_err(|source| TokenError::KeyFileFormat {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let keys = stored
                     .into_iter()
                     .map(SigningKey::from_stored)
                     .collect::<Result<Vec<_>, _>>()?;
                 if keys.is_empty() {
-                    return Err(file_err("holds no key".into()));
+                    return Err(TokenError::KeyFileEmpty { path });
                 }
                 keys
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 vec![SigningKey::generate(now_ms)?]
             }
-            Err(e) => return Err(file_err(e.to_string())),
+            Err(source) => return Err(TokenError::KeyFileRead { path, source }),
         };
         let this = Self {
             path,
@@ -418,21 +472,17 @@ impl TokenKeys {
     }
 
     fn save(&self) -> Result<(), TokenError> {
-        let keys = self
-            .keys
-            .read()
-            .map_err(|_| TokenError::Key("lock".into()))?;
+        let keys = self.keys.read().map_err(|_| TokenError::LockPoisoned)?;
         let stored: Vec<&StoredKey> = keys.iter().map(|k| &k.stored).collect();
-        let json = Zeroizing::new(
-            serde_json::to_vec_pretty(&stored).map_err(|e| TokenError::Key(e.to_string()))?,
-        );
-        let tmp = self.path.with_extension("json.tmp");
-        let err = |why: String| TokenError::KeyFile {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| TokenError::KeyFileWrite {
             path: self.path.clone(),
-            why,
+            source,
         };
-        crate::pki::write_private_file(&tmp, &json).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| err(e.to_string()))
+        let json =
+            Zeroizing::new(serde_json::to_vec_pretty(&stored).map_err(|e| err(Box::new(e)))?);
+        let tmp = self.path.with_extension("json.tmp");
+        crate::pki::write_private_file(&tmp, &json).map_err(|e| err(Box::new(e)))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| err(Box::new(e)))
     }
 
     /// The key id of the current signing key.
@@ -446,17 +496,11 @@ impl TokenKeys {
 
     /// Signs `claims` with the current key (ES256, `kid` in the header).
     pub fn sign(&self, claims: &AccessTokenClaims) -> Result<String, TokenError> {
-        let keys = self
-            .keys
-            .read()
-            .map_err(|_| TokenError::Key("lock".into()))?;
-        let key = keys
-            .last()
-            .ok_or_else(|| TokenError::Key("no signing key".into()))?;
+        let keys = self.keys.read().map_err(|_| TokenError::LockPoisoned)?;
+        let key = keys.last().ok_or(TokenError::NoSigningKey)?;
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.stored.kid.clone());
-        jsonwebtoken::encode(&header, claims, &key.encoding)
-            .map_err(|e| TokenError::Key(e.to_string()))
+        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(TokenError::Signing)
     }
 
     /// Makes a new key current; the previous one is retired (still published for a while). Keys
@@ -465,10 +509,7 @@ impl TokenKeys {
         let fresh = SigningKey::generate(now_ms)?;
         let kid = fresh.stored.kid.clone();
         {
-            let mut keys = self
-                .keys
-                .write()
-                .map_err(|_| TokenError::Key("lock".into()))?;
+            let mut keys = self.keys.write().map_err(|_| TokenError::LockPoisoned)?;
             for k in keys.iter_mut() {
                 k.stored.retired_unix_ms.get_or_insert(now_ms);
             }
@@ -597,20 +638,22 @@ fn same_subject(claims: &AccessTokenClaims, other: &KnownCaller<'_>) -> Result<(
 
 /// The verification key of a published JWK, with its algorithm.
 pub fn decoding_key(jwk: &pb::JsonWebKey) -> Result<(DecodingKey, Algorithm), TokenError> {
-    let bad = |why: &str| TokenError::BadJwk {
+    let bad = |source| TokenError::BadJwk {
         kid: jwk.kid.clone(),
-        why: why.to_string(),
+        source,
     };
     match (jwk.kty.as_str(), jwk.alg.as_str()) {
         ("EC", "ES256") if jwk.crv == "P-256" => Ok((
-            DecodingKey::from_ec_components(&jwk.x, &jwk.y).map_err(|e| bad(&e.to_string()))?,
+            DecodingKey::from_ec_components(&jwk.x, &jwk.y).map_err(bad)?,
             Algorithm::ES256,
         )),
         ("RSA", "RS256") => Ok((
-            DecodingKey::from_rsa_components(&jwk.n, &jwk.e).map_err(|e| bad(&e.to_string()))?,
+            DecodingKey::from_rsa_components(&jwk.n, &jwk.e).map_err(bad)?,
             Algorithm::RS256,
         )),
-        _ => Err(bad("only ES256 (P-256) and RS256 keys are supported")),
+        _ => Err(TokenError::UnsupportedJwk {
+            kid: jwk.kid.clone(),
+        }),
     }
 }
 

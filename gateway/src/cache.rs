@@ -121,8 +121,10 @@ impl Refusal {
     /// (the invoker may have negotiated anew at home since), never about the invoker itself
     /// (an unknown invoker stays unknown whatever key id a stranger presents).
     fn renewable(&self) -> bool {
-        self.reason == ErrorReason::KeyExpired.as_str_name()
-            || self.reason == ErrorReason::NoSecurityContext.as_str_name()
+        matches!(
+            ErrorReason::from_str_name(&self.reason),
+            Some(ErrorReason::KeyExpired | ErrorReason::NoSecurityContext)
+        )
     }
 }
 

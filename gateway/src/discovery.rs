@@ -10,6 +10,7 @@ use std::time::Duration;
 use ccf_core::ids::CcfId;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use rand::Rng;
@@ -29,16 +30,26 @@ pub struct Target {
 /// Why discovery failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
+    /// The configured nameserver is not `ip:port`.
+    #[error("DNS resolver: nameserver {0:?} is not ip:port")]
+    BadNameserver(String),
     /// The resolver could not be built.
     #[error("DNS resolver: {0}")]
-    Resolver(String),
-    /// The SRV lookup failed or found nothing.
-    #[error("no SRV record {name}: {why}")]
+    Resolver(#[source] NetError),
+    /// The SRV lookup failed.
+    #[error("no SRV record {name}: {source}")]
+    SrvLookup {
+        /// The name asked.
+        name: String,
+        /// The resolver's error.
+        #[source]
+        source: NetError,
+    },
+    /// The SRV lookup answered, with no SRV record.
+    #[error("no SRV record {name}: no SRV answers")]
     NoSrv {
         /// The name asked.
         name: String,
-        /// Why.
-        why: String,
     },
     /// No target had an address.
     #[error("the SRV targets of {0} have no A/AAAA records")]
@@ -65,9 +76,9 @@ impl Discovery {
     pub fn new(nameserver: Option<&str>, timeout: Duration) -> Result<Self, DiscoveryError> {
         let mut builder = match nameserver {
             Some(ns) => {
-                let addr: SocketAddr = ns.parse().map_err(|_| {
-                    DiscoveryError::Resolver(format!("nameserver {ns:?} is not ip:port"))
-                })?;
+                let addr: SocketAddr = ns
+                    .parse()
+                    .map_err(|_| DiscoveryError::BadNameserver(ns.to_string()))?;
                 let mut server = NameServerConfig::udp_and_tcp(addr.ip());
                 for c in server.connections.iter_mut() {
                     c.port = addr.port();
@@ -77,17 +88,14 @@ impl Discovery {
                     TokioRuntimeProvider::default(),
                 )
             }
-            None => TokioResolver::builder_tokio()
-                .map_err(|e| DiscoveryError::Resolver(e.to_string()))?,
+            None => TokioResolver::builder_tokio().map_err(DiscoveryError::Resolver)?,
         };
         let opts = builder.options_mut();
         opts.timeout = timeout;
         opts.attempts = 1;
         // Records change while a testbed runs (a partner moves): do not cache them here.
         opts.cache_size = 0;
-        let resolver = builder
-            .build()
-            .map_err(|e| DiscoveryError::Resolver(e.to_string()))?;
+        let resolver = builder.build().map_err(DiscoveryError::Resolver)?;
         Ok(Self { resolver })
     }
 
@@ -101,14 +109,14 @@ impl Discovery {
             return self.static_targets(a).await;
         }
         let name = format!("{SRV_PREFIX}{partner}.");
-        let lookup =
-            self.resolver
-                .srv_lookup(name.as_str())
-                .await
-                .map_err(|e| DiscoveryError::NoSrv {
-                    name: name.clone(),
-                    why: e.to_string(),
-                })?;
+        let lookup = self
+            .resolver
+            .srv_lookup(name.as_str())
+            .await
+            .map_err(|source| DiscoveryError::SrvLookup {
+                name: name.clone(),
+                source,
+            })?;
         let srvs: Vec<(u16, u16, u16, String)> = lookup
             .answers()
             .iter()
@@ -118,10 +126,7 @@ impl Discovery {
             })
             .collect();
         if srvs.is_empty() {
-            return Err(DiscoveryError::NoSrv {
-                name,
-                why: "no SRV answers".into(),
-            });
+            return Err(DiscoveryError::NoSrv { name });
         }
         let ordered = order_srv(srvs, &mut rand::rng());
         let mut targets = Vec::new();

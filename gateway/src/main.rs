@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use capif_gateway::config::GatewayConfig;
-use clap::{Parser, ValueEnum};
+use ccf_core::process::{LogFormat, init_logging, run_async, terminated};
+use clap::Parser;
 
 /// The interconnect federation gateway of one CAPIF domain.
 ///
@@ -38,12 +39,6 @@ struct Cli {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let mut cfg = GatewayConfig::load(&cli.config)?;
     if let Some(a) = cli.listen_capif6 {
@@ -60,35 +55,14 @@ async fn run(cli: Cli) -> Result<()> {
         "capif-gateway ready ccf_id={} capif6={} capif6e={}",
         gw.state.ccf_id, gw.capif6_addr, gw.capif6e_addr
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+    let signal = terminated().await;
+    tracing::info!(signal, "shutting down");
     gw.shutdown().await;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-    let result = tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(cli)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("capif-gateway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    init_logging(cli.log_format, "info");
+    run_async("capif-gateway", run(cli))
 }

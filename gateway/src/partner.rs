@@ -142,7 +142,7 @@ impl PartnerLink {
                     let targets = discovery
                         .targets(&partner, static_address.as_deref())
                         .await
-                        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+                        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e))?;
                     if let Ok(mut s) = stats.lock() {
                         s.resolved = targets
                             .iter()

@@ -11,7 +11,7 @@ use capif_proto::v1::{
     federation_client::FederationClient, gateway_admin_server::GatewayAdminServer,
     gateway_server::GatewayServer, interconnect_server::InterconnectServer,
 };
-use ccf_core::grpc::{spawn_server, with_standard_services};
+use ccf_core::grpc::{service_name, spawn_server, with_standard_services};
 use ccf_core::ids::CcfId;
 use ccf_core::limits::ConnGate;
 use ccf_core::tls::{
@@ -19,7 +19,6 @@ use ccf_core::tls::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use crate::cache::KeyCache;
@@ -91,10 +90,6 @@ fn read(path: &std::path::Path) -> Result<String, StartError> {
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-fn name_of<S: NamedService>(_: &S) -> &'static str {
-    S::NAME
 }
 
 /// Starts a gateway from its configuration.
@@ -208,14 +203,14 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
     let admin = GatewayAdminServer::new(AdminService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let names6 = [name_of(&gw), name_of(&admin)];
+    let names6 = [service_name(&gw), service_name(&admin)];
     let routes6 = with_standard_services(Routes::new(gw).add_service(admin), &names6)
         .await
         .map_err(|e| StartError::Config(e.message().to_string()))?;
     let ic = InterconnectServer::new(InterconnectService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let names6e = [name_of(&ic)];
+    let names6e = [service_name(&ic)];
     let routes6e = with_standard_services(Routes::new(ic), &names6e)
         .await
         .map_err(|e| StartError::Config(e.message().to_string()))?;

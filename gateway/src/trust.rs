@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ccf_core::identity::{PeerIdentity, Role};
+use ccf_core::identity::{IdentityError, PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::tls::{TlsError, certs_from_pem};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -43,18 +43,67 @@ impl std::fmt::Debug for PartnerTrust {
     }
 }
 
-/// Why a partner's certificate is refused.
+/// Why a partner's certificate is refused (answered `UNKNOWN_PARTNER` by
+/// `service::Refused::Untrusted`).
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    /// Not a configured partner.
-    #[error("{0} is not a partner of this domain")]
-    UnknownPartner(String),
-    /// Names no usable identity or not a gateway.
+    /// The certificate names no usable `capif://` identity.
     #[error("the certificate does not name a partner gateway: {0}")]
-    NotAGateway(String),
-    /// Names a partner but was not issued by that partner's CA.
-    #[error("the certificate claims to be {0}'s gateway but does not chain to {0}'s CA")]
-    WrongCa(String),
+    NoIdentity(#[source] IdentityError),
+    /// It names an identity, but not a gateway's.
+    #[error("the certificate does not name a partner gateway: {0}")]
+    NotAGateway(PeerIdentity),
+    /// It names the gateway of a domain that is not a configured partner.
+    #[error("{0} is not a partner of this domain")]
+    UnknownPartner(CcfId),
+    /// It names a partner's gateway but was not issued by that partner's CA.
+    #[error(
+        "the certificate claims to be {partner}'s gateway but does not chain to {partner}'s CA"
+    )]
+    WrongCa {
+        /// The partner the certificate claims to be.
+        partner: CcfId,
+        /// What the verification against that partner's CA said.
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// Why the CA certificates a partner's CCF named for its invoker (method 2) are refused
+/// (answered `CA_NOT_FEDERATED` by `service::Refused::CaNotFederated`).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokerCaError {
+    /// The answer names no CA at all.
+    #[error("{partner} named no CA for its invoker")]
+    NoneNamed {
+        /// The partner.
+        partner: CcfId,
+    },
+    /// A CA certificate named is not readable PEM.
+    #[error("{partner} named an unreadable CA certificate for its invoker: {source}")]
+    Unreadable {
+        /// The partner.
+        partner: CcfId,
+        /// Why it cannot be read.
+        #[source]
+        source: TlsError,
+    },
+    /// A CA named is not the CA this federation configures for the partner.
+    #[error(
+        "{partner} named CA {subject:?} for its invoker, which is not the CA this federation trusts for {partner}"
+    )]
+    NotFederated {
+        /// The partner.
+        partner: CcfId,
+        /// The subject of the CA certificate named.
+        subject: String,
+    },
+    /// The domain is not a configured partner, so no CA of it is trusted.
+    #[error("{partner} has no configured CA")]
+    NotAPartner {
+        /// The domain.
+        partner: CcfId,
+    },
 }
 
 impl PartnerTrust {
@@ -65,10 +114,10 @@ impl PartnerTrust {
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
                 .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                .map_err(TlsError::Verifier)?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider())
             .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            .map_err(TlsError::ServerVerifier)?;
         let server_verifier = Arc::new(PartnerServerVerifier {
             expected: PeerIdentity::new(ccf_id.clone(), Role::Gateway),
             inner,
@@ -89,24 +138,28 @@ impl PartnerTrust {
     /// Method 2 across domains: the CA certificates the partner's CCF names as issuers of its
     /// invoker's certificate must be CAs this federation trusts for that partner. Otherwise a
     /// partner (or whoever answers in its name) could make our AEFs accept certificates of any
-    /// CA. Returns why not, as a sentence.
-    pub fn check_invoker_cas(&self, pems: &[String]) -> Result<(), String> {
+    /// CA.
+    pub fn check_invoker_cas(&self, pems: &[String]) -> Result<(), InvokerCaError> {
+        let partner = || self.ccf_id.clone();
         if pems.is_empty() {
-            return Err(format!("{} named no CA for its invoker", self.ccf_id));
+            return Err(InvokerCaError::NoneNamed { partner: partner() });
         }
         for pem in pems {
-            let certs = certs_from_pem("invoker CA certificate", pem).map_err(|e| e.to_string())?;
-            if certs.is_empty() {
-                return Err(format!("{} sent an empty CA certificate", self.ccf_id));
-            }
+            // Never empty: a PEM text without a certificate is refused as unreadable.
+            let certs = certs_from_pem("invoker CA certificate", pem).map_err(|source| {
+                InvokerCaError::Unreadable {
+                    partner: partner(),
+                    source,
+                }
+            })?;
             if let Some(c) = certs.iter().find(|c| !self.ca_certs.contains(c)) {
                 let subject = x509_parser::parse_x509_certificate(c)
                     .map(|(_, x)| x.subject().to_string())
                     .unwrap_or_else(|_| "an unparsable certificate".into());
-                return Err(format!(
-                    "{} named CA {subject:?} for its invoker, which is not the CA this federation trusts for {}",
-                    self.ccf_id, self.ccf_id
-                ));
+                return Err(InvokerCaError::NotFederated {
+                    partner: partner(),
+                    subject,
+                });
             }
         }
         Ok(())
@@ -147,19 +200,20 @@ impl Federation {
     /// partner CAs by the TLS layer) belongs to. Re-verifies it against that partner's CA alone,
     /// so partner C's CA cannot vouch for "operator-b".
     pub fn authenticate(&self, cert: &CertificateDer<'_>) -> Result<CcfId, TrustError> {
-        let id = PeerIdentity::from_certificate(cert)
-            .map_err(|e| TrustError::NotAGateway(e.to_string()))?;
+        let id = PeerIdentity::from_certificate(cert).map_err(TrustError::NoIdentity)?;
         if id.role != Role::Gateway {
-            return Err(TrustError::NotAGateway(id.uri()));
+            return Err(TrustError::NotAGateway(id));
         }
-        let partner = self
-            .partners
-            .get(&id.ccf_id)
-            .ok_or_else(|| TrustError::UnknownPartner(id.ccf_id.to_string()))?;
+        let Some(partner) = self.partners.get(&id.ccf_id) else {
+            return Err(TrustError::UnknownPartner(id.ccf_id));
+        };
         partner
             .client_verifier
             .verify_client_cert(cert, &[], UnixTime::now())
-            .map_err(|_| TrustError::WrongCa(id.ccf_id.to_string()))?;
+            .map_err(|source| TrustError::WrongCa {
+                partner: id.ccf_id.clone(),
+                source,
+            })?;
         Ok(id.ccf_id)
     }
 }
@@ -265,14 +319,26 @@ mod tests {
         let e = trust
             .check_invoker_cas(&[rogue.cert_pem().to_string()])
             .unwrap_err();
-        assert!(e.contains("not the CA this federation trusts"), "{e}");
-        // One bad CA among good ones is enough to refuse; so is naming none.
         assert!(
-            trust
-                .check_invoker_cas(&[real.cert_pem().to_string(), rogue.cert_pem().to_string()])
-                .is_err()
+            matches!(&e, InvokerCaError::NotFederated { partner, .. } if partner == &trust.ccf_id),
+            "{e:?}"
         );
-        assert!(trust.check_invoker_cas(&[]).is_err());
-        assert!(trust.check_invoker_cas(&["not a pem".into()]).is_err());
+        assert!(
+            e.to_string().contains("not the CA this federation trusts"),
+            "{e}"
+        );
+        // One bad CA among good ones is enough to refuse; so is naming none.
+        assert!(matches!(
+            trust.check_invoker_cas(&[real.cert_pem().to_string(), rogue.cert_pem().to_string()]),
+            Err(InvokerCaError::NotFederated { .. })
+        ));
+        assert!(matches!(
+            trust.check_invoker_cas(&[]),
+            Err(InvokerCaError::NoneNamed { .. })
+        ));
+        assert!(matches!(
+            trust.check_invoker_cas(&["not a pem".into()]),
+            Err(InvokerCaError::Unreadable { .. })
+        ));
     }
 }

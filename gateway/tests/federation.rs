@@ -1,5 +1,6 @@
 //! The gateway's acceptance tests: real CCFs and gateways of several domains with their own CAs,
 //! real mutual TLS, and a real DNS server on loopback.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

@@ -1,5 +1,6 @@
 //! The real grpcurl lists the gateway's services and reads the admin counters, with
 //! an operator certificate of the domain, as an operator would.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
 

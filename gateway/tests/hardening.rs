@@ -2,6 +2,7 @@
 //! counts): one unauthenticated client cannot turn Authentication Initiations into more partner
 //! fetches than the budgets allow, nor starve other partners; oversized or malformed key ids are
 //! refused at the AEF; invokers of two domains are kept apart at one AEF.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! Invariant 4 (docs/ARCHITECTURE.md): no key bytes in any log line at any level. Captures
 //! every log event (TRACE and up, every crate) of a full cross-domain run, including a revocation,
 //! and searches them for the AEFPSK in the forms it could take.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,7 @@
 //! the `capif://` identity tells them apart. Each client checks it in the handshake. Here a
 //! valid certificate of the right CA, but of the wrong role, sits where a client expects its
 //! CCF, its gateway or an AEF, and the real client refuses it.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::net::SocketAddr;
 

@@ -254,16 +254,7 @@ fn run_dir(args: &RunArgs, s: &capif_scenarios::scenario::Scenario) -> PathBuf {
     })
 }
 
-async fn interrupted() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => return "SIGINT",
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    }
-}
+use ccf_core::process::terminated as interrupted;
 
 async fn scenario_run(args: RunArgs) -> Result<bool> {
     let s = Scenario::load(&args.file)?;
@@ -378,6 +369,7 @@ fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
             continue;
         }
         // SAFETY: a plain signal to a pid just confirmed to be the recorded process (> 1).
+        #[allow(unsafe_code)]
         unsafe {
             libc::kill(rec.pid as libc::pid_t, libc::SIGTERM);
         }
@@ -646,20 +638,6 @@ async fn invoker_run(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(cli)))
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("capif: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ccf_core::process::init_logging(ccf_core::process::LogFormat::Text, "warn");
+    ccf_core::process::run_async("capif", run(cli))
 }

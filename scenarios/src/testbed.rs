@@ -456,6 +456,7 @@ impl Testbed {
             .ok_or_else(|| anyhow!("{component} is not running"))?;
         if !kill {
             // SAFETY: sending a signal to our own child's pid.
+            #[allow(unsafe_code)]
             unsafe {
                 libc::kill(p.pid as libc::pid_t, libc::SIGTERM);
             }
@@ -636,6 +637,7 @@ pub async fn spawn_ready(bin: &Path, args: &[String], log: &Path) -> Result<(Chi
         .kill_on_drop(true);
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
     // this process dies, so a killed launcher leaves no component running.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);

@@ -2,6 +2,7 @@
 //! authenticates at a real AEF stub and calls its demo API over a real TLS-PSK handshake — in its
 //! own domain and across domains through the gateways. Refusals are checked at the handshake,
 //! with the AEF's log reason.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! Security methods 2 (TLS with certificates) and 3 (OAuth 2.0 access tokens), end to end with
 //! the real CCF, gateways and AEF stub, in one domain and across two: the invoker's call
 //! succeeds, and each forbidden case is refused with its own reason in the AEF's log.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
 

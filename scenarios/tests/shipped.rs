@@ -2,6 +2,7 @@
 //! binaries. Every shipped scenario must pass; a wrong expectation must fail loudly; SIGINT must
 //! leave nothing running; malformed files are refused before anything starts; `testbed up`
 //! prints grpcurl commands that work as printed.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -159,6 +160,7 @@ fn sigint_leaves_no_component_running() {
     }
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
+    #[allow(unsafe_code)]
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);
     }

@@ -10,6 +10,7 @@ use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::derive_aefpsk;
 use ccf_core::pki::{DomainCa, write_private_file};
+use ccf_core::process::{LogFormat, exit_code, init_logging, run_async, terminated};
 use clap::{Parser, Subcommand, ValueEnum};
 use zeroize::Zeroizing;
 
@@ -33,12 +34,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -157,18 +152,6 @@ enum PkiCommand {
     },
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
 async fn serve(args: ServeArgs) -> Result<()> {
     let mut cfg = args.config.load()?;
     if let Some(a) = args.listen_onboarding {
@@ -193,12 +176,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ccf.capif_addr,
         ca_path.display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+    let signal = terminated().await;
+    tracing::info!(signal, "shutting down");
     ccf.shutdown().await;
     Ok(())
 }
@@ -256,11 +235,9 @@ fn pki_issue(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    init_logging(cli.log_format, "info");
     let result = match cli.command {
-        Command::Serve(args) => tokio::runtime::Runtime::new()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(serve(args))),
+        Command::Serve(args) => return run_async("ccf", serve(args)),
         Command::Kdf(KdfCommand::Aefpsk {
             key,
             session_id,
@@ -277,11 +254,5 @@ fn main() -> ExitCode {
             days,
         }) => pki_issue(config, role, id, hosts, out, name, days),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ccf: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("ccf", result)
 }

@@ -15,7 +15,6 @@ use capif_proto::v1::{
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use crate::config::CcfConfig;
@@ -23,7 +22,7 @@ use crate::service::{
     CcfAdminService, FederationService, InvokerManagementService, SecurityService,
 };
 use crate::store::{Store, StoreError};
-use ccf_core::grpc::{spawn_server, with_standard_services};
+use ccf_core::grpc::{service_name, spawn_server, with_standard_services};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::limits::ConnGate;
@@ -243,10 +242,6 @@ impl RunningCcf {
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-fn name_of<S: NamedService>(_: &S) -> &'static str {
-    S::NAME
 }
 
 /// The store's file name in the state directory.
@@ -561,7 +556,7 @@ async fn routes(state: &Arc<CcfState>, max_msg: usize) -> Result<(Routes, Routes
     let im = InvokerManagementServer::new(InvokerManagementService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let im_name = name_of(&im);
+    let im_name = service_name(&im);
     let onboarding_routes = with_standard_services(Routes::new(im.clone()), &[im_name])
         .await
         .map_err(|e| StartError::Config(e.message().to_string()))?;
@@ -574,7 +569,12 @@ async fn routes(state: &Arc<CcfState>, max_msg: usize) -> Result<(Routes, Routes
     let admin = CcfAdminServer::new(CcfAdminService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
-    let names = [im_name, name_of(&sec), name_of(&fed), name_of(&admin)];
+    let names = [
+        im_name,
+        service_name(&sec),
+        service_name(&fed),
+        service_name(&admin),
+    ];
     let capif_routes = with_standard_services(
         Routes::new(im)
             .add_service(sec)

@@ -30,10 +30,19 @@ const CREDENTIALS: TableDefinition<&str, &str> =
 pub enum StoreError {
     /// The database failed.
     #[error("state store: {0}")]
-    Db(String),
-    /// A stored value cannot be read back.
+    Db(#[source] redb::Error),
+    /// The store file could not be opened.
+    #[error("state store {}: {source}", .path.display())]
+    File {
+        /// The store file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored value cannot be written or read back.
     #[error("state store holds a corrupt record: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] serde_json::Error),
     /// The onboarding credential was used before.
     #[error("the onboarding credential was already used")]
     CredentialUsed,
@@ -58,7 +67,7 @@ pub enum StoreError {
 macro_rules! db_err {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
         }
     )*};
 }
@@ -147,11 +156,11 @@ fn ctx_range(invoker: &ApiInvokerId) -> (String, String) {
 fn encode<T: Serialize>(v: &T) -> Result<Zeroizing<Vec<u8>>, StoreError> {
     serde_json::to_vec(v)
         .map(Zeroizing::new)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
+        .map_err(StoreError::Corrupt)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_slice(b).map_err(StoreError::Corrupt)
 }
 
 /// The CCF state store.
@@ -179,12 +188,18 @@ impl Store {
             .truncate(false)
             .mode(0o600)
             .open(path)
-            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+            .map_err(|source| StoreError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
         // The mode of the handle redb will use, not of the path (no gap between check and use).
         // An existing file is refused, not fixed: it may already have been read.
         let mode = file
             .metadata()
-            .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?
+            .map_err(|source| StoreError::File {
+                path: path.to_path_buf(),
+                source,
+            })?
             .permissions()
             .mode()
             & 0o7777;

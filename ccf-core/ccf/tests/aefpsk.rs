@@ -1,5 +1,6 @@
 //! An invoker client (tokio-rustls) and the CCF derive the same AEFPSK from one
 //! CAPIF-1e session; it differs for another AEF and for another TLS session.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use capif_testkit::ccf::*;
 use ccf_core::registry::Interface;

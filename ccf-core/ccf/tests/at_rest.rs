@@ -1,6 +1,7 @@
 //! At rest: the CCF's state directory is owner-only, the store and
 //! every key file in it are 0600, a store that others can read stops the CCF from starting, and
 //! expired security contexts (with their AEFPSKs) are purged while live ones keep answering.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

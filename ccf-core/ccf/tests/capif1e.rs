@@ -1,5 +1,6 @@
 //! CAPIF-1e refuses no certificate, a certificate from another CA, and a
 //! certificate whose role is not invoker. Identity comes from the certificate only.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use capif_proto::v1::security_client::SecurityClient;
 use capif_testkit::ccf::*;

@@ -1,5 +1,6 @@
 //! The CAPIF-3 authorization matrix, and the partner-domain rule of invariant 1
 //! (docs/ARCHITECTURE.md) on the CAPIF-6 side of the CCF.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
 //! The real grpcurl against a running `ccf`: `list` shows the services, `describe`
 //! shows documented messages, health reports SERVING. grpcurl is installed by the project's own
 //! `scripts/install-grpcurl.sh` when it is not on hand; a missing grpcurl fails the test.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::process::Command;
 

@@ -1,5 +1,6 @@
 //! Onboarding with a good credential yields a working client certificate; a bad or
 //! reused credential is refused and leaves the store unchanged.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use capif_testkit::ccf::*;
 use tonic::Code;

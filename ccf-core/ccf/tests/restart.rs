@@ -1,6 +1,7 @@
 //! After an acknowledged onboarding and security-method call, SIGKILL the `ccf`
 //! process and restart it: the invoker and its key are still there with the right remaining
 //! validity.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
 

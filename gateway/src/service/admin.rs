@@ -8,12 +8,12 @@ use capif_proto::v1::{
     GatewayStatus, GetStatusRequest, PurgeRequest, PurgeResponse,
     gateway_admin_server::GatewayAdmin,
 };
-use ccf_core::grpc::caller;
+use ccf_core::grpc::{caller, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use tonic::{Request, Response, Status};
 
-use super::{invalid, require};
+use super::require;
 use crate::state::GatewayState;
 
 /// The GatewayAdmin service.
@@ -73,15 +73,16 @@ impl GatewayAdmin for AdminService {
         let purged = match (r.api_invoker_id.is_empty(), r.partner_ccf_id.is_empty()) {
             (false, true) => {
                 let id = ApiInvokerId::new(r.api_invoker_id)
-                    .map_err(|e| invalid("api_invoker_id", e))?;
+                    .map_err(|e| invalid_field("api_invoker_id", e))?;
                 self.state.cache.evict_where(|k| k.invoker == id).await
             }
             (true, false) => {
-                let id = CcfId::new(r.partner_ccf_id).map_err(|e| invalid("partner_ccf_id", e))?;
+                let id =
+                    CcfId::new(r.partner_ccf_id).map_err(|e| invalid_field("partner_ccf_id", e))?;
                 self.state.cache.evict_where(|k| k.home == id).await
             }
             _ => {
-                return Err(invalid(
+                return Err(invalid_field(
                     "purge",
                     "set exactly one of api_invoker_id and partner_ccf_id",
                 ));

@@ -6,19 +6,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capif_proto::v1::{
-    ErrorReason, InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
+    InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
     SecurityInformationQuery, SecurityMethod, TokenKeySet, TokenKeySetRequest,
     gateway_server::Gateway,
 };
-use ccf_core::grpc::{budget, caller, error_status, inner_budget};
+use ccf_core::grpc::{budget, caller, error_chain, inner_budget, invalid_field};
 use ccf_core::identity::Role;
-use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
-use tonic::{Code, Request, Response, Status};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
+use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{ids, invalid, require};
+use super::{Refused, ids, require};
 use crate::cache::CacheKey;
 use crate::state::GatewayState;
+use crate::trust::{InvokerCaError, PartnerTrust};
 
 /// How long a revocation push to one partner may take.
 const PUSH_DEADLINE: Duration = Duration::from_secs(2);
@@ -63,19 +64,19 @@ impl Gateway for GatewayService {
         let deadline = self.deadline(&request);
         let q = request.into_inner();
         let (invoker, home, aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
-        KeyId::optional(&q.presented_key_id).map_err(|e| invalid("presented_key_id", e))?;
+        KeyId::optional(&q.presented_key_id).map_err(|e| invalid_field("presented_key_id", e))?;
         if home == self.state.ccf_id {
-            return Err(invalid(
+            return Err(invalid_field(
                 "home_ccf_id",
                 "names this domain; ask the CCF directly",
             ));
         }
         let Some(link) = self.state.links.get(&home) else {
-            return Err(error_status(
-                Code::NotFound,
-                ErrorReason::UnknownPartner,
-                format!("{home} is not a partner of {}", self.state.ccf_id),
-            ));
+            return Err(Refused::NotAPartner {
+                partner: home,
+                own: self.state.ccf_id.clone(),
+            }
+            .into());
         };
         let span =
             tracing::info_span!("fetch", partner = %home, api_invoker_id = %invoker, aef_id = %aef);
@@ -97,27 +98,9 @@ impl Gateway for GatewayService {
                 })
                 .await?;
             // The answer must be about what was asked, before anything of it is cached.
-            if let Err(why) = answer_matches(&info, &invoker, &home, &aef) {
-                tracing::warn!(partner = %home, error = %why, "partner answer refused");
-                return Err(error_status(
-                    Code::PermissionDenied,
-                    ErrorReason::IdentityMismatch,
-                    format!("partner {home} answered about something else: {why}"),
-                ));
-            }
-            // Method 2: the CA the partner names must be the one we trust for it.
-            if info.sel_security_method == SecurityMethod::Pki as i32 {
-                let verdict = trust
-                    .map(|t| t.check_invoker_cas(&info.invoker_ca_certificates))
-                    .unwrap_or_else(|| Err(format!("{home} has no configured CA")));
-                if let Err(why) = verdict {
-                    tracing::warn!(partner = %home, error = %why, "partner answer refused");
-                    return Err(error_status(
-                        Code::PermissionDenied,
-                        ErrorReason::CaNotFederated,
-                        why,
-                    ));
-                }
+            if let Err(refused) = check_answer(&info, &invoker, &home, &aef, trust) {
+                tracing::warn!(partner = %home, error = %error_chain(&refused), "partner answer refused");
+                return Err(refused.into());
             }
             Ok(info)
         };
@@ -143,13 +126,13 @@ impl Gateway for GatewayService {
         require(&self.state, &who, Role::Ccf, "publish revocations")?;
         let notice = request.into_inner();
         if notice.home_ccf_id != self.state.ccf_id.as_str() {
-            return Err(invalid(
+            return Err(invalid_field(
                 "home_ccf_id",
                 "a CCF publishes revocations of its own invokers only",
             ));
         }
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
-            .map_err(|e| invalid("api_invoker_id", e))?;
+            .map_err(|e| invalid_field("api_invoker_id", e))?;
         let forget = notice.kind() == RevocationKind::Offboarded;
         let partners = self.state.fetchers_of(&invoker, forget);
         let mut pushes = tokio::task::JoinSet::new();
@@ -202,13 +185,13 @@ impl Gateway for GatewayService {
         let deadline = self.deadline(&request);
         let req = request.into_inner();
         let issuer =
-            CcfId::new(req.issuer_ccf_id.clone()).map_err(|e| invalid("issuer_ccf_id", e))?;
+            CcfId::new(req.issuer_ccf_id.clone()).map_err(|e| invalid_field("issuer_ccf_id", e))?;
         let Some(link) = self.state.links.get(&issuer) else {
-            return Err(error_status(
-                Code::NotFound,
-                ErrorReason::UnknownPartner,
-                format!("{issuer} is not a partner of {}", self.state.ccf_id),
-            ));
+            return Err(Refused::NotAPartner {
+                partner: issuer,
+                own: self.state.ccf_id.clone(),
+            }
+            .into());
         };
         let outbound = TokenKeySetRequest {
             issuer_ccf_id: issuer.to_string(),
@@ -224,14 +207,11 @@ impl Gateway for GatewayService {
                 })
                 .await?;
             if set.issuer_ccf_id != issuer.as_str() {
-                return Err(error_status(
-                    Code::PermissionDenied,
-                    ErrorReason::IdentityMismatch,
-                    format!(
-                        "{issuer}'s gateway sent the key set of {:?}",
-                        set.issuer_ccf_id
-                    ),
-                ));
+                return Err(Refused::KeySetMismatch {
+                    issuer: issuer.clone(),
+                    sent: set.issuer_ccf_id,
+                }
+                .into());
             }
             tracing::info!(partner = %issuer, keys = set.keys.len(), "partner token keys fetched");
             Ok(set)
@@ -245,6 +225,52 @@ impl Gateway for GatewayService {
     }
 }
 
+/// How a partner's answer differs from what was asked, or why it is malformed.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerMismatch {
+    /// It is about another invoker.
+    #[error("api_invoker_id {0:?}")]
+    Invoker(String),
+    /// It is about an invoker of another home domain.
+    #[error("home_ccf_id {0:?}")]
+    Home(String),
+    /// It is about another AEF.
+    #[error("aef_id {0:?}")]
+    Aef(String),
+    /// A PSK answer whose key id is not one.
+    #[error("{0}")]
+    KeyId(#[source] IdError),
+    /// A PSK answer without a 32-byte AEFPSK.
+    #[error("a PSK answer without a 32-byte AEFPSK")]
+    PskLength,
+}
+
+/// Whether a partner's answer may be cached and served: it is about what was asked
+/// ([`answer_matches`]) and, for method 2, names only the CA the federation trusts for that
+/// partner (`trust`, `None` when the domain is not a configured partner).
+fn check_answer(
+    info: &InvokerSecurityInformation,
+    invoker: &ApiInvokerId,
+    home: &CcfId,
+    aef: &AefId,
+    trust: Option<&PartnerTrust>,
+) -> Result<(), Refused> {
+    answer_matches(info, invoker, home, aef).map_err(|why| Refused::AnswerMismatch {
+        partner: home.clone(),
+        why,
+    })?;
+    if info.sel_security_method != SecurityMethod::Pki as i32 {
+        return Ok(());
+    }
+    let Some(trust) = trust else {
+        return Err(InvokerCaError::NotAPartner {
+            partner: home.clone(),
+        }
+        .into());
+    };
+    Ok(trust.check_invoker_cas(&info.invoker_ca_certificates)?)
+}
+
 /// Whether a partner's answer is about the invoker, home and AEF asked for, and is well formed
 /// (a PSK answer carries a 32-byte key and a key id of the right syntax).
 fn answer_matches(
@@ -252,20 +278,20 @@ fn answer_matches(
     invoker: &ApiInvokerId,
     home: &CcfId,
     aef: &AefId,
-) -> Result<(), String> {
+) -> Result<(), AnswerMismatch> {
     if info.api_invoker_id != invoker.as_str() {
-        return Err(format!("api_invoker_id {:?}", info.api_invoker_id));
+        return Err(AnswerMismatch::Invoker(info.api_invoker_id.clone()));
     }
     if info.home_ccf_id != home.as_str() {
-        return Err(format!("home_ccf_id {:?}", info.home_ccf_id));
+        return Err(AnswerMismatch::Home(info.home_ccf_id.clone()));
     }
     if info.aef_id != aef.as_str() {
-        return Err(format!("aef_id {:?}", info.aef_id));
+        return Err(AnswerMismatch::Aef(info.aef_id.clone()));
     }
     if info.sel_security_method == SecurityMethod::Psk as i32 {
-        KeyId::new(info.key_id.as_str()).map_err(|e| e.to_string())?;
+        KeyId::new(info.key_id.as_str()).map_err(AnswerMismatch::KeyId)?;
         if info.aef_psk.len() != 32 {
-            return Err("a PSK answer without a 32-byte AEFPSK".into());
+            return Err(AnswerMismatch::PskLength);
         }
     }
     Ok(())
@@ -287,6 +313,9 @@ mod tests {
         }
     }
 
+    type Tamper = fn(&mut InvokerSecurityInformation);
+    type Expect = fn(&AnswerMismatch) -> bool;
+
     #[test]
     fn partner_answers_must_match_the_request() {
         let (inv, home, aef) = (
@@ -295,17 +324,33 @@ mod tests {
             AefId::new("aef-a1").unwrap(),
         );
         assert!(answer_matches(&info(), &inv, &home, &aef).is_ok());
-        let bad: [fn(&mut InvokerSecurityInformation); 5] = [
-            |i| i.api_invoker_id = "inv-2".into(),
-            |i| i.home_ccf_id = "operator-c.test".into(),
-            |i| i.aef_id = "aef-a2".into(),
-            |i| i.key_id = "XYZ".into(),
-            |i| i.aef_psk = vec![1; 5],
+        let bad: [(Tamper, Expect); 5] = [
+            (
+                |i| i.api_invoker_id = "inv-2".into(),
+                |e| matches!(e, AnswerMismatch::Invoker(x) if x == "inv-2"),
+            ),
+            (
+                |i| i.home_ccf_id = "operator-c.test".into(),
+                |e| matches!(e, AnswerMismatch::Home(_)),
+            ),
+            (
+                |i| i.aef_id = "aef-a2".into(),
+                |e| matches!(e, AnswerMismatch::Aef(_)),
+            ),
+            (
+                |i| i.key_id = "XYZ".into(),
+                |e| matches!(e, AnswerMismatch::KeyId(_)),
+            ),
+            (
+                |i| i.aef_psk = vec![1; 5],
+                |e| matches!(e, AnswerMismatch::PskLength),
+            ),
         ];
-        for (n, f) in bad.iter().enumerate() {
+        for (n, (f, expected)) in bad.iter().enumerate() {
             let mut i = info();
             f(&mut i);
-            assert!(answer_matches(&i, &inv, &home, &aef).is_err(), "case {n}");
+            let e = answer_matches(&i, &inv, &home, &aef).unwrap_err();
+            assert!(expected(&e), "case {n}: {e:?}");
         }
     }
 }

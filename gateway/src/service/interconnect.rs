@@ -1,23 +1,60 @@
 //! `Interconnect` (CAPIF-6e): what partner gateways may ask. The partner is the one its
 //! certificate names AND whose CA issued it (`trust::Federation::authenticate`); the own CCF
 //! decides, on that partner's behalf, whether the key may leave (invariant 1). Answers reveal no
-//! internal address (invariant 5): failures of the own CCF become a plain UNAVAILABLE.
+//! internal address (invariant 5): every call to the own CCF goes through [`call_own_ccf`], whose
+//! failures other than the CCF's definite refusals become a plain `PARTNER_UNAVAILABLE` or
+//! `PARTNER_TIMEOUT` (`ccf_core::status::UpstreamError`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use capif_proto::v1::{
-    ErrorReason, InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck,
-    RevocationNotice, SecurityInformationQuery, TokenKeySet, TokenKeySetRequest,
+    InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck, RevocationNotice,
+    SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, federation_client::FederationClient,
     interconnect_server::Interconnect,
 };
-use ccf_core::grpc::{budget, conn_info, error_reason, error_status, inner_budget};
+use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
 use ccf_core::ids::{ApiInvokerId, CcfId, KeyId};
-use tonic::{Code, Request, Response, Status};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
 
-use super::{ids, invalid};
+use super::{Refused, ids};
 use crate::state::GatewayState;
+
+/// How long passing a partner's revocation on to the own CCF may take.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Calls the own CCF (`own` names its domain) with `call`, under `budget`: sent as the request's
+/// deadline and enforced here, so that a CCF that does not answer costs the partner no more than
+/// its budget. A failure is mapped by `UpstreamError` (invariant 5): the CCF's refusal with a
+/// reason passes unchanged; anything else names the CCF by its domain only, never its address
+/// (which the transport's error, logged here, may contain).
+pub(crate) async fn call_own_ccf<Q, A, F, Fut>(
+    ccf: &FederationClient<Channel>,
+    own: &CcfId,
+    budget: Duration,
+    message: Q,
+    call: F,
+) -> Result<A, UpstreamError>
+where
+    F: FnOnce(FederationClient<Channel>, Request<Q>) -> Fut,
+    Fut: Future<Output = Result<Response<A>, Status>>,
+{
+    let mut r = Request::new(message);
+    r.set_timeout(budget);
+    let what = || format!("the CCF of {own}");
+    let failure = match tokio::time::timeout(budget, call(ccf.clone(), r)).await {
+        Ok(Ok(rsp)) => return Ok(rsp.into_inner()),
+        Ok(Err(s)) => UpstreamError::from_status(what(), s),
+        Err(_) => UpstreamError::timeout(what()),
+    };
+    if let UpstreamError::Unavailable { source, .. } = &failure {
+        tracing::error!(error = %source.message(), "own CCF unreachable");
+    }
+    Err(failure)
+}
 
 /// The Interconnect service.
 #[derive(Clone, Debug)]
@@ -33,24 +70,37 @@ impl InterconnectService {
 
     fn partner<T>(&self, req: &Request<T>) -> Result<CcfId, Status> {
         let info = conn_info(req)?;
-        let peer = info.peer.as_ref().ok_or_else(|| {
-            error_status(
-                Code::Unauthenticated,
-                ErrorReason::UnknownPartner,
-                "a client certificate is required",
-            )
-        })?;
+        let peer = info.peer.as_ref().ok_or(Refused::NoCertificate)?;
         self.state
             .federation
             .authenticate(&peer.cert_der)
             .map_err(|e| {
-                tracing::warn!(remote = ?info.remote_addr, error = %e, "partner refused");
-                error_status(
-                    Code::PermissionDenied,
-                    ErrorReason::UnknownPartner,
-                    e.to_string(),
-                )
+                tracing::warn!(remote = ?info.remote_addr, error = %error_chain(&e), "partner refused");
+                Refused::Untrusted(e).into()
             })
+    }
+
+    /// The own CCF, under `budget`: [`call_own_ccf`].
+    async fn own_ccf<Q, A, F, Fut>(
+        &self,
+        budget: Duration,
+        message: Q,
+        call: F,
+    ) -> Result<A, UpstreamError>
+    where
+        F: FnOnce(FederationClient<Channel>, Request<Q>) -> Fut,
+        Fut: Future<Output = Result<Response<A>, Status>>,
+    {
+        call_own_ccf(&self.state.ccf, &self.state.ccf_id, budget, message, call).await
+    }
+
+    /// What this gateway passes on of a partner's request budget.
+    fn budget<T>(&self, request: &Request<T>) -> Duration {
+        inner_budget(budget(
+            request,
+            self.state.default_budget,
+            self.state.max_budget,
+        ))
     }
 }
 
@@ -61,56 +111,26 @@ impl Interconnect for InterconnectService {
         request: Request<SecurityInformationQuery>,
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
         let partner = self.partner(&request)?;
-        let deadline = Instant::now()
-            + inner_budget(budget(
-                &request,
-                self.state.default_budget,
-                self.state.max_budget,
-            ));
+        let deadline = Instant::now() + self.budget(&request);
         let q = request.into_inner();
         let (invoker, home, _aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
-        KeyId::optional(&q.presented_key_id).map_err(|e| invalid("presented_key_id", e))?;
+        KeyId::optional(&q.presented_key_id).map_err(|e| invalid_field("presented_key_id", e))?;
         if home != self.state.ccf_id {
-            return Err(invalid(
+            return Err(invalid_field(
                 "home_ccf_id",
                 format!("this gateway serves {} only", self.state.ccf_id),
             ));
         }
-        let mut r = Request::new(PartnerSecurityInformationRequest {
+        let ask = PartnerSecurityInformationRequest {
             partner_ccf_id: partner.to_string(),
             query: Some(q),
-        });
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        r.set_timeout(remaining);
-        let mut ccf = self.state.ccf.clone();
-        let answer = match tokio::time::timeout(
-            remaining,
-            ccf.get_security_information_for_partner(r),
-        )
-        .await
-        {
-            Ok(Ok(rsp)) => rsp.into_inner(),
-            // A definite answer of the CCF (it carries a reason) goes back as is.
-            Ok(Err(s)) if error_reason(&s).is_some() => return Err(s),
-            Ok(Err(s)) => {
-                tracing::error!(error = %s.message(), "own CCF unreachable");
-                return Err(error_status(
-                    Code::Unavailable,
-                    ErrorReason::PartnerUnavailable,
-                    format!("the CCF of {} is unavailable", self.state.ccf_id),
-                ));
-            }
-            Err(_) => {
-                return Err(error_status(
-                    Code::DeadlineExceeded,
-                    ErrorReason::PartnerTimeout,
-                    format!(
-                        "the CCF of {} did not answer within the deadline",
-                        self.state.ccf_id
-                    ),
-                ));
-            }
         };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer = self
+            .own_ccf(remaining, ask, |mut ccf, r| async move {
+                ccf.get_security_information_for_partner(r).await
+            })
+            .await?;
         self.state.record_fetch(&invoker, &partner);
         self.state
             .partner_requests_served
@@ -126,14 +146,10 @@ impl Interconnect for InterconnectService {
         let partner = self.partner(&request)?;
         let notice = request.into_inner();
         if notice.home_ccf_id != partner.as_str() {
-            return Err(error_status(
-                Code::PermissionDenied,
-                ErrorReason::IdentityMismatch,
-                format!("{partner} may revoke only its own invokers"),
-            ));
+            return Err(Refused::RevokesOthers { partner }.into());
         }
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
-            .map_err(|e| invalid("api_invoker_id", e))?;
+            .map_err(|e| invalid_field("api_invoker_id", e))?;
         let removed = self
             .state
             .cache
@@ -149,13 +165,19 @@ impl Interconnect for InterconnectService {
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(%partner, api_invoker_id = %invoker, removed, kind = ?notice.kind(), "revocation received");
         // Tell the own CCF (which tells its AEFs); a slow CCF must not hold up the partner.
-        let mut ccf = self.state.ccf.clone();
+        let state = self.state.clone();
         let forward = notice.clone();
         tokio::spawn(async move {
-            let mut r = Request::new(forward);
-            r.set_timeout(std::time::Duration::from_secs(2));
-            if let Err(e) = ccf.notify_revocation(r).await {
-                tracing::warn!(error = %e.message(), "could not pass the revocation to the CCF");
+            let r = call_own_ccf(
+                &state.ccf,
+                &state.ccf_id,
+                FORWARD_DEADLINE,
+                forward,
+                |mut ccf, r| async move { ccf.notify_revocation(r).await },
+            )
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not pass the revocation to the CCF");
             }
         });
         Ok(Response::new(RevocationAck {
@@ -169,46 +191,113 @@ impl Interconnect for InterconnectService {
         request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
         let partner = self.partner(&request)?;
-        let remaining = inner_budget(budget(
-            &request,
-            self.state.default_budget,
-            self.state.max_budget,
-        ));
+        let remaining = self.budget(&request);
         let req = request.into_inner();
         if !req.issuer_ccf_id.is_empty() && req.issuer_ccf_id != self.state.ccf_id.as_str() {
-            return Err(invalid(
+            return Err(invalid_field(
                 "issuer_ccf_id",
                 format!("this gateway serves {} only", self.state.ccf_id),
             ));
         }
-        let mut r = Request::new(TokenKeySetRequest {
+        let ask = TokenKeySetRequest {
             issuer_ccf_id: self.state.ccf_id.to_string(),
             unknown_kid: String::new(),
-        });
-        r.set_timeout(remaining);
-        let mut ccf = self.state.ccf.clone();
-        match tokio::time::timeout(remaining, ccf.get_token_key_set(r)).await {
-            Ok(Ok(rsp)) => {
-                tracing::info!(%partner, "token keys handed to partner");
-                Ok(rsp)
-            }
-            Ok(Err(s)) if error_reason(&s).is_some() => Err(s),
-            Ok(Err(s)) => {
-                tracing::error!(error = %s.message(), "own CCF unreachable");
-                Err(error_status(
-                    Code::Unavailable,
-                    ErrorReason::PartnerUnavailable,
-                    format!("the CCF of {} is unavailable", self.state.ccf_id),
-                ))
-            }
-            Err(_) => Err(error_status(
-                Code::DeadlineExceeded,
-                ErrorReason::PartnerTimeout,
-                format!(
-                    "the CCF of {} did not answer within the deadline",
-                    self.state.ccf_id
-                ),
-            )),
-        }
+        };
+        let set = self
+            .own_ccf(remaining, ask, |mut ccf, r| async move {
+                ccf.get_token_key_set(r).await
+            })
+            .await?;
+        tracing::info!(%partner, "token keys handed to partner");
+        Ok(Response::new(set))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capif_proto::v1::ErrorReason;
+    use ccf_core::grpc::{Refusal, error_status, reason_of};
+    use tonic::Code;
+
+    fn own() -> CcfId {
+        CcfId::new("operator-b.test").unwrap()
+    }
+
+    /// A client of a CCF that is not there: a lazy channel to a port nobody listens on.
+    async fn dead_ccf() -> (FederationClient<Channel>, String) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        (FederationClient::new(ch), addr)
+    }
+
+    fn ask() -> TokenKeySetRequest {
+        TokenKeySetRequest::default()
+    }
+
+    /// Invariant 5, at the one place the gateway calls its CCF: an unreachable CCF becomes
+    /// PARTNER_UNAVAILABLE naming neither its address nor its port; one that does not answer in
+    /// time becomes PARTNER_TIMEOUT; a refusal of the CCF passes unchanged.
+    #[tokio::test]
+    async fn own_ccf_failures_hide_the_ccfs_address() {
+        let (ccf, addr) = dead_ccf().await;
+        let port = addr.rsplit(':').next().unwrap().to_string();
+        let e = call_own_ccf(
+            &ccf,
+            &own(),
+            Duration::from_secs(2),
+            ask(),
+            |mut c, r| async move { c.get_token_key_set(r).await },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, UpstreamError::Unavailable { .. }), "{e:?}");
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(reason_of(&s), Some(ErrorReason::PartnerUnavailable));
+        let seen = format!("{} {:?}", s.message(), s.metadata());
+        assert!(!seen.contains(&addr) && !seen.contains(&port), "{seen}");
+        assert!(s.message().contains("operator-b.test"), "{}", s.message());
+
+        let e = call_own_ccf(
+            &ccf,
+            &own(),
+            Duration::from_millis(50),
+            ask(),
+            |_, _| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(Response::new(TokenKeySet::default()))
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, UpstreamError::Timeout { .. }), "{e:?}");
+        assert_eq!(
+            (e.code(), e.reason()),
+            (Code::DeadlineExceeded, ErrorReason::PartnerTimeout)
+        );
+
+        let e = call_own_ccf(&ccf, &own(), Duration::from_secs(1), ask(), |_, _| async {
+            Err::<Response<TokenKeySet>, _>(error_status(
+                Code::PermissionDenied,
+                ErrorReason::PartnerNotAuthorized,
+                "not yours",
+            ))
+        })
+        .await
+        .unwrap_err();
+        let s = Status::from(e);
+        assert_eq!(
+            (s.code(), reason_of(&s), s.message()),
+            (
+                Code::PermissionDenied,
+                Some(ErrorReason::PartnerNotAuthorized),
+                "not yours"
+            )
+        );
     }
 }

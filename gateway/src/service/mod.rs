@@ -1,28 +1,112 @@
 //! The gateway's gRPC services: `Gateway` (CAPIF-6, called by the own CCF), `Interconnect`
 //! (CAPIF-6e, called by partner gateways) and `GatewayAdmin` (the operator).
+//! Shared here: the gateway's refusals ([`Refused`], each variant mapped to its code and reason
+//! in one place), the role check and id parsing.
 
 mod admin;
 mod gateway;
 mod interconnect;
 
 pub use admin::AdminService;
-pub use gateway::GatewayService;
+pub use gateway::{AnswerMismatch, GatewayService};
 pub use interconnect::InterconnectService;
 
 use capif_proto::v1::ErrorReason;
-use ccf_core::grpc::error_status;
+use ccf_core::grpc::{Refusal, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError};
 use tonic::{Code, Status};
 
 use crate::state::GatewayState;
+use crate::trust::{InvokerCaError, TrustError};
 
-pub(crate) fn invalid(field: &str, e: impl std::fmt::Display) -> Status {
-    error_status(
-        Code::InvalidArgument,
-        ErrorReason::InvalidField,
-        format!("{field}: {e}"),
-    )
+/// Why the gateway refuses a request or a partner's answer. [`Refusal`] maps each variant to its
+/// gRPC code and `ErrorReason`; the message is the `Display`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The caller's certificate names another domain or role than the RPC allows.
+    #[error("{who} may not {what}")]
+    RoleNotAllowed {
+        /// The caller.
+        who: PeerIdentity,
+        /// What it tried.
+        what: &'static str,
+    },
+    /// The domain asked about is not a configured partner.
+    #[error("{partner} is not a partner of {own}")]
+    NotAPartner {
+        /// The domain named.
+        partner: CcfId,
+        /// This gateway's domain.
+        own: CcfId,
+    },
+    /// A caller of the CAPIF-6e listener presented no client certificate.
+    #[error("a client certificate is required")]
+    NoCertificate,
+    /// A partner gateway's certificate is refused (invariant 2).
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    /// A partner's revocation notice names another domain's invokers.
+    #[error("{partner} may revoke only its own invokers")]
+    RevokesOthers {
+        /// The partner.
+        partner: CcfId,
+    },
+    /// A partner's answer is not about what was asked (or is malformed).
+    #[error("partner {partner} answered about something else: {why}")]
+    AnswerMismatch {
+        /// The partner.
+        partner: CcfId,
+        /// What differs.
+        #[source]
+        why: AnswerMismatch,
+    },
+    /// A partner's gateway sent another issuer's token key set.
+    #[error("{issuer}'s gateway sent the key set of {sent:?}")]
+    KeySetMismatch {
+        /// The issuer asked for.
+        issuer: CcfId,
+        /// The issuer the set names.
+        sent: String,
+    },
+    /// Method 2: the CA a partner named for its invoker is not the one the federation trusts
+    /// for that partner (invariant 8).
+    #[error(transparent)]
+    CaNotFederated(#[from] InvokerCaError),
+}
+
+impl Refusal for Refused {
+    fn code(&self) -> Code {
+        match self {
+            Self::NotAPartner { .. } => Code::NotFound,
+            Self::NoCertificate => Code::Unauthenticated,
+            Self::RoleNotAllowed { .. }
+            | Self::Untrusted(_)
+            | Self::RevokesOthers { .. }
+            | Self::AnswerMismatch { .. }
+            | Self::KeySetMismatch { .. }
+            | Self::CaNotFederated(_) => Code::PermissionDenied,
+        }
+    }
+
+    fn reason(&self) -> ErrorReason {
+        match self {
+            Self::RoleNotAllowed { .. } => ErrorReason::RoleNotAllowed,
+            Self::NotAPartner { .. } | Self::NoCertificate | Self::Untrusted(_) => {
+                ErrorReason::UnknownPartner
+            }
+            Self::RevokesOthers { .. }
+            | Self::AnswerMismatch { .. }
+            | Self::KeySetMismatch { .. } => ErrorReason::IdentityMismatch,
+            Self::CaNotFederated(_) => ErrorReason::CaNotFederated,
+        }
+    }
+}
+
+impl From<Refused> for Status {
+    fn from(e: Refused) -> Self {
+        e.status()
+    }
 }
 
 pub(crate) fn parse<T>(
@@ -30,7 +114,7 @@ pub(crate) fn parse<T>(
     v: &str,
     f: impl FnOnce(&str) -> Result<T, IdError>,
 ) -> Result<T, Status> {
-    f(v).map_err(|e| invalid(field, e))
+    f(v).map_err(|e| invalid_field(field, e))
 }
 
 pub(crate) fn ids(
@@ -50,14 +134,84 @@ pub(crate) fn require(
     state: &GatewayState,
     who: &PeerIdentity,
     role: Role,
-    what: &str,
-) -> Result<(), Status> {
+    what: &'static str,
+) -> Result<(), Refused> {
     if who.ccf_id != state.ccf_id || who.role != role {
-        return Err(error_status(
-            Code::PermissionDenied,
-            ErrorReason::RoleNotAllowed,
-            format!("{who} may not {what}"),
-        ));
+        return Err(Refused::RoleNotAllowed {
+            who: who.clone(),
+            what,
+        });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccf_core::grpc::reason_of;
+
+    /// The one mapping: each refusal's code and reason, as the contract has them.
+    #[test]
+    fn each_refusal_has_its_code_and_reason() {
+        let b = CcfId::new("operator-b.test").unwrap();
+        let a = CcfId::new("operator-a.test").unwrap();
+        let cases = [
+            (
+                Refused::RoleNotAllowed {
+                    who: PeerIdentity::new(a.clone(), Role::Operator),
+                    what: "ask",
+                },
+                Code::PermissionDenied,
+                ErrorReason::RoleNotAllowed,
+            ),
+            (
+                Refused::NotAPartner {
+                    partner: b.clone(),
+                    own: a.clone(),
+                },
+                Code::NotFound,
+                ErrorReason::UnknownPartner,
+            ),
+            (
+                Refused::NoCertificate,
+                Code::Unauthenticated,
+                ErrorReason::UnknownPartner,
+            ),
+            (
+                Refused::Untrusted(TrustError::UnknownPartner(b.clone())),
+                Code::PermissionDenied,
+                ErrorReason::UnknownPartner,
+            ),
+            (
+                Refused::RevokesOthers { partner: b.clone() },
+                Code::PermissionDenied,
+                ErrorReason::IdentityMismatch,
+            ),
+            (
+                Refused::AnswerMismatch {
+                    partner: b.clone(),
+                    why: AnswerMismatch::PskLength,
+                },
+                Code::PermissionDenied,
+                ErrorReason::IdentityMismatch,
+            ),
+            (
+                Refused::KeySetMismatch {
+                    issuer: b.clone(),
+                    sent: "x".into(),
+                },
+                Code::PermissionDenied,
+                ErrorReason::IdentityMismatch,
+            ),
+            (
+                Refused::CaNotFederated(InvokerCaError::NoneNamed { partner: b }),
+                Code::PermissionDenied,
+                ErrorReason::CaNotFederated,
+            ),
+        ];
+        for (e, code, reason) in cases {
+            let s = Status::from(e);
+            assert_eq!((s.code(), reason_of(&s)), (code, Some(reason)), "{s:?}");
+        }
+    }
 }

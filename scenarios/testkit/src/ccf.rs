@@ -106,10 +106,16 @@ pub struct Invoker {
 }
 
 pub async fn onboard(t: &TestCcf, credential: &str) -> Result<Invoker, tonic::Status> {
-    let key = rcgen::KeyPair::generate().expect("key");
     let (ch, _) = channel(t.ccf.onboarding_addr, &t.ca_pem(), None)
         .await
         .expect("onboarding channel");
+    onboard_over(ch, credential).await
+}
+
+/// Onboards a new invoker (a fresh key pair) with `credential` over an onboarding channel: the
+/// one onboarding of the harness, for one CCF and for a federation's domains alike.
+pub async fn onboard_over(ch: Channel, credential: &str) -> Result<Invoker, tonic::Status> {
+    let key = rcgen::KeyPair::generate().expect("key");
     let rsp = InvokerManagementClient::new(ch)
         .onboard(pb::OnboardRequest {
             onboarding_information: Some(pb::OnboardingInformation {

@@ -11,9 +11,7 @@ use capif_ccf::config::CcfConfig;
 use capif_ccf::server::RunningCcf;
 use capif_gateway::config::GatewayConfig;
 use capif_gateway::server::RunningGateway;
-use capif_proto::v1::{
-    self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
-};
+use capif_proto::v1::{self as pb, security_client::SecurityClient};
 use ccf_core::identity::PeerIdentity;
 use ccf_core::pki::{DomainCa, IssuedCredential};
 use ccf_core::tls::{SessionSlot, client_config, connect};
@@ -390,23 +388,13 @@ pub struct Invoker {
 }
 
 pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
-    let key = rcgen::KeyPair::generate().unwrap();
     let ch = channel(d.ccf().onboarding_addr, &d.ca_pem(), None, d.ccf_peer()).await;
-    let rsp = InvokerManagementClient::new(ch)
-        .onboard(pb::OnboardRequest {
-            onboarding_information: Some(pb::OnboardingInformation {
-                api_invoker_public_key: key.public_key_pem(),
-                onboarding_credential: credential.into(),
-            }),
-            ..Default::default()
-        })
+    let inv = crate::ccf::onboard_over(ch, credential)
         .await
-        .expect("onboarding")
-        .into_inner();
-    let key_pem = key.serialize_pem();
+        .expect("onboarding");
     let cfg = client_config(
         &d.ca_pem(),
-        Some((&rsp.api_invoker_certificate, &key_pem)),
+        Some((&inv.cert_pem, &inv.key_pem)),
         d.ccf_peer(),
     )
     .unwrap();
@@ -419,10 +407,10 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
     .await
     .unwrap();
     Invoker {
-        id: rsp.api_invoker_id,
+        id: inv.id,
         home: d.id.clone(),
-        cert_pem: rsp.api_invoker_certificate,
-        key_pem,
+        cert_pem: inv.cert_pem,
+        key_pem: inv.key_pem,
         security: SecurityClient::new(ch),
         slot,
     }

@@ -35,7 +35,7 @@ impl CcfAdmin for CcfAdminService {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
         if who.role != Role::Operator {
-            return Err(role_not_allowed(&who, "rotate the token signing key"));
+            return Err(role_not_allowed(&who, "rotate the token signing key").into());
         }
         let previous = self.state.token_keys.current_kid();
         let kid = self.state.token_keys.rotate(now_ms()).map_err(|e| {

@@ -15,11 +15,11 @@ use capif_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    aef_id, ccf_id, invalid, invoker_id, optional_key_id, own_domain, role_not_allowed,
+    Refused, aef_id, ccf_id, invoker_id, optional_key_id, own_domain, role_not_allowed,
     security_information, valid_context,
 };
 use crate::server::CcfState;
-use ccf_core::grpc::{caller, error_status};
+use ccf_core::grpc::{caller, error_status, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::registry::SecurityMethod;
 
@@ -36,16 +36,6 @@ impl FederationService {
     }
 }
 
-fn partner_not_authorized(partner: &str, aef: &str) -> Status {
-    error_status(
-        Code::PermissionDenied,
-        ErrorReason::PartnerNotAuthorized,
-        format!(
-            "domain {partner} does not own AEF {aef}; keys bound to it are not handed to {partner}"
-        ),
-    )
-}
-
 #[tonic::async_trait]
 impl Federation for FederationService {
     async fn get_security_information_for_partner(
@@ -55,22 +45,21 @@ impl Federation for FederationService {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
         if who.role != Role::Gateway {
-            return Err(role_not_allowed(
-                &who,
-                "ask for keys on behalf of partner domains",
-            ));
+            return Err(role_not_allowed(&who, "ask for keys on behalf of partner domains").into());
         }
         self.state
             .partner_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let req = request.into_inner();
         let partner = ccf_id("partner_ccf_id", &req.partner_ccf_id)?;
-        let q = req.query.ok_or_else(|| invalid("query", "is required"))?;
+        let q = req
+            .query
+            .ok_or_else(|| invalid_field("query", "is required"))?;
         let invoker = invoker_id("query.api_invoker_id", &q.api_invoker_id)?;
         let aef = aef_id("query.aef_id", &q.aef_id)?;
         optional_key_id("query.presented_key_id", &q.presented_key_id)?;
         if !q.home_ccf_id.is_empty() && q.home_ccf_id != self.state.ccf_id.as_str() {
-            return Err(invalid(
+            return Err(invalid_field(
                 "query.home_ccf_id",
                 format!(
                     "names {}, not this domain {}",
@@ -83,7 +72,7 @@ impl Federation for FederationService {
             Some(entry) if entry.ccf_id == partner && partner != self.state.ccf_id => {}
             _ => {
                 tracing::warn!(%partner, api_invoker_id = %invoker, aef_id = %aef, "partner asked for a key of an AEF it does not own");
-                return Err(partner_not_authorized(partner.as_str(), aef.as_str()));
+                return Err(Refused::PartnerNotAuthorized { partner, aef }.into());
             }
         }
         let ctx = valid_context(&self.state, &invoker, &aef)?;
@@ -110,7 +99,7 @@ impl Federation for FederationService {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
         if who.role != Role::Gateway {
-            return Err(role_not_allowed(&who, "pass on partner revocations"));
+            return Err(role_not_allowed(&who, "pass on partner revocations").into());
         }
         let n = request.into_inner();
         // The gateway has evicted its cache; the AEFs drop the key and close the connections.
@@ -142,14 +131,11 @@ impl Federation for FederationService {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
         if who.role != Role::Gateway {
-            return Err(role_not_allowed(
-                &who,
-                "read token verification keys for partners",
-            ));
+            return Err(role_not_allowed(&who, "read token verification keys for partners").into());
         }
         let req = request.into_inner();
         if !req.issuer_ccf_id.is_empty() && req.issuer_ccf_id != self.state.ccf_id.as_str() {
-            return Err(invalid(
+            return Err(invalid_field(
                 "issuer_ccf_id",
                 format!(
                     "names {}, not this domain {}",

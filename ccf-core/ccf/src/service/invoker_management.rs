@@ -12,10 +12,10 @@ use capif_proto::v1::{
 };
 use tonic::{Code, Request, Response, Status};
 
-use super::{calling_invoker, invalid, store_status};
+use super::{Refused, calling_invoker, store_status};
 use crate::server::{CcfState, credential_digest, now_ms};
 use crate::store::InvokerRecord;
-use ccf_core::grpc::{caller, error_status};
+use ccf_core::grpc::{caller, error_status, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::ApiInvokerId;
 
@@ -55,18 +55,18 @@ impl InvokerManagement for InvokerManagementService {
         let req = request.into_inner();
         let info = req
             .onboarding_information
-            .ok_or_else(|| invalid("onboarding_information", "is required"))?;
+            .ok_or_else(|| invalid_field("onboarding_information", "is required"))?;
         if info.onboarding_credential.is_empty() || info.onboarding_credential.len() > 4096 {
             return Err(bad_credential());
         }
         if info.api_invoker_public_key.is_empty() || info.api_invoker_public_key.len() > 8192 {
-            return Err(invalid(
+            return Err(invalid_field(
                 "onboarding_information.api_invoker_public_key",
                 "must be a PEM PUBLIC KEY of at most 8192 characters",
             ));
         }
         if req.api_invoker_information.len() > 1024 || req.notification_destination.len() > 2048 {
-            return Err(invalid(
+            return Err(invalid_field(
                 "api_invoker_information / notification_destination",
                 "too long (1024 / 2048 characters at most)",
             ));
@@ -88,7 +88,7 @@ impl InvokerManagement for InvokerManagementService {
                 &info.api_invoker_public_key,
                 state.cert_validity_days,
             )
-            .map_err(|e| invalid("onboarding_information.api_invoker_public_key", e))?;
+            .map_err(|e| invalid_field("onboarding_information.api_invoker_public_key", e))?;
         let record = InvokerRecord {
             api_invoker_id: id.clone(),
             certificate_pem: certificate.clone(),
@@ -119,11 +119,11 @@ impl InvokerManagement for InvokerManagementService {
         let who = caller(&request)?;
         let id = calling_invoker(&self.state, &who, "offboard an invoker")?;
         if request.get_ref().api_invoker_id != id.as_str() {
-            return Err(error_status(
-                Code::PermissionDenied,
-                ErrorReason::IdentityMismatch,
-                format!("an invoker may offboard only itself ({id})"),
-            ));
+            return Err(Refused::NotTheCaller {
+                field: "api_invoker_id",
+                caller: id.to_string(),
+            }
+            .into());
         }
         let removed = self.state.store.offboard(&id).map_err(store_status)?;
         tracing::info!(api_invoker_id = %id, contexts = removed.len(), "invoker offboarded");

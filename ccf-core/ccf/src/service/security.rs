@@ -15,12 +15,12 @@ use capif_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    aef_id, calling_invoker, ccf_id, invalid, invoker_id, optional_key_id, own_domain,
+    Refused, aef_id, calling_invoker, ccf_id, invoker_id, optional_key_id, own_domain,
     role_not_allowed, security_information, store_status, valid_context,
 };
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
-use ccf_core::grpc::{caller, conn_info, error_status};
+use ccf_core::grpc::{UpstreamError, caller, conn_info, error_status, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, ApiName};
 use ccf_core::kdf::{AefPsk, Capif1eBinding};
@@ -48,20 +48,13 @@ impl SecurityService {
     }
 
     /// A refusal of the own gateway passes on with its reason; anything else means the gateway
-    /// could not be reached.
+    /// could not be reached, and says so without its address (`UpstreamError`).
     fn gateway_failure(&self, s: Status) -> Status {
-        if ccf_core::grpc::error_reason(&s).is_some() {
-            s
-        } else {
-            error_status(
-                Code::Unavailable,
-                ErrorReason::PartnerUnavailable,
-                format!(
-                    "the interconnect gateway of {} is unreachable",
-                    self.state.ccf_id
-                ),
-            )
-        }
+        UpstreamError::from_status(
+            format!("the interconnect gateway of {}", self.state.ccf_id),
+            s,
+        )
+        .into()
     }
 
     fn resolve_aef(&self, i: usize, info: &pb::SecurityInformation) -> Result<&AefEntry, Status> {
@@ -72,10 +65,10 @@ impl SecurityService {
         } else if let Some(d) = &info.interface_details {
             let canonical = Interface::from_proto(d)
                 .canonical()
-                .map_err(|e| invalid(&format!("{field}.interface_details"), e))?;
+                .map_err(|e| invalid_field(&format!("{field}.interface_details"), e))?;
             self.state.registry.by_interface(&canonical)
         } else {
-            return Err(invalid(
+            return Err(invalid_field(
                 &field,
                 "names no AEF: set aef_id or interface_details",
             ));
@@ -254,17 +247,17 @@ fn requested_service_security(
     req: ObtainSecurityMethodRequest,
 ) -> Result<ServiceSecurity, Status> {
     if req.api_invoker_id != id.as_str() {
-        return Err(error_status(
-            Code::PermissionDenied,
-            ErrorReason::IdentityMismatch,
-            format!("api_invoker_id must be the caller's own id ({id})"),
-        ));
+        return Err(Refused::NotTheCaller {
+            field: "api_invoker_id",
+            caller: id.to_string(),
+        }
+        .into());
     }
     let ss = req
         .service_security
-        .ok_or_else(|| invalid("service_security", "is required"))?;
+        .ok_or_else(|| invalid_field("service_security", "is required"))?;
     if ss.security_info.is_empty() || ss.security_info.len() > MAX_SECURITY_INFO {
-        return Err(invalid(
+        return Err(invalid_field(
             "service_security.security_info",
             format!("needs between 1 and {MAX_SECURITY_INFO} entries"),
         ));
@@ -284,13 +277,13 @@ fn preferred_method(
         .map(|m| SecurityMethod::from_proto(*m))
         .collect::<Option<_>>()
         .ok_or_else(|| {
-            invalid(
+            invalid_field(
                 &format!("service_security.security_info[{i}].pref_security_methods"),
                 "holds an unspecified or unknown method",
             )
         })?;
     if preferred.is_empty() {
-        return Err(invalid(
+        return Err(invalid_field(
             &format!("service_security.security_info[{i}].pref_security_methods"),
             "needs at least one method",
         ));
@@ -317,7 +310,7 @@ fn allowed_apis(
         return Ok(entry.apis.clone());
     }
     let api = ApiName::new(info.api_id.clone())
-        .map_err(|e| invalid(&format!("service_security.security_info[{i}].api_id"), e))?;
+        .map_err(|e| invalid_field(&format!("service_security.security_info[{i}].api_id"), e))?;
     if !entry.apis.contains(&api) {
         return Err(error_status(
             Code::NotFound,
@@ -343,7 +336,7 @@ fn session_aef_psk(
     })?;
     binding
         .aefpsk(&entry.interface_canonical)
-        .map_err(|e| invalid(&format!("service_security.security_info[{i}]"), e))
+        .map_err(|e| invalid_field(&format!("service_security.security_info[{i}]"), e))
 }
 
 fn revoke_target(
@@ -362,12 +355,8 @@ fn revoke_target(
         Role::Operator => Ok((id, aef)),
         // An AEF revokes only its own authorization for the invoker.
         Role::Aef(own) if aef.as_ref().is_none_or(|a| a == own) => Ok((id, Some(own.clone()))),
-        Role::Aef(_) => Err(error_status(
-            Code::PermissionDenied,
-            ErrorReason::IdentityMismatch,
-            "an AEF may revoke authorization only for itself",
-        )),
-        _ => Err(role_not_allowed(who, "revoke authorization")),
+        Role::Aef(_) => Err(Refused::RevokesForAnotherAef.into()),
+        _ => Err(role_not_allowed(who, "revoke authorization").into()),
     }
 }
 
@@ -395,20 +384,17 @@ impl Security for SecurityService {
         own_domain(&self.state, &who)?;
         let budget = ccf_core::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
         let Role::Aef(own_aef) = &who.role else {
-            return Err(role_not_allowed(
-                &who,
-                "read invokers' security information",
-            ));
+            return Err(role_not_allowed(&who, "read invokers' security information").into());
         };
         let req = request.into_inner();
         let invoker = invoker_id("api_invoker_id", &req.api_invoker_id)?;
         optional_key_id("presented_key_id", &req.presented_key_id)?;
         if !req.aef_id.is_empty() && req.aef_id != own_aef.as_str() {
-            return Err(error_status(
-                Code::PermissionDenied,
-                ErrorReason::IdentityMismatch,
-                format!("aef_id must be the caller's own id ({own_aef})"),
-            ));
+            return Err(Refused::NotTheCaller {
+                field: "aef_id",
+                caller: own_aef.to_string(),
+            }
+            .into());
         }
         let home = if req.home_ccf_id.is_empty() {
             self.state.ccf_id.clone()
@@ -467,7 +453,7 @@ impl Security for SecurityService {
         let info = request
             .into_inner()
             .revoke_info
-            .ok_or_else(|| invalid("revoke_info", "is required"))?;
+            .ok_or_else(|| invalid_field("revoke_info", "is required"))?;
         let (id, aef) = revoke_target(&self.state, &who, &info)?;
         let removed = self
             .state
@@ -553,7 +539,7 @@ impl Security for SecurityService {
         let who = caller(&request)?;
         own_domain(&self.state, &who)?;
         if !matches!(who.role, Role::Aef(_) | Role::Operator) {
-            return Err(role_not_allowed(&who, "read token verification keys"));
+            return Err(role_not_allowed(&who, "read token verification keys").into());
         }
         let budget = ccf_core::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
         let req = request.into_inner();
