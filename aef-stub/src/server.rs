@@ -10,13 +10,12 @@ use capif_proto::v1::{
     aef_security_server::AefSecurityServer, demo_api_server::DemoApiServer,
     security_client::SecurityClient,
 };
-use ccf_core::grpc::{service_name, spawn_server, with_standard_services};
+use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::tls::{
     ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
 };
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tonic::service::Routes;
 
 use crate::certauth::InvokerCertVerifier;
@@ -37,22 +36,14 @@ pub struct RunningAef {
     pub psk_addr: SocketAddr,
     /// Bound TLS endpoint (methods 2 and 3), when configured.
     pub tls_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    tasks: ServerTasks,
 }
 
 impl RunningAef {
     /// Stops both listeners.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.shutdown().await;
     }
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Starts an AEF.
@@ -155,28 +146,26 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         .max_encoding_message_size(max_msg);
     let psk_ctx = server_context(keys.clone(), config.psk_tls)?;
 
-    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = ServerTasks::default();
     let psk_task = {
         let gate = ConnGate::new("psk", config.limits.clone());
         let incoming = psk_incoming(psk_listener, psk_ctx, keys, gate);
-        let stop = stopped(stop_rx.clone());
+        let stop = tasks.stopped();
         tokio::spawn(
             serve_builder(&config.limits, PskPeer::activity_of)
                 .add_routes(Routes::new(demo))
                 .serve_with_incoming_shutdown(incoming, stop),
         )
     };
-    let mut tasks = vec![
-        spawn_server(
-            security_listener,
-            tls,
-            false,
-            sec_routes,
-            ConnGate::new("security", config.limits.clone()),
-            stopped(stop_rx.clone()),
-        ),
-        psk_task,
-    ];
+    tasks.push(spawn_server(
+        security_listener,
+        tls,
+        false,
+        sec_routes,
+        ConnGate::new("security", config.limits.clone()),
+        tasks.stopped(),
+    ));
+    tasks.push(psk_task);
     if let Some(listener) = tls_listener {
         // Methods 2 and 3: the AEF's own certificate; a client certificate is checked against
         // the CAs held for the invoker it names, a client without one must bring a token.
@@ -191,7 +180,7 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
             false,
             Routes::new(demo),
             ConnGate::new("tls", config.limits.clone()),
-            stopped(stop_rx),
+            tasks.stopped(),
         ));
     }
     tracing::info!(%aef_id, %security_addr, %psk_addr, tls_addr = ?tls_addr, profile = ?config.psk_tls, "AEF listening");
@@ -200,7 +189,6 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         security_addr,
         psk_addr,
         tls_addr,
-        stop,
         tasks,
     })
 }

@@ -102,6 +102,47 @@ pub fn spawn_server(
     )
 }
 
+/// A component's serving tasks (its listeners, and background tasks that follow them), stopped
+/// together: each serves until [`ServerTasks::stopped`] completes, which [`ServerTasks::shutdown`]
+/// brings about before it waits for them all.
+#[derive(Debug)]
+pub struct ServerTasks {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl Default for ServerTasks {
+    fn default() -> Self {
+        Self {
+            stop: tokio::sync::watch::channel(false).0,
+            tasks: Vec::new(),
+        }
+    }
+}
+
+impl ServerTasks {
+    /// Completes once [`Self::shutdown`] was called.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Adds a task to stop and wait for.
+    pub fn push(&mut self, task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
+        self.tasks.push(task);
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 /// The time budget of a request: the caller's `grpc-timeout`, else `default`, never above `max`.
 /// Outbound calls made on its behalf use what is left of it (docs/PROTOCOL.md 6.6).
 pub fn budget<T>(

@@ -6,26 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Why a config file cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Malformed TOML or unknown/missing field (toml names line and field).
-    #[error("{origin}: {message}")]
-    Parse {
-        /// The file.
-        origin: String,
-        /// toml's message.
-        message: String,
-    },
-}
+pub use ccf_core::config_file::ConfigError;
 
 /// `[listen]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -196,18 +177,11 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string(),
-        })
+        ccf_core::config_file::parse(text, origin)
     }
 
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        ccf_core::config_file::load(path)
     }
 }

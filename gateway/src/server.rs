@@ -11,14 +11,13 @@ use capif_proto::v1::{
     federation_client::FederationClient, gateway_admin_server::GatewayAdminServer,
     gateway_server::GatewayServer, interconnect_server::InterconnectServer,
 };
-use ccf_core::grpc::{service_name, spawn_server, with_standard_services};
+use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::ids::CcfId;
 use ccf_core::limits::ConnGate;
 use ccf_core::tls::{
     ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
 };
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tonic::service::Routes;
 
 use crate::cache::KeyCache;
@@ -67,17 +66,13 @@ pub struct RunningGateway {
     pub capif6_addr: SocketAddr,
     /// Bound CAPIF-6e address.
     pub capif6e_addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    tasks: ServerTasks,
 }
 
 impl RunningGateway {
     /// Stops both listeners and waits for them.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.shutdown().await;
     }
 }
 
@@ -86,10 +81,6 @@ fn read(path: &std::path::Path) -> Result<String, StartError> {
         path: path.display().to_string(),
         source,
     })
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Starts a gateway from its configuration.
@@ -215,31 +206,28 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         .await
         .map_err(|e| StartError::Config(e.message().to_string()))?;
 
-    let (stop, stop_rx) = watch::channel(false);
-    let tasks = vec![
-        spawn_server(
-            l6,
-            capif6_tls,
-            false,
-            routes6,
-            ConnGate::new("capif6", config.limits.clone()),
-            stopped(stop_rx.clone()),
-        ),
-        spawn_server(
-            l6e,
-            capif6e_tls,
-            false,
-            routes6e,
-            ConnGate::new("capif6e", config.limits.clone()),
-            stopped(stop_rx),
-        ),
-    ];
+    let mut tasks = ServerTasks::default();
+    tasks.push(spawn_server(
+        l6,
+        capif6_tls,
+        false,
+        routes6,
+        ConnGate::new("capif6", config.limits.clone()),
+        tasks.stopped(),
+    ));
+    tasks.push(spawn_server(
+        l6e,
+        capif6e_tls,
+        false,
+        routes6e,
+        ConnGate::new("capif6e", config.limits.clone()),
+        tasks.stopped(),
+    ));
     tracing::info!(%ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
     Ok(RunningGateway {
         state,
         capif6_addr,
         capif6e_addr,
-        stop,
         tasks,
     })
 }

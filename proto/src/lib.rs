@@ -20,6 +20,24 @@ pub mod v1 {
 
 mod redact;
 
+/// A security-information answer of representative size (a PSK context with two APIs), for the
+/// benchmark: its floor hops answer it and the gateway's cache-memory case caches it, so both
+/// measure the same bytes. The key bytes are a fixed pattern, not a key.
+pub fn example_security_information() -> v1::InvokerSecurityInformation {
+    v1::InvokerSecurityInformation {
+        api_invoker_id: "inv-0123456789abcdef".into(),
+        home_ccf_id: "operator-b.test".into(),
+        aef_id: "aef-weather".into(),
+        sel_security_method: v1::SecurityMethod::Psk as i32,
+        aef_psk: vec![0x5A; 32],
+        key_id: "0123456789abcdef".into(),
+        remaining_validity_ms: 3_599_000,
+        allowed_api_names: vec!["weather-v1".into(), "forecast-v1".into()],
+        invoker_ca_certificates: vec![],
+        interface_canonical: "aef-weather.operator-a.test:44321/aef-weather".into(),
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every `capif.v1` file, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("capif_descriptor");
 

@@ -222,22 +222,6 @@ pub struct FloorHop {
     answer: pb::InvokerSecurityInformation,
 }
 
-/// The fixed answer: the shape and size of a real CAPIF-6 answer.
-pub fn sample_answer() -> pb::InvokerSecurityInformation {
-    pb::InvokerSecurityInformation {
-        api_invoker_id: "inv-0123456789abcdef".into(),
-        home_ccf_id: "operator-b.test".into(),
-        aef_id: "aef-weather".into(),
-        sel_security_method: pb::SecurityMethod::Psk as i32,
-        aef_psk: vec![0x5A; 32],
-        key_id: "0123456789abcdef".into(),
-        remaining_validity_ms: 3_599_000,
-        allowed_api_names: vec!["weather-v1".into(), "forecast-v1".into()],
-        invoker_ca_certificates: vec![],
-        interface_canonical: "aef-weather.operator-a.test:44321/aef-weather".into(),
-    }
-}
-
 #[tonic::async_trait]
 impl Gateway for FloorHop {
     async fn fetch_security_information(
@@ -304,7 +288,7 @@ pub async fn serve_floor(
     println!("bench-floor ready addr={}", listener.local_addr()?);
     let routes = tonic::service::Routes::new(pb::gateway_server::GatewayServer::new(FloorHop {
         next,
-        answer: sample_answer(),
+        answer: capif_proto::example_security_information(),
     }));
     ccf_core::grpc::spawn_server(
         listener,

@@ -11,26 +11,7 @@ use ccf_core::registry::AefConfig;
 /// The demo configuration shipped in the binary (`ccf serve --demo`).
 pub const DEMO_CONFIG: &str = include_str!("../demo/ccf.toml");
 
-/// Why a config file cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has unknown/missing fields (the message names line and field).
-    #[error("{origin}: {message}")]
-    Parse {
-        /// The file name, or "embedded demo config".
-        origin: String,
-        /// toml's message, with line, column and field.
-        message: String,
-    },
-}
+pub use ccf_core::config_file::ConfigError;
 
 /// A pre-provisioned onboarding credential (TS 33.122 6.1). Never printed.
 #[derive(Clone)]
@@ -199,19 +180,12 @@ pub struct CcfConfig {
 impl CcfConfig {
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string(),
-        })
+        ccf_core::config_file::parse(text, origin)
     }
 
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        ccf_core::config_file::load(path)
     }
 }
 

@@ -14,7 +14,6 @@ use capif_proto::v1::{
 };
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tonic::service::Routes;
 
 use crate::config::CcfConfig;
@@ -22,7 +21,7 @@ use crate::service::{
     CcfAdminService, FederationService, InvokerManagementService, SecurityService,
 };
 use crate::store::{Store, StoreError};
-use ccf_core::grpc::{service_name, spawn_server, with_standard_services};
+use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::limits::ConnGate;
@@ -221,8 +220,7 @@ pub struct RunningCcf {
     pub onboarding_addr: SocketAddr,
     /// Bound CAPIF-1e/3/6 address.
     pub capif_addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    tasks: ServerTasks,
 }
 
 impl RunningCcf {
@@ -233,15 +231,8 @@ impl RunningCcf {
 
     /// Stops both listeners and waits for them.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.shutdown().await;
     }
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// The store's file name in the state directory.
@@ -321,12 +312,11 @@ pub fn purge_expired(store: &Store, grace: Duration) -> Result<u64, StoreError> 
 fn spawn_purge(
     state: Arc<CcfState>,
     every: Duration,
-    stop: watch::Receiver<bool>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stop = stopped(stop);
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -518,34 +508,30 @@ async fn serve(
     let capif_addr = capif_listener.local_addr()?;
     let (onboarding_routes, capif_routes) = routes(&state, config.limits.max_message_bytes).await?;
 
-    let (stop, stop_rx) = watch::channel(false);
-    let tasks = vec![
-        spawn_server(
-            onboarding_listener,
-            onboarding_tls,
-            false,
-            onboarding_routes,
-            ConnGate::new("onboarding", config.limits.clone()),
-            stopped(stop_rx.clone()),
-        ),
-        spawn_server(
-            capif_listener,
-            capif_tls,
-            true,
-            capif_routes,
-            ConnGate::new("capif", config.limits.clone()),
-            stopped(stop_rx),
-        ),
-    ];
-    // `stop` ends the purge task too, and `shutdown` waits for it as for the listeners.
-    let mut tasks = tasks;
-    tasks.push(spawn_purge(state.clone(), purge_every, stop.subscribe()));
+    let mut tasks = ServerTasks::default();
+    tasks.push(spawn_server(
+        onboarding_listener,
+        onboarding_tls,
+        false,
+        onboarding_routes,
+        ConnGate::new("onboarding", config.limits.clone()),
+        tasks.stopped(),
+    ));
+    tasks.push(spawn_server(
+        capif_listener,
+        capif_tls,
+        true,
+        capif_routes,
+        ConnGate::new("capif", config.limits.clone()),
+        tasks.stopped(),
+    ));
+    // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
+    tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
     tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
     Ok(RunningCcf {
         state,
         onboarding_addr,
         capif_addr,
-        stop,
         tasks,
     })
 }

@@ -5,25 +5,8 @@
 use anyhow::{Result, anyhow};
 use capif_gateway::cache::{CacheKey, KeyCache};
 use capif_gateway::config::CacheConfig;
-use capif_proto::v1 as pb;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use tonic::Status;
-
-/// An answer as a partner would send it (the same shape `capif bench`'s floor hops return).
-fn sample_answer() -> pb::InvokerSecurityInformation {
-    pb::InvokerSecurityInformation {
-        api_invoker_id: "inv-0123456789abcdef".into(),
-        home_ccf_id: "operator-b.test".into(),
-        aef_id: "aef-weather".into(),
-        sel_security_method: pb::SecurityMethod::Psk as i32,
-        aef_psk: vec![0x5A; 32],
-        key_id: "0123456789abcdef".into(),
-        remaining_validity_ms: 3_599_000,
-        allowed_api_names: vec!["weather-v1".into(), "forecast-v1".into()],
-        invoker_ca_certificates: vec![],
-        interface_canonical: "aef-weather.operator-a.test:44321/aef-weather".into(),
-    }
-}
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -45,7 +28,7 @@ async fn memory_case(n: usize) -> Result<String> {
     });
     let home = CcfId::new("operator-b.test")?;
     let aef = AefId::new("aef-weather")?;
-    let sample = sample_answer();
+    let sample = capif_proto::example_security_information();
     let payload = {
         let k = "inv-0123456789abcdef".len() + home.as_str().len() + aef.as_str().len();
         let v = sample.api_invoker_id.len()
