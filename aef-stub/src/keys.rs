@@ -86,6 +86,14 @@ pub enum Refusal {
     NoCertificateInfo,
 }
 
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 impl Refusal {
     /// The log's words.
     pub fn as_str(self) -> &'static str {

@@ -22,7 +22,7 @@ use tokio_openssl::SslStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::keys::{ConnTicket, KeyStore};
+use crate::keys::{ConnTicket, KeyStore, Refusal};
 pub use capif_2e::identity::PskIdentity;
 pub use capif_2e::psk::{TlsProfile, profile};
 use ccf_core::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
@@ -33,7 +33,49 @@ enum Note {
     /// A key was offered for this identity; a failed handshake then means a wrong key.
     Offered(PskIdentity),
     /// The identity was refused, and why.
-    Refused(Option<PskIdentity>, String),
+    Refused(HandshakeRefusal),
+}
+
+/// Why a PSK handshake was refused (what the log says; never key bytes).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum HandshakeRefusal {
+    /// The client offered no PSK identity.
+    #[error("no PSK identity offered")]
+    NoIdentity,
+    /// The identity is not of the PSK identity format.
+    #[error(transparent)]
+    Malformed(#[from] capif_2e::identity::IdentityError),
+    /// The key store refused the identity.
+    #[error("{why}: {identity}")]
+    Refused {
+        /// The identity offered.
+        identity: PskIdentity,
+        /// Why.
+        why: Refusal,
+    },
+    /// OpenSSL's PSK buffer cannot hold the key.
+    #[error("PSK buffer too small: {0}")]
+    BufferTooSmall(PskIdentity),
+    /// The client's key differs from the one held for its identity.
+    #[error("wrong key for {identity} (the PSK did not verify: {tls})")]
+    WrongKey {
+        /// The identity offered.
+        identity: PskIdentity,
+        /// OpenSSL's words.
+        tls: String,
+    },
+    /// The handshake took longer than the listener allows.
+    #[error("handshake timed out")]
+    TimedOut,
+    /// The handshake ended without a PSK (the client insisted on something else).
+    #[error("handshake finished without a PSK (refused)")]
+    NoPsk,
+    /// The handshake failed before a PSK was chosen.
+    #[error("handshake failed before a PSK was chosen: {0}")]
+    Tls(String),
+    /// OpenSSL could not set the connection up.
+    #[error("cannot set up TLS: {0}")]
+    Setup(#[from] openssl::error::ErrorStack),
 }
 
 fn note_index() -> Index<Ssl, Note> {
@@ -54,8 +96,8 @@ pub fn server_context(
     b.set_psk_server_callback(move |ssl, identity, psk_out| {
         let parsed = identity.map(PskIdentity::parse);
         let note = match parsed {
-            None => Note::Refused(None, "no PSK identity offered".into()),
-            Some(Err(e)) => Note::Refused(None, e.to_string()),
+            None => Note::Refused(HandshakeRefusal::NoIdentity),
+            Some(Err(e)) => Note::Refused(e.into()),
             Some(Ok(id)) => match store.for_handshake(&id.invoker_ref(), &id.key_id) {
                 Ok(key) if psk_out.len() >= key.psk.expose().len() => {
                     let k = key.psk.expose();
@@ -63,8 +105,8 @@ pub fn server_context(
                     ssl.set_ex_data(idx, Note::Offered(id));
                     return Ok(k.len());
                 }
-                Ok(_) => Note::Refused(Some(id), "PSK buffer too small".into()),
-                Err(r) => Note::Refused(Some(id), r.as_str().into()),
+                Ok(_) => Note::Refused(HandshakeRefusal::BufferTooSmall(id)),
+                Err(why) => Note::Refused(HandshakeRefusal::Refused { identity: id, why }),
             },
         };
         ssl.set_ex_data(idx, note);
@@ -157,14 +199,14 @@ async fn accept_one(
     ctx: &SslContext,
     store: &Arc<KeyStore>,
     handshake_timeout: Duration,
-) -> Result<(SslStream<TcpStream>, PskIdentity, ConnTicket), String> {
-    let ssl = Ssl::new(ctx).map_err(|e| e.to_string())?;
-    let mut stream = SslStream::new(ssl, tcp).map_err(|e| e.to_string())?;
+) -> Result<(SslStream<TcpStream>, PskIdentity, ConnTicket), HandshakeRefusal> {
+    let ssl = Ssl::new(ctx)?;
+    let mut stream = SslStream::new(ssl, tcp)?;
     let result = tokio::time::timeout(handshake_timeout, Pin::new(&mut stream).accept()).await;
     let note = stream.ssl().ex_data(note_index()).cloned();
     let failure = match result {
-        Err(_) => Some("handshake timed out".to_string()),
-        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(HandshakeRefusal::TimedOut),
+        Ok(Err(e)) => Some(HandshakeRefusal::Tls(e.to_string())),
         Ok(Ok(())) => None,
     };
     match (failure, note) {
@@ -173,13 +215,12 @@ async fn accept_one(
             let ticket = store.track(&identity.invoker_ref());
             Ok((stream, identity, ticket))
         }
-        (None, _) => Err("handshake finished without a PSK (refused)".into()),
-        (Some(e), Some(Note::Offered(id))) => {
-            Err(format!("wrong key for {id} (the PSK did not verify: {e})"))
+        (None, _) => Err(HandshakeRefusal::NoPsk),
+        (Some(HandshakeRefusal::Tls(tls)), Some(Note::Offered(identity))) => {
+            Err(HandshakeRefusal::WrongKey { identity, tls })
         }
-        (Some(_), Some(Note::Refused(Some(id), why))) => Err(format!("{why}: {id}")),
-        (Some(_), Some(Note::Refused(None, why))) => Err(why),
-        (Some(e), None) => Err(format!("handshake failed before a PSK was chosen: {e}")),
+        (Some(_), Some(Note::Refused(why))) => Err(why),
+        (Some(e), _) => Err(e),
     }
 }
 

@@ -386,6 +386,10 @@ const SCENARIO: &str = r#"
 name = "bench"
 [[domain]]
 id = "operator-a.test"
+# Case (b) measures the miss path itself: thousands of misses a second, far above the default
+# budget of fetches to a partner, which is a defence, not a cost.
+gateway_fetch_rate_per_sec = 1000000
+gateway_fetch_burst = 1000000
 [[domain.aef]]
 id = "aef-weather"
 apis = ["weather-v1", "forecast-v1"]

@@ -47,9 +47,18 @@ impl DnsServer {
                 .map_err(|e| anyhow!("zone {d}: {e}"))?;
             catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
         }
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-        let addr = udp.local_addr()?;
-        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        // UDP and TCP on one port: the free UDP port the kernel picks may be taken for TCP (by
+        // another process's connection, say); then try another, a bounded number of times.
+        let mut tries = 0;
+        let (udp, addr, tcp) = loop {
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+            let addr = udp.local_addr()?;
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, addr, tcp),
+                Err(_) if tries < 50 => tries += 1,
+                Err(e) => return Err(anyhow!("no loopback port free for both UDP and TCP: {e}")),
+            }
+        };
         let mut server = hickory_server::Server::new(catalog);
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64);

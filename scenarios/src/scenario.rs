@@ -33,6 +33,13 @@ pub struct DomainSpec {
     /// AEFPSK validity at this CCF, seconds (default 3600).
     #[serde(default)]
     pub aef_psk_validity_secs: Option<u64>,
+    /// The gateway's outbound fetch budget per partner, fetches per second (default: the
+    /// gateway's, `[outbound] fetch_rate_per_sec`).
+    #[serde(default)]
+    pub gateway_fetch_rate_per_sec: Option<u32>,
+    /// The same budget's burst (default: the gateway's, `[outbound] fetch_burst`).
+    #[serde(default)]
+    pub gateway_fetch_burst: Option<u32>,
     /// The domain's AEFs.
     #[serde(default, rename = "aef")]
     pub aefs: Vec<AefSpec>,

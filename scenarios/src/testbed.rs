@@ -60,6 +60,8 @@ pub struct DomainPlan {
     pub gw6e_port: u16,
     /// AEFPSK validity, seconds.
     pub validity_secs: u64,
+    /// The gateway's outbound fetch budget per partner (rate per second, burst), when set.
+    pub fetch_budget: (Option<u32>, Option<u32>),
     /// Partner domains.
     pub partners: Vec<String>,
     /// Onboarding credential per invoker (member) name.
@@ -169,6 +171,7 @@ impl Testbed {
                     gw6_port: free_port()?,
                     gw6e_port: free_port()?,
                     validity_secs: d.aef_psk_validity_secs.unwrap_or(3600),
+                    fetch_budget: (d.gateway_fetch_rate_per_sec, d.gateway_fetch_burst),
                     partners: s
                         .domains
                         .iter()
@@ -316,6 +319,16 @@ impl Testbed {
         );
         if let Some(dns) = &self.dns {
             t += &format!("\n[dns]\nnameserver = \"{}\"\n", dns.addr);
+        }
+        let (rate, burst) = d.fetch_budget;
+        if rate.is_some() || burst.is_some() {
+            t += "\n[outbound]\n";
+            if let Some(r) = rate {
+                t += &format!("fetch_rate_per_sec = {r}\n");
+            }
+            if let Some(b) = burst {
+                t += &format!("fetch_burst = {b}\n");
+            }
         }
         for p in &d.partners {
             let pd = &self.domains[p];
