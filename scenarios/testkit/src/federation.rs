@@ -392,12 +392,24 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
     let inv = crate::ccf::onboard_over(ch, credential)
         .await
         .expect("onboarding");
-    let cfg = client_config(
-        &d.ca_pem(),
-        Some((&inv.cert_pem, &inv.key_pem)),
-        d.ccf_peer(),
-    )
-    .unwrap();
+    let (security, slot) = capif1e_session(d, &inv.cert_pem, &inv.key_pem).await;
+    Invoker {
+        id: inv.id,
+        home: d.id.clone(),
+        cert_pem: inv.cert_pem,
+        key_pem: inv.key_pem,
+        security,
+        slot,
+    }
+}
+
+/// A new CAPIF-1e TLS session at `d`'s CCF with the invoker's certificate.
+async fn capif1e_session(
+    d: &Domain,
+    cert_pem: &str,
+    key_pem: &str,
+) -> (SecurityClient<Channel>, SessionSlot) {
+    let cfg = client_config(&d.ca_pem(), Some((cert_pem, key_pem)), d.ccf_peer()).unwrap();
     let (ch, slot) = connect(
         &d.ccf().capif_addr.to_string(),
         "localhost",
@@ -406,39 +418,19 @@ pub async fn onboard(d: &Domain, credential: &str) -> Invoker {
     )
     .await
     .unwrap();
-    Invoker {
-        id: inv.id,
-        home: d.id.clone(),
-        cert_pem: inv.cert_pem,
-        key_pem: inv.key_pem,
-        security: SecurityClient::new(ch),
-        slot,
-    }
+    (SecurityClient::new(ch), slot)
 }
 
 impl Invoker {
     /// The same invoker on a new CAPIF-1e TLS session (re-authentication: a new AEFPSK).
     pub async fn new_session(&self, d: &Domain) -> Invoker {
-        let cfg = client_config(
-            &d.ca_pem(),
-            Some((&self.cert_pem, &self.key_pem)),
-            d.ccf_peer(),
-        )
-        .unwrap();
-        let (ch, slot) = connect(
-            &d.ccf().capif_addr.to_string(),
-            "localhost",
-            cfg,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let (security, slot) = capif1e_session(d, &self.cert_pem, &self.key_pem).await;
         Invoker {
             id: self.id.clone(),
             home: self.home.clone(),
             cert_pem: self.cert_pem.clone(),
             key_pem: self.key_pem.clone(),
-            security: SecurityClient::new(ch),
+            security,
             slot,
         }
     }
