@@ -46,94 +46,55 @@ impl RunningAef {
     }
 }
 
-/// Starts an AEF.
-pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
-    config.validate()?;
-    let aef_id = AefId::new(config.aef_id.clone())?;
-    let ccf_id = CcfId::new(config.ccf_id.clone())?;
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-    };
-    let ca = read(&config.tls.ca_cert)?;
-    let cert = read(&config.tls.cert)?;
-    let key = zeroize::Zeroizing::new(read(&config.tls.key)?);
-    let ccf = SecurityClient::new(connect_lazy(
-        &config.ccf.address,
-        &config.ccf.server_name,
-        // Only the own domain's CCF: it hands this AEF invokers' keys and token keys, and a
-        // gateway's or another AEF's certificate from the same CA could serve here too.
-        client_config(&ca, Some((&cert, &key)), ExpectedPeer::ccf(&ccf_id))?,
-        Duration::from_secs(2),
-    )?)
-    .max_decoding_message_size(config.limits.max_message_bytes);
-    let security_listener = TcpListener::bind(&config.listen.security)
+async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen.security))?;
-    let psk_listener = TcpListener::bind(&config.listen.psk)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen.psk))?;
-    let tls_listener = match &config.listen.tls {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))?,
-        ),
-        None => None,
-    };
-    let security_addr = security_listener.local_addr()?;
-    let psk_addr = psk_listener.local_addr()?;
-    let tls_addr = match &tls_listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
-    let keys = Arc::new(KeyStore::new(MarkPolicy {
-        ttl: Duration::from_secs(config.budgets.revoked_mark_ttl_secs),
-        max_marks: config.budgets.max_revoked_marks,
-    }));
-    let per_source = governor::Quota::per_second(
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let bound = l.local_addr()?;
+    Ok((l, bound))
+}
+
+/// Authentication Initiations per source address.
+fn initiation_quota(config: &AefConfig) -> governor::Quota {
+    governor::Quota::per_second(
         NonZeroU32::new(config.budgets.initiation_rate_per_sec).unwrap_or(NonZeroU32::MIN),
     )
-    .allow_burst(NonZeroU32::new(config.budgets.initiation_burst).unwrap_or(NonZeroU32::MIN));
-    let state = Arc::new(AefState {
-        aef_id: aef_id.clone(),
-        ccf_id,
-        keys: keys.clone(),
-        psk_endpoint: config
-            .listen
-            .psk_advertised
-            .clone()
-            .unwrap_or_else(|| psk_addr.to_string()),
-        tls_endpoint: tls_addr.map(|a| {
-            config
-                .listen
-                .tls_advertised
-                .clone()
-                .unwrap_or_else(|| a.to_string())
-        }),
-        tokens: crate::token::TokenVerifier::new(ccf.clone(), config.token_leeway_secs),
-        ccf,
-        apis: config.apis.clone(),
-        initiation_limiter: governor::RateLimiter::keyed(per_source),
-        refresh_interval: Duration::from_millis(config.budgets.refresh_interval_ms),
-    });
-    let max_msg = config.limits.max_message_bytes;
-    // The per-source limiter keeps a small state per address it saw: forget the quiet ones
-    // every minute, so a stranger rotating source addresses cannot grow it without bound.
-    {
-        let weak = Arc::downgrade(&state);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+    .allow_burst(NonZeroU32::new(config.budgets.initiation_burst).unwrap_or(NonZeroU32::MIN))
+}
+
+/// The per-source limiter keeps a small state per address it saw: forget the quiet ones every
+/// minute, so a stranger rotating source addresses cannot grow it without bound. Ends with the
+/// AEF.
+fn spawn_limiter_cleanup(state: &Arc<AefState>) {
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.tick().await;
+        loop {
             tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(state) = weak.upgrade() else { return };
-                state.initiation_limiter.retain_recent();
-                state.initiation_limiter.shrink_to_fit();
-            }
-        });
-    }
-    let roots = certs_from_pem("CA certificate", &ca)?;
-    let tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Optional(&roots))?;
+            let Some(state) = weak.upgrade() else { return };
+            state.initiation_limiter.retain_recent();
+            state.initiation_limiter.shrink_to_fit();
+        }
+    });
+}
+
+/// Serves the security listener (`AefSecurity`, client certificates optional), the TLS-PSK
+/// endpoint and, when configured, the TLS endpoint for methods 2 and 3 (both `DemoApi`).
+async fn serve(
+    config: &AefConfig,
+    state: &Arc<AefState>,
+    keys: Arc<KeyStore>,
+    (ca, cert, key): (&str, &str, &str),
+    (security_listener, psk_listener, tls_listener): (
+        TcpListener,
+        TcpListener,
+        Option<TcpListener>,
+    ),
+) -> anyhow::Result<ServerTasks> {
+    let max_msg = config.limits.max_message_bytes;
+    let roots = certs_from_pem("CA certificate", ca)?;
+    let tls = server_config(&format!("{cert}{ca}"), key, ClientAuth::Optional(&roots))?;
     let sec = AefSecurityServer::new(AefSecurityService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
@@ -170,7 +131,7 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         // Methods 2 and 3: the AEF's own certificate; a client certificate is checked against
         // the CAs held for the invoker it names, a client without one must bring a token.
         let verifier = Arc::new(InvokerCertVerifier::new(state.keys.clone()));
-        let app_tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Custom(verifier))?;
+        let app_tls = server_config(&format!("{cert}{ca}"), key, ClientAuth::Custom(verifier))?;
         let demo = DemoApiServer::new(DemoApiService::new(state.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(max_msg);
@@ -183,6 +144,75 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
             tasks.stopped(),
         ));
     }
+    Ok(tasks)
+}
+
+/// Starts an AEF.
+pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
+    config.validate()?;
+    let aef_id = AefId::new(config.aef_id.clone())?;
+    let ccf_id = CcfId::new(config.ccf_id.clone())?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+    };
+    let ca = read(&config.tls.ca_cert)?;
+    let cert = read(&config.tls.cert)?;
+    let key = zeroize::Zeroizing::new(read(&config.tls.key)?);
+    let ccf = SecurityClient::new(connect_lazy(
+        &config.ccf.address,
+        &config.ccf.server_name,
+        // Only the own domain's CCF: it hands this AEF invokers' keys and token keys, and a
+        // gateway's or another AEF's certificate from the same CA could serve here too.
+        client_config(&ca, Some((&cert, &key)), ExpectedPeer::ccf(&ccf_id))?,
+        Duration::from_secs(2),
+    )?)
+    .max_decoding_message_size(config.limits.max_message_bytes);
+    let (security_listener, security_addr) = bind(&config.listen.security).await?;
+    let (psk_listener, psk_addr) = bind(&config.listen.psk).await?;
+    let tls_listener = match &config.listen.tls {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
+    let keys = Arc::new(KeyStore::new(MarkPolicy {
+        ttl: Duration::from_secs(config.budgets.revoked_mark_ttl_secs),
+        max_marks: config.budgets.max_revoked_marks,
+    }));
+    let state = Arc::new(AefState {
+        aef_id: aef_id.clone(),
+        ccf_id,
+        keys: keys.clone(),
+        psk_endpoint: config
+            .listen
+            .psk_advertised
+            .clone()
+            .unwrap_or_else(|| psk_addr.to_string()),
+        tls_endpoint: tls_addr.map(|a| {
+            config
+                .listen
+                .tls_advertised
+                .clone()
+                .unwrap_or_else(|| a.to_string())
+        }),
+        tokens: crate::token::TokenVerifier::new(ccf.clone(), config.token_leeway_secs),
+        ccf,
+        apis: config.apis.clone(),
+        initiation_limiter: governor::RateLimiter::keyed(initiation_quota(&config)),
+        refresh_interval: Duration::from_millis(config.budgets.refresh_interval_ms),
+    });
+    spawn_limiter_cleanup(&state);
+    let tasks = serve(
+        &config,
+        &state,
+        keys,
+        (ca.as_str(), cert.as_str(), key.as_str()),
+        (
+            security_listener,
+            psk_listener,
+            tls_listener.map(|(l, _)| l),
+        ),
+    )
+    .await?;
     tracing::info!(%aef_id, %security_addr, %psk_addr, tls_addr = ?tls_addr, profile = ?config.psk_tls, "AEF listening");
     Ok(RunningAef {
         state,

@@ -308,6 +308,64 @@ impl AefSecurityService {
         })
     }
 
+    /// Method 2: the CA held for `who`, or fetched from the CCF and held.
+    async fn held_or_fetched_ca(&self, who: &InvokerRef) -> Result<HeldCa, Status> {
+        if let Some(c) = self.state.keys.valid_ca(who) {
+            return Ok(c);
+        }
+        let c = self.fetch_ca(&who.invoker, &who.home).await?;
+        if !self.state.keys.put_ca(who.clone(), c.clone()) {
+            return Err(Refused::RevokedMeanwhile(who.clone()).into());
+        }
+        tracing::info!(api_invoker_id = %who.invoker, home = %who.home, remaining_ms = c.remaining().as_millis() as u64, "invoker CA fetched from CCF");
+        Ok(c)
+    }
+
+    /// Method 1: the key held for `who`, or fetched from the CCF and held. A presented key id
+    /// that differs from the held one refreshes it (the invoker re-authenticated at home), at
+    /// most once per interval; a refresh that fails for want of budget or reachability leaves
+    /// the held key standing.
+    async fn held_or_fetched_key(
+        &self,
+        who: &InvokerRef,
+        presented: &str,
+    ) -> Result<HeldKey, Status> {
+        let held = self.state.keys.valid(who);
+        let refresh = match &held {
+            None => true,
+            Some(k) => {
+                !presented.is_empty()
+                    && presented != k.key_id
+                    && self
+                        .state
+                        .keys
+                        .claim_refresh(who, self.state.refresh_interval)
+            }
+        };
+        match (held, refresh) {
+            (Some(k), false) => Ok(k),
+            (held, _) => match self.fetch(&who.invoker, &who.home, presented).await {
+                Ok(mut k) => {
+                    // A refreshed key keeps the refresh mark: the next one waits the interval.
+                    if held.is_some() {
+                        k.last_refresh = Some(k.fetched_at);
+                    }
+                    if !self.state.keys.put(who.clone(), k.clone()) {
+                        return Err(Refused::RevokedMeanwhile(who.clone()).into());
+                    }
+                    tracing::info!(api_invoker_id = %who.invoker, home = %who.home, key_id = %k.key_id, remaining_ms = k.remaining().as_millis() as u64, "key fetched from CCF");
+                    Ok(k)
+                }
+                // The held key stands (nothing is written back: a revocation or a newer key
+                // that arrived meanwhile must not be undone).
+                Err(s) => match held {
+                    Some(k) if !definite(&s) => Ok(k),
+                    _ => Err(s),
+                },
+            },
+        }
+    }
+
     fn tls_endpoint(&self, method: &'static str) -> Result<String, Refused> {
         self.state
             .tls_endpoint
@@ -337,24 +395,13 @@ impl AefSecurity for AefSecurityService {
             CcfId::new(req.home_ccf_id.clone()).map_err(|e| invalid_field("home_ccf_id", e))?
         };
         KeyId::optional(&req.key_id).map_err(|e| invalid_field("key_id", e))?;
-        let who = InvokerRef::new(home.clone(), invoker.clone());
+        let who = InvokerRef::new(home, invoker);
         let method = pb::SecurityMethod::try_from(req.security_method)
             .unwrap_or(pb::SecurityMethod::Unspecified);
         match method {
             pb::SecurityMethod::Pki => {
                 let endpoint = self.tls_endpoint("PKI")?;
-                let held = self.state.keys.valid_ca(&who);
-                let ca = match held {
-                    Some(c) => c,
-                    None => {
-                        let c = self.fetch_ca(&invoker, &home).await?;
-                        if !self.state.keys.put_ca(who.clone(), c.clone()) {
-                            return Err(Refused::RevokedMeanwhile(who).into());
-                        }
-                        tracing::info!(api_invoker_id = %invoker, %home, remaining_ms = c.remaining().as_millis() as u64, "invoker CA fetched from CCF");
-                        c
-                    }
-                };
+                let ca = self.held_or_fetched_ca(&who).await?;
                 return Ok(Response::new(CheckAuthenticationRsp {
                     supported_features: req.supported_features,
                     tls_endpoint: endpoint,
@@ -375,46 +422,10 @@ impl AefSecurity for AefSecurityService {
             }
             pb::SecurityMethod::Psk | pb::SecurityMethod::Unspecified => {}
         }
-        // A presented key id that differs from the held one refreshes it (the invoker
-        // re-authenticated at home), at most once per interval; a refresh that fails for want of
-        // budget or reachability leaves the held key standing.
-        let held = self.state.keys.valid(&who);
-        let refresh = match &held {
-            None => true,
-            Some(k) => {
-                !req.key_id.is_empty()
-                    && req.key_id != k.key_id
-                    && self
-                        .state
-                        .keys
-                        .claim_refresh(&who, self.state.refresh_interval)
-            }
-        };
-        let key = match (held, refresh) {
-            (Some(k), false) => k,
-            (held, _) => match self.fetch(&invoker, &home, &req.key_id).await {
-                Ok(mut k) => {
-                    // A refreshed key keeps the refresh mark: the next one waits the interval.
-                    if held.is_some() {
-                        k.last_refresh = Some(k.fetched_at);
-                    }
-                    if !self.state.keys.put(who.clone(), k.clone()) {
-                        return Err(Refused::RevokedMeanwhile(who).into());
-                    }
-                    tracing::info!(api_invoker_id = %invoker, %home, key_id = %k.key_id, remaining_ms = k.remaining().as_millis() as u64, "key fetched from CCF");
-                    k
-                }
-                // The held key stands (nothing is written back: a revocation or a newer key
-                // that arrived meanwhile must not be undone).
-                Err(s) => match held {
-                    Some(k) if !definite(&s) => k,
-                    _ => return Err(s),
-                },
-            },
-        };
+        let key = self.held_or_fetched_key(&who, &req.key_id).await?;
         let identity = PskIdentity {
-            home_ccf_id: home,
-            api_invoker_id: invoker,
+            home_ccf_id: who.home,
+            api_invoker_id: who.invoker,
             key_id: key.key_id.clone(),
         };
         Ok(Response::new(CheckAuthenticationRsp {

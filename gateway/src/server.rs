@@ -85,57 +85,12 @@ fn read(path: &std::path::Path) -> Result<String, StartError> {
 
 /// Starts a gateway from its configuration.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
-    let ccf_id = CcfId::new(config.ccf_id.clone())
-        .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
-    config.limits.validate().map_err(StartError::Config)?;
-    if config.outbound.fetch_rate_per_sec == 0 || config.outbound.fetch_burst == 0 {
-        return Err(StartError::Config(
-            "outbound.fetch_rate_per_sec and outbound.fetch_burst must be at least 1".into(),
-        ));
-    }
-    if config.partners.is_empty() {
-        return Err(StartError::Config(
-            "configure at least one [[partner]]".into(),
-        ));
-    }
+    let ccf_id = validate(&config)?;
     let ca_pem = read(&config.tls.ca_cert)?;
     let cert_pem = read(&config.tls.cert)?;
     let key_pem = zeroize::Zeroizing::new(read(&config.tls.key)?);
     let chain = format!("{cert_pem}{ca_pem}");
-
-    let discovery = Discovery::new(
-        config.dns.nameserver.as_deref(),
-        Duration::from_millis(config.dns.timeout_ms.unwrap_or(1000)),
-    )?;
-    let policy = LinkPolicy {
-        connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),
-        max_retries: config.outbound.max_retries,
-        retry_budget_ratio: config.outbound.retry_budget_ratio,
-        fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
-        fetch_burst: config.outbound.fetch_burst,
-        max_message_bytes: config.limits.max_message_bytes,
-    };
-    let mut trusts = Vec::new();
-    let mut links = BTreeMap::new();
-    for p in &config.partners {
-        let id = CcfId::new(p.ccf_id.clone())
-            .map_err(|e| StartError::Config(format!("partner {:?}: {e}", p.ccf_id)))?;
-        if id == ccf_id {
-            return Err(StartError::Config(format!(
-                "{id} cannot be its own partner"
-            )));
-        }
-        let trust = PartnerTrust::new(id.clone(), &read(&p.ca_cert)?)?;
-        let tls = partner_client_config(&trust, &cert_pem, &key_pem)?;
-        let link = PartnerLink::new(&trust, tls, discovery.clone(), p.address.clone(), &policy);
-        if links.insert(id.clone(), link).is_some() {
-            return Err(StartError::Config(format!(
-                "partner {id} is configured twice"
-            )));
-        }
-        trusts.push(trust);
-    }
-    let federation = Federation::new(trusts);
+    let (federation, links) = federation(&config, &ccf_id, &cert_pem, &key_pem)?;
 
     // Only the own domain's CCF: an AEF's certificate from the same CA also serves and names
     // `localhost`, and must not receive partner queries and revocations.
@@ -150,7 +105,6 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         ccf_tls,
         Duration::from_millis(config.outbound.connect_timeout_ms),
     )?;
-
     let state = Arc::new(GatewayState {
         ccf_id: ccf_id.clone(),
         federation,
@@ -170,22 +124,91 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
     let capif6_tls = server_config(&chain, &key_pem, ClientAuth::Required(&own_roots))?;
     let partner_roots = state.federation.all_roots();
     let capif6e_tls = server_config(&chain, &key_pem, ClientAuth::Required(&partner_roots))?;
+    serve(&config, state, capif6_tls, capif6e_tls).await
+}
 
-    let bind = |addr: String| async move {
-        TcpListener::bind(&addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source })
+/// Checks what the config's types cannot; the own domain.
+fn validate(config: &GatewayConfig) -> Result<CcfId, StartError> {
+    let ccf_id = CcfId::new(config.ccf_id.clone())
+        .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
+    config.limits.validate().map_err(StartError::Config)?;
+    if config.outbound.fetch_rate_per_sec == 0 || config.outbound.fetch_burst == 0 {
+        return Err(StartError::Config(
+            "outbound.fetch_rate_per_sec and outbound.fetch_burst must be at least 1".into(),
+        ));
+    }
+    if config.partners.is_empty() {
+        return Err(StartError::Config(
+            "configure at least one [[partner]]".into(),
+        ));
+    }
+    Ok(ccf_id)
+}
+
+/// Every partner's trust and outbound link, from `[[partner]]`.
+fn federation(
+    config: &GatewayConfig,
+    ccf_id: &CcfId,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(Federation, BTreeMap<CcfId, PartnerLink>), StartError> {
+    let discovery = Discovery::new(
+        config.dns.nameserver.as_deref(),
+        Duration::from_millis(config.dns.timeout_ms.unwrap_or(1000)),
+    )?;
+    let policy = LinkPolicy {
+        connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),
+        max_retries: config.outbound.max_retries,
+        retry_budget_ratio: config.outbound.retry_budget_ratio,
+        fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
+        fetch_burst: config.outbound.fetch_burst,
+        max_message_bytes: config.limits.max_message_bytes,
     };
-    let l6 = bind(config.listen.capif6.clone()).await?;
-    let l6e = bind(config.listen.capif6e.clone()).await?;
-    let capif6_addr = l6.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen.capif6.clone(),
-        source,
-    })?;
-    let capif6e_addr = l6e.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen.capif6e.clone(),
-        source,
-    })?;
+    let mut trusts = Vec::new();
+    let mut links = BTreeMap::new();
+    for p in &config.partners {
+        let id = CcfId::new(p.ccf_id.clone())
+            .map_err(|e| StartError::Config(format!("partner {:?}: {e}", p.ccf_id)))?;
+        if &id == ccf_id {
+            return Err(StartError::Config(format!(
+                "{id} cannot be its own partner"
+            )));
+        }
+        let trust = PartnerTrust::new(id.clone(), &read(&p.ca_cert)?)?;
+        let tls = partner_client_config(&trust, cert_pem, key_pem)?;
+        let link = PartnerLink::new(&trust, tls, discovery.clone(), p.address.clone(), &policy);
+        if links.insert(id.clone(), link).is_some() {
+            return Err(StartError::Config(format!(
+                "partner {id} is configured twice"
+            )));
+        }
+        trusts.push(trust);
+    }
+    Ok((Federation::new(trusts), links))
+}
+
+/// Binds both listeners and serves them: capif6 (own CA: `Gateway`, `GatewayAdmin`) and capif6e
+/// (partner CAs: `Interconnect`).
+async fn serve(
+    config: &GatewayConfig,
+    state: Arc<GatewayState>,
+    capif6_tls: Arc<rustls::ServerConfig>,
+    capif6e_tls: Arc<rustls::ServerConfig>,
+) -> Result<RunningGateway, StartError> {
+    let bind = |addr: String| async move {
+        let l = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| StartError::Listen { addr, source })?;
+        Ok::<_, StartError>((l, bound))
+    };
+    let (l6, capif6_addr) = bind(config.listen.capif6.clone()).await?;
+    let (l6e, capif6e_addr) = bind(config.listen.capif6e.clone()).await?;
 
     let max_msg = config.limits.max_message_bytes;
     let gw = GatewayServer::new(GatewayService::new(state.clone()))
@@ -223,7 +246,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         ConnGate::new("capif6e", config.limits.clone()),
         tasks.stopped(),
     ));
-    tracing::info!(%ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
+    tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
     Ok(RunningGateway {
         state,
         capif6_addr,
