@@ -51,11 +51,14 @@ pub struct PeerIdentity {
 }
 
 /// Why a certificate does not name a usable identity.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IdentityError {
     /// The certificate is not valid DER.
     #[error("the certificate cannot be parsed: {0}")]
-    Malformed(String),
+    Malformed(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// Its subject alternative names cannot be read.
+    #[error("the certificate's subject alternative names cannot be read: {0}")]
+    BadSan(#[source] x509_parser::error::X509Error),
     /// No `capif://` URI SAN.
     #[error("the certificate carries no capif:// URI SAN naming its domain and role")]
     Missing,
@@ -113,11 +116,10 @@ impl PeerIdentity {
     /// Reads the identity from a DER certificate. Call only on a certificate the TLS layer has
     /// already verified against the right CA: this checks naming, not trust.
     pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(IdentityError::Malformed)?;
         let san = cert
             .subject_alternative_name()
-            .map_err(|e| IdentityError::Malformed(e.to_string()))?
+            .map_err(IdentityError::BadSan)?
             .ok_or(IdentityError::Missing)?;
         let mut found = None;
         for name in &san.value.general_names {

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use ccf_core::ids::{ApiInvokerId, CcfId, InvokerRef};
+use ccf_core::ids::{ApiInvokerId, CcfId, IdError, InvokerRef, KeyId};
 
 /// The fixed prefix.
 pub const PREFIX: &str = "3GPP-CAPIF-AEFPSK";
@@ -23,33 +23,37 @@ pub struct PskIdentity {
 
 /// Why an identity is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed PSK identity: {0}")]
-pub struct IdentityError(String);
+pub enum IdentityError {
+    /// The bytes are not UTF-8.
+    #[error("malformed PSK identity: not UTF-8")]
+    NotUtf8,
+    /// Not `<prefix>/<home>/<invoker>/<key-id>`.
+    #[error("malformed PSK identity: expected {PREFIX}/<home-ccf-id>/<api-invoker-id>/<key-id>")]
+    Shape,
+    /// The home part is not a CCF id.
+    #[error("malformed PSK identity: home: {0}")]
+    Home(#[source] IdError),
+    /// The invoker part is not an API invoker id.
+    #[error("malformed PSK identity: invoker: {0}")]
+    Invoker(#[source] IdError),
+    /// The key id part is not 16 lowercase hex digits.
+    #[error("malformed PSK identity: {0}")]
+    KeyId(#[source] IdError),
+}
 
 impl PskIdentity {
     /// Parses the bytes a client sent.
     pub fn parse(bytes: &[u8]) -> Result<Self, IdentityError> {
-        let s = std::str::from_utf8(bytes).map_err(|_| IdentityError("not UTF-8".into()))?;
+        let s = std::str::from_utf8(bytes).map_err(|_| IdentityError::NotUtf8)?;
         let parts: Vec<&str> = s.split('/').collect();
         let [PREFIX, home, invoker, key_id] = parts.as_slice() else {
-            return Err(IdentityError(format!(
-                "expected {PREFIX}/<home-ccf-id>/<api-invoker-id>/<key-id>"
-            )));
+            return Err(IdentityError::Shape);
         };
-        if key_id.len() != 16
-            || !key_id
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        {
-            return Err(IdentityError(
-                "the key id must be 16 lowercase hex digits".into(),
-            ));
-        }
+        let key_id = KeyId::new(*key_id).map_err(IdentityError::KeyId)?;
         Ok(Self {
-            home_ccf_id: CcfId::new(*home).map_err(|e| IdentityError(e.to_string()))?,
-            api_invoker_id: ApiInvokerId::new(*invoker)
-                .map_err(|e| IdentityError(e.to_string()))?,
-            key_id: key_id.to_string(),
+            home_ccf_id: CcfId::new(*home).map_err(IdentityError::Home)?,
+            api_invoker_id: ApiInvokerId::new(*invoker).map_err(IdentityError::Invoker)?,
+            key_id: key_id.as_str().to_string(),
         })
     }
 }
