@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use capif_proto::v1::{
-    ErrorReason, RotateTokenSigningKeyRequest, TokenKeySet, ccf_admin_server::CcfAdmin,
-};
-use tonic::{Code, Request, Response, Status};
+use capif_proto::v1::{RotateTokenSigningKeyRequest, TokenKeySet, ccf_admin_server::CcfAdmin};
+use tonic::{Request, Response, Status};
 
-use super::{own_domain, role_not_allowed};
+use super::{Refused, own_domain, role_not_allowed};
 use crate::server::{CcfState, now_ms};
-use ccf_core::grpc::{caller, error_status};
+use ccf_core::grpc::caller;
 use ccf_core::identity::Role;
 
 /// The CcfAdmin service.
@@ -40,11 +38,7 @@ impl CcfAdmin for CcfAdminService {
         let previous = self.state.token_keys.current_kid();
         let kid = self.state.token_keys.rotate(now_ms()).map_err(|e| {
             tracing::error!(error = %e, "token signing key rotation failed");
-            error_status(
-                Code::Internal,
-                ErrorReason::StoreFailure,
-                "the new signing key could not be stored; the current key stays in use",
-            )
+            Refused::KeyRotationFailed
         })?;
         tracing::info!(%previous, current = %kid, "token signing key rotated");
         Ok(Response::new(self.state.token_keys.key_set(

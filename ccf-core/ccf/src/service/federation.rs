@@ -9,17 +9,17 @@
 use std::sync::Arc;
 
 use capif_proto::v1::{
-    ErrorReason, InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck,
-    RevocationNotice, TokenKeySet, TokenKeySetRequest, federation_server::Federation,
+    InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck, RevocationNotice,
+    TokenKeySet, TokenKeySetRequest, federation_server::Federation,
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::{
     Refused, aef_id, ccf_id, invoker_id, optional_key_id, own_domain, role_not_allowed,
     security_information, valid_context,
 };
 use crate::server::CcfState;
-use ccf_core::grpc::{caller, error_status, invalid_field};
+use ccf_core::grpc::{caller, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::registry::SecurityMethod;
 
@@ -79,14 +79,12 @@ impl Federation for FederationService {
         // PSK hands out the key, PKI the CA that issues the invoker's certificates. OAUTH needs
         // neither: the AEF verifies the token with the issuer's published keys.
         if !matches!(ctx.method, SecurityMethod::Psk | SecurityMethod::Pki) {
-            return Err(error_status(
-                Code::FailedPrecondition,
-                ErrorReason::MethodMismatch,
-                format!(
-                    "API invoker {invoker} negotiated {:?} for AEF {aef}; its tokens carry what the AEF needs",
-                    ctx.method
-                ),
-            ));
+            return Err(Refused::MethodHandsOutNoKey {
+                invoker,
+                aef,
+                method: ctx.method,
+            }
+            .into());
         }
         tracing::info!(%partner, api_invoker_id = %invoker, aef_id = %aef, key_id = %ctx.key_id, "security information handed to partner");
         Ok(Response::new(security_information(&self.state, &ctx)))

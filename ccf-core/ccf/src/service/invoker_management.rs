@@ -7,15 +7,15 @@
 use std::sync::Arc;
 
 use capif_proto::v1::{
-    ErrorReason, OffboardRequest, OffboardResponse, OnboardRequest, OnboardResponse,
-    RevocationKind, RevocationNotice, invoker_management_server::InvokerManagement,
+    OffboardRequest, OffboardResponse, OnboardRequest, OnboardResponse, RevocationKind,
+    RevocationNotice, invoker_management_server::InvokerManagement,
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::{Refused, calling_invoker, store_status};
 use crate::server::{CcfState, credential_digest, now_ms};
 use crate::store::InvokerRecord;
-use ccf_core::grpc::{caller, error_status, invalid_field};
+use ccf_core::grpc::{caller, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::ApiInvokerId;
 
@@ -33,11 +33,7 @@ impl InvokerManagementService {
 }
 
 fn bad_credential() -> Status {
-    error_status(
-        Code::Unauthenticated,
-        ErrorReason::OnboardingCredentialInvalid,
-        "the onboarding credential is unknown to this domain or was already used",
-    )
+    Refused::BadOnboardingCredential.into()
 }
 
 fn new_invoker_id() -> ApiInvokerId {

@@ -20,8 +20,10 @@ use crate::server::{CcfState, now_ms};
 use crate::store::{SecurityContext, StoreError};
 use ccf_core::grpc::{Refusal, error_status, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
-use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError};
+use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId, IdError};
 use ccf_core::kdf::AefPsk;
+use ccf_core::registry::SecurityMethod;
+use ccf_core::token::TokenError;
 
 /// Why the CCF refuses: who asks, and what it may have. [`Refusal`] maps each variant to its
 /// gRPC code and `ErrorReason`; the message is the `Display`.
@@ -104,6 +106,127 @@ pub enum Refused {
         /// The AEF named.
         aef: AefId,
     },
+    /// Onboarding: the credential is malformed, unknown to this domain, or already used.
+    #[error("the onboarding credential is unknown to this domain or was already used")]
+    BadOnboardingCredential,
+    /// CAPIF-1e: a `security_info` entry names no AEF registered here.
+    #[error("{field}: no such AEF is registered at {own}")]
+    AefNotRegistered {
+        /// The entry (`service_security.security_info[i]`).
+        field: String,
+        /// This CCF's domain.
+        own: CcfId,
+    },
+    /// CAPIF-1e Update: the invoker has no context for the AEF to update.
+    #[error("no security context for AEF {aef} to update")]
+    NothingToUpdate {
+        /// The AEF.
+        aef: AefId,
+    },
+    /// CAPIF-1e: the AEF supports none of the invoker's preferred methods.
+    #[error("AEF {aef} supports none of the preferred methods (it supports {supported:?})")]
+    NoCommonMethod {
+        /// The AEF.
+        aef: AefId,
+        /// The methods it supports.
+        supported: Vec<SecurityMethod>,
+    },
+    /// CAPIF-1e: the AEF does not expose the API asked for.
+    #[error("AEF {aef} does not expose API {api}")]
+    ApiNotExposed {
+        /// The AEF.
+        aef: AefId,
+        /// The API asked for.
+        api: ApiName,
+    },
+    /// CAPIF-1e over PSK: the request's TLS session has no binding to derive the AEFPSK from.
+    #[error("the CAPIF-1e TLS session binding is missing")]
+    SessionBindingMissing,
+    /// CAPIF-3: a foreign invoker's security information, with no gateway to ask its home.
+    #[error(
+        "API invoker {invoker} belongs to {home}, and {own} has no interconnect gateway configured"
+    )]
+    NoInterconnectForInvoker {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// Its home domain.
+        home: CcfId,
+        /// This CCF's domain.
+        own: CcfId,
+    },
+    /// A foreign issuer's token keys, with no gateway to ask the issuer.
+    #[error("tokens of {issuer} cannot be verified: {own} has no interconnect gateway configured")]
+    NoInterconnectForIssuer {
+        /// The issuing domain.
+        issuer: CcfId,
+        /// This CCF's domain.
+        own: CcfId,
+    },
+    /// CAPIF-6: the invoker negotiated a method whose keys do not leave the domain (OAUTH).
+    #[error(
+        "API invoker {invoker} negotiated {method:?} for AEF {aef}; its tokens carry what the AEF needs"
+    )]
+    MethodHandsOutNoKey {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// The AEF.
+        aef: AefId,
+        /// The method negotiated.
+        method: SecurityMethod,
+    },
+    /// OAuth: a grant type other than `client_credentials`.
+    #[error("grant_type {grant_type:?} is not supported; use \"client_credentials\"")]
+    UnsupportedGrantType {
+        /// The grant type asked for.
+        grant_type: String,
+    },
+    /// OAuth: `client_id` names another invoker than the caller's certificate.
+    #[error("client_id must be the caller's own API invoker id ({invoker})")]
+    ClientIdNotTheCaller {
+        /// The invoker the certificate names.
+        invoker: ApiInvokerId,
+    },
+    /// OAuth: the requested scope does not parse.
+    #[error("{0}")]
+    ScopeUnparsable(TokenError),
+    /// OAuth: the invoker holds no valid OAUTH context.
+    #[error(
+        "API invoker {invoker} holds no valid security context with method OAUTH; obtain one first"
+    )]
+    NoOauthContext {
+        /// The invoker.
+        invoker: ApiInvokerId,
+    },
+    /// OAuth: the scope names an AEF the invoker holds no OAUTH context for.
+    #[error("API invoker {invoker} holds no OAUTH security context for AEF {aef}")]
+    ScopeAefNotAuthorized {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// The AEF.
+        aef: AefId,
+    },
+    /// OAuth: the scope names an API the invoker's context for the AEF does not allow.
+    #[error("API invoker {invoker} is not authorized for API {api} at AEF {aef}")]
+    ScopeApiNotAuthorized {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// The API.
+        api: ApiName,
+        /// The AEF.
+        aef: AefId,
+    },
+    /// OAuth: every context the token would rest on expires within a second.
+    #[error("API invoker {invoker}'s security contexts expire within a second; obtain new ones")]
+    ContextsExpiring {
+        /// The invoker.
+        invoker: ApiInvokerId,
+    },
+    /// OAuth: the token could not be signed (the cause is logged where it happened).
+    #[error("the CCF could not sign the access token")]
+    TokenSigningFailed,
+    /// Admin: the rotated signing key could not be stored (the cause is logged where it happened).
+    #[error("the new signing key could not be stored; the current key stays in use")]
+    KeyRotationFailed,
     /// The state store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -112,15 +235,32 @@ pub enum Refused {
 impl Refusal for Refused {
     fn code(&self) -> Code {
         match self {
-            Self::CallerOffboarded { .. } => Code::Unauthenticated,
-            Self::InvokerNotFound { .. } | Self::NoSecurityContext { .. } => Code::NotFound,
+            Self::CallerOffboarded { .. } | Self::BadOnboardingCredential => Code::Unauthenticated,
+            Self::InvokerNotFound { .. }
+            | Self::NoSecurityContext { .. }
+            | Self::AefNotRegistered { .. }
+            | Self::NothingToUpdate { .. }
+            | Self::ApiNotExposed { .. } => Code::NotFound,
             Self::OtherDomain { .. }
             | Self::NotTheCaller { .. }
             | Self::RevokesForAnotherAef
             | Self::RoleNotAllowed { .. }
             | Self::KeyBoundToOtherAef { .. }
-            | Self::PartnerNotAuthorized { .. } => Code::PermissionDenied,
-            Self::KeyExpired { .. } => Code::FailedPrecondition,
+            | Self::PartnerNotAuthorized { .. }
+            | Self::ClientIdNotTheCaller { .. }
+            | Self::ScopeAefNotAuthorized { .. }
+            | Self::ScopeApiNotAuthorized { .. } => Code::PermissionDenied,
+            Self::KeyExpired { .. }
+            | Self::NoCommonMethod { .. }
+            | Self::NoInterconnectForInvoker { .. }
+            | Self::NoInterconnectForIssuer { .. }
+            | Self::MethodHandsOutNoKey { .. }
+            | Self::NoOauthContext { .. }
+            | Self::ContextsExpiring { .. } => Code::FailedPrecondition,
+            Self::UnsupportedGrantType { .. } | Self::ScopeUnparsable(_) => Code::InvalidArgument,
+            Self::SessionBindingMissing | Self::TokenSigningFailed | Self::KeyRotationFailed => {
+                Code::Internal
+            }
             Self::Store(e) => e.code(),
         }
     }
@@ -134,10 +274,28 @@ impl Refusal for Refused {
             Self::CallerOffboarded { .. } | Self::InvokerNotFound { .. } => {
                 ErrorReason::InvokerNotFound
             }
-            Self::NoSecurityContext { .. } => ErrorReason::NoSecurityContext,
+            Self::NoSecurityContext { .. } | Self::NothingToUpdate { .. } => {
+                ErrorReason::NoSecurityContext
+            }
             Self::KeyBoundToOtherAef { .. } => ErrorReason::KeyBoundToOtherAef,
             Self::KeyExpired { .. } => ErrorReason::KeyExpired,
             Self::PartnerNotAuthorized { .. } => ErrorReason::PartnerNotAuthorized,
+            Self::BadOnboardingCredential => ErrorReason::OnboardingCredentialInvalid,
+            Self::AefNotRegistered { .. } | Self::ApiNotExposed { .. } => ErrorReason::AefNotFound,
+            Self::NoCommonMethod { .. } => ErrorReason::NoCommonSecurityMethod,
+            Self::NoInterconnectForInvoker { .. } | Self::NoInterconnectForIssuer { .. } => {
+                ErrorReason::NoInterconnect
+            }
+            Self::MethodHandsOutNoKey { .. } => ErrorReason::MethodMismatch,
+            Self::UnsupportedGrantType { .. } => ErrorReason::UnsupportedGrantType,
+            Self::ClientIdNotTheCaller { .. } => ErrorReason::InvalidClient,
+            Self::ScopeUnparsable(_)
+            | Self::ScopeAefNotAuthorized { .. }
+            | Self::ScopeApiNotAuthorized { .. } => ErrorReason::InvalidScope,
+            Self::NoOauthContext { .. } => ErrorReason::UnauthorizedClient,
+            Self::ContextsExpiring { .. } => ErrorReason::InvalidGrant,
+            Self::SessionBindingMissing | Self::TokenSigningFailed => ErrorReason::InternalFault,
+            Self::KeyRotationFailed => ErrorReason::StoreFailure,
             Self::Store(e) => e.reason(),
         }
     }
@@ -331,7 +489,9 @@ mod tests {
     fn each_refusal_has_its_code_and_reason() {
         let a = CcfId::new("operator-a.test").unwrap();
         let inv = ApiInvokerId::new("inv-1").unwrap();
+        let b = CcfId::new("operator-b.test").unwrap();
         let aef = AefId::new("aef-a1").unwrap();
+        let api = ApiName::new("weather").unwrap();
         let who = PeerIdentity::new(a.clone(), Role::Operator);
         let cases = [
             (
@@ -388,16 +548,144 @@ mod tests {
             ),
             (
                 Refused::KeyExpired {
-                    invoker: inv,
+                    invoker: inv.clone(),
                     aef: aef.clone(),
                 },
                 Code::FailedPrecondition,
                 ErrorReason::KeyExpired,
             ),
             (
-                Refused::PartnerNotAuthorized { partner: a, aef },
+                Refused::PartnerNotAuthorized {
+                    partner: a.clone(),
+                    aef: aef.clone(),
+                },
                 Code::PermissionDenied,
                 ErrorReason::PartnerNotAuthorized,
+            ),
+            (
+                Refused::BadOnboardingCredential,
+                Code::Unauthenticated,
+                ErrorReason::OnboardingCredentialInvalid,
+            ),
+            (
+                Refused::AefNotRegistered {
+                    field: "service_security.security_info[0]".into(),
+                    own: a.clone(),
+                },
+                Code::NotFound,
+                ErrorReason::AefNotFound,
+            ),
+            (
+                Refused::NothingToUpdate { aef: aef.clone() },
+                Code::NotFound,
+                ErrorReason::NoSecurityContext,
+            ),
+            (
+                Refused::NoCommonMethod {
+                    aef: aef.clone(),
+                    supported: vec![SecurityMethod::Pki],
+                },
+                Code::FailedPrecondition,
+                ErrorReason::NoCommonSecurityMethod,
+            ),
+            (
+                Refused::ApiNotExposed {
+                    aef: aef.clone(),
+                    api: api.clone(),
+                },
+                Code::NotFound,
+                ErrorReason::AefNotFound,
+            ),
+            (
+                Refused::SessionBindingMissing,
+                Code::Internal,
+                ErrorReason::InternalFault,
+            ),
+            (
+                Refused::NoInterconnectForInvoker {
+                    invoker: inv.clone(),
+                    home: b.clone(),
+                    own: a.clone(),
+                },
+                Code::FailedPrecondition,
+                ErrorReason::NoInterconnect,
+            ),
+            (
+                Refused::NoInterconnectForIssuer {
+                    issuer: b.clone(),
+                    own: a.clone(),
+                },
+                Code::FailedPrecondition,
+                ErrorReason::NoInterconnect,
+            ),
+            (
+                Refused::MethodHandsOutNoKey {
+                    invoker: inv.clone(),
+                    aef: aef.clone(),
+                    method: SecurityMethod::Oauth,
+                },
+                Code::FailedPrecondition,
+                ErrorReason::MethodMismatch,
+            ),
+            (
+                Refused::UnsupportedGrantType {
+                    grant_type: "password".into(),
+                },
+                Code::InvalidArgument,
+                ErrorReason::UnsupportedGrantType,
+            ),
+            (
+                Refused::ClientIdNotTheCaller {
+                    invoker: inv.clone(),
+                },
+                Code::PermissionDenied,
+                ErrorReason::InvalidClient,
+            ),
+            (
+                Refused::ScopeUnparsable(TokenError::Scope("is malformed".into())),
+                Code::InvalidArgument,
+                ErrorReason::InvalidScope,
+            ),
+            (
+                Refused::NoOauthContext {
+                    invoker: inv.clone(),
+                },
+                Code::FailedPrecondition,
+                ErrorReason::UnauthorizedClient,
+            ),
+            (
+                Refused::ScopeAefNotAuthorized {
+                    invoker: inv.clone(),
+                    aef: aef.clone(),
+                },
+                Code::PermissionDenied,
+                ErrorReason::InvalidScope,
+            ),
+            (
+                Refused::ScopeApiNotAuthorized {
+                    invoker: inv.clone(),
+                    api,
+                    aef: aef.clone(),
+                },
+                Code::PermissionDenied,
+                ErrorReason::InvalidScope,
+            ),
+            (
+                Refused::ContextsExpiring {
+                    invoker: inv.clone(),
+                },
+                Code::FailedPrecondition,
+                ErrorReason::InvalidGrant,
+            ),
+            (
+                Refused::TokenSigningFailed,
+                Code::Internal,
+                ErrorReason::InternalFault,
+            ),
+            (
+                Refused::KeyRotationFailed,
+                Code::Internal,
+                ErrorReason::StoreFailure,
             ),
             (
                 Refused::Store(StoreError::InvokerGone),
@@ -421,5 +709,128 @@ mod tests {
             (Code::Internal, Some(ErrorReason::StoreFailure))
         );
         assert!(!s.message().contains("corrupt"), "{}", s.message());
+    }
+
+    /// The messages users and tests match on, word for word.
+    #[test]
+    fn refusal_messages_are_stable() {
+        let a = CcfId::new("operator-a.test").unwrap();
+        let b = CcfId::new("operator-b.test").unwrap();
+        let inv = ApiInvokerId::new("inv-1").unwrap();
+        let aef = AefId::new("aef-a1").unwrap();
+        let api = ApiName::new("weather").unwrap();
+        let cases = [
+            (
+                Refused::BadOnboardingCredential,
+                "the onboarding credential is unknown to this domain or was already used",
+            ),
+            (
+                Refused::AefNotRegistered {
+                    field: "service_security.security_info[0]".into(),
+                    own: a.clone(),
+                },
+                "service_security.security_info[0]: no such AEF is registered at operator-a.test",
+            ),
+            (
+                Refused::NothingToUpdate { aef: aef.clone() },
+                "no security context for AEF aef-a1 to update",
+            ),
+            (
+                Refused::NoCommonMethod {
+                    aef: aef.clone(),
+                    supported: vec![SecurityMethod::Pki, SecurityMethod::Oauth],
+                },
+                &format!(
+                    "AEF aef-a1 supports none of the preferred methods (it supports {:?})",
+                    vec![SecurityMethod::Pki, SecurityMethod::Oauth]
+                ),
+            ),
+            (
+                Refused::ApiNotExposed {
+                    aef: aef.clone(),
+                    api: api.clone(),
+                },
+                "AEF aef-a1 does not expose API weather",
+            ),
+            (
+                Refused::SessionBindingMissing,
+                "the CAPIF-1e TLS session binding is missing",
+            ),
+            (
+                Refused::NoInterconnectForInvoker {
+                    invoker: inv.clone(),
+                    home: b.clone(),
+                    own: a.clone(),
+                },
+                "API invoker inv-1 belongs to operator-b.test, and operator-a.test has no interconnect gateway configured",
+            ),
+            (
+                Refused::NoInterconnectForIssuer { issuer: b, own: a },
+                "tokens of operator-b.test cannot be verified: operator-a.test has no interconnect gateway configured",
+            ),
+            (
+                Refused::MethodHandsOutNoKey {
+                    invoker: inv.clone(),
+                    aef: aef.clone(),
+                    method: SecurityMethod::Oauth,
+                },
+                &format!(
+                    "API invoker inv-1 negotiated {:?} for AEF aef-a1; its tokens carry what the AEF needs",
+                    SecurityMethod::Oauth
+                ),
+            ),
+            (
+                Refused::UnsupportedGrantType {
+                    grant_type: "password".into(),
+                },
+                "grant_type \"password\" is not supported; use \"client_credentials\"",
+            ),
+            (
+                Refused::ClientIdNotTheCaller {
+                    invoker: inv.clone(),
+                },
+                "client_id must be the caller's own API invoker id (inv-1)",
+            ),
+            (
+                Refused::ScopeUnparsable(TokenError::Scope("is malformed".into())),
+                &TokenError::Scope("is malformed".into()).to_string(),
+            ),
+            (
+                Refused::NoOauthContext {
+                    invoker: inv.clone(),
+                },
+                "API invoker inv-1 holds no valid security context with method OAUTH; obtain one first",
+            ),
+            (
+                Refused::ScopeAefNotAuthorized {
+                    invoker: inv.clone(),
+                    aef: aef.clone(),
+                },
+                "API invoker inv-1 holds no OAUTH security context for AEF aef-a1",
+            ),
+            (
+                Refused::ScopeApiNotAuthorized {
+                    invoker: inv.clone(),
+                    api,
+                    aef,
+                },
+                "API invoker inv-1 is not authorized for API weather at AEF aef-a1",
+            ),
+            (
+                Refused::ContextsExpiring { invoker: inv },
+                "API invoker inv-1's security contexts expire within a second; obtain new ones",
+            ),
+            (
+                Refused::TokenSigningFailed,
+                "the CCF could not sign the access token",
+            ),
+            (
+                Refused::KeyRotationFailed,
+                "the new signing key could not be stored; the current key stays in use",
+            ),
+        ];
+        for (e, message) in cases {
+            assert_eq!(Status::from(e).message(), message);
+        }
     }
 }

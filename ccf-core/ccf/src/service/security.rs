@@ -7,12 +7,12 @@
 use std::sync::Arc;
 
 use capif_proto::v1::{
-    self as pb, AccessTokenReq, AccessTokenRsp, ErrorReason, GetSecurityInformationRequest,
+    self as pb, AccessTokenReq, AccessTokenRsp, GetSecurityInformationRequest,
     InvokerSecurityInformation, ObtainSecurityMethodRequest, RevocationKind, RevocationNotice,
     RevokeAuthorizationRequest, RevokeAuthorizationResponse, ServiceSecurity, TokenKeySet,
     TokenKeySetRequest, security_server::Security,
 };
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::{
     Refused, aef_id, calling_invoker, ccf_id, invoker_id, optional_key_id, own_domain,
@@ -20,7 +20,7 @@ use super::{
 };
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
-use ccf_core::grpc::{UpstreamError, caller, conn_info, error_status, invalid_field};
+use ccf_core::grpc::{UpstreamError, caller, conn_info, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, ApiName};
 use ccf_core::kdf::{AefPsk, Capif1eBinding};
@@ -74,14 +74,11 @@ impl SecurityService {
             ));
         };
         entry.ok_or_else(|| {
-            error_status(
-                Code::NotFound,
-                ErrorReason::AefNotFound,
-                format!(
-                    "{field}: no such AEF is registered at {}",
-                    self.state.ccf_id
-                ),
-            )
+            Refused::AefNotRegistered {
+                field,
+                own: self.state.ccf_id.clone(),
+            }
+            .into()
         })
     }
 
@@ -191,11 +188,10 @@ impl SecurityService {
             .map_err(store_status)?
             .is_none()
         {
-            return Err(error_status(
-                Code::NotFound,
-                ErrorReason::NoSecurityContext,
-                format!("no security context for AEF {} to update", entry.aef_id),
-            ));
+            return Err(Refused::NothingToUpdate {
+                aef: entry.aef_id.clone(),
+            }
+            .into());
         }
         Ok(())
     }
@@ -289,14 +285,11 @@ fn preferred_method(
         ));
     }
     select_method(&preferred, &entry.security_methods).ok_or_else(|| {
-        error_status(
-            Code::FailedPrecondition,
-            ErrorReason::NoCommonSecurityMethod,
-            format!(
-                "AEF {} supports none of the preferred methods (it supports {:?})",
-                entry.aef_id, entry.security_methods
-            ),
-        )
+        Refused::NoCommonMethod {
+            aef: entry.aef_id.clone(),
+            supported: entry.security_methods.clone(),
+        }
+        .into()
     })
 }
 
@@ -312,11 +305,11 @@ fn allowed_apis(
     let api = ApiName::new(info.api_id.clone())
         .map_err(|e| invalid_field(&format!("service_security.security_info[{i}].api_id"), e))?;
     if !entry.apis.contains(&api) {
-        return Err(error_status(
-            Code::NotFound,
-            ErrorReason::AefNotFound,
-            format!("AEF {} does not expose API {api}", entry.aef_id),
-        ));
+        return Err(Refused::ApiNotExposed {
+            aef: entry.aef_id.clone(),
+            api,
+        }
+        .into());
     }
     Ok(vec![api])
 }
@@ -327,13 +320,7 @@ fn session_aef_psk(
     binding: Option<&Capif1eBinding>,
     entry: &AefEntry,
 ) -> Result<AefPsk, Status> {
-    let binding = binding.ok_or_else(|| {
-        error_status(
-            Code::Internal,
-            ErrorReason::InternalFault,
-            "the CAPIF-1e TLS session binding is missing",
-        )
-    })?;
+    let binding = binding.ok_or(Refused::SessionBindingMissing)?;
     binding
         .aefpsk(&entry.interface_canonical)
         .map_err(|e| invalid_field(&format!("service_security.security_info[{i}]"), e))
@@ -403,14 +390,12 @@ impl Security for SecurityService {
         };
         if home != self.state.ccf_id {
             let Some(gw) = &self.state.gateway else {
-                return Err(error_status(
-                    Code::FailedPrecondition,
-                    ErrorReason::NoInterconnect,
-                    format!(
-                        "API invoker {invoker} belongs to {home}, and {} has no interconnect gateway configured",
-                        self.state.ccf_id
-                    ),
-                ));
+                return Err(Refused::NoInterconnectForInvoker {
+                    invoker,
+                    home,
+                    own: self.state.ccf_id.clone(),
+                }
+                .into());
             };
             let mut r = Request::new(pb::SecurityInformationQuery {
                 api_invoker_id: invoker.to_string(),
@@ -486,13 +471,7 @@ impl Security for SecurityService {
         let id = calling_invoker(&self.state, &who, "obtain access tokens")?;
         let req = request.into_inner();
         check_client_credentials(&id, &req)?;
-        let asked = Scope::parse(&req.scope).map_err(|e| {
-            error_status(
-                Code::InvalidArgument,
-                ErrorReason::InvalidScope,
-                e.to_string(),
-            )
-        })?;
+        let asked = Scope::parse(&req.scope).map_err(Refused::ScopeUnparsable)?;
         let now = now_ms();
         let contexts = oauth_contexts(&self.state, &id, now)?;
         let (granted, context_end) = granted_scope(&id, &asked, &contexts)?;
@@ -502,13 +481,7 @@ impl Security for SecurityService {
         let now_s = now / 1000;
         let exp = (now_s + self.state.token_lifetime.as_secs()).min(context_end / 1000);
         if exp <= now_s {
-            return Err(error_status(
-                Code::FailedPrecondition,
-                ErrorReason::InvalidGrant,
-                format!(
-                    "API invoker {id}'s security contexts expire within a second; obtain new ones"
-                ),
-            ));
+            return Err(Refused::ContextsExpiring { invoker: id }.into());
         }
         let claims = AccessTokenClaims {
             iss: self.state.ccf_id.to_string(),
@@ -556,14 +529,11 @@ impl Security for SecurityService {
             )));
         }
         let Some(gw) = &self.state.gateway else {
-            return Err(error_status(
-                Code::FailedPrecondition,
-                ErrorReason::NoInterconnect,
-                format!(
-                    "tokens of {issuer} cannot be verified: {} has no interconnect gateway configured",
-                    self.state.ccf_id
-                ),
-            ));
+            return Err(Refused::NoInterconnectForIssuer {
+                issuer,
+                own: self.state.ccf_id.clone(),
+            }
+            .into());
         };
         let mut r = Request::new(TokenKeySetRequest {
             issuer_ccf_id: issuer.to_string(),
@@ -582,21 +552,16 @@ impl Security for SecurityService {
 /// Method 3: only the client-credentials grant, and only for the caller's own invoker id.
 fn check_client_credentials(id: &ApiInvokerId, req: &AccessTokenReq) -> Result<(), Status> {
     if req.grant_type != "client_credentials" {
-        return Err(error_status(
-            Code::InvalidArgument,
-            ErrorReason::UnsupportedGrantType,
-            format!(
-                "grant_type {:?} is not supported; use \"client_credentials\"",
-                req.grant_type
-            ),
-        ));
+        return Err(Refused::UnsupportedGrantType {
+            grant_type: req.grant_type.clone(),
+        }
+        .into());
     }
     if req.client_id != id.as_str() {
-        return Err(error_status(
-            Code::PermissionDenied,
-            ErrorReason::InvalidClient,
-            format!("client_id must be the caller's own API invoker id ({id})"),
-        ));
+        return Err(Refused::ClientIdNotTheCaller {
+            invoker: id.clone(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -616,13 +581,10 @@ fn oauth_contexts(
         .filter(|c| c.method == SecurityMethod::Oauth && c.expires_at_ms > now)
         .collect();
     if contexts.is_empty() {
-        return Err(error_status(
-            Code::FailedPrecondition,
-            ErrorReason::UnauthorizedClient,
-            format!(
-                "API invoker {id} holds no valid security context with method OAUTH; obtain one first"
-            ),
-        ));
+        return Err(Refused::NoOauthContext {
+            invoker: id.clone(),
+        }
+        .into());
     }
     Ok(contexts)
 }
@@ -644,18 +606,19 @@ fn granted_scope(
     } else {
         for (aef, apis) in &asked.0 {
             let Some(c) = contexts.iter().find(|c| &c.aef_id == aef) else {
-                return Err(error_status(
-                    Code::PermissionDenied,
-                    ErrorReason::InvalidScope,
-                    format!("API invoker {id} holds no OAUTH security context for AEF {aef}"),
-                ));
+                return Err(Refused::ScopeAefNotAuthorized {
+                    invoker: id.clone(),
+                    aef: aef.clone(),
+                }
+                .into());
             };
             if let Some(api) = apis.iter().find(|a| !c.allowed_apis.contains(a)) {
-                return Err(error_status(
-                    Code::PermissionDenied,
-                    ErrorReason::InvalidScope,
-                    format!("API invoker {id} is not authorized for API {api} at AEF {aef}"),
-                ));
+                return Err(Refused::ScopeApiNotAuthorized {
+                    invoker: id.clone(),
+                    api: api.clone(),
+                    aef: aef.clone(),
+                }
+                .into());
             }
             granted.push((aef.clone(), apis.clone()));
             context_end = context_end.min(c.expires_at_ms);
@@ -668,10 +631,6 @@ fn granted_scope(
 fn sign_access_token(state: &CcfState, claims: &AccessTokenClaims) -> Result<String, Status> {
     state.token_keys.sign(claims).map_err(|e| {
         tracing::error!(error = %e, "cannot sign an access token");
-        error_status(
-            Code::Internal,
-            ErrorReason::InternalFault,
-            "the CCF could not sign the access token",
-        )
+        Status::from(Refused::TokenSigningFailed)
     })
 }
