@@ -26,6 +26,28 @@ fn aef_a1(t: &Testbed) -> (String, String) {
     )
 }
 
+/// A method-2 call of `api-aef-a1` at aef-a1's TLS endpoint with `p`'s certificate, presenting
+/// `as_invoker`.
+async fn pki_call(
+    t: &Testbed,
+    p: &Profile,
+    as_invoker: &str,
+    endpoint: &str,
+) -> anyhow::Result<pb::InvokeResponse> {
+    let (_, ca) = aef_a1(t);
+    let peer = t.d(A).aef_peer("aef-a1");
+    invoker::call_pki(
+        p,
+        as_invoker,
+        endpoint,
+        &ca,
+        "localhost",
+        "api-aef-a1",
+        &peer,
+    )
+    .await
+}
+
 /// Authentication Initiation for PKI at aef-a1: the TLS endpoint to dial.
 async fn pki_endpoint(t: &Testbed, p: &Profile) -> String {
     let (addr, ca) = aef_a1(t);
@@ -115,7 +137,6 @@ async fn both_methods_work_in_one_domain_and_across_two() {
 async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     let logs = logs::capture().await;
     let t = Testbed::start(opts()).await;
-    let (_, ca) = aef_a1(&t);
     let x = profile(&t, B, "c1").await;
     run(&t, &x, SecurityMethod::Pki).await.expect("X gets in");
     let endpoint = pki_endpoint(&t, &x).await;
@@ -140,17 +161,9 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     std::fs::write(fake_dir.join("invoker.pem"), &forged.cert_pem).unwrap();
     std::fs::write(fake_dir.join("invoker.key"), forged.key_pem.as_bytes()).unwrap();
     let fake = Profile::load(&fake_dir).unwrap();
-    let e = invoker::call_pki(
-        &fake,
-        x.id(),
-        &endpoint,
-        &ca,
-        "localhost",
-        "api-aef-a1",
-        &t.d(A).aef_peer("aef-a1"),
-    )
-    .await
-    .expect_err("a certificate from an unfederated CA is refused");
+    let e = pki_call(&t, &fake, x.id(), &endpoint)
+        .await
+        .expect_err("a certificate from an unfederated CA is refused");
     let _ = err_text(e);
     logs.wait_for(&["certificate refused", x.id(), "unfederated CA"])
         .await;
@@ -160,17 +173,9 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     run(&t, &y, SecurityMethod::Pki)
         .await
         .expect("Y gets in as Y");
-    let e = invoker::call_pki(
-        &y,
-        x.id(),
-        &endpoint,
-        &ca,
-        "localhost",
-        "api-aef-a1",
-        &t.d(A).aef_peer("aef-a1"),
-    )
-    .await
-    .expect_err("a certificate naming another invoker is refused");
+    let e = pki_call(&t, &y, x.id(), &endpoint)
+        .await
+        .expect_err("a certificate naming another invoker is refused");
     let e = err_text(e);
     assert!(e.contains("CERTIFICATE_REFUSED"), "{e}");
     logs.wait_for(&[
@@ -185,19 +190,7 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
     invoker::negotiate(&z, "aef-a1", None, SecurityMethod::Pki)
         .await
         .unwrap();
-    assert!(
-        invoker::call_pki(
-            &z,
-            z.id(),
-            &endpoint,
-            &ca,
-            "localhost",
-            "api-aef-a1",
-            &t.d(A).aef_peer("aef-a1")
-        )
-        .await
-        .is_err()
-    );
+    assert!(pki_call(&t, &z, z.id(), &endpoint).await.is_err());
     logs.wait_for(&["certificate refused", z.id(), "initiated no authentication"])
         .await;
 
@@ -215,33 +208,13 @@ async fn pki_refuses_unfederated_ca_other_invoker_and_revoked_invoker() {
         .unwrap();
     logs.wait_for(&["authorization revoked by the CCF", x.id()])
         .await;
-    assert!(
-        invoker::call_pki(
-            &x,
-            x.id(),
-            &endpoint,
-            &ca,
-            "localhost",
-            "api-aef-a1",
-            &t.d(A).aef_peer("aef-a1")
-        )
-        .await
-        .is_err()
-    );
+    assert!(pki_call(&t, &x, x.id(), &endpoint).await.is_err());
     logs.wait_for(&["certificate refused", x.id(), "revoked invoker"])
         .await;
     // Y is untouched.
-    invoker::call_pki(
-        &y,
-        y.id(),
-        &endpoint,
-        &ca,
-        "localhost",
-        "api-aef-a1",
-        &t.d(A).aef_peer("aef-a1"),
-    )
-    .await
-    .expect("Y still gets in");
+    pki_call(&t, &y, y.id(), &endpoint)
+        .await
+        .expect("Y still gets in");
 }
 
 fn claims(iss: &str, sub: &str, scope: &str, exp: u64) -> AccessTokenClaims {
@@ -538,17 +511,9 @@ async fn oauth_refuses_other_audience_future_times_and_another_invokers_token() 
     );
     assert!(msg.contains("client certificate"), "{msg}");
     // Without a token, Y's certificate is a method-2 call as Y, as before.
-    let r = invoker::call_pki(
-        &y,
-        y.id(),
-        &endpoint,
-        &ca,
-        "localhost",
-        "api-aef-a1",
-        &t.d(A).aef_peer("aef-a1"),
-    )
-    .await
-    .expect("Y's own certificate still works for method 2");
+    let r = pki_call(&t, &y, y.id(), &endpoint)
+        .await
+        .expect("Y's own certificate still works for method 2");
     assert_eq!(r.api_invoker_id, y.id());
 
     // Crafted with B's real key, everything else right.
