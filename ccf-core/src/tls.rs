@@ -251,7 +251,7 @@ impl std::str::FromStr for ExpectedPeer {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerIdentityError {
     /// The certificate names another domain or role.
-    #[error("the server's certificate names {presented}, expected {expected}")]
+    #[error("the server's certificate names {presented}, expected {expected} (identity mismatch)")]
     Mismatch {
         /// What the client expected.
         expected: ExpectedPeer,
@@ -269,23 +269,38 @@ pub enum ServerIdentityError {
     },
 }
 
-/// The server-certificate verifier of every [`client_config`]: webpki first (chain to the
-/// configured CA, validity, the server-auth EKU, the DNS name), then the `capif://` identity
-/// against an [`ExpectedPeer`]. Running inside the handshake means a refused identity fails the
-/// connection before the client sends its certificate or any request.
+/// The server-certificate verifier of every [`client_config`] and of the gateway's partner
+/// links: webpki first (chain to the configured CA, validity, the server-auth EKU, the DNS name),
+/// then the `capif://` identity against an [`ExpectedPeer`]. Running inside the handshake means a
+/// refused identity fails the connection before the client sends its certificate or any request.
 #[derive(Debug)]
 pub struct PeerServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     expected: ExpectedPeer,
+    name_is_locator: bool,
 }
 
 impl PeerServerVerifier {
-    /// A verifier trusting `roots` and accepting only `expected`.
+    /// A verifier trusting `roots` and accepting only `expected`. An internal address is
+    /// configured, not discovered, so a DNS name mismatch means a misconfiguration: fatal.
     pub fn new(roots: RootCertStore, expected: ExpectedPeer) -> Result<Self, TlsError> {
         let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(TlsError::ServerVerifier)?;
-        Ok(Self { inner, expected })
+        Ok(Self {
+            inner,
+            expected,
+            name_is_locator: false,
+        })
+    }
+
+    /// The same for a server found by DNS (a partner's gateway): the DNS name only located it
+    /// and is not what is trusted, so a name mismatch alone is not fatal; chain and identity are.
+    pub fn locating(roots: RootCertStore, expected: ExpectedPeer) -> Result<Self, TlsError> {
+        Ok(Self {
+            name_is_locator: true,
+            ..Self::new(roots, expected)?
+        })
     }
 
     /// The identity check alone, on a certificate whose chain is already verified.
@@ -313,15 +328,20 @@ impl ServerCertVerifier for PeerServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        // Unlike a partner link (gateway::trust), an internal address is configured, not
-        // discovered, so a DNS name mismatch still means a misconfiguration and stays fatal.
-        self.inner.verify_server_cert(
+        match self.inner.verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
-        )?;
+        ) {
+            Ok(_) => {}
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) if self.name_is_locator => {}
+            Err(e) => return Err(e),
+        }
         // `Other` keeps the typed error as the source; the alert is handshake_failure.
         self.check_identity(end_entity)
             .map(|_| ServerCertVerified::assertion())

@@ -8,24 +8,10 @@ use std::sync::Arc;
 
 use ccf_core::identity::{IdentityError, PeerIdentity, Role};
 use ccf_core::ids::CcfId;
-use ccf_core::tls::{TlsError, certs_from_pem};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use ccf_core::tls::{ExpectedPeer, PeerServerVerifier, TlsError, certs_from_pem, provider};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn roots(certs: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut store = RootCertStore::empty();
-    for c in certs {
-        store.add(c.clone())?;
-    }
-    Ok(Arc::new(store))
-}
 
 /// What this gateway trusts of one partner.
 pub struct PartnerTrust {
@@ -34,7 +20,7 @@ pub struct PartnerTrust {
     /// Its CA certificates.
     pub ca_certs: Vec<CertificateDer<'static>>,
     client_verifier: Arc<dyn ClientCertVerifier>,
-    server_verifier: Arc<PartnerServerVerifier>,
+    server_verifier: Arc<PeerServerVerifier>,
 }
 
 impl std::fmt::Debug for PartnerTrust {
@@ -110,18 +96,17 @@ impl PartnerTrust {
     /// Builds the trust of one partner from its CA bundle (PEM).
     pub fn new(ccf_id: CcfId, ca_pem: &str) -> Result<Self, TlsError> {
         let ca_certs = certs_from_pem("partner CA certificate", ca_pem)?;
-        let store = roots(&ca_certs)?;
+        let store = Arc::new(ccf_core::tls::roots(&ca_certs)?);
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
                 .build()
                 .map_err(TlsError::Verifier)?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(store, provider())
-            .build()
-            .map_err(TlsError::ServerVerifier)?;
-        let server_verifier = Arc::new(PartnerServerVerifier {
-            expected: PeerIdentity::new(ccf_id.clone(), Role::Gateway),
-            inner,
-        });
+        // Chain to this partner's CA alone, identity `capif://<partner>/gateway`; DNS only
+        // located the server, so its name is not what is trusted.
+        let server_verifier = Arc::new(PeerServerVerifier::locating(
+            (*store).clone(),
+            ExpectedPeer::gateway(&ccf_id),
+        )?);
         Ok(Self {
             ccf_id,
             ca_certs,
@@ -131,7 +116,7 @@ impl PartnerTrust {
     }
 
     /// The verifier for outbound connections to this partner.
-    pub fn server_verifier(&self) -> Arc<PartnerServerVerifier> {
+    pub fn server_verifier(&self) -> Arc<PeerServerVerifier> {
         self.server_verifier.clone()
     }
 
@@ -215,72 +200,6 @@ impl Federation {
                 source,
             })?;
         Ok(id.ccf_id)
-    }
-}
-
-/// Verifies a partner gateway's server certificate: the chain against the partner's CA, then the
-/// identity URI. The DNS name is not what is trusted (DNS is only a locator), so a name mismatch
-/// alone is not fatal; the identity check is.
-#[derive(Debug)]
-pub struct PartnerServerVerifier {
-    expected: PeerIdentity,
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for PartnerServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Ok(_) => {}
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        match PeerIdentity::from_certificate(end_entity) {
-            Ok(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Ok(id) => Err(rustls::Error::General(format!(
-                "partner identity mismatch: expected {}, certificate names {id}",
-                self.expected
-            ))),
-            Err(e) => Err(rustls::Error::General(format!(
-                "partner certificate names no identity: {e}"
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 
