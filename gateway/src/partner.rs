@@ -310,6 +310,7 @@ impl PartnerLink {
             resolved_targets: s.resolved,
             requests: s.requests,
             failures: s.failures,
+            ..Default::default()
         }
     }
 }

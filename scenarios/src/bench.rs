@@ -247,6 +247,16 @@ impl Gateway for FloorHop {
             "floor hop",
         ))
     }
+    async fn evict_partner_invoker(
+        &self,
+        _: Request<pb::RevocationNotice>,
+    ) -> Result<Response<pb::RevocationAck>, Status> {
+        Err(error_status(
+            Code::Unimplemented,
+            ErrorReason::NotImplemented,
+            "floor hop",
+        ))
+    }
     async fn fetch_token_key_set(
         &self,
         _: Request<pb::TokenKeySetRequest>,

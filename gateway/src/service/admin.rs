@@ -55,7 +55,19 @@ impl GatewayAdmin for AdminService {
             revocations_received: s.revocations_received.load(Ordering::Relaxed),
             partner_requests_served: s.partner_requests_served.load(Ordering::Relaxed),
             partners: s.links.values().map(|l| l.state()).collect(),
+            ..Default::default()
         }))
+    }
+
+    async fn reload(
+        &self,
+        _request: Request<capif_proto::v1::ReloadRequest>,
+    ) -> Result<Response<capif_proto::v1::ReloadResponse>, Status> {
+        Err(ccf_core::grpc::error_status(
+            tonic::Code::Unimplemented,
+            capif_proto::v1::ErrorReason::NotImplemented,
+            "reload is not served by this release",
+        ))
     }
 
     async fn purge(

@@ -168,7 +168,19 @@ impl Gateway for GatewayService {
         Ok(Response::new(RevocationAck {
             entries_removed: 0,
             forwarded,
+            duplicate: false,
         }))
+    }
+
+    async fn evict_partner_invoker(
+        &self,
+        _request: Request<RevocationNotice>,
+    ) -> Result<Response<RevocationAck>, Status> {
+        Err(ccf_core::grpc::error_status(
+            tonic::Code::Unimplemented,
+            capif_proto::v1::ErrorReason::NotImplemented,
+            "evicting a partner's invoker is not served by this release",
+        ))
     }
 
     async fn fetch_token_key_set(

@@ -183,6 +183,7 @@ impl Interconnect for InterconnectService {
         Ok(Response::new(RevocationAck {
             entries_removed: removed as u32,
             forwarded: 1,
+            duplicate: false,
         }))
     }
 

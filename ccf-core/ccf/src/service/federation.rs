@@ -119,6 +119,7 @@ impl Federation for FederationService {
         Ok(Response::new(RevocationAck {
             entries_removed: 0,
             forwarded: self.state.aefs.len() as u32,
+            duplicate: false,
         }))
     }
 

@@ -131,6 +131,7 @@ impl InvokerManagement for InvokerManagementService {
                 kind: RevocationKind::Offboarded as i32,
                 cause: capif_proto::v1::Cause::InvokerOffboarded as i32,
                 key_id: String::new(),
+                ..Default::default()
             },
             &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),
         );

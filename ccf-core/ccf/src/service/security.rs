@@ -217,6 +217,7 @@ impl SecurityService {
                     kind: RevocationKind::KeyReplacedByNewer as i32,
                     cause: pb::Cause::KeyReplaced as i32,
                     key_id: old.key_id.clone(),
+                    ..Default::default()
                 },
                 std::slice::from_ref(&old.aef_id),
             );
@@ -454,12 +455,14 @@ impl Security for SecurityService {
                     kind: RevocationKind::AuthorizationRevoked as i32,
                     cause: info.cause,
                     key_id: String::new(),
+                    ..Default::default()
                 },
                 &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),
             );
         }
         Ok(Response::new(RevokeAuthorizationResponse {
             security_contexts_removed: removed.len() as u32,
+            aefs_refused: Vec::new(),
         }))
     }
 
