@@ -91,6 +91,11 @@ pub struct SecurityConfig {
     /// seconds; also how long a context stays after its expiry, so that AEFs asking just after
     /// it get `KEY_EXPIRED` rather than `NO_SECURITY_CONTEXT`. Default 60, 1 to 86400.
     pub context_purge_interval_secs: u64,
+    /// How long an invoker of another domain stays refused at this domain's AEFs after this
+    /// domain's operator revoked it here (`RevokeAuthorization` naming its home domain),
+    /// seconds. Nothing is revoked at its home, where it may obtain new keys meanwhile, so the
+    /// refusal is held for a fixed time rather than for one key. Default one hour.
+    pub foreign_revocation_secs: u64,
 }
 
 impl Default for SecurityConfig {
@@ -98,6 +103,7 @@ impl Default for SecurityConfig {
         Self {
             aef_psk_validity_secs: 3600,
             context_purge_interval_secs: 60,
+            foreign_revocation_secs: 3600,
         }
     }
 }

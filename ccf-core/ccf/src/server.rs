@@ -111,6 +111,8 @@ pub struct CcfState {
     pub registry: AefRegistry,
     /// Validity given to new security contexts.
     pub context_validity: Duration,
+    /// How long an invoker of another domain revoked here stays refused at this domain's AEFs.
+    pub foreign_revocation: Duration,
     /// Validity of issued certificates, days.
     pub cert_validity_days: i64,
     credential_digests: Vec<String>,
@@ -367,6 +369,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,
         context_validity: Duration::from_secs(config.security.aef_psk_validity_secs),
+        foreign_revocation: Duration::from_secs(config.security.foreign_revocation_secs),
         cert_validity_days: config.pki.cert_validity_days,
         credential_digests: config
             .onboarding
@@ -389,6 +392,11 @@ fn validate_config(config: &CcfConfig) -> Result<(CcfId, AefRegistry, Duration),
     if config.security.aef_psk_validity_secs == 0 {
         return Err(StartError::Config(
             "security.aef_psk_validity_secs must be at least 1".into(),
+        ));
+    }
+    if !(1..=30 * 86_400).contains(&config.security.foreign_revocation_secs) {
+        return Err(StartError::Config(
+            "security.foreign_revocation_secs must be between 1 and 2592000 (30 days)".into(),
         ));
     }
     let purge_every = Duration::from_secs(config.security.context_purge_interval_secs);

@@ -24,6 +24,9 @@ const INVOKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("invokers");
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("security_contexts");
 const CREDENTIALS: TableDefinition<&str, &str> =
     TableDefinition::new("used_onboarding_credentials");
+/// Invokers of other domains refused at AEFs of this one: "<home>/<invoker>/<aef>" -> until
+/// (Unix ms).
+const FOREIGN_REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("foreign_revocations");
 
 /// Why the store failed. The operation changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +151,11 @@ fn ctx_key(invoker: &ApiInvokerId, aef: &AefId) -> String {
     format!("{invoker}/{aef}")
 }
 
+fn foreign_key(home: &CcfId, invoker: &ApiInvokerId, aef: &AefId) -> String {
+    // ids never contain '/'.
+    format!("{home}/{invoker}/{aef}")
+}
+
 fn ctx_range(invoker: &ApiInvokerId) -> (String, String) {
     // ids never contain '/', and '0' is the character after '/'.
     (format!("{invoker}/"), format!("{invoker}0"))
@@ -214,6 +222,7 @@ impl Store {
         tx.open_table(INVOKERS)?;
         tx.open_table(CONTEXTS)?;
         tx.open_table(CREDENTIALS)?;
+        tx.open_table(FOREIGN_REVOCATIONS)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -363,6 +372,45 @@ impl Store {
         Ok(removed)
     }
 
+    /// Records that the invoker `invoker` of domain `home` is refused at `aefs` (of this domain)
+    /// until `until_ms` (Unix ms), in one write transaction. A longer refusal already recorded
+    /// for an AEF is kept.
+    pub fn revoke_foreign(
+        &self,
+        home: &CcfId,
+        invoker: &ApiInvokerId,
+        aefs: &[AefId],
+        until_ms: u64,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(FOREIGN_REVOCATIONS)?;
+            for aef in aefs {
+                let key = foreign_key(home, invoker, aef);
+                let held = t.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+                t.insert(key.as_str(), held.max(until_ms))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Until when (Unix ms) the invoker `invoker` of domain `home` is refused at `aef`, if it is
+    /// refused at `now_ms`.
+    pub fn foreign_revoked_until(
+        &self,
+        home: &CcfId,
+        invoker: &ApiInvokerId,
+        aef: &AefId,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(FOREIGN_REVOCATIONS)?;
+        Ok(t.get(foreign_key(home, invoker, aef).as_str())?
+            .map(|v| v.value())
+            .filter(|until| *until > now_ms))
+    }
+
     /// Deletes every security context that expired at or before `cutoff_ms` (Unix ms), in one
     /// write transaction, and returns how many it deleted. Contexts that expire later, invokers
     /// and credentials are not touched.
@@ -391,6 +439,9 @@ impl Store {
                 }
             })?;
         }
+        // Refusals of foreign invokers that ended are deleted in the same transaction.
+        tx.open_table(FOREIGN_REVOCATIONS)?
+            .retain(|_, until| until > cutoff_ms)?;
         tx.commit()?;
         if !unreadable.is_empty() {
             // Keys are "<apiInvokerId>/<aefId>": ids, not secrets.

@@ -227,6 +227,30 @@ pub enum Refused {
     /// Admin: the rotated signing key could not be stored (the cause is logged where it happened).
     #[error("the new signing key could not be stored; the current key stays in use")]
     KeyRotationFailed,
+    /// This domain's operator revoked the foreign invoker's access to this AEF.
+    #[error(
+        "API invoker {invoker} of {home} is refused at AEF {aef}: {own}'s operator revoked its access here"
+    )]
+    RevokedAtThisDomain {
+        /// The invoker.
+        invoker: ApiInvokerId,
+        /// Its home domain.
+        home: CcfId,
+        /// The AEF asking.
+        aef: AefId,
+        /// This CCF's domain.
+        own: CcfId,
+    },
+    /// Revocation of a foreign invoker: the AEF named is not one of this domain's.
+    #[error(
+        "AEF {aef} is not an AEF of {own}; only access to this domain's AEFs can be revoked here"
+    )]
+    NotOwnAef {
+        /// The AEF named.
+        aef: AefId,
+        /// This CCF's domain.
+        own: CcfId,
+    },
     /// The state store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -240,7 +264,8 @@ impl Refusal for Refused {
             | Self::NoSecurityContext { .. }
             | Self::AefNotRegistered { .. }
             | Self::NothingToUpdate { .. }
-            | Self::ApiNotExposed { .. } => Code::NotFound,
+            | Self::ApiNotExposed { .. }
+            | Self::NotOwnAef { .. } => Code::NotFound,
             Self::OtherDomain { .. }
             | Self::NotTheCaller { .. }
             | Self::RevokesForAnotherAef
@@ -249,7 +274,8 @@ impl Refusal for Refused {
             | Self::PartnerNotAuthorized { .. }
             | Self::ClientIdNotTheCaller { .. }
             | Self::ScopeAefNotAuthorized { .. }
-            | Self::ScopeApiNotAuthorized { .. } => Code::PermissionDenied,
+            | Self::ScopeApiNotAuthorized { .. }
+            | Self::RevokedAtThisDomain { .. } => Code::PermissionDenied,
             Self::KeyExpired { .. }
             | Self::NoCommonMethod { .. }
             | Self::NoInterconnectForInvoker { .. }
@@ -281,7 +307,10 @@ impl Refusal for Refused {
             Self::KeyExpired { .. } => ErrorReason::KeyExpired,
             Self::PartnerNotAuthorized { .. } => ErrorReason::PartnerNotAuthorized,
             Self::BadOnboardingCredential => ErrorReason::OnboardingCredentialInvalid,
-            Self::AefNotRegistered { .. } | Self::ApiNotExposed { .. } => ErrorReason::AefNotFound,
+            Self::AefNotRegistered { .. } | Self::ApiNotExposed { .. } | Self::NotOwnAef { .. } => {
+                ErrorReason::AefNotFound
+            }
+            Self::RevokedAtThisDomain { .. } => ErrorReason::RevokedAtThisDomain,
             Self::NoCommonMethod { .. } => ErrorReason::NoCommonSecurityMethod,
             Self::NoInterconnectForInvoker { .. } | Self::NoInterconnectForIssuer { .. } => {
                 ErrorReason::NoInterconnect
@@ -696,6 +725,24 @@ mod tests {
                 Refused::Store(StoreError::CredentialUsed),
                 Code::Unauthenticated,
                 ErrorReason::OnboardingCredentialInvalid,
+            ),
+            (
+                Refused::RevokedAtThisDomain {
+                    invoker: inv.clone(),
+                    home: b.clone(),
+                    aef: aef.clone(),
+                    own: a.clone(),
+                },
+                Code::PermissionDenied,
+                ErrorReason::RevokedAtThisDomain,
+            ),
+            (
+                Refused::NotOwnAef {
+                    aef: aef.clone(),
+                    own: a.clone(),
+                },
+                Code::NotFound,
+                ErrorReason::AefNotFound,
             ),
         ];
         for (e, code, reason) in cases {

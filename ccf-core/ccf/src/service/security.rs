@@ -57,6 +57,73 @@ impl SecurityService {
         .into()
     }
 
+    /// This domain's operator (or an AEF, for itself) revokes the access of `invoker`, an
+    /// invoker of `home`, to this domain's AEFs (`aef`, or all). Recorded durably first, so the
+    /// refusal holds whatever happens next; then the AEFs drop its key and close its connections,
+    /// and the gateway evicts its cached answers. Nothing is sent to `home`: the invoker stays
+    /// valid there. Returns the AEFs at which it is now refused.
+    async fn revoke_foreign(
+        &self,
+        home: &ccf_core::ids::CcfId,
+        invoker: &ApiInvokerId,
+        aef: Option<&ccf_core::ids::AefId>,
+        cause: i32,
+    ) -> Result<Vec<ccf_core::ids::AefId>, Status> {
+        let own = &self.state.ccf_id;
+        let aefs: Vec<ccf_core::ids::AefId> = match aef {
+            Some(a) => match self.state.registry.get(a) {
+                Some(e) if &e.ccf_id == own => vec![a.clone()],
+                _ => {
+                    return Err(Refused::NotOwnAef {
+                        aef: a.clone(),
+                        own: own.clone(),
+                    }
+                    .into());
+                }
+            },
+            None => self
+                .state
+                .registry
+                .iter()
+                .filter(|e| &e.ccf_id == own)
+                .map(|e| e.aef_id.clone())
+                .collect(),
+        };
+        let until = now_ms().saturating_add(
+            u64::try_from(self.state.foreign_revocation.as_millis()).unwrap_or(u64::MAX),
+        );
+        self.state
+            .store
+            .revoke_foreign(home, invoker, &aefs, until)
+            .map_err(store_status)?;
+        let notice = RevocationNotice {
+            home_ccf_id: home.to_string(),
+            api_invoker_id: invoker.to_string(),
+            aef_ids: aefs.iter().map(ToString::to_string).collect(),
+            kind: RevocationKind::AuthorizationRevoked as i32,
+            cause,
+            ..Default::default()
+        };
+        tracing::info!(
+            api_invoker_id = %invoker,
+            %home,
+            aefs = ?notice.aef_ids,
+            until_unix_ms = until,
+            "access of a foreign invoker to this domain's AEFs revoked"
+        );
+        self.state.revoke_at_aefs(&notice, Some(&aefs));
+        if let Some(gw) = &self.state.gateway {
+            // The refusal is already recorded: a gateway that cannot be told keeps a cached
+            // answer the CCF no longer hands to AEFs, until it expires.
+            let mut r = Request::new(notice);
+            r.set_timeout(std::time::Duration::from_secs(3));
+            if let Err(e) = gw.clone().evict_partner_invoker(r).await {
+                tracing::warn!(error = %e.message(), "could not tell the gateway to evict the foreign invoker");
+            }
+        }
+        Ok(aefs)
+    }
+
     fn resolve_aef(&self, i: usize, info: &pb::SecurityInformation) -> Result<&AefEntry, Status> {
         let field = format!("service_security.security_info[{i}]");
         let entry = if !info.aef_id.is_empty() {
@@ -390,6 +457,21 @@ impl Security for SecurityService {
             ccf_id("home_ccf_id", &req.home_ccf_id)?
         };
         if home != self.state.ccf_id {
+            if self
+                .state
+                .store
+                .foreign_revoked_until(&home, &invoker, own_aef, now_ms())
+                .map_err(store_status)?
+                .is_some()
+            {
+                return Err(Refused::RevokedAtThisDomain {
+                    invoker,
+                    home,
+                    aef: own_aef.clone(),
+                    own: self.state.ccf_id.clone(),
+                }
+                .into());
+            }
             let Some(gw) = &self.state.gateway else {
                 return Err(Refused::NoInterconnectForInvoker {
                     invoker,
@@ -441,6 +523,16 @@ impl Security for SecurityService {
             .revoke_info
             .ok_or_else(|| invalid_field("revoke_info", "is required"))?;
         let (id, aef) = revoke_target(&self.state, &who, &info)?;
+        if !info.home_ccf_id.is_empty() && info.home_ccf_id != self.state.ccf_id.as_str() {
+            let home = ccf_id("revoke_info.home_ccf_id", &info.home_ccf_id)?;
+            let refused_at = self
+                .revoke_foreign(&home, &id, aef.as_ref(), info.cause)
+                .await?;
+            return Ok(Response::new(RevokeAuthorizationResponse {
+                security_contexts_removed: 0,
+                aefs_refused: refused_at.iter().map(ToString::to_string).collect(),
+            }));
+        }
         let removed = self
             .state
             .store
