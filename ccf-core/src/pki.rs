@@ -169,9 +169,16 @@ fn validity(params: &mut CertificateParams, days: i64) {
 impl DomainCa {
     /// Generates a new root CA for `ccf_id` (ECDSA P-256, 10 years).
     pub fn generate(ccf_id: &CcfId) -> Result<Self, PkiError> {
+        Self::generate_named(ccf_id, &format!("CAPIF domain CA {ccf_id}"))
+    }
+
+    /// Generates a new root CA for `ccf_id` whose subject's common name is `common_name` (a
+    /// second CA of the domain, e.g. the one its partners trust for its gateway, must be told
+    /// apart from the first by name as well as by key).
+    pub fn generate_named(ccf_id: &CcfId, common_name: &str) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("CAPIF domain CA {ccf_id}"));
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, ccf_id.as_str());
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

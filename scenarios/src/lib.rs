@@ -3,6 +3,7 @@
 //! - [`invoker`] — the API invoker client (`capif invoker ...`).
 //! - [`scenario`] — scenario files: format and validation.
 //! - [`testbed`] — the launcher: PKI, configs, DNS, component processes.
+//! - [`live`] — changing a running testbed's federation: partner lists, reloads, CA rotation.
 //! - [`dns`] — the testbed's DNS server (hickory-server on loopback).
 //! - [`runner`] — runs a scenario's steps, prints the table, writes the JSON report.
 //! - [`bench`] — `capif bench`: the gateway against a bare floor, as ratios.
@@ -12,6 +13,7 @@
 pub mod bench;
 pub mod dns;
 pub mod invoker;
+pub mod live;
 pub mod runner;
 pub mod scenario;
 pub mod testbed;

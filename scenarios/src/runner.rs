@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use capif_2e::psk::TlsProfile;
 use capif_proto::v1::{
-    self as pb, gateway_admin_client::GatewayAdminClient,
-    invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
+    self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
 use ccf_core::ids::CcfId;
 use ccf_core::tls::{ExpectedPeer, client_config, connect};
@@ -245,7 +244,18 @@ impl<'a> Runner<'a> {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 (format!("{ms} ms"), Outcome::ok(), String::new())
             }
-            Action::Stop | Action::Kill | Action::Start => self.component_step(step).await,
+            Action::Stop | Action::Kill | Action::Start | Action::Restart => {
+                self.component_step(step).await
+            }
+            Action::Reload => self.reload_step(step).await,
+            Action::RotatePartnerCa => {
+                let d = domain_of(step);
+                let overlap = Duration::from_millis(step.ms.unwrap_or(0));
+                match self.tb.rotate_partner_ca(&d, overlap).await {
+                    Ok(fp) => (d, Outcome::ok(), format!("new CA sha256 {}…", &fp[..16])),
+                    Err(e) => (d, classify(&e), String::new()),
+                }
+            }
             Action::SetValidity => self.set_validity_step(step).await,
             Action::RotateTokenKey => {
                 let d = domain_of(step);
@@ -269,6 +279,10 @@ impl<'a> Runner<'a> {
         let r = match step.action {
             Action::Start => self.tb.start(&c).await,
             Action::Kill => self.tb.stop(&c, true).await,
+            Action::Restart => match self.tb.stop(&c, true).await {
+                Ok(()) => self.tb.start(&c).await,
+                Err(e) => Err(e),
+            },
             _ => self.tb.stop(&c, false).await,
         };
         (
@@ -276,6 +290,42 @@ impl<'a> Runner<'a> {
             r.map(|_| Outcome::ok()).unwrap_or_else(|e| classify(&e)),
             String::new(),
         )
+    }
+
+    /// A gateway reload: after a new partner list, after breaking its files (then refused), or
+    /// of the files as they are. Shows what the gateway says it changed.
+    async fn reload_step(&mut self, step: &Step) -> (String, Outcome, String) {
+        let d = domain_of(step);
+        let r = async {
+            if let Some(b) = &step.broken {
+                return self.tb.reload_broken(&d, b.get_ref().parse()?).await;
+            }
+            if let Some(p) = &step.partners {
+                let p: Vec<String> = p.iter().map(|x| x.get_ref().clone()).collect();
+                self.tb.set_partners(&d, &p)?;
+            }
+            self.tb.reload_gateway(&d).await
+        }
+        .await;
+        match r {
+            Ok(rsp) => {
+                let mut said = Vec::new();
+                for (what, list) in [
+                    ("added", &rsp.added),
+                    ("removed", &rsp.removed),
+                    ("changed", &rsp.changed),
+                ] {
+                    if !list.is_empty() {
+                        said.push(format!("{what} {}", list.join(",")));
+                    }
+                }
+                if rsp.own_certificate_renewed {
+                    said.push("own certificate renewed".into());
+                }
+                (d, Outcome::ok(), said.join("; "))
+            }
+            Err(e) => (d, classify(&e), String::new()),
+        }
     }
 
     /// A new AEFPSK validity for a domain's CCF, which restarts to apply it.
@@ -380,25 +430,10 @@ impl<'a> Runner<'a> {
     }
 
     async fn counters(&self, domain: &str) -> Result<BTreeMap<String, u64>> {
-        let d = &self.tb.domains[domain];
-        let (cert, key) = d.operator();
-        let ca = std::fs::read_to_string(d.ca_pem())?;
-        let cfg = client_config(
-            &ca,
-            Some((
-                &std::fs::read_to_string(cert)?,
-                &std::fs::read_to_string(key)?,
-            )),
-            ExpectedPeer::gateway(&CcfId::new(domain)?),
-        )?;
-        let (ch, _) = connect(
-            &format!("127.0.0.1:{}", d.gw6_port),
-            "localhost",
-            cfg,
-            Duration::from_secs(5),
-        )
-        .await?;
-        let st = GatewayAdminClient::new(ch)
+        let st = self
+            .tb
+            .gateway_admin(domain)
+            .await?
             .get_status(pb::GetStatusRequest {})
             .await
             .map_err(invoker::status_error)?
@@ -413,6 +448,12 @@ impl<'a> Runner<'a> {
             (
                 "partner_requests_served".to_string(),
                 st.partner_requests_served,
+            ),
+            ("reloads".to_string(), st.reloads),
+            ("reloads_refused".to_string(), st.reloads_refused),
+            (
+                "duplicate_revocations".to_string(),
+                st.duplicate_revocations,
             ),
         ]))
     }
@@ -471,6 +512,9 @@ struct OpContext {
     tls_endpoint: String,
     psk_tls: TlsProfile,
     method: pb::SecurityMethod,
+    /// Revoke: the domain whose operator revokes, when not the invoker's home (its CCF's
+    /// address, CA file, operator files, id).
+    revoker: Option<(String, PathBuf, (PathBuf, PathBuf), String)>,
 }
 
 impl OpContext {
@@ -484,6 +528,19 @@ impl OpContext {
     ) -> Self {
         let d = &r.tb.domains[home];
         let a = aef.and_then(|a| r.tb.aefs.get(a));
+        let revoker = step
+            .domain
+            .as_ref()
+            .filter(|x| step.action == Action::Revoke && x.get_ref() != home)
+            .and_then(|x| r.tb.domains.get(x.get_ref()))
+            .map(|x| {
+                (
+                    format!("127.0.0.1:{}", x.capif_port),
+                    x.ca_pem(),
+                    x.operator(),
+                    x.id.clone(),
+                )
+            });
         let api = step.api.clone().or_else(|| {
             aef.and_then(|a| s.aef(a))
                 .and_then(|a| a.apis.first().cloned())
@@ -517,6 +574,7 @@ impl OpContext {
                 .as_ref()
                 .and_then(|m| invoker::parse_method(m.get_ref()).ok())
                 .unwrap_or(pb::SecurityMethod::Psk),
+            revoker,
         }
     }
 
@@ -644,17 +702,36 @@ impl OpContext {
 
     /// The home domain's operator revokes the invoker's authorization at the AEF (CAPIF-1e,
     /// mutual TLS).
+    ///
+    /// With a revoking domain other than the home: that domain's operator revokes the invoker's
+    /// access to its own AEFs, naming the invoker's home.
     async fn revoke(&self, aef: String) -> Result<()> {
         let p = Profile::load(&self.profile_dir)?;
-        let ca = std::fs::read_to_string(&self.home_ca)?;
+        let (capif, ca_file, operator, expected, home_ccf_id) = match &self.revoker {
+            Some((capif, ca, op, id)) => (
+                capif.as_str(),
+                ca,
+                op,
+                ExpectedPeer::ccf(&CcfId::new(id.clone())?),
+                p.file.ccf_id.clone(),
+            ),
+            None => (
+                self.capif.as_str(),
+                &self.home_ca,
+                &self.operator,
+                p.home_ccf()?,
+                String::new(),
+            ),
+        };
+        let ca = std::fs::read_to_string(ca_file)?;
         let (cert, key) = (
-            std::fs::read_to_string(&self.operator.0)?,
-            std::fs::read_to_string(&self.operator.1)?,
+            std::fs::read_to_string(&operator.0)?,
+            zeroize::Zeroizing::new(std::fs::read_to_string(&operator.1)?),
         );
         let (ch, _) = connect(
-            &self.capif,
+            capif,
             "localhost",
-            client_config(&ca, Some((&cert, &key)), p.home_ccf()?)?,
+            client_config(&ca, Some((&cert, &key)), expected)?,
             Duration::from_secs(5),
         )
         .await?;
@@ -664,6 +741,7 @@ impl OpContext {
                     api_invoker_id: p.id().to_string(),
                     aef_id: aef,
                     cause: pb::Cause::AuthorizationIssue as i32,
+                    home_ccf_id,
                     ..Default::default()
                 }),
             })

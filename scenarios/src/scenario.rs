@@ -84,7 +84,9 @@ pub enum Action {
     Call,
     /// security + auth + call.
     Run,
-    /// The home CCF's operator revokes the invoker's authorization (for `aef`, or all).
+    /// The home CCF's operator revokes the invoker's authorization (for `aef`, or all). With
+    /// `domain` naming another domain: THAT domain's operator revokes the invoker's access to
+    /// its own AEFs (`aef`, or all of them); nothing changes at the invoker's home.
     Revoke,
     /// The invoker offboards itself.
     Offboard,
@@ -94,6 +96,16 @@ pub enum Action {
     Kill,
     /// Start a stopped component.
     Start,
+    /// Kill a component (SIGKILL) and start it again: nothing it held in memory survives.
+    Restart,
+    /// Reload a domain's gateway (`domain`) through `GatewayAdmin.Reload`, after setting its
+    /// partner list (`partners`) or breaking its files on purpose (`broken`: "toml" or
+    /// "partner_ca"; the good files are put back after the reload was refused).
+    Reload,
+    /// Rotate the CA the partners of `domain` trust for its gateway, with an overlap of `ms`
+    /// milliseconds (default 0): partners trust old + new and reload, the gateway takes a
+    /// certificate of the new CA and reloads, partners drop the old CA and reload.
+    RotatePartnerCa,
     /// Sleep `ms` milliseconds.
     Wait,
     /// Restart a domain's CCF with a new AEFPSK validity (`domain`, `secs`).
@@ -128,9 +140,15 @@ pub struct Step {
     /// Component: "ccf:<domain>", "gateway:<domain>" or "aef:<aef-id>".
     #[serde(default)]
     pub component: Option<Spanned<String>>,
-    /// Domain (set_validity, counters).
+    /// Domain (set_validity, counters, reload, rotate_partner_ca; revoke: the revoking domain).
     #[serde(default)]
     pub domain: Option<Spanned<String>>,
+    /// The domain's new partner list (reload).
+    #[serde(default)]
+    pub partners: Option<Vec<Spanned<String>>>,
+    /// Break the gateway's files before reloading (reload): "toml" or "partner_ca".
+    #[serde(default)]
+    pub broken: Option<Spanned<String>>,
     /// Milliseconds (wait).
     #[serde(default)]
     pub ms: Option<u64>,
@@ -361,14 +379,14 @@ impl Scenario {
                 );
             }
         }
-        if let Some(d) = &step.domain
-            && !domains.contains(d.get_ref().as_str())
-        {
-            bail!(
-                "{}: {what}: unknown domain {:?}",
-                self.at(d.span()),
-                d.get_ref()
-            );
+        for d in step.domain.iter().chain(step.partners.iter().flatten()) {
+            if !domains.contains(d.get_ref().as_str()) {
+                bail!(
+                    "{}: {what}: unknown domain {:?}",
+                    self.at(d.span()),
+                    d.get_ref()
+                );
+            }
         }
         if let Some(c) = &step.component {
             let ok = match c.get_ref().split_once(':') {
@@ -406,8 +424,25 @@ impl Scenario {
                     return Err(need("aef"));
                 }
             }
-            Stop | Kill | Start => {
+            Stop | Kill | Start | Restart => {
                 step.component.as_ref().ok_or_else(|| need("component"))?;
+            }
+            Reload => {
+                step.domain.as_ref().ok_or_else(|| need("domain"))?;
+                if step.partners.is_some() && step.broken.is_some() {
+                    bail!(
+                        "{}: {what}: set `partners` or `broken`, not both",
+                        self.origin
+                    );
+                }
+                if let Some(b) = &step.broken
+                    && let Err(e) = b.get_ref().parse::<crate::live::Breakage>()
+                {
+                    bail!("{}: {what}: {e}", self.at(b.span()));
+                }
+            }
+            RotatePartnerCa => {
+                step.domain.as_ref().ok_or_else(|| need("domain"))?;
             }
             Wait => {
                 step.ms.ok_or_else(|| need("ms"))?;

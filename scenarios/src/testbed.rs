@@ -77,6 +77,32 @@ impl DomainPlan {
     pub fn operator(&self) -> (PathBuf, PathBuf) {
         (self.dir.join("operator.pem"), self.dir.join("operator.key"))
     }
+    /// The CA bundle this domain's gateway trusts for `partner`'s gateway.
+    pub fn partner_ca(&self, partner: &str) -> PathBuf {
+        self.dir.join("partners").join(format!("{partner}.pem"))
+    }
+}
+
+/// File stem of the certificate and key a gateway presents to partners.
+pub(crate) const INTERCONNECT_STEM: &str = "gateway-interconnect";
+
+/// The names a domain's gateway certificate carries.
+pub(crate) fn gateway_hosts(domain: &str) -> Vec<String> {
+    vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        format!("gw.{domain}"),
+    ]
+}
+
+/// A domain's CA certificate, as written by `generate`.
+fn ca_pem_of(d: &DomainPlan) -> Result<String> {
+    let id = CcfId::new(d.id.clone())?;
+    Ok(
+        DomainCa::load_or_generate(&id, &d.dir.join("ccf"), None, None)?
+            .cert_pem()
+            .to_string(),
+    )
 }
 
 /// Everything generated for one AEF.
@@ -118,6 +144,8 @@ pub struct Testbed {
     pub dns: Option<DnsServer>,
     procs: BTreeMap<String, Proc>,
     quiet: bool,
+    /// Rotations of the CA partners trust for each domain's gateway (`live`), for CA names.
+    pub(crate) rotations: BTreeMap<String, u32>,
 }
 
 /// The directory holding `ccf`, `capif-gateway` and `aef-stub`: `$CAPIF_BIN_DIR`, else the
@@ -217,6 +245,7 @@ impl Testbed {
             dns,
             procs: BTreeMap::new(),
             quiet,
+            rotations: BTreeMap::new(),
         };
         tb.generate()?;
         if let Err(e) = tb.start_all().await {
@@ -239,11 +268,16 @@ impl Testbed {
                 Ok(())
             };
             issue(Role::Operator, &[], "operator")?;
-            issue(
-                Role::Gateway,
-                &["localhost", "127.0.0.1", &format!("gw.{}", d.id)],
-                "gateway",
-            )?;
+            let gw_hosts = gateway_hosts(&d.id);
+            let gw_hosts: Vec<&str> = gw_hosts.iter().map(String::as_str).collect();
+            issue(Role::Gateway, &gw_hosts, "gateway")?;
+            // The identity partners see starts out issued by the domain CA too; a rotation
+            // (`rotate_partner_ca`) moves it to a CA of its own.
+            issue(Role::Gateway, &gw_hosts, INTERCONNECT_STEM)?;
+            std::fs::create_dir_all(d.dir.join("partners"))?;
+            for p in &d.partners {
+                write(&d.partner_ca(p), ca_pem_of(&self.domains[p])?.as_str())?;
+            }
             for a in self.aefs.values().filter(|a| a.domain == d.id) {
                 issue(
                     Role::Aef(AefId::new(a.id.clone())?),
@@ -306,12 +340,16 @@ impl Testbed {
         write(&d.dir.join("ccf.toml"), &t)
     }
 
-    fn gateway_config(&self, d: &DomainPlan) -> String {
+    /// A domain's gateway configuration, as its plan says now (the partner list may change
+    /// while the testbed runs: `live`).
+    pub(crate) fn gateway_config(&self, d: &DomainPlan) -> String {
         let dir = d.dir.display();
         let mut t = format!(
-            "ccf_id = \"{id}\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
-             [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/gateway.pem\"\nkey = \"{dir}/gateway.key\"\n\n\
+            "ccf_id = \"{id}\"\nstate_dir = \"{dir}/gateway-state\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
+             [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/gateway.pem\"\nkey = \"{dir}/gateway.key\"\n\
+             interconnect_cert = \"{dir}/{ic}.pem\"\ninterconnect_key = \"{dir}/{ic}.key\"\n\n\
              [ccf]\naddress = \"127.0.0.1:{cap}\"\n",
+            ic = INTERCONNECT_STEM,
             id = d.id,
             g6 = d.gw6_port,
             g6e = d.gw6e_port,
@@ -332,8 +370,11 @@ impl Testbed {
         }
         for p in &d.partners {
             let pd = &self.domains[p];
+            // Its gateway is trusted with the bundle this domain holds for it (rotated live);
+            // its invokers' certificates come from its domain CA.
             t += &format!(
-                "\n[[partner]]\nccf_id = \"{p}\"\nca_cert = \"{}\"\n",
+                "\n[[partner]]\nccf_id = \"{p}\"\nca_cert = \"{}\"\ninvoker_ca_cert = \"{}\"\n",
+                d.partner_ca(p).display(),
                 pd.ca_pem().display()
             );
             if self.dns.is_none() {

@@ -89,6 +89,16 @@ fn shipped_revocation() {
 }
 
 #[test]
+fn shipped_revocation_survives_restarts() {
+    assert_passes("revocation-survives-restarts.toml");
+}
+
+#[test]
+fn shipped_partner_ca_rotation() {
+    assert_passes("partner-ca-rotation.toml");
+}
+
+#[test]
 fn shipped_key_expiry() {
     assert_passes("key-expiry.toml");
 }
