@@ -45,7 +45,13 @@ async fn two_domains_aef_gets_the_invokers_key() {
         .unwrap();
     assert!(got.remaining_validity_ms <= direct.expires_at_ms - ccf_core::clock::now_ms() + 5);
     // The partner located B through DNS and recorded the success.
-    let state = t.d(A).gw().state.links[&CcfId::new(B).unwrap()].state();
+    let state = t
+        .d(A)
+        .gw()
+        .state
+        .link(&CcfId::new(B).unwrap())
+        .unwrap()
+        .state();
     assert!(
         state.last_success_unix_ms > 0
             && state
@@ -313,7 +319,7 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
         .fetch_security_information(query)
         .await
         .unwrap_err();
-    let st = gw.state.links[&CcfId::new(B).unwrap()].state();
+    let st = gw.state.link(&CcfId::new(B).unwrap()).unwrap().state();
     gw.shutdown().await;
     (e, st)
 }
@@ -465,7 +471,7 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
-    let st = gw.state.links[&CcfId::new(B).unwrap()].state();
+    let st = gw.state.link(&CcfId::new(B).unwrap()).unwrap().state();
     assert!(st.last_error.contains("invalid peer certificate"), "{st:?}");
 }
 
@@ -526,7 +532,13 @@ async fn partner_outage_is_contained_and_recovers() {
         took < deadline + Duration::from_millis(500),
         "took {took:?} for a {deadline:?} deadline"
     );
-    let st = t.d(A).gw().state.links[&CcfId::new(B).unwrap()].state();
+    let st = t
+        .d(A)
+        .gw()
+        .state
+        .link(&CcfId::new(B).unwrap())
+        .unwrap()
+        .state();
     assert!(st.failures >= 1 && !st.last_error.is_empty(), "{st:?}");
 
     t.d_mut(B).start_gateway().await;
