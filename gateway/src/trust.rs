@@ -240,17 +240,8 @@ impl Federation {
         self.partners.values()
     }
 
-    /// Every partner CA: the roots the CAPIF-6e listener accepts before the per-partner check.
-    pub fn all_roots(&self) -> Vec<CertificateDer<'static>> {
-        self.partners
-            .values()
-            .flat_map(|p| p.ca_certs.iter().cloned())
-            .collect()
-    }
-
-    /// Which partner an inbound client certificate (already verified against the union of
-    /// partner CAs by the TLS layer) belongs to. Re-verifies it against that partner's CA alone,
-    /// so partner C's CA cannot vouch for "operator-b".
+    /// Which partner an inbound client certificate belongs to: verified against that partner's
+    /// CA alone, so partner C's CA cannot vouch for "operator-b".
     pub fn authenticate(&self, cert: &CertificateDer<'_>) -> Result<CcfId, TrustError> {
         self.authenticate_chain(cert, &[], UnixTime::now())
     }
@@ -345,6 +336,23 @@ mod tests {
         assert!(matches!(
             trust.check_invoker_cas(&["not a pem".into()]),
             Err(InvokerCaError::Unreadable { .. })
+        ));
+        // With `invoker_ca_cert`, those CAs and only those may be named for invokers, whatever
+        // CA the partner's gateway certificate comes from.
+        let b = trust.ccf_id.clone();
+        let interconnect = DomainCa::generate(&b).unwrap();
+        let trust = PartnerTrust::new(b, interconnect.cert_pem())
+            .unwrap()
+            .with_invoker_cas(real.cert_pem())
+            .unwrap();
+        assert!(
+            trust
+                .check_invoker_cas(&[real.cert_pem().to_string()])
+                .is_ok()
+        );
+        assert!(matches!(
+            trust.check_invoker_cas(&[interconnect.cert_pem().to_string()]),
+            Err(InvokerCaError::NotFederated { .. })
         ));
     }
 }
