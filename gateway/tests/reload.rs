@@ -609,3 +609,91 @@ async fn a_gateway_starts_while_its_partner_is_down() {
         .to_string();
     assert!(e.contains(B) && e.contains("no-such-ca.pem"), "{e}");
 }
+
+/// The binary reloads on SIGHUP, and its command-line overrides survive the reload (the listen
+/// addresses it was started with are not reported as changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary() {
+    use tokio::io::AsyncBufReadExt;
+    let t = Testbed::start(Options {
+        domains: vec![A, B, C],
+        reloadable: true,
+        not_partners: vec![(A, C)],
+        gateway_extra: NO_POLL.into(),
+        ..Default::default()
+    })
+    .await;
+    let file = t.d(A).dir.join("gateway-binary.toml");
+    std::fs::copy(t.d(A).gw_file.as_ref().unwrap(), &file).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_capif-gateway"))
+        .args(["--config", &path(&file)])
+        .args([
+            "--listen-capif6",
+            "127.0.0.1:0",
+            "--listen-capif6e",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("ready line in time")
+        .unwrap()
+        .expect("a ready line");
+    let capif6: std::net::SocketAddr = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("capif6="))
+        .expect("capif6= in the ready line")
+        .parse()
+        .unwrap();
+    let op = t.d(A).issue(Role::Operator);
+    let mut admin = pb::gateway_admin_client::GatewayAdminClient::new(
+        channel(
+            capif6,
+            &t.d(A).ca_pem(),
+            Some((&op.cert_pem, &op.key_pem)),
+            t.d(A).gw_peer(),
+        )
+        .await,
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    write_atomically(
+        &file,
+        (text + &Domain::partner_block(C, &t.d(C).dir.join("ca.pem"))).as_bytes(),
+    );
+    let pid = child.id().unwrap().to_string();
+    let hup = tokio::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = status(&mut admin).await;
+        if st.reloads == 1 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no reload after SIGHUP: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(st.partners.iter().any(|p| p.ccf_id == C), "{st:?}");
+    child.kill().await.unwrap();
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    let line = err
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap_or_else(|| panic!("no reload logged: {err}"));
+    assert!(line.contains("SIGHUP") && line.contains(C), "{line}");
+    assert!(
+        !err.contains("take effect only at the next start"),
+        "the overrides were reported as changes: {err}"
+    );
+}
