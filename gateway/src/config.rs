@@ -9,7 +9,7 @@ use serde::Deserialize;
 pub use ccf_core::config_file::ConfigError;
 
 /// `[listen]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// CAPIF-6: the own CCF (Gateway service) and the operator (GatewayAdmin). Mutual TLS, own CA.
@@ -28,7 +28,7 @@ impl Default for ListenConfig {
 }
 
 /// `[tls]`: the gateway's own identity (role gateway, issued by the own domain CA).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The own domain's CA certificate (PEM).
@@ -37,10 +37,19 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// Its private key (PEM).
     pub key: PathBuf,
+    /// The certificate presented to partner gateways (CAPIF-6e listener and partner links),
+    /// URI SAN capif://<ccf-id>/gateway, possibly from a CA other than the domain CA: partners
+    /// can then be moved to a new CA for this gateway without touching the internal PKI. The
+    /// file may hold the intermediates after the certificate. Unset: `cert`.
+    #[serde(default)]
+    pub interconnect_cert: Option<PathBuf>,
+    /// Its private key (PEM). Set with `interconnect_cert`, or neither.
+    #[serde(default)]
+    pub interconnect_key: Option<PathBuf>,
 }
 
 /// `[ccf]`: the own domain's CCF (CAPIF-6 listener).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CcfLink {
     /// host:port of the CCF's capif listener.
@@ -55,7 +64,7 @@ fn localhost() -> String {
 }
 
 /// `[dns]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// `ip:port` of the DNS server to ask (a testbed's own). Unset: the system resolver.
@@ -65,7 +74,7 @@ pub struct DnsConfig {
 }
 
 /// `[cache]` (docs/PROTOCOL.md 6.7 and section 8).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Upper bound on any entry's lifetime, seconds.
@@ -96,7 +105,7 @@ impl Default for CacheConfig {
 }
 
 /// `[outbound]` (docs/PROTOCOL.md 6.6 and section 8).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundConfig {
     /// Budget of a request when the caller sets no deadline, milliseconds.
@@ -132,7 +141,7 @@ impl Default for OutboundConfig {
 }
 
 /// One `[[partner]]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PartnerConfig {
     /// The partner's CCF id (domain).
@@ -142,6 +151,28 @@ pub struct PartnerConfig {
     /// Static `host:port` of the partner's gateway; unset: DNS SRV `_capif-6e._tcp.<ccf_id>`.
     #[serde(default)]
     pub address: Option<String>,
+    /// The CAs that may issue this partner's invokers' certificates (method 2, PEM bundle): a
+    /// partner's CCF may name only these for its invokers. Unset: `ca_cert`.
+    #[serde(default)]
+    pub invoker_ca_cert: Option<PathBuf>,
+}
+
+/// `[reload]`: live reconfiguration (docs/OPERATIONS.md, "Reloading the configuration").
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// How often the configuration file and every PEM file it names are compared with what was
+    /// last read (by hash), milliseconds; a change reloads. 0: only GatewayAdmin.Reload and
+    /// SIGHUP reload.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 2000,
+        }
+    }
 }
 
 /// The whole gateway configuration.
@@ -172,6 +203,9 @@ pub struct GatewayConfig {
     /// Connection caps, timeouts and message limits of both listeners.
     #[serde(default)]
     pub limits: ccf_core::limits::ListenerLimits,
+    /// Live reconfiguration.
+    #[serde(default)]
+    pub reload: ReloadConfig,
 }
 
 impl GatewayConfig {

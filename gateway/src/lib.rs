@@ -8,18 +8,25 @@
 //! on the caller's behalf. Revocations flow back the same way, pushed.
 //!
 //! - [`config`] — TOML configuration.
+//! - [`credentials`] — the gateway's own certificates, in resolvers a reload swaps.
 //! - [`trust`] — who a partner is: per-partner CA and identity checks, both directions.
 //! - [`discovery`] — SRV lookup with priority/weight, static addresses.
 //! - [`partner`] — one reused channel per partner, failover, deadlines, retry budget, state.
+//! - [`partners`] — the current federation (trust + link per partner), swapped whole by a reload;
+//!   the CAPIF-6e client verifier that asks it.
 //! - [`cache`] — validity-bound moka cache with coalescing and negative entries.
+//! - [`reload`] — live reconfiguration: load, diff, apply or refuse as a whole; file poll.
 //! - [`state`] — what the services share.
 //! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
 //! - [`server`] — starting a gateway.
 
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod discovery;
 pub mod partner;
+pub mod partners;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -1,12 +1,15 @@
-//! `capif-gateway`: the interconnect federation gateway of one domain.
+//! `capif-gateway`: the interconnect federation gateway of one domain. SIGHUP reloads the
+//! configuration file (`RunningGateway::reload`); SIGINT/SIGTERM stop it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Result;
 use capif_gateway::config::GatewayConfig;
 use ccf_core::process::{LogFormat, init_logging, run_async, terminated};
 use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// The interconnect federation gateway of one CAPIF domain.
 ///
@@ -40,22 +43,36 @@ struct Cli {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let mut cfg = GatewayConfig::load(&cli.config)?;
-    if let Some(a) = cli.listen_capif6 {
-        cfg.listen.capif6 = a;
-    }
-    if let Some(a) = cli.listen_capif6e {
-        cfg.listen.capif6e = a;
-    }
-    if let Some(n) = cli.nameserver {
-        cfg.dns.nameserver = Some(n);
-    }
-    let gw = capif_gateway::server::start(cfg).await?;
+    // The overrides apply to every read of the file, so a reload does not undo them.
+    let (l6, l6e, ns) = (cli.listen_capif6, cli.listen_capif6e, cli.nameserver);
+    let adjust = move |cfg: &mut GatewayConfig| {
+        if let Some(a) = &l6 {
+            cfg.listen.capif6 = a.clone();
+        }
+        if let Some(a) = &l6e {
+            cfg.listen.capif6e = a.clone();
+        }
+        if let Some(n) = &ns {
+            cfg.dns.nameserver = Some(n.clone());
+        }
+    };
+    let gw = capif_gateway::server::start_from_file(cli.config, Some(Arc::new(adjust))).await?;
     println!(
         "capif-gateway ready ccf_id={} capif6={} capif6e={}",
         gw.state.ccf_id, gw.capif6_addr, gw.capif6e_addr
     );
-    let signal = terminated().await;
+    let mut hup = signal(SignalKind::hangup())?;
+    let stop = terminated();
+    tokio::pin!(stop);
+    let signal = loop {
+        tokio::select! {
+            s = &mut stop => break s,
+            _ = hup.recv() => {
+                // A refusal is logged and counted by the reload itself; the gateway runs on.
+                let _ = gw.reload().await;
+            }
+        }
+    };
     tracing::info!(signal, "shutting down");
     gw.shutdown().await;
     Ok(())

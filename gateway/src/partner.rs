@@ -27,6 +27,7 @@ use crate::trust::PartnerTrust;
 pub struct PartnerStats {
     last_success_ms: u64,
     last_error: String,
+    last_error_reason: String,
     last_error_ms: u64,
     resolved: Vec<String>,
     requests: u64,
@@ -73,13 +74,23 @@ impl RetryBudget {
 pub struct PartnerLink {
     /// The partner.
     pub ccf_id: CcfId,
+    /// Its configured static address (else DNS SRV locates it).
+    pub static_address: Option<String>,
     channel: Channel,
-    stats: Arc<Mutex<PartnerStats>>,
-    budget: RetryBudget,
+    kept: Kept,
     max_retries: u32,
-    fetch_budget: governor::DefaultDirectRateLimiter,
     max_message_bytes: usize,
-    fetches_refused: std::sync::atomic::AtomicU64,
+}
+
+/// What a link hands on to its successor when a reload replaces it (new CA bundle or address):
+/// the operator's view and the budgets, so that a reload neither resets a partner's history nor
+/// refills its budgets.
+#[derive(Clone)]
+struct Kept {
+    stats: Arc<Mutex<PartnerStats>>,
+    budget: Arc<RetryBudget>,
+    fetch_budget: Arc<governor::DefaultDirectRateLimiter>,
+    fetches_refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for PartnerLink {
@@ -123,11 +134,49 @@ impl PartnerLink {
         static_address: Option<String>,
         policy: &LinkPolicy,
     ) -> Self {
-        let stats: Arc<Mutex<PartnerStats>> = Arc::default();
+        let kept = Kept {
+            stats: Arc::default(),
+            budget: Arc::new(RetryBudget::new(policy.retry_budget_ratio)),
+            fetch_budget: Arc::new(governor::RateLimiter::direct(policy.fetch_quota())),
+            fetches_refused: Arc::default(),
+        };
+        Self::with_kept(trust, tls, discovery, static_address, policy, kept)
+    }
+
+    /// A new link (new channel, new trust or address) that keeps this one's state and budgets.
+    /// Calls in flight on this link finish on its channel.
+    pub fn successor(
+        &self,
+        trust: &PartnerTrust,
+        tls: Arc<rustls::ClientConfig>,
+        discovery: Discovery,
+        static_address: Option<String>,
+        policy: &LinkPolicy,
+    ) -> Self {
+        Self::with_kept(
+            trust,
+            tls,
+            discovery,
+            static_address,
+            policy,
+            self.kept.clone(),
+        )
+    }
+
+    fn with_kept(
+        trust: &PartnerTrust,
+        tls: Arc<rustls::ClientConfig>,
+        discovery: Discovery,
+        static_address: Option<String>,
+        policy: &LinkPolicy,
+        kept: Kept,
+    ) -> Self {
+        let stats = kept.stats.clone();
         let connector = TlsConnector::from(tls);
         let partner = trust.ccf_id.clone();
         let stats2 = stats.clone();
         let connect_timeout = policy.connect_timeout;
+        let address = static_address.clone();
         let channel = Endpoint::from_static("http://partner.invalid")
             .connect_timeout(connect_timeout * 4)
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -136,7 +185,7 @@ impl PartnerLink {
                 let connector = connector.clone();
                 let discovery = discovery.clone();
                 let partner = partner.clone();
-                let static_address = static_address.clone();
+                let static_address = address.clone();
                 let stats = stats2.clone();
                 async move {
                     let targets = discovery
@@ -172,23 +221,22 @@ impl PartnerLink {
             }));
         Self {
             ccf_id: trust.ccf_id.clone(),
+            static_address,
             channel,
-            stats,
-            budget: RetryBudget::new(policy.retry_budget_ratio),
+            kept,
             max_retries: policy.max_retries,
-            fetch_budget: governor::RateLimiter::direct(policy.fetch_quota()),
             max_message_bytes: policy.max_message_bytes,
-            fetches_refused: Default::default(),
         }
     }
 
     /// Takes one outbound fetch from this partner's budget, or refuses with
     /// `RESOURCE_EXHAUSTED` / `OUTBOUND_BUDGET_EXHAUSTED`. Only this partner's callers wait.
     pub fn take_fetch(&self) -> Result<(), Status> {
-        if self.fetch_budget.check().is_ok() {
+        if self.kept.fetch_budget.check().is_ok() {
             return Ok(());
         }
         let n = self
+            .kept
             .fetches_refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
@@ -207,7 +255,8 @@ impl PartnerLink {
 
     /// Fetches refused by the budget since start.
     pub fn fetches_refused(&self) -> u64 {
-        self.fetches_refused
+        self.kept
+            .fetches_refused
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -217,7 +266,7 @@ impl PartnerLink {
         F: Fn(InterconnectClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.budget.deposit();
+        self.kept.budget.deposit();
         let mut attempt = 0u32;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -237,7 +286,7 @@ impl PartnerLink {
                     let transport = error_reason(&status).is_none();
                     if status.code() == Code::Unavailable
                         && attempt < self.max_retries
-                        && self.budget.withdraw()
+                        && self.kept.budget.withdraw()
                     {
                         attempt += 1;
                         let backoff = Duration::from_millis(25 << attempt).min(remaining / 4);
@@ -281,18 +330,20 @@ impl PartnerLink {
     }
 
     fn succeeded(&self) {
-        if let Ok(mut s) = self.stats.lock() {
+        if let Ok(mut s) = self.kept.stats.lock() {
             s.requests += 1;
             s.last_success_ms = now_ms();
             s.last_error.clear();
+            s.last_error_reason.clear();
         }
     }
 
     fn failed(&self, status: Status) -> Status {
-        if let Ok(mut s) = self.stats.lock() {
+        if let Ok(mut s) = self.kept.stats.lock() {
             s.requests += 1;
             s.failures += 1;
             s.last_error = status.message().to_string();
+            s.last_error_reason = error_reason(&status).unwrap_or_default();
             s.last_error_ms = now_ms();
         }
         tracing::warn!(partner = %self.ccf_id, code = ?status.code(), error = %status.message(), "partner call failed");
@@ -301,7 +352,12 @@ impl PartnerLink {
 
     /// The admin view of this partner.
     pub fn state(&self) -> PartnerState {
-        let s = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        let s = self
+            .kept
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         PartnerState {
             ccf_id: self.ccf_id.to_string(),
             last_success_unix_ms: s.last_success_ms,
@@ -310,6 +366,8 @@ impl PartnerLink {
             resolved_targets: s.resolved,
             requests: s.requests,
             failures: s.failures,
+            last_error_reason: s.last_error_reason,
+            static_address: self.static_address.clone().unwrap_or_default(),
             ..Default::default()
         }
     }

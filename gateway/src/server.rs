@@ -1,9 +1,13 @@
-//! Starting a gateway: load its identity and the federation's trust, build one link per partner
-//! and the cache, and serve the CAPIF-6 listener (own CCF and operator; own CA) and the CAPIF-6e
-//! listener (partner gateways; partner CAs), each with health and reflection.
+//! Starting a gateway: load its identity and the federation's trust ([`crate::reload::load`],
+//! the same reading a reload does), build one link per partner and the cache, and serve the
+//! CAPIF-6 listener (own CCF and operator; own CA) and the CAPIF-6e listener (partner gateways,
+//! each against its own CA in the current federation), each with health and reflection. Both
+//! listeners and every outbound link take the gateway's certificate from a resolver that a
+//! reload swaps; [`RunningGateway::reload`] is what SIGHUP calls.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,21 +16,23 @@ use capif_proto::v1::{
     gateway_server::GatewayServer, interconnect_server::InterconnectServer,
 };
 use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
-use ccf_core::ids::CcfId;
 use ccf_core::limits::ConnGate;
 use ccf_core::tls::{
-    ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
+    ExpectedPeer, PeerServerVerifier, TlsError, certs_from_pem, connect_lazy, provider, roots,
 };
+use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 use crate::cache::KeyCache;
 use crate::config::GatewayConfig;
+use crate::credentials::CertSlot;
 use crate::discovery::Discovery;
-use crate::partner::{LinkPolicy, PartnerLink};
+use crate::partner::LinkPolicy;
+use crate::partners::{FederationVerifier, LinkFactory, LivePartners, Partners};
+use crate::reload::{self, Adjust, ConfigSource, LoadError, ReloadControl, ReloadPlan};
 use crate::service::{AdminService, GatewayService, InterconnectService};
 use crate::state::GatewayState;
-use crate::trust::{Federation, PartnerTrust, partner_client_config};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +40,9 @@ pub enum StartError {
     /// Invalid configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The configuration or a file it names cannot be used.
+    #[error(transparent)]
+    Load(#[from] LoadError),
     /// Unreadable file.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -70,45 +79,101 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
+    /// Re-reads the configuration file and applies it, or refuses it as a whole
+    /// ([`reload::reload`]); what SIGHUP does.
+    pub async fn reload(&self) -> Result<ReloadPlan, LoadError> {
+        reload::reload(&self.state, "SIGHUP").await
+    }
+
     /// Stops both listeners and waits for them.
     pub async fn shutdown(self) {
         self.tasks.shutdown().await;
     }
 }
 
-fn read(path: &std::path::Path) -> Result<String, StartError> {
-    std::fs::read_to_string(path).map_err(|source| StartError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+/// Starts a gateway from its configuration. It cannot reload: there is no file to re-read
+/// ([`start_from_file`] can).
+pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
+    launch(config, None).await
 }
 
-/// Starts a gateway from its configuration.
-pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
-    let ccf_id = validate(&config)?;
-    let ca_pem = read(&config.tls.ca_cert)?;
-    let cert_pem = read(&config.tls.cert)?;
-    let key_pem = zeroize::Zeroizing::new(read(&config.tls.key)?);
-    let chain = format!("{cert_pem}{ca_pem}");
-    let (federation, links) = federation(&config, &ccf_id, &cert_pem, &key_pem)?;
+/// Starts a gateway from its configuration file; `adjust` (command-line overrides) is applied
+/// after every read, at start and at every reload.
+pub async fn start_from_file(
+    path: PathBuf,
+    adjust: Option<Adjust>,
+) -> Result<RunningGateway, StartError> {
+    let source = ConfigSource { path, adjust };
+    let config = source.read()?;
+    launch(config, Some(source)).await
+}
+
+async fn launch(
+    config: GatewayConfig,
+    source: Option<ConfigSource>,
+) -> Result<RunningGateway, StartError> {
+    // The same reading and checks as a reload: a file a reload would refuse does not start.
+    let loaded = reload::load(config)?;
+    let ccf_id = loaded.ccf_id.clone();
+    let config = &loaded.config;
+    let own = CertSlot::new("own", loaded.own.clone());
+    let interconnect = CertSlot::new("interconnect", loaded.interconnect.clone());
+    let factory = LinkFactory {
+        discovery: Discovery::new(
+            config.dns.nameserver.as_deref(),
+            Duration::from_millis(config.dns.timeout_ms.unwrap_or(1000)),
+        )?,
+        policy: LinkPolicy {
+            connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),
+            max_retries: config.outbound.max_retries,
+            retry_budget_ratio: config.outbound.retry_budget_ratio,
+            fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
+            fetch_burst: config.outbound.fetch_burst,
+            max_message_bytes: config.limits.max_message_bytes,
+        },
+        identity: interconnect.clone(),
+    };
+    // Links are lazy: nothing is dialled here, so a gateway starts while its partners are down.
+    let mut entries = Vec::new();
+    for p in &loaded.partners {
+        let link = factory.link(&p.trust, p.address.clone(), None)?;
+        entries.push((p.trust.ccf_id.clone(), link));
+    }
+    let reload_control =
+        ReloadControl::new(source, &loaded, own.clone(), interconnect.clone(), factory);
+    let own_roots = certs_from_pem("own CA certificate", &loaded.own_ca_pem)?;
+    let mut trusts = BTreeMap::new();
+    for p in loaded.partners {
+        trusts.insert(p.trust.ccf_id.clone(), Arc::new(p.trust));
+    }
+    let partners = Partners::new(
+        entries
+            .into_iter()
+            .filter_map(|(id, link)| Some((trusts.remove(&id)?, Arc::new(link))))
+            .collect(),
+    );
+    let live = LivePartners::new(partners);
 
     // Only the own domain's CCF: an AEF's certificate from the same CA also serves and names
     // `localhost`, and must not receive partner queries and revocations.
-    let ccf_tls = client_config(
-        &ca_pem,
-        Some((&cert_pem, &key_pem)),
-        ExpectedPeer::ccf(&ccf_id),
-    )?;
+    let ccf_verifier = PeerServerVerifier::new(roots(&own_roots)?, ExpectedPeer::ccf(&ccf_id))?;
+    let mut ccf_tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::from)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ccf_verifier))
+        .with_client_cert_resolver(own.clone());
+    ccf_tls.alpn_protocols = vec![b"h2".to_vec()];
     let ccf_channel = connect_lazy(
         &config.ccf.address,
         &config.ccf.server_name,
-        ccf_tls,
+        Arc::new(ccf_tls),
         Duration::from_millis(config.outbound.connect_timeout_ms),
     )?;
     let state = Arc::new(GatewayState {
         ccf_id: ccf_id.clone(),
-        federation,
-        links,
+        live: live.clone(),
+        reload: reload_control,
         cache: KeyCache::new(&config.cache),
         key_sets: Default::default(),
         ccf: FederationClient::new(ccf_channel)
@@ -120,71 +185,28 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         partner_requests_served: Default::default(),
     });
 
-    let own_roots = certs_from_pem("own CA certificate", &ca_pem)?;
-    let capif6_tls = server_config(&chain, &key_pem, ClientAuth::Required(&own_roots))?;
-    let partner_roots = state.federation.all_roots();
-    let capif6e_tls = server_config(&chain, &key_pem, ClientAuth::Required(&partner_roots))?;
-    serve(&config, state, capif6_tls, capif6e_tls).await
+    let capif6_verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&own_roots)?), provider())
+            .build()
+            .map_err(TlsError::Verifier)?;
+    let capif6_tls = dynamic_server_config(capif6_verifier, own)?;
+    let capif6e_tls = dynamic_server_config(FederationVerifier::new(live), interconnect)?;
+    serve(config, state, capif6_tls, capif6e_tls).await
 }
 
-/// Checks what the config's types cannot; the own domain.
-fn validate(config: &GatewayConfig) -> Result<CcfId, StartError> {
-    let ccf_id = CcfId::new(config.ccf_id.clone())
-        .map_err(|e| StartError::Config(format!("ccf_id: {e}")))?;
-    config.limits.validate().map_err(StartError::Config)?;
-    if config.outbound.fetch_rate_per_sec == 0 || config.outbound.fetch_burst == 0 {
-        return Err(StartError::Config(
-            "outbound.fetch_rate_per_sec and outbound.fetch_burst must be at least 1".into(),
-        ));
-    }
-    if config.partners.is_empty() {
-        return Err(StartError::Config(
-            "configure at least one [[partner]]".into(),
-        ));
-    }
-    Ok(ccf_id)
-}
-
-/// Every partner's trust and outbound link, from `[[partner]]`.
-fn federation(
-    config: &GatewayConfig,
-    ccf_id: &CcfId,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<(Federation, BTreeMap<CcfId, PartnerLink>), StartError> {
-    let discovery = Discovery::new(
-        config.dns.nameserver.as_deref(),
-        Duration::from_millis(config.dns.timeout_ms.unwrap_or(1000)),
-    )?;
-    let policy = LinkPolicy {
-        connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),
-        max_retries: config.outbound.max_retries,
-        retry_budget_ratio: config.outbound.retry_budget_ratio,
-        fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
-        fetch_burst: config.outbound.fetch_burst,
-        max_message_bytes: config.limits.max_message_bytes,
-    };
-    let mut trusts = Vec::new();
-    let mut links = BTreeMap::new();
-    for p in &config.partners {
-        let id = CcfId::new(p.ccf_id.clone())
-            .map_err(|e| StartError::Config(format!("partner {:?}: {e}", p.ccf_id)))?;
-        if &id == ccf_id {
-            return Err(StartError::Config(format!(
-                "{id} cannot be its own partner"
-            )));
-        }
-        let trust = PartnerTrust::new(id.clone(), &read(&p.ca_cert)?)?;
-        let tls = partner_client_config(&trust, cert_pem, key_pem)?;
-        let link = PartnerLink::new(&trust, tls, discovery.clone(), p.address.clone(), &policy);
-        if links.insert(id.clone(), link).is_some() {
-            return Err(StartError::Config(format!(
-                "partner {id} is configured twice"
-            )));
-        }
-        trusts.push(trust);
-    }
-    Ok((Federation::new(trusts), links))
+/// A TLS 1.3 server config (ALPN h2) whose certificate comes from `identity`, swapped by a
+/// reload, and whose clients `verifier` checks.
+fn dynamic_server_config(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    identity: Arc<CertSlot>,
+) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::from)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(identity);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// Binds both listeners and serves them: capif6 (own CA: `Gateway`, `GatewayAdmin`) and capif6e
@@ -246,7 +268,10 @@ async fn serve(
         ConnGate::new("capif6e", config.limits.clone()),
         tasks.stopped(),
     ));
-    tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
+    if let Some(poll) = reload::spawn_poll(state.clone(), tasks.stopped()) {
+        tasks.push(poll);
+    }
+    tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, partners = state.partners().len(), "gateway listening");
     Ok(RunningGateway {
         state,
         capif6_addr,

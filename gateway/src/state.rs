@@ -1,8 +1,11 @@
 //! What the gateway's services share: the own domain, the federation's trust, one link per
 //! partner, the cache, the link to the own CCF, and who fetched which invoker's keys (for
-//! revocation push).
+//! revocation push). The partners sit behind a handle a reload swaps ([`crate::partners`]):
+//! services reach them only through [`GatewayState::link`], [`GatewayState::trust`] and
+//! [`GatewayState::partners`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -12,17 +15,19 @@ use tonic::transport::Channel;
 
 use crate::cache::KeyCache;
 use crate::partner::PartnerLink;
-use crate::trust::Federation;
+use crate::partners::{LivePartners, Partners};
+use crate::reload::ReloadControl;
+use crate::trust::PartnerTrust;
 
 /// Shared gateway state.
 #[derive(Debug)]
 pub struct GatewayState {
     /// The own domain.
     pub ccf_id: CcfId,
-    /// Trust of every partner.
-    pub federation: Federation,
-    /// Outbound link per partner.
-    pub links: BTreeMap<CcfId, PartnerLink>,
+    /// Every partner's trust and link, as configured now.
+    pub live: Arc<LivePartners>,
+    /// Reloading the configuration (one at a time) and its counters.
+    pub reload: ReloadControl,
     /// The cache.
     pub cache: KeyCache,
     /// Partner CCFs' token verification keys.
@@ -42,6 +47,21 @@ pub struct GatewayState {
 }
 
 impl GatewayState {
+    /// The current federation; keep it for the whole request.
+    pub fn partners(&self) -> Arc<Partners> {
+        self.live.current()
+    }
+
+    /// A partner's outbound link, as configured now.
+    pub fn link(&self, id: &CcfId) -> Option<Arc<PartnerLink>> {
+        self.live.current().link(id).cloned()
+    }
+
+    /// A partner's trust, as configured now.
+    pub fn trust(&self, id: &CcfId) -> Option<Arc<PartnerTrust>> {
+        self.live.current().trust(id).cloned()
+    }
+
     /// Remembers that `partner` holds keys of `invoker`.
     pub fn record_fetch(&self, invoker: &ApiInvokerId, partner: &CcfId) {
         self.fetchers

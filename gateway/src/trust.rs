@@ -19,6 +19,9 @@ pub struct PartnerTrust {
     pub ccf_id: CcfId,
     /// Its CA certificates.
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// The CAs that may issue its invokers' certificates (method 2): `invoker_ca_cert`, else
+    /// `ca_certs`.
+    pub invoker_cas: Vec<CertificateDer<'static>>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<PeerServerVerifier>,
 }
@@ -109,10 +112,58 @@ impl PartnerTrust {
         )?);
         Ok(Self {
             ccf_id,
+            invoker_cas: ca_certs.clone(),
             ca_certs,
             client_verifier,
             server_verifier,
         })
+    }
+
+    /// The same trust, with `pem` (a bundle) as the CAs of the partner's invokers.
+    pub fn with_invoker_cas(mut self, pem: &str) -> Result<Self, TlsError> {
+        self.invoker_cas = certs_from_pem("partner invoker CA certificate", pem)?;
+        Ok(self)
+    }
+
+    /// Verifies a client certificate (and the intermediates it came with) against this
+    /// partner's CA bundle alone.
+    pub fn verify_client(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), TrustError> {
+        self.client_verifier
+            .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ())
+            .map_err(|source| TrustError::WrongCa {
+                partner: self.ccf_id.clone(),
+                source,
+            })
+    }
+
+    /// The CA certificates trusted for this partner's gateway, for the operator's view.
+    pub fn anchors(&self) -> Vec<capif_proto::v1::TrustAnchor> {
+        use sha2::Digest;
+        self.ca_certs
+            .iter()
+            .map(|c| {
+                let (subject, not_after_unix_ms) = x509_parser::parse_x509_certificate(c)
+                    .map(|(_, x)| {
+                        let t = x.validity().not_after.timestamp();
+                        (
+                            x.subject().to_string(),
+                            u64::try_from(t).unwrap_or(0).saturating_mul(1000),
+                        )
+                    })
+                    .unwrap_or_else(|_| ("an unparsable certificate".into(), 0));
+                capif_proto::v1::TrustAnchor {
+                    sha256: hex::encode(sha2::Sha256::digest(c.as_ref())),
+                    subject,
+                    not_after_unix_ms,
+                }
+            })
+            .collect()
     }
 
     /// The verifier for outbound connections to this partner.
@@ -137,7 +188,7 @@ impl PartnerTrust {
                     source,
                 }
             })?;
-            if let Some(c) = certs.iter().find(|c| !self.ca_certs.contains(c)) {
+            if let Some(c) = certs.iter().find(|c| !self.invoker_cas.contains(c)) {
                 let subject = x509_parser::parse_x509_certificate(c)
                     .map(|(_, x)| x.subject().to_string())
                     .unwrap_or_else(|_| "an unparsable certificate".into());
@@ -154,12 +205,18 @@ impl PartnerTrust {
 /// All partners.
 #[derive(Debug, Default)]
 pub struct Federation {
-    partners: BTreeMap<CcfId, PartnerTrust>,
+    partners: BTreeMap<CcfId, Arc<PartnerTrust>>,
 }
 
 impl Federation {
     /// From the configured partners.
     pub fn new(partners: Vec<PartnerTrust>) -> Self {
+        Self::from_shared(partners.into_iter().map(Arc::new).collect())
+    }
+
+    /// From partners' trust that another federation may share (a reload keeps the trust of an
+    /// unchanged partner).
+    pub fn from_shared(partners: Vec<Arc<PartnerTrust>>) -> Self {
         Self {
             partners: partners
                 .into_iter()
@@ -170,21 +227,33 @@ impl Federation {
 
     /// One partner.
     pub fn get(&self, id: &CcfId) -> Option<&PartnerTrust> {
+        self.partners.get(id).map(|p| &**p)
+    }
+
+    /// One partner, shared.
+    pub fn get_shared(&self, id: &CcfId) -> Option<&Arc<PartnerTrust>> {
         self.partners.get(id)
     }
 
-    /// Every partner CA: the roots the CAPIF-6e listener accepts before the per-partner check.
-    pub fn all_roots(&self) -> Vec<CertificateDer<'static>> {
-        self.partners
-            .values()
-            .flat_map(|p| p.ca_certs.iter().cloned())
-            .collect()
+    /// Every partner's trust.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<PartnerTrust>> {
+        self.partners.values()
     }
 
-    /// Which partner an inbound client certificate (already verified against the union of
-    /// partner CAs by the TLS layer) belongs to. Re-verifies it against that partner's CA alone,
-    /// so partner C's CA cannot vouch for "operator-b".
+    /// Which partner an inbound client certificate belongs to: verified against that partner's
+    /// CA alone, so partner C's CA cannot vouch for "operator-b".
     pub fn authenticate(&self, cert: &CertificateDer<'_>) -> Result<CcfId, TrustError> {
+        self.authenticate_chain(cert, &[], UnixTime::now())
+    }
+
+    /// [`Self::authenticate`] inside the handshake, with the intermediates the client sent: the
+    /// CAPIF-6e listener's client verifier (`partners::FederationVerifier`).
+    pub fn authenticate_chain(
+        &self,
+        cert: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<CcfId, TrustError> {
         let id = PeerIdentity::from_certificate(cert).map_err(TrustError::NoIdentity)?;
         if id.role != Role::Gateway {
             return Err(TrustError::NotAGateway(id));
@@ -192,13 +261,7 @@ impl Federation {
         let Some(partner) = self.partners.get(&id.ccf_id) else {
             return Err(TrustError::UnknownPartner(id.ccf_id));
         };
-        partner
-            .client_verifier
-            .verify_client_cert(cert, &[], UnixTime::now())
-            .map_err(|source| TrustError::WrongCa {
-                partner: id.ccf_id.clone(),
-                source,
-            })?;
+        partner.verify_client(cert, intermediates, now)?;
         Ok(id.ccf_id)
     }
 }
@@ -215,6 +278,21 @@ pub fn partner_client_config(
         .dangerous()
         .with_custom_certificate_verifier(trust.server_verifier())
         .with_client_auth_cert(certs_from_pem("gateway certificate", cert_pem)?, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The same with the gateway's interconnect identity from a resolver a reload may swap
+/// (`credentials::CertSlot`).
+pub fn partner_client_config_with(
+    trust: &PartnerTrust,
+    identity: Arc<dyn rustls::client::ResolvesClientCert>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(trust.server_verifier())
+        .with_client_cert_resolver(identity);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -258,6 +336,23 @@ mod tests {
         assert!(matches!(
             trust.check_invoker_cas(&["not a pem".into()]),
             Err(InvokerCaError::Unreadable { .. })
+        ));
+        // With `invoker_ca_cert`, those CAs and only those may be named for invokers, whatever
+        // CA the partner's gateway certificate comes from.
+        let b = trust.ccf_id.clone();
+        let interconnect = DomainCa::generate(&b).unwrap();
+        let trust = PartnerTrust::new(b, interconnect.cert_pem())
+            .unwrap()
+            .with_invoker_cas(real.cert_pem())
+            .unwrap();
+        assert!(
+            trust
+                .check_invoker_cas(&[real.cert_pem().to_string()])
+                .is_ok()
+        );
+        assert!(matches!(
+            trust.check_invoker_cas(&[interconnect.cert_pem().to_string()]),
+            Err(InvokerCaError::NotFederated { .. })
         ));
     }
 }

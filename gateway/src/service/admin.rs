@@ -1,11 +1,11 @@
-//! `GatewayAdmin`: what an operator inspects and purges with grpcurl (operator certificate of the
-//! own domain).
+//! `GatewayAdmin`: what an operator inspects, purges and reloads with grpcurl (operator
+//! certificate of the own domain).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use capif_proto::v1::{
-    GatewayStatus, GetStatusRequest, PurgeRequest, PurgeResponse,
+    GatewayStatus, GetStatusRequest, PurgeRequest, PurgeResponse, ReloadRequest, ReloadResponse,
     gateway_admin_server::GatewayAdmin,
 };
 use ccf_core::grpc::{caller, invalid_field};
@@ -13,7 +13,7 @@ use ccf_core::identity::Role;
 use ccf_core::ids::{ApiInvokerId, CcfId};
 use tonic::{Request, Response, Status};
 
-use super::require;
+use super::{Refused, require};
 use crate::state::GatewayState;
 
 /// The GatewayAdmin service.
@@ -54,20 +54,36 @@ impl GatewayAdmin for AdminService {
             negative_hits: c.negative_hits.load(Ordering::Relaxed),
             revocations_received: s.revocations_received.load(Ordering::Relaxed),
             partner_requests_served: s.partner_requests_served.load(Ordering::Relaxed),
-            partners: s.links.values().map(|l| l.state()).collect(),
+            partners: s.partners().states(),
+            reloads: s.reload.reloads.load(Ordering::Relaxed),
+            reloads_refused: s.reload.refused.load(Ordering::Relaxed),
+            last_reload_error: s.reload.last_error(),
             ..Default::default()
         }))
     }
 
     async fn reload(
         &self,
-        _request: Request<capif_proto::v1::ReloadRequest>,
-    ) -> Result<Response<capif_proto::v1::ReloadResponse>, Status> {
-        Err(ccf_core::grpc::error_status(
-            tonic::Code::Unimplemented,
-            capif_proto::v1::ErrorReason::NotImplemented,
-            "reload is not served by this release",
-        ))
+        request: Request<ReloadRequest>,
+    ) -> Result<Response<ReloadResponse>, Status> {
+        let who = caller(&request)?;
+        require(
+            &self.state,
+            &who,
+            Role::Operator,
+            "reload the gateway's configuration",
+        )?;
+        let plan = crate::reload::reload(&self.state, "GatewayAdmin.Reload")
+            .await
+            .map_err(Refused::ConfigRefused)?;
+        let names = |v: Vec<CcfId>| v.into_iter().map(|i| i.to_string()).collect();
+        Ok(Response::new(ReloadResponse {
+            added: names(plan.added),
+            removed: names(plan.removed),
+            changed: names(plan.changed),
+            own_certificate_renewed: plan.own_certificate_renewed,
+            needs_restart: plan.needs_restart.iter().map(|s| s.to_string()).collect(),
+        }))
     }
 
     async fn purge(

@@ -71,7 +71,7 @@ impl Gateway for GatewayService {
                 "names this domain; ask the CCF directly",
             ));
         }
-        let Some(link) = self.state.links.get(&home) else {
+        let Some(link) = self.state.link(&home) else {
             return Err(Refused::NotAPartner {
                 partner: home,
                 own: self.state.ccf_id.clone(),
@@ -87,7 +87,7 @@ impl Gateway for GatewayService {
         };
         let presented = q.presented_key_id.clone();
         let outbound = q.clone();
-        let trust = self.state.federation.get(&home);
+        let trust = self.state.trust(&home);
         let fetch = async {
             link.take_fetch()?;
             let info = link
@@ -98,7 +98,7 @@ impl Gateway for GatewayService {
                 })
                 .await?;
             // The answer must be about what was asked, before anything of it is cached.
-            if let Err(refused) = check_answer(&info, &invoker, &home, &aef, trust) {
+            if let Err(refused) = check_answer(&info, &invoker, &home, &aef, trust.as_deref()) {
                 tracing::warn!(partner = %home, error = %error_chain(&refused), "partner answer refused");
                 return Err(refused.into());
             }
@@ -140,7 +140,7 @@ impl Gateway for GatewayService {
             let state = self.state.clone();
             let notice = notice.clone();
             pushes.spawn(async move {
-                let link = state.links.get(&p)?;
+                let link = state.link(&p)?;
                 let deadline = Instant::now() + PUSH_DEADLINE;
                 let r = link
                     .call(deadline, move |mut c, remaining| {
@@ -198,7 +198,7 @@ impl Gateway for GatewayService {
         let req = request.into_inner();
         let issuer =
             CcfId::new(req.issuer_ccf_id.clone()).map_err(|e| invalid_field("issuer_ccf_id", e))?;
-        let Some(link) = self.state.links.get(&issuer) else {
+        let Some(link) = self.state.link(&issuer) else {
             return Err(Refused::NotAPartner {
                 partner: issuer,
                 own: self.state.ccf_id.clone(),

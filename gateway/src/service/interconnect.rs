@@ -71,8 +71,11 @@ impl InterconnectService {
     fn partner<T>(&self, req: &Request<T>) -> Result<CcfId, Status> {
         let info = conn_info(req)?;
         let peer = info.peer.as_ref().ok_or(Refused::NoCertificate)?;
+        // The federation as configured now: a partner removed by a reload is refused here on
+        // its next request, even on a connection opened before.
         self.state
-            .federation
+            .partners()
+            .federation()
             .authenticate(&peer.cert_der)
             .map_err(|e| {
                 tracing::warn!(remote = ?info.remote_addr, error = %error_chain(&e), "partner refused");

@@ -17,6 +17,7 @@ use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError};
 use tonic::{Code, Status};
 
+use crate::reload::LoadError;
 use crate::state::GatewayState;
 use crate::trust::{InvokerCaError, TrustError};
 
@@ -73,12 +74,16 @@ pub enum Refused {
     /// for that partner (invariant 8).
     #[error(transparent)]
     CaNotFederated(#[from] InvokerCaError),
+    /// A configuration reload was refused as a whole; the running configuration stays.
+    #[error("the configuration was not reloaded, the running one stays: {}", ccf_core::grpc::error_chain(.0))]
+    ConfigRefused(#[source] LoadError),
 }
 
 impl Refusal for Refused {
     fn code(&self) -> Code {
         match self {
             Self::NotAPartner { .. } => Code::NotFound,
+            Self::ConfigRefused(_) => Code::InvalidArgument,
             Self::NoCertificate => Code::Unauthenticated,
             Self::RoleNotAllowed { .. }
             | Self::Untrusted(_)
@@ -99,6 +104,7 @@ impl Refusal for Refused {
             | Self::AnswerMismatch { .. }
             | Self::KeySetMismatch { .. } => ErrorReason::IdentityMismatch,
             Self::CaNotFederated(_) => ErrorReason::CaNotFederated,
+            Self::ConfigRefused(_) => ErrorReason::ConfigRefused,
         }
     }
 }
@@ -207,6 +213,11 @@ mod tests {
                 Refused::CaNotFederated(InvokerCaError::NoneNamed { partner: b }),
                 Code::PermissionDenied,
                 ErrorReason::CaNotFederated,
+            ),
+            (
+                Refused::ConfigRefused(LoadError::NoFile),
+                Code::InvalidArgument,
+                ErrorReason::ConfigRefused,
             ),
         ];
         for (e, code, reason) in cases {

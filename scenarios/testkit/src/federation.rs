@@ -69,6 +69,13 @@ pub struct Options {
     pub fetch_burst: u32,
     /// TOML appended to every AEF's config (e.g. a `[budgets]` table).
     pub aef_extra: String,
+    /// Start every gateway from its file `<domain dir>/gateway.toml`, so that it can reload
+    /// (edit it with [`Domain::edit_gateway_toml`]).
+    pub reloadable: bool,
+    /// (x, y): x's gateway does not list y as a partner at start (y still lists x).
+    pub not_partners: Vec<(&'static str, &'static str)>,
+    /// TOML appended to every gateway's config (e.g. a `[reload]` table).
+    pub gateway_extra: String,
 }
 
 impl Default for Options {
@@ -83,6 +90,9 @@ impl Default for Options {
             fetch_rate: 100,
             fetch_burst: 1000,
             aef_extra: String::new(),
+            reloadable: false,
+            not_partners: Vec::new(),
+            gateway_extra: String::new(),
         }
     }
 }
@@ -94,6 +104,8 @@ pub struct Domain {
     pub ccf: Option<RunningCcf>,
     pub gw: Option<RunningGateway>,
     pub gw_config: GatewayConfig,
+    /// The gateway's configuration file, when the testbed is `reloadable`.
+    pub gw_file: Option<PathBuf>,
     pub ccf_port: u16,
     pub gw6_port: u16,
     pub gw6e_port: u16,
@@ -146,7 +158,11 @@ impl Domain {
     pub async fn start_gateway(&mut self) {
         // The port may take a moment to be released by the previous instance.
         for _ in 0..50 {
-            match capif_gateway::server::start(self.gw_config.clone()).await {
+            let started = match &self.gw_file {
+                Some(f) => capif_gateway::server::start_from_file(f.clone(), None).await,
+                None => capif_gateway::server::start(self.gw_config.clone()).await,
+            };
+            match started {
                 Ok(g) => {
                     self.gw = Some(g);
                     return;
@@ -159,6 +175,67 @@ impl Domain {
         }
         panic!("gateway of {} would not restart", self.id);
     }
+
+    /// The `[[partner]]` block naming `partner` with the CA bundle at `ca`.
+    pub fn partner_block(partner: &str, ca: &Path) -> String {
+        format!(
+            "\n[[partner]]\nccf_id = \"{partner}\"\nca_cert = \"{}\"\n",
+            ca.display()
+        )
+    }
+
+    /// Rewrites this domain's gateway file (a `reloadable` testbed) with `edit` applied to its
+    /// text, atomically: a poll never reads half a file.
+    pub fn edit_gateway_toml(&self, edit: impl FnOnce(String) -> String) {
+        let f = self.gw_file.as_ref().expect("a reloadable testbed");
+        let text = std::fs::read_to_string(f).unwrap();
+        write_atomically(f, edit(text).as_bytes());
+    }
+
+    /// A GatewayAdmin client with an operator certificate of this domain.
+    pub async fn gateway_admin(&self) -> pb::gateway_admin_client::GatewayAdminClient<Channel> {
+        let op = self.issue(Role::Operator);
+        pb::gateway_admin_client::GatewayAdminClient::new(
+            channel(
+                self.gw().capif6_addr,
+                &self.ca_pem(),
+                Some((&op.cert_pem, &op.key_pem)),
+                self.gw_peer(),
+            )
+            .await,
+        )
+    }
+
+    /// A certificate for this domain's gateway from `ca` (its own CA for a renewal, another
+    /// for an interconnect identity), written to `<dir>/<name>.pem` and `.key`; returns the
+    /// paths and the certificate.
+    pub fn gateway_credential(
+        &self,
+        ca: &DomainCa,
+        name: &str,
+    ) -> (PathBuf, PathBuf, IssuedCredential) {
+        let cred = ca
+            .issue_with_new_key(
+                &PeerIdentity::new(CcfId::new(self.id.clone()).unwrap(), Role::Gateway),
+                &["localhost".into(), "127.0.0.1".into()],
+                1,
+            )
+            .unwrap();
+        let (cert, key) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        write_atomically(&cert, cred.cert_pem.as_bytes());
+        write_atomically(&key, cred.key_pem.as_bytes());
+        (cert, key, cred)
+    }
+}
+
+/// Writes `path` through a temporary file and a rename.
+pub fn write_atomically(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Testbeds of one test binary run one at a time: the timing assertions (deadlines, 1 s
@@ -208,9 +285,11 @@ server_name = "localhost"
     CcfConfig::parse(&text, "test ccf config").unwrap()
 }
 
-fn gateway_config(d: &Domain, all: &[(String, PathBuf, u16)], o: &Options) -> GatewayConfig {
+fn gateway_toml(d: &Domain, all: &[(String, PathBuf, u16)], o: &Options) -> String {
     let mut partners = String::new();
-    for (id, ca, port) in all.iter().filter(|(id, _, _)| *id != d.id) {
+    let listed =
+        |id: &str| id != d.id && !o.not_partners.iter().any(|(x, y)| *x == d.id && *y == id);
+    for (id, ca, port) in all.iter().filter(|(id, _, _)| listed(id)) {
         partners += &format!(
             "[[partner]]\nccf_id = \"{id}\"\nca_cert = \"{}\"\n",
             ca.display()
@@ -219,7 +298,7 @@ fn gateway_config(d: &Domain, all: &[(String, PathBuf, u16)], o: &Options) -> Ga
             partners += &format!("address = \"127.0.0.1:{port}\"\n");
         }
     }
-    let text = format!(
+    format!(
         r#"
 ccf_id = "{id}"
 [listen]
@@ -242,7 +321,9 @@ default_timeout_ms = 2000
 connect_timeout_ms = 500
 fetch_rate_per_sec = {rate}
 fetch_burst = {burst}
+{extra}
 {partners}"#,
+        extra = o.gateway_extra,
         rate = o.fetch_rate,
         burst = o.fetch_burst,
         id = d.id,
@@ -252,8 +333,7 @@ fetch_burst = {burst}
         ccf = d.ccf_port,
         margin = o.margin_ms,
         neg = o.negative_ttl_ms,
-    );
-    GatewayConfig::parse(&text, "test gateway config").unwrap()
+    )
 }
 
 impl Testbed {
@@ -285,6 +365,7 @@ impl Testbed {
                     "placeholder",
                 )
                 .unwrap(),
+                gw_file: None,
                 ccf_port: free_port(),
                 gw6_port: free_port(),
                 gw6e_port: free_port(),
@@ -317,9 +398,16 @@ impl Testbed {
             None
         };
         for d in domains.values_mut() {
-            let mut g = gateway_config(d, &all, &o);
-            g.dns.nameserver = dns.as_ref().map(|n| n.addr.to_string());
-            d.gw_config = g;
+            let text = match &dns {
+                Some(n) => gateway_toml(d, &all, &o).replace("NAMESERVER", &n.addr.to_string()),
+                None => gateway_toml(d, &all, &o).replace("nameserver = \"NAMESERVER\"", ""),
+            };
+            d.gw_config = GatewayConfig::parse(&text, "test gateway config").unwrap();
+            if o.reloadable {
+                let f = d.dir.join("gateway.toml");
+                write_atomically(&f, text.as_bytes());
+                d.gw_file = Some(f);
+            }
             d.ccf = Some(capif_ccf::server::start(ccf_config(d, &o)).await.unwrap());
             d.start_gateway().await;
             for (aef, port) in d.aef_ports.clone() {
@@ -526,4 +614,36 @@ pub async fn profile(
     )
     .await
     .expect("onboarding")
+}
+
+/// The whole PSK flow of `p` at `aef` (owned by some domain of `t`), as the `capif invoker`
+/// client runs it: a new CAPIF-1e session and key at home, Authentication Initiation at the AEF
+/// (which fetches the key through the gateways when it holds another), the TLS-PSK handshake
+/// and one call of `api`. The error keeps the step's message and reason.
+pub async fn psk_flow(
+    t: &Testbed,
+    p: &capif_scenarios::invoker::Profile,
+    aef: &str,
+    api: &str,
+) -> Result<pb::InvokeResponse, String> {
+    use capif_scenarios::invoker;
+    let owner = AEFS.iter().find(|(a, _)| *a == aef).expect("a known AEF").1;
+    let d = t.d(owner);
+    let addr = d.aefs[aef].security_addr.to_string();
+    let k = invoker::security(p, aef, None)
+        .await
+        .map_err(|e| format!("security: {e:#}"))?;
+    let a = invoker::auth(
+        p,
+        Some(&k),
+        &addr,
+        &d.ca_pem(),
+        "localhost",
+        &d.aef_peer(aef),
+    )
+    .await
+    .map_err(|e| format!("auth: {e:#}"))?;
+    invoker::call(p, &k, &a.tls_endpoint, api, Default::default())
+        .await
+        .map_err(|e| format!("call: {e:#}"))
 }
