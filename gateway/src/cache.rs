@@ -12,7 +12,16 @@
 //! bypassed the same way only when it is about the key or the context (`KEY_EXPIRED`,
 //! `NO_SECURITY_CONTEXT`: the invoker may have negotiated since), never when it is about the
 //! invoker, so what a caller presents cannot multiply partner fetches.
+//!
+//! A revocation wins over a fetch in flight (no resurrection, invariant 10): every fetch takes
+//! the current value of a sequence before it asks and its entry carries it; a revocation of
+//! (home, invoker[, AEF]) takes the next value as its mark BEFORE it evicts. An entry or a fetch
+//! older than a mark is never served nor cached (`REVOKED_DURING_FETCH`), and a fetch checks
+//! again after moka inserted its entry, so no check-then-insert window remains. Marks are kept
+//! for the longest an older entry or fetch can exist (`max_ttl` + the largest request budget),
+//! and at most [`MAX_MARKS`]: beyond it every older entry counts as revoked.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +77,8 @@ pub struct CachedKey {
     key_expires_at: Instant,
     last_refresh: RefreshMark,
     ttl: Duration,
+    /// The revocation sequence when its fetch started.
+    seq: u64,
 }
 
 impl CachedKey {
@@ -181,6 +192,30 @@ pub struct Counters {
     pub negative_hits: AtomicU64,
 }
 
+/// Most revocation marks held; beyond it every entry fetched before counts as revoked.
+pub const MAX_MARKS: usize = 100_000;
+
+/// What a revocation marks: an invoker of a home domain, at one AEF or (`None`) at all.
+type MarkKey = (CcfId, ApiInvokerId, Option<AefId>);
+
+/// The revocation sequence and its marks.
+#[derive(Default)]
+struct Revocations {
+    seq: AtomicU64,
+    /// Every entry and fetch older than this counts as revoked (the marks overflowed).
+    floor: AtomicU64,
+    marks: parking_lot::Mutex<HashMap<MarkKey, (u64, Instant)>>,
+}
+
+/// The refusal of a fetch that a revocation overtook.
+fn revoked_during_fetch() -> Status {
+    error_status(
+        Code::PermissionDenied,
+        ErrorReason::RevokedDuringFetch,
+        "the invoker's authorization was revoked while its key was being fetched",
+    )
+}
+
 /// The cache.
 pub struct KeyCache {
     cache: Cache<CacheKey, Entry>,
@@ -188,6 +223,8 @@ pub struct KeyCache {
     margin: Duration,
     negative_ttl: Duration,
     refresh_interval: Duration,
+    revocations: Revocations,
+    mark_retention: Duration,
     /// Counters for the admin RPC.
     pub counters: Counters,
 }
@@ -243,8 +280,77 @@ impl KeyCache {
             margin: Duration::from_millis(cfg.safety_margin_ms),
             negative_ttl: Duration::from_millis(cfg.negative_ttl_ms),
             refresh_interval: Duration::from_millis(cfg.refresh_interval_ms),
+            revocations: Revocations::default(),
+            mark_retention: Duration::from_secs(cfg.max_ttl_secs) + Duration::from_secs(60),
             counters: Counters::default(),
         }
+    }
+
+    /// Keeps revocation marks for `max_ttl` plus `max_budget` (the largest request budget: the
+    /// longest a fetch may be in flight), instead of the default of one minute.
+    pub fn with_max_budget(mut self, max_budget: Duration) -> Self {
+        self.mark_retention = self.max_ttl + max_budget;
+        self
+    }
+
+    /// Whether a revocation of `key` came after `seq` was taken.
+    fn revoked_since(&self, key: &CacheKey, seq: u64) -> bool {
+        let r = &self.revocations;
+        if r.floor.load(Ordering::SeqCst) > seq {
+            return true;
+        }
+        let marks = r.marks.lock();
+        let after = |aef: Option<AefId>| {
+            marks
+                .get(&(key.home.clone(), key.invoker.clone(), aef))
+                .is_some_and(|(m, _)| *m > seq)
+        };
+        after(None) || after(Some(key.aef.clone()))
+    }
+
+    /// A revocation of `invoker` of `home` (at `aefs`, or at every AEF when empty): marks it,
+    /// then evicts its entries. No entry fetched before, and no fetch in flight now, is served
+    /// or cached afterwards. Returns the entries evicted.
+    pub async fn revoke(&self, home: &CcfId, invoker: &ApiInvokerId, aefs: &[AefId]) -> u64 {
+        let r = &self.revocations;
+        // The mark comes first: a fetch that checks after it sees it, one that inserted before
+        // it is evicted below.
+        let seq = r.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let overflow = {
+            let mut marks = r.marks.lock();
+            let now = Instant::now();
+            if marks.len() >= MAX_MARKS / 2 {
+                marks.retain(|_, (_, at)| now.duration_since(*at) < self.mark_retention);
+            }
+            if marks.len() + aefs.len().max(1) > MAX_MARKS {
+                marks.clear();
+                r.floor.store(seq, Ordering::SeqCst);
+                true
+            } else {
+                let targets: Vec<Option<AefId>> = if aefs.is_empty() {
+                    vec![None]
+                } else {
+                    aefs.iter().cloned().map(Some).collect()
+                };
+                for aef in targets {
+                    marks.insert((home.clone(), invoker.clone(), aef), (seq, now));
+                }
+                false
+            }
+        };
+        if overflow {
+            tracing::warn!(
+                marks = MAX_MARKS,
+                "too many revocations within the mark retention: every cached answer is evicted"
+            );
+            let n = self.cache.entry_count();
+            self.cache.invalidate_all();
+            return n;
+        }
+        self.evict_where(|k| {
+            &k.home == home && &k.invoker == invoker && (aefs.is_empty() || aefs.contains(&k.aef))
+        })
+        .await
     }
 
     fn key_entry(
@@ -252,6 +358,7 @@ impl KeyCache {
         mut info: InvokerSecurityInformation,
         sent_at: Instant,
         refreshed: bool,
+        seq: u64,
     ) -> Entry {
         let psk = AefPsk::from_slice(&info.aef_psk);
         // The bytes now live in `psk` only.
@@ -264,6 +371,7 @@ impl KeyCache {
             key_expires_at: sent_at + remaining,
             last_refresh: RefreshMark::new(refreshed.then_some(sent_at)),
             ttl,
+            seq,
         }))
     }
 
@@ -283,6 +391,8 @@ impl KeyCache {
         let mut refreshed = false;
         if let Some(e) = self.cache.get(&key).await {
             match &e {
+                // Revoked since it was fetched: absent, and invalidated below.
+                Entry::Key(k) if self.revoked_since(&key, k.seq) => {}
                 Entry::Key(k) => {
                     let same = (presented_key_id.is_empty() || presented_key_id == k.key_id())
                         && (method == 0 || method == k.info.sel_security_method);
@@ -316,13 +426,17 @@ impl KeyCache {
             self.cache.invalidate(&key).await;
         }
         let ran = AtomicBool::new(false);
+        let asked = key.clone();
         let result = self
             .cache
             .try_get_with(key, async {
                 ran.store(true, Ordering::Relaxed);
                 let sent_at = Instant::now();
+                let seq = self.revocations.seq.load(Ordering::SeqCst);
                 match fetch.await {
-                    Ok(info) => Ok(self.key_entry(info, sent_at, refreshed)),
+                    // Not cached: an error is not kept by moka.
+                    Ok(_) if self.revoked_since(&asked, seq) => Err(revoked_during_fetch()),
+                    Ok(info) => Ok(self.key_entry(info, sent_at, refreshed, seq)),
                     Err(s) if definite(&s) => Ok(Entry::Refusal(
                         Arc::new(Refusal::new(&s, refreshed)),
                         self.negative_ttl,
@@ -337,6 +451,11 @@ impl KeyCache {
             self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
         }
         match result {
+            // A revocation that came between the check above and moka's insert.
+            Ok(Entry::Key(k)) if self.revoked_since(&asked, k.seq) => {
+                self.cache.invalidate(&asked).await;
+                Err(revoked_during_fetch())
+            }
             Ok(Entry::Key(k)) => k.answer().ok_or_else(|| {
                 error_status(
                     Code::FailedPrecondition,
@@ -363,14 +482,23 @@ impl KeyCache {
     {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let sent_at = Instant::now();
+        let seq = self.revocations.seq.load(Ordering::SeqCst);
         match fetch.await {
+            Ok(_) if self.revoked_since(&key, seq) => {
+                self.cache.invalidate(&key).await;
+                Err(revoked_during_fetch())
+            }
             Ok(info) => {
-                let entry = self.key_entry(info, sent_at, true);
+                let entry = self.key_entry(info, sent_at, true, seq);
                 let answer = match &entry {
                     Entry::Key(k) => k.answer(),
                     Entry::Refusal(..) => None,
                 };
-                self.cache.insert(key, entry).await;
+                self.cache.insert(key.clone(), entry).await;
+                if self.revoked_since(&key, seq) {
+                    self.cache.invalidate(&key).await;
+                    return Err(revoked_during_fetch());
+                }
                 answer.ok_or_else(|| {
                     error_status(
                         Code::FailedPrecondition,
@@ -387,6 +515,9 @@ impl KeyCache {
                 Err(s)
             }
             Err(s) => {
+                if self.revoked_since(&key, old.seq) {
+                    return Err(revoked_during_fetch());
+                }
                 tracing::info!(error = %s.message(), "refresh failed; the cached answer stands");
                 old.answer().ok_or(s)
             }

@@ -12,6 +12,8 @@
 //! - [`discovery`] — SRV lookup with priority/weight, static addresses.
 //! - [`partner`] — one reused channel per partner, failover, deadlines, retry budget, state.
 //! - [`cache`] — validity-bound moka cache with coalescing and negative entries.
+//! - [`store`] — fetch records, the revocation outbox and the notices seen (redb, survives a restart).
+//! - [`outbox`] — delivering the outbox: retries with backoff until acknowledged or moot.
 //! - [`state`] — what the services share.
 //! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
 //! - [`server`] — starting a gateway.
@@ -19,8 +21,10 @@
 pub mod cache;
 pub mod config;
 pub mod discovery;
+pub mod outbox;
 pub mod partner;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod store;
 pub mod trust;

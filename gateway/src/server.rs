@@ -23,6 +23,9 @@ use tonic::service::Routes;
 use crate::cache::KeyCache;
 use crate::config::GatewayConfig;
 use crate::discovery::Discovery;
+use crate::outbox::Outbox;
+use crate::store::RevocationStore;
+use ccf_core::delivery::Backoff;
 use crate::partner::{LinkPolicy, PartnerLink};
 use crate::service::{AdminService, GatewayService, InterconnectService};
 use crate::state::GatewayState;
@@ -48,6 +51,9 @@ pub enum StartError {
     /// DNS.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// The revocation store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A listener.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -70,9 +76,17 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
-    /// Stops both listeners and waits for them.
+    /// Stops both listeners and the outbox and waits for them; closes the store.
     pub async fn shutdown(self) {
         self.tasks.shutdown().await;
+        self.state.store.close();
+    }
+
+    /// Stops as a crash would: every task aborted at once, nothing finished or flushed beyond
+    /// what was committed, the store closed (its file may be opened again). For tests.
+    pub fn crash(self) {
+        self.tasks.abort();
+        self.state.store.close();
     }
 }
 
@@ -105,19 +119,38 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> 
         ccf_tls,
         Duration::from_millis(config.outbound.connect_timeout_ms),
     )?;
+    let store = match &config.state_dir {
+        Some(dir) => RevocationStore::open(Some(dir), config.revocation.max_seen_notices)?,
+        None => {
+            tracing::warn!(
+                "no state_dir configured: fetch records and the revocation outbox are kept in \
+                 memory and do not survive a restart"
+            );
+            RevocationStore::open(None, config.revocation.max_seen_notices)?
+        }
+    };
+    let backoff = Backoff {
+        initial: Duration::from_millis(config.revocation.initial_backoff_ms),
+        max: Duration::from_millis(config.revocation.max_backoff_ms),
+    };
+    let outbox = Outbox::new(links.keys(), backoff);
+    let max_budget = Duration::from_millis(config.outbound.max_timeout_ms);
     let state = Arc::new(GatewayState {
         ccf_id: ccf_id.clone(),
         federation,
         links,
-        cache: KeyCache::new(&config.cache),
+        cache: KeyCache::new(&config.cache).with_max_budget(max_budget),
         key_sets: Default::default(),
         ccf: FederationClient::new(ccf_channel)
             .max_decoding_message_size(config.limits.max_message_bytes),
-        fetchers: Default::default(),
+        store,
+        outbox,
+        max_key_validity: Duration::from_secs(config.revocation.max_key_validity_secs),
         default_budget: Duration::from_millis(config.outbound.default_timeout_ms),
-        max_budget: Duration::from_millis(config.outbound.max_timeout_ms),
+        max_budget,
         revocations_received: Default::default(),
         partner_requests_served: Default::default(),
+        duplicate_revocations: Default::default(),
     });
 
     let own_roots = certs_from_pem("own CA certificate", &ca_pem)?;
@@ -135,6 +168,18 @@ fn validate(config: &GatewayConfig) -> Result<CcfId, StartError> {
     if config.outbound.fetch_rate_per_sec == 0 || config.outbound.fetch_burst == 0 {
         return Err(StartError::Config(
             "outbound.fetch_rate_per_sec and outbound.fetch_burst must be at least 1".into(),
+        ));
+    }
+    let r = &config.revocation;
+    if r.initial_backoff_ms == 0 || r.max_backoff_ms < r.initial_backoff_ms {
+        return Err(StartError::Config(
+            "revocation.initial_backoff_ms must be at least 1 and at most revocation.max_backoff_ms"
+                .into(),
+        ));
+    }
+    if r.max_key_validity_secs == 0 {
+        return Err(StartError::Config(
+            "revocation.max_key_validity_secs must be at least 1".into(),
         ));
     }
     if config.partners.is_empty() {
@@ -246,6 +291,10 @@ async fn serve(
         ConnGate::new("capif6e", config.limits.clone()),
         tasks.stopped(),
     ));
+    // Rows left by a previous run are delivered from the start.
+    for t in crate::outbox::spawn(state.clone(), tasks.stopped()) {
+        tasks.push(t);
+    }
     tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, partners = state.links.len(), "gateway listening");
     Ok(RunningGateway {
         state,

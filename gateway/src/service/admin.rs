@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use capif_proto::v1::{
-    GatewayStatus, GetStatusRequest, PurgeRequest, PurgeResponse,
+    GatewayStatus, GetStatusRequest, PartnerState, PurgeRequest, PurgeResponse,
     gateway_admin_server::GatewayAdmin,
 };
 use ccf_core::grpc::{caller, invalid_field};
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::require;
 use crate::state::GatewayState;
+use crate::store::Destination;
 
 /// The GatewayAdmin service.
 #[derive(Clone, Debug)]
@@ -45,6 +46,15 @@ impl GatewayAdmin for AdminService {
         let s = &self.state;
         s.cache.sync().await;
         let c = &s.cache.counters;
+        let depth = |d: &Destination| s.store.depth(d).unwrap_or_default();
+        let partners = s
+            .links
+            .iter()
+            .map(|(id, l)| PartnerState {
+                outbox_depth: depth(&Destination::Partner(id.clone())),
+                ..l.state()
+            })
+            .collect();
         Ok(Response::new(GatewayStatus {
             ccf_id: s.ccf_id.to_string(),
             cache_entries: s.cache.entry_count(),
@@ -54,7 +64,9 @@ impl GatewayAdmin for AdminService {
             negative_hits: c.negative_hits.load(Ordering::Relaxed),
             revocations_received: s.revocations_received.load(Ordering::Relaxed),
             partner_requests_served: s.partner_requests_served.load(Ordering::Relaxed),
-            partners: s.links.values().map(|l| l.state()).collect(),
+            partners,
+            outbox_depth: s.store.total_depth().unwrap_or_default(),
+            duplicate_revocations: s.duplicate_revocations.load(Ordering::Relaxed),
             ..Default::default()
         }))
     }

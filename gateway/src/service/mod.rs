@@ -5,7 +5,7 @@
 
 mod admin;
 mod gateway;
-mod interconnect;
+pub(crate) mod interconnect;
 
 pub use admin::AdminService;
 pub use gateway::{AnswerMismatch, GatewayService};
@@ -143,6 +143,27 @@ pub(crate) fn require(
         });
     }
     Ok(())
+}
+
+/// Until when (Unix ms) a notice matters: its `not_after_unix_ms`, or without one the longest
+/// validity a key may have; never beyond that from `now`.
+pub(crate) fn horizon(state: &GatewayState, not_after_unix_ms: u64, now: u64) -> u64 {
+    let cap = now.saturating_add(u64::try_from(state.max_key_validity.as_millis()).unwrap_or(u64::MAX));
+    if not_after_unix_ms == 0 {
+        cap
+    } else {
+        not_after_unix_ms.min(cap)
+    }
+}
+
+/// A failure of the revocation store: nothing was acknowledged, the sender tries again.
+pub(crate) fn store_status(e: crate::store::StoreError) -> Status {
+    tracing::error!(error = %e, "revocation store failed");
+    ccf_core::grpc::error_status(
+        tonic::Code::Unavailable,
+        ErrorReason::StoreFailure,
+        "the gateway could not record the revocation; try again",
+    )
 }
 
 #[cfg(test)]
