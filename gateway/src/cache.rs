@@ -564,3 +564,140 @@ fn copy_status(from: &Status) -> Status {
         None => Status::new(from.code(), from.message()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccf_core::grpc::reason_of;
+    use tokio::sync::oneshot;
+
+    fn key(aef: &str) -> CacheKey {
+        CacheKey {
+            home: CcfId::new("operator-b.test").unwrap(),
+            invoker: ApiInvokerId::new("inv-1").unwrap(),
+            aef: AefId::new(aef).unwrap(),
+        }
+    }
+
+    fn answer(key_id: &str) -> InvokerSecurityInformation {
+        InvokerSecurityInformation {
+            api_invoker_id: "inv-1".into(),
+            home_ccf_id: "operator-b.test".into(),
+            aef_id: "aef-a1".into(),
+            aef_psk: vec![7; 32],
+            key_id: key_id.into(),
+            remaining_validity_ms: 60_000,
+            ..Default::default()
+        }
+    }
+
+    /// A fetch that tells the test it started, then waits for the test's go.
+    fn gated(
+        key_id: &'static str,
+    ) -> (
+        impl Future<Output = Result<InvokerSecurityInformation, Status>>,
+        oneshot::Receiver<()>,
+        oneshot::Sender<()>,
+    ) {
+        let (started_tx, started) = oneshot::channel();
+        let (go, go_rx) = oneshot::channel::<()>();
+        let fetch = async move {
+            let _ = started_tx.send(());
+            let _ = go_rx.await;
+            Ok(answer(key_id))
+        };
+        (fetch, started, go)
+    }
+
+    /// A revocation that arrives while a miss is being fetched wins: the fetch ends in
+    /// REVOKED_DURING_FETCH and nothing is cached; a fetch that starts after it is served.
+    #[tokio::test]
+    async fn a_fetch_in_flight_never_caches_a_revoked_key() {
+        let cache = Arc::new(KeyCache::new(&CacheConfig::default()));
+        let (fetch, started, go) = gated("0123456789abcdef");
+        let c = cache.clone();
+        let miss = tokio::spawn(async move { c.get_or_fetch(key("aef-a1"), "", 0, fetch).await });
+        started.await.unwrap();
+        let k = key("aef-a1");
+        cache.revoke(&k.home, &k.invoker, &[]).await;
+        go.send(()).unwrap();
+        let e = miss.await.unwrap().unwrap_err();
+        assert_eq!(
+            (e.code(), reason_of(&e)),
+            (Code::PermissionDenied, Some(ErrorReason::RevokedDuringFetch))
+        );
+        cache.sync().await;
+        assert_eq!(cache.key_entries(), 0, "the revoked key was cached");
+
+        // A fetch begun after the revocation (the invoker negotiated anew) is cached.
+        let got = cache
+            .get_or_fetch(key("aef-a1"), "", 0, async { Ok(answer("fedcba9876543210")) })
+            .await
+            .unwrap();
+        assert_eq!(got.key_id, "fedcba9876543210");
+        cache.sync().await;
+        assert_eq!(cache.key_entries(), 1);
+    }
+
+    /// The same for a refresh forced by a presented key id: the old entry goes and the fresh
+    /// answer is not cached.
+    #[tokio::test]
+    async fn a_refresh_in_flight_never_caches_a_revoked_key() {
+        let cache = Arc::new(KeyCache::new(&CacheConfig::default()));
+        cache
+            .get_or_fetch(key("aef-a1"), "", 0, async { Ok(answer("0123456789abcdef")) })
+            .await
+            .unwrap();
+        let (fetch, started, go) = gated("fedcba9876543210");
+        let c = cache.clone();
+        let refresh = tokio::spawn(async move {
+            c.get_or_fetch(key("aef-a1"), "fedcba9876543210", 0, fetch).await
+        });
+        started.await.unwrap();
+        let k = key("aef-a1");
+        cache.revoke(&k.home, &k.invoker, &[k.aef.clone()]).await;
+        go.send(()).unwrap();
+        let e = refresh.await.unwrap().unwrap_err();
+        assert_eq!(reason_of(&e), Some(ErrorReason::RevokedDuringFetch));
+        cache.sync().await;
+        assert_eq!(cache.key_entries(), 0);
+    }
+
+    /// An entry older than a mark is never served, even if it was inserted after the eviction
+    /// ran (the check-then-insert window); a mark for one AEF leaves the others.
+    #[tokio::test]
+    async fn entries_older_than_a_mark_are_not_served() {
+        let cache = KeyCache::new(&CacheConfig::default());
+        let k = key("aef-a1");
+        let seq = cache.revocations.seq.load(Ordering::SeqCst);
+        cache.revoke(&k.home, &k.invoker, &[]).await;
+        // As if moka inserted a fetch begun before the mark after the eviction ran.
+        cache
+            .cache
+            .insert(k.clone(), cache.key_entry(answer("0123456789abcdef"), Instant::now(), false, seq))
+            .await;
+        let fetched = AtomicBool::new(false);
+        let got = cache
+            .get_or_fetch(k.clone(), "", 0, async {
+                fetched.store(true, Ordering::SeqCst);
+                Ok(answer("fedcba9876543210"))
+            })
+            .await
+            .unwrap();
+        assert!(fetched.load(Ordering::SeqCst), "the stale entry was served");
+        assert_eq!(got.key_id, "fedcba9876543210");
+
+        let other = key("aef-c1");
+        cache
+            .get_or_fetch(other.clone(), "", 0, async { Ok(answer("0123456789abcdef")) })
+            .await
+            .unwrap();
+        cache.revoke(&k.home, &k.invoker, &[k.aef.clone()]).await;
+        cache.sync().await;
+        assert_eq!(cache.key_entries(), 1, "only aef-a1's entry goes");
+        let kept = cache
+            .get_or_fetch(other, "", 0, async { Err(Status::internal("not fetched")) })
+            .await;
+        assert!(kept.is_ok(), "{kept:?}");
+    }
+}
