@@ -194,7 +194,8 @@ async fn worker(state: &GatewayState, d: &Destination) {
             }
         };
         let mut next: Option<u64> = None;
-        let mut blocked = false;
+        // Once a delivery failed, the destination is down: the rest wait for the same retry.
+        let mut blocked: Option<u64> = None;
         for mut row in rows {
             let now = now_ms();
             if row.give_up_at_ms <= now {
@@ -203,7 +204,11 @@ async fn worker(state: &GatewayState, d: &Destination) {
                 tracing::warn!(destination = %d, notice_id = %row.notice.notice_id, api_invoker_id = %row.notice.api_invoker_id, attempts = row.attempts, "revocation notice given up: the keys it concerns have expired");
                 continue;
             }
-            if blocked || (!woken && row.next_attempt_at_ms > now) {
+            if let Some(until) = blocked {
+                next = Some(next.map_or(until, |n| n.min(until)));
+                continue;
+            }
+            if !woken && row.next_attempt_at_ms > now {
                 next = Some(next.map_or(row.next_attempt_at_ms, |n| n.min(row.next_attempt_at_ms)));
                 continue;
             }
@@ -229,8 +234,7 @@ async fn worker(state: &GatewayState, d: &Destination) {
                     }
                     tracing::info!(destination = %d, notice_id = %row.notice.notice_id, attempts = row.attempts, wait_ms = wait, error = %s.message(), "revocation notice not delivered; will retry");
                     next = Some(next.map_or(row.next_attempt_at_ms, |n| n.min(row.next_attempt_at_ms)));
-                    // The destination is down: the other rows wait for the same retry.
-                    blocked = true;
+                    blocked = Some(row.next_attempt_at_ms);
                 }
             }
         }
@@ -238,16 +242,6 @@ async fn worker(state: &GatewayState, d: &Destination) {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
             None => Duration::from_secs(3600),
         };
-        if blocked {
-            // Rows not tried this round are tried with the next retry, not before.
-            let at = now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0);
-            for mut row in state.store.rows(d).unwrap_or_default() {
-                if row.next_attempt_at_ms < at {
-                    row.next_attempt_at_ms = at;
-                    let _ = state.store.reschedule(&row);
-                }
-            }
-        }
         tokio::select! {
             _ = waker.notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}

@@ -160,6 +160,8 @@ impl Gateway for GatewayService {
         for p in &partners {
             self.state.outbox.wake_partner(p);
         }
+        // The own CCF is up: what waits for it goes now.
+        self.state.outbox.wake(&crate::store::Destination::OwnCcf);
         tracing::info!(api_invoker_id = %invoker, notice_id = %id, partners = ?partners, kind = ?notice.kind(), "revocation queued for partners");
         Ok(Response::new(RevocationAck {
             entries_removed: 0,
