@@ -380,3 +380,51 @@ async fn the_ccf_outbox_waits_for_its_gateway() {
     assert!(store(&t).is_empty(), "CCF-B's outbox empties once acknowledged");
     a_holds_no_entry(&t, &held.inv.id).await;
 }
+
+/// EvictPartnerInvoker: only the own CCF may ask, only about a configured partner's invoker;
+/// it evicts A's cached answers of that invoker and sends nothing to the partner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_own_ccf_evicts_a_partners_invoker() {
+    let t = Testbed::start(options()).await;
+    let held = fetch_at_a(&t, "c0").await;
+    let client = async |role: Role| {
+        let cred = t.d(A).issue(role);
+        GatewayClient::new(
+            channel(
+                t.d(A).gw().capif6_addr,
+                &t.d(A).ca_pem(),
+                Some((&cred.cert_pem, &cred.key_pem)),
+                t.d(A).gw_peer(),
+            )
+            .await,
+        )
+    };
+    let evict = |home: &str| pb::RevocationNotice {
+        home_ccf_id: home.into(),
+        api_invoker_id: held.inv.id.clone(),
+        ..Default::default()
+    };
+    let e = client(Role::Operator)
+        .await
+        .evict_partner_invoker(evict(B))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "ROLE_NOT_ALLOWED");
+    let mut ccf = client(Role::Ccf).await;
+    let e = ccf.evict_partner_invoker(evict(A)).await.unwrap_err();
+    assert_eq!(reason(&e), "INVALID_FIELD");
+    let e = ccf
+        .evict_partner_invoker(evict("operator-z.test"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "UNKNOWN_PARTNER");
+    let sent_before = status(&t, A).await.partners[0].requests;
+    let ack = ccf.evict_partner_invoker(evict(B)).await.unwrap().into_inner();
+    assert_eq!((ack.entries_removed, ack.forwarded), (1, 0));
+    a_holds_no_entry(&t, &held.inv.id).await;
+    assert_eq!(
+        status(&t, A).await.partners[0].requests,
+        sent_before,
+        "nothing was sent to B"
+    );
+}
