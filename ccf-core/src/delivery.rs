@@ -85,7 +85,12 @@ mod tests {
     #[test]
     fn notice_ids_are_32_lowercase_hex() {
         assert!(NoticeId::new(&"0a".repeat(16)).is_ok());
-        for bad in ["", "0A0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a", &"0".repeat(31), &"g".repeat(32)] {
+        for bad in [
+            "",
+            "0A0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a",
+            &"0".repeat(31),
+            &"g".repeat(32),
+        ] {
             assert!(NoticeId::new(bad).is_err(), "{bad:?}");
         }
         let (a, b) = (NoticeId::random(), NoticeId::random());
@@ -107,7 +112,10 @@ mod tests {
             let d = b.ceiling(n);
             for _ in 0..200 {
                 let got = b.delay(n);
-                assert!(got >= d / 2 && got <= d, "attempt {n}: {got:?} outside [d/2, {d:?}]");
+                assert!(
+                    got >= d / 2 && got <= d,
+                    "attempt {n}: {got:?} outside [d/2, {d:?}]"
+                );
                 seen.insert(got.as_millis());
             }
         }

@@ -624,14 +624,19 @@ mod tests {
         let e = miss.await.unwrap().unwrap_err();
         assert_eq!(
             (e.code(), reason_of(&e)),
-            (Code::PermissionDenied, Some(ErrorReason::RevokedDuringFetch))
+            (
+                Code::PermissionDenied,
+                Some(ErrorReason::RevokedDuringFetch)
+            )
         );
         cache.sync().await;
         assert_eq!(cache.key_entries(), 0, "the revoked key was cached");
 
         // A fetch begun after the revocation (the invoker negotiated anew) is cached.
         let got = cache
-            .get_or_fetch(key("aef-a1"), "", 0, async { Ok(answer("fedcba9876543210")) })
+            .get_or_fetch(key("aef-a1"), "", 0, async {
+                Ok(answer("fedcba9876543210"))
+            })
             .await
             .unwrap();
         assert_eq!(got.key_id, "fedcba9876543210");
@@ -645,17 +650,22 @@ mod tests {
     async fn a_refresh_in_flight_never_caches_a_revoked_key() {
         let cache = Arc::new(KeyCache::new(&CacheConfig::default()));
         cache
-            .get_or_fetch(key("aef-a1"), "", 0, async { Ok(answer("0123456789abcdef")) })
+            .get_or_fetch(key("aef-a1"), "", 0, async {
+                Ok(answer("0123456789abcdef"))
+            })
             .await
             .unwrap();
         let (fetch, started, go) = gated("fedcba9876543210");
         let c = cache.clone();
         let refresh = tokio::spawn(async move {
-            c.get_or_fetch(key("aef-a1"), "fedcba9876543210", 0, fetch).await
+            c.get_or_fetch(key("aef-a1"), "fedcba9876543210", 0, fetch)
+                .await
         });
         started.await.unwrap();
         let k = key("aef-a1");
-        cache.revoke(&k.home, &k.invoker, &[k.aef.clone()]).await;
+        cache
+            .revoke(&k.home, &k.invoker, std::slice::from_ref(&k.aef))
+            .await;
         go.send(()).unwrap();
         let e = refresh.await.unwrap().unwrap_err();
         assert_eq!(reason_of(&e), Some(ErrorReason::RevokedDuringFetch));
@@ -674,7 +684,10 @@ mod tests {
         // As if moka inserted a fetch begun before the mark after the eviction ran.
         cache
             .cache
-            .insert(k.clone(), cache.key_entry(answer("0123456789abcdef"), Instant::now(), false, seq))
+            .insert(
+                k.clone(),
+                cache.key_entry(answer("0123456789abcdef"), Instant::now(), false, seq),
+            )
             .await;
         let fetched = AtomicBool::new(false);
         let got = cache
@@ -689,10 +702,14 @@ mod tests {
 
         let other = key("aef-c1");
         cache
-            .get_or_fetch(other.clone(), "", 0, async { Ok(answer("0123456789abcdef")) })
+            .get_or_fetch(other.clone(), "", 0, async {
+                Ok(answer("0123456789abcdef"))
+            })
             .await
             .unwrap();
-        cache.revoke(&k.home, &k.invoker, &[k.aef.clone()]).await;
+        cache
+            .revoke(&k.home, &k.invoker, std::slice::from_ref(&k.aef))
+            .await;
         cache.sync().await;
         assert_eq!(cache.key_entries(), 1, "only aef-a1's entry goes");
         let kept = cache

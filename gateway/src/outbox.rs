@@ -113,7 +113,11 @@ async fn purge(state: &GatewayState) {
     loop {
         match state.store.purge(now_ms()) {
             Ok((fetches, seen)) if fetches + seen > 0 => {
-                tracing::info!(fetches, seen, "purged expired fetch records and seen notices")
+                tracing::info!(
+                    fetches,
+                    seen,
+                    "purged expired fetch records and seen notices"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "purging the revocation store failed"),
@@ -143,11 +147,14 @@ async fn deliver(
                 ))));
             };
             let notice = notice.clone();
-            link.call(Instant::now() + ATTEMPT_DEADLINE, move |mut c, remaining| {
-                let mut r = Request::new(notice.clone());
-                r.set_timeout(remaining);
-                async move { c.notify_revocation(r).await }
-            })
+            link.call(
+                Instant::now() + ATTEMPT_DEADLINE,
+                move |mut c, remaining| {
+                    let mut r = Request::new(notice.clone());
+                    r.set_timeout(remaining);
+                    async move { c.notify_revocation(r).await }
+                },
+            )
             .await
             .map(|_| ())
         }
@@ -233,7 +240,9 @@ async fn worker(state: &GatewayState, d: &Destination) {
                         tracing::warn!(error = %e, "could not reschedule an outbox row");
                     }
                     tracing::info!(destination = %d, notice_id = %row.notice.notice_id, attempts = row.attempts, wait_ms = wait, error = %s.message(), "revocation notice not delivered; will retry");
-                    next = Some(next.map_or(row.next_attempt_at_ms, |n| n.min(row.next_attempt_at_ms)));
+                    next = Some(
+                        next.map_or(row.next_attempt_at_ms, |n| n.min(row.next_attempt_at_ms)),
+                    );
                     blocked = Some(row.next_attempt_at_ms);
                 }
             }

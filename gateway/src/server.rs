@@ -24,12 +24,12 @@ use crate::cache::KeyCache;
 use crate::config::GatewayConfig;
 use crate::discovery::Discovery;
 use crate::outbox::Outbox;
-use crate::store::RevocationStore;
-use ccf_core::delivery::Backoff;
 use crate::partner::{LinkPolicy, PartnerLink};
 use crate::service::{AdminService, GatewayService, InterconnectService};
 use crate::state::GatewayState;
+use crate::store::RevocationStore;
 use crate::trust::{Federation, PartnerTrust, partner_client_config};
+use ccf_core::delivery::Backoff;
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]

@@ -210,8 +210,9 @@ impl RevocationStore {
     /// `dir` is `None`. At most `seen_cap` seen marks are kept.
     pub fn open(dir: Option<&Path>, seen_cap: u64) -> Result<Self, StoreError> {
         let db = match dir {
-            None => redb::Builder::new()
-                .create_with_backend(redb::backends::InMemoryBackend::new())?,
+            None => {
+                redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())?
+            }
             Some(dir) => {
                 let io = |path: &Path| {
                     let path = path.to_path_buf();
@@ -342,7 +343,7 @@ impl RevocationStore {
 
     /// The own CCF published `notice` (its `notice_id` is `id`): in one durable transaction,
     /// queues one row per partner (`keep(partner)`) with an unexpired fetch record, given up at
-    /// that record's expiry; forgets the invoker's records when `forget`; and remembers the
+    /// that record's expiry; forgets the invoker's records when it is offboarded; and remembers the
     /// notice as seen until `seen_until`. Returns the partners queued for, or `None` when the
     /// notice was published before (nothing changed).
     pub fn queue_for_fetchers(
@@ -350,7 +351,6 @@ impl RevocationStore {
         notice: &RevocationNotice,
         id: &NoticeId,
         invoker: &ApiInvokerId,
-        forget: bool,
         now: u64,
         seen_until: u64,
         keep: impl Fn(&CcfId) -> bool,
@@ -380,7 +380,7 @@ impl RevocationStore {
                     outbox.insert(row.key().as_str(), row.encode().as_slice())?;
                     queued.push(partner);
                 }
-                if forget {
+                if notice.kind() == capif_proto::v1::RevocationKind::Offboarded {
                     let (lo, hi) = (format!("{invoker}/"), format!("{invoker}0"));
                     fetches.retain_in(lo.as_str()..hi.as_str(), |_, _| false)?;
                 }
@@ -553,7 +553,7 @@ mod tests {
         RevocationNotice {
             home_ccf_id: home.into(),
             api_invoker_id: inv.into(),
-            kind: RevocationKind::AuthorizationRevoked as i32,
+            kind: RevocationKind::Offboarded as i32,
             notice_id: nid.to_string(),
             ..Default::default()
         }
@@ -574,15 +574,18 @@ mod tests {
         s.settle_fetch(&inv, &a, 5_000, None, Some(2_000)).unwrap();
         s.extend_fetch(&inv, &c, 500).unwrap();
         s.extend_fetch(&id("inv-10"), &c, 9_000).unwrap();
-        assert_eq!(s.fetchers_of(&inv, 1_000).unwrap(), vec![(a.clone(), 2_000)]);
+        assert_eq!(
+            s.fetchers_of(&inv, 1_000).unwrap(),
+            vec![(a.clone(), 2_000)]
+        );
         let nid = NoticeId::random();
         let n = notice("operator-b.test", "inv-1", &nid);
         let queued = s
-            .queue_for_fetchers(&n, &nid, &inv, true, 1_000, 9_000, |_| true)
+            .queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
             .unwrap();
         assert_eq!(queued, Some(vec![a.clone()]), "c's record expired");
         assert_eq!(
-            s.queue_for_fetchers(&n, &nid, &inv, true, 1_000, 9_000, |_| true)
+            s.queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
                 .unwrap(),
             None
         );
@@ -593,7 +596,10 @@ mod tests {
         assert!(s.accept_from_partner(&from_a, &pn, 1_000, 8_000).unwrap());
         assert!(!s.accept_from_partner(&from_a, &pn, 1_000, 8_000).unwrap());
         s.close();
-        assert!(matches!(s.depth(&Destination::OwnCcf), Err(StoreError::Closed)));
+        assert!(matches!(
+            s.depth(&Destination::OwnCcf),
+            Err(StoreError::Closed)
+        ));
 
         let s = RevocationStore::open(Some(&state), 100).unwrap();
         let rows = s.rows(&Destination::Partner(a.clone())).unwrap();
@@ -603,7 +609,10 @@ mod tests {
         r.attempts = 3;
         r.next_attempt_at_ms = 4_242;
         s.reschedule(&r).unwrap();
-        assert_eq!(s.rows(&Destination::Partner(a.clone())).unwrap(), vec![r.clone()]);
+        assert_eq!(
+            s.rows(&Destination::Partner(a.clone())).unwrap(),
+            vec![r.clone()]
+        );
         let own = s.rows(&Destination::OwnCcf).unwrap();
         assert_eq!((own.len(), own[0].notice.clone()), (1, from_a));
         assert!(s.seen(&a, &pn).unwrap());
@@ -624,9 +633,13 @@ mod tests {
         let ids: Vec<NoticeId> = (0..4).map(|_| NoticeId::random()).collect();
         for (i, nid) in ids.iter().enumerate() {
             let n = notice("operator-b.test", "inv-9", nid);
-            s.accept_from_partner(&n, nid, 0, 200 * (i as u64 + 1)).unwrap();
+            s.accept_from_partner(&n, nid, 0, 200 * (i as u64 + 1))
+                .unwrap();
         }
-        assert!(!s.seen(&b, &ids[0]).unwrap(), "oldest evicted beyond the cap");
+        assert!(
+            !s.seen(&b, &ids[0]).unwrap(),
+            "oldest evicted beyond the cap"
+        );
         assert!(s.seen(&b, &ids[1]).unwrap());
         assert_eq!(s.purge(400).unwrap(), (1, 1));
         assert!(!s.seen(&b, &ids[1]).unwrap());

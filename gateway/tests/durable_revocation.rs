@@ -67,15 +67,18 @@ async fn fetch_at_a(t: &Testbed, credential: &str) -> Held {
         psk,
         identity,
     };
-    assert!(psk_works(&held).await, "the fetched key works before the revocation");
+    assert!(
+        psk_works(&held).await,
+        "the fetched key works before the revocation"
+    );
     held
 }
 
 /// Whether AEF-A accepts a TLS-PSK handshake (and an API call) with the held key.
 async fn psk_works(h: &Held) -> bool {
     let psk = AefPsk::from_slice(&h.psk).unwrap();
-    let Ok(ch) = capif_2e::psk::demo_channel(&h.psk_addr, &h.identity, &psk, Default::default())
-        .await
+    let Ok(ch) =
+        capif_2e::psk::demo_channel(&h.psk_addr, &h.identity, &psk, Default::default()).await
     else {
         return false;
     };
@@ -138,7 +141,10 @@ async fn status(t: &Testbed, d: &str) -> pb::GatewayStatus {
         )
         .await,
     );
-    c.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner()
+    c.get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A's cache holds nothing of `inv` (counted by evicting: the last check of a test).
@@ -178,16 +184,25 @@ async fn a_notice_waits_for_a_partner_that_is_down() {
     let start = Instant::now();
     loop {
         let s = status(&t, B).await;
-        if s.partners.iter().any(|p| p.ccf_id == A && p.outbox_depth == 1) {
+        if s.partners
+            .iter()
+            .any(|p| p.ccf_id == A && p.outbox_depth == 1)
+        {
             assert_eq!(s.outbox_depth, 1);
             break;
         }
-        assert!(start.elapsed() < T, "B never queued the notice for A: {s:?}");
+        assert!(
+            start.elapsed() < T,
+            "B never queued the notice for A: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     // B keeps trying meanwhile (its backoff grows to its cap).
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(psk_works(&held).await, "A's AEF cannot have heard of it yet");
+    assert!(
+        psk_works(&held).await,
+        "A's AEF cannot have heard of it yet"
+    );
     t.d_mut(A).start_gateway().await;
     let took = until_refused(&held, Duration::from_secs(2)).await;
     eprintln!("refused at AEF-A {took:?} after gateway-A was up");
@@ -275,7 +290,13 @@ async fn a_fetch_in_flight_does_not_resurrect_a_revoked_key() {
         assert!(start.elapsed() < T, "the fetch never reached CCF-B");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let received = || t.d(A).gw().state.revocations_received.load(Ordering::Relaxed);
+    let received = || {
+        t.d(A)
+            .gw()
+            .state
+            .revocations_received
+            .load(Ordering::Relaxed)
+    };
     assert_eq!(received(), 0);
     revoke_at_b(&t, &inv.id).await;
     let start = Instant::now();
@@ -352,7 +373,11 @@ async fn a_notice_delivered_twice_is_acted_on_once() {
     );
     let id = ccf_core::delivery::NoticeId::random().to_string();
     let n = notice(&held.inv.id, &id);
-    let first = as_ccf.publish_revocation(n.clone()).await.unwrap().into_inner();
+    let first = as_ccf
+        .publish_revocation(n.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((first.duplicate, first.forwarded), (false, 1));
     let again = as_ccf.publish_revocation(n).await.unwrap().into_inner();
     assert_eq!((again.duplicate, again.forwarded), (true, 0));
@@ -377,7 +402,10 @@ async fn the_ccf_outbox_waits_for_its_gateway() {
     t.d_mut(B).start_gateway().await;
     let took = until_refused(&held, T).await;
     eprintln!("refused at AEF-A {took:?} after gateway-B was up");
-    assert!(store(&t).is_empty(), "CCF-B's outbox empties once acknowledged");
+    assert!(
+        store(&t).is_empty(),
+        "CCF-B's outbox empties once acknowledged"
+    );
     a_holds_no_entry(&t, &held.inv.id).await;
 }
 
@@ -419,7 +447,11 @@ async fn the_own_ccf_evicts_a_partners_invoker() {
         .unwrap_err();
     assert_eq!(reason(&e), "UNKNOWN_PARTNER");
     let sent_before = status(&t, A).await.partners[0].requests;
-    let ack = ccf.evict_partner_invoker(evict(B)).await.unwrap().into_inner();
+    let ack = ccf
+        .evict_partner_invoker(evict(B))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((ack.entries_removed, ack.forwarded), (1, 0));
     a_holds_no_entry(&t, &held.inv.id).await;
     assert_eq!(

@@ -309,7 +309,7 @@ impl Testbed {
     fn gateway_config(&self, d: &DomainPlan) -> String {
         let dir = d.dir.display();
         let mut t = format!(
-            "ccf_id = \"{id}\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
+            "ccf_id = \"{id}\"\nstate_dir = \"{dir}/gateway-state\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
              [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/gateway.pem\"\nkey = \"{dir}/gateway.key\"\n\n\
              [ccf]\naddress = \"127.0.0.1:{cap}\"\n",
             id = d.id,

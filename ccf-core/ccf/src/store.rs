@@ -16,10 +16,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use capif_proto::v1::RevocationNotice;
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::registry::SecurityMethod;
-use capif_proto::v1::RevocationNotice;
 use prost::Message;
 
 const INVOKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("invokers");
@@ -674,7 +674,10 @@ mod tests {
                 ..Default::default()
             }]
         };
-        assert_eq!(s.remove_contexts_queueing(&id, None, notice).unwrap().len(), 1);
+        assert_eq!(
+            s.remove_contexts_queueing(&id, None, notice).unwrap().len(),
+            1
+        );
         assert!(matches!(
             s.offboard_queueing(&ApiInvokerId::new("inv-2").unwrap(), notice),
             Err(StoreError::InvokerGone)

@@ -8,13 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use capif_proto::v1::{
-    InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
-    SecurityInformationQuery, SecurityMethod, TokenKeySet, TokenKeySetRequest,
-    gateway_server::Gateway,
+    InvokerSecurityInformation, RevocationAck, RevocationNotice, SecurityInformationQuery,
+    SecurityMethod, TokenKeySet, TokenKeySetRequest, gateway_server::Gateway,
 };
-use ccf_core::grpc::{budget, caller, error_chain, inner_budget, invalid_field};
 use ccf_core::clock::now_ms;
 use ccf_core::delivery::NoticeId;
+use ccf_core::grpc::{budget, caller, error_chain, inner_budget, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use tonic::{Request, Response, Status};
@@ -135,14 +134,13 @@ impl Gateway for GatewayService {
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
         let id = NoticeId::new(&notice.notice_id).map_err(|e| invalid_field("notice_id", e))?;
-        let forget = notice.kind() == RevocationKind::Offboarded;
         let now = now_ms();
         let seen_until = horizon(&self.state, notice.not_after_unix_ms, now);
         // One durable transaction: what is acknowledged below is on disk.
         let queued = self
             .state
             .store
-            .queue_for_fetchers(&notice, &id, &invoker, forget, now, seen_until, |p| {
+            .queue_for_fetchers(&notice, &id, &invoker, now, seen_until, |p| {
                 self.state.links.contains_key(p)
             })
             .map_err(store_status)?;
@@ -182,8 +180,8 @@ impl Gateway for GatewayService {
             "evict a partner's invoker from the cache",
         )?;
         let notice = request.into_inner();
-        let home = CcfId::new(notice.home_ccf_id.clone())
-            .map_err(|e| invalid_field("home_ccf_id", e))?;
+        let home =
+            CcfId::new(notice.home_ccf_id.clone()).map_err(|e| invalid_field("home_ccf_id", e))?;
         if home == self.state.ccf_id {
             return Err(invalid_field(
                 "home_ccf_id",

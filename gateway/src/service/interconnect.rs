@@ -15,9 +15,9 @@ use capif_proto::v1::{
     SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, federation_client::FederationClient,
     interconnect_server::Interconnect,
 };
-use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
 use ccf_core::clock::now_ms;
 use ccf_core::delivery::NoticeId;
+use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -164,10 +164,10 @@ impl Interconnect for InterconnectService {
             .as_ref()
             .ok()
             .map(|a| sent.saturating_add(a.remaining_validity_ms));
-        if let Err(e) = self
-            .state
-            .store
-            .settle_fetch(&invoker, &partner, provisional, prior, handed)
+        if let Err(e) =
+            self.state
+                .store
+                .settle_fetch(&invoker, &partner, provisional, prior, handed)
         {
             // The provisional record stays: a notice may reach the partner needlessly.
             tracing::warn!(error = %e, "could not settle a fetch record");

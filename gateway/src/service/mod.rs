@@ -148,7 +148,8 @@ pub(crate) fn require(
 /// Until when (Unix ms) a notice matters: its `not_after_unix_ms`, or without one the longest
 /// validity a key may have; never beyond that from `now`.
 pub(crate) fn horizon(state: &GatewayState, not_after_unix_ms: u64, now: u64) -> u64 {
-    let cap = now.saturating_add(u64::try_from(state.max_key_validity.as_millis()).unwrap_or(u64::MAX));
+    let cap =
+        now.saturating_add(u64::try_from(state.max_key_validity.as_millis()).unwrap_or(u64::MAX));
     if not_after_unix_ms == 0 {
         cap
     } else {

@@ -114,7 +114,10 @@ impl SecurityService {
             .store
             .put_contexts_queueing(&id, &contexts, |replaced| {
                 notices = self.replaced_key_notices(&id, replaced, &contexts);
-                notices.iter().flat_map(|n| self.state.to_queue(n)).collect()
+                notices
+                    .iter()
+                    .flat_map(|n| self.state.to_queue(n))
+                    .collect()
             })
             .map_err(store_status)?;
         for n in notices {
