@@ -195,8 +195,9 @@ pub struct Counters {
 /// Most revocation marks held; beyond it every entry fetched before counts as revoked.
 pub const MAX_MARKS: usize = 100_000;
 
-/// What a revocation marks: an invoker of a home domain, at one AEF or (`None`) at all.
-type MarkKey = (CcfId, ApiInvokerId, Option<AefId>);
+/// What a revocation marks: an invoker of a home domain, at one AEF or (`None`) at all, and
+/// only its key with that key id (a replaced key) or (`None`) any.
+type MarkKey = (CcfId, ApiInvokerId, Option<AefId>, Option<String>);
 
 /// The revocation sequence and its marks.
 #[derive(Default)]
@@ -293,25 +294,49 @@ impl KeyCache {
         self
     }
 
-    /// Whether a revocation of `key` came after `seq` was taken.
-    fn revoked_since(&self, key: &CacheKey, seq: u64) -> bool {
+    /// Whether a revocation of `key` (its key `key_id`) came after `seq` was taken.
+    fn revoked_since(&self, key: &CacheKey, seq: u64, key_id: &str) -> bool {
         let r = &self.revocations;
         if r.floor.load(Ordering::SeqCst) > seq {
             return true;
         }
         let marks = r.marks.lock();
-        let after = |aef: Option<AefId>| {
+        let after = |aef: Option<AefId>, kid: Option<String>| {
             marks
-                .get(&(key.home.clone(), key.invoker.clone(), aef))
+                .get(&(key.home.clone(), key.invoker.clone(), aef, kid))
                 .is_some_and(|(m, _)| *m > seq)
         };
-        after(None) || after(Some(key.aef.clone()))
+        let (aef, kid) = (Some(key.aef.clone()), Some(key_id.to_string()));
+        after(None, None) || after(aef.clone(), None) || after(None, kid.clone()) || after(aef, kid)
     }
 
     /// A revocation of `invoker` of `home` (at `aefs`, or at every AEF when empty): marks it,
     /// then evicts its entries. No entry fetched before, and no fetch in flight now, is served
     /// or cached afterwards. Returns the entries evicted.
     pub async fn revoke(&self, home: &CcfId, invoker: &ApiInvokerId, aefs: &[AefId]) -> u64 {
+        self.revoke_scoped(home, invoker, aefs, None).await
+    }
+
+    /// [`Self::revoke`] for a replaced key (`KEY_REPLACED_BY_NEWER`): the entries are evicted
+    /// alike, but the mark holds that key id only, so a fetch in flight that brings the newer
+    /// key is cached as usual.
+    pub async fn revoke_key(
+        &self,
+        home: &CcfId,
+        invoker: &ApiInvokerId,
+        aefs: &[AefId],
+        key_id: &str,
+    ) -> u64 {
+        self.revoke_scoped(home, invoker, aefs, Some(key_id)).await
+    }
+
+    async fn revoke_scoped(
+        &self,
+        home: &CcfId,
+        invoker: &ApiInvokerId,
+        aefs: &[AefId],
+        key_id: Option<&str>,
+    ) -> u64 {
         let r = &self.revocations;
         // The mark comes first: a fetch that checks after it sees it, one that inserted before
         // it is evicted below.
@@ -333,7 +358,8 @@ impl KeyCache {
                     aefs.iter().cloned().map(Some).collect()
                 };
                 for aef in targets {
-                    marks.insert((home.clone(), invoker.clone(), aef), (seq, now));
+                    let kid = key_id.map(str::to_string);
+                    marks.insert((home.clone(), invoker.clone(), aef, kid), (seq, now));
                 }
                 false
             }
@@ -347,6 +373,8 @@ impl KeyCache {
             self.cache.invalidate_all();
             return n;
         }
+        // Every entry of those AEFs goes, also for a replaced key (as before marks existed): the
+        // next request fetches the current answer.
         self.evict_where(|k| {
             &k.home == home && &k.invoker == invoker && (aefs.is_empty() || aefs.contains(&k.aef))
         })
@@ -392,7 +420,7 @@ impl KeyCache {
         if let Some(e) = self.cache.get(&key).await {
             match &e {
                 // Revoked since it was fetched: absent, and invalidated below.
-                Entry::Key(k) if self.revoked_since(&key, k.seq) => {}
+                Entry::Key(k) if self.revoked_since(&key, k.seq, k.key_id()) => {}
                 Entry::Key(k) => {
                     let same = (presented_key_id.is_empty() || presented_key_id == k.key_id())
                         && (method == 0 || method == k.info.sel_security_method);
@@ -435,7 +463,9 @@ impl KeyCache {
                 let seq = self.revocations.seq.load(Ordering::SeqCst);
                 match fetch.await {
                     // Not cached: an error is not kept by moka.
-                    Ok(_) if self.revoked_since(&asked, seq) => Err(revoked_during_fetch()),
+                    Ok(info) if self.revoked_since(&asked, seq, &info.key_id) => {
+                        Err(revoked_during_fetch())
+                    }
                     Ok(info) => Ok(self.key_entry(info, sent_at, refreshed, seq)),
                     Err(s) if definite(&s) => Ok(Entry::Refusal(
                         Arc::new(Refusal::new(&s, refreshed)),
@@ -452,7 +482,7 @@ impl KeyCache {
         }
         match result {
             // A revocation that came between the check above and moka's insert.
-            Ok(Entry::Key(k)) if self.revoked_since(&asked, k.seq) => {
+            Ok(Entry::Key(k)) if self.revoked_since(&asked, k.seq, k.key_id()) => {
                 self.cache.invalidate(&asked).await;
                 Err(revoked_during_fetch())
             }
@@ -484,18 +514,21 @@ impl KeyCache {
         let sent_at = Instant::now();
         let seq = self.revocations.seq.load(Ordering::SeqCst);
         match fetch.await {
-            Ok(_) if self.revoked_since(&key, seq) => {
-                self.cache.invalidate(&key).await;
+            Ok(info) if self.revoked_since(&key, seq, &info.key_id) => {
+                if self.revoked_since(&key, old.seq, old.key_id()) {
+                    self.cache.invalidate(&key).await;
+                }
                 Err(revoked_during_fetch())
             }
             Ok(info) => {
+                let key_id = info.key_id.clone();
                 let entry = self.key_entry(info, sent_at, true, seq);
                 let answer = match &entry {
                     Entry::Key(k) => k.answer(),
                     Entry::Refusal(..) => None,
                 };
                 self.cache.insert(key.clone(), entry).await;
-                if self.revoked_since(&key, seq) {
+                if self.revoked_since(&key, seq, &key_id) {
                     self.cache.invalidate(&key).await;
                     return Err(revoked_during_fetch());
                 }
@@ -515,7 +548,7 @@ impl KeyCache {
                 Err(s)
             }
             Err(s) => {
-                if self.revoked_since(&key, old.seq) {
+                if self.revoked_since(&key, old.seq, old.key_id()) {
                     return Err(revoked_during_fetch());
                 }
                 tracing::info!(error = %s.message(), "refresh failed; the cached answer stands");
@@ -671,6 +704,30 @@ mod tests {
         assert_eq!(reason_of(&e), Some(ErrorReason::RevokedDuringFetch));
         cache.sync().await;
         assert_eq!(cache.key_entries(), 0);
+    }
+
+    /// A replaced key's mark revokes that key only: a fetch in flight that brings the newer
+    /// key is cached, one that brings the replaced key is not.
+    #[tokio::test]
+    async fn a_replaced_key_mark_spares_the_newer_key() {
+        let cache = Arc::new(KeyCache::new(&CacheConfig::default()));
+        let k = key("aef-a1");
+        for (fetched, cached) in [("fedcba9876543210", 1), ("0123456789abcdef", 0)] {
+            cache.evict_where(|_| true).await;
+            let (fetch, started, go) = gated(fetched);
+            let c = cache.clone();
+            let miss =
+                tokio::spawn(async move { c.get_or_fetch(key("aef-a1"), "", 0, fetch).await });
+            started.await.unwrap();
+            cache
+                .revoke_key(&k.home, &k.invoker, &[], "0123456789abcdef")
+                .await;
+            go.send(()).unwrap();
+            let r = miss.await.unwrap();
+            assert_eq!(r.is_ok(), cached == 1, "{fetched}: {r:?}");
+            cache.sync().await;
+            assert_eq!(cache.key_entries(), cached, "{fetched}");
+        }
     }
 
     /// An entry older than a mark is never served, even if it was inserted after the eviction

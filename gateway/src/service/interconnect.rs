@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use capif_proto::v1::{
-    InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck, RevocationNotice,
-    SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, federation_client::FederationClient,
-    interconnect_server::Interconnect,
+    InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck, RevocationKind,
+    RevocationNotice, SecurityInformationQuery, TokenKeySet, TokenKeySetRequest,
+    federation_client::FederationClient, interconnect_server::Interconnect,
 };
 use ccf_core::clock::now_ms;
 use ccf_core::delivery::NoticeId;
@@ -203,7 +203,16 @@ impl Interconnect for InterconnectService {
         }
         // Mark and evict first: once acknowledged, nothing of the invoker is served here, and
         // a fetch in flight cannot cache it again.
-        let removed = self.state.cache.revoke(&partner, &invoker, &aefs).await;
+        let removed =
+            if notice.kind() == RevocationKind::KeyReplacedByNewer && !notice.key_id.is_empty() {
+                // Only the replaced key: a fetch of the newer one must not fail for it.
+                self.state
+                    .cache
+                    .revoke_key(&partner, &invoker, &aefs, &notice.key_id)
+                    .await
+            } else {
+                self.state.cache.revoke(&partner, &invoker, &aefs).await
+            };
         let now = now_ms();
         let until = horizon(&self.state, notice.not_after_unix_ms, now);
         // Seen and queued for the own CCF in one durable transaction, before the ack.
