@@ -29,6 +29,9 @@ struct Cli {
     /// Override `dns.nameserver` (ip:port).
     #[arg(long, env = "CAPIF_GATEWAY_NAMESERVER")]
     nameserver: Option<String>,
+    /// Override `state_dir` (fetch records and the revocation outbox).
+    #[arg(long, env = "CAPIF_GATEWAY_STATE_DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// Log format on stderr.
     #[arg(
         long,
@@ -49,6 +52,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
     if let Some(n) = cli.nameserver {
         cfg.dns.nameserver = Some(n);
+    }
+    if let Some(d) = cli.state_dir {
+        cfg.state_dir = Some(d);
     }
     let gw = capif_gateway::server::start(cfg).await?;
     println!(
