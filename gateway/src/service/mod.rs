@@ -73,6 +73,9 @@ pub enum Refused {
     /// for that partner (invariant 8).
     #[error(transparent)]
     CaNotFederated(#[from] InvokerCaError),
+    /// The revocation store failed (logged with its cause): nothing was acknowledged.
+    #[error("the gateway could not record the revocation; send it again")]
+    StoreFailed,
 }
 
 impl Refusal for Refused {
@@ -80,6 +83,7 @@ impl Refusal for Refused {
         match self {
             Self::NotAPartner { .. } => Code::NotFound,
             Self::NoCertificate => Code::Unauthenticated,
+            Self::StoreFailed => Code::Unavailable,
             Self::RoleNotAllowed { .. }
             | Self::Untrusted(_)
             | Self::RevokesOthers { .. }
@@ -99,6 +103,7 @@ impl Refusal for Refused {
             | Self::AnswerMismatch { .. }
             | Self::KeySetMismatch { .. } => ErrorReason::IdentityMismatch,
             Self::CaNotFederated(_) => ErrorReason::CaNotFederated,
+            Self::StoreFailed => ErrorReason::StoreFailure,
         }
     }
 }
@@ -160,11 +165,7 @@ pub(crate) fn horizon(state: &GatewayState, not_after_unix_ms: u64, now: u64) ->
 /// A failure of the revocation store: nothing was acknowledged, the sender tries again.
 pub(crate) fn store_status(e: crate::store::StoreError) -> Status {
     tracing::error!(error = %e, "revocation store failed");
-    ccf_core::grpc::error_status(
-        tonic::Code::Unavailable,
-        ErrorReason::StoreFailure,
-        "the gateway could not record the revocation; try again",
-    )
+    Refused::StoreFailed.into()
 }
 
 #[cfg(test)]
@@ -229,6 +230,11 @@ mod tests {
                 Refused::CaNotFederated(InvokerCaError::NoneNamed { partner: b }),
                 Code::PermissionDenied,
                 ErrorReason::CaNotFederated,
+            ),
+            (
+                Refused::StoreFailed,
+                Code::Unavailable,
+                ErrorReason::StoreFailure,
             ),
         ];
         for (e, code, reason) in cases {
