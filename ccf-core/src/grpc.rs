@@ -134,6 +134,14 @@ impl ServerTasks {
         self.tasks.push(task);
     }
 
+    /// Aborts every task at once, as a crash would end them (tests).
+    pub fn abort(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+
     /// Stops every task and waits for them.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -21,11 +21,13 @@
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
 //! - [`keysets`] — issuers' token key sets, cached per issuer with the refetch rule.
 //! - [`clock`] — wall-clock milliseconds.
+//! - [`delivery`] — revocation notice ids and the outboxes' retry schedule.
 //! - [`config_file`] — reading a component's TOML file with errors that name file and line.
 //! - [`process`] — what every binary shares: logging, signals, exit codes.
 
 pub mod clock;
 pub mod config_file;
+pub mod delivery;
 pub mod grpc;
 pub mod identity;
 pub mod ids;

@@ -140,6 +140,35 @@ impl Default for OutboundConfig {
     }
 }
 
+/// `[revocation]`: how the outbox retries and how long notices are kept (docs/PROTOCOL.md 6.8
+/// and section 8).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    /// Upper bound of the first retry's wait, milliseconds; doubles per failure.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of every retry's wait, milliseconds: a destination that comes back is
+    /// served within about this much.
+    pub max_backoff_ms: u64,
+    /// The longest validity a key of the own CCF may have, seconds. A fetch record is written
+    /// for this long before the key leaves (then lowered to the key's real expiry), and a
+    /// notice without `not_after_unix_ms` is kept this long.
+    pub max_key_validity_secs: u64,
+    /// Most notices remembered for idempotency; beyond it the oldest are forgotten.
+    pub max_seen_notices: u64,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1500,
+            max_key_validity_secs: 86_400,
+            max_seen_notices: 100_000,
+        }
+    }
+}
+
 /// One `[[partner]]`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -181,6 +210,13 @@ impl Default for ReloadConfig {
 pub struct GatewayConfig {
     /// The own domain.
     pub ccf_id: String,
+    /// Where the gateway keeps fetch records, its revocation outbox and the notices it saw
+    /// (created 0700). Unset: in memory, lost at a restart (a warning at start says so).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Revocation delivery.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
     /// Listen addresses.
     #[serde(default)]
     pub listen: ListenConfig,

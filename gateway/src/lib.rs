@@ -16,6 +16,8 @@
 //!   the CAPIF-6e client verifier that asks it.
 //! - [`cache`] — validity-bound moka cache with coalescing and negative entries.
 //! - [`reload`] — live reconfiguration: load, diff, apply or refuse as a whole; file poll.
+//! - [`store`] — fetch records, the revocation outbox and the notices seen (redb, survives a restart).
+//! - [`outbox`] — delivering the outbox: retries with backoff until acknowledged or moot.
 //! - [`state`] — what the services share.
 //! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
 //! - [`server`] — starting a gateway.
@@ -24,10 +26,12 @@ pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod discovery;
+pub mod outbox;
 pub mod partner;
 pub mod partners;
 pub mod reload;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod store;
 pub mod trust;

@@ -32,6 +32,9 @@ struct Cli {
     /// Override `dns.nameserver` (ip:port).
     #[arg(long, env = "CAPIF_GATEWAY_NAMESERVER")]
     nameserver: Option<String>,
+    /// Override `state_dir` (fetch records and the revocation outbox).
+    #[arg(long, env = "CAPIF_GATEWAY_STATE_DIR")]
+    state_dir: Option<std::path::PathBuf>,
     /// Log format on stderr.
     #[arg(
         long,
@@ -44,7 +47,12 @@ struct Cli {
 
 async fn run(cli: Cli) -> Result<()> {
     // The overrides apply to every read of the file, so a reload does not undo them.
-    let (l6, l6e, ns) = (cli.listen_capif6, cli.listen_capif6e, cli.nameserver);
+    let (l6, l6e, ns, sd) = (
+        cli.listen_capif6,
+        cli.listen_capif6e,
+        cli.nameserver,
+        cli.state_dir,
+    );
     let adjust = move |cfg: &mut GatewayConfig| {
         if let Some(a) = &l6 {
             cfg.listen.capif6 = a.clone();
@@ -54,6 +62,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         if let Some(n) = &ns {
             cfg.dns.nameserver = Some(n.clone());
+        }
+        if let Some(d) = &sd {
+            cfg.state_dir = Some(d.clone());
         }
     };
     let gw = capif_gateway::server::start_from_file(cli.config, Some(Arc::new(adjust))).await?;

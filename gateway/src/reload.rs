@@ -197,6 +197,18 @@ pub fn check(config: &GatewayConfig) -> Result<CcfId, LoadError> {
             "outbound.fetch_rate_per_sec and outbound.fetch_burst must be at least 1".into(),
         ));
     }
+    let rv = &config.revocation;
+    if rv.initial_backoff_ms == 0 || rv.max_backoff_ms < rv.initial_backoff_ms {
+        return Err(invalid(
+            "revocation.initial_backoff_ms must be at least 1 and at most revocation.max_backoff_ms"
+                .into(),
+        ));
+    }
+    if rv.max_key_validity_secs == 0 {
+        return Err(invalid(
+            "revocation.max_key_validity_secs must be at least 1".into(),
+        ));
+    }
     if config.partners.is_empty() {
         return Err(invalid("configure at least one [[partner]]".into()));
     }
@@ -535,7 +547,11 @@ async fn apply(
     drop(old);
     for id in &plan.removed {
         let evicted = state.cache.evict_where(|k| &k.home == id).await;
-        tracing::info!(partner = %id, evicted, "partner removed; its cache entries evicted");
+        let dropped = state.outbox.remove_partner(&state.store, id);
+        tracing::info!(partner = %id, evicted, dropped, "partner removed; its cache entries evicted");
+    }
+    for id in &plan.added {
+        state.outbox.add_partner(id);
     }
     let keep_digests = if plan.needs_restart.contains(&"tls.cert") {
         // Not applied: compare the next reload with what runs.

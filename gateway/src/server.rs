@@ -28,11 +28,14 @@ use crate::cache::KeyCache;
 use crate::config::GatewayConfig;
 use crate::credentials::CertSlot;
 use crate::discovery::Discovery;
+use crate::outbox::Outbox;
 use crate::partner::LinkPolicy;
 use crate::partners::{FederationVerifier, LinkFactory, LivePartners, Partners};
 use crate::reload::{self, Adjust, ConfigSource, LoadError, ReloadControl, ReloadPlan};
 use crate::service::{AdminService, GatewayService, InterconnectService};
 use crate::state::GatewayState;
+use crate::store::RevocationStore;
+use ccf_core::delivery::Backoff;
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,9 @@ pub enum StartError {
     /// DNS.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// The revocation store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A listener.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -85,9 +91,17 @@ impl RunningGateway {
         reload::reload(&self.state, "SIGHUP").await
     }
 
-    /// Stops both listeners and waits for them.
+    /// Stops both listeners and the outbox and waits for them; closes the store.
     pub async fn shutdown(self) {
         self.tasks.shutdown().await;
+        self.state.store.close();
+    }
+
+    /// Stops as a crash would: every task aborted at once, nothing finished or flushed beyond
+    /// what was committed, the store closed (its file may be opened again). For tests.
+    pub fn crash(self) {
+        self.tasks.abort();
+        self.state.store.close();
     }
 }
 
@@ -170,19 +184,38 @@ async fn launch(
         Arc::new(ccf_tls),
         Duration::from_millis(config.outbound.connect_timeout_ms),
     )?;
+    let store = match &config.state_dir {
+        Some(dir) => RevocationStore::open(Some(dir), config.revocation.max_seen_notices)?,
+        None => {
+            tracing::warn!(
+                "no state_dir configured: fetch records and the revocation outbox are kept in \
+                 memory and do not survive a restart"
+            );
+            RevocationStore::open(None, config.revocation.max_seen_notices)?
+        }
+    };
+    let backoff = Backoff {
+        initial: Duration::from_millis(config.revocation.initial_backoff_ms),
+        max: Duration::from_millis(config.revocation.max_backoff_ms),
+    };
+    let outbox = Outbox::new(live.current().ids(), backoff);
+    let max_budget = Duration::from_millis(config.outbound.max_timeout_ms);
     let state = Arc::new(GatewayState {
         ccf_id: ccf_id.clone(),
         live: live.clone(),
         reload: reload_control,
-        cache: KeyCache::new(&config.cache),
+        cache: KeyCache::new(&config.cache).with_max_budget(max_budget),
         key_sets: Default::default(),
         ccf: FederationClient::new(ccf_channel)
             .max_decoding_message_size(config.limits.max_message_bytes),
-        fetchers: Default::default(),
+        store,
+        outbox,
+        max_key_validity: Duration::from_secs(config.revocation.max_key_validity_secs),
         default_budget: Duration::from_millis(config.outbound.default_timeout_ms),
-        max_budget: Duration::from_millis(config.outbound.max_timeout_ms),
+        max_budget,
         revocations_received: Default::default(),
         partner_requests_served: Default::default(),
+        duplicate_revocations: Default::default(),
     });
 
     let capif6_verifier =
@@ -270,6 +303,10 @@ async fn serve(
     ));
     if let Some(poll) = reload::spawn_poll(state.clone(), tasks.stopped()) {
         tasks.push(poll);
+    }
+    // Rows left by a previous run are delivered from the start.
+    for t in crate::outbox::spawn(state.clone(), tasks.stopped()) {
+        tasks.push(t);
     }
     tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, partners = state.partners().len(), "gateway listening");
     Ok(RunningGateway {

@@ -1,22 +1,23 @@
-//! What the gateway's services share: the own domain, the federation's trust, one link per
-//! partner, the cache, the link to the own CCF, and who fetched which invoker's keys (for
-//! revocation push). The partners sit behind a handle a reload swaps ([`crate::partners`]):
-//! services reach them only through [`GatewayState::link`], [`GatewayState::trust`] and
-//! [`GatewayState::partners`].
+//! What the gateway's services share: the own domain, the partners (trust and link of each),
+//! the cache, the link to the own CCF, and the revocation store (who fetched which invoker's
+//! keys, the outbox, the notices seen) with the outbox's workers' wake-up calls. The partners sit
+//! behind a handle a reload swaps ([`crate::partners`]): services reach them only through
+//! [`GatewayState::link`], [`GatewayState::trust`] and [`GatewayState::partners`].
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use capif_proto::v1::federation_client::FederationClient;
-use ccf_core::ids::{ApiInvokerId, CcfId};
+use ccf_core::ids::CcfId;
 use tonic::transport::Channel;
 
 use crate::cache::KeyCache;
+use crate::outbox::Outbox;
 use crate::partner::PartnerLink;
 use crate::partners::{LivePartners, Partners};
 use crate::reload::ReloadControl;
+use crate::store::RevocationStore;
 use crate::trust::PartnerTrust;
 
 /// Shared gateway state.
@@ -34,8 +35,13 @@ pub struct GatewayState {
     pub key_sets: ccf_core::keysets::KeySetCache,
     /// CAPIF-6 client of the own CCF.
     pub ccf: FederationClient<Channel>,
-    /// Partners that fetched keys of each of our invokers.
-    pub fetchers: parking_lot::Mutex<HashMap<ApiInvokerId, BTreeSet<CcfId>>>,
+    /// Fetch records, the revocation outbox and the notices seen (survives a restart when
+    /// `state_dir` is set).
+    pub store: RevocationStore,
+    /// The outbox's workers.
+    pub outbox: Outbox,
+    /// The longest validity a key of the own CCF may have (`[revocation]`).
+    pub max_key_validity: Duration,
     /// Budget when the caller gives none.
     pub default_budget: Duration,
     /// Largest budget honoured.
@@ -44,6 +50,8 @@ pub struct GatewayState {
     pub revocations_received: AtomicU64,
     /// CAPIF-6e requests answered for partners.
     pub partner_requests_served: AtomicU64,
+    /// Revocation notices received again and acknowledged without acting.
+    pub duplicate_revocations: AtomicU64,
 }
 
 impl GatewayState {
@@ -60,26 +68,5 @@ impl GatewayState {
     /// A partner's trust, as configured now.
     pub fn trust(&self, id: &CcfId) -> Option<Arc<PartnerTrust>> {
         self.live.current().trust(id).cloned()
-    }
-
-    /// Remembers that `partner` holds keys of `invoker`.
-    pub fn record_fetch(&self, invoker: &ApiInvokerId, partner: &CcfId) {
-        self.fetchers
-            .lock()
-            .entry(invoker.clone())
-            .or_default()
-            .insert(partner.clone());
-    }
-
-    /// The partners holding keys of `invoker`; forgets them when `forget` (the invoker is gone).
-    pub fn fetchers_of(&self, invoker: &ApiInvokerId, forget: bool) -> Vec<CcfId> {
-        // parking_lot's lock does not poison: a panic elsewhere cannot make this list empty.
-        let mut f = self.fetchers.lock();
-        let set = if forget {
-            f.remove(invoker)
-        } else {
-            f.get(invoker).cloned()
-        };
-        set.map(|s| s.into_iter().collect()).unwrap_or_default()
     }
 }

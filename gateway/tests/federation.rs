@@ -280,7 +280,9 @@ async fn confused_deputy_is_refused() {
         t.d(B)
             .gw()
             .state
-            .fetchers_of(&inv.id.parse().unwrap(), false)
+            .store
+            .fetchers_of(&inv.id.parse().unwrap(), 0)
+            .unwrap()
             .is_empty(),
         "B recorded C as holding a key"
     );
@@ -299,6 +301,8 @@ async fn fetch_with_b_at(t: &Testbed, port: u16, inv: &str) -> (tonic::Status, p
     cfg.dns.nameserver = Some(dns.addr.to_string());
     cfg.listen.capif6 = "127.0.0.1:0".into();
     cfg.listen.capif6e = "127.0.0.1:0".into();
+    // A second gateway of A: A's state directory is the first one's.
+    cfg.state_dir = None;
     let gw = capif_gateway::server::start(cfg).await.unwrap();
     let query = pb::SecurityInformationQuery {
         api_invoker_id: inv.into(),
@@ -455,6 +459,8 @@ async fn certificates_from_unconfigured_or_wrong_cas_are_refused() {
     let mut cfg = t.d(A).gw_config.clone();
     cfg.listen.capif6 = "127.0.0.1:0".into();
     cfg.listen.capif6e = "127.0.0.1:0".into();
+    // A second gateway of A: A's state directory is the first one's.
+    cfg.state_dir = None;
     for p in cfg.partners.iter_mut() {
         if p.ccf_id == B {
             p.address = Some(rogue_addr.to_string());

@@ -106,6 +106,8 @@ async fn an_aef_posing_as_the_ccf_is_refused_by_the_gateway() {
     cfg.listen.capif6 = "127.0.0.1:0".into();
     cfg.listen.capif6e = "127.0.0.1:0".into();
     cfg.ccf.address = impostor.to_string();
+    // A second gateway of A: A's state directory is the first one's.
+    cfg.state_dir = None;
     let gw = capif_gateway::server::start(cfg).await.unwrap();
 
     // The gateway's own client of its CCF.

@@ -20,7 +20,7 @@ use crate::config::CcfConfig;
 use crate::service::{
     CcfAdminService, FederationService, InvokerManagementService, SecurityService,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{SecurityContext, Store, StoreError};
 use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
@@ -131,6 +131,10 @@ pub struct CcfState {
     pub token_lifetime: Duration,
     /// Method 3: the refresh interval advertised with the key set.
     pub key_set_refresh_secs: u64,
+    /// Wakes the revocation outbox's worker (a notice was queued).
+    pub revocation_queued: tokio::sync::Notify,
+    /// Revocation notices the gateway acknowledged.
+    pub revocations_delivered: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -150,9 +154,38 @@ impl CcfState {
         self.credential_digests.iter().any(|d| d == digest)
     }
 
-    /// Hands a revocation of one of this domain's invokers on: to the gateway, which pushes it to
-    /// every partner that fetched the invoker's keys, and to the affected AEFs of this domain.
-    /// Runs in the background: the RPC that caused it has committed and must not wait.
+    /// `base` as a notice of its own: a fresh `notice_id`, and `not_after_unix_ms` the latest
+    /// expiry among `concerned` (the contexts it revokes), else now plus the context validity.
+    pub fn revocation_notice(
+        &self,
+        base: RevocationNotice,
+        concerned: &[SecurityContext],
+    ) -> RevocationNotice {
+        let not_after = concerned
+            .iter()
+            .map(|c| c.expires_at_ms)
+            .max()
+            .unwrap_or_else(|| now_ms() + self.context_validity.as_millis() as u64);
+        RevocationNotice {
+            notice_id: ccf_core::delivery::NoticeId::random().to_string(),
+            not_after_unix_ms: not_after,
+            ..base
+        }
+    }
+
+    /// What of `notice` goes into the revocation outbox: the notice when a gateway is
+    /// configured, nothing otherwise (no partner can hold keys then).
+    pub fn to_queue(&self, notice: &RevocationNotice) -> Vec<RevocationNotice> {
+        if self.gateway.is_some() {
+            vec![notice.clone()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Hands a committed revocation of one of this domain's invokers on: to the affected AEFs
+    /// of this domain (in the background), and to the gateway through the revocation outbox,
+    /// where the store put the notice in the transaction that revoked (its worker is woken).
     pub fn publish_revocation(&self, notice: RevocationNotice, affected: &[ccf_core::ids::AefId]) {
         let affected = Some(affected);
         tracing::info!(
@@ -160,19 +193,11 @@ impl CcfState {
             aefs = ?notice.aef_ids,
             kind = ?notice.kind(),
             key_id = %notice.key_id,
+            notice_id = %notice.notice_id,
             "security contexts revoked"
         );
         self.revoke_at_aefs(&notice, affected);
-        if let Some(gw) = &self.gateway {
-            let mut gw = gw.clone();
-            tokio::spawn(async move {
-                let mut r = tonic::Request::new(notice);
-                r.set_timeout(Duration::from_secs(3));
-                if let Err(e) = gw.publish_revocation(r).await {
-                    tracing::warn!(error = %e.message(), "could not publish the revocation to the gateway");
-                }
-            });
-        }
+        self.revocation_queued.notify_one();
     }
 
     /// Tells this domain's AEFs among `affected` (all of them when `None`) to drop the invoker's
@@ -340,6 +365,96 @@ fn spawn_purge(
     })
 }
 
+/// Upper bounds of the revocation outbox's first and longest waits (the gateway's defaults).
+const OUTBOX_BACKOFF: ccf_core::delivery::Backoff = ccf_core::delivery::Backoff {
+    initial: Duration::from_millis(100),
+    max: Duration::from_millis(1500),
+};
+
+/// Delivers the revocation outbox to the gateway until `stop`: each notice until the gateway
+/// acknowledges it (it is then queued there durably) or its `not_after_unix_ms` passed. Reads
+/// the store, so what a previous run queued goes first.
+fn spawn_revocation_outbox(
+    state: Arc<CcfState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop => {}
+            _ = revocation_outbox(&state) => {}
+        }
+        Ok(())
+    })
+}
+
+async fn revocation_outbox(state: &CcfState) {
+    use std::sync::atomic::Ordering;
+    let Some(gw) = state.gateway.clone() else {
+        return;
+    };
+    let mut failures = 0u32;
+    loop {
+        let queued = state.store.revocation_outbox().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the revocation outbox");
+            Vec::new()
+        });
+        let mut next: Option<u64> = None;
+        // Once a delivery failed, the gateway is down: the rest wait for the same retry.
+        let mut blocked: Option<u64> = None;
+        for mut q in queued {
+            let n = &q.notice;
+            let now = now_ms();
+            if n.not_after_unix_ms <= now {
+                let _ = state.store.revocation_done(&n.notice_id);
+                tracing::warn!(notice_id = %n.notice_id, api_invoker_id = %n.api_invoker_id, attempts = q.attempts, "revocation notice given up: the keys it concerns have expired");
+                continue;
+            }
+            if let Some(until) = blocked {
+                next = Some(next.map_or(until, |t| t.min(until)));
+                continue;
+            }
+            if q.next_attempt_at_ms > now {
+                next = Some(next.map_or(q.next_attempt_at_ms, |t| t.min(q.next_attempt_at_ms)));
+                continue;
+            }
+            let mut r = tonic::Request::new(n.clone());
+            r.set_timeout(Duration::from_secs(3));
+            match gw.clone().publish_revocation(r).await {
+                Ok(ack) => {
+                    failures = 0;
+                    if let Err(e) = state.store.revocation_done(&n.notice_id) {
+                        tracing::warn!(error = %e, "could not delete an acknowledged notice; it will be sent again");
+                    }
+                    state.revocations_delivered.fetch_add(1, Ordering::Relaxed);
+                    let ack = ack.into_inner();
+                    tracing::info!(notice_id = %n.notice_id, partners = ack.forwarded, duplicate = ack.duplicate, "revocation notice queued at the gateway");
+                }
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    let _ = state.store.revocation_done(&n.notice_id);
+                    tracing::warn!(notice_id = %n.notice_id, error = %s.message(), "the gateway refused a revocation notice; dropped");
+                }
+                Err(s) => {
+                    failures = failures.saturating_add(1);
+                    q.attempts = q.attempts.saturating_add(1);
+                    let wait = OUTBOX_BACKOFF.delay(failures).as_millis() as u64;
+                    q.next_attempt_at_ms = now_ms() + wait;
+                    let _ = state.store.revocation_reschedule(&q);
+                    tracing::info!(notice_id = %q.notice.notice_id, attempts = q.attempts, wait_ms = wait, error = %s.message(), "revocation notice not delivered to the gateway; will retry");
+                    next = Some(next.map_or(q.next_attempt_at_ms, |t| t.min(q.next_attempt_at_ms)));
+                    blocked = Some(q.next_attempt_at_ms);
+                }
+            }
+        }
+        let wait = next.map_or(Duration::from_secs(3600), |at| {
+            Duration::from_millis(at.saturating_sub(now_ms()))
+        });
+        tokio::select! {
+            _ = state.revocation_queued.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Starts a CCF from its configuration.
 pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let (ccf_id, registry, purge_every) = validate_config(&config)?;
@@ -365,6 +480,8 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         ca,
         store,
         token_keys,
+        revocation_queued: Default::default(),
+        revocations_delivered: Default::default(),
         token_lifetime: Duration::from_secs(config.token.lifetime_secs),
         key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,
@@ -535,6 +652,7 @@ async fn serve(
     ));
     // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
     tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
+    tasks.push(spawn_revocation_outbox(state.clone(), tasks.stopped()));
     tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
     Ok(RunningCcf {
         state,

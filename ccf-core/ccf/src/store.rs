@@ -16,9 +16,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use capif_proto::v1::RevocationNotice;
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::registry::SecurityMethod;
+use prost::Message;
 
 const INVOKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("invokers");
 const CONTEXTS: TableDefinition<&str, &[u8]> = TableDefinition::new("security_contexts");
@@ -27,6 +29,9 @@ const CREDENTIALS: TableDefinition<&str, &str> =
 /// Invokers of other domains refused at AEFs of this one: "<home>/<invoker>/<aef>" -> until
 /// (Unix ms).
 const FOREIGN_REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("foreign_revocations");
+/// notice_id -> attempts (4 bytes) + next attempt (8 bytes, Unix ms) + the encoded notice: what
+/// the gateway has not acknowledged yet.
+const REVOCATION_OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("revocation_outbox");
 
 /// Why the store failed. The operation changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,9 @@ pub enum StoreError {
     /// A stored value cannot be written or read back.
     #[error("state store holds a corrupt record: {0}")]
     Corrupt(#[source] serde_json::Error),
+    /// A queued revocation notice cannot be read back.
+    #[error("state store holds a corrupt revocation notice {0:?}")]
+    CorruptNotice(String),
     /// The onboarding credential was used before.
     #[error("the onboarding credential was already used")]
     CredentialUsed,
@@ -79,8 +87,56 @@ db_err!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
+
+/// A revocation notice waiting for the gateway's acknowledgement. It is given up at its
+/// `not_after_unix_ms`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueuedNotice {
+    /// The notice, as it is sent.
+    pub notice: RevocationNotice,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Not before this (Unix ms).
+    pub next_attempt_at_ms: u64,
+}
+
+impl QueuedNotice {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(12 + self.notice.encoded_len());
+        v.extend_from_slice(&self.attempts.to_be_bytes());
+        v.extend_from_slice(&self.next_attempt_at_ms.to_be_bytes());
+        self.notice.encode(&mut v).unwrap_or_default();
+        v
+    }
+
+    fn decode(key: &str, b: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = || StoreError::CorruptNotice(key.to_string());
+        let (attempts, rest) = b.split_at_checked(4).ok_or_else(corrupt)?;
+        let (next, rest) = rest.split_at_checked(8).ok_or_else(corrupt)?;
+        Ok(Self {
+            attempts: u32::from_be_bytes(attempts.try_into().map_err(|_| corrupt())?),
+            next_attempt_at_ms: u64::from_be_bytes(next.try_into().map_err(|_| corrupt())?),
+            notice: RevocationNotice::decode(rest).map_err(|_| corrupt())?,
+        })
+    }
+}
+
+/// Puts `notices` into the revocation outbox of `tx`.
+fn queue_in(tx: &redb::WriteTransaction, notices: &[RevocationNotice]) -> Result<(), StoreError> {
+    let mut t = tx.open_table(REVOCATION_OUTBOX)?;
+    for n in notices {
+        let q = QueuedNotice {
+            notice: n.clone(),
+            attempts: 0,
+            next_attempt_at_ms: 0,
+        };
+        t.insert(n.notice_id.as_str(), q.encode().as_slice())?;
+    }
+    Ok(())
+}
 
 /// An onboarded invoker.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -223,6 +279,7 @@ impl Store {
         tx.open_table(CONTEXTS)?;
         tx.open_table(CREDENTIALS)?;
         tx.open_table(FOREIGN_REVOCATIONS)?;
+        tx.open_table(REVOCATION_OUTBOX)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -273,6 +330,16 @@ impl Store {
 
     /// Removes an invoker and all its contexts; returns the removed contexts, or `InvokerGone`.
     pub fn offboard(&self, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
+        self.offboard_queueing(id, |_| Vec::new())
+    }
+
+    /// [`Self::offboard`], and in the same transaction queues the notices `notices` makes of
+    /// the removed contexts for the gateway.
+    pub fn offboard_queueing(
+        &self,
+        id: &ApiInvokerId,
+        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+    ) -> Result<Vec<SecurityContext>, StoreError> {
         let tx = self.db.begin_write()?;
         let removed = {
             let mut inv = tx.open_table(INVOKERS)?;
@@ -281,6 +348,7 @@ impl Store {
             }
             Self::remove_in(&tx, id, None)?
         };
+        queue_in(&tx, &notices(&removed))?;
         tx.commit()?;
         Ok(removed)
     }
@@ -316,6 +384,17 @@ impl Store {
         id: &ApiInvokerId,
         contexts: &[SecurityContext],
     ) -> Result<Vec<SecurityContext>, StoreError> {
+        self.put_contexts_queueing(id, contexts, |_| Vec::new())
+    }
+
+    /// [`Self::put_contexts`], and in the same transaction queues the notices `notices` makes
+    /// of the replaced contexts for the gateway.
+    pub fn put_contexts_queueing(
+        &self,
+        id: &ApiInvokerId,
+        contexts: &[SecurityContext],
+        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+    ) -> Result<Vec<SecurityContext>, StoreError> {
         let tx = self.db.begin_write()?;
         let mut replaced = Vec::new();
         {
@@ -330,6 +409,7 @@ impl Store {
                 }
             }
         }
+        queue_in(&tx, &notices(&replaced))?;
         tx.commit()?;
         Ok(replaced)
     }
@@ -366,8 +446,21 @@ impl Store {
         id: &ApiInvokerId,
         aef: Option<&AefId>,
     ) -> Result<Vec<SecurityContext>, StoreError> {
+        self.remove_contexts_queueing(id, aef, |_| Vec::new())
+    }
+
+    /// [`Self::remove_contexts`], and in the same transaction queues the notices `notices` makes
+    /// of the removed contexts for the gateway: a revocation is on disk with its notice, or not
+    /// at all.
+    pub fn remove_contexts_queueing(
+        &self,
+        id: &ApiInvokerId,
+        aef: Option<&AefId>,
+        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+    ) -> Result<Vec<SecurityContext>, StoreError> {
         let tx = self.db.begin_write()?;
         let removed = Self::remove_in(&tx, id, aef)?;
+        queue_in(&tx, &notices(&removed))?;
         tx.commit()?;
         Ok(removed)
     }
@@ -389,6 +482,42 @@ impl Store {
                 let key = foreign_key(home, invoker, aef);
                 let held = t.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
                 t.insert(key.as_str(), held.max(until_ms))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every revocation notice the gateway has not acknowledged.
+    pub fn revocation_outbox(&self) -> Result<Vec<QueuedNotice>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(REVOCATION_OUTBOX)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (k, v) = r?;
+            out.push(QueuedNotice::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a queued notice (acknowledged, or given up).
+    pub fn revocation_done(&self, notice_id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(REVOCATION_OUTBOX)?.remove(notice_id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores a queued notice's attempts and next attempt time. Not durable on its own: after a
+    /// crash the notice is simply tried again at once.
+    pub fn revocation_reschedule(&self, q: &QueuedNotice) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::None)?;
+        {
+            let mut t = tx.open_table(REVOCATION_OUTBOX)?;
+            let key = q.notice.notice_id.as_str();
+            if t.get(key)?.is_some() {
+                t.insert(key, q.encode().as_slice())?;
             }
         }
         tx.commit()?;
@@ -575,6 +704,46 @@ mod tests {
         assert_eq!(s.invoker_count().unwrap(), 2, "invokers are not purged");
         assert_eq!(s.purge_expired(500).unwrap(), 0, "nothing left to purge");
         assert_eq!(s.context_count().unwrap(), 2);
+    }
+
+    /// A revocation's notice is queued in the transaction that removes the contexts, survives
+    /// a reopen, and a refused removal queues nothing.
+    #[test]
+    fn notices_are_queued_with_the_removal_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let s = Store::open(&path).unwrap();
+        s.onboard("d1", &rec("inv-1")).unwrap();
+        let id = ApiInvokerId::new("inv-1").unwrap();
+        s.put_contexts(&id, &[ctx_expiring("inv-1", "aef-a", 1, 777)])
+            .unwrap();
+        let notice = |removed: &[SecurityContext]| {
+            vec![RevocationNotice {
+                api_invoker_id: "inv-1".into(),
+                notice_id: "0".repeat(32),
+                not_after_unix_ms: removed.iter().map(|c| c.expires_at_ms).max().unwrap_or(0),
+                ..Default::default()
+            }]
+        };
+        assert_eq!(
+            s.remove_contexts_queueing(&id, None, notice).unwrap().len(),
+            1
+        );
+        assert!(matches!(
+            s.offboard_queueing(&ApiInvokerId::new("inv-2").unwrap(), notice),
+            Err(StoreError::InvokerGone)
+        ));
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        let mut q = s.revocation_outbox().unwrap();
+        assert_eq!(q.len(), 1, "the refused offboarding queued nothing");
+        assert_eq!(q[0].notice.not_after_unix_ms, 777);
+        q[0].attempts = 2;
+        q[0].next_attempt_at_ms = 99;
+        s.revocation_reschedule(&q[0]).unwrap();
+        assert_eq!(s.revocation_outbox().unwrap(), q);
+        s.revocation_done(&"0".repeat(32)).unwrap();
+        assert!(s.revocation_outbox().unwrap().is_empty());
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use capif_proto::v1::{
-    GatewayStatus, GetStatusRequest, PurgeRequest, PurgeResponse, ReloadRequest, ReloadResponse,
-    gateway_admin_server::GatewayAdmin,
+    GatewayStatus, GetStatusRequest, PartnerState, PurgeRequest, PurgeResponse, ReloadRequest,
+    ReloadResponse, gateway_admin_server::GatewayAdmin,
 };
 use ccf_core::grpc::{caller, invalid_field};
 use ccf_core::identity::Role;
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Refused, require};
 use crate::state::GatewayState;
+use crate::store::Destination;
 
 /// The GatewayAdmin service.
 #[derive(Clone, Debug)]
@@ -45,6 +46,18 @@ impl GatewayAdmin for AdminService {
         let s = &self.state;
         s.cache.sync().await;
         let c = &s.cache.counters;
+        let depth = |d: &Destination| s.store.depth(d).unwrap_or_default();
+        let partners = s
+            .partners()
+            .states()
+            .into_iter()
+            .map(|p| {
+                let outbox_depth = CcfId::new(p.ccf_id.clone())
+                    .map(|id| depth(&Destination::Partner(id)))
+                    .unwrap_or_default();
+                PartnerState { outbox_depth, ..p }
+            })
+            .collect();
         Ok(Response::new(GatewayStatus {
             ccf_id: s.ccf_id.to_string(),
             cache_entries: s.cache.entry_count(),
@@ -54,10 +67,12 @@ impl GatewayAdmin for AdminService {
             negative_hits: c.negative_hits.load(Ordering::Relaxed),
             revocations_received: s.revocations_received.load(Ordering::Relaxed),
             partner_requests_served: s.partner_requests_served.load(Ordering::Relaxed),
-            partners: s.partners().states(),
+            partners,
             reloads: s.reload.reloads.load(Ordering::Relaxed),
             reloads_refused: s.reload.refused.load(Ordering::Relaxed),
             last_reload_error: s.reload.last_error(),
+            outbox_depth: s.store.total_depth().unwrap_or_default(),
+            duplicate_revocations: s.duplicate_revocations.load(Ordering::Relaxed),
             ..Default::default()
         }))
     }

@@ -1,28 +1,28 @@
 //! `Gateway` (CAPIF-6): the own CCF asks for an invoker of another domain; answered from the
 //! cache or fetched from that domain's gateway. Also where the own CCF publishes revocations,
-//! which are pushed to every partner that fetched the invoker's keys.
+//! queued durably for every partner that fetched the invoker's keys (the outbox delivers them),
+//! and evicts a partner's invoker it revoked at its own AEFs.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use capif_proto::v1::{
-    InvokerSecurityInformation, RevocationAck, RevocationKind, RevocationNotice,
-    SecurityInformationQuery, SecurityMethod, TokenKeySet, TokenKeySetRequest,
-    gateway_server::Gateway,
+    InvokerSecurityInformation, RevocationAck, RevocationNotice, SecurityInformationQuery,
+    SecurityMethod, TokenKeySet, TokenKeySetRequest, gateway_server::Gateway,
 };
+use ccf_core::clock::now_ms;
+use ccf_core::delivery::NoticeId;
 use ccf_core::grpc::{budget, caller, error_chain, inner_budget, invalid_field};
 use ccf_core::identity::Role;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{Refused, ids, require};
+use super::{Refused, horizon, ids, require, store_status};
 use crate::cache::CacheKey;
 use crate::state::GatewayState;
 use crate::trust::{InvokerCaError, PartnerTrust};
-
-/// How long a revocation push to one partner may take.
-const PUSH_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The Gateway service.
 #[derive(Clone, Debug)]
@@ -133,54 +133,83 @@ impl Gateway for GatewayService {
         }
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
-        let forget = notice.kind() == RevocationKind::Offboarded;
-        let partners = self.state.fetchers_of(&invoker, forget);
-        let mut pushes = tokio::task::JoinSet::new();
-        for p in partners {
-            let state = self.state.clone();
-            let notice = notice.clone();
-            pushes.spawn(async move {
-                let link = state.link(&p)?;
-                let deadline = Instant::now() + PUSH_DEADLINE;
-                let r = link
-                    .call(deadline, move |mut c, remaining| {
-                        let mut r = Request::new(notice.clone());
-                        r.set_timeout(remaining);
-                        async move { c.notify_revocation(r).await }
-                    })
-                    .await;
-                match r {
-                    Ok(_) => Some(()),
-                    Err(e) => {
-                        tracing::warn!(partner = %p, error = %e.message(), "revocation push failed");
-                        None
-                    }
-                }
-            });
+        let id = NoticeId::new(&notice.notice_id).map_err(|e| invalid_field("notice_id", e))?;
+        let now = now_ms();
+        let seen_until = horizon(&self.state, notice.not_after_unix_ms, now);
+        // One durable transaction: what is acknowledged below is on disk.
+        let queued = self
+            .state
+            .store
+            .queue_for_fetchers(&notice, &id, &invoker, now, seen_until, |p| {
+                self.state.link(p).is_some()
+            })
+            .map_err(store_status)?;
+        let Some(partners) = queued else {
+            self.state
+                .duplicate_revocations
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(api_invoker_id = %invoker, notice_id = %id, "revocation published again; already queued");
+            return Ok(Response::new(RevocationAck {
+                entries_removed: 0,
+                forwarded: 0,
+                duplicate: true,
+            }));
+        };
+        for p in &partners {
+            self.state.outbox.wake_partner(p);
         }
-        let mut forwarded = 0;
-        while let Some(r) = pushes.join_next().await {
-            if matches!(r, Ok(Some(()))) {
-                forwarded += 1;
-            }
-        }
-        tracing::info!(api_invoker_id = %invoker, forwarded, kind = ?notice.kind(), "revocation pushed to partners");
+        // The own CCF is up: what waits for it goes now.
+        self.state.outbox.wake(&crate::store::Destination::OwnCcf);
+        tracing::info!(api_invoker_id = %invoker, notice_id = %id, partners = ?partners, kind = ?notice.kind(), "revocation queued for partners");
         Ok(Response::new(RevocationAck {
             entries_removed: 0,
-            forwarded,
+            forwarded: partners.len() as u32,
             duplicate: false,
         }))
     }
 
     async fn evict_partner_invoker(
         &self,
-        _request: Request<RevocationNotice>,
+        request: Request<RevocationNotice>,
     ) -> Result<Response<RevocationAck>, Status> {
-        Err(ccf_core::grpc::error_status(
-            tonic::Code::Unimplemented,
-            capif_proto::v1::ErrorReason::NotImplemented,
-            "evicting a partner's invoker is not served by this release",
-        ))
+        let who = caller(&request)?;
+        require(
+            &self.state,
+            &who,
+            Role::Ccf,
+            "evict a partner's invoker from the cache",
+        )?;
+        let notice = request.into_inner();
+        let home =
+            CcfId::new(notice.home_ccf_id.clone()).map_err(|e| invalid_field("home_ccf_id", e))?;
+        if home == self.state.ccf_id {
+            return Err(invalid_field(
+                "home_ccf_id",
+                "names this domain; its invokers are not cached here",
+            ));
+        }
+        if self.state.link(&home).is_none() {
+            return Err(Refused::NotAPartner {
+                partner: home,
+                own: self.state.ccf_id.clone(),
+            }
+            .into());
+        }
+        let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
+            .map_err(|e| invalid_field("api_invoker_id", e))?;
+        let aefs = notice
+            .aef_ids
+            .iter()
+            .map(|a| AefId::new(a.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid_field("aef_ids", e))?;
+        let removed = self.state.cache.revoke(&home, &invoker, &aefs).await;
+        tracing::info!(partner = %home, api_invoker_id = %invoker, aefs = ?notice.aef_ids, removed, "partner's invoker evicted at the own CCF's request");
+        Ok(Response::new(RevocationAck {
+            entries_removed: u32::try_from(removed).unwrap_or(u32::MAX),
+            forwarded: 0,
+            duplicate: false,
+        }))
     }
 
     async fn fetch_token_key_set(

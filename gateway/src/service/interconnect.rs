@@ -11,20 +11,20 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use capif_proto::v1::{
-    InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck, RevocationNotice,
-    SecurityInformationQuery, TokenKeySet, TokenKeySetRequest, federation_client::FederationClient,
-    interconnect_server::Interconnect,
+    InvokerSecurityInformation, PartnerSecurityInformationRequest, RevocationAck, RevocationKind,
+    RevocationNotice, SecurityInformationQuery, TokenKeySet, TokenKeySetRequest,
+    federation_client::FederationClient, interconnect_server::Interconnect,
 };
+use ccf_core::clock::now_ms;
+use ccf_core::delivery::NoticeId;
 use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
-use ccf_core::ids::{ApiInvokerId, CcfId, KeyId};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{Refused, ids};
+use super::{Refused, horizon, ids, store_status};
 use crate::state::GatewayState;
-
-/// How long passing a partner's revocation on to the own CCF may take.
-const FORWARD_DEADLINE: Duration = Duration::from_secs(2);
+use crate::store::Destination;
 
 /// Calls the own CCF (`own` names its domain) with `call`, under `budget`: sent as the request's
 /// deadline and enforced here, so that a CCF that does not answer costs the partner no more than
@@ -73,14 +73,31 @@ impl InterconnectService {
         let peer = info.peer.as_ref().ok_or(Refused::NoCertificate)?;
         // The federation as configured now: a partner removed by a reload is refused here on
         // its next request, even on a connection opened before.
-        self.state
+        let partner = self
+            .state
             .partners()
             .federation()
             .authenticate(&peer.cert_der)
             .map_err(|e| {
                 tracing::warn!(remote = ?info.remote_addr, error = %error_chain(&e), "partner refused");
-                Refused::Untrusted(e).into()
-            })
+                Status::from(Refused::Untrusted(e))
+            })?;
+        // The partner is back: what waits for it in the outbox goes now.
+        self.state.outbox.wake_partner(&partner);
+        Ok(partner)
+    }
+
+    /// The answer to a notice acted on before.
+    fn duplicate(&self, partner: &CcfId, invoker: &ApiInvokerId, id: &NoticeId) -> RevocationAck {
+        self.state
+            .duplicate_revocations
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%partner, api_invoker_id = %invoker, notice_id = %id, "revocation received again; acknowledged without acting");
+        RevocationAck {
+            entries_removed: 0,
+            forwarded: 0,
+            duplicate: true,
+        }
     }
 
     /// The own CCF, under `budget`: [`call_own_ccf`].
@@ -124,17 +141,41 @@ impl Interconnect for InterconnectService {
                 format!("this gateway serves {} only", self.state.ccf_id),
             ));
         }
+        // The fetch record exists before the key can leave: a revocation at home while this
+        // fetch is in flight finds the partner. Provisional: the longest a key may be valid,
+        // from when the answer may at the latest arrive; lowered below to the real expiry.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let provisional = now_ms()
+            + u64::try_from((remaining + self.state.max_key_validity).as_millis())
+                .unwrap_or(u64::MAX / 2);
+        let prior = self
+            .state
+            .store
+            .extend_fetch(&invoker, &partner, provisional)
+            .map_err(store_status)?;
         let ask = PartnerSecurityInformationRequest {
             partner_ccf_id: partner.to_string(),
             query: Some(q),
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let sent = now_ms();
         let answer = self
             .own_ccf(remaining, ask, |mut ccf, r| async move {
                 ccf.get_security_information_for_partner(r).await
             })
-            .await?;
-        self.state.record_fetch(&invoker, &partner);
+            .await;
+        let handed = answer
+            .as_ref()
+            .ok()
+            .map(|a| sent.saturating_add(a.remaining_validity_ms));
+        if let Err(e) =
+            self.state
+                .store
+                .settle_fetch(&invoker, &partner, provisional, prior, handed)
+        {
+            // The provisional record stays: a notice may reach the partner needlessly.
+            tracing::warn!(error = %e, "could not settle a fetch record");
+        }
+        let answer = answer?;
         self.state
             .partner_requests_served
             .fetch_add(1, Ordering::Relaxed);
@@ -153,38 +194,46 @@ impl Interconnect for InterconnectService {
         }
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
-        let removed = self
+        let id = NoticeId::new(&notice.notice_id).map_err(|e| invalid_field("notice_id", e))?;
+        let aefs = notice
+            .aef_ids
+            .iter()
+            .map(|a| AefId::new(a.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid_field("aef_ids", e))?;
+        if self.state.store.seen(&partner, &id).map_err(store_status)? {
+            return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));
+        }
+        // Mark and evict first: once acknowledged, nothing of the invoker is served here, and
+        // a fetch in flight cannot cache it again.
+        let removed =
+            if notice.kind() == RevocationKind::KeyReplacedByNewer && !notice.key_id.is_empty() {
+                // Only the replaced key: a fetch of the newer one must not fail for it.
+                self.state
+                    .cache
+                    .revoke_key(&partner, &invoker, &aefs, &notice.key_id)
+                    .await
+            } else {
+                self.state.cache.revoke(&partner, &invoker, &aefs).await
+            };
+        let now = now_ms();
+        let until = horizon(&self.state, notice.not_after_unix_ms, now);
+        // Seen and queued for the own CCF in one durable transaction, before the ack.
+        if !self
             .state
-            .cache
-            .evict_where(|k| {
-                k.home == partner
-                    && k.invoker == invoker
-                    && (notice.aef_ids.is_empty()
-                        || notice.aef_ids.iter().any(|a| a == k.aef.as_str()))
-            })
-            .await;
+            .store
+            .accept_from_partner(&notice, &id, now, until)
+            .map_err(store_status)?
+        {
+            return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));
+        }
+        self.state.outbox.wake(&Destination::OwnCcf);
         self.state
             .revocations_received
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%partner, api_invoker_id = %invoker, removed, kind = ?notice.kind(), "revocation received");
-        // Tell the own CCF (which tells its AEFs); a slow CCF must not hold up the partner.
-        let state = self.state.clone();
-        let forward = notice.clone();
-        tokio::spawn(async move {
-            let r = call_own_ccf(
-                &state.ccf,
-                &state.ccf_id,
-                FORWARD_DEADLINE,
-                forward,
-                |mut ccf, r| async move { ccf.notify_revocation(r).await },
-            )
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "could not pass the revocation to the CCF");
-            }
-        });
+        tracing::info!(%partner, api_invoker_id = %invoker, notice_id = %id, removed, kind = ?notice.kind(), "revocation received");
         Ok(Response::new(RevocationAck {
-            entries_removed: removed as u32,
+            entries_removed: u32::try_from(removed).unwrap_or(u32::MAX),
             forwarded: 1,
             duplicate: false,
         }))

@@ -5,7 +5,7 @@
 
 mod admin;
 mod gateway;
-mod interconnect;
+pub(crate) mod interconnect;
 
 pub use admin::AdminService;
 pub use gateway::{AnswerMismatch, GatewayService};
@@ -77,6 +77,9 @@ pub enum Refused {
     /// A configuration reload was refused as a whole; the running configuration stays.
     #[error("the configuration was not reloaded, the running one stays: {}", ccf_core::grpc::error_chain(.0))]
     ConfigRefused(#[source] LoadError),
+    /// The revocation store failed (logged with its cause): nothing was acknowledged.
+    #[error("the gateway could not record the revocation; send it again")]
+    StoreFailed,
 }
 
 impl Refusal for Refused {
@@ -85,6 +88,7 @@ impl Refusal for Refused {
             Self::NotAPartner { .. } => Code::NotFound,
             Self::ConfigRefused(_) => Code::InvalidArgument,
             Self::NoCertificate => Code::Unauthenticated,
+            Self::StoreFailed => Code::Unavailable,
             Self::RoleNotAllowed { .. }
             | Self::Untrusted(_)
             | Self::RevokesOthers { .. }
@@ -105,6 +109,7 @@ impl Refusal for Refused {
             | Self::KeySetMismatch { .. } => ErrorReason::IdentityMismatch,
             Self::CaNotFederated(_) => ErrorReason::CaNotFederated,
             Self::ConfigRefused(_) => ErrorReason::ConfigRefused,
+            Self::StoreFailed => ErrorReason::StoreFailure,
         }
     }
 }
@@ -149,6 +154,24 @@ pub(crate) fn require(
         });
     }
     Ok(())
+}
+
+/// Until when (Unix ms) a notice matters: its `not_after_unix_ms`, or without one the longest
+/// validity a key may have; never beyond that from `now`.
+pub(crate) fn horizon(state: &GatewayState, not_after_unix_ms: u64, now: u64) -> u64 {
+    let cap =
+        now.saturating_add(u64::try_from(state.max_key_validity.as_millis()).unwrap_or(u64::MAX));
+    if not_after_unix_ms == 0 {
+        cap
+    } else {
+        not_after_unix_ms.min(cap)
+    }
+}
+
+/// A failure of the revocation store: nothing was acknowledged, the sender tries again.
+pub(crate) fn store_status(e: crate::store::StoreError) -> Status {
+    tracing::error!(error = %e, "revocation store failed");
+    Refused::StoreFailed.into()
 }
 
 #[cfg(test)]
@@ -218,6 +241,11 @@ mod tests {
                 Refused::ConfigRefused(LoadError::NoFile),
                 Code::InvalidArgument,
                 ErrorReason::ConfigRefused,
+            ),
+            (
+                Refused::StoreFailed,
+                Code::Unavailable,
+                ErrorReason::StoreFailure,
             ),
         ];
         for (e, code, reason) in cases {

@@ -155,6 +155,14 @@ impl Domain {
         }
     }
 
+    /// Ends the gateway as a crash would: its tasks aborted, nothing flushed beyond what it had
+    /// committed; `start_gateway` then starts it again over the same state directory.
+    pub fn crash_gateway(&mut self) {
+        if let Some(g) = self.gw.take() {
+            g.crash();
+        }
+    }
+
     pub async fn start_gateway(&mut self) {
         // The port may take a moment to be released by the previous instance.
         for _ in 0..50 {
@@ -301,6 +309,7 @@ fn gateway_toml(d: &Domain, all: &[(String, PathBuf, u16)], o: &Options) -> Stri
     format!(
         r#"
 ccf_id = "{id}"
+state_dir = "{dir}/gateway-state"
 [listen]
 capif6 = "127.0.0.1:{gw6}"
 capif6e = "127.0.0.1:{gw6e}"

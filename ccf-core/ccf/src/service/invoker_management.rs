@@ -121,18 +121,30 @@ impl InvokerManagement for InvokerManagementService {
             }
             .into());
         }
-        let removed = self.state.store.offboard(&id).map_err(store_status)?;
+        // The notice is queued for the gateway in the transaction that offboards.
+        let mut notice = RevocationNotice::default();
+        let removed = self
+            .state
+            .store
+            .offboard_queueing(&id, |removed| {
+                notice = self.state.revocation_notice(
+                    RevocationNotice {
+                        home_ccf_id: self.state.ccf_id.to_string(),
+                        api_invoker_id: id.to_string(),
+                        aef_ids: Vec::new(),
+                        kind: RevocationKind::Offboarded as i32,
+                        cause: capif_proto::v1::Cause::InvokerOffboarded as i32,
+                        key_id: String::new(),
+                        ..Default::default()
+                    },
+                    removed,
+                );
+                self.state.to_queue(&notice)
+            })
+            .map_err(store_status)?;
         tracing::info!(api_invoker_id = %id, contexts = removed.len(), "invoker offboarded");
         self.state.publish_revocation(
-            RevocationNotice {
-                home_ccf_id: self.state.ccf_id.to_string(),
-                api_invoker_id: id.to_string(),
-                aef_ids: Vec::new(),
-                kind: RevocationKind::Offboarded as i32,
-                cause: capif_proto::v1::Cause::InvokerOffboarded as i32,
-                key_id: String::new(),
-                ..Default::default()
-            },
+            notice,
             &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),
         );
         Ok(Response::new(OffboardResponse {

@@ -175,12 +175,26 @@ impl SecurityService {
             answers.push(answer);
             contexts.push(context);
         }
-        let replaced = self
-            .state
+        // The notices of replaced keys are queued in the transaction that replaces them.
+        let mut notices = Vec::new();
+        self.state
             .store
-            .put_contexts(&id, &contexts)
+            .put_contexts_queueing(&id, &contexts, |replaced| {
+                notices = self.replaced_key_notices(&id, replaced, &contexts);
+                notices
+                    .iter()
+                    .flat_map(|n| self.state.to_queue(n))
+                    .collect()
+            })
             .map_err(store_status)?;
-        self.announce_replaced_keys(&id, &replaced, &contexts);
+        for n in notices {
+            let aefs: Vec<ccf_core::ids::AefId> = n
+                .aef_ids
+                .iter()
+                .filter_map(|a| ccf_core::ids::AefId::new(a.clone()).ok())
+                .collect();
+            self.state.publish_revocation(n, &aefs);
+        }
         tracing::info!(
             api_invoker_id = %id,
             aefs = contexts.len(),
@@ -263,20 +277,21 @@ impl SecurityService {
         Ok(())
     }
 
-    /// Announces the keys the new contexts replaced. Only a key that really changed is
+    /// The notices of the keys the new contexts replaced. Only a key that really changed is
     /// announced (the same session asking twice keeps it).
-    fn announce_replaced_keys(
+    fn replaced_key_notices(
         &self,
         id: &ApiInvokerId,
         replaced: &[SecurityContext],
         contexts: &[SecurityContext],
-    ) {
+    ) -> Vec<RevocationNotice> {
         let new_ids: Vec<&str> = contexts.iter().map(|c| c.key_id.as_str()).collect();
+        let mut notices = Vec::new();
         for old in replaced
             .iter()
             .filter(|c| !c.key_id.is_empty() && !new_ids.contains(&c.key_id.as_str()))
         {
-            self.state.publish_revocation(
+            notices.push(self.state.revocation_notice(
                 RevocationNotice {
                     home_ccf_id: self.state.ccf_id.to_string(),
                     api_invoker_id: id.to_string(),
@@ -286,9 +301,10 @@ impl SecurityService {
                     key_id: old.key_id.clone(),
                     ..Default::default()
                 },
-                std::slice::from_ref(&old.aef_id),
-            );
+                std::slice::from_ref(old),
+            ));
         }
+        notices
     }
 }
 
@@ -533,22 +549,35 @@ impl Security for SecurityService {
                 aefs_refused: refused_at.iter().map(ToString::to_string).collect(),
             }));
         }
+        // The notice is queued for the gateway in the transaction that removes the contexts.
+        let mut notice = None;
         let removed = self
             .state
             .store
-            .remove_contexts(&id, aef.as_ref())
+            .remove_contexts_queueing(&id, aef.as_ref(), |removed| {
+                if removed.is_empty() {
+                    return Vec::new();
+                }
+                let n = self.state.revocation_notice(
+                    RevocationNotice {
+                        home_ccf_id: self.state.ccf_id.to_string(),
+                        api_invoker_id: id.to_string(),
+                        aef_ids: removed.iter().map(|c| c.aef_id.to_string()).collect(),
+                        kind: RevocationKind::AuthorizationRevoked as i32,
+                        cause: info.cause,
+                        key_id: String::new(),
+                        ..Default::default()
+                    },
+                    removed,
+                );
+                let queued = self.state.to_queue(&n);
+                notice = Some(n);
+                queued
+            })
             .map_err(store_status)?;
-        if !removed.is_empty() {
+        if let Some(n) = notice {
             self.state.publish_revocation(
-                RevocationNotice {
-                    home_ccf_id: self.state.ccf_id.to_string(),
-                    api_invoker_id: id.to_string(),
-                    aef_ids: removed.iter().map(|c| c.aef_id.to_string()).collect(),
-                    kind: RevocationKind::AuthorizationRevoked as i32,
-                    cause: info.cause,
-                    key_id: String::new(),
-                    ..Default::default()
-                },
+                n,
                 &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),
             );
         }

@@ -1,0 +1,650 @@
+//! What the gateway must not forget across a restart, in redb (one file in `state_dir`, or
+//! redb's in-memory backend when none is configured): who was handed which invoker's keys (fetch
+//! records), the revocation notices not yet acknowledged (the outbox that `outbox` delivers),
+//! and the notices already acted on (seen, for idempotency). docs/PROTOCOL.md 6.8.
+//!
+//! Every change that an acknowledgement depends on is one durable write transaction committed
+//! before the RPC answers: a queued notice and its "seen" mark go together, so a crash between
+//! them cannot lose the one or repeat the other. Notices carry no secret; the file is still
+//! created owner-only like the CCF's.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use capif_proto::v1::RevocationNotice;
+use ccf_core::delivery::NoticeId;
+use ccf_core::ids::{ApiInvokerId, CcfId};
+use prost::Message;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+
+/// "<api_invoker_id>/<partner ccf_id>" -> the latest key expiry (Unix ms) handed to the partner.
+const FETCHES: TableDefinition<&str, u64> = TableDefinition::new("fetch_records");
+/// "<destination>/<home ccf_id>/<notice_id>" -> an encoded [`OutboxRow`] (destination "" is the
+/// own CCF).
+const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
+/// "<sender>/<notice_id>" -> until when (Unix ms) a repeat is recognised.
+const SEEN: TableDefinition<&str, u64> = TableDefinition::new("seen_notices");
+/// "<until, 20 digits>/<sender>/<notice_id>": the same marks ordered by age, to evict the oldest.
+const SEEN_BY_EXPIRY: TableDefinition<&str, ()> = TableDefinition::new("seen_notices_by_expiry");
+
+/// Why the store failed. The operation changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("revocation store: {0}")]
+    Db(#[source] redb::Error),
+    /// The store file or directory could not be opened.
+    #[error("revocation store {}: {source}", .path.display())]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored row cannot be read back.
+    #[error("revocation store holds a corrupt outbox row {0:?}")]
+    Corrupt(String),
+    /// The gateway is stopping.
+    #[error("revocation store is closed")]
+    Closed,
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Where an outbox row goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Destination {
+    /// A partner's gateway (`Interconnect.NotifyRevocation`).
+    Partner(CcfId),
+    /// The own CCF (`Federation.NotifyRevocation`), for notices received from partners.
+    OwnCcf,
+}
+
+impl Destination {
+    fn prefix(&self) -> &str {
+        match self {
+            Destination::Partner(p) => p.as_str(),
+            Destination::OwnCcf => "",
+        }
+    }
+
+    fn range(&self) -> (String, String) {
+        // ids never contain '/', and '0' is the character after '/'.
+        (format!("{}/", self.prefix()), format!("{}0", self.prefix()))
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Partner(p) => write!(f, "{p}"),
+            Destination::OwnCcf => f.write_str("own CCF"),
+        }
+    }
+}
+
+/// One notice waiting for one destination's acknowledgement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxRow {
+    /// Where it goes.
+    pub destination: Destination,
+    /// The notice, as it is sent (its `home_ccf_id` and `notice_id` name it).
+    pub notice: RevocationNotice,
+    /// After this (Unix ms) the keys concerned have expired anyway: the row is dropped.
+    pub give_up_at_ms: u64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Not before this (Unix ms).
+    pub next_attempt_at_ms: u64,
+}
+
+impl OutboxRow {
+    fn key(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.destination.prefix(),
+            self.notice.home_ccf_id,
+            self.notice.notice_id
+        )
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20 + self.notice.encoded_len());
+        v.extend_from_slice(&self.give_up_at_ms.to_be_bytes());
+        v.extend_from_slice(&self.attempts.to_be_bytes());
+        v.extend_from_slice(&self.next_attempt_at_ms.to_be_bytes());
+        self.notice.encode(&mut v).unwrap_or_default();
+        v
+    }
+
+    fn decode(destination: Destination, key: &str, b: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = || StoreError::Corrupt(key.to_string());
+        let (give_up, rest) = b.split_at_checked(8).ok_or_else(corrupt)?;
+        let (attempts, rest) = rest.split_at_checked(4).ok_or_else(corrupt)?;
+        let (next, rest) = rest.split_at_checked(8).ok_or_else(corrupt)?;
+        let u64_of = |s: &[u8]| s.try_into().map(u64::from_be_bytes).map_err(|_| corrupt());
+        Ok(Self {
+            destination,
+            notice: RevocationNotice::decode(rest).map_err(|_| corrupt())?,
+            give_up_at_ms: u64_of(give_up)?,
+            attempts: attempts
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| corrupt())?,
+            next_attempt_at_ms: u64_of(next)?,
+        })
+    }
+}
+
+/// What the store holds across restarts.
+pub struct RevocationStore {
+    db: parking_lot::RwLock<Option<Database>>,
+    seen_cap: u64,
+}
+
+impl std::fmt::Debug for RevocationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RevocationStore")
+    }
+}
+
+/// The store file's name in `state_dir`.
+pub const STORE_FILE: &str = "gateway.redb";
+
+fn seen_key(sender: &str, id: &str) -> String {
+    format!("{sender}/{id}")
+}
+
+fn fetch_key(invoker: &ApiInvokerId, partner: &CcfId) -> String {
+    format!("{invoker}/{partner}")
+}
+
+/// Remembers `(sender, id)` until `until`, evicting the oldest marks beyond `cap`.
+fn insert_seen(
+    tx: &redb::WriteTransaction,
+    sender: &str,
+    id: &str,
+    until: u64,
+    cap: u64,
+) -> Result<(), StoreError> {
+    let mut seen = tx.open_table(SEEN)?;
+    let mut by_expiry = tx.open_table(SEEN_BY_EXPIRY)?;
+    let key = seen_key(sender, id);
+    if let Some(old) = seen.insert(key.as_str(), until)? {
+        by_expiry.remove(format!("{:020}/{key}", old.value()).as_str())?;
+    }
+    by_expiry.insert(format!("{until:020}/{key}").as_str(), ())?;
+    while seen.len()? > cap {
+        let Some((oldest, ())) = by_expiry
+            .pop_first()?
+            .map(|(k, v)| (k.value().to_string(), v.value()))
+        else {
+            break;
+        };
+        if let Some((_, k)) = oldest.split_once('/') {
+            seen.remove(k)?;
+        }
+    }
+    Ok(())
+}
+
+impl RevocationStore {
+    /// Opens (or creates) the store in `dir` (created 0700; the file 0600), or in memory when
+    /// `dir` is `None`. At most `seen_cap` seen marks are kept.
+    pub fn open(dir: Option<&Path>, seen_cap: u64) -> Result<Self, StoreError> {
+        let db = match dir {
+            None => {
+                redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())?
+            }
+            Some(dir) => {
+                let io = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| StoreError::File { path, source }
+                };
+                ccf_core::pki::create_private_dir(dir).map_err(io(dir))?;
+                let path = dir.join(STORE_FILE);
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                redb::Builder::new().create_file(file)?
+            }
+        };
+        let tx = db.begin_write()?;
+        tx.open_table(FETCHES)?;
+        tx.open_table(OUTBOX)?;
+        tx.open_table(SEEN)?;
+        tx.open_table(SEEN_BY_EXPIRY)?;
+        tx.commit()?;
+        Ok(Self {
+            db: parking_lot::RwLock::new(Some(db)),
+            seen_cap: seen_cap.max(1),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &*self.db.read() {
+            Some(db) => f(db),
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    /// Closes the database (its file can be opened again); every later call fails with
+    /// [`StoreError::Closed`].
+    pub fn close(&self) {
+        self.db.write().take();
+    }
+
+    /// Before a key of `invoker` may leave for `partner`: extends its fetch record to at least
+    /// `provisional` (Unix ms), durably. Returns the record as it was, for [`Self::settle_fetch`].
+    pub fn extend_fetch(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_write()?;
+            let prior = {
+                let mut t = tx.open_table(FETCHES)?;
+                let key = fetch_key(invoker, partner);
+                let prior = t.get(key.as_str())?.map(|v| v.value());
+                t.insert(key.as_str(), prior.unwrap_or(0).max(provisional))?;
+                prior
+            };
+            tx.commit()?;
+            Ok(prior)
+        })
+    }
+
+    /// After the own CCF answered: lowers a provisional record to `max(prior, handed)` (`handed`:
+    /// the expiry of the key that left, `None` when none did), unless another fetch changed the
+    /// record meanwhile (it settles it then). Not durable on its own: a crash keeps the
+    /// provisional expiry, which only makes a later notice reach the partner needlessly.
+    pub fn settle_fetch(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+        prior: Option<u64>,
+        handed: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.with(|db| {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::None)?;
+            {
+                let mut t = tx.open_table(FETCHES)?;
+                let key = fetch_key(invoker, partner);
+                let current = t.get(key.as_str())?.map(|v| v.value());
+                if current == Some(prior.unwrap_or(0).max(provisional)) {
+                    match prior.max(handed) {
+                        Some(e) => t.insert(key.as_str(), e)?,
+                        None => t.remove(key.as_str())?,
+                    };
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// The partners holding keys of `invoker` at `now`, with the latest expiry of each.
+    pub fn fetchers_of(
+        &self,
+        invoker: &ApiInvokerId,
+        now: u64,
+    ) -> Result<Vec<(CcfId, u64)>, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(FETCHES)?;
+            Self::fetchers_in(&t, invoker, now)
+        })
+    }
+
+    fn fetchers_in(
+        t: &impl ReadableTable<&'static str, u64>,
+        invoker: &ApiInvokerId,
+        now: u64,
+    ) -> Result<Vec<(CcfId, u64)>, StoreError> {
+        let (lo, hi) = (format!("{invoker}/"), format!("{invoker}0"));
+        let mut out = Vec::new();
+        for r in t.range(lo.as_str()..hi.as_str())? {
+            let (k, v) = r?;
+            let partner = k.value().rsplit('/').next().unwrap_or_default();
+            if let Ok(p) = CcfId::new(partner)
+                && v.value() > now
+            {
+                out.push((p, v.value()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The own CCF published `notice` (its `notice_id` is `id`): in one durable transaction,
+    /// queues one row per partner (`keep(partner)`) with an unexpired fetch record, given up at
+    /// that record's expiry; forgets the invoker's records when it is offboarded; and remembers the
+    /// notice as seen until `seen_until`. Returns the partners queued for, or `None` when the
+    /// notice was published before (nothing changed).
+    pub fn queue_for_fetchers(
+        &self,
+        notice: &RevocationNotice,
+        id: &NoticeId,
+        invoker: &ApiInvokerId,
+        now: u64,
+        seen_until: u64,
+        keep: impl Fn(&CcfId) -> bool,
+    ) -> Result<Option<Vec<CcfId>>, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_write()?;
+            let queued = {
+                if tx
+                    .open_table(SEEN)?
+                    .get(seen_key(&notice.home_ccf_id, id.as_str()).as_str())?
+                    .is_some()
+                {
+                    return Ok(None);
+                }
+                let mut fetches = tx.open_table(FETCHES)?;
+                let fetchers = Self::fetchers_in(&fetches, invoker, now)?;
+                let mut outbox = tx.open_table(OUTBOX)?;
+                let mut queued = Vec::new();
+                for (partner, expires) in fetchers.into_iter().filter(|(p, _)| keep(p)) {
+                    let row = OutboxRow {
+                        destination: Destination::Partner(partner.clone()),
+                        notice: notice.clone(),
+                        give_up_at_ms: expires,
+                        attempts: 0,
+                        next_attempt_at_ms: now,
+                    };
+                    outbox.insert(row.key().as_str(), row.encode().as_slice())?;
+                    queued.push(partner);
+                }
+                if notice.kind() == capif_proto::v1::RevocationKind::Offboarded {
+                    let (lo, hi) = (format!("{invoker}/"), format!("{invoker}0"));
+                    fetches.retain_in(lo.as_str()..hi.as_str(), |_, _| false)?;
+                }
+                queued
+            };
+            insert_seen(
+                &tx,
+                &notice.home_ccf_id,
+                id.as_str(),
+                seen_until,
+                self.seen_cap,
+            )?;
+            tx.commit()?;
+            Ok(Some(queued))
+        })
+    }
+
+    /// Whether `(sender, id)` was acted on.
+    pub fn seen(&self, sender: &CcfId, id: &NoticeId) -> Result<bool, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_read()?;
+            Ok(tx
+                .open_table(SEEN)?
+                .get(seen_key(sender.as_str(), id.as_str()).as_str())?
+                .is_some())
+        })
+    }
+
+    /// A partner's notice was acted on: in one durable transaction, remembers it as seen until
+    /// `until` and queues it for the own CCF (given up then too). Returns false when it had been
+    /// seen meanwhile (a concurrent repeat; nothing changed).
+    pub fn accept_from_partner(
+        &self,
+        notice: &RevocationNotice,
+        id: &NoticeId,
+        now: u64,
+        until: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_write()?;
+            if tx
+                .open_table(SEEN)?
+                .get(seen_key(&notice.home_ccf_id, id.as_str()).as_str())?
+                .is_some()
+            {
+                return Ok(false);
+            }
+            insert_seen(&tx, &notice.home_ccf_id, id.as_str(), until, self.seen_cap)?;
+            let row = OutboxRow {
+                destination: Destination::OwnCcf,
+                notice: notice.clone(),
+                give_up_at_ms: until,
+                attempts: 0,
+                next_attempt_at_ms: now,
+            };
+            tx.open_table(OUTBOX)?
+                .insert(row.key().as_str(), row.encode().as_slice())?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Every row for `destination`.
+    pub fn rows(&self, destination: &Destination) -> Result<Vec<OutboxRow>, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(OUTBOX)?;
+            let (lo, hi) = destination.range();
+            let mut rows = Vec::new();
+            for r in t.range(lo.as_str()..hi.as_str())? {
+                let (k, v) = r?;
+                rows.push(OutboxRow::decode(
+                    destination.clone(),
+                    k.value(),
+                    v.value(),
+                )?);
+            }
+            Ok(rows)
+        })
+    }
+
+    /// Rows queued for `destination`.
+    pub fn depth(&self, destination: &Destination) -> Result<u64, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(OUTBOX)?;
+            let (lo, hi) = destination.range();
+            Ok(t.range(lo.as_str()..hi.as_str())?.count() as u64)
+        })
+    }
+
+    /// Rows queued, every destination together.
+    pub fn total_depth(&self) -> Result<u64, StoreError> {
+        self.with(|db| Ok(db.begin_read()?.open_table(OUTBOX)?.len()?))
+    }
+
+    /// Deletes a row (acknowledged, or given up).
+    pub fn remove(&self, row: &OutboxRow) -> Result<(), StoreError> {
+        self.with(|db| {
+            let tx = db.begin_write()?;
+            tx.open_table(OUTBOX)?.remove(row.key().as_str())?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Stores a row's new attempt count and next attempt time. Not durable on its own: after a
+    /// crash the row is simply tried again at once.
+    pub fn reschedule(&self, row: &OutboxRow) -> Result<(), StoreError> {
+        self.with(|db| {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::None)?;
+            {
+                let mut t = tx.open_table(OUTBOX)?;
+                // Only a row still there: an acknowledgement may have removed it meanwhile.
+                if t.get(row.key().as_str())?.is_some() {
+                    t.insert(row.key().as_str(), row.encode().as_slice())?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Deletes fetch records and seen marks that expired by `now`. Returns how many of each.
+    pub fn purge(&self, now: u64) -> Result<(u64, u64), StoreError> {
+        self.with(|db| {
+            let tx = db.begin_write()?;
+            let (mut fetches, mut seen) = (0, 0);
+            tx.open_table(FETCHES)?.retain(|_, exp| {
+                let keep = exp > now;
+                fetches += u64::from(!keep);
+                keep
+            })?;
+            {
+                let mut by_expiry = tx.open_table(SEEN_BY_EXPIRY)?;
+                let mut marks = tx.open_table(SEEN)?;
+                // "<until>/..." sorts below "<now>0" exactly when until <= now ('/' < '0').
+                let hi = format!("{now:020}0");
+                let old: Vec<String> = by_expiry
+                    .range(..hi.as_str())?
+                    .map(|r| r.map(|(k, _)| k.value().to_string()))
+                    .collect::<Result<_, _>>()?;
+                for k in old {
+                    by_expiry.remove(k.as_str())?;
+                    if let Some((_, key)) = k.split_once('/') {
+                        marks.remove(key)?;
+                        seen += 1;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok((fetches, seen))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capif_proto::v1::RevocationKind;
+
+    fn id(s: &str) -> ApiInvokerId {
+        ApiInvokerId::new(s).unwrap()
+    }
+    fn ccf(s: &str) -> CcfId {
+        CcfId::new(s).unwrap()
+    }
+    fn notice(home: &str, inv: &str, nid: &NoticeId) -> RevocationNotice {
+        RevocationNotice {
+            home_ccf_id: home.into(),
+            api_invoker_id: inv.into(),
+            kind: RevocationKind::Offboarded as i32,
+            notice_id: nid.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Fetch records, queued rows and seen marks survive closing and reopening the file; rows
+    /// go only to partners with unexpired records; a second publication changes nothing.
+    #[test]
+    fn rows_records_and_marks_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let s = RevocationStore::open(Some(&state), 100).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let (inv, a, c) = (id("inv-1"), ccf("operator-a.test"), ccf("operator-c.test"));
+        assert_eq!(s.extend_fetch(&inv, &a, 5_000).unwrap(), None);
+        s.settle_fetch(&inv, &a, 5_000, None, Some(2_000)).unwrap();
+        s.extend_fetch(&inv, &c, 500).unwrap();
+        s.extend_fetch(&id("inv-10"), &c, 9_000).unwrap();
+        assert_eq!(
+            s.fetchers_of(&inv, 1_000).unwrap(),
+            vec![(a.clone(), 2_000)]
+        );
+        let nid = NoticeId::random();
+        let n = notice("operator-b.test", "inv-1", &nid);
+        let queued = s
+            .queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
+            .unwrap();
+        assert_eq!(queued, Some(vec![a.clone()]), "c's record expired");
+        assert_eq!(
+            s.queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
+                .unwrap(),
+            None
+        );
+        assert!(s.fetchers_of(&inv, 0).unwrap().is_empty(), "forgotten");
+        assert_eq!(s.fetchers_of(&id("inv-10"), 0).unwrap().len(), 1, "prefix");
+        let pn = NoticeId::random();
+        let from_a = notice("operator-a.test", "inv-7", &pn);
+        assert!(s.accept_from_partner(&from_a, &pn, 1_000, 8_000).unwrap());
+        assert!(!s.accept_from_partner(&from_a, &pn, 1_000, 8_000).unwrap());
+        s.close();
+        assert!(matches!(
+            s.depth(&Destination::OwnCcf),
+            Err(StoreError::Closed)
+        ));
+
+        let s = RevocationStore::open(Some(&state), 100).unwrap();
+        let rows = s.rows(&Destination::Partner(a.clone())).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].notice.clone(), rows[0].give_up_at_ms), (n, 2_000));
+        let mut r = rows[0].clone();
+        r.attempts = 3;
+        r.next_attempt_at_ms = 4_242;
+        s.reschedule(&r).unwrap();
+        assert_eq!(
+            s.rows(&Destination::Partner(a.clone())).unwrap(),
+            vec![r.clone()]
+        );
+        let own = s.rows(&Destination::OwnCcf).unwrap();
+        assert_eq!((own.len(), own[0].notice.clone()), (1, from_a));
+        assert!(s.seen(&a, &pn).unwrap());
+        assert_eq!(s.total_depth().unwrap(), 2);
+        s.remove(&r).unwrap();
+        assert_eq!(s.depth(&Destination::Partner(a)).unwrap(), 0);
+        assert_eq!(s.depth(&Destination::OwnCcf).unwrap(), 1);
+    }
+
+    /// Expired records and marks are purged; live ones stay; marks beyond the cap evict the
+    /// oldest first.
+    #[test]
+    fn purge_and_cap_remove_only_what_is_old() {
+        let s = RevocationStore::open(None, 3).unwrap();
+        let b = ccf("operator-b.test");
+        s.extend_fetch(&id("inv-1"), &b, 100).unwrap();
+        s.extend_fetch(&id("inv-2"), &b, 1_000).unwrap();
+        let ids: Vec<NoticeId> = (0..4).map(|_| NoticeId::random()).collect();
+        for (i, nid) in ids.iter().enumerate() {
+            let n = notice("operator-b.test", "inv-9", nid);
+            s.accept_from_partner(&n, nid, 0, 200 * (i as u64 + 1))
+                .unwrap();
+        }
+        assert!(
+            !s.seen(&b, &ids[0]).unwrap(),
+            "oldest evicted beyond the cap"
+        );
+        assert!(s.seen(&b, &ids[1]).unwrap());
+        assert_eq!(s.purge(400).unwrap(), (1, 1));
+        assert!(!s.seen(&b, &ids[1]).unwrap());
+        assert!(s.seen(&b, &ids[2]).unwrap() && s.seen(&b, &ids[3]).unwrap());
+        assert!(s.fetchers_of(&id("inv-1"), 0).unwrap().is_empty());
+        assert_eq!(s.fetchers_of(&id("inv-2"), 0).unwrap().len(), 1);
+    }
+}
