@@ -557,6 +557,8 @@ async fn a_gateway_starts_while_its_partner_is_down() {
     let mut cfg = t.d(A).gw_config.clone();
     cfg.listen.capif6 = "127.0.0.1:0".into();
     cfg.listen.capif6e = "127.0.0.1:0".into();
+    // The first gateway of A holds its state directory's store.
+    cfg.state_dir = None;
     let gw = capif_gateway::server::start(cfg.clone())
         .await
         .expect("starts with its partner down");
@@ -633,6 +635,9 @@ async fn sighup_reloads_the_binary() {
             "--listen-capif6e",
             "127.0.0.1:0",
         ])
+        // The in-process gateway of A holds the configured state directory's store.
+        .arg("--state-dir")
+        .arg(t.tmp.path().join("gateway-binary-state"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
