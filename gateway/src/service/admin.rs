@@ -73,7 +73,6 @@ impl GatewayAdmin for AdminService {
             last_reload_error: s.reload.last_error(),
             outbox_depth: s.store.total_depth().unwrap_or_default(),
             duplicate_revocations: s.duplicate_revocations.load(Ordering::Relaxed),
-            ..Default::default()
         }))
     }
 
