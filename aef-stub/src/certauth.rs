@@ -15,9 +15,9 @@ use capif_proto::v1::ErrorReason;
 use ccf_core::grpc::Refusal;
 use ccf_core::identity::{IdentityError, PeerIdentity, Role};
 use ccf_core::ids::{ApiInvokerId, CcfId};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use ccf_core::tls::{CheckedClientVerifier, ClientCheck};
+use rustls::OtherError;
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tonic::Code;
 
@@ -82,20 +82,20 @@ impl From<CertRefusal> for tonic::Status {
     }
 }
 
-/// The verifier of the AEF's TLS endpoint.
+/// The verifier of the AEF's TLS endpoint: optional client authentication (no certificate is
+/// method 3), a presented certificate checked by [`InvokerCertCheck`].
+pub type InvokerCertVerifier = CheckedClientVerifier<InvokerCertCheck>;
+
+/// What [`InvokerCertVerifier`] checks: the chain against the CAs held for the invoker it names.
 #[derive(Debug)]
-pub struct InvokerCertVerifier {
+pub struct InvokerCertCheck {
     keys: Arc<KeyStore>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl InvokerCertVerifier {
+impl InvokerCertCheck {
     /// Over the AEF's key store.
     pub fn new(keys: Arc<KeyStore>) -> Self {
-        Self {
-            keys,
-            provider: ccf_core::tls::provider(),
-        }
+        Self { keys }
     }
 }
 
@@ -105,25 +105,13 @@ fn refuse(subject: &str, refusal: CertRefusal) -> rustls::Error {
     rustls::Error::Other(OtherError(Arc::new(refusal)))
 }
 
-impl ClientCertVerifier for InvokerCertVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
+impl ClientCheck for InvokerCertCheck {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
+    ) -> Result<(), rustls::Error> {
         let id = PeerIdentity::from_certificate(end_entity)
             .map_err(|e| refuse("?", CertRefusal::NoIdentity(e)))?;
         let subject = id.uri();
@@ -136,6 +124,7 @@ impl ClientCertVerifier for InvokerCertVerifier {
             .map_err(|r| refuse(&subject, CertRefusal::NotHeld(r)))?;
         held.verifier
             .verify_client_cert(end_entity, intermediates, now)
+            .map(|_| ())
             .map_err(|source| {
                 refuse(
                     &subject,
@@ -145,40 +134,6 @@ impl ClientCertVerifier for InvokerCertVerifier {
                     },
                 )
             })
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

@@ -18,7 +18,7 @@ use ccf_core::tls::{
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use crate::certauth::InvokerCertVerifier;
+use crate::certauth::{InvokerCertCheck, InvokerCertVerifier};
 use crate::config::AefConfig;
 use crate::keys::{KeyStore, MarkPolicy};
 use crate::psk::{PskPeer, psk_incoming, server_context};
@@ -130,7 +130,9 @@ async fn serve(
     if let Some(listener) = tls_listener {
         // Methods 2 and 3: the AEF's own certificate; a client certificate is checked against
         // the CAs held for the invoker it names, a client without one must bring a token.
-        let verifier = Arc::new(InvokerCertVerifier::new(state.keys.clone()));
+        let verifier = Arc::new(InvokerCertVerifier::optional(InvokerCertCheck::new(
+            state.keys.clone(),
+        )));
         let app_tls = server_config(&format!("{cert}{ca}"), key, ClientAuth::Custom(verifier))?;
         let demo = DemoApiServer::new(DemoApiService::new(state.clone()))
             .max_decoding_message_size(max_msg)

@@ -6,6 +6,8 @@
 //! built-in TLS gives handlers neither). Clients use [`connect`], a custom connector that records
 //! the same binding on the invoker side. Every [`client_config`] names the server it expects
 //! ([`ExpectedPeer`]), checked during the handshake by [`PeerServerVerifier`].
+//! A listener whose trusted CAs depend on the client's certificate states only its
+//! [`ClientCheck`]; [`CheckedClientVerifier`] is the rest of its verifier.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,8 +28,10 @@ use tonic::transport::{Channel, Endpoint, server::Connected};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::UnixTime;
-use rustls::{DigitallySignedStruct, OtherError, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
 
 use crate::identity::{IdentityError, PeerIdentity, Role, URI_SCHEME};
 use crate::ids::{AefId, CcfId};
@@ -368,6 +372,100 @@ impl ServerCertVerifier for PeerServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// What a server checks of a presented client certificate chain, inside the handshake: the
+/// one part of a client-certificate verifier that differs between listeners whose trusted CAs
+/// depend on the certificate (the gateway's CAPIF-6e listener, the AEF's method-2 endpoint).
+/// [`CheckedClientVerifier`] supplies the rest.
+pub trait ClientCheck: std::fmt::Debug + Send + Sync {
+    /// Accepts the chain or says why not. A refusal fails the handshake; `Other` keeps a typed
+    /// error as its source.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error>;
+}
+
+/// The rustls client-certificate verifier around a [`ClientCheck`]: client authentication is
+/// offered (mandatory or not), no CA names are hinted (the trusted set depends on the
+/// certificate, and each client has one certificate to present anyway), and handshake
+/// signatures are checked with [`provider`]'s algorithms.
+#[derive(Debug)]
+pub struct CheckedClientVerifier<C> {
+    check: C,
+    mandatory: bool,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl<C: ClientCheck> CheckedClientVerifier<C> {
+    /// Every client must present a certificate that passes `check`.
+    pub fn mandatory(check: C) -> Self {
+        Self::with(check, true)
+    }
+
+    /// A client without a certificate passes the handshake (its calls must authenticate in
+    /// another way); a presented certificate must pass `check`.
+    pub fn optional(check: C) -> Self {
+        Self::with(check, false)
+    }
+
+    fn with(check: C, mandatory: bool) -> Self {
+        Self {
+            check,
+            mandatory,
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl<C: ClientCheck> ClientCertVerifier for CheckedClientVerifier<C> {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check
+            .check(end_entity, intermediates, now)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -880,5 +978,65 @@ mod client_tests {
 
         let (c, s) = handshake(ExpectedPeer::aef(&a, &AefId::new("aef-1").unwrap())).await;
         assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");
+    }
+}
+
+/// [`CheckedClientVerifier`]: the flags each constructor sets, and the check's verdict.
+#[cfg(test)]
+mod checked_client_tests {
+    use super::*;
+    use crate::pki::DomainCa;
+
+    /// Accepts only a gateway's certificate, as the CAPIF-6e listener's check would.
+    #[derive(Debug)]
+    struct GatewaysOnly;
+
+    impl ClientCheck for GatewaysOnly {
+        fn check(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: UnixTime,
+        ) -> Result<(), rustls::Error> {
+            match PeerIdentity::from_certificate(end_entity) {
+                Ok(id) if id.role == Role::Gateway => Ok(()),
+                _ => Err(rustls::Error::General("not a gateway".into())),
+            }
+        }
+    }
+
+    #[test]
+    fn the_flags_are_as_built_and_the_check_decides() {
+        let mandatory = CheckedClientVerifier::mandatory(GatewaysOnly);
+        let optional = CheckedClientVerifier::optional(GatewaysOnly);
+        assert!(mandatory.offer_client_auth() && mandatory.client_auth_mandatory());
+        assert!(optional.offer_client_auth() && !optional.client_auth_mandatory());
+        assert!(mandatory.root_hint_subjects().is_empty());
+        assert_eq!(
+            mandatory.supported_verify_schemes(),
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        );
+
+        let a = CcfId::new("operator-a.test").unwrap();
+        let ca = DomainCa::generate(&a).unwrap();
+        let der = |role: Role| {
+            let c = ca
+                .issue_with_new_key(&PeerIdentity::new(a.clone(), role), &[], 1)
+                .unwrap();
+            CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap()
+        };
+        let now = UnixTime::now();
+        assert!(
+            mandatory
+                .verify_client_cert(&der(Role::Gateway), &[], now)
+                .is_ok()
+        );
+        let refused = optional
+            .verify_client_cert(&der(Role::Ccf), &[], now)
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(refused, rustls::Error::General("not a gateway".into()));
     }
 }

@@ -11,12 +11,8 @@ use std::sync::Arc;
 
 use capif_proto::v1::PartnerState;
 use ccf_core::ids::CcfId;
-use ccf_core::tls::{TlsError, provider};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use ccf_core::tls::{CheckedClientVerifier, ClientCheck, TlsError};
 use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::credentials::CertSlot;
 use crate::discovery::Discovery;
@@ -145,76 +141,41 @@ impl LinkFactory {
 }
 
 /// The CAPIF-6e listener's client-certificate verifier: `Federation::authenticate` against the
-/// current snapshot, inside the handshake. A certificate is accepted only if it names a
-/// configured partner's gateway and chains to that partner's current bundle; no union of
-/// partner CAs is ever trusted, not even as a first filter.
+/// current snapshot, inside the handshake ([`FederationCheck`]). A certificate is accepted only
+/// if it names a configured partner's gateway and chains to that partner's current bundle; no
+/// union of partner CAs is ever trusted, not even as a first filter. Client authentication is
+/// mandatory, and no CA names are hinted: the set changes with reloads, and a partner's gateway
+/// has one interconnect certificate to present anyway.
+pub type FederationVerifier = CheckedClientVerifier<FederationCheck>;
+
+/// What [`FederationVerifier`] checks: the chain against the live federation.
 #[derive(Debug)]
-pub struct FederationVerifier {
+pub struct FederationCheck {
     partners: Arc<LivePartners>,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl FederationVerifier {
+impl FederationCheck {
     /// Over the live federation.
-    pub fn new(partners: Arc<LivePartners>) -> Arc<Self> {
-        Arc::new(Self {
-            partners,
-            algorithms: provider().signature_verification_algorithms,
-        })
+    pub fn new(partners: Arc<LivePartners>) -> Self {
+        Self { partners }
     }
 }
 
-impl ClientCertVerifier for FederationVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    // No CA names are hinted: the set changes with reloads, and a partner's gateway has one
-    // interconnect certificate to present anyway.
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
+impl ClientCheck for FederationCheck {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
+    ) -> Result<(), rustls::Error> {
         self.partners
             .current()
             .federation()
             .authenticate_chain(end_entity, intermediates, now)
-            .map(|_| ClientCertVerified::assertion())
+            .map(|_| ())
             .map_err(|e| {
                 tracing::info!(error = %ccf_core::grpc::error_chain(&e), "partner certificate refused in the handshake");
                 rustls::Error::Other(rustls::OtherError(Arc::new(e)))
             })
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
     }
 }

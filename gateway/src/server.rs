@@ -30,7 +30,7 @@ use crate::credentials::CertSlot;
 use crate::discovery::Discovery;
 use crate::outbox::Outbox;
 use crate::partner::LinkPolicy;
-use crate::partners::{FederationVerifier, LinkFactory, LivePartners, Partners};
+use crate::partners::{FederationCheck, FederationVerifier, LinkFactory, LivePartners, Partners};
 use crate::reload::{self, Adjust, ConfigSource, LoadError, ReloadControl, ReloadPlan};
 use crate::service::{AdminService, GatewayService, InterconnectService};
 use crate::state::GatewayState;
@@ -223,7 +223,8 @@ async fn launch(
             .build()
             .map_err(TlsError::Verifier)?;
     let capif6_tls = dynamic_server_config(capif6_verifier, own)?;
-    let capif6e_tls = dynamic_server_config(FederationVerifier::new(live), interconnect)?;
+    let capif6e_verifier = Arc::new(FederationVerifier::mandatory(FederationCheck::new(live)));
+    let capif6e_tls = dynamic_server_config(capif6e_verifier, interconnect)?;
     serve(config, state, capif6_tls, capif6e_tls).await
 }
 
