@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -99,7 +99,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 /// Writes `contents` to `path` readable by the owner only.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    use std::os::unix::fs::PermissionsExt;
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -109,13 +108,34 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> 
         .map_err(io_err(path))?;
     // `mode` applies only to a file this call creates; an existing file keeps its own. Tighten
     // that one through the open handle, before the secret goes into it.
-    let mode = f.metadata().map_err(io_err(path))?.permissions().mode();
-    if mode & 0o077 != 0 {
+    if let Some(mode) = exposed_mode(&f).map_err(io_err(path))? {
         f.set_permissions(fs::Permissions::from_mode(mode & 0o700))
             .map_err(io_err(path))?;
     }
     f.write_all(contents).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
+}
+
+/// Opens `path` to read and write without truncating it, creating it owner-only (0600) from the
+/// start: a store hands this handle to its database (redb), whose own create would follow the
+/// umask (typically 0644), so no moment exists when a new file is readable by others and no
+/// chmod races a writer. An existing file keeps its mode; [`exposed_mode`] tells a caller that
+/// refuses one.
+pub fn open_private_file(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The permission bits of `file` (`& 0o7777`) if group or others have any, else `None`. Read
+/// through the open handle, so nothing can swap the file between this check and its use.
+pub fn exposed_mode(file: &fs::File) -> std::io::Result<Option<u32>> {
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    Ok((mode & 0o077 != 0).then_some(mode))
 }
 
 /// Creates the directory `dir` owner-only (0700) from the start; missing parents get the
@@ -480,7 +500,26 @@ mod tests {
         let b = DomainCa::load_or_generate(&ccf, dir.path(), None, None).unwrap();
         assert_eq!(a.cert_pem(), b.cert_pem());
         let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap();
-        use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    }
+
+    /// A store's file: created 0600, never truncated when opened again (that would wipe the
+    /// database), and an exposed one reported with its mode rather than changed.
+    #[test]
+    fn a_private_file_is_created_owner_only_kept_and_its_exposure_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut f = open_private_file(&path).unwrap();
+        assert_eq!(exposed_mode(&f).unwrap(), None);
+        f.write_all(b"rows").unwrap();
+        drop(f);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let f = open_private_file(&path).unwrap();
+        assert_eq!(exposed_mode(&f).unwrap(), Some(0o640));
+        assert_eq!(fs::read(&path).unwrap(), b"rows");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
     }
 }

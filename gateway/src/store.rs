@@ -8,7 +8,6 @@
 //! them cannot lose the one or repeat the other. Notices carry no secret; the file is still
 //! created owner-only like the CCF's.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use capif_proto::v1::RevocationNotice;
@@ -220,14 +219,7 @@ impl RevocationStore {
                 };
                 ccf_core::pki::create_private_dir(dir).map_err(io(dir))?;
                 let path = dir.join(STORE_FILE);
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(io(&path))?;
+                let file = ccf_core::pki::open_private_file(&path).map_err(io(&path))?;
                 redb::Builder::new().create_file(file)?
             }
         };

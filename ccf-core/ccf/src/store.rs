@@ -9,7 +9,6 @@
 //! file that others can read is refused, and expired contexts are deleted
 //! ([`Store::purge_expired`]) rather than kept forever.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -242,32 +241,13 @@ impl Store {
     /// Opens (or creates, mode 0600) the store file. Refuses, with [`StoreError::Exposed`], a
     /// file that group or others may read or write.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        // `Database::create` would create the file with the process umask (typically 0644). So
-        // the file is created here, owner-only from the start, and redb gets the open handle:
-        // no moment exists when the file is readable by others, and no chmod races a writer.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| StoreError::File {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        // The mode of the handle redb will use, not of the path (no gap between check and use).
+        let file_err = |source| StoreError::File {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = ccf_core::pki::open_private_file(path).map_err(file_err)?;
         // An existing file is refused, not fixed: it may already have been read.
-        let mode = file
-            .metadata()
-            .map_err(|source| StoreError::File {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .permissions()
-            .mode()
-            & 0o7777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = ccf_core::pki::exposed_mode(&file).map_err(file_err)? {
             return Err(StoreError::Exposed {
                 path: path.to_path_buf(),
                 mode,
@@ -586,6 +566,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn rec(id: &str) -> InvokerRecord {
         InvokerRecord {
