@@ -126,51 +126,26 @@ impl LinkPolicy {
 }
 
 impl PartnerLink {
-    /// A lazily connecting link; nothing is dialled until the first call.
+    /// A lazily connecting link; nothing is dialled until the first call. With `previous`, its
+    /// successor (new channel, new trust or address) that keeps `previous`'s state and budgets;
+    /// calls in flight on `previous` finish on its channel.
     pub fn new(
         trust: &PartnerTrust,
         tls: Arc<rustls::ClientConfig>,
         discovery: Discovery,
         static_address: Option<String>,
         policy: &LinkPolicy,
+        previous: Option<&PartnerLink>,
     ) -> Self {
-        let kept = Kept {
-            stats: Arc::default(),
-            budget: Arc::new(RetryBudget::new(policy.retry_budget_ratio)),
-            fetch_budget: Arc::new(governor::RateLimiter::direct(policy.fetch_quota())),
-            fetches_refused: Arc::default(),
+        let kept = match previous {
+            Some(p) => p.kept.clone(),
+            None => Kept {
+                stats: Arc::default(),
+                budget: Arc::new(RetryBudget::new(policy.retry_budget_ratio)),
+                fetch_budget: Arc::new(governor::RateLimiter::direct(policy.fetch_quota())),
+                fetches_refused: Arc::default(),
+            },
         };
-        Self::with_kept(trust, tls, discovery, static_address, policy, kept)
-    }
-
-    /// A new link (new channel, new trust or address) that keeps this one's state and budgets.
-    /// Calls in flight on this link finish on its channel.
-    pub fn successor(
-        &self,
-        trust: &PartnerTrust,
-        tls: Arc<rustls::ClientConfig>,
-        discovery: Discovery,
-        static_address: Option<String>,
-        policy: &LinkPolicy,
-    ) -> Self {
-        Self::with_kept(
-            trust,
-            tls,
-            discovery,
-            static_address,
-            policy,
-            self.kept.clone(),
-        )
-    }
-
-    fn with_kept(
-        trust: &PartnerTrust,
-        tls: Arc<rustls::ClientConfig>,
-        discovery: Discovery,
-        static_address: Option<String>,
-        policy: &LinkPolicy,
-        kept: Kept,
-    ) -> Self {
         let stats = kept.stats.clone();
         let connector = TlsConnector::from(tls);
         let partner = trust.ccf_id.clone();

@@ -132,11 +132,14 @@ impl LinkFactory {
         previous: Option<&PartnerLink>,
     ) -> Result<PartnerLink, TlsError> {
         let tls = partner_client_config_with(trust, self.identity.clone())?;
-        let d = self.discovery.clone();
-        Ok(match previous {
-            Some(p) => p.successor(trust, tls, d, address, &self.policy),
-            None => PartnerLink::new(trust, tls, d, address, &self.policy),
-        })
+        Ok(PartnerLink::new(
+            trust,
+            tls,
+            self.discovery.clone(),
+            address,
+            &self.policy,
+            previous,
+        ))
     }
 }
 

@@ -19,7 +19,7 @@ use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{Refused, horizon, ids, require, store_status};
+use super::{Refused, horizon, ids, notice_aefs, require, store_status};
 use crate::cache::CacheKey;
 use crate::state::GatewayState;
 use crate::trust::{InvokerCaError, PartnerTrust};
@@ -197,12 +197,7 @@ impl Gateway for GatewayService {
         }
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
-        let aefs = notice
-            .aef_ids
-            .iter()
-            .map(|a| AefId::new(a.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid_field("aef_ids", e))?;
+        let aefs = notice_aefs(&notice.aef_ids)?;
         let removed = self.state.cache.revoke(&home, &invoker, &aefs).await;
         tracing::info!(partner = %home, api_invoker_id = %invoker, aefs = ?notice.aef_ids, removed, "partner's invoker evicted at the own CCF's request");
         Ok(Response::new(RevocationAck {

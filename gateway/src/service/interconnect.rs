@@ -18,11 +18,11 @@ use capif_proto::v1::{
 use ccf_core::clock::now_ms;
 use ccf_core::delivery::NoticeId;
 use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
-use ccf_core::ids::{AefId, ApiInvokerId, CcfId, KeyId};
+use ccf_core::ids::{ApiInvokerId, CcfId, KeyId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{Refused, horizon, ids, store_status};
+use super::{Refused, horizon, ids, notice_aefs, store_status};
 use crate::state::GatewayState;
 use crate::store::Destination;
 
@@ -195,12 +195,7 @@ impl Interconnect for InterconnectService {
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
         let id = NoticeId::new(&notice.notice_id).map_err(|e| invalid_field("notice_id", e))?;
-        let aefs = notice
-            .aef_ids
-            .iter()
-            .map(|a| AefId::new(a.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid_field("aef_ids", e))?;
+        let aefs = notice_aefs(&notice.aef_ids)?;
         if self.state.store.seen(&partner, &id).map_err(store_status)? {
             return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));
         }

@@ -140,6 +140,15 @@ pub(crate) fn ids(
     ))
 }
 
+/// The AEFs a revocation notice names (none: every AEF), each a valid id.
+pub(crate) fn notice_aefs(aef_ids: &[String]) -> Result<Vec<AefId>, Status> {
+    aef_ids
+        .iter()
+        .map(|a| AefId::new(a.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid_field("aef_ids", e))
+}
+
 /// The caller must be `role` of the own domain.
 pub(crate) fn require(
     state: &GatewayState,
