@@ -222,6 +222,15 @@ pub struct FloorHop {
     answer: pb::InvokerSecurityInformation,
 }
 
+/// What a floor hop answers to every RPC but the one it measures.
+fn not_a_floor_rpc() -> Status {
+    error_status(
+        Code::Unimplemented,
+        ErrorReason::NotImplemented,
+        "floor hop",
+    )
+}
+
 #[tonic::async_trait]
 impl Gateway for FloorHop {
     async fn fetch_security_information(
@@ -241,31 +250,19 @@ impl Gateway for FloorHop {
         &self,
         _: Request<pb::RevocationNotice>,
     ) -> Result<Response<pb::RevocationAck>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "floor hop",
-        ))
+        Err(not_a_floor_rpc())
     }
     async fn evict_partner_invoker(
         &self,
         _: Request<pb::RevocationNotice>,
     ) -> Result<Response<pb::RevocationAck>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "floor hop",
-        ))
+        Err(not_a_floor_rpc())
     }
     async fn fetch_token_key_set(
         &self,
         _: Request<pb::TokenKeySetRequest>,
     ) -> Result<Response<pb::TokenKeySet>, Status> {
-        Err(error_status(
-            Code::Unimplemented,
-            ErrorReason::NotImplemented,
-            "floor hop",
-        ))
+        Err(not_a_floor_rpc())
     }
 }
 
