@@ -49,6 +49,19 @@ pub enum StoreError {
     /// The gateway is stopping.
     #[error("revocation store is closed")]
     Closed,
+    /// The store file can be read or written by users other than its owner: whoever can write
+    /// it could drop revocation notices or fetch records.
+    #[error(
+        "the revocation store {} has mode {mode:04o}, so other users could alter pending revocations; fix with `chmod 600 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    Exposed {
+        /// The store file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 macro_rules! db_err {
@@ -220,6 +233,10 @@ impl RevocationStore {
                 ccf_core::pki::create_private_dir(dir).map_err(io(dir))?;
                 let path = dir.join(STORE_FILE);
                 let file = ccf_core::pki::open_private_file(&path).map_err(io(&path))?;
+                // Refused, not fixed: it may already have been altered.
+                if let Some(mode) = ccf_core::pki::exposed_mode(&file).map_err(io(&path))? {
+                    return Err(StoreError::Exposed { path, mode });
+                }
                 redb::Builder::new().create_file(file)?
             }
         };
@@ -549,6 +566,26 @@ mod tests {
             notice_id: nid.to_string(),
             ..Default::default()
         }
+    }
+
+    /// A store file others may write is refused (as the CCF's is), with the fix in the message,
+    /// and its mode is not changed behind the operator's back.
+    #[test]
+    fn an_exposed_store_file_is_refused_and_left_as_it_is() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        RevocationStore::open(Some(&state), 100).unwrap().close();
+        let file = state.join(STORE_FILE);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let e = RevocationStore::open(Some(&state), 100).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Exposed { mode, .. } if *mode == 0o664),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o664, "refused, not silently fixed");
     }
 
     /// Fetch records, queued rows and seen marks survive closing and reopening the file; rows
