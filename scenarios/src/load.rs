@@ -190,6 +190,8 @@ pub struct Load {
     pub concurrency: usize,
     /// A flow's deadline.
     pub deadline: Duration,
+    /// Seed of the pairs' methods.
+    pub seed: u64,
     /// When each (invoker, AEF) last negotiated a method.
     negotiated: Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
 }
@@ -201,7 +203,13 @@ pub const RENEGOTIATE_AFTER: Duration = Duration::from_secs(3);
 
 impl Load {
     /// The load for `s` on `tb`.
-    pub fn new(tb: &Testbed, s: &Scenario, concurrency: usize, deadline: Duration) -> Result<Self> {
+    pub fn new(
+        tb: &Testbed,
+        s: &Scenario,
+        concurrency: usize,
+        deadline: Duration,
+        seed: u64,
+    ) -> Result<Self> {
         let members = s
             .invoker_members()
             .into_values()
@@ -233,6 +241,7 @@ impl Load {
             excluded: Mutex::new(BTreeSet::new()),
             concurrency: concurrency.max(1),
             deadline,
+            seed,
             negotiated: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -319,7 +328,7 @@ impl Load {
             return None;
         }
         let a = &self.aefs[rng.random_range(0..self.aefs.len())];
-        let mut method = METHODS[rng.random_range(0..METHODS.len())];
+        let mut method = self.method_of(&m.name, &a.id);
         let recent = self
             .negotiated
             .lock()
@@ -330,11 +339,10 @@ impl Load {
         let mut kind = FlowKind::Fresh;
         if let Some(k) = &stored {
             let expired = now_ms() > k.expires_at_ms + 1000;
-            if expired && method == pb::SecurityMethod::Psk && rng.random_bool(0.5) {
-                kind = FlowKind::Expired;
-            } else if !expired
-                && (recent || (method == pb::SecurityMethod::Psk && rng.random_bool(0.5)))
-            {
+            if expired && rng.random_bool(0.7) {
+                (method, kind) = (pb::SecurityMethod::Psk, FlowKind::Expired);
+            } else if !expired && (recent || rng.random_bool(0.95)) {
+                // A PSK pair mostly reuses its key, so that short validities run out in use.
                 (method, kind) = (pb::SecurityMethod::Psk, FlowKind::Reuse);
             }
         }
@@ -457,6 +465,15 @@ impl Load {
             .iter()
             .filter_map(|a| p.key(&a.id).ok().map(|k| (a.clone(), k.expires_at_ms)))
             .collect()
+    }
+
+    /// The method an (invoker, AEF) pair uses throughout the run: all three are mixed over the
+    /// pairs, and a pair that keeps its method keeps its key until it expires.
+    pub fn method_of(&self, invoker: &str, aef: &str) -> pb::SecurityMethod {
+        let h = invoker.bytes().chain(aef.bytes()).fold(self.seed, |h, b| {
+            h.wrapping_mul(31).wrapping_add(u64::from(b))
+        });
+        METHODS[(h % METHODS.len() as u64) as usize]
     }
 
     /// The member named `name`.

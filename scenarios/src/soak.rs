@@ -206,7 +206,13 @@ pub async fn run(opts: &SoakOpts, run_dir: &Path, bin_dir: &Path) -> Result<Soak
 }
 
 async fn drive(opts: &SoakOpts, s: &crate::scenario::Scenario, tb: &Testbed) -> Result<SoakReport> {
-    let load = Arc::new(Load::new(tb, s, opts.concurrency, Duration::from_secs(20))?);
+    let load = Arc::new(Load::new(
+        tb,
+        s,
+        opts.concurrency,
+        Duration::from_secs(20),
+        opts.seed,
+    )?);
     load.onboard_all(tb).await?;
     let pids = tb.pids();
     let (stop_tx, stop_rx) = watch::channel(false);
