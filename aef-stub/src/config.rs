@@ -93,6 +93,11 @@ pub struct AefConfig {
     /// Budgets against amplification and bounds on what revocations leave behind.
     #[serde(default)]
     pub budgets: BudgetConfig,
+    /// Test-only fault (feature `test-faults`): acknowledge RevokeAuthorization and do nothing,
+    /// so that `capif chaos --break ignore-revocations` can prove its checker sees it.
+    #[cfg(feature = "test-faults")]
+    #[serde(default)]
+    pub test_ignore_revocations: bool,
 }
 
 /// `[budgets]`: what one source may make the AEF do, and what revocations leave behind.

@@ -29,6 +29,11 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", env = "AEF_STUB_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Exit at once with success: this build carries the test-only faults (feature
+    /// `test-faults`). The flag does not exist in other builds, so they refuse it.
+    #[cfg(feature = "test-faults")]
+    #[arg(long, hide = true)]
+    has_test_faults: bool,
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -52,6 +57,11 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "test-faults")]
+    if cli.has_test_faults {
+        println!("test-faults");
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.log_format, "info");
     run_async("aef-stub", run(cli))
 }

@@ -201,6 +201,8 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         apis: config.apis.clone(),
         initiation_limiter: governor::RateLimiter::keyed(initiation_quota(&config)),
         refresh_interval: Duration::from_millis(config.budgets.refresh_interval_ms),
+        #[cfg(feature = "test-faults")]
+        ignore_revocations: config.test_ignore_revocations,
     });
     spawn_limiter_cleanup(&state);
     let tasks = serve(

@@ -51,6 +51,9 @@ pub struct AefState {
     pub initiation_limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     /// A presented key id refreshes a held key at most once in this interval.
     pub refresh_interval: Duration,
+    /// Test-only fault: RevokeAuthorization is acknowledged and ignored.
+    #[cfg(feature = "test-faults")]
+    pub ignore_revocations: bool,
 }
 
 impl AefState {
@@ -457,6 +460,14 @@ impl AefSecurity for AefSecurityService {
         } else {
             CcfId::new(info.home_ccf_id).map_err(|e| invalid_field("revoke_info.home_ccf_id", e))?
         };
+        #[cfg(feature = "test-faults")]
+        if self.state.ignore_revocations {
+            tracing::warn!(api_invoker_id = %invoker, %home, "test fault: revocation ignored");
+            return Ok(Response::new(RevokeAuthorizationRsp {
+                supported_features: req.supported_features,
+                connections_closed: 0,
+            }));
+        }
         let closed = self
             .state
             .keys

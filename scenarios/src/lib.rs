@@ -7,13 +7,21 @@
 //! - [`dns`] — the testbed's DNS server (hickory-server on loopback).
 //! - [`runner`] — runs a scenario's steps, prints the table, writes the JSON report.
 //! - [`bench`] — `capif bench`: the gateway against a bare floor, as ratios.
+//! - [`load`] — the steady invoker load `soak` and `chaos` drive.
+//! - [`chaos`] — `capif chaos`: load plus seeded faults, judged by the [`checker`].
+//! - [`checker`] — the chaos run's invariants over every outcome and the ledger.
+//! - [`soak`] — `capif soak`: steady load, memory/fd/thread samples, growth bounds.
 //!
 //! The `capif` binary is a CLI over this library.
 
 pub mod bench;
+pub mod chaos;
+pub mod checker;
 pub mod dns;
 pub mod invoker;
 pub mod live;
+pub mod load;
 pub mod runner;
 pub mod scenario;
+pub mod soak;
 pub mod testbed;

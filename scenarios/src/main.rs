@@ -47,6 +47,12 @@ enum Command {
         #[arg(long, env = "CAPIF_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Steady load on a 3-domain testbed while sampling every component's RSS, fds and threads;
+    /// fails when memory or fds grow beyond the bounds once warm (docs/SCENARIOS.md).
+    Soak(SoakArgs),
+    /// Steady load on a 3-domain testbed while faults are injected on a seeded schedule; an
+    /// invariant checker counts violations; exit 1 on any (docs/SCENARIOS.md).
+    Chaos(ChaosArgs),
     /// One bare hop of the benchmark floor (used by `capif bench`).
     #[command(hide = true)]
     BenchFloor {
@@ -61,6 +67,93 @@ enum Command {
         #[arg(long)]
         next: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct SoakArgs {
+    /// How long the load runs: seconds, or 30s, 10m, 1h.
+    #[arg(long, default_value = "10m", value_parser = capif_scenarios::load::parse_duration)]
+    duration: std::time::Duration,
+    /// A short run for CI: 30 s (overrides --duration).
+    #[arg(long)]
+    smoke: bool,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 5)]
+    sample_secs: u64,
+    /// Share of the run before samples count as warm, percent.
+    #[arg(long, default_value_t = 20)]
+    warmup_pct: u32,
+    /// Flows at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Invokers per domain.
+    #[arg(long, default_value_t = 4)]
+    invokers: u32,
+    /// Fail when a component's RSS grows once warm by more than this many MiB...
+    #[arg(long, default_value_t = 20.0)]
+    max_rss_growth_mib: f64,
+    /// ...and more than this share of its warm RSS, percent (the larger bound applies).
+    #[arg(long, default_value_t = 25.0)]
+    max_rss_growth_pct: f64,
+    /// Fail when a component's open fds grow once warm by more than this.
+    #[arg(long, default_value_t = 16)]
+    max_fd_growth: i64,
+    /// Fail when more than this share of flows fail, percent.
+    #[arg(long, default_value_t = 1.0)]
+    max_error_pct: f64,
+    /// Seed of the load's choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run directory. Default: run/soak-<time>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Where the ccf, capif-gateway and aef-stub binaries are. Default: beside this binary.
+    #[arg(long, env = "CAPIF_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ChaosArgs {
+    /// How long the load runs: seconds, or 30s, 10m, 1h.
+    #[arg(long, default_value = "5m", value_parser = capif_scenarios::load::parse_duration)]
+    duration: std::time::Duration,
+    /// A short run for CI: 60 s, every fault kind once (overrides --duration).
+    #[arg(long)]
+    smoke: bool,
+    /// Seed of the schedule and the load (default: a random one, printed to replay the run).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Flows at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Invokers per domain.
+    #[arg(long, default_value_t = 4)]
+    invokers: u32,
+    /// AEFPSK validity of the third domain, seconds (its keys expire during the run).
+    #[arg(long, default_value_t = 8)]
+    short_validity_secs: u64,
+    /// How long a partner gateway stays stopped, seconds.
+    #[arg(long, default_value_t = 4)]
+    outage_secs: u64,
+    /// Time between faults in a full run, seconds.
+    #[arg(long, default_value_t = 10)]
+    fault_every_secs: u64,
+    /// A flow's deadline, seconds.
+    #[arg(long, default_value_t = 20)]
+    flow_deadline_secs: u64,
+    /// How long after its acknowledgement a revoked or offboarded invoker may still be served, ms.
+    #[arg(long, default_value_t = 2000)]
+    revocation_grace_ms: u64,
+    /// Test only: inject a fault the checker must catch (`ignore-revocations`; needs an aef-stub
+    /// built with the `test-faults` feature, as `cargo test` builds it).
+    #[arg(long = "break", value_parser = clap::value_parser!(capif_scenarios::chaos::Breakage))]
+    breakage: Option<capif_scenarios::chaos::Breakage>,
+    /// Run directory. Default: run/chaos-<time>.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Where the ccf, capif-gateway and aef-stub binaries are. Default: beside this binary.
+    #[arg(long, env = "CAPIF_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -396,6 +489,18 @@ async fn run(cli: Cli) -> Result<()> {
             run_dir,
             bin_dir,
         } => bench(smoke, out, run_dir, bin_dir).await,
+        Command::Chaos(args) => {
+            if !chaos(args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Soak(args) => {
+            if !soak(args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::BenchFloor {
             ca,
             cert,
@@ -448,6 +553,78 @@ async fn bench(
         println!("report written to {}", out.display());
     }
     Ok(())
+}
+
+/// `capif chaos`: the run, its table and `chaos.json`; false on any violation.
+async fn chaos(a: ChaosArgs) -> Result<bool> {
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let duration = if a.smoke {
+        std::time::Duration::from_secs(60)
+    } else {
+        a.duration
+    };
+    let mut opts = capif_scenarios::chaos::ChaosOpts::new(duration, seed);
+    opts.smoke = a.smoke;
+    opts.concurrency = a.concurrency;
+    opts.invokers = a.invokers;
+    opts.short_validity_secs = a.short_validity_secs.max(1);
+    opts.outage_secs = a.outage_secs;
+    opts.fault_every_secs = a.fault_every_secs.max(1);
+    opts.flow_deadline = std::time::Duration::from_secs(a.flow_deadline_secs.max(1));
+    opts.revocation_grace = std::time::Duration::from_millis(a.revocation_grace_ms);
+    opts.breakage = a.breakage;
+    eprintln!(
+        "chaos: seed {seed} (replay with --seed {seed}{})",
+        if a.smoke { " --smoke" } else { "" }
+    );
+    let dir = a.run_dir.unwrap_or_else(|| {
+        PathBuf::from("run").join(format!("chaos-{}", ccf_core::clock::now_ms()))
+    });
+    let bin = match a.bin_dir {
+        Some(b) => b,
+        None => capif_scenarios::testbed::default_bin_dir()?,
+    };
+    let report = tokio::select! {
+        r = capif_scenarios::chaos::run(&opts, &dir, &bin) => r?,
+        sig = interrupted() => anyhow::bail!("{sig}: chaos stopped"),
+    };
+    print!("{}", capif_scenarios::chaos::table(&report));
+    println!("report written to {}", dir.join("chaos.json").display());
+    Ok(report.passed)
+}
+
+/// `capif soak`: the run, its table and `soak.json`; false when a bound did not hold.
+async fn soak(a: SoakArgs) -> Result<bool> {
+    let opts = capif_scenarios::soak::SoakOpts {
+        duration: if a.smoke {
+            std::time::Duration::from_secs(30)
+        } else {
+            a.duration
+        },
+        sample_every: std::time::Duration::from_secs(a.sample_secs.max(1)),
+        warmup_pct: a.warmup_pct.min(90),
+        concurrency: a.concurrency,
+        invokers: a.invokers,
+        max_rss_growth_mib: a.max_rss_growth_mib,
+        max_rss_growth_pct: a.max_rss_growth_pct,
+        max_fd_growth: a.max_fd_growth,
+        max_error_pct: a.max_error_pct,
+        seed: a.seed,
+    };
+    let dir = a.run_dir.unwrap_or_else(|| {
+        PathBuf::from("run").join(format!("soak-{}", ccf_core::clock::now_ms()))
+    });
+    let bin = match a.bin_dir {
+        Some(b) => b,
+        None => capif_scenarios::testbed::default_bin_dir()?,
+    };
+    let report = tokio::select! {
+        r = capif_scenarios::soak::run(&opts, &dir, &bin) => r?,
+        sig = interrupted() => anyhow::bail!("{sig}: soak stopped"),
+    };
+    print!("{}", capif_scenarios::soak::table(&report));
+    println!("report written to {}", dir.join("soak.json").display());
+    Ok(report.passed)
 }
 
 /// `capif invoker ...`: one step of the invoker role, its result on stdout.

@@ -58,10 +58,10 @@ pub struct Report {
 
 /// An outcome: "ok", or a code plus reason and message.
 #[derive(Clone, Debug)]
-struct Outcome {
-    code: String,
-    reason: String,
-    detail: String,
+pub(crate) struct Outcome {
+    pub(crate) code: String,
+    pub(crate) reason: String,
+    pub(crate) detail: String,
 }
 
 impl Outcome {
@@ -103,7 +103,7 @@ pub fn code_name(c: tonic::Code) -> String {
     out
 }
 
-fn classify(e: &anyhow::Error) -> Outcome {
+pub(crate) fn classify(e: &anyhow::Error) -> Outcome {
     let detail = format!("{e:#}");
     for cause in e.chain() {
         if let Some(s) = cause.downcast_ref::<StatusError>() {
