@@ -43,3 +43,20 @@ pub fn config_scaled(divisor: u32) -> Config {
         ..Config::default()
     }
 }
+
+/// `s` as a TOML basic string (quoted, with every control character escaped), for property
+/// tests that write generated values into config and scenario files.
+pub fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
