@@ -367,7 +367,10 @@ impl KeyStore {
             ids.sort();
             out.push(format!("conns {who}: {ids:?}"));
         }
-        out.push(format!("next_conn {}", self.next_conn.load(Ordering::Relaxed)));
+        out.push(format!(
+            "next_conn {}",
+            self.next_conn.load(Ordering::Relaxed)
+        ));
         out.sort();
         out
     }

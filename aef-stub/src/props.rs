@@ -58,7 +58,9 @@ fn stock(plan: &[(usize, usize, Held)]) -> (KeyStore, HashMap<InvokerRef, Held>)
         let w = who(h, i);
         // A key whose fetch is not newer than a revocation does not lift it (`KeyStore::put`).
         let stored = match held {
-            Held::Valid(b) => store.put(w.clone(), key(b, Instant::now() + Duration::from_secs(600))),
+            Held::Valid(b) => {
+                store.put(w.clone(), key(b, Instant::now() + Duration::from_secs(600)))
+            }
             Held::Expired(b) => store.put(w.clone(), key(b, Instant::now())),
             Held::Revoked => {
                 store.revoke(&w);
@@ -189,17 +191,19 @@ fn values() -> impl Strategy<Value = Values> {
         proptest::option::of(any::<u32>()),
     )
         .prop_map(
-            |((aef_id, ccf_id, paths), (address, security, psk), apis, tls12, leeway, rate)| Values {
-                aef_id,
-                ccf_id,
-                paths,
-                address,
-                security,
-                psk,
-                apis,
-                tls12,
-                leeway,
-                rate,
+            |((aef_id, ccf_id, paths), (address, security, psk), apis, tls12, leeway, rate)| {
+                Values {
+                    aef_id,
+                    ccf_id,
+                    paths,
+                    address,
+                    security,
+                    psk,
+                    apis,
+                    tls12,
+                    leeway,
+                    rate,
+                }
             },
         )
 }

@@ -17,74 +17,12 @@ use crate::delivery::NoticeId;
 use crate::identity::{IdentityError, PeerIdentity, Role};
 use crate::ids::{AefId, ApiInvokerId, ApiName, CcfId, IdError, KeyId};
 use crate::registry::{Interface, InterfaceError};
-use crate::testing::{config, config_scaled};
+use crate::testing::{
+    ccf_id_text, config, config_scaled, key_id_text, near_id_text, token_id_text,
+};
 use crate::token::{AccessTokenClaims, Expected, Scope, TokenError, TokenKeys};
 
-// ---------------------------------------------------------------------------------------------
-// Generators.
-
-/// One DNS label as a CCF id allows it: 1 to 63 of `a-z0-9-`, no hyphen at either end.
-fn label() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?",
-        1 => "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
-    ]
-}
-
-/// A valid CCF id: 1 to 3 labels (at most 3 * 63 + 2 = 191 characters).
-pub(crate) fn ccf_id_text() -> impl Strategy<Value = String> {
-    prop::collection::vec(label(), 1..=3).prop_map(|l| l.join("."))
-}
-
-/// A valid API invoker id, AEF id or API name.
-pub(crate) fn token_id_text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => "[A-Za-z0-9._-]{1,16}",
-        1 => "[A-Za-z0-9._-]{1,128}",
-    ]
-}
-
-fn key_id_text() -> impl Strategy<Value = String> {
-    "[0-9a-f]{16}"
-}
-
-/// Text near the valid forms: a valid id with one character inserted, replaced or removed (the
-/// character drawn from what ids are made of, their separators and the odd outsider), plus
-/// short arbitrary strings and oversized ones.
-fn near_id_text() -> impl Strategy<Value = String> {
-    let base = prop_oneof![ccf_id_text(), token_id_text(), key_id_text()];
-    let odd = prop_oneof![
-        Just('-'),
-        Just('.'),
-        Just('_'),
-        Just('/'),
-        Just(' '),
-        Just('A'),
-        Just('g'),
-        Just('é'),
-        Just('\0'),
-        any::<char>(),
-    ];
-    prop_oneof![
-        3 => (base, any::<prop::sample::Index>(), odd, 0..3u8).prop_map(|(s, at, c, op)| {
-            let chars: Vec<char> = s.chars().collect();
-            let i = at.index(chars.len() + 1);
-            let mut out = chars.clone();
-            match op {
-                0 => out.insert(i, c),
-                1 if i < chars.len() => out[i] = c,
-                _ if i < chars.len() => {
-                    out.remove(i);
-                }
-                _ => out.push(c),
-            }
-            out.into_iter().collect()
-        }),
-        2 => ".{0,40}",
-        1 => "[a-z0-9.-]{120,300}",
-        1 => "[0-9a-fA-F]{14,18}",
-    ]
-}
+// Generators of ids live in `crate::testing`, shared with the other crates' properties.
 
 // ---------------------------------------------------------------------------------------------
 // Independent models of the id rules (written from docs/PROTOCOL.md, not from `ids`), each
@@ -114,12 +52,15 @@ fn model(
 
 fn model_ccf_id(s: &str) -> Result<(), IdError> {
     const ALLOWED: &str = "lowercase DNS labels (a-z, 0-9, '-') separated by dots";
-    model("CCF id", s, 253, ALLOWED, |c| {
-        matches!(c, 'a'..='z' | '0'..='9' | '-' | '.')
-    })?;
-    let label_ok = |l: &str| {
-        (1..=63).contains(&l.len()) && !l.starts_with('-') && !l.ends_with('-')
-    };
+    model(
+        "CCF id",
+        s,
+        253,
+        ALLOWED,
+        |c| matches!(c, 'a'..='z' | '0'..='9' | '-' | '.'),
+    )?;
+    let label_ok =
+        |l: &str| (1..=63).contains(&l.len()) && !l.starts_with('-') && !l.ends_with('-');
     if s.split('.').all(label_ok) {
         Ok(())
     } else {
@@ -131,20 +72,20 @@ fn model_ccf_id(s: &str) -> Result<(), IdError> {
 }
 
 fn model_token_id(kind: &'static str, s: &str) -> Result<(), IdError> {
-    model(
-        kind,
-        s,
-        128,
-        "letters, digits, '-', '_' and '.'",
-        |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'),
-    )
+    model(kind, s, 128, "letters, digits, '-', '_' and '.'", |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+    })
 }
 
 fn model_key_id(s: &str) -> Result<(), IdError> {
     const ALLOWED: &str = "exactly 16 lowercase hex digits";
-    model("key id", s, 16, ALLOWED, |c| {
-        matches!(c, '0'..='9' | 'a'..='f')
-    })?;
+    model(
+        "key id",
+        s,
+        16,
+        ALLOWED,
+        |c| matches!(c, '0'..='9' | 'a'..='f'),
+    )?;
     if s.len() == 16 {
         Ok(())
     } else {
@@ -282,8 +223,13 @@ fn near_uri() -> impl Strategy<Value = String> {
         ".{0,8}",
     ];
     prop_oneof![
-        (peer_identity(), any::<prop::sample::Index>(), any::<char>(), 0..3u8).prop_map(
-            |(id, at, c, op)| {
+        (
+            peer_identity(),
+            any::<prop::sample::Index>(),
+            any::<char>(),
+            0..3u8
+        )
+            .prop_map(|(id, at, c, op)| {
                 let mut chars: Vec<char> = id.uri().chars().collect();
                 let i = at.index(chars.len());
                 match op {
@@ -294,8 +240,7 @@ fn near_uri() -> impl Strategy<Value = String> {
                     }
                 }
                 chars.into_iter().collect()
-            }
-        ),
+            }),
         (ccf_id_text(), prop::collection::vec(seg, 0..4)).prop_map(|(c, segs)| {
             let mut s = format!("capif://{c}");
             for p in segs {
@@ -432,19 +377,23 @@ proptest! {
 
 /// A scope with distinct AEFs, each granting 1 to 3 APIs.
 fn scope() -> impl Strategy<Value = Scope> {
-    prop::collection::btree_map(token_id_text(), prop::collection::vec(token_id_text(), 1..4), 0..4)
-        .prop_map(|m| {
-            Scope(
-                m.into_iter()
-                    .map(|(a, apis)| {
-                        (
-                            AefId::new(a).unwrap(),
-                            apis.into_iter().map(|x| ApiName::new(x).unwrap()).collect(),
-                        )
-                    })
-                    .collect(),
-            )
-        })
+    prop::collection::btree_map(
+        token_id_text(),
+        prop::collection::vec(token_id_text(), 1..4),
+        0..4,
+    )
+    .prop_map(|m| {
+        Scope(
+            m.into_iter()
+                .map(|(a, apis)| {
+                    (
+                        AefId::new(a).unwrap(),
+                        apis.into_iter().map(|x| ApiName::new(x).unwrap()).collect(),
+                    )
+                })
+                .collect(),
+        )
+    })
 }
 
 fn near_scope() -> impl Strategy<Value = String> {

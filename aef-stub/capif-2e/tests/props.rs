@@ -33,8 +33,13 @@ fn near_identity() -> impl Strategy<Value = Vec<u8>> {
         ".{0,10}",
     ];
     prop_oneof![
-        (identity(), any::<prop::sample::Index>(), any::<u8>(), 0..3u8).prop_map(
-            |(id, at, b, op)| {
+        (
+            identity(),
+            any::<prop::sample::Index>(),
+            any::<u8>(),
+            0..3u8
+        )
+            .prop_map(|(id, at, b, op)| {
                 let mut v = id.to_string().into_bytes();
                 let i = at.index(v.len());
                 match op {
@@ -45,8 +50,7 @@ fn near_identity() -> impl Strategy<Value = Vec<u8>> {
                     }
                 }
                 v
-            }
-        ),
+            }),
         prop::collection::vec(part, 0..6).prop_map(|p| p.join("/").into_bytes()),
         prop::collection::vec(any::<u8>(), 0..80),
     ]
