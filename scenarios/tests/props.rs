@@ -40,16 +40,13 @@ fn blueprint() -> impl Strategy<Value = Blueprint> {
             0..10,
         ),
     )
-        .prop_map(
-            |(prefix, domains, aefs, invokers, steps, unknown)| Blueprint {
-                prefix,
-                domains,
-                aefs,
-                invokers,
-                steps,
-                unknown,
-            },
-        )
+        .prop_map(|(prefix, domains, aefs, invokers, steps)| Blueprint {
+            prefix,
+            domains,
+            aefs,
+            invokers,
+            steps,
+        })
 }
 
 /// A reference in the file: its line (1-based), the line's key, and the name it holds.
