@@ -343,15 +343,14 @@ fn registry(methods: &[SecurityMethod]) -> AefRegistry {
         security_endpoint: None,
         security_server_name: None,
     };
-    let reg = AefRegistry::from_config(
+    AefRegistry::from_config(
         &own(),
         &[
             aef("aef-b1", OWN, "aef-b1.operator-b.test"),
             aef("aef-a1", "operator-a.test", "aef-a1.operator-a.test"),
         ],
     )
-    .unwrap();
-    reg
+    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
