@@ -7,11 +7,8 @@
 #   CASES=20000 scripts/fuzz-long.sh     # a shorter run
 #   scripts/fuzz-long.sh token identity  # only the properties whose names contain a word
 #
-# The case count reaches the tests through CAPIF_PROPTEST_CASES (ccf_core::testing). A few
-# properties are slow per case (each case signs a certificate or a token), so under `cargo test`
-# they take a fraction of that count (`config_scaled(divisor)`); here they are given
-# CASES * divisor, so that every property runs CASES cases. SCALED=0 runs them with the plain
-# count instead (CASES / divisor cases, a quicker run); the table shows the real count.
+# The case count reaches the tests through CAPIF_PROPTEST_CASES (ccf_core::testing), which every
+# property reads; CI runs the same properties with the default count (cargo test).
 #
 # The test binaries are built once, for all the crates together (so every crate is built with
 # the same features), and then run directly.
@@ -19,7 +16,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CASES="${CASES:-1000000}"
-SCALED="${SCALED:-1}"
 filters=("$@")
 
 # crate (package), test target name: where the properties live
@@ -31,15 +27,6 @@ targets=(
   "capif-ccf capif_ccf"
   "capif-scenarios props"
 )
-
-# The divisor of the properties that take fewer cases (keep in step with their config_scaled).
-divisor() {
-  case "$1" in
-    *props_identity_from_*) echo 16 ;;
-    *props_token_*) echo 4 ;;
-    *) echo 1 ;;
-  esac
-}
 
 echo "building the test binaries (release)..." >&2
 pkgs=()
@@ -73,17 +60,8 @@ for t in "${targets[@]}"; do
       for f in "${filters[@]}"; do [[ "$name" == *"$f"* ]] && keep=1; done
       ((keep)) || continue
     fi
-    d=$(divisor "$name")
-    if [[ "$SCALED" == 1 ]]; then
-      env_cases=$((CASES * d))
-      cases=$CASES
-    else
-      env_cases=$CASES
-      cases=$((CASES / d))
-      ((cases > 0)) || cases=1
-    fi
     t0=$(date +%s.%N)
-    if CAPIF_PROPTEST_CASES="$env_cases" "$exe" --exact "$name" --test-threads=1 >"$log" 2>&1; then
+    if CAPIF_PROPTEST_CASES="$CASES" "$exe" --exact "$name" --test-threads=1 >"$log" 2>&1; then
       result=ok
     else
       result=FAILED
@@ -92,8 +70,8 @@ for t in "${targets[@]}"; do
       tail -n 40 "$log" >&2
     fi
     t1=$(date +%s.%N)
-    total_cases=$((total_cases + cases))
-    printf '%-16s %-66s %10d %9.1f %s\n' "$crate" "$name" "$cases" \
+    total_cases=$((total_cases + CASES))
+    printf '%-16s %-66s %10d %9.1f %s\n' "$crate" "$name" "$CASES" \
       "$(awk "BEGIN{print $t1 - $t0}")" "$result"
   done
 done

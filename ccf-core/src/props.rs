@@ -17,9 +17,7 @@ use crate::delivery::NoticeId;
 use crate::identity::{IdentityError, PeerIdentity, Role};
 use crate::ids::{AefId, ApiInvokerId, ApiName, CcfId, IdError, KeyId};
 use crate::registry::{Interface, InterfaceError};
-use crate::testing::{
-    ccf_id_text, config, config_scaled, key_id_text, near_id_text, token_id_text,
-};
+use crate::testing::{ccf_id_text, config, key_id_text, near_id_text, token_id_text};
 use crate::token::{AccessTokenClaims, Expected, Scope, TokenError, TokenKeys};
 
 // Generators of ids live in `crate::testing`, shared with the other crates' properties.
@@ -286,7 +284,7 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// identity: certificates (slower per case: each case signs a certificate)
+// identity: certificates (each case signs a certificate)
 
 fn signing_key() -> &'static rcgen::KeyPair {
     static KEY: OnceLock<rcgen::KeyPair> = OnceLock::new();
@@ -320,7 +318,7 @@ fn san_uri() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config_scaled(16))]
+    #![proptest_config(config())]
 
     /// A certificate the domain CA issues names exactly the identity it was issued for.
     #[test]
@@ -564,7 +562,7 @@ fn is_pre_claims_refusal(e: &TokenError) -> bool {
 }
 
 proptest! {
-    #![proptest_config(config_scaled(4))]
+    #![proptest_config(config())]
 
     /// A token signed by the issuer verifies and gives back exactly the claims it was signed
     /// with; `peek` reads its key id and issuer.
