@@ -344,6 +344,37 @@ impl KeyStore {
         }
     }
 
+    /// Everything the store holds, in a form tests compare before and after an operation that
+    /// must change nothing (keys with their bytes, CAs, revocation marks, connections).
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (who, k) in self.keys.read().iter() {
+            let bytes: String = k.psk.expose().iter().map(|b| format!("{b:02x}")).collect();
+            out.push(format!("key {who}: {bytes} {k:?}"));
+        }
+        for (who, c) in self.cas.read().iter() {
+            out.push(format!(
+                "ca {who}: {:?} {:?} {:?}",
+                c.fetched_at, c.expires_at, c.allowed_apis
+            ));
+        }
+        for (who, m) in self.revoked.read().iter() {
+            out.push(format!("mark {who}: {m:?}"));
+        }
+        for (who, conns) in self.conns.lock().iter() {
+            let mut ids: Vec<&u64> = conns.keys().collect();
+            ids.sort();
+            out.push(format!("conns {who}: {ids:?}"));
+        }
+        out.push(format!(
+            "next_conn {}",
+            self.next_conn.load(Ordering::Relaxed)
+        ));
+        out.sort();
+        out
+    }
+
     /// Open PSK connections held now (all invokers).
     pub fn open_connections(&self) -> usize {
         self.conns.lock().values().map(HashMap::len).sum()

@@ -19,6 +19,7 @@
 //! - [`token`] — method 3: bearer-token verification and the issuers' key sets.
 //! - [`service`] — AefSecurity and DemoApi.
 //! - [`server`] — starting an AEF.
+//! - `props` — (tests) property tests of the PSK callback's decision and the config file.
 
 pub mod certauth;
 pub mod config;
@@ -27,3 +28,6 @@ pub mod psk;
 pub mod server;
 pub mod service;
 pub mod token;
+
+#[cfg(test)]
+mod props;

@@ -22,7 +22,7 @@ use tokio_openssl::SslStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::keys::{ConnTicket, KeyStore, Refusal};
+use crate::keys::{ConnTicket, HeldKey, KeyStore, Refusal};
 pub use capif_2e::identity::PskIdentity;
 pub use capif_2e::psk::{TlsProfile, profile};
 use ccf_core::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
@@ -94,25 +94,35 @@ pub fn server_context(
     profile(&mut b, p)?;
     let idx = note_index();
     b.set_psk_server_callback(move |ssl, identity, psk_out| {
-        let parsed = identity.map(PskIdentity::parse);
-        let note = match parsed {
-            None => Note::Refused(HandshakeRefusal::NoIdentity),
-            Some(Err(e)) => Note::Refused(e.into()),
-            Some(Ok(id)) => match store.for_handshake(&id.invoker_ref(), &id.key_id) {
-                Ok(key) if psk_out.len() >= key.psk.expose().len() => {
-                    let k = key.psk.expose();
-                    psk_out[..k.len()].copy_from_slice(k);
-                    ssl.set_ex_data(idx, Note::Offered(id));
-                    return Ok(k.len());
-                }
-                Ok(_) => Note::Refused(HandshakeRefusal::BufferTooSmall(id)),
-                Err(why) => Note::Refused(HandshakeRefusal::Refused { identity: id, why }),
-            },
+        let note = match psk_for_identity(&store, identity, psk_out.len()) {
+            Ok((id, key)) => {
+                let k = key.psk.expose();
+                psk_out[..k.len()].copy_from_slice(k);
+                ssl.set_ex_data(idx, Note::Offered(id));
+                return Ok(k.len());
+            }
+            Err(why) => Note::Refused(why),
         };
         ssl.set_ex_data(idx, note);
         Ok(0)
     });
     Ok(b.build())
+}
+
+/// The PSK server callback's decision, apart from OpenSSL: the identity bytes a client offered
+/// (`None`: none) and the room OpenSSL gives for the key, to the key to use or why there is
+/// none. It only reads the store: a refusal changes nothing (the property tests hold it to that).
+pub(crate) fn psk_for_identity(
+    store: &KeyStore,
+    identity: Option<&[u8]>,
+    room: usize,
+) -> Result<(PskIdentity, HeldKey), HandshakeRefusal> {
+    let id = PskIdentity::parse(identity.ok_or(HandshakeRefusal::NoIdentity)?)?;
+    match store.for_handshake(&id.invoker_ref(), &id.key_id) {
+        Ok(key) if room >= key.psk.expose().len() => Ok((id, key)),
+        Ok(_) => Err(HandshakeRefusal::BufferTooSmall(id)),
+        Err(why) => Err(HandshakeRefusal::Refused { identity: id, why }),
+    }
 }
 
 /// The authenticated peer of a PSK connection, attached to every request on it.

@@ -24,6 +24,7 @@
 //! - [`delivery`] — revocation notice ids and the outboxes' retry schedule.
 //! - [`config_file`] — reading a component's TOML file with errors that name file and line.
 //! - [`process`] — what every binary shares: logging, signals, exit codes.
+//! - `testing` — (tests only, feature `proptest`) the one configuration of every property test.
 
 pub mod clock;
 pub mod config_file;
@@ -40,3 +41,9 @@ pub mod registry;
 pub mod status;
 pub mod tls;
 pub mod token;
+
+#[cfg(any(test, feature = "proptest"))]
+pub mod testing;
+
+#[cfg(test)]
+mod props;

@@ -19,7 +19,7 @@ use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{Refused, horizon, ids, notice_aefs, require, store_status};
+use super::{Refused, horizon, notice_aef_ids, query_ids, require, store_status};
 use crate::cache::CacheKey;
 use crate::state::GatewayState;
 use crate::trust::{InvokerCaError, PartnerTrust};
@@ -63,8 +63,7 @@ impl Gateway for GatewayService {
         )?;
         let deadline = self.deadline(&request);
         let q = request.into_inner();
-        let (invoker, home, aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
-        KeyId::optional(&q.presented_key_id).map_err(|e| invalid_field("presented_key_id", e))?;
+        let (invoker, home, aef) = query_ids(&q)?;
         if home == self.state.ccf_id {
             return Err(invalid_field(
                 "home_ccf_id",
@@ -197,7 +196,7 @@ impl Gateway for GatewayService {
         }
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
-        let aefs = notice_aefs(&notice.aef_ids)?;
+        let aefs = notice_aef_ids(&notice.aef_ids)?;
         let removed = self.state.cache.revoke(&home, &invoker, &aefs).await;
         tracing::info!(partner = %home, api_invoker_id = %invoker, aefs = ?notice.aef_ids, removed, "partner's invoker evicted at the own CCF's request");
         Ok(Response::new(RevocationAck {
@@ -284,7 +283,7 @@ pub enum AnswerMismatch {
 /// Whether a partner's answer may be cached and served: it is about what was asked
 /// ([`answer_matches`]) and, for method 2, names only the CA the federation trusts for that
 /// partner (`trust`, `None` when the domain is not a configured partner).
-fn check_answer(
+pub(super) fn check_answer(
     info: &InvokerSecurityInformation,
     invoker: &ApiInvokerId,
     home: &CcfId,
@@ -309,7 +308,7 @@ fn check_answer(
 
 /// Whether a partner's answer is about the invoker, home and AEF asked for, and is well formed
 /// (a PSK answer carries a 32-byte key and a key id of the right syntax).
-fn answer_matches(
+pub(super) fn answer_matches(
     info: &InvokerSecurityInformation,
     invoker: &ApiInvokerId,
     home: &CcfId,

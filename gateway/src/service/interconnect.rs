@@ -18,11 +18,11 @@ use capif_proto::v1::{
 use ccf_core::clock::now_ms;
 use ccf_core::delivery::NoticeId;
 use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
-use ccf_core::ids::{ApiInvokerId, CcfId, KeyId};
+use ccf_core::ids::{ApiInvokerId, CcfId};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{Refused, horizon, ids, notice_aefs, store_status};
+use super::{Refused, horizon, notice_aef_ids, query_ids, store_status};
 use crate::state::GatewayState;
 use crate::store::Destination;
 
@@ -133,8 +133,7 @@ impl Interconnect for InterconnectService {
         let partner = self.partner(&request)?;
         let deadline = Instant::now() + self.budget(&request);
         let q = request.into_inner();
-        let (invoker, home, _aef) = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
-        KeyId::optional(&q.presented_key_id).map_err(|e| invalid_field("presented_key_id", e))?;
+        let (invoker, home, _aef) = query_ids(&q)?;
         if home != self.state.ccf_id {
             return Err(invalid_field(
                 "home_ccf_id",
@@ -195,7 +194,7 @@ impl Interconnect for InterconnectService {
         let invoker = ApiInvokerId::new(notice.api_invoker_id.clone())
             .map_err(|e| invalid_field("api_invoker_id", e))?;
         let id = NoticeId::new(&notice.notice_id).map_err(|e| invalid_field("notice_id", e))?;
-        let aefs = notice_aefs(&notice.aef_ids)?;
+        let aefs = notice_aef_ids(&notice.aef_ids)?;
         if self.state.store.seen(&partner, &id).map_err(store_status)? {
             return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));
         }

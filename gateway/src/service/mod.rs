@@ -14,7 +14,7 @@ pub use interconnect::InterconnectService;
 use capif_proto::v1::ErrorReason;
 use ccf_core::grpc::{Refusal, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
-use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError};
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use tonic::{Code, Status};
 
 use crate::reload::LoadError;
@@ -140,8 +140,19 @@ pub(crate) fn ids(
     ))
 }
 
-/// The AEFs a revocation notice names (none: every AEF), each a valid id.
-pub(crate) fn notice_aefs(aef_ids: &[String]) -> Result<Vec<AefId>, Status> {
+/// The ids of a security-information query (CAPIF-6 and CAPIF-6e alike), each checked where it
+/// enters, in field order: `api_invoker_id`, `home_ccf_id`, `aef_id`, then `presented_key_id`
+/// (empty, or a key id). A refusal is `INVALID_FIELD` naming the first bad field.
+pub(crate) fn query_ids(
+    q: &capif_proto::v1::SecurityInformationQuery,
+) -> Result<(ApiInvokerId, CcfId, AefId), Status> {
+    let ids = ids(&q.api_invoker_id, &q.home_ccf_id, &q.aef_id)?;
+    KeyId::optional(&q.presented_key_id).map_err(|e| invalid_field("presented_key_id", e))?;
+    Ok(ids)
+}
+
+/// A revocation notice's `aef_ids`, each an AEF id (`INVALID_FIELD` "aef_ids" otherwise).
+pub(crate) fn notice_aef_ids(aef_ids: &[String]) -> Result<Vec<AefId>, Status> {
     aef_ids
         .iter()
         .map(|a| AefId::new(a.clone()))
@@ -182,6 +193,9 @@ pub(crate) fn store_status(e: crate::store::StoreError) -> Status {
     tracing::error!(error = %e, "revocation store failed");
     Refused::StoreFailed.into()
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,7 @@ use super::{
 use crate::server::CcfState;
 use ccf_core::grpc::{caller, invalid_field};
 use ccf_core::identity::Role;
+use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::registry::SecurityMethod;
 
 /// The Federation service.
@@ -34,6 +35,29 @@ impl FederationService {
     pub fn new(state: Arc<CcfState>) -> Self {
         Self { state }
     }
+}
+
+/// The partner and the query of a `GetSecurityInformationForPartner`, each field checked where
+/// it enters, in order; the query's home, when set, must be this domain `own`.
+pub(super) fn partner_query(
+    own: &CcfId,
+    req: &PartnerSecurityInformationRequest,
+) -> Result<(CcfId, ApiInvokerId, AefId), Status> {
+    let partner = ccf_id("partner_ccf_id", &req.partner_ccf_id)?;
+    let q = req
+        .query
+        .as_ref()
+        .ok_or_else(|| invalid_field("query", "is required"))?;
+    let invoker = invoker_id("query.api_invoker_id", &q.api_invoker_id)?;
+    let aef = aef_id("query.aef_id", &q.aef_id)?;
+    optional_key_id("query.presented_key_id", &q.presented_key_id)?;
+    if !q.home_ccf_id.is_empty() && q.home_ccf_id != own.as_str() {
+        return Err(invalid_field(
+            "query.home_ccf_id",
+            format!("names {}, not this domain {own}", q.home_ccf_id),
+        ));
+    }
+    Ok((partner, invoker, aef))
 }
 
 #[tonic::async_trait]
@@ -50,23 +74,7 @@ impl Federation for FederationService {
         self.state
             .partner_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let req = request.into_inner();
-        let partner = ccf_id("partner_ccf_id", &req.partner_ccf_id)?;
-        let q = req
-            .query
-            .ok_or_else(|| invalid_field("query", "is required"))?;
-        let invoker = invoker_id("query.api_invoker_id", &q.api_invoker_id)?;
-        let aef = aef_id("query.aef_id", &q.aef_id)?;
-        optional_key_id("query.presented_key_id", &q.presented_key_id)?;
-        if !q.home_ccf_id.is_empty() && q.home_ccf_id != self.state.ccf_id.as_str() {
-            return Err(invalid_field(
-                "query.home_ccf_id",
-                format!(
-                    "names {}, not this domain {}",
-                    q.home_ccf_id, self.state.ccf_id
-                ),
-            ));
-        }
+        let (partner, invoker, aef) = partner_query(&self.state.ccf_id, &request.into_inner())?;
         // Ownership first: a partner learns nothing about invokers whose keys it may not have.
         match self.state.registry.get(&aef) {
             Some(entry) if entry.ccf_id == partner && partner != self.state.ccf_id => {}

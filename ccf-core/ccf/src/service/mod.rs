@@ -418,10 +418,15 @@ pub(crate) fn role_not_allowed(who: &PeerIdentity, what: &'static str) -> Refuse
 
 /// The caller must belong to this domain.
 pub(crate) fn own_domain(state: &CcfState, who: &PeerIdentity) -> Result<(), Refused> {
-    if who.ccf_id != state.ccf_id {
+    of_domain(&state.ccf_id, who)
+}
+
+/// The caller must belong to domain `own`.
+pub(crate) fn of_domain(own: &CcfId, who: &PeerIdentity) -> Result<(), Refused> {
+    if &who.ccf_id != own {
         return Err(Refused::OtherDomain {
             who: who.clone(),
-            own: state.ccf_id.clone(),
+            own: own.clone(),
         });
     }
     Ok(())
@@ -506,6 +511,9 @@ pub(crate) fn valid_context(
     }
     Ok(ctx)
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

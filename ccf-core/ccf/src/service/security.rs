@@ -15,16 +15,16 @@ use capif_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{
-    Refused, aef_id, calling_invoker, ccf_id, invoker_id, optional_key_id, own_domain,
+    Refused, aef_id, calling_invoker, ccf_id, invoker_id, of_domain, optional_key_id, own_domain,
     role_not_allowed, security_information, store_status, valid_context,
 };
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
 use ccf_core::grpc::{UpstreamError, caller, conn_info, invalid_field};
 use ccf_core::identity::Role;
-use ccf_core::ids::{ApiInvokerId, ApiName};
+use ccf_core::ids::{ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::{AefPsk, Capif1eBinding};
-use ccf_core::registry::{AefEntry, Interface, SecurityMethod, select_method};
+use ccf_core::registry::{AefEntry, AefRegistry, Interface, SecurityMethod, select_method};
 use ccf_core::token::{AccessTokenClaims, Scope};
 
 /// Budget of a CAPIF-3 request that goes to the gateway when the AEF sets no deadline.
@@ -33,7 +33,7 @@ const DEFAULT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 const MAX_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// At most this many AEFs per ServiceSecurity request.
-const MAX_SECURITY_INFO: usize = 64;
+pub(super) const MAX_SECURITY_INFO: usize = 64;
 
 /// The Security service.
 #[derive(Clone, Debug)]
@@ -125,28 +125,7 @@ impl SecurityService {
     }
 
     fn resolve_aef(&self, i: usize, info: &pb::SecurityInformation) -> Result<&AefEntry, Status> {
-        let field = format!("service_security.security_info[{i}]");
-        let entry = if !info.aef_id.is_empty() {
-            let id = aef_id(&format!("{field}.aef_id"), &info.aef_id)?;
-            self.state.registry.get(&id)
-        } else if let Some(d) = &info.interface_details {
-            let canonical = Interface::from_proto(d)
-                .canonical()
-                .map_err(|e| invalid_field(&format!("{field}.interface_details"), e))?;
-            self.state.registry.by_interface(&canonical)
-        } else {
-            return Err(invalid_field(
-                &field,
-                "names no AEF: set aef_id or interface_details",
-            ));
-        };
-        entry.ok_or_else(|| {
-            Refused::AefNotRegistered {
-                field,
-                own: self.state.ccf_id.clone(),
-            }
-            .into()
-        })
+        resolve_aef(&self.state.registry, &self.state.ccf_id, i, info)
     }
 
     /// Shared by Obtain and Update: builds every context first, then stores them in one
@@ -320,9 +299,41 @@ struct Negotiation<'a> {
     expires: u64,
 }
 
+/// The registry entry of the AEF that entry `i` of a request names, by `aef_id` or else by its
+/// interface (canonical P0).
+pub(super) fn resolve_aef<'r>(
+    registry: &'r AefRegistry,
+    own: &CcfId,
+    i: usize,
+    info: &pb::SecurityInformation,
+) -> Result<&'r AefEntry, Status> {
+    let field = format!("service_security.security_info[{i}]");
+    let entry = if !info.aef_id.is_empty() {
+        let id = aef_id(&format!("{field}.aef_id"), &info.aef_id)?;
+        registry.get(&id)
+    } else if let Some(d) = &info.interface_details {
+        let canonical = Interface::from_proto(d)
+            .canonical()
+            .map_err(|e| invalid_field(&format!("{field}.interface_details"), e))?;
+        registry.by_interface(&canonical)
+    } else {
+        return Err(invalid_field(
+            &field,
+            "names no AEF: set aef_id or interface_details",
+        ));
+    };
+    entry.ok_or_else(|| {
+        Refused::AefNotRegistered {
+            field,
+            own: own.clone(),
+        }
+        .into()
+    })
+}
+
 /// The request's `service_security`, once the request is known to be the caller's own and to
 /// name between 1 and [`MAX_SECURITY_INFO`] AEFs.
-fn requested_service_security(
+pub(super) fn requested_service_security(
     id: &ApiInvokerId,
     req: ObtainSecurityMethodRequest,
 ) -> Result<ServiceSecurity, Status> {
@@ -346,7 +357,7 @@ fn requested_service_security(
 }
 
 /// The first of the invoker's preferred methods that the AEF supports.
-fn preferred_method(
+pub(super) fn preferred_method(
     i: usize,
     info: &pb::SecurityInformation,
     entry: &AefEntry,
@@ -378,7 +389,7 @@ fn preferred_method(
 }
 
 /// The APIs the context allows: the one asked for, or every API of the AEF.
-fn allowed_apis(
+pub(super) fn allowed_apis(
     i: usize,
     info: &pb::SecurityInformation,
     entry: &AefEntry,
@@ -410,12 +421,14 @@ fn session_aef_psk(
         .map_err(|e| invalid_field(&format!("service_security.security_info[{i}]"), e))
 }
 
-fn revoke_target(
-    state: &CcfState,
+/// Whose authorization a `RevokeAuthorization` withdraws, for which AEF (`None`: all), as the
+/// caller may ask: an operator of domain `own` for any AEF, an AEF of `own` only for itself.
+pub(super) fn revoke_target(
+    own: &CcfId,
     who: &ccf_core::identity::PeerIdentity,
     info: &pb::SecurityNotification,
 ) -> Result<(ApiInvokerId, Option<ccf_core::ids::AefId>), Status> {
-    own_domain(state, who)?;
+    of_domain(own, who)?;
     let id = invoker_id("revoke_info.api_invoker_id", &info.api_invoker_id)?;
     let aef = if info.aef_id.is_empty() {
         None
@@ -538,7 +551,7 @@ impl Security for SecurityService {
             .into_inner()
             .revoke_info
             .ok_or_else(|| invalid_field("revoke_info", "is required"))?;
-        let (id, aef) = revoke_target(&self.state, &who, &info)?;
+        let (id, aef) = revoke_target(&self.state.ccf_id, &who, &info)?;
         if !info.home_ccf_id.is_empty() && info.home_ccf_id != self.state.ccf_id.as_str() {
             let home = ccf_id("revoke_info.home_ccf_id", &info.home_ccf_id)?;
             let refused_at = self
@@ -674,7 +687,10 @@ impl Security for SecurityService {
 }
 
 /// Method 3: only the client-credentials grant, and only for the caller's own invoker id.
-fn check_client_credentials(id: &ApiInvokerId, req: &AccessTokenReq) -> Result<(), Status> {
+pub(super) fn check_client_credentials(
+    id: &ApiInvokerId,
+    req: &AccessTokenReq,
+) -> Result<(), Status> {
     if req.grant_type != "client_credentials" {
         return Err(Refused::UnsupportedGrantType {
             grant_type: req.grant_type.clone(),
