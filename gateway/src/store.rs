@@ -217,6 +217,10 @@ fn insert_seen(
     Ok(())
 }
 
+/// The store's page cache. redb's default (1 GiB) would let the gateway's memory follow the
+/// file's size; the rows the hot path reads (one fetch record per partner fetch) are few.
+const PAGE_CACHE_BYTES: usize = 16 << 20;
+
 impl RevocationStore {
     /// Opens (or creates) the store in `dir` (created 0700; the file 0600), or in memory when
     /// `dir` is `None`. At most `seen_cap` seen marks are kept.
@@ -237,7 +241,9 @@ impl RevocationStore {
                 if let Some(mode) = ccf_core::pki::exposed_mode(&file).map_err(io(&path))? {
                     return Err(StoreError::Exposed { path, mode });
                 }
-                redb::Builder::new().create_file(file)?
+                redb::Builder::new()
+                    .set_cache_size(PAGE_CACHE_BYTES)
+                    .create_file(file)?
             }
         };
         let tx = db.begin_write()?;
