@@ -190,6 +190,20 @@ pub fn schedule(opts: &ChaosOpts, domains: &[String]) -> Vec<PlannedFault> {
         .collect()
 }
 
+/// Invokers per domain that revocations and offboardings take out of the load, at most, on
+/// top of `--invokers`: every revoked or offboarded invoker leaves the load for good, so a long
+/// run needs that many more for its load to stay the same and for every such fault to find one.
+pub fn victims_needed(opts: &ChaosOpts) -> u32 {
+    let domains = load::domain_ids(3);
+    let mut per_domain: BTreeMap<String, u32> = BTreeMap::new();
+    for f in schedule(opts, &domains) {
+        if matches!(f.kind, FaultKind::Revoke | FaultKind::Offboard) {
+            *per_domain.entry(f.domain).or_default() += 1;
+        }
+    }
+    per_domain.values().copied().max().unwrap_or(0)
+}
+
 /// What happened to one fault.
 #[derive(Clone, Debug, Serialize)]
 pub struct FaultReport {
@@ -274,7 +288,11 @@ pub async fn run(opts: &ChaosOpts, run_dir: &Path, bin_dir: &Path) -> Result<Cha
             bin_dir.join("aef-stub").display()
         );
     }
-    let s = load::scenario(3, opts.invokers, Some(opts.short_validity_secs))?;
+    let s = load::scenario(
+        3,
+        opts.invokers + victims_needed(opts),
+        Some(opts.short_validity_secs),
+    )?;
     let mut tb = Testbed::up(&s, run_dir, bin_dir, false).await?;
     let r = drive(opts, &s, &mut tb).await;
     let counters = match &r {
@@ -421,8 +439,12 @@ async fn drive(
     for f in &mut faults {
         summarize(f, &flows);
         if !f.problem.is_empty() {
+            let kind = match f.kind {
+                FaultKind::Revoke | FaultKind::Offboard => "fault-not-acknowledged",
+                _ => "component-not-back",
+            };
             violations.push(Violation {
-                kind: "component-not-back".into(),
+                kind: kind.into(),
                 at_ms: f.start_ms,
                 detail: format!("{}: {}", f.target, f.problem),
             });
