@@ -68,11 +68,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
     let gw = capif_gateway::server::start_from_file(cli.config, Some(Arc::new(adjust))).await?;
+    // Before the ready line: a SIGHUP sent as soon as the gateway says it is ready must reload
+    // it, not end it (SIGHUP's default action).
+    let mut hup = signal(SignalKind::hangup())?;
     println!(
         "capif-gateway ready ccf_id={} capif6={} capif6e={}",
         gw.state.ccf_id, gw.capif6_addr, gw.capif6e_addr
     );
-    let mut hup = signal(SignalKind::hangup())?;
     let stop = terminated();
     tokio::pin!(stop);
     let signal = loop {
