@@ -134,3 +134,27 @@ pub fn field_text() -> impl Strategy<Value = String> {
         3 => near_id_text(),
     ]
 }
+
+/// `good` (a config or scenario file) with the line `at` points to dropped (`op` 0), duplicated
+/// (1) or cut in half (anything else): the near-valid files the config properties try.
+pub fn break_a_line(good: &str, at: prop::sample::Index, op: u8) -> String {
+    let lines: Vec<&str> = good.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let i = at.index(lines.len());
+    let mut broken: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    match op {
+        0 => {
+            broken.remove(i);
+        }
+        1 => broken.insert(i, lines[i].to_string()),
+        _ => {
+            broken[i] = lines[i]
+                .chars()
+                .take(lines[i].chars().count() / 2)
+                .collect()
+        }
+    }
+    broken.join("\n")
+}

@@ -311,18 +311,8 @@ proptest! {
         at in any::<prop::sample::Index>(),
         op in 0..3u8,
     ) {
-        let good = render(&v);
-        let lines: Vec<&str> = good.lines().collect();
-        let i = at.index(lines.len());
-        let mut broken: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-        match op {
-            0 => {
-                broken.remove(i);
-            }
-            1 => broken.insert(i, lines[i].to_string()),
-            _ => broken[i] = lines[i].chars().take(lines[i].chars().count() / 2).collect(),
-        }
-        for text in [broken.join("\n"), junk] {
+        let broken = ccf_core::testing::break_a_line(&render(&v), at, op);
+        for text in [broken, junk] {
             if let Err(e) = GatewayConfig::parse(&text, "any.toml") {
                 prop_assert!(e.to_string().starts_with("any.toml: "), "{}", e);
             }
