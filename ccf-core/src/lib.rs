@@ -16,6 +16,7 @@
 //! - [`status`] — error statuses with stable reasons, error chains.
 //! - [`grpc`] — caller identity, health + reflection, serving a listener, request budgets.
 //! - [`limits`] — connection caps, idle timeouts and message limits of every listener.
+//! - [`metrics`] — the `/metrics` listener, listener/handshake and certificate-expiry families.
 //! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
 //! - [`registry`] — the AEF registry and the canonical interface string.
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
@@ -35,6 +36,7 @@ pub mod ids;
 pub mod kdf;
 pub mod keysets;
 pub mod limits;
+pub mod metrics;
 pub mod pki;
 pub mod process;
 pub mod registry;

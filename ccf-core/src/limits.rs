@@ -128,6 +128,7 @@ pub struct ConnGate {
     refused: AtomicU64,
     refused_since_log: AtomicU64,
     last_log: Mutex<Option<Instant>>,
+    metrics: Option<crate::metrics::ListenerMetrics>,
 }
 
 /// A connection admitted by a [`ConnGate`]; releases its place when dropped.
@@ -140,6 +141,9 @@ pub struct ConnPermit {
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         self.gate.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(m) = &self.gate.metrics {
+            m.closed(self.gate.listener);
+        }
         // A poisoned map only happens after a panic elsewhere; its counts are still right.
         let mut m = self
             .gate
@@ -158,7 +162,25 @@ impl Drop for ConnPermit {
 impl ConnGate {
     /// A gate for the listener named `listener` (for logs).
     pub fn new(listener: &'static str, limits: ListenerLimits) -> Arc<Self> {
+        Self::build(listener, limits, None)
+    }
+
+    /// A gate that also feeds `metrics` (open connections, overflows, TLS handshakes).
+    pub fn observed(
+        listener: &'static str,
+        limits: ListenerLimits,
+        metrics: &crate::metrics::ListenerMetrics,
+    ) -> Arc<Self> {
+        Self::build(listener, limits, Some(metrics.clone()))
+    }
+
+    fn build(
+        listener: &'static str,
+        limits: ListenerLimits,
+        metrics: Option<crate::metrics::ListenerMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             listener,
             limits,
             total: AtomicUsize::new(0),
@@ -188,6 +210,9 @@ impl ConnGate {
         }
         m.insert(source, from_source + 1);
         self.total.fetch_add(1, Ordering::AcqRel);
+        if let Some(metrics) = &self.metrics {
+            metrics.opened(self.listener);
+        }
         Some(ConnPermit {
             gate: self.clone(),
             source,
@@ -196,6 +221,9 @@ impl ConnGate {
 
     fn refuse(&self, source: IpAddr, total_cap: bool) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.overflow(self.listener);
+        }
         let n = self.refused_since_log.fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
@@ -211,6 +239,13 @@ impl ConnGate {
             };
             tracing::warn!(listener = self.listener, %source, refused = n, %cap,
                 "connections refused at accept: over the listener's cap (logged once per 10 s)");
+        }
+    }
+
+    /// Counts how a TLS handshake on this listener ended (when the gate is observed).
+    pub fn handshake(&self, outcome: crate::metrics::HandshakeOutcome) {
+        if let Some(m) = &self.metrics {
+            m.handshake(self.listener, outcome);
         }
     }
 

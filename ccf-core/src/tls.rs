@@ -37,6 +37,7 @@ use crate::identity::{IdentityError, PeerIdentity, Role, URI_SCHEME};
 use crate::ids::{AefId, CcfId};
 use crate::kdf::Capif1eBinding;
 use crate::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
+use crate::metrics::HandshakeOutcome;
 
 /// Why TLS material could not be used. Each cause is its own variant, and the underlying error
 /// is kept as the source.
@@ -616,15 +617,21 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
                 {
-                    Ok(Ok(tls)) => tls,
+                    Ok(Ok(tls)) => {
+                        gate.handshake(HandshakeOutcome::Ok);
+                        tls
+                    }
                     Ok(Err(e)) => {
+                        gate.handshake(HandshakeOutcome::of_io_error(&e));
                         tracing::info!(%remote, error = %e, "TLS handshake refused");
                         return;
                     }
                     Err(_) => {
+                        gate.handshake(HandshakeOutcome::Timeout);
                         tracing::info!(%remote, "TLS handshake timed out");
                         return;
                     }
