@@ -56,8 +56,10 @@ pub fn service_name<S: tonic::server::NamedService>(_: &S) -> &'static str {
     S::NAME
 }
 
-/// Adds grpc.health.v1 (each of `names` SERVING) and server reflection v1 + v1alpha over every
-/// capif.v1 service and health.
+/// Adds grpc.health.v1 (each of `names` SERVING; any other name NOT_FOUND) and server reflection
+/// v1 + v1alpha listing exactly `names`, health and reflection itself: the descriptors of the
+/// whole contract are loaded (so `describe` resolves every message), but a listener lists only
+/// what it serves, not the services of other components that would answer `Unimplemented` here.
 pub async fn with_standard_services(routes: Routes, names: &[&str]) -> Result<Routes, Status> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in names {
@@ -66,8 +68,13 @@ pub async fn with_standard_services(routes: Routes, names: &[&str]) -> Result<Ro
             .await;
     }
     let refl = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(capif_proto::FILE_DESCRIPTOR_SET)
+        let b = b
+            .register_encoded_file_descriptor_set(capif_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        names
+            .iter()
+            .fold(b, |b, name| b.with_service_name(name.to_string()))
     };
     let v1 = refl(tonic_reflection::server::Builder::configure())
         .build_v1()

@@ -65,7 +65,35 @@ fn assert_passes(name: &str) {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["passed"], true);
+    assert_logs_are_plain(&dir);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The components' log files hold text a person or a log shipper reads as it is: no ANSI
+/// escape (ESC) bytes, since their stderr is a file, not a terminal.
+fn assert_logs_are_plain(run_dir: &Path) {
+    let logs: Vec<PathBuf> = std::fs::read_dir(run_dir.join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    assert!(
+        logs.len() >= 4,
+        "expected a log per component, found {logs:?}"
+    );
+    for log in logs {
+        let bytes = std::fs::read(&log).unwrap();
+        assert!(!bytes.is_empty(), "{} is empty", log.display());
+        if let Some(at) = bytes.iter().position(|b| *b == 0x1b) {
+            let from = at.saturating_sub(40);
+            panic!(
+                "{} holds an ESC byte at {at}: {:?}",
+                log.display(),
+                String::from_utf8_lossy(&bytes[from..(at + 20).min(bytes.len())])
+            );
+        }
+    }
 }
 
 #[test]
