@@ -37,15 +37,76 @@ use tonic::{Code, Status};
 
 use crate::config::CacheConfig;
 
-/// What an entry is cached under.
+/// The partner and AEF of an entry: the same for many entries, so held once ([`KeyCache::key`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Route {
+    home: CcfId,
+    aef: AefId,
+}
+
+/// What an entry is cached under: `(home CCF id, apiInvokerId, aefId)`. Keys made by
+/// [`KeyCache::key`] share their (home, AEF) part with every other key of that pair.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey {
+    route: Arc<Route>,
+    invoker: ApiInvokerId,
+}
+
+impl CacheKey {
+    /// A key of its own (tests; the service asks [`KeyCache::key`], which shares).
+    pub fn new(home: CcfId, invoker: ApiInvokerId, aef: AefId) -> Self {
+        Self {
+            route: Arc::new(Route { home, aef }),
+            invoker,
+        }
+    }
+
     /// The invoker's home domain (the partner).
-    pub home: CcfId,
+    pub fn home(&self) -> &CcfId {
+        &self.route.home
+    }
+
     /// The invoker.
-    pub invoker: ApiInvokerId,
+    pub fn invoker(&self) -> &ApiInvokerId {
+        &self.invoker
+    }
+
     /// The AEF the key is bound to.
-    pub aef: AefId,
+    pub fn aef(&self) -> &AefId {
+        &self.route.aef
+    }
+}
+
+/// Values many entries hold alike, each held once: an entry takes the one already held when it
+/// carries the same. Values no entry holds any more are dropped when the table has doubled since
+/// it was last pruned, so it never holds much more than twice what the live entries need.
+struct Interner<T> {
+    table: parking_lot::Mutex<(std::collections::HashSet<Arc<T>>, usize)>,
+}
+
+impl<T> Default for Interner<T> {
+    fn default() -> Self {
+        Self {
+            table: parking_lot::Mutex::new((std::collections::HashSet::new(), 0)),
+        }
+    }
+}
+
+impl<T: Eq + std::hash::Hash> Interner<T> {
+    fn intern(&self, value: T) -> Arc<T> {
+        let mut guard = self.table.lock();
+        let (table, pruned_at) = &mut *guard;
+        if let Some(held) = table.get(&value) {
+            return held.clone();
+        }
+        if table.len() >= 2 * *pruned_at + 64 {
+            table.retain(|p| Arc::strong_count(p) > 1);
+            *pruned_at = table.len();
+        }
+        let value = Arc::new(value);
+        table.insert(value.clone());
+        value
+    }
 }
 
 /// When what a caller presented last forced a refresh of an entry; unset for an entry that came
@@ -70,10 +131,50 @@ impl RefreshMark {
     }
 }
 
-/// A cached key. The AEFPSK is held in [`AefPsk`] (zeroized on drop), not in the message.
+/// What the answers of many entries share (for one AEF of one partner: the API names, the
+/// interface, the CA certificates of method 2), held once and shared by every entry that carries
+/// the same, rather than copied into each of a million entries.
+#[derive(PartialEq, Eq, Hash)]
+struct AnswerParts {
+    allowed_api_names: Vec<String>,
+    invoker_ca_certificates: Vec<String>,
+    interface_canonical: String,
+}
+
+/// A key id as the partner sent it: its usual form (16 hex digits) inline, anything else boxed.
+enum KeyIdText {
+    Hex16([u8; 16]),
+    Other(Box<str>),
+}
+
+impl KeyIdText {
+    fn new(text: String) -> Self {
+        match <[u8; 16]>::try_from(text.as_bytes()) {
+            Ok(b) if text.is_ascii() => Self::Hex16(b),
+            _ => Self::Other(text.into_boxed_str()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // ASCII by construction.
+            Self::Hex16(b) => std::str::from_utf8(b).unwrap_or_default(),
+            Self::Other(s) => s,
+        }
+    }
+}
+
+/// A cached key, compact (docs/BENCHMARKS.md, case f): the invoker, home and AEF are the entry's
+/// key and are not stored again (unless the answer named others, which the gateway's checks
+/// refuse before anything is cached), the key id is inline, what many entries share is
+/// [`AnswerParts`], and the AEFPSK is held in [`AefPsk`] (inline, zeroized on drop).
 pub struct CachedKey {
-    info: InvokerSecurityInformation,
     psk: Option<AefPsk>,
+    key_id: KeyIdText,
+    method: i32,
+    parts: Arc<AnswerParts>,
+    /// The ids the answer named, when they are not those of the entry's key.
+    other_ids: Option<Box<[String; 3]>>,
     key_expires_at: Instant,
     last_refresh: RefreshMark,
     ttl: Duration,
@@ -82,27 +183,44 @@ pub struct CachedKey {
 }
 
 impl CachedKey {
-    /// The answer with the validity remaining now; `None` once the key has expired.
-    pub fn answer(&self) -> Option<InvokerSecurityInformation> {
+    /// The answer cached under `key`, with the validity remaining now; `None` once the key has
+    /// expired.
+    pub fn answer(&self, key: &CacheKey) -> Option<InvokerSecurityInformation> {
         let remaining = self
             .key_expires_at
             .saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return None;
         }
-        let mut info = self.info.clone();
-        info.aef_psk = self
-            .psk
-            .as_ref()
-            .map(|p| p.expose().to_vec())
-            .unwrap_or_default();
-        info.remaining_validity_ms = remaining.as_millis() as u64;
-        Some(info)
+        let [api_invoker_id, home_ccf_id, aef_id] = match &self.other_ids {
+            Some(ids) => (**ids).clone(),
+            None => [
+                key.invoker().to_string(),
+                key.home().to_string(),
+                key.aef().to_string(),
+            ],
+        };
+        Some(InvokerSecurityInformation {
+            api_invoker_id,
+            home_ccf_id,
+            aef_id,
+            sel_security_method: self.method,
+            aef_psk: self
+                .psk
+                .as_ref()
+                .map(|p| p.expose().to_vec())
+                .unwrap_or_default(),
+            key_id: self.key_id.as_str().to_owned(),
+            remaining_validity_ms: remaining.as_millis() as u64,
+            allowed_api_names: self.parts.allowed_api_names.clone(),
+            invoker_ca_certificates: self.parts.invoker_ca_certificates.clone(),
+            interface_canonical: self.parts.interface_canonical.clone(),
+        })
     }
 
     /// The key id.
     pub fn key_id(&self) -> &str {
-        &self.info.key_id
+        self.key_id.as_str()
     }
 }
 
@@ -226,6 +344,8 @@ pub struct KeyCache {
     refresh_interval: Duration,
     revocations: Revocations,
     mark_retention: Duration,
+    parts: Interner<AnswerParts>,
+    routes: Interner<Route>,
     /// Counters for the admin RPC.
     pub counters: Counters,
 }
@@ -237,17 +357,19 @@ impl std::fmt::Debug for KeyCache {
 }
 
 fn weigh(k: &CacheKey, v: &Entry) -> u32 {
-    let key = k.home.as_str().len() + k.invoker.as_str().len() + k.aef.as_str().len();
+    let key = k.home().as_str().len() + k.invoker().as_str().len() + k.aef().as_str().len();
     let val = match v {
+        // The shared parts are weighed with every entry that holds them: the bound stays a bound
+        // of what the cache could hold if no two entries shared anything.
         Entry::Key(c) => {
-            64 + c.info.key_id.len()
-                + c.info.interface_canonical.len()
-                + c.info
+            64 + c.key_id().len()
+                + c.parts.interface_canonical.len()
+                + c.parts
                     .allowed_api_names
                     .iter()
                     .map(|a| a.len() + 24)
                     .sum::<usize>()
-                + c.info
+                + c.parts
                     .invoker_ca_certificates
                     .iter()
                     .map(String::len)
@@ -269,6 +391,18 @@ fn definite(status: &Status) -> bool {
 }
 
 impl KeyCache {
+    /// The key of `invoker` of `home` at `aef`, sharing its (home, AEF) part with the other
+    /// entries of that pair.
+    pub fn key(&self, home: &CcfId, invoker: ApiInvokerId, aef: &AefId) -> CacheKey {
+        CacheKey {
+            route: self.routes.intern(Route {
+                home: home.clone(),
+                aef: aef.clone(),
+            }),
+            invoker,
+        }
+    }
+
     /// A cache with the configured policy.
     pub fn new(cfg: &CacheConfig) -> Self {
         Self {
@@ -283,6 +417,8 @@ impl KeyCache {
             refresh_interval: Duration::from_millis(cfg.refresh_interval_ms),
             revocations: Revocations::default(),
             mark_retention: Duration::from_secs(cfg.max_ttl_secs) + Duration::from_secs(60),
+            parts: Interner::default(),
+            routes: Interner::default(),
             counters: Counters::default(),
         }
     }
@@ -303,10 +439,10 @@ impl KeyCache {
         let marks = r.marks.lock();
         let after = |aef: Option<AefId>, kid: Option<String>| {
             marks
-                .get(&(key.home.clone(), key.invoker.clone(), aef, kid))
+                .get(&(key.home().clone(), key.invoker().clone(), aef, kid))
                 .is_some_and(|(m, _)| *m > seq)
         };
-        let (aef, kid) = (Some(key.aef.clone()), Some(key_id.to_string()));
+        let (aef, kid) = (Some(key.aef().clone()), Some(key_id.to_string()));
         after(None, None) || after(aef.clone(), None) || after(None, kid.clone()) || after(aef, kid)
     }
 
@@ -376,13 +512,16 @@ impl KeyCache {
         // Every entry of those AEFs goes, also for a replaced key (as before marks existed): the
         // next request fetches the current answer.
         self.evict_where(|k| {
-            &k.home == home && &k.invoker == invoker && (aefs.is_empty() || aefs.contains(&k.aef))
+            k.home() == home
+                && k.invoker() == invoker
+                && (aefs.is_empty() || aefs.contains(k.aef()))
         })
         .await
     }
 
     fn key_entry(
         &self,
+        asked: &CacheKey,
         mut info: InvokerSecurityInformation,
         sent_at: Instant,
         refreshed: bool,
@@ -393,9 +532,26 @@ impl KeyCache {
         zeroize::Zeroize::zeroize(&mut info.aef_psk);
         let remaining = Duration::from_millis(info.remaining_validity_ms);
         let ttl = remaining.saturating_sub(self.margin).min(self.max_ttl);
+        let same_ids = info.api_invoker_id == asked.invoker().as_str()
+            && info.home_ccf_id == asked.home().as_str()
+            && info.aef_id == asked.aef().as_str();
+        let other_ids = (!same_ids).then(|| {
+            Box::new([
+                std::mem::take(&mut info.api_invoker_id),
+                std::mem::take(&mut info.home_ccf_id),
+                std::mem::take(&mut info.aef_id),
+            ])
+        });
         Entry::Key(Arc::new(CachedKey {
-            info,
             psk,
+            key_id: KeyIdText::new(info.key_id),
+            method: info.sel_security_method,
+            parts: self.parts.intern(AnswerParts {
+                allowed_api_names: info.allowed_api_names,
+                invoker_ca_certificates: info.invoker_ca_certificates,
+                interface_canonical: info.interface_canonical,
+            }),
+            other_ids,
             key_expires_at: sent_at + remaining,
             last_refresh: RefreshMark::new(refreshed.then_some(sent_at)),
             ttl,
@@ -423,18 +579,18 @@ impl KeyCache {
                 Entry::Key(k) if self.revoked_since(&key, k.seq, k.key_id()) => {}
                 Entry::Key(k) => {
                     let same = (presented_key_id.is_empty() || presented_key_id == k.key_id())
-                        && (method == 0 || method == k.info.sel_security_method);
+                        && (method == 0 || method == k.method);
                     // What a caller presents may force at most one refresh per interval: random
                     // key ids from a stranger must not become partner fetches.
                     if !same && k.last_refresh.claim(self.refresh_interval) {
                         tracing::info!(
-                            partner = %key.home,
-                            api_invoker_id = %key.invoker,
+                            partner = %key.home(),
+                            api_invoker_id = %key.invoker(),
                             "presented key id or method differs from the cached answer; refreshing"
                         );
                         return self.refresh(key, k, fetch).await;
                     }
-                    if let Some(a) = k.answer() {
+                    if let Some(a) = k.answer(&key) {
                         self.counters.hits.fetch_add(1, Ordering::Relaxed);
                         return Ok(a);
                     }
@@ -466,7 +622,7 @@ impl KeyCache {
                     Ok(info) if self.revoked_since(&asked, seq, &info.key_id) => {
                         Err(revoked_during_fetch())
                     }
-                    Ok(info) => Ok(self.key_entry(info, sent_at, refreshed, seq)),
+                    Ok(info) => Ok(self.key_entry(&asked, info, sent_at, refreshed, seq)),
                     Err(s) if definite(&s) => Ok(Entry::Refusal(
                         Arc::new(Refusal::new(&s, refreshed)),
                         self.negative_ttl,
@@ -486,7 +642,7 @@ impl KeyCache {
                 self.cache.invalidate(&asked).await;
                 Err(revoked_during_fetch())
             }
-            Ok(Entry::Key(k)) => k.answer().ok_or_else(|| {
+            Ok(Entry::Key(k)) => k.answer(&asked).ok_or_else(|| {
                 error_status(
                     Code::FailedPrecondition,
                     ErrorReason::KeyExpired,
@@ -522,9 +678,9 @@ impl KeyCache {
             }
             Ok(info) => {
                 let key_id = info.key_id.clone();
-                let entry = self.key_entry(info, sent_at, true, seq);
+                let entry = self.key_entry(&key, info, sent_at, true, seq);
                 let answer = match &entry {
-                    Entry::Key(k) => k.answer(),
+                    Entry::Key(k) => k.answer(&key),
                     Entry::Refusal(..) => None,
                 };
                 self.cache.insert(key.clone(), entry).await;
@@ -552,7 +708,7 @@ impl KeyCache {
                     return Err(revoked_during_fetch());
                 }
                 tracing::info!(error = %s.message(), "refresh failed; the cached answer stands");
-                old.answer().ok_or(s)
+                old.answer(&key).ok_or(s)
             }
         }
     }
@@ -605,11 +761,11 @@ mod tests {
     use tokio::sync::oneshot;
 
     fn key(aef: &str) -> CacheKey {
-        CacheKey {
-            home: CcfId::new("operator-b.test").unwrap(),
-            invoker: ApiInvokerId::new("inv-1").unwrap(),
-            aef: AefId::new(aef).unwrap(),
-        }
+        CacheKey::new(
+            CcfId::new("operator-b.test").unwrap(),
+            ApiInvokerId::new("inv-1").unwrap(),
+            AefId::new(aef).unwrap(),
+        )
     }
 
     fn answer(key_id: &str) -> InvokerSecurityInformation {
@@ -652,7 +808,7 @@ mod tests {
         let miss = tokio::spawn(async move { c.get_or_fetch(key("aef-a1"), "", 0, fetch).await });
         started.await.unwrap();
         let k = key("aef-a1");
-        cache.revoke(&k.home, &k.invoker, &[]).await;
+        cache.revoke(k.home(), k.invoker(), &[]).await;
         go.send(()).unwrap();
         let e = miss.await.unwrap().unwrap_err();
         assert_eq!(
@@ -697,7 +853,7 @@ mod tests {
         started.await.unwrap();
         let k = key("aef-a1");
         cache
-            .revoke(&k.home, &k.invoker, std::slice::from_ref(&k.aef))
+            .revoke(k.home(), k.invoker(), std::slice::from_ref(k.aef()))
             .await;
         go.send(()).unwrap();
         let e = refresh.await.unwrap().unwrap_err();
@@ -720,7 +876,7 @@ mod tests {
                 tokio::spawn(async move { c.get_or_fetch(key("aef-a1"), "", 0, fetch).await });
             started.await.unwrap();
             cache
-                .revoke_key(&k.home, &k.invoker, &[], "0123456789abcdef")
+                .revoke_key(k.home(), k.invoker(), &[], "0123456789abcdef")
                 .await;
             go.send(()).unwrap();
             let r = miss.await.unwrap();
@@ -730,6 +886,53 @@ mod tests {
         }
     }
 
+    /// An entry hands back exactly the answer it was made from (but the validity, which runs
+    /// down), whether or not its ids are the key's, whatever the key id's form; entries with the
+    /// same shared parts hold them once, and parts no entry holds are dropped as the table grows.
+    #[tokio::test]
+    async fn compact_entries_rebuild_the_answer_exactly_and_share_their_parts() {
+        let cache = KeyCache::new(&CacheConfig::default());
+        let k = cache.key(
+            &CcfId::new("operator-b.test").unwrap(),
+            ApiInvokerId::new("inv-1").unwrap(),
+            &AefId::new("aef-a1").unwrap(),
+        );
+        let mut odd = answer("not-hex!");
+        odd.api_invoker_id = "inv-other".into();
+        odd.invoker_ca_certificates = vec!["-----BEGIN CERTIFICATE-----".into()];
+        for sent in [answer("0123456789abcdef"), odd] {
+            let Entry::Key(e) = cache.key_entry(&k, sent.clone(), Instant::now(), false, 0) else {
+                panic!("a key entry");
+            };
+            let mut got = e.answer(&k).unwrap();
+            assert!(got.remaining_validity_ms <= sent.remaining_validity_ms);
+            got.remaining_validity_ms = sent.remaining_validity_ms;
+            assert_eq!(got, sent);
+        }
+        let entry = |inv: &str| {
+            let mut a = answer("0123456789abcdef");
+            a.api_invoker_id = inv.into();
+            match cache.key_entry(&k, a, Instant::now(), false, 0) {
+                Entry::Key(e) => e,
+                Entry::Refusal(..) => unreachable!(),
+            }
+        };
+        let (x, y) = (entry("inv-x"), entry("inv-y"));
+        assert!(Arc::ptr_eq(&x.parts, &y.parts), "equal parts are held once");
+        let k2 = cache.key(k.home(), ApiInvokerId::new("inv-2").unwrap(), k.aef());
+        assert!(Arc::ptr_eq(&k.route, &k2.route), "keys share their route");
+        drop((x, y));
+        for i in 0..1000 {
+            let mut a = answer("0123456789abcdef");
+            a.interface_canonical = format!("aef-{i}");
+            drop(cache.key_entry(&k, a, Instant::now(), false, 0));
+        }
+        assert!(
+            cache.parts.table.lock().0.len() <= 200,
+            "unheld parts are pruned"
+        );
+    }
+
     /// An entry older than a mark is never served, even if it was inserted after the eviction
     /// ran (the check-then-insert window); a mark for one AEF leaves the others.
     #[tokio::test]
@@ -737,13 +940,13 @@ mod tests {
         let cache = KeyCache::new(&CacheConfig::default());
         let k = key("aef-a1");
         let seq = cache.revocations.seq.load(Ordering::SeqCst);
-        cache.revoke(&k.home, &k.invoker, &[]).await;
+        cache.revoke(k.home(), k.invoker(), &[]).await;
         // As if moka inserted a fetch begun before the mark after the eviction ran.
         cache
             .cache
             .insert(
                 k.clone(),
-                cache.key_entry(answer("0123456789abcdef"), Instant::now(), false, seq),
+                cache.key_entry(&k, answer("0123456789abcdef"), Instant::now(), false, seq),
             )
             .await;
         let fetched = AtomicBool::new(false);
@@ -765,7 +968,7 @@ mod tests {
             .await
             .unwrap();
         cache
-            .revoke(&k.home, &k.invoker, std::slice::from_ref(&k.aef))
+            .revoke(k.home(), k.invoker(), std::slice::from_ref(k.aef()))
             .await;
         cache.sync().await;
         assert_eq!(cache.key_entries(), 1, "only aef-a1's entry goes");

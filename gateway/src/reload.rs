@@ -546,7 +546,7 @@ async fn apply(
     state.live.replace(partners);
     drop(old);
     for id in &plan.removed {
-        let evicted = state.cache.evict_where(|k| &k.home == id).await;
+        let evicted = state.cache.evict_where(|k| k.home() == id).await;
         let dropped = state.outbox.remove_partner(&state.store, id);
         tracing::info!(partner = %id, evicted, dropped, "partner removed; its cache entries evicted");
     }

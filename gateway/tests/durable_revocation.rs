@@ -152,7 +152,7 @@ async fn a_holds_no_entry(t: &Testbed, inv: &str) {
     let cache = &t.d(A).gw().state.cache;
     cache.sync().await;
     assert_eq!(
-        cache.evict_where(|k| k.invoker.as_str() == inv).await,
+        cache.evict_where(|k| k.invoker().as_str() == inv).await,
         0,
         "A's cache still holds the revoked invoker's key"
     );

@@ -898,9 +898,19 @@ async fn case_f(opts: &BenchOpts, capif_bin: &Path, say: &mut impl FnMut(String)
     say(String::new());
     say("(f) memory per cached entry (gateway cache in a fresh process, RSS delta)".into());
     let bin = capif_bin.with_file_name("capif-gateway-cache-memory");
-    for n in &opts.mem_entries {
+    // Each count twice: the gateway's cache, then moka alone with the same policy (the floor
+    // under any moka-based cache: what is above it is ours).
+    let runs = opts
+        .mem_entries
+        .iter()
+        .flat_map(|n| [(n.to_string(), false), (n.to_string(), true)]);
+    for (n, floor) in runs {
+        let mut args = vec!["--entries", n.as_str()];
+        if floor {
+            args.push("--moka-floor");
+        }
         let out = tokio::process::Command::new(&bin)
-            .args(["--entries", &n.to_string()])
+            .args(&args)
             .output()
             .await
             .map_err(|e| anyhow!("cannot run {}: {e}", bin.display()))?;

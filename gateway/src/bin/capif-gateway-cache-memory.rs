@@ -3,7 +3,7 @@
 //! prints the RSS growth per entry, and the overhead beyond the entry's own bytes.
 
 use anyhow::{Result, anyhow};
-use capif_gateway::cache::{CacheKey, KeyCache};
+use capif_gateway::cache::KeyCache;
 use capif_gateway::config::CacheConfig;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use tonic::Status;
@@ -48,13 +48,9 @@ async fn memory_case(n: usize) -> Result<String> {
     };
     let before = rss_bytes();
     for i in 0..n {
-        let key = CacheKey {
-            home: home.clone(),
-            invoker: ApiInvokerId::new(format!("inv-{i:016x}"))?,
-            aef: aef.clone(),
-        };
+        let key = cache.key(&home, ApiInvokerId::new(format!("inv-{i:016x}"))?, &aef);
         let mut ans = sample.clone();
-        ans.api_invoker_id = key.invoker.to_string();
+        ans.api_invoker_id = key.invoker().to_string();
         cache
             .get_or_fetch(key, "", 0, async move { Ok::<_, Status>(ans) })
             .await
@@ -71,13 +67,59 @@ async fn memory_case(n: usize) -> Result<String> {
     ))
 }
 
+/// The floor under any moka-based cache: `n` entries of a 20-byte key and a 24-byte value with
+/// the same policy the gateway's cache has (weigher, capacity, per-entry expiry). What is left
+/// of the gateway's overhead above this is ours.
+async fn moka_floor(n: usize) -> Result<String> {
+    struct Ttl;
+    impl moka::Expiry<std::sync::Arc<str>, (u64, u64, u64)> for Ttl {
+        fn expire_after_create(
+            &self,
+            _: &std::sync::Arc<str>,
+            _: &(u64, u64, u64),
+            _: std::time::Instant,
+        ) -> Option<std::time::Duration> {
+            Some(std::time::Duration::from_secs(600))
+        }
+    }
+    let cache: moka::future::Cache<std::sync::Arc<str>, (u64, u64, u64)> =
+        moka::future::Cache::builder()
+            .max_capacity(u64::MAX / 2)
+            .weigher(|k: &std::sync::Arc<str>, _| k.len() as u32 + 24)
+            .expire_after(Ttl)
+            .build();
+    let before = rss_bytes();
+    for i in 0..n {
+        let k: std::sync::Arc<str> = std::sync::Arc::from(format!("inv-{i:016x}"));
+        cache.insert(k, (i as u64, 0, 0)).await;
+    }
+    cache.run_pending_tasks().await;
+    let after = rss_bytes();
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    Ok(format!(
+        "  {n:>8} entries of moka alone (20-byte key, 24-byte value, same policy): {per:.0} bytes/entry; overhead {:.0} bytes/entry",
+        per - 44.0
+    ))
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let n: usize = match (args.next().as_deref(), args.next()) {
-        (Some("--entries"), Some(n)) => n.parse().map_err(|e| anyhow!("--entries {n}: {e}"))?,
-        _ => return Err(anyhow!("usage: capif-gateway-cache-memory --entries N")),
+    let (floor, n) = match (args.next().as_deref(), args.next(), args.next()) {
+        (Some("--entries"), Some(n), None) => (false, n),
+        (Some("--entries"), Some(n), Some(f)) if f == "--moka-floor" => (true, n),
+        _ => {
+            return Err(anyhow!(
+                "usage: capif-gateway-cache-memory --entries N [--moka-floor]"
+            ));
+        }
     };
+    let n: usize = n.parse().map_err(|e| anyhow!("--entries {n}: {e}"))?;
     let rt = tokio::runtime::Runtime::new()?;
-    println!("{}", rt.block_on(memory_case(n))?);
+    let line = if floor {
+        rt.block_on(moka_floor(n))?
+    } else {
+        rt.block_on(memory_case(n))?
+    };
+    println!("{line}");
     Ok(())
 }

@@ -116,12 +116,12 @@ impl GatewayAdmin for AdminService {
             (false, true) => {
                 let id = ApiInvokerId::new(r.api_invoker_id)
                     .map_err(|e| invalid_field("api_invoker_id", e))?;
-                self.state.cache.evict_where(|k| k.invoker == id).await
+                self.state.cache.evict_where(|k| k.invoker() == &id).await
             }
             (true, false) => {
                 let id =
                     CcfId::new(r.partner_ccf_id).map_err(|e| invalid_field("partner_ccf_id", e))?;
-                self.state.cache.evict_where(|k| k.home == id).await
+                self.state.cache.evict_where(|k| k.home() == &id).await
             }
             _ => {
                 return Err(invalid_field(

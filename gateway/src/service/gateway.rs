@@ -20,7 +20,6 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{Refused, horizon, notice_aef_ids, query_ids, require, store_status};
-use crate::cache::CacheKey;
 use crate::state::GatewayState;
 use crate::trust::{InvokerCaError, PartnerTrust};
 
@@ -79,11 +78,7 @@ impl Gateway for GatewayService {
         };
         let span =
             tracing::info_span!("fetch", partner = %home, api_invoker_id = %invoker, aef_id = %aef);
-        let key = CacheKey {
-            home: home.clone(),
-            invoker: invoker.clone(),
-            aef: aef.clone(),
-        };
+        let key = self.state.cache.key(&home, invoker.clone(), &aef);
         let presented = q.presented_key_id.clone();
         let outbound = q.clone();
         let trust = self.state.trust(&home);
