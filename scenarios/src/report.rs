@@ -349,7 +349,7 @@ svg .return line{stroke:#2c4a9a;stroke-width:1.1;stroke-dasharray:5 3}
 svg text.label{font:11px system-ui,sans-serif;fill:#1d2230}
 svg text.time{font:10px ui-monospace,monospace;fill:#8a90a0}
 svg .refused .return line,svg .refused .call path{stroke:#c62828}
-svg .refused text.refusal{fill:#c62828;font-weight:600}
+svg text.refusal{font:600 11px system-ui,sans-serif;fill:#c62828}
 svg text.note{font:italic 10px system-ui,sans-serif;fill:#8a5a00}
 ";
 
