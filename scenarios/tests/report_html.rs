@@ -57,10 +57,10 @@ fn chromium() -> Option<PathBuf> {
         .arg(root().join("scripts/install-chromium.sh"))
         .output()
         .unwrap();
-    if out.status.success() {
-        if let Some(p) = found() {
-            return Some(p);
-        }
+    if out.status.success()
+        && let Some(p) = found()
+    {
+        return Some(p);
     }
     eprintln!(
         "SKIPPED: no chromium on PATH and scripts/install-chromium.sh could not install it:\n{}",
