@@ -36,6 +36,8 @@ pub const STEP_ATTRIBUTE: &str = "capif.step";
 pub const REASON_ATTRIBUTE: &str = "capif.reason";
 /// The `service.name` of the `capif` process: its invoker client is the report's invoker lane.
 pub const RUNNER_SERVICE: &str = "capif";
+/// Links kept per span.
+pub const MAX_LINKS: usize = 4;
 /// The longest string kept from a span (names, attribute values), in characters.
 pub const MAX_TEXT_CHARS: usize = 200;
 
@@ -134,6 +136,9 @@ pub struct ReceivedSpan {
     pub rpc_service: Option<String>,
     /// `rpc.method`, when present.
     pub rpc_method: Option<String>,
+    /// The spans this one links to (trace id, span id), at most [`MAX_LINKS`]: a component that
+    /// starts a new trace at a partner boundary links it to the partner's span.
+    pub links: Vec<([u8; 16], [u8; 8])>,
 }
 
 impl ReceivedSpan {
@@ -236,6 +241,17 @@ pub fn spans_of(req: &ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
                     step: attr(STEP_ATTRIBUTE).and_then(value_int),
                     rpc_service: attr("rpc.service").and_then(value_text),
                     rpc_method: attr("rpc.method").and_then(value_text),
+                    links: s
+                        .links
+                        .iter()
+                        .filter_map(|l| {
+                            Some((
+                                <[u8; 16]>::try_from(l.trace_id.as_slice()).ok()?,
+                                <[u8; 8]>::try_from(l.span_id.as_slice()).ok()?,
+                            ))
+                        })
+                        .take(MAX_LINKS)
+                        .collect(),
                 });
             }
         }
@@ -430,7 +446,7 @@ pub fn by_trace(spans: &[ReceivedSpan]) -> BTreeMap<[u8; 16], Vec<&ReceivedSpan>
 mod tests {
     use super::*;
     use opentelemetry_proto::tonic::resource::v1::Resource;
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
 
     fn kv(k: &str, v: any_value::Value) -> KeyValue {
         KeyValue {
@@ -465,6 +481,14 @@ mod tests {
                 code: 2,
                 message: "refused".into(),
             }),
+            links: vec![
+                span::Link {
+                    trace_id: vec![8; 16],
+                    span_id: vec![3; 8],
+                    ..Default::default()
+                };
+                9
+            ],
             ..Default::default()
         };
         ExportTraceServiceRequest {
@@ -505,6 +529,7 @@ mod tests {
         assert_eq!(child.reason.as_deref(), Some("UNKNOWN_INVOKER"));
         assert_eq!(child.step, Some(3));
         assert_eq!(child.duration_ns(), 4_000);
+        assert_eq!(child.links, vec![([8; 16], [3; 8]); MAX_LINKS]);
         assert!(child.failed());
         assert_eq!(
             child.rpc_service.as_ref().unwrap().chars().count(),

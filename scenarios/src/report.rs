@@ -172,8 +172,9 @@ fn rpc_service_of(s: &ReceivedSpan) -> String {
         .unwrap_or_else(|| s.name.split('/').next().unwrap_or_default().to_string())
 }
 
-/// The hops of one step's spans, in start order. A server span answering a client span of
-/// another lane is one hop timed by the client (the round trip its caller saw); a span whose
+/// The hops of one step's spans, in start order. A span's caller is its parent, or else the span
+/// it links to. A server span answering a client span of another lane is one hop timed by the
+/// client (the round trip its caller saw); a span whose
 /// parent is in another lane without a client span is one hop timed by itself; spans within one
 /// lane are not hops. A client span that no server span answered is a hop to the lane that
 /// serves its service (when known), and a server span whose caller did not arrive is a
@@ -187,7 +188,11 @@ pub fn hops(spans: &[&ReceivedSpan], lane: impl Fn(&ReceivedSpan) -> Lane) -> Ve
     let mut out = Vec::new();
     for s in spans {
         let me = lane(s);
-        let parent = s.parent_span_id.and_then(|p| by_id.get(&(s.trace_id, p)));
+        // A span that began a new trace (at a partner boundary) names its caller by a link.
+        let parent = s
+            .parent_span_id
+            .and_then(|p| by_id.get(&(s.trace_id, p)))
+            .or_else(|| s.links.iter().find_map(|l| by_id.get(l)));
         match parent {
             Some(p) if lane(p) != me => {
                 let (start_ns, end_ns, refusal) = if p.kind == SpanKind::Client {
@@ -280,6 +285,11 @@ pub fn duration_text(ns: u64) -> String {
     } else {
         format!("{:.2} s", ns as f64 / 1e9)
     }
+}
+
+/// "1 span", "2 spans".
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Each step's spans (by index into `steps`): its own trace's, and those of traces without a
@@ -661,7 +671,7 @@ pub fn render(report: &Report, spans: &[ReceivedSpan], dropped: u64) -> String {
         let all = hops(sp, lane);
         let _ = writeln!(
             h,
-            "<p class=\"meta\">an invoker of {b} at an AEF of {a} · outcome {got} · trace {trace} · {n} spans, {k} hops</p>",
+            "<p class=\"meta\">an invoker of {b} at an AEF of {a} · outcome {got} · trace {trace} · {n}, {k}</p>",
             a = escape(a),
             b = escape(b),
             got = escape(&st.got),
@@ -670,8 +680,8 @@ pub fn render(report: &Report, spans: &[ReceivedSpan], dropped: u64) -> String {
             } else {
                 escape(&st.trace_id)
             },
-            n = sp.len(),
-            k = all.len(),
+            n = count(sp.len(), "span"),
+            k = count(all.len(), "hop"),
         );
         if sp.is_empty() {
             h.push_str("<p class=\"no-spans\">No spans arrived for this step.</p>\n");
@@ -769,6 +779,7 @@ mod tests {
             step: None,
             rpc_service: None,
             rpc_method: None,
+            links: Vec::new(),
         }
     }
 
@@ -818,6 +829,29 @@ mod tests {
         );
         assert_eq!(hs[1].duration_ns(), 50);
         assert_eq!(hs[1].refusal, None);
+    }
+
+    #[test]
+    fn a_new_trace_linked_to_its_caller_is_still_a_hop() {
+        let mut server = span(3, None, "capif-gateway", B, SpanKind::Server, (20, 50));
+        server.trace_id = [4; 16];
+        server.links = vec![([9; 16], [2; 8])];
+        let spans = [
+            span(1, None, "capif-gateway", A, SpanKind::Server, (0, 100)),
+            span(2, Some(1), "capif-gateway", A, SpanKind::Client, (10, 60)),
+            server,
+        ];
+        let refs: Vec<&ReceivedSpan> = spans.iter().collect();
+        let hs: Vec<Hop> = hops(&refs, lane)
+            .into_iter()
+            .filter(|h| h.from != h.to)
+            .collect();
+        assert_eq!(hs.len(), 1, "{hs:?}");
+        assert_eq!(
+            (hs[0].from.clone(), hs[0].to.clone()),
+            (Lane::GatewayA, Lane::GatewayB)
+        );
+        assert_eq!((hs[0].duration_ns(), hs[0].note.clone()), (50, None));
     }
 
     #[test]
