@@ -6,6 +6,8 @@
 //! - [`live`] — changing a running testbed's federation: partner lists, reloads, CA rotation.
 //! - [`dns`] — the testbed's DNS server (hickory-server on loopback).
 //! - [`runner`] — runs a scenario's steps, prints the table, writes the JSON report.
+//! - [`otlp`] — the OTLP/gRPC trace receiver a scenario run points its components at.
+//! - [`report`] — `report.html`: the steps and a sequence diagram of each cross-domain step.
 //! - [`bench`] — `capif bench`: the gateway against a bare floor, as ratios.
 //! - [`load`] — the steady invoker load `soak` and `chaos` drive.
 //! - [`chaos`] — `capif chaos`: load plus seeded faults, judged by the [`checker`].
@@ -21,6 +23,8 @@ pub mod dns;
 pub mod invoker;
 pub mod live;
 pub mod load;
+pub mod otlp;
+pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod soak;

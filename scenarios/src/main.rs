@@ -168,11 +168,21 @@ struct RunArgs {
     bin_dir: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct ScenarioRunArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Do not write report.html: no span receiver, and no OTLP endpoint for the components.
+    #[arg(long)]
+    no_report: bool,
+}
+
 #[derive(Subcommand)]
 enum ScenarioCommand {
-    /// Bring the testbed up, run the steps, print the table, write report.json, stop
-    /// everything. Exits non-zero when an expectation fails.
-    Run(RunArgs),
+    /// Bring the testbed up, run the steps, print the table, write report.json and report.html
+    /// (the steps and a sequence diagram of each cross-domain step, from the components'
+    /// spans), stop everything. Exits non-zero when an expectation fails.
+    Run(ScenarioRunArgs),
     /// Parse and validate a scenario file without starting anything.
     Check {
         /// The scenario file.
@@ -349,7 +359,10 @@ fn run_dir(args: &RunArgs, s: &capif_scenarios::scenario::Scenario) -> PathBuf {
 
 use ccf_core::process::terminated as interrupted;
 
-async fn scenario_run(args: RunArgs) -> Result<bool> {
+async fn scenario_run(args: ScenarioRunArgs) -> Result<bool> {
+    use capif_scenarios::otlp::{OtlpReceiver, ReceiverLimits, runner_tracer};
+    use opentelemetry::trace::TracerProvider as _;
+    let (args, with_report) = (args.run, !args.no_report);
     let s = Scenario::load(&args.file)?;
     let dir = run_dir(&args, &s);
     let bin = match &args.bin_dir {
@@ -363,13 +376,26 @@ async fn scenario_run(args: RunArgs) -> Result<bool> {
         s.steps.len(),
         dir.display()
     );
+    // The receiver of the report's spans, and the runner's own tracer pointed at it.
+    // TODO(trace): once `ccf_core::telemetry` lands, `capif`'s own subscriber should export to
+    // the same endpoint, so the invoker client's spans join the step's root span.
+    let receiver = if with_report {
+        Some(OtlpReceiver::start(ReceiverLimits::default()).await?)
+    } else {
+        None
+    };
+    let endpoint = receiver.as_ref().map(OtlpReceiver::endpoint);
+    let provider = endpoint.as_deref().map(runner_tracer).transpose()?;
     let mut tb = tokio::select! {
-        tb = Testbed::up(&s, &dir, &bin, false) => tb?,
+        tb = Testbed::up_traced(&s, &dir, &bin, false, endpoint.clone()) => tb?,
         sig = interrupted() => anyhow::bail!("{sig} while starting the testbed; everything started was stopped"),
     };
     let total = s.steps.len();
     let report = {
         let mut runner = Runner::new(&s, &mut tb);
+        if let Some(p) = &provider {
+            runner = runner.with_tracer(p.tracer("capif-scenarios"));
+        }
         let run = runner.run(|i, step| {
             eprint!(
                 "\rstep {}/{total}: {:<60}",
@@ -387,6 +413,11 @@ async fn scenario_run(args: RunArgs) -> Result<bool> {
         }
     };
     eprint!("\r{:80}\r", "");
+    if let Some(p) = provider {
+        // Blocking: it waits for the batch exporter's last export.
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
+    // Components flush their last spans as they stop.
     tb.down().await;
     let Some(report) = report else {
         anyhow::bail!(
@@ -398,6 +429,17 @@ async fn scenario_run(args: RunArgs) -> Result<bool> {
     let path = dir.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("report: {}", path.display());
+    if let Some(r) = receiver {
+        r.settle(
+            std::time::Duration::from_millis(300),
+            std::time::Duration::from_secs(3),
+        )
+        .await;
+        let html = capif_scenarios::report::render(&report, &r.spans(), r.dropped());
+        let path = dir.join("report.html");
+        std::fs::write(&path, html).with_context(|| path.display().to_string())?;
+        println!("report: {}", path.display());
+    }
     Ok(report.passed)
 }
 

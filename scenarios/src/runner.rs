@@ -2,6 +2,12 @@
 //! outcome with its expectation, prints a table (step, expected, got, time) and writes a JSON
 //! report. Group steps run every member × AEF with bounded concurrency; a group step's outcome is
 //! "ok" only when every operation succeeded, otherwise the first failure's code.
+//!
+//! With a tracer ([`Runner::with_tracer`]), each step runs under a root span of its own
+//! (`capif.step` = the step's number) made current as the OpenTelemetry context of the step's
+//! futures, the group's tasks included: every span the invoker client starts in the step, and
+//! every span the components continue from the `traceparent` it sends, shares that trace id,
+//! which the step's row keeps for [`crate::report`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +21,8 @@ use capif_proto::v1::{
 };
 use ccf_core::ids::CcfId;
 use ccf_core::tls::{ExpectedPeer, client_config, connect};
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -41,6 +49,32 @@ pub struct StepReport {
     pub millis: u64,
     /// Detail of a failure (first error), or counts.
     pub detail: String,
+    /// The trace id (hex) of the step's root span, when the run was traced.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
+    /// When the step started and ended, Unix nanoseconds.
+    #[serde(skip)]
+    pub window_unix_ns: (u64, u64),
+    /// For an invoker at an AEF: (the AEF's domain, the invoker's home domain).
+    #[serde(skip)]
+    pub domains: Option<(String, String)>,
+}
+
+impl StepReport {
+    /// (A, B) = (the AEF's domain, the invoker's home domain) when they differ.
+    pub fn cross_domain(&self) -> Option<(&str, &str)> {
+        self.domains
+            .as_ref()
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+    }
+}
+
+/// Now, in Unix nanoseconds (the unit of span times).
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// The whole report.
@@ -181,6 +215,7 @@ pub struct Runner<'a> {
     scenario: &'a Scenario,
     tb: &'a mut Testbed,
     members: BTreeMap<String, Vec<(String, String)>>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 impl<'a> Runner<'a> {
@@ -190,7 +225,52 @@ impl<'a> Runner<'a> {
             members: scenario.invoker_members(),
             scenario,
             tb,
+            tracer: None,
         }
+    }
+
+    /// Runs each step under a root span of `tracer` (see the module's comment).
+    pub fn with_tracer(mut self, tracer: opentelemetry_sdk::trace::SdkTracer) -> Self {
+        self.tracer = Some(tracer);
+        self
+    }
+
+    /// (the AEF's domain, the invoker's home domain) of an invoker step that names an AEF: of
+    /// its first operation across domains, else of its first.
+    fn domains_of(&self, step: &Step) -> Option<(String, String)> {
+        let group = step.invoker.as_ref()?.get_ref();
+        let pairs: Vec<(String, String)> = self
+            .members
+            .get(group)?
+            .iter()
+            .flat_map(|(_, home)| {
+                Self::aefs_of(step)
+                    .into_iter()
+                    .filter_map(|a| Some((self.tb.aefs.get(&a)?.domain.clone(), home.clone())))
+            })
+            .collect();
+        pairs
+            .iter()
+            .find(|(a, b)| a != b)
+            .or(pairs.first())
+            .cloned()
+    }
+
+    /// The step's root span as a context, and its trace id; an empty context without a tracer.
+    fn step_context(&self, number: usize, step: &Step) -> (opentelemetry::Context, String) {
+        let Some(t) = &self.tracer else {
+            return (opentelemetry::Context::new(), String::new());
+        };
+        let span = t
+            .span_builder(format!("scenario step {number}"))
+            .with_kind(opentelemetry::trace::SpanKind::Internal)
+            .with_attributes([
+                opentelemetry::KeyValue::new(crate::otlp::STEP_ATTRIBUTE, number as i64),
+                opentelemetry::KeyValue::new("capif.action", step.action.name()),
+            ])
+            .start_with_context(t, &opentelemetry::Context::new());
+        let trace_id = span.span_context().trace_id().to_string();
+        (opentelemetry::Context::new().with_span(span), trace_id)
     }
 
     fn profile_dir(&self, member: &str) -> PathBuf {
@@ -203,9 +283,25 @@ impl<'a> Runner<'a> {
         for (i, step) in self.scenario.steps.iter().enumerate() {
             progress(i, step);
             let start = Instant::now();
-            let (target, outcome, extra) = self.step(step).await;
+            let started_ns = now_unix_ns();
+            let (cx, trace_id) = self.step_context(i + 1, step);
+            let (target, outcome, extra) = self.step(step).with_context(cx.clone()).await;
             let expected = step.expected();
             let passed = outcome.matches(&expected);
+            if self.tracer.is_some() {
+                let span = cx.span();
+                span.set_attribute(opentelemetry::KeyValue::new(
+                    "capif.outcome",
+                    outcome.shown(),
+                ));
+                if !passed {
+                    span.set_status(opentelemetry::trace::Status::error(format!(
+                        "expected {expected}, got {}",
+                        outcome.shown()
+                    )));
+                }
+                span.end();
+            }
             rows.push(StepReport {
                 step: i + 1,
                 action: step.action.name(),
@@ -219,6 +315,9 @@ impl<'a> Runner<'a> {
                 } else {
                     outcome.detail.clone()
                 },
+                trace_id,
+                window_unix_ns: (started_ns, now_unix_ns()),
+                domains: self.domains_of(step),
             });
         }
         Report {
@@ -399,13 +498,18 @@ impl<'a> Runner<'a> {
         let total = ops.len();
         let sem = Arc::new(Semaphore::new(step.concurrency.unwrap_or(16).max(1)));
         let mut set = tokio::task::JoinSet::new();
+        // The step's span, for the tasks (a spawned task starts with no context).
+        let cx = opentelemetry::Context::current();
         for (member, home, aef) in ops {
             let ctx = OpContext::new(self, self.scenario, step, &member, &home, aef.as_deref());
             let sem = sem.clone();
-            set.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                ctx.run().await
-            });
+            set.spawn(
+                async move {
+                    let _permit = sem.acquire_owned().await;
+                    ctx.run().await
+                }
+                .with_context(cx.clone()),
+            );
         }
         let mut failures = Vec::new();
         while let Some(r) = set.join_next().await {

@@ -146,6 +146,8 @@ pub struct Testbed {
     quiet: bool,
     /// Rotations of the CA partners trust for each domain's gateway (`live`), for CA names.
     pub(crate) rotations: BTreeMap<String, u32>,
+    /// Where every component exports its spans (OTLP/gRPC), when set.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The directory holding `ccf`, `capif-gateway` and `aef-stub`: `$CAPIF_BIN_DIR`, else the
@@ -168,6 +170,18 @@ fn write(path: &Path, text: &str) -> Result<()> {
 impl Testbed {
     /// Generates everything and starts every component; stops what it started on failure.
     pub async fn up(s: &Scenario, run_dir: &Path, bin_dir: &Path, quiet: bool) -> Result<Self> {
+        Self::up_traced(s, run_dir, bin_dir, quiet, None).await
+    }
+
+    /// [`Testbed::up`], with every component (and every later start) told to export its spans
+    /// to `otlp_endpoint`.
+    pub async fn up_traced(
+        s: &Scenario,
+        run_dir: &Path,
+        bin_dir: &Path,
+        quiet: bool,
+        otlp_endpoint: Option<String>,
+    ) -> Result<Self> {
         for b in ["ccf", "capif-gateway", "aef-stub"] {
             if !bin_dir.join(b).exists() {
                 bail!(
@@ -246,6 +260,7 @@ impl Testbed {
             procs: BTreeMap::new(),
             quiet,
             rotations: BTreeMap::new(),
+            otlp_endpoint,
         };
         tb.generate()?;
         if let Err(e) = tb.start_all().await {
@@ -493,13 +508,27 @@ impl Testbed {
             .run_dir
             .join("logs")
             .join(format!("{}.log", component.replace(':', "-")));
-        let (child, _) = spawn_ready(&bin, &args, &log)
+        let (child, _) = spawn_ready_env(&bin, &args, &self.otlp_env(), &log)
             .await
             .with_context(|| component.to_string())?;
         let pid = child.id().unwrap_or(0);
         self.procs
             .insert(component.to_string(), Proc { child, pid });
         Ok(())
+    }
+
+    /// The environment that points a component at the OTLP endpoint: the variable the
+    /// components' `--otlp-endpoint` flag reads, which a component built without OTLP export
+    /// ignores, and a short batch delay so spans arrive while the run goes on (a component
+    /// killed by a step loses only its last half second).
+    fn otlp_env(&self) -> Vec<(&'static str, String)> {
+        match &self.otlp_endpoint {
+            Some(e) => vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", e.clone()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "500".into()),
+            ],
+            None => Vec::new(),
+        }
     }
 
     /// Stops one component: SIGTERM and up to 5 s grace, or SIGKILL at once when `kill`.
@@ -675,6 +704,16 @@ pub fn confirm_own(rec: &ProcRecord) -> Result<(), String> {
 /// contain " ready " (every binary of the project prints one when it accepts connections), and
 /// returns the child and that line. The child gets SIGTERM if this process dies.
 pub async fn spawn_ready(bin: &Path, args: &[String], log: &Path) -> Result<(Child, String)> {
+    spawn_ready_env(bin, args, &[], log).await
+}
+
+/// [`spawn_ready`] with extra environment variables.
+pub async fn spawn_ready_env(
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, String)],
+    log: &Path,
+) -> Result<(Child, String)> {
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -688,6 +727,7 @@ pub async fn spawn_ready(bin: &Path, args: &[String], log: &Path) -> Result<(Chi
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .kill_on_drop(true);
     // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
     // this process dies, so a killed launcher leaves no component running.
