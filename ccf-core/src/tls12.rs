@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+pub use openssl::ssl::SslContext;
+
 use openssl::error::ErrorStack;
 use openssl::pkey::PKey;
 use openssl::ssl::{
-    AlpnError, ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef,
+    AlpnError, ErrorCode, Ssl, SslContextBuilder, SslMethod, SslOptions, SslRef,
     SslSessionCacheMode, SslVerifyMode, SslVersion, select_next_proto,
 };
 use openssl::x509::store::X509StoreBuilder;
