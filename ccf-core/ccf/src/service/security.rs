@@ -436,8 +436,6 @@ pub(super) fn allowed_apis(
     Ok(vec![api])
 }
 
-/// The AEFPSK for the AEF, derived from the binding of the request's own TLS session.
-
 /// Whose authorization a `RevokeAuthorization` withdraws, for which AEF (`None`: all), as the
 /// caller may ask: an operator of domain `own` for any AEF, an AEF of `own` only for itself.
 pub(super) fn revoke_target(
