@@ -33,6 +33,10 @@ pub struct DomainSpec {
     /// AEFPSK validity at this CCF, seconds (default 3600).
     #[serde(default)]
     pub aef_psk_validity_secs: Option<u64>,
+    /// The domain's CAPIF-1e profile: "tls13-exporter" (default) or "tls12-annex-a" (the CCF
+    /// gets a TLS 1.2 CAPIF-1e listener, and the domain's invokers use it).
+    #[serde(default)]
+    pub capif1e: ccf_core::kdf::Capif1eProfile,
     /// The gateway's outbound fetch budget per partner, fetches per second (default: the
     /// gateway's, `[outbound] fetch_rate_per_sec`).
     #[serde(default)]

@@ -416,3 +416,8 @@ fn bench_smoke_runs() {
     assert!(report.contains("upstream calls: 1 "), "{report}");
     assert!(processes_mentioning(dir.path().to_str().unwrap()).is_empty());
 }
+
+#[test]
+fn shipped_mixed_capif1e() {
+    assert_passes("mixed-capif1e.toml");
+}
