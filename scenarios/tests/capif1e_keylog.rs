@@ -1,8 +1,9 @@
-//! CAPIF-1e's `tls12-annex-a` profile from the invoker's end, with the real `capif` binary
-//! against a CCF of that profile: the key recomputed outside the project (Python's `hmac`, in
-//! `aefpsk_from_keylog.py`) from the invoker's `SSLKEYLOGFILE`, the session ID and P0 it printed
-//! is the key both ends hold (docs/PROTOCOL.md 4.6); and an invoker of the other profile gets a
-//! clear refusal instead of a key.
+//! CAPIF-1e's two profiles from the invoker's end, with the real `capif` binary against a CCF of
+//! each: the key recomputed outside the project (Python's `hmac`, in `aefpsk_from_keylog.py`)
+//! from the invoker's `SSLKEYLOGFILE` and the session ID and P0 it printed is the key both ends
+//! hold (docs/PROTOCOL.md 4.6): for `tls12-annex-a` from the master secret of the `CLIENT_RANDOM`
+//! line, for `tls13-exporter` from the `EXPORTER_SECRET` line. An invoker of the other profile gets
+//! a clear refusal instead of a key.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::os::unix::fs::PermissionsExt;
@@ -37,13 +38,13 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-#[tokio::test]
-async fn the_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold() {
-    let t = start_profile(3600, Capif1eProfile::Tls12AnnexA).await;
+/// Onboards an invoker of `profile` at `t` and obtains PSK for aef-weather with the key log set;
+/// checks the Python recomputation against the invoker's stored key and the CCF's.
+async fn recompute_from_the_key_log(t: &TestCcf, profile: Capif1eProfile) {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, t.ca_pem()).unwrap();
-    let profile = dir.path().join("bob");
+    let invoker = dir.path().join("bob");
     let (onboarding, capif1e) = (
         t.ccf.onboarding_addr.to_string(),
         t.ccf.capif1e_addr.to_string(),
@@ -53,7 +54,7 @@ async fn the_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold(
             "invoker",
             "onboard",
             "--profile",
-            profile.to_str().unwrap(),
+            invoker.to_str().unwrap(),
             "--onboarding",
             &onboarding,
             "--capif",
@@ -63,13 +64,13 @@ async fn the_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold(
             "--credential",
             CREDENTIALS[0],
             "--capif1e",
-            "tls12-annex-a",
+            profile.as_str(),
         ],
         None,
     )
     .await;
     assert!(ok, "{out}{err}");
-    assert!(out.contains("capif1e=tls12-annex-a"), "{out}");
+    assert!(out.contains(&format!("capif1e={profile}")), "{out}");
 
     let keylog = dir.path().join("invoker.keylog");
     let (ok, out, err) = capif(
@@ -77,7 +78,7 @@ async fn the_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold(
             "invoker",
             "security",
             "--profile",
-            profile.to_str().unwrap(),
+            invoker.to_str().unwrap(),
             "--aef",
             "aef-weather",
         ],
@@ -89,14 +90,18 @@ async fn the_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold(
     let mut lines = out.lines();
     let key_id = field(lines.next().unwrap(), "key_id").to_string();
     let session = lines.next().unwrap();
-    assert_eq!(field(session, "capif1e"), "tls12-annex-a");
+    assert_eq!(field(session, "capif1e"), profile.as_str());
     let (session_id, p0) = (field(session, "session_id"), field(session, "p0"));
-    assert_eq!(session_id.len(), 64, "a 32-octet session ID: {session}");
+    assert_eq!(session_id.len(), 64, "a 32-octet P1: {session}");
     assert_eq!(p0, "aef-weather.operator-a.test:8443/weather");
 
-    // The key log: one TLS 1.2 session, owner-only.
+    // The key log: one TLS session, owner-only.
     let log = std::fs::read_to_string(&keylog).unwrap();
-    assert_eq!(log.matches("CLIENT_RANDOM ").count(), 1, "{log}");
+    let label = match profile {
+        Capif1eProfile::Tls12AnnexA => "CLIENT_RANDOM ",
+        Capif1eProfile::Tls13Exporter => "EXPORTER_SECRET ",
+    };
+    assert_eq!(log.matches(label).count(), 1, "{log}");
     let mode = std::fs::metadata(&keylog).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
@@ -116,20 +121,36 @@ async fn the_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold(
         "{py_out}{}",
         String::from_utf8_lossy(&py.stderr)
     );
+    assert_eq!(py_out.lines().count(), 1, "{py_out}");
+    assert_eq!(field(py_out.trim(), "profile"), profile.as_str());
     let recomputed = field(py_out.trim(), "aefpsk").to_string();
     assert_eq!(field(py_out.trim(), "key_id"), key_id);
 
     // The invoker's stored key, and the CCF's as its AEF receives it.
-    let stored = std::fs::read_to_string(profile.join("keys/aef-weather.toml")).unwrap();
+    let stored = std::fs::read_to_string(invoker.join("keys/aef-weather.toml")).unwrap();
     let stored: toml::Value = toml::from_str(&stored).unwrap();
     assert_eq!(stored["aef_psk_hex"].as_str().unwrap(), recomputed);
-    let invoker_id = stored_invoker_id(&profile);
-    let mut aef = aef_client(&t, "aef-weather").await;
+    let invoker_id = stored_invoker_id(&invoker);
+    let mut aef = aef_client(t, "aef-weather").await;
     let theirs = get_info(&mut aef, &invoker_id, "aef-weather")
         .await
         .unwrap();
     assert_eq!(hex::encode(&theirs.aef_psk), recomputed);
     assert_eq!(theirs.key_id, key_id);
+}
+
+/// Acceptance 1 of issue 18: TS 33.122 A.1 recomputed from the master secret OpenSSL logged.
+#[tokio::test]
+async fn the_annex_a_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold() {
+    let t = start_profile(3600, Capif1eProfile::Tls12AnnexA).await;
+    recompute_from_the_key_log(&t, Capif1eProfile::Tls12AnnexA).await;
+}
+
+/// The TLS 1.3 profile is reproducible the same way, from the exporter secret rustls logged.
+#[tokio::test]
+async fn the_exporter_key_recomputed_from_the_invokers_key_log_is_the_one_both_ends_hold() {
+    let t = start(3600).await;
+    recompute_from_the_key_log(&t, Capif1eProfile::Tls13Exporter).await;
 }
 
 fn stored_invoker_id(profile: &Path) -> String {
