@@ -124,12 +124,12 @@ pub fn key_id(psk: &AefPsk) -> String {
 )]
 pub enum Capif1eProfile {
     /// This project's TLS 1.3 profile: two RFC 8446 exporter values stand in for the master
-    /// secret and the session ID (docs/PROTOCOL.md 4.3).
+    /// secret and the session ID (docs/PROTOCOL.md 4.3.1).
     #[default]
     #[serde(rename = "tls13-exporter")]
     Tls13Exporter,
     /// TS 33.122 A.1 as written: TLS 1.2, the master secret and the session ID of the full
-    /// handshake (docs/PROTOCOL.md 4.4).
+    /// handshake (docs/PROTOCOL.md 4.3.2).
     #[serde(rename = "tls12-annex-a")]
     Tls12AnnexA,
 }

@@ -1,7 +1,7 @@
 //! CAPIF-1e under the `tls12-annex-a` profile: TLS 1.2 over OpenSSL, so that the AEFPSK is
 //! derived exactly as TS 33.122 A.1 writes it, from the master secret and the session ID of the
 //! full handshake (rustls exposes neither; OpenSSL's `SSL_SESSION_get_master_key` and
-//! `SSL_SESSION_get_id` do). docs/PROTOCOL.md 4.4 is the profile; this module is both its ends.
+//! `SSL_SESSION_get_id` do). docs/PROTOCOL.md 4.3.2 is the profile; this module is both its ends.
 //!
 //! The server side mirrors `tls::tls_incoming`: admitted by a [`ConnGate`], the handshake bounded
 //! by the gate's timeout, idle connections closed, and the same [`ConnInfo`] (the verified

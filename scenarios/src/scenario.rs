@@ -518,6 +518,32 @@ aef = "aef-a1"
     }
 
     #[test]
+    fn a_domain_names_its_capif1e_profile_or_is_refused_at_the_line() {
+        let with = |p: &str| {
+            OK.replace(
+                "id = \"operator-b.test\"",
+                &format!("id = \"operator-b.test\"\ncapif1e = \"{p}\""),
+            )
+        };
+        let s = Scenario::parse(&with("tls12-annex-a"), "ok.toml").unwrap();
+        assert_eq!(
+            s.domains[1].capif1e,
+            ccf_core::kdf::Capif1eProfile::Tls12AnnexA
+        );
+        assert_eq!(
+            s.domains[0].capif1e,
+            ccf_core::kdf::Capif1eProfile::Tls13Exporter
+        );
+        let e = Scenario::parse(&with("tls12"), "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("bad.toml:10:") && e.contains("tls12-annex-a"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_home_domain_is_refused() {
         let bad = OK.replace("home = \"operator-b.test\"", "home = \"operator-x.test\"");
         let e = Scenario::parse(&bad, "bad.toml").unwrap_err().to_string();

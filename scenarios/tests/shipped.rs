@@ -119,6 +119,11 @@ fn shipped_oauth() {
 }
 
 #[test]
+fn shipped_mixed_capif1e() {
+    assert_passes("mixed-capif1e.toml");
+}
+
+#[test]
 fn a_wrong_expectation_fails_with_a_clear_row() {
     let text = std::fs::read_to_string(shipped("two-operators.toml")).unwrap();
     let wrong = text.replacen(
@@ -415,9 +420,4 @@ fn bench_smoke_runs() {
     }
     assert!(report.contains("upstream calls: 1 "), "{report}");
     assert!(processes_mentioning(dir.path().to_str().unwrap()).is_empty());
-}
-
-#[test]
-fn shipped_mixed_capif1e() {
-    assert_passes("mixed-capif1e.toml");
 }

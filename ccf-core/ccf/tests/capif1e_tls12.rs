@@ -1,4 +1,4 @@
-//! CAPIF-1e under the `tls12-annex-a` profile (docs/PROTOCOL.md 4.4): the invoker side and the
+//! CAPIF-1e under the `tls12-annex-a` profile (docs/PROTOCOL.md 4.3.2): the invoker side and the
 //! CCF hold the same Annex A key; a domain derives only by its own profile and says which in
 //! every PSK answer; and `openssl s_client`, a client no one here wrote, completes the TLS 1.2
 //! handshake with the CCF's listener, where no session is ever resumed or renegotiated and the
