@@ -1,5 +1,6 @@
-//! AEFPSK derivation: the TS 33.220 B.2.0 generic KDF, the TS 33.122 Annex A.1 inputs, and this
-//! project's TLS 1.3 profile (docs/PROTOCOL.md "Key derivation").
+//! AEFPSK derivation: the TS 33.220 B.2.0 generic KDF, the TS 33.122 Annex A.1 inputs, and the
+//! two CAPIF-1e profiles that say where those inputs come from: this project's TLS 1.3 exporter
+//! profile, and Annex A.1 as written over TLS 1.2 (docs/PROTOCOL.md "Key derivation").
 //!
 //! The CCF and the invoker call the same public functions: the CCF with the server side of the
 //! CAPIF-1e TLS session, the invoker with the client side. `ccf kdf aefpsk` exposes
@@ -115,43 +116,129 @@ pub fn key_id(psk: &AefPsk) -> String {
     hex::encode(&h.finalize()[..8])
 }
 
-/// The two values the TLS 1.3 profile takes from one CAPIF-1e TLS session in place of the TLS 1.2
-/// master secret and session id. Both ends of the session compute the same values.
+/// A CAPIF-1e profile: where the two KDF inputs that TS 33.122 A.1 takes from the CAPIF-1e TLS
+/// session (the key and P1) come from. Chosen per domain (the CCF's `[security] capif1e`) and per
+/// invoker (its profile file); the CCF names the one it used in every PSK answer.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize,
+)]
+pub enum Capif1eProfile {
+    /// This project's TLS 1.3 profile: two RFC 8446 exporter values stand in for the master
+    /// secret and the session ID (docs/PROTOCOL.md 4.3.1).
+    #[default]
+    #[serde(rename = "tls13-exporter")]
+    Tls13Exporter,
+    /// TS 33.122 A.1 as written: TLS 1.2, the master secret and the session ID of the full
+    /// handshake (docs/PROTOCOL.md 4.3.2).
+    #[serde(rename = "tls12-annex-a")]
+    Tls12AnnexA,
+}
+
+impl Capif1eProfile {
+    /// The name configs, flags and scenario files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls13Exporter => "tls13-exporter",
+            Self::Tls12AnnexA => "tls12-annex-a",
+        }
+    }
+
+    /// The wire value of `SecurityInformation.aef_psk_derivation`.
+    pub fn to_proto(self) -> capif_proto::v1::AefPskDerivation {
+        match self {
+            Self::Tls13Exporter => capif_proto::v1::AefPskDerivation::Tls13Exporter,
+            Self::Tls12AnnexA => capif_proto::v1::AefPskDerivation::Tls12AnnexA,
+        }
+    }
+
+    /// The profile a wire value names; `None` for an unset or unknown value.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        match capif_proto::v1::AefPskDerivation::try_from(value).ok()? {
+            capif_proto::v1::AefPskDerivation::Tls13Exporter => Some(Self::Tls13Exporter),
+            capif_proto::v1::AefPskDerivation::Tls12AnnexA => Some(Self::Tls12AnnexA),
+            capif_proto::v1::AefPskDerivation::Unspecified => None,
+        }
+    }
+}
+
+impl fmt::Display for Capif1eProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Capif1eProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tls13-exporter" => Ok(Self::Tls13Exporter),
+            "tls12-annex-a" => Ok(Self::Tls12AnnexA),
+            _ => Err(format!(
+                "{s:?} is not a CAPIF-1e profile: use tls13-exporter or tls12-annex-a"
+            )),
+        }
+    }
+}
+
+/// The two KDF inputs one CAPIF-1e TLS session gives, and the profile they were taken by: the
+/// exporter values of a TLS 1.3 session, or the master secret and session ID of a TLS 1.2 full
+/// handshake. Both ends of the session hold the same values.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Capif1eBinding {
-    key: [u8; 32],
-    session_id: [u8; 32],
+    #[zeroize(skip)]
+    profile: Capif1eProfile,
+    key: Vec<u8>,
+    session_id: Vec<u8>,
 }
 
 impl fmt::Debug for Capif1eBinding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Capif1eBinding(session_id={}, key=<redacted>)",
-            hex::encode(self.session_id)
+            "Capif1eBinding({}, session_id={}, key=<redacted>)",
+            self.profile,
+            hex::encode(&self.session_id)
         )
     }
 }
 
 impl Capif1eBinding {
-    /// Exports the binding from an established rustls connection (either side).
+    /// Exports the binding from an established rustls connection (either side): the
+    /// `tls13-exporter` profile.
     pub fn from_connection<D>(conn: &rustls::ConnectionCommon<D>) -> Result<Self, rustls::Error> {
         let key =
             conn.export_keying_material(Zeroizing::new([0u8; 32]), EXPORTER_LABEL_KEY, None)?;
         let session_id = conn.export_keying_material([0u8; 32], EXPORTER_LABEL_SESSION_ID, None)?;
-        Ok(Self {
-            key: *key,
-            session_id,
-        })
+        Ok(Self::from_parts(*key, session_id))
     }
 
-    /// Builds a binding from known values (tests and interop tools).
+    /// A `tls13-exporter` binding from known values (tests and interop tools).
     pub fn from_parts(key: [u8; 32], session_id: [u8; 32]) -> Self {
-        Self { key, session_id }
+        Self {
+            profile: Capif1eProfile::Tls13Exporter,
+            key: key.to_vec(),
+            session_id: session_id.to_vec(),
+        }
     }
 
-    /// The value used as P1 (public: it is derived one-way from the session and names it).
-    pub fn session_id(&self) -> &[u8; 32] {
+    /// A `tls12-annex-a` binding: the master secret and the session ID of a TLS 1.2 full
+    /// handshake (`ccf_core::tls12` reads them from OpenSSL on both ends).
+    pub fn annex_a(master_secret: &[u8], session_id: &[u8]) -> Self {
+        Self {
+            profile: Capif1eProfile::Tls12AnnexA,
+            key: master_secret.to_vec(),
+            session_id: session_id.to_vec(),
+        }
+    }
+
+    /// The profile the values were taken by.
+    pub fn profile(&self) -> Capif1eProfile {
+        self.profile
+    }
+
+    /// The value used as P1: the TLS session ID, or the exporter value that stands in for it
+    /// (public either way: it names the session and reveals nothing of the key).
+    pub fn session_id(&self) -> &[u8] {
         &self.session_id
     }
 
@@ -223,5 +310,41 @@ mod tests {
         assert!(!shown.to_lowercase().contains("abab"), "{shown}");
         let b = Capif1eBinding::from_parts([0xCD; 32], [1; 32]);
         assert!(!format!("{b:?}").to_lowercase().contains("cdcd"));
+        let b = Capif1eBinding::annex_a(&[0xEF; 48], &[2; 32]);
+        let shown = format!("{b:?}");
+        assert!(!shown.to_lowercase().contains("efef"), "{shown}");
+        assert!(shown.contains("tls12-annex-a"), "{shown}");
+    }
+
+    /// An Annex A binding feeds the 48-octet master secret and the session ID to the one KDF:
+    /// the committed vector `tls12-master-secret-48` (computed with Python's hmac) comes out.
+    #[test]
+    fn annex_a_binding_derives_the_tls12_vector() {
+        let text = include_str!("../tests/vectors/aefpsk_vectors.json");
+        let vectors: Vec<Vector> = serde_json::from_str(text).expect("vector file parses");
+        let v = vectors
+            .iter()
+            .find(|v| v.name == "tls12-master-secret-48")
+            .expect("the TLS 1.2 vector is committed");
+        let b = Capif1eBinding::annex_a(
+            &hex::decode(&v.key_hex).unwrap(),
+            &hex::decode(&v.session_id_hex).unwrap(),
+        );
+        assert_eq!(b.profile(), Capif1eProfile::Tls12AnnexA);
+        let psk = b.aefpsk(&v.interface).unwrap();
+        assert_eq!(hex::encode(psk.expose()), v.aefpsk_hex);
+    }
+
+    #[test]
+    fn profiles_print_parse_and_map_to_the_wire() {
+        for p in [Capif1eProfile::Tls13Exporter, Capif1eProfile::Tls12AnnexA] {
+            assert_eq!(p.to_string().parse::<Capif1eProfile>(), Ok(p));
+            assert_eq!(Capif1eProfile::from_proto(p.to_proto() as i32), Some(p));
+        }
+        assert_eq!(Capif1eProfile::default(), Capif1eProfile::Tls13Exporter);
+        assert_eq!(Capif1eProfile::from_proto(0), None);
+        assert_eq!(Capif1eProfile::from_proto(99), None);
+        let e = "tls12".parse::<Capif1eProfile>().unwrap_err();
+        assert!(e.contains("tls13-exporter or tls12-annex-a"), "{e}");
     }
 }

@@ -13,11 +13,13 @@
 //! - [`identity`] — `capif://<domain>/<role>` identities in certificates.
 //! - [`pki`] — the domain root CA and the certificates it issues.
 //! - [`tls`] — rustls configs, the accept loop feeding tonic, the client connector.
+//! - [`tls12`] — CAPIF-1e under the `tls12-annex-a` profile: TLS 1.2 over OpenSSL, both ends.
+//! - [`keylog`] — `SSLKEYLOGFILE` for CAPIF-1e sessions (NSS format, 0600, only when set).
 //! - [`status`] — error statuses with stable reasons, error chains.
 //! - [`grpc`] — caller identity, health + reflection, serving a listener, request budgets.
 //! - [`limits`] — connection caps, idle timeouts and message limits of every listener.
 //! - [`metrics`] — the `/metrics` listener, listener/handshake and certificate-expiry families.
-//! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, our TLS 1.3 profile).
+//! - [`kdf`] — AEFPSK (TS 33.220 B.2.0, TS 33.122 A.1, the two CAPIF-1e profiles).
 //! - [`registry`] — the AEF registry and the canonical interface string.
 //! - [`token`] — method 3: access-token claims, scope, signing keys, verification.
 //! - [`keysets`] — issuers' token key sets, cached per issuer with the refetch rule.
@@ -34,6 +36,7 @@ pub mod grpc;
 pub mod identity;
 pub mod ids;
 pub mod kdf;
+pub mod keylog;
 pub mod keysets;
 pub mod limits;
 pub mod metrics;
@@ -42,6 +45,7 @@ pub mod process;
 pub mod registry;
 pub mod status;
 pub mod tls;
+pub mod tls12;
 pub mod token;
 
 #[cfg(any(test, feature = "proptest"))]

@@ -1,7 +1,9 @@
 //! The API invoker, as a library (`capif invoker ...` is a thin CLI over it): onboarding into a
 //! profile directory, CAPIF-1e security method with AEFPSK derivation (the CCF's own KDF module,
-//! `ccf_core::kdf`), Authentication Initiation at the AEF, and a TLS-PSK call of the AEF's demo
-//! API (the AEF stub's own PSK client).
+//! `ccf_core::kdf`) by the home domain's CAPIF-1e profile (rustls TLS 1.3 `tls13-exporter`, or
+//! OpenSSL TLS 1.2 `tls12-annex-a` through `ccf_core::tls12`; the CCF's answer must name the
+//! same), Authentication Initiation at the AEF, and a TLS-PSK call of the AEF's demo API (the AEF
+//! stub's own PSK client).
 //!
 //! Profile directory: `profile.toml` (ids and addresses), `invoker.pem`, `invoker.key` (0600),
 //! `ca.pem` (home domain CA), and `keys/<aef-id>.toml` (0600: AEFPSK, key id, expiry).
@@ -18,9 +20,9 @@ use capif_proto::v1::{
 };
 use ccf_core::clock::now_ms;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
-use ccf_core::kdf::AefPsk;
+use ccf_core::kdf::{AefPsk, Capif1eProfile};
 use ccf_core::pki::write_private_file;
-use ccf_core::tls::{ExpectedPeer, client_config, connect};
+use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -37,6 +39,11 @@ pub struct ProfileFile {
     pub capif_addr: String,
     /// Name in the CCF's certificate.
     pub ccf_server_name: String,
+    /// The home domain's CAPIF-1e profile, which this invoker derives AEFPSKs by: TLS 1.3 and
+    /// `tls13-exporter` (default), or TLS 1.2 and `tls12-annex-a` (`capif_addr` is then the
+    /// CCF's TLS 1.2 CAPIF-1e listener).
+    #[serde(default)]
+    pub capif1e: Capif1eProfile,
 }
 
 /// An onboarded invoker's profile.
@@ -131,19 +138,44 @@ impl Profile {
 
     /// A new CAPIF-1e (mutual TLS) channel to the home CCF.
     pub async fn capif1e_channel(&self) -> Result<tonic::transport::Channel> {
-        let cfg = client_config(
-            &self.ca_pem,
-            Some((&self.cert_pem, &self.key_pem)),
-            self.home_ccf()?,
-        )?;
-        Ok(connect(
-            &self.file.capif_addr,
-            &self.file.ccf_server_name,
-            cfg,
-            CONNECT_TIMEOUT,
-        )
-        .await?
-        .0)
+        Ok(self.capif1e_session().await?.0)
+    }
+
+    /// A new CAPIF-1e session with the home CCF, by the profile's CAPIF-1e profile (rustls TLS
+    /// 1.3, or OpenSSL TLS 1.2), and the slot that holds its binding. Its secrets go to
+    /// `SSLKEYLOGFILE` when that is set.
+    pub async fn capif1e_session(&self) -> Result<(tonic::transport::Channel, SessionSlot)> {
+        match self.file.capif1e {
+            Capif1eProfile::Tls13Exporter => {
+                let cfg = ccf_core::keylog::rustls_client(client_config(
+                    &self.ca_pem,
+                    Some((&self.cert_pem, &self.key_pem)),
+                    self.home_ccf()?,
+                )?);
+                Ok(connect(
+                    &self.file.capif_addr,
+                    &self.file.ccf_server_name,
+                    cfg,
+                    CONNECT_TIMEOUT,
+                )
+                .await?)
+            }
+            Capif1eProfile::Tls12AnnexA => {
+                let ctx = ccf_core::tls12::client_context(
+                    &self.ca_pem,
+                    &self.cert_pem,
+                    &self.key_pem,
+                    self.home_ccf()?,
+                )?;
+                Ok(ccf_core::tls12::connect(
+                    &self.file.capif_addr,
+                    &self.file.ccf_server_name,
+                    &ctx,
+                    CONNECT_TIMEOUT,
+                )
+                .await?)
+            }
+        }
     }
 
     /// The key stored for `aef`.
@@ -158,7 +190,7 @@ impl Profile {
 }
 
 /// Onboards at a CCF (TLS with server authentication): makes a key pair, sends the public key
-/// and the credential, writes the profile.
+/// and the credential, writes the profile (CAPIF-1e profile `tls13-exporter`).
 pub async fn onboard(
     onboarding_addr: &str,
     capif_addr: &str,
@@ -166,6 +198,29 @@ pub async fn onboard(
     server_name: &str,
     credential: &str,
     dir: &Path,
+) -> Result<Profile> {
+    onboard_profile(
+        onboarding_addr,
+        capif_addr,
+        ca_pem,
+        server_name,
+        credential,
+        dir,
+        Capif1eProfile::default(),
+    )
+    .await
+}
+
+/// [`onboard`] into a home domain of CAPIF-1e profile `capif1e`; `capif_addr` is where the
+/// domain runs CAPIF-1e (with `tls12-annex-a`, the CCF's TLS 1.2 listener).
+pub async fn onboard_profile(
+    onboarding_addr: &str,
+    capif_addr: &str,
+    ca_pem: &str,
+    server_name: &str,
+    credential: &str,
+    dir: &Path,
+    capif1e: Capif1eProfile,
 ) -> Result<Profile> {
     let key = rcgen::KeyPair::generate()?;
     // The home domain is not known before the answer: any CCF the CA vouches for, and then the
@@ -211,6 +266,7 @@ pub async fn onboard(
         ccf_id: rsp.ccf_id,
         capif_addr: capif_addr.to_string(),
         ccf_server_name: server_name.to_string(),
+        capif1e,
     };
     std::fs::write(dir.join("profile.toml"), toml::to_string(&file)?)?;
     Profile::load(dir)
@@ -245,6 +301,44 @@ pub async fn security(profile: &Profile, aef: &str, api: Option<&str>) -> Result
     Ok(obtain_psk(profile, aef, api).await?.0)
 }
 
+/// What anyone needs, besides the key's inputs from the TLS stack, to recompute an AEFPSK: the
+/// CAPIF-1e profile and P1 of the session (not secret; docs/PROTOCOL.md 4.6).
+#[derive(Clone, Debug)]
+pub struct Capif1eSessionInfo {
+    /// The profile the key was derived by.
+    pub profile: Capif1eProfile,
+    /// P1 in hex: the TLS session ID (`tls12-annex-a`) or the exporter value standing in for it.
+    pub session_id_hex: String,
+}
+
+/// [`security`], also returning the session's [`Capif1eSessionInfo`].
+pub async fn security_with_session(
+    profile: &Profile,
+    aef: &str,
+    api: Option<&str>,
+) -> Result<(ObtainedKey, Capif1eSessionInfo)> {
+    let (key, _, session) = obtain_psk(profile, aef, api).await?;
+    Ok((key, session))
+}
+
+/// Whether the CCF's answer names the derivation this invoker is configured for: a key derived
+/// by another profile is not the one the invoker would hold.
+pub fn check_derivation(configured: Capif1eProfile, answered: i32) -> Result<()> {
+    match Capif1eProfile::from_proto(answered) {
+        Some(p) if p == configured => Ok(()),
+        Some(p) => bail!(
+            "the CCF derived the AEFPSK by CAPIF-1e profile {p}, but this invoker is configured \
+             for {configured} (capif1e in profile.toml): the two ends would hold different keys. \
+             Onboard with --capif1e {p} and the address of the domain's CAPIF-1e listener"
+        ),
+        None => bail!(
+            "the CCF's answer does not say by which CAPIF-1e profile it derived the AEFPSK \
+             (aef_psk_derivation is unset); this invoker derives by {configured} and cannot tell \
+             whether both ends hold the same key"
+        ),
+    }
+}
+
 /// The AEF an invoker expects at an AEF's endpoints: `capif://<domain>/aef/<aef>`.
 pub fn expected_aef(domain: &str, aef: &str) -> Result<ExpectedPeer> {
     Ok(ExpectedPeer::aef(&CcfId::new(domain)?, &AefId::new(aef)?))
@@ -257,24 +351,14 @@ fn aef_of_answer(aef: &str, info: &pb::SecurityInformation) -> Result<ExpectedPe
         .with_context(|| format!("the CCF's answer names no usable owner domain for {aef}"))
 }
 
-/// [`security`], also returning the AEF identity the answer implies ([`aef_of_answer`]).
+/// [`security`], also returning the AEF identity the answer implies ([`aef_of_answer`]) and
+/// the session's [`Capif1eSessionInfo`].
 async fn obtain_psk(
     profile: &Profile,
     aef: &str,
     api: Option<&str>,
-) -> Result<(ObtainedKey, ExpectedPeer)> {
-    let cfg = client_config(
-        &profile.ca_pem,
-        Some((&profile.cert_pem, &profile.key_pem)),
-        profile.home_ccf()?,
-    )?;
-    let (ch, slot) = connect(
-        &profile.file.capif_addr,
-        &profile.file.ccf_server_name,
-        cfg,
-        CONNECT_TIMEOUT,
-    )
-    .await?;
+) -> Result<(ObtainedKey, ExpectedPeer, Capif1eSessionInfo)> {
+    let (ch, slot) = profile.capif1e_session().await?;
     let rsp = SecurityClient::new(ch)
         .obtain_security_method(pb::ObtainSecurityMethodRequest {
             api_invoker_id: profile.id().to_string(),
@@ -301,6 +385,7 @@ async fn obtain_psk(
             pb::SecurityMethod::try_from(info.sel_security_method)
         );
     }
+    check_derivation(profile.file.capif1e, info.aef_psk_derivation)?;
     let binding = slot
         .lock()
         .map_err(|_| anyhow!("session slot poisoned"))?
@@ -333,7 +418,11 @@ async fn obtain_psk(
     let text = Zeroizing::new(toml::to_string(&key)?);
     std::fs::create_dir_all(profile.dir.join("keys"))?;
     write_private_file(&profile.key_path(aef)?, text.as_bytes())?;
-    Ok((key, expected))
+    let session = Capif1eSessionInfo {
+        profile: binding.profile(),
+        session_id_hex: hex::encode(binding.session_id()),
+    };
+    Ok((key, expected, session))
 }
 
 /// Authentication Initiation at the AEF (server-authenticated TLS with the AEF domain's CA), for
@@ -660,7 +749,7 @@ pub async fn run_flow(
             .await
         }
         _ => {
-            let (k, expected) = obtain_psk(profile, aef, None).await?;
+            let (k, expected, _) = obtain_psk(profile, aef, None).await?;
             let a = auth(
                 profile,
                 Some(&k),
@@ -672,5 +761,32 @@ pub async fn run_flow(
             .await?;
             call(profile, &k, &a.tls_endpoint, api, psk_tls).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capif_proto::v1::AefPskDerivation;
+
+    /// The invoker refuses a key the CCF derived by another profile than its own, and an answer
+    /// that names none, each saying what to do; the matching profile passes.
+    #[test]
+    fn a_derivation_other_than_the_configured_profile_is_refused() {
+        let (t12, t13) = (Capif1eProfile::Tls12AnnexA, Capif1eProfile::Tls13Exporter);
+        check_derivation(t12, AefPskDerivation::Tls12AnnexA as i32).unwrap();
+        check_derivation(t13, AefPskDerivation::Tls13Exporter as i32).unwrap();
+        let e = check_derivation(t13, AefPskDerivation::Tls12AnnexA as i32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "the CCF derived the AEFPSK by CAPIF-1e profile tls12-annex-a, but this invoker \
+                 is configured for tls13-exporter"
+            ) && e.contains("--capif1e tls12-annex-a"),
+            "{e}"
+        );
+        let e = check_derivation(t12, 0).unwrap_err().to_string();
+        assert!(e.contains("aef_psk_derivation is unset"), "{e}");
     }
 }

@@ -11,6 +11,7 @@ use capif_scenarios::invoker::{self, Profile};
 use capif_scenarios::runner::{Runner, table};
 use capif_scenarios::scenario::Scenario;
 use capif_scenarios::testbed::{ProcRecord, Testbed, confirm_own, proc_record};
+use ccf_core::kdf::Capif1eProfile;
 use clap::{Parser, Subcommand};
 
 /// The CAPIF testbed CLI.
@@ -244,9 +245,14 @@ enum InvokerCommand {
         /// Name in the CCF's certificate.
         #[arg(long, default_value = "localhost")]
         server_name: String,
+        /// The home domain's CAPIF-1e profile (stored in the profile): tls13-exporter, or
+        /// tls12-annex-a (TS 33.122 A.1 as written; --capif names the CCF's TLS 1.2 listener).
+        #[arg(long, default_value = "tls13-exporter")]
+        capif1e: Capif1eProfile,
     },
     /// CAPIF-1e: obtain a security method for an AEF. With PSK (the default), on a new TLS
-    /// session, deriving the AEFPSK.
+    /// session, deriving the AEFPSK; prints the session's P1 (the TLS session ID with
+    /// tls12-annex-a) and P0, so the key can be recomputed from an SSLKEYLOGFILE.
     Security {
         #[command(flatten)]
         profile: ProfileArg,
@@ -679,21 +685,24 @@ async fn invoker_command(cmd: InvokerCommand) -> Result<()> {
             ca,
             credential,
             server_name,
+            capif1e,
         } => {
             let ca = std::fs::read_to_string(&ca).with_context(|| ca.display().to_string())?;
-            let p = invoker::onboard(
+            let p = invoker::onboard_profile(
                 &onboarding,
                 &capif,
                 &ca,
                 &server_name,
                 &credential,
                 &profile.profile,
+                capif1e,
             )
             .await?;
             println!(
-                "onboarded api_invoker_id={} ccf_id={} profile={}",
+                "onboarded api_invoker_id={} ccf_id={} capif1e={} profile={}",
                 p.id(),
                 p.file.ccf_id,
+                p.file.capif1e,
                 p.dir.display()
             );
         }
@@ -757,10 +766,15 @@ async fn invoker_security(
 ) -> Result<()> {
     let p = Profile::load(profile)?;
     if method == SecurityMethod::Psk {
-        let k = invoker::security(&p, aef, api).await?;
+        let (k, session) = invoker::security_with_session(&p, aef, api).await?;
         println!(
             "security method PSK for {aef}: key_id={} interface={} expires_at_ms={}",
             k.key_id, k.interface, k.expires_at_ms
+        );
+        // Not secret: with the key log's master secret they reproduce the key (PROTOCOL.md 4.6).
+        println!(
+            "capif1e={} session_id={} p0={}",
+            session.profile, session.session_id_hex, k.interface
         );
     } else {
         let i = invoker::negotiate(&p, aef, api, method).await?;

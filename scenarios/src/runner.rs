@@ -20,6 +20,7 @@ use capif_proto::v1::{
     self as pb, invoker_management_client::InvokerManagementClient, security_client::SecurityClient,
 };
 use ccf_core::ids::CcfId;
+use ccf_core::kdf::Capif1eProfile;
 use ccf_core::tls::{ExpectedPeer, client_config, connect};
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _};
@@ -604,6 +605,8 @@ struct OpContext {
     credential: String,
     onboarding: String,
     capif: String,
+    /// Where the home domain runs CAPIF-1e, and by which profile.
+    capif1e: (String, Capif1eProfile),
     home_ca: PathBuf,
     operator: (PathBuf, PathBuf),
     aef: Option<String>,
@@ -655,6 +658,7 @@ impl OpContext {
             credential: d.credentials.get(member).cloned().unwrap_or_default(),
             onboarding: format!("127.0.0.1:{}", d.onboarding_port),
             capif: format!("127.0.0.1:{}", d.capif_port),
+            capif1e: (d.capif1e_addr(), d.capif1e),
             home_ca: d.ca_pem(),
             operator: d.operator(),
             aef: aef.map(str::to_string),
@@ -688,13 +692,14 @@ impl OpContext {
         match self.action {
             Action::Onboard => {
                 let ca = std::fs::read_to_string(&self.home_ca)?;
-                invoker::onboard(
+                invoker::onboard_profile(
                     &self.onboarding,
-                    &self.capif,
+                    &self.capif1e.0,
                     &ca,
                     "localhost",
                     &self.credential,
                     &self.profile_dir,
+                    self.capif1e.1,
                 )
                 .await?;
             }

@@ -33,6 +33,10 @@ pub struct DomainSpec {
     /// AEFPSK validity at this CCF, seconds (default 3600).
     #[serde(default)]
     pub aef_psk_validity_secs: Option<u64>,
+    /// The domain's CAPIF-1e profile: "tls13-exporter" (default) or "tls12-annex-a" (the CCF
+    /// gets a TLS 1.2 CAPIF-1e listener, and the domain's invokers use it).
+    #[serde(default)]
+    pub capif1e: ccf_core::kdf::Capif1eProfile,
     /// The gateway's outbound fetch budget per partner, fetches per second (default: the
     /// gateway's, `[outbound] fetch_rate_per_sec`).
     #[serde(default)]
@@ -511,6 +515,32 @@ aef = "aef-a1"
         let bad = OK.replace("action = \"run\"", "action = \"run\"\nspeed = 3");
         let e = Scenario::parse(&bad, "bad.toml").unwrap_err().to_string();
         assert!(e.starts_with("bad.toml:15:") && e.contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn a_domain_names_its_capif1e_profile_or_is_refused_at_the_line() {
+        let with = |p: &str| {
+            OK.replace(
+                "id = \"operator-b.test\"",
+                &format!("id = \"operator-b.test\"\ncapif1e = \"{p}\""),
+            )
+        };
+        let s = Scenario::parse(&with("tls12-annex-a"), "ok.toml").unwrap();
+        assert_eq!(
+            s.domains[1].capif1e,
+            ccf_core::kdf::Capif1eProfile::Tls12AnnexA
+        );
+        assert_eq!(
+            s.domains[0].capif1e,
+            ccf_core::kdf::Capif1eProfile::Tls13Exporter
+        );
+        let e = Scenario::parse(&with("tls12"), "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("bad.toml:10:") && e.contains("tls12-annex-a"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
+use ccf_core::kdf::Capif1eProfile;
 use ccf_core::pki::{DomainCa, write_private_file};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -54,6 +55,10 @@ pub struct DomainPlan {
     pub onboarding_port: u16,
     /// CCF CAPIF-1e/3/6 port.
     pub capif_port: u16,
+    /// The domain's CAPIF-1e profile.
+    pub capif1e: Capif1eProfile,
+    /// CCF TLS 1.2 CAPIF-1e port (`tls12-annex-a` only).
+    pub capif1e_port: Option<u16>,
     /// Gateway CAPIF-6 port.
     pub gw6_port: u16,
     /// Gateway CAPIF-6e port.
@@ -69,6 +74,10 @@ pub struct DomainPlan {
 }
 
 impl DomainPlan {
+    /// Where the domain's invokers run CAPIF-1e.
+    pub fn capif1e_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.capif1e_port.unwrap_or(self.capif_port))
+    }
     /// The domain CA certificate file.
     pub fn ca_pem(&self) -> PathBuf {
         self.dir.join("ca.pem")
@@ -210,6 +219,11 @@ impl Testbed {
                     dir,
                     onboarding_port: free_port()?,
                     capif_port: free_port()?,
+                    capif1e: d.capif1e,
+                    capif1e_port: match d.capif1e {
+                        Capif1eProfile::Tls12AnnexA => Some(free_port()?),
+                        Capif1eProfile::Tls13Exporter => None,
+                    },
                     gw6_port: free_port()?,
                     gw6e_port: free_port()?,
                     validity_secs: d.aef_psk_validity_secs.unwrap_or(3600),
@@ -314,12 +328,17 @@ impl Testbed {
 
     fn write_ccf_config(&self, d: &DomainPlan) -> Result<()> {
         let mut t = format!(
-            "ccf_id = \"{id}\"\nstate_dir = \"{state}\"\n\n[listen]\nonboarding = \"127.0.0.1:{on}\"\ncapif = \"127.0.0.1:{cap}\"\n\n\
-             [security]\naef_psk_validity_secs = {v}\n\n[onboarding]\ncredentials = [{creds}]\n",
+            "ccf_id = \"{id}\"\nstate_dir = \"{state}\"\n\n[listen]\nonboarding = \"127.0.0.1:{on}\"\ncapif = \"127.0.0.1:{cap}\"\n{c1e}\n\
+             [security]\naef_psk_validity_secs = {v}\ncapif1e = \"{profile}\"\n\n[onboarding]\ncredentials = [{creds}]\n",
             id = d.id,
             state = d.dir.join("ccf").display(),
             on = d.onboarding_port,
             cap = d.capif_port,
+            c1e = d
+                .capif1e_port
+                .map(|p| format!("capif1e = \"127.0.0.1:{p}\"\n"))
+                .unwrap_or_default(),
+            profile = d.capif1e,
             v = d.validity_secs,
             creds = d
                 .credentials
@@ -593,8 +612,12 @@ impl Testbed {
             );
             out += &format!("\n== {} ==\n", d.id);
             out += &format!(
-                "  ccf       onboarding 127.0.0.1:{}  capif 127.0.0.1:{}\n",
-                d.onboarding_port, d.capif_port
+                "  ccf       onboarding 127.0.0.1:{}  capif 127.0.0.1:{}{}\n",
+                d.onboarding_port,
+                d.capif_port,
+                d.capif1e_port
+                    .map(|p| format!("  capif1e (TLS 1.2, tls12-annex-a) 127.0.0.1:{p}"))
+                    .unwrap_or_default()
             );
             if !d.partners.is_empty() {
                 out += &format!(

@@ -147,6 +147,11 @@ fn shipped_oauth() {
 }
 
 #[test]
+fn shipped_mixed_capif1e() {
+    assert_passes("mixed-capif1e.toml");
+}
+
+#[test]
 fn a_wrong_expectation_fails_with_a_clear_row() {
     let text = std::fs::read_to_string(shipped("two-operators.toml")).unwrap();
     let wrong = text.replacen(

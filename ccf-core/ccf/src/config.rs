@@ -42,8 +42,12 @@ impl std::fmt::Debug for OnboardingCredential {
 pub struct ListenConfig {
     /// Onboarding (TLS, server authentication only).
     pub onboarding: String,
-    /// CAPIF-1e, CAPIF-3 and CAPIF-6 (mutual TLS).
+    /// CAPIF-1e, CAPIF-3 and CAPIF-6 (mutual TLS 1.3, rustls).
     pub capif: String,
+    /// CAPIF-1e alone, TLS 1.2 (OpenSSL): set exactly when `security.capif1e` is
+    /// `tls12-annex-a`. The `capif` listener then still serves AEFs, the gateway and the
+    /// operator, and refuses to derive AEFPSKs.
+    pub capif1e: Option<String>,
 }
 
 impl Default for ListenConfig {
@@ -51,6 +55,7 @@ impl Default for ListenConfig {
         Self {
             onboarding: "127.0.0.1:7001".into(),
             capif: "127.0.0.1:7002".into(),
+            capif1e: None,
         }
     }
 }
@@ -96,6 +101,10 @@ pub struct SecurityConfig {
     /// seconds. Nothing is revoked at its home, where it may obtain new keys meanwhile, so the
     /// refusal is held for a fixed time rather than for one key. Default one hour.
     pub foreign_revocation_secs: u64,
+    /// The domain's CAPIF-1e profile, where AEFPSKs are derived from (docs/PROTOCOL.md section
+    /// 4): `tls13-exporter` (default; on the `capif` listener) or `tls12-annex-a` (TS 33.122
+    /// A.1 as written; on the TLS 1.2 `listen.capif1e` listener).
+    pub capif1e: ccf_core::kdf::Capif1eProfile,
 }
 
 impl Default for SecurityConfig {
@@ -104,6 +113,7 @@ impl Default for SecurityConfig {
             aef_psk_validity_secs: 3600,
             context_purge_interval_secs: 60,
             foreign_revocation_secs: 3600,
+            capif1e: Default::default(),
         }
     }
 }

@@ -91,6 +91,13 @@ struct ServeArgs {
     /// Override `listen.capif` (host:port; port 0 picks a free one).
     #[arg(long, env = "CCF_LISTEN_CAPIF")]
     listen_capif: Option<String>,
+    /// Override `security.capif1e`: the domain's CAPIF-1e profile, tls13-exporter or
+    /// tls12-annex-a (TS 33.122 A.1 as written, TLS 1.2; needs `listen.capif1e`).
+    #[arg(long, env = "CCF_CAPIF1E")]
+    capif1e: Option<ccf_core::kdf::Capif1eProfile>,
+    /// Override `listen.capif1e`: the TLS 1.2 CAPIF-1e listener of tls12-annex-a (host:port).
+    #[arg(long, env = "CCF_LISTEN_CAPIF1E")]
+    listen_capif1e: Option<String>,
     /// Override `security.aef_psk_validity_secs`.
     #[arg(long, env = "CCF_AEF_PSK_VALIDITY_SECS")]
     aef_psk_validity_secs: Option<u64>,
@@ -100,10 +107,12 @@ struct ServeArgs {
 enum KdfCommand {
     /// Print AEFPSK = KDF(key, FC=0x7A, P0=interface, P1=session id) in hex (TS 33.122 A.1).
     Aefpsk {
-        /// KDF key in hex: the TLS 1.2 master secret, or the TLS 1.3 profile's exporter value.
+        /// KDF key in hex: with tls12-annex-a the master secret (the third field of the key log's
+        /// CLIENT_RANDOM line), with tls13-exporter the exporter value.
         #[arg(long)]
         key: String,
-        /// P1 in hex: the TLS session id, or the TLS 1.3 profile's exporter value.
+        /// P1 in hex: with tls12-annex-a the TLS session ID (`capif invoker security` prints it),
+        /// with tls13-exporter the exporter value.
         #[arg(long)]
         session_id: String,
         /// P0: the canonical interface string, e.g. "aef1.operator-a.test:8443/weather".
@@ -160,6 +169,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(a) = args.listen_capif {
         cfg.listen.capif = a;
     }
+    if let Some(p) = args.capif1e {
+        cfg.security.capif1e = p;
+    }
+    if let Some(a) = args.listen_capif1e {
+        cfg.listen.capif1e = Some(a);
+    }
     if let Some(v) = args.aef_psk_validity_secs {
         cfg.security.aef_psk_validity_secs = v;
     }
@@ -170,10 +185,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| cfg.state_dir.join("ca.pem"));
     let ccf = capif_ccf::server::start(cfg).await?;
     println!(
-        "ccf ready ccf_id={} onboarding={} capif={} ca={}",
+        "ccf ready ccf_id={} onboarding={} capif={} capif1e={} capif1e_profile={} ca={}",
         ccf.state.ccf_id,
         ccf.onboarding_addr,
         ccf.capif_addr,
+        ccf.capif1e_addr,
+        ccf.state.capif1e,
         ca_path.display()
     );
     let signal = terminated().await;

@@ -24,6 +24,7 @@ use crate::store::{SecurityContext, Store, StoreError};
 use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
+use ccf_core::kdf::Capif1eProfile;
 use ccf_core::limits::ConnGate;
 use ccf_core::pki::DomainCa;
 use ccf_core::registry::AefRegistry;
@@ -46,6 +47,9 @@ pub enum StartError {
     /// TLS material.
     #[error(transparent)]
     Tls(#[from] ccf_core::tls::TlsError),
+    /// TLS material of the TLS 1.2 CAPIF-1e listener.
+    #[error(transparent)]
+    Tls12(#[from] ccf_core::tls12::Tls12Error),
     /// A listener.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -135,6 +139,8 @@ pub struct CcfState {
     pub revocation_queued: tokio::sync::Notify,
     /// Revocation notices the gateway acknowledged.
     pub revocations_delivered: std::sync::atomic::AtomicU64,
+    /// The domain's CAPIF-1e profile: AEFPSKs are derived only from sessions of this profile.
+    pub capif1e: Capif1eProfile,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -247,6 +253,9 @@ pub struct RunningCcf {
     pub onboarding_addr: SocketAddr,
     /// Bound CAPIF-1e/3/6 address.
     pub capif_addr: SocketAddr,
+    /// Where invokers run CAPIF-1e: `capif_addr` with `tls13-exporter`, the TLS 1.2 listener
+    /// with `tls12-annex-a`.
+    pub capif1e_addr: SocketAddr,
     tasks: ServerTasks,
 }
 
@@ -468,7 +477,19 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let chain = format!("{}{}", own.cert_pem, ca.cert_pem());
     let roots = certs_from_pem("CA certificate", ca.cert_pem())?;
     let onboarding_tls = server_config(&chain, &own.key_pem, ClientAuth::None)?;
-    let capif_tls = server_config(&chain, &own.key_pem, ClientAuth::Required(&roots))?;
+    let mut capif_tls = server_config(&chain, &own.key_pem, ClientAuth::Required(&roots))?;
+    // Key logging covers the listener where CAPIF-1e runs, whichever it is.
+    let capif1e_tls = match config.security.capif1e {
+        Capif1eProfile::Tls13Exporter => {
+            capif_tls = ccf_core::keylog::rustls_server(capif_tls);
+            None
+        }
+        Capif1eProfile::Tls12AnnexA => Some(ccf_core::tls12::server_context(
+            &chain,
+            &own.key_pem,
+            ca.cert_pem(),
+        )?),
+    };
     let own_identity = (chain.as_str(), own.key_pem.as_str());
     let gateway = gateway_client(&config, &ccf_id, &ca, own_identity)?;
     let aefs = aef_clients(&config, &ccf_id, &registry, &ca, own_identity)?;
@@ -482,6 +503,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         token_keys,
         revocation_queued: Default::default(),
         revocations_delivered: Default::default(),
+        capif1e: config.security.capif1e,
         token_lifetime: Duration::from_secs(config.token.lifetime_secs),
         key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,
@@ -495,7 +517,15 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             .map(|c| credential_digest(c.expose()))
             .collect(),
     });
-    serve(&config, state, onboarding_tls, capif_tls, purge_every).await
+    serve(
+        &config,
+        state,
+        onboarding_tls,
+        capif_tls,
+        capif1e_tls,
+        purge_every,
+    )
+    .await
 }
 
 /// The checks of the configuration that need no state: the CCF id, the AEF registry, the
@@ -515,6 +545,24 @@ fn validate_config(config: &CcfConfig) -> Result<(CcfId, AefRegistry, Duration),
         return Err(StartError::Config(
             "security.foreign_revocation_secs must be between 1 and 2592000 (30 days)".into(),
         ));
+    }
+    match (config.security.capif1e, &config.listen.capif1e) {
+        (Capif1eProfile::Tls12AnnexA, None) => {
+            return Err(StartError::Config(
+                "security.capif1e = \"tls12-annex-a\" needs listen.capif1e, the address of the \
+                 TLS 1.2 CAPIF-1e listener (the capif listener stays TLS 1.3 for AEFs, the \
+                 gateway and the operator)"
+                    .into(),
+            ));
+        }
+        (Capif1eProfile::Tls13Exporter, Some(_)) => {
+            return Err(StartError::Config(
+                "listen.capif1e is only used with security.capif1e = \"tls12-annex-a\"; with \
+                 tls13-exporter invokers run CAPIF-1e on the capif listener"
+                    .into(),
+            ));
+        }
+        _ => {}
     }
     let purge_every = Duration::from_secs(config.security.context_purge_interval_secs);
     if !(1..=86_400).contains(&config.security.context_purge_interval_secs) {
@@ -614,12 +662,14 @@ fn aef_clients(
     Ok(aefs)
 }
 
-/// Binds both listeners and serves them, with the purge task, until the CCF is shut down.
+/// Binds the listeners and serves them, with the purge task, until the CCF is shut down: the
+/// TLS 1.2 CAPIF-1e listener too when `capif1e_tls` is given.
 async fn serve(
     config: &CcfConfig,
     state: Arc<CcfState>,
     onboarding_tls: Arc<rustls::ServerConfig>,
     capif_tls: Arc<rustls::ServerConfig>,
+    capif1e_tls: Option<ccf_core::tls12::SslContext>,
     purge_every: Duration,
 ) -> Result<RunningCcf, StartError> {
     let bind = |addr: String| async move {
@@ -631,7 +681,16 @@ async fn serve(
     let capif_listener = bind(config.listen.capif.clone()).await?;
     let onboarding_addr = onboarding_listener.local_addr()?;
     let capif_addr = capif_listener.local_addr()?;
-    let (onboarding_routes, capif_routes) = routes(&state, config.limits.max_message_bytes).await?;
+    let (onboarding_routes, capif_routes, capif1e_routes) =
+        routes(&state, config.limits.max_message_bytes).await?;
+    let capif1e_listener = match (&capif1e_tls, &config.listen.capif1e) {
+        (Some(_), Some(addr)) => Some(bind(addr.clone()).await?),
+        _ => None,
+    };
+    let capif1e_addr = match &capif1e_listener {
+        Some(l) => l.local_addr()?,
+        None => capif_addr,
+    };
 
     let mut tasks = ServerTasks::default();
     tasks.push(spawn_server(
@@ -650,21 +709,35 @@ async fn serve(
         ConnGate::new("capif", config.limits.clone()),
         tasks.stopped(),
     ));
+    if let (Some(listener), Some(ctx)) = (capif1e_listener, capif1e_tls) {
+        tasks.push(ccf_core::tls12::spawn_server(
+            listener,
+            ctx,
+            capif1e_routes,
+            ConnGate::new("capif1e", config.limits.clone()),
+            tasks.stopped(),
+        ));
+    }
     // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
     tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
     tasks.push(spawn_revocation_outbox(state.clone(), tasks.stopped()));
-    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
+    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, %capif1e_addr, capif1e = %state.capif1e, "CCF listening");
     Ok(RunningCcf {
         state,
         onboarding_addr,
         capif_addr,
+        capif1e_addr,
         tasks,
     })
 }
 
-/// The services of the two listeners, each with health and reflection: InvokerManagement on
-/// the onboarding listener; it, Security, Federation and CcfAdmin on the CAPIF-1e/3/6 one.
-async fn routes(state: &Arc<CcfState>, max_msg: usize) -> Result<(Routes, Routes), StartError> {
+/// The services of the listeners, each with health and reflection: InvokerManagement on the
+/// onboarding listener; it, Security, Federation and CcfAdmin on the CAPIF-1e/3/6 one; what
+/// invokers call (InvokerManagement, Security) on the TLS 1.2 CAPIF-1e one.
+async fn routes(
+    state: &Arc<CcfState>,
+    max_msg: usize,
+) -> Result<(Routes, Routes, Routes), StartError> {
     let im = InvokerManagementServer::new(InvokerManagementService::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
@@ -687,6 +760,12 @@ async fn routes(state: &Arc<CcfState>, max_msg: usize) -> Result<(Routes, Routes
         service_name(&fed),
         service_name(&admin),
     ];
+    let capif1e_routes = with_standard_services(
+        Routes::new(im.clone()).add_service(sec.clone()),
+        &names[..2],
+    )
+    .await
+    .map_err(|e| StartError::Config(e.message().to_string()))?;
     let capif_routes = with_standard_services(
         Routes::new(im)
             .add_service(sec)
@@ -696,5 +775,5 @@ async fn routes(state: &Arc<CcfState>, max_msg: usize) -> Result<(Routes, Routes
     )
     .await
     .map_err(|e| StartError::Config(e.message().to_string()))?;
-    Ok((onboarding_routes, capif_routes))
+    Ok((onboarding_routes, capif_routes, capif1e_routes))
 }

@@ -11,6 +11,7 @@ use capif_proto::v1::{
 };
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, CcfId};
+use ccf_core::kdf::Capif1eProfile;
 use ccf_core::pki::IssuedCredential;
 use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use tonic::transport::Channel;
@@ -19,6 +20,20 @@ pub const CCF: &str = "operator-a.test";
 pub const CREDENTIALS: [&str; 3] = ["cred-one", "cred-two", "cred-three"];
 
 pub fn config_text(dir: &std::path::Path, validity_secs: u64) -> String {
+    config_text_profile(dir, validity_secs, Capif1eProfile::Tls13Exporter)
+}
+
+/// [`config_text`] for a domain of CAPIF-1e profile `profile` (with `tls12-annex-a`, its TLS 1.2
+/// CAPIF-1e listener on a free port too).
+pub fn config_text_profile(
+    dir: &std::path::Path,
+    validity_secs: u64,
+    profile: Capif1eProfile,
+) -> String {
+    let capif1e = match profile {
+        Capif1eProfile::Tls13Exporter => "",
+        Capif1eProfile::Tls12AnnexA => "capif1e = \"127.0.0.1:0\"",
+    };
     format!(
         r#"
 ccf_id = "{CCF}"
@@ -26,8 +41,10 @@ state_dir = "{dir}"
 [listen]
 onboarding = "127.0.0.1:0"
 capif = "127.0.0.1:0"
+{capif1e}
 [security]
 aef_psk_validity_secs = {validity_secs}
+capif1e = "{profile}"
 [onboarding]
 credentials = ["cred-one", "cred-two", "cred-three"]
 [[aef]]
@@ -61,10 +78,15 @@ pub struct TestCcf {
 }
 
 pub async fn start(validity_secs: u64) -> TestCcf {
+    start_profile(validity_secs, Capif1eProfile::Tls13Exporter).await
+}
+
+/// [`start`] for a domain of CAPIF-1e profile `profile`.
+pub async fn start_profile(validity_secs: u64, profile: Capif1eProfile) -> TestCcf {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ccf = capif_ccf::server::start(config(dir.path(), validity_secs))
-        .await
-        .expect("CCF starts");
+    let text = config_text_profile(dir.path(), validity_secs, profile);
+    let config = CcfConfig::parse(&text, "test config").expect("test config parses");
+    let ccf = capif_ccf::server::start(config).await.expect("CCF starts");
     TestCcf { ccf, dir }
 }
 
@@ -154,6 +176,29 @@ pub async fn capif1e(t: &TestCcf, inv: &Invoker) -> Session {
     }
 }
 
+/// A CAPIF-1e session of an invoker on the TLS 1.2 listener of a `tls12-annex-a` domain.
+pub async fn capif1e_tls12(t: &TestCcf, inv: &Invoker) -> Session {
+    let client = ccf_core::tls12::client_context(
+        &t.ca_pem(),
+        &inv.cert_pem,
+        &inv.key_pem,
+        ExpectedPeer::ccf(&CcfId::new(CCF).unwrap()),
+    )
+    .expect("client context");
+    let (ch, slot) = ccf_core::tls12::connect(
+        &t.ccf.capif1e_addr.to_string(),
+        "localhost",
+        &client,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("CAPIF-1e TLS 1.2 channel");
+    Session {
+        security: SecurityClient::new(ch),
+        slot,
+    }
+}
+
 impl Session {
     pub fn binding(&self) -> Arc<ccf_core::kdf::Capif1eBinding> {
         self.slot
@@ -230,15 +275,27 @@ pub struct CcfProcess {
     pub child: std::process::Child,
     pub onboarding: std::net::SocketAddr,
     pub capif: std::net::SocketAddr,
+    /// Where invokers run CAPIF-1e (the TLS 1.2 listener with `tls12-annex-a`).
+    pub capif1e: std::net::SocketAddr,
 }
 
 impl CcfProcess {
     /// Starts the `ccf` binary at `bin` (a test passes `env!("CARGO_BIN_EXE_ccf")`).
     pub fn spawn(bin: &std::path::Path, config_path: &std::path::Path) -> Self {
+        Self::spawn_with_env(bin, config_path, &[])
+    }
+
+    /// [`Self::spawn`] with these environment variables set for the process.
+    pub fn spawn_with_env(
+        bin: &std::path::Path,
+        config_path: &std::path::Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(bin)
             .args(["serve", "--config"])
             .arg(config_path)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -258,6 +315,7 @@ impl CcfProcess {
         Self {
             onboarding: field("onboarding"),
             capif: field("capif"),
+            capif1e: field("capif1e"),
             child,
         }
     }

@@ -21,7 +21,7 @@ use crate::store::{SecurityContext, StoreError};
 use ccf_core::grpc::{Refusal, error_status, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId, IdError};
-use ccf_core::kdf::AefPsk;
+use ccf_core::kdf::{AefPsk, Capif1eProfile};
 use ccf_core::registry::SecurityMethod;
 use ccf_core::token::TokenError;
 
@@ -142,6 +142,25 @@ pub enum Refused {
     /// CAPIF-1e over PSK: the request's TLS session has no binding to derive the AEFPSK from.
     #[error("the CAPIF-1e TLS session binding is missing")]
     SessionBindingMissing,
+    /// CAPIF-1e over PSK on a TLS session of another CAPIF-1e profile than the domain's: the key
+    /// would be derived in a way the domain does not use (docs/PROTOCOL.md section 4).
+    #[error(
+        "{own} derives AEFPSKs by CAPIF-1e profile {domain}, but this TLS session is of profile \
+         {session}{}",
+        if *.domain == Capif1eProfile::Tls12AnnexA {
+            ": obtain PSK on the CCF's CAPIF-1e listener (TLS 1.2)"
+        } else {
+            ""
+        }
+    )]
+    Capif1eProfileMismatch {
+        /// This CCF's domain.
+        own: CcfId,
+        /// The domain's profile.
+        domain: Capif1eProfile,
+        /// The profile of the request's TLS session.
+        session: Capif1eProfile,
+    },
     /// CAPIF-3: a foreign invoker's security information, with no gateway to ask its home.
     #[error(
         "API invoker {invoker} belongs to {home}, and {own} has no interconnect gateway configured"
@@ -282,7 +301,8 @@ impl Refusal for Refused {
             | Self::NoInterconnectForIssuer { .. }
             | Self::MethodHandsOutNoKey { .. }
             | Self::NoOauthContext { .. }
-            | Self::ContextsExpiring { .. } => Code::FailedPrecondition,
+            | Self::ContextsExpiring { .. }
+            | Self::Capif1eProfileMismatch { .. } => Code::FailedPrecondition,
             Self::UnsupportedGrantType { .. } | Self::ScopeUnparsable(_) => Code::InvalidArgument,
             Self::SessionBindingMissing | Self::TokenSigningFailed | Self::KeyRotationFailed => {
                 Code::Internal
@@ -324,6 +344,7 @@ impl Refusal for Refused {
             Self::NoOauthContext { .. } => ErrorReason::UnauthorizedClient,
             Self::ContextsExpiring { .. } => ErrorReason::InvalidGrant,
             Self::SessionBindingMissing | Self::TokenSigningFailed => ErrorReason::InternalFault,
+            Self::Capif1eProfileMismatch { .. } => ErrorReason::Capif1eProfileMismatch,
             Self::KeyRotationFailed => ErrorReason::StoreFailure,
             Self::Store(e) => e.reason(),
         }
@@ -639,6 +660,15 @@ mod tests {
                 ErrorReason::InternalFault,
             ),
             (
+                Refused::Capif1eProfileMismatch {
+                    own: a.clone(),
+                    domain: Capif1eProfile::Tls12AnnexA,
+                    session: Capif1eProfile::Tls13Exporter,
+                },
+                Code::FailedPrecondition,
+                ErrorReason::Capif1eProfileMismatch,
+            ),
+            (
                 Refused::NoInterconnectForInvoker {
                     invoker: inv.clone(),
                     home: b.clone(),
@@ -810,6 +840,16 @@ mod tests {
             (
                 Refused::SessionBindingMissing,
                 "the CAPIF-1e TLS session binding is missing",
+            ),
+            (
+                Refused::Capif1eProfileMismatch {
+                    own: a.clone(),
+                    domain: Capif1eProfile::Tls12AnnexA,
+                    session: Capif1eProfile::Tls13Exporter,
+                },
+                "operator-a.test derives AEFPSKs by CAPIF-1e profile tls12-annex-a, but this TLS \
+                 session is of profile tls13-exporter: obtain PSK on the CCF's CAPIF-1e listener \
+                 (TLS 1.2)",
             ),
             (
                 Refused::NoInterconnectForInvoker {

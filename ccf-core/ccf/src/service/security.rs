@@ -202,7 +202,7 @@ impl SecurityService {
         let method = preferred_method(i, info, entry)?;
         let allowed_apis = allowed_apis(i, info, entry)?;
         let aef_psk = match method {
-            SecurityMethod::Psk => Some(session_aef_psk(i, n.binding, entry)?),
+            SecurityMethod::Psk => Some(self.session_aef_psk(i, n.binding, entry)?),
             _ => None,
         };
         let key_id = aef_psk.as_ref().map(|k| k.key_id()).unwrap_or_default();
@@ -223,6 +223,11 @@ impl SecurityService {
             aef_psk_key_id: key_id.clone(),
             interface_canonical: entry.interface_canonical.clone(),
             aef_ccf_id: entry.ccf_id.to_string(),
+            aef_psk_derivation: if aef_psk.is_some() {
+                self.state.capif1e.to_proto() as i32
+            } else {
+                0
+            },
         };
         let context = SecurityContext {
             api_invoker_id: n.invoker.clone(),
@@ -237,6 +242,28 @@ impl SecurityService {
             expires_at_ms: n.expires,
         };
         Ok((answer, context))
+    }
+
+    /// The AEFPSK of entry `i` from the request's TLS session, which must be of the domain's
+    /// CAPIF-1e profile: the answer names that profile, and the invoker derives by it.
+    fn session_aef_psk(
+        &self,
+        i: usize,
+        binding: Option<&Capif1eBinding>,
+        entry: &AefEntry,
+    ) -> Result<AefPsk, Status> {
+        let binding = binding.ok_or(Refused::SessionBindingMissing)?;
+        if binding.profile() != self.state.capif1e {
+            return Err(Refused::Capif1eProfileMismatch {
+                own: self.state.ccf_id.clone(),
+                domain: self.state.capif1e,
+                session: binding.profile(),
+            }
+            .into());
+        }
+        binding
+            .aefpsk(&entry.interface_canonical)
+            .map_err(|e| invalid_field(&format!("service_security.security_info[{i}]"), e))
     }
 
     /// Update changes existing contexts only.
@@ -407,18 +434,6 @@ pub(super) fn allowed_apis(
         .into());
     }
     Ok(vec![api])
-}
-
-/// The AEFPSK for the AEF, derived from the binding of the request's own TLS session.
-fn session_aef_psk(
-    i: usize,
-    binding: Option<&Capif1eBinding>,
-    entry: &AefEntry,
-) -> Result<AefPsk, Status> {
-    let binding = binding.ok_or(Refused::SessionBindingMissing)?;
-    binding
-        .aefpsk(&entry.interface_canonical)
-        .map_err(|e| invalid_field(&format!("service_security.security_info[{i}]"), e))
 }
 
 /// Whose authorization a `RevokeAuthorization` withdraws, for which AEF (`None`: all), as the
