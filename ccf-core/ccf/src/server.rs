@@ -25,6 +25,7 @@ use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_serv
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::limits::ConnGate;
+use ccf_core::metrics::ListenerMetrics;
 use ccf_core::pki::DomainCa;
 use ccf_core::registry::AefRegistry;
 use ccf_core::tls::{ClientAuth, ExpectedPeer, certs_from_pem, server_config};
@@ -135,6 +136,8 @@ pub struct CcfState {
     pub revocation_queued: tokio::sync::Notify,
     /// Revocation notices the gateway acknowledged.
     pub revocations_delivered: std::sync::atomic::AtomicU64,
+    /// The event counters of `/metrics`.
+    pub metrics: crate::metrics::CcfMetrics,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -196,6 +199,7 @@ impl CcfState {
             notice_id = %notice.notice_id,
             "security contexts revoked"
         );
+        self.metrics.revocation_published(notice.kind);
         self.revoke_at_aefs(&notice, affected);
         self.revocation_queued.notify_one();
     }
@@ -247,6 +251,10 @@ pub struct RunningCcf {
     pub onboarding_addr: SocketAddr,
     /// Bound CAPIF-1e/3/6 address.
     pub capif_addr: SocketAddr,
+    /// Bound `/metrics` address, when `[metrics] listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    /// What `/metrics` serves (tests read it without the listener).
+    pub metrics: Arc<ccf_core::metrics::Registry>,
     tasks: ServerTasks,
 }
 
@@ -482,6 +490,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         token_keys,
         revocation_queued: Default::default(),
         revocations_delivered: Default::default(),
+        metrics: Default::default(),
         token_lifetime: Duration::from_secs(config.token.lifetime_secs),
         key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,
@@ -495,7 +504,22 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             .map(|c| credential_digest(c.expose()))
             .collect(),
     });
-    serve(&config, state, onboarding_tls, capif_tls, purge_every).await
+    let (registry, listeners, certs) = crate::metrics::registry(&state);
+    let own_der = certs_from_pem("CCF certificate", &own.cert_pem)?;
+    for (cert, der) in [("own", own_der.first()), ("domain_ca", roots.first())] {
+        if let Some(der) = der {
+            certs.set_from_der(cert, "", der);
+        }
+    }
+    let metrics = (Arc::new(registry), listeners);
+    serve(
+        &config,
+        state,
+        (onboarding_tls, capif_tls),
+        purge_every,
+        metrics,
+    )
+    .await
 }
 
 /// The checks of the configuration that need no state: the CCF id, the AEF registry, the
@@ -618,9 +642,9 @@ fn aef_clients(
 async fn serve(
     config: &CcfConfig,
     state: Arc<CcfState>,
-    onboarding_tls: Arc<rustls::ServerConfig>,
-    capif_tls: Arc<rustls::ServerConfig>,
+    (onboarding_tls, capif_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
     purge_every: Duration,
+    (registry, listeners): (Arc<ccf_core::metrics::Registry>, ListenerMetrics),
 ) -> Result<RunningCcf, StartError> {
     let bind = |addr: String| async move {
         TcpListener::bind(&addr)
@@ -639,7 +663,7 @@ async fn serve(
         onboarding_tls,
         false,
         onboarding_routes,
-        ConnGate::new("onboarding", config.limits.clone()),
+        ConnGate::observed("onboarding", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
     tasks.push(spawn_server(
@@ -647,17 +671,32 @@ async fn serve(
         capif_tls,
         true,
         capif_routes,
-        ConnGate::new("capif", config.limits.clone()),
+        ConnGate::observed("capif", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
     // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
     tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
     tasks.push(spawn_revocation_outbox(state.clone(), tasks.stopped()));
-    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, "CCF listening");
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => {
+            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, metrics = ?metrics_addr, "CCF listening");
     Ok(RunningCcf {
         state,
         onboarding_addr,
         capif_addr,
+        metrics_addr,
+        metrics: registry,
         tasks,
     })
 }
