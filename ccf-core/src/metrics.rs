@@ -665,11 +665,8 @@ mod tests {
         let set = CounterSet::default();
         set.inc(OutcomeLabels::OK);
         set.inc(OutcomeLabels::OK);
-        let refused = tonic::Status::from(crate::status::status_with_reason(
-            tonic::Code::NotFound,
-            "INVOKER_NOT_FOUND",
-            "no",
-        ));
+        let refused =
+            crate::status::status_with_reason(tonic::Code::NotFound, "INVOKER_NOT_FOUND", "no");
         set.inc(OutcomeLabels::of_status(&refused));
         // A reason outside the contract is not a label value.
         let odd = crate::status::status_with_reason(tonic::Code::Internal, "MADE_UP", "x");
