@@ -93,6 +93,9 @@ pub struct AefConfig {
     /// Budgets against amplification and bounds on what revocations leave behind.
     #[serde(default)]
     pub budgets: BudgetConfig,
+    /// The `/metrics` listener (off unless set).
+    #[serde(default)]
+    pub metrics: ccf_core::metrics::MetricsConfig,
     /// Test-only fault (feature `test-faults`): acknowledge RevokeAuthorization and do nothing,
     /// so that `capif chaos --break ignore-revocations` can prove its checker sees it.
     #[cfg(feature = "test-faults")]

@@ -19,11 +19,13 @@
 //! - [`token`] — method 3: bearer-token verification and the issuers' key sets.
 //! - [`service`] — AefSecurity and DemoApi.
 //! - [`server`] — starting an AEF.
+//! - [`metrics`] — the Prometheus families.
 //! - `props` — (tests) property tests of the PSK callback's decision and the config file.
 
 pub mod certauth;
 pub mod config;
 pub mod keys;
+pub mod metrics;
 pub mod psk;
 pub mod server;
 pub mod service;

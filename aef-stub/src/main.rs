@@ -26,6 +26,10 @@ struct Cli {
     /// Override `listen.psk`.
     #[arg(long, env = "AEF_STUB_LISTEN_PSK")]
     listen_psk: Option<String>,
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (overrides `metrics.listen`;
+    /// ip:port, port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", env = "AEF_STUB_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", env = "AEF_STUB_LOG_FORMAT")]
     log_format: LogFormat,
@@ -44,9 +48,16 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(a) = cli.listen_psk {
         cfg.listen.psk = a;
     }
+    if let Some(a) = cli.metrics_listen {
+        cfg.metrics.listen = Some(a);
+    }
     let aef = aef_stub::server::start(cfg).await?;
+    let metrics = aef
+        .metrics_addr
+        .map(|a| format!(" metrics={a}"))
+        .unwrap_or_default();
     println!(
-        "aef-stub ready aef_id={} security={} psk={}",
+        "aef-stub ready aef_id={} security={} psk={}{metrics}",
         aef.state.aef_id, aef.security_addr, aef.psk_addr
     );
     let signal = terminated().await;

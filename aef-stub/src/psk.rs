@@ -26,6 +26,7 @@ use crate::keys::{ConnTicket, HeldKey, KeyStore, Refusal};
 pub use capif_2e::identity::PskIdentity;
 pub use capif_2e::psk::{TlsProfile, profile};
 use ccf_core::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
+use ccf_core::metrics::HandshakeOutcome;
 
 /// What the server callback noted about a connection's PSK.
 #[derive(Clone, Debug)]
@@ -70,12 +71,53 @@ pub enum HandshakeRefusal {
     /// The handshake ended without a PSK (the client insisted on something else).
     #[error("handshake finished without a PSK (refused)")]
     NoPsk,
-    /// The handshake failed before a PSK was chosen.
+    /// The handshake failed before a PSK was chosen (and how, for the metrics).
     #[error("handshake failed before a PSK was chosen: {0}")]
-    Tls(String),
+    Tls(String, HandshakeOutcome),
     /// OpenSSL could not set the connection up.
     #[error("cannot set up TLS: {0}")]
     Setup(#[from] openssl::error::ErrorStack),
+}
+
+impl HandshakeRefusal {
+    /// The refusal as a `capif_tls_handshakes_total` result.
+    pub fn outcome(&self) -> HandshakeOutcome {
+        use crate::keys::Refusal as R;
+        match self {
+            Self::NoIdentity | Self::Malformed(_) => HandshakeOutcome::UnknownPskIdentity,
+            Self::Refused { why, .. } => match why {
+                R::UnknownIdentity | R::NoCertificateInfo => HandshakeOutcome::UnknownPskIdentity,
+                R::StaleKeyId => HandshakeOutcome::StalePskKey,
+                R::Expired => HandshakeOutcome::ExpiredPskKey,
+                R::Revoked => HandshakeOutcome::RevokedInvoker,
+            },
+            Self::WrongKey { .. } => HandshakeOutcome::BadPsk,
+            Self::TimedOut => HandshakeOutcome::Timeout,
+            Self::BufferTooSmall(_) | Self::NoPsk => HandshakeOutcome::Protocol,
+            Self::Tls(_, kind) => *kind,
+            Self::Setup(_) => HandshakeOutcome::Io,
+        }
+    }
+}
+
+/// How an OpenSSL handshake failed, before any PSK was chosen: the connection went away, the
+/// client sent an alert, or the messages did not fit (versions, ciphers, malformed).
+fn tls_failure(e: &openssl::ssl::Error) -> HandshakeOutcome {
+    use openssl::ssl::ErrorCode;
+    if e.io_error().is_some() || matches!(e.code(), ErrorCode::SYSCALL | ErrorCode::ZERO_RETURN) {
+        return HandshakeOutcome::Io;
+    }
+    let alert = e.ssl_error().is_some_and(|stack| {
+        stack
+            .errors()
+            .iter()
+            .any(|x| x.reason().is_some_and(|r| r.contains("alert")))
+    });
+    if alert {
+        HandshakeOutcome::PeerAlert
+    } else {
+        HandshakeOutcome::Protocol
+    }
 }
 
 fn note_index() -> Index<Ssl, Note> {
@@ -216,7 +258,7 @@ async fn accept_one(
     let note = stream.ssl().ex_data(note_index()).cloned();
     let failure = match result {
         Err(_) => Some(HandshakeRefusal::TimedOut),
-        Ok(Err(e)) => Some(HandshakeRefusal::Tls(e.to_string())),
+        Ok(Err(e)) => Some(HandshakeRefusal::Tls(e.to_string(), tls_failure(&e))),
         Ok(Ok(())) => None,
     };
     match (failure, note) {
@@ -226,7 +268,7 @@ async fn accept_one(
             Ok((stream, identity, ticket))
         }
         (None, _) => Err(HandshakeRefusal::NoPsk),
-        (Some(HandshakeRefusal::Tls(tls)), Some(Note::Offered(identity))) => {
+        (Some(HandshakeRefusal::Tls(tls, _)), Some(Note::Offered(identity))) => {
             Err(HandshakeRefusal::WrongKey { identity, tls })
         }
         (Some(_), Some(Note::Refused(why))) => Err(why),
@@ -266,10 +308,11 @@ pub fn psk_incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (ctx, store, tx) = (ctx.clone(), store.clone(), tx.clone());
+            let (ctx, store, tx, gate) = (ctx.clone(), store.clone(), tx.clone(), gate.clone());
             tokio::spawn(async move {
                 match accept_one(tcp, &ctx, &store, handshake_timeout).await {
                     Ok((inner, identity, ticket)) => {
+                        gate.handshake(HandshakeOutcome::Ok);
                         tracing::info!(%remote, %identity, "PSK handshake accepted");
                         let activity = Activity::default();
                         let conn = PskConn {
@@ -285,7 +328,10 @@ pub fn psk_incoming(
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Err(why) => tracing::warn!(%remote, reason = %why, "PSK handshake refused"),
+                    Err(why) => {
+                        gate.handshake(why.outcome());
+                        tracing::warn!(%remote, reason = %why, "PSK handshake refused");
+                    }
                 }
             });
         }

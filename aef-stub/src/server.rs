@@ -24,6 +24,7 @@ use crate::keys::{KeyStore, MarkPolicy};
 use crate::psk::{PskPeer, psk_incoming, server_context};
 use crate::service::{AefSecurityService, AefState, DemoApiService};
 use ccf_core::limits::{ConnGate, serve_builder};
+use ccf_core::metrics::ListenerMetrics;
 use std::num::NonZeroU32;
 
 /// A running AEF.
@@ -36,6 +37,10 @@ pub struct RunningAef {
     pub psk_addr: SocketAddr,
     /// Bound TLS endpoint (methods 2 and 3), when configured.
     pub tls_addr: Option<SocketAddr>,
+    /// Bound `/metrics` address, when `[metrics] listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    /// What `/metrics` serves (tests read it without the listener).
+    pub metrics: Arc<ccf_core::metrics::Registry>,
     tasks: ServerTasks,
 }
 
@@ -91,6 +96,7 @@ async fn serve(
         TcpListener,
         Option<TcpListener>,
     ),
+    listeners: &ListenerMetrics,
 ) -> anyhow::Result<ServerTasks> {
     let max_msg = config.limits.max_message_bytes;
     let roots = certs_from_pem("CA certificate", ca)?;
@@ -109,7 +115,7 @@ async fn serve(
 
     let mut tasks = ServerTasks::default();
     let psk_task = {
-        let gate = ConnGate::new("psk", config.limits.clone());
+        let gate = ConnGate::observed("psk", config.limits.clone(), listeners);
         let incoming = psk_incoming(psk_listener, psk_ctx, keys, gate);
         let stop = tasks.stopped();
         tokio::spawn(
@@ -123,7 +129,7 @@ async fn serve(
         tls,
         false,
         sec_routes,
-        ConnGate::new("security", config.limits.clone()),
+        ConnGate::observed("security", config.limits.clone(), listeners),
         tasks.stopped(),
     ));
     tasks.push(psk_task);
@@ -142,7 +148,7 @@ async fn serve(
             app_tls,
             false,
             Routes::new(demo),
-            ConnGate::new("tls", config.limits.clone()),
+            ConnGate::observed("tls", config.limits.clone(), listeners),
             tasks.stopped(),
         ));
     }
@@ -201,11 +207,18 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
         apis: config.apis.clone(),
         initiation_limiter: governor::RateLimiter::keyed(initiation_quota(&config)),
         refresh_interval: Duration::from_millis(config.budgets.refresh_interval_ms),
+        metrics: Default::default(),
         #[cfg(feature = "test-faults")]
         ignore_revocations: config.test_ignore_revocations,
     });
     spawn_limiter_cleanup(&state);
-    let tasks = serve(
+    let (registry, listeners, certs) = crate::metrics::registry(&state.metrics, keys.clone());
+    for (what, pem) in [("own", cert.as_str()), ("domain_ca", ca.as_str())] {
+        if let Some(der) = certs_from_pem(what, pem)?.first() {
+            certs.set_from_der(what, "", der);
+        }
+    }
+    let mut tasks = serve(
         &config,
         &state,
         keys,
@@ -215,14 +228,28 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
             psk_listener,
             tls_listener.map(|(l, _)| l),
         ),
+        &listeners,
     )
     .await?;
-    tracing::info!(%aef_id, %security_addr, %psk_addr, tls_addr = ?tls_addr, profile = ?config.psk_tls, "AEF listening");
+    let registry = Arc::new(registry);
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => {
+            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(%aef_id, %security_addr, %psk_addr, tls_addr = ?tls_addr, metrics = ?metrics_addr, profile = ?config.psk_tls, "AEF listening");
     Ok(RunningAef {
         state,
         security_addr,
         psk_addr,
         tls_addr,
+        metrics_addr,
+        metrics: registry,
         tasks,
     })
 }

@@ -24,6 +24,7 @@ use ccf_core::token::{KnownCaller, Scope};
 
 use crate::certauth::CertRefusal;
 use crate::keys::{self, HeldCa, HeldKey, InvokerRef, KeyStore};
+use crate::metrics::Endpoint;
 use crate::psk::PskPeer;
 use crate::token::TokenRefusal;
 use capif_2e::identity::PskIdentity;
@@ -51,6 +52,8 @@ pub struct AefState {
     pub initiation_limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     /// A presented key id refreshes a held key at most once in this interval.
     pub refresh_interval: Duration,
+    /// The event counters of `/metrics`.
+    pub metrics: crate::metrics::AefMetrics,
     /// Test-only fault: RevokeAuthorization is acknowledged and ignored.
     #[cfg(feature = "test-faults")]
     pub ignore_revocations: bool,
@@ -369,20 +372,9 @@ impl AefSecurityService {
         }
     }
 
-    fn tls_endpoint(&self, method: &'static str) -> Result<String, Refused> {
-        self.state
-            .tls_endpoint
-            .clone()
-            .ok_or_else(|| Refused::MethodNotServed {
-                aef: self.state.aef_id.clone(),
-                method,
-            })
-    }
-}
-
-#[tonic::async_trait]
-impl AefSecurity for AefSecurityService {
-    async fn check_authentication(
+    /// Authentication Initiation: the endpoint to dial and, with PSK, the identity and the key
+    /// held or fetched.
+    async fn initiate(
         &self,
         request: Request<CheckAuthenticationReq>,
     ) -> Result<Response<CheckAuthenticationRsp>, Status> {
@@ -440,6 +432,29 @@ impl AefSecurity for AefSecurityService {
         }))
     }
 
+    fn tls_endpoint(&self, method: &'static str) -> Result<String, Refused> {
+        self.state
+            .tls_endpoint
+            .clone()
+            .ok_or_else(|| Refused::MethodNotServed {
+                aef: self.state.aef_id.clone(),
+                method,
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl AefSecurity for AefSecurityService {
+    async fn check_authentication(
+        &self,
+        request: Request<CheckAuthenticationReq>,
+    ) -> Result<Response<CheckAuthenticationRsp>, Status> {
+        let method = request.get_ref().security_method;
+        let result = self.initiate(request).await;
+        self.state.metrics.initiation(method, &result);
+        result
+    }
+
     async fn revoke_authorization(
         &self,
         request: Request<RevokeAuthorizationReq>,
@@ -473,6 +488,7 @@ impl AefSecurity for AefSecurityService {
             .keys
             .revoke(&InvokerRef::new(home.clone(), invoker.clone()));
         tracing::info!(api_invoker_id = %invoker, %home, connections_closed = closed, "authorization revoked by the CCF");
+        self.state.metrics.revoked();
         Ok(Response::new(RevokeAuthorizationRsp {
             supported_features: req.supported_features,
             connections_closed: closed,
@@ -496,6 +512,53 @@ impl DemoApiService {
 #[tonic::async_trait]
 impl DemoApi for DemoApiService {
     async fn invoke(
+        &self,
+        request: Request<InvokeRequest>,
+    ) -> Result<Response<InvokeResponse>, Status> {
+        let endpoint = if request.extensions().get::<PskPeer>().is_some() {
+            Endpoint::Psk
+        } else {
+            Endpoint::Tls
+        };
+        let result = self.invoke_checked(request).await;
+        self.state.metrics.api_call(endpoint, &result);
+        result
+    }
+}
+
+/// What a call may do, by method.
+enum Allowed {
+    /// Methods 1 and 2: the authorization information the CCF handed the AEF.
+    Apis(Vec<String>),
+    /// Method 3: the token's scope.
+    Scope(Scope),
+}
+
+/// The authenticated invoker of one call.
+struct Caller {
+    invoker: ApiInvokerId,
+    home: CcfId,
+    key_id: String,
+    method: &'static str,
+    allowed: Allowed,
+}
+
+/// The metadata a method-2 call names its invoker in.
+pub use capif_2e::headers::INVOKER_ID_HEADER;
+
+/// The token of an `authorization: Bearer <token>` header, if the call carries one.
+fn bearer_token<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(capif_2e::headers::AUTHORIZATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix(capif_2e::headers::BEARER_PREFIX))
+        .map(str::trim)
+}
+
+impl DemoApiService {
+    /// A call: the invoker its connection authenticated, then its authorization.
+    async fn invoke_checked(
         &self,
         request: Request<InvokeRequest>,
     ) -> Result<Response<InvokeResponse>, Status> {
@@ -541,39 +604,7 @@ impl DemoApi for DemoApiService {
             result: req.payload,
         }))
     }
-}
 
-/// What a call may do, by method.
-enum Allowed {
-    /// Methods 1 and 2: the authorization information the CCF handed the AEF.
-    Apis(Vec<String>),
-    /// Method 3: the token's scope.
-    Scope(Scope),
-}
-
-/// The authenticated invoker of one call.
-struct Caller {
-    invoker: ApiInvokerId,
-    home: CcfId,
-    key_id: String,
-    method: &'static str,
-    allowed: Allowed,
-}
-
-/// The metadata a method-2 call names its invoker in.
-pub use capif_2e::headers::INVOKER_ID_HEADER;
-
-/// The token of an `authorization: Bearer <token>` header, if the call carries one.
-fn bearer_token<T>(request: &Request<T>) -> Option<&str> {
-    request
-        .metadata()
-        .get(capif_2e::headers::AUTHORIZATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix(capif_2e::headers::BEARER_PREFIX))
-        .map(str::trim)
-}
-
-impl DemoApiService {
     fn psk_caller(&self, peer: &PskPeer) -> Result<Caller, Status> {
         let id = &peer.identity;
         let key = self

@@ -2,7 +2,13 @@
 //! `prometheus-client`), the per-listener connection and TLS-handshake families that
 //! [`crate::limits::ConnGate`] and [`crate::tls::tls_incoming`] feed, and certificate-expiry
 //! gauges. Each component builds one [`Registry`] at start, registers its own families (the
-//! gateway's, the CCF's, the AEF's) next to these, and serves it with [`serve`].
+//! gateway's, the CCF's, the AEF's) next to these, and serves it with [`serve`] when its
+//! `[metrics] listen` ([`MetricsConfig`]) or `--metrics-listen` names an address.
+//!
+//! Shared by the components' own families: [`OutcomeLabels`] (how a request ended: gRPC code and
+//! `ErrorReason` name), and for state read at scrape time by a collector, [`CounterSet`] and
+//! [`Scrape`]: the gateway writes every per-partner series from the federation current at that
+//! moment, so a partner removed by a reload leaves no series behind.
 //!
 //! Labels are bounded by construction: listener names are compile-time strings, handshake
 //! outcomes a fixed set ([`HandshakeOutcome`]), partner names come from configuration. Nothing a
@@ -20,6 +26,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -196,6 +203,17 @@ pub enum HandshakeOutcome {
     Timeout,
     /// The connection closed or failed under the handshake.
     Io,
+    /// TLS-PSK: no key is held for the PSK identity offered (or none, or a malformed one, was
+    /// offered).
+    UnknownPskIdentity,
+    /// TLS-PSK: the identity names another key id than the one held.
+    StalePskKey,
+    /// TLS-PSK: the key held for the identity has expired.
+    ExpiredPskKey,
+    /// TLS-PSK: the invoker's authorization was revoked.
+    RevokedInvoker,
+    /// TLS-PSK: the identity is known but the client's key is not the one held.
+    BadPsk,
 }
 
 impl HandshakeOutcome {
@@ -210,6 +228,11 @@ impl HandshakeOutcome {
             Self::PeerAlert => "peer_alert",
             Self::Timeout => "timeout",
             Self::Io => "io",
+            Self::UnknownPskIdentity => "unknown_psk_identity",
+            Self::StalePskKey => "stale_key_id",
+            Self::ExpiredPskKey => "expired_key",
+            Self::RevokedInvoker => "revoked",
+            Self::BadPsk => "bad_psk",
         }
     }
 
@@ -364,6 +387,220 @@ pub fn latency_buckets_seconds() -> impl Iterator<Item = f64> {
     .into_iter()
 }
 
+/// `[metrics]` of every component: where its `/metrics` listener is, if anywhere.
+#[derive(Clone, Debug, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` of the `/metrics` listener (plain HTTP). Unset: no listener (the default);
+    /// the command line's `--metrics-listen` wins over it.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Binds `addr` and serves `registry` there until `stop` completes, as a task of the kind a
+/// component's [`crate::grpc::ServerTasks`] holds (it never fails once bound).
+pub async fn start<E: Send + 'static>(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), E>>)> {
+    let (bound, task) = bind_and_serve(addr, registry, stop).await?;
+    Ok((
+        bound,
+        tokio::spawn(async move {
+            let _ = task.await;
+            Ok(())
+        }),
+    ))
+}
+
+/// `notAfter` of a DER certificate as unix time; `None` if it does not parse.
+pub fn not_after_unix(der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+}
+
+/// The name of a gRPC code as the gRPC specification spells it (`NOT_FOUND`), for labels.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// How a request ended, as two bounded labels: `code` (the gRPC code's name, `OK` on success)
+/// and `reason` (the `ErrorReason` name the status carries, `none` without one). A reason that is
+/// not one of the contract's (a peer may send anything) counts as `none`: only the enum's names
+/// ever become label values.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// [`code_name`].
+    pub code: &'static str,
+    /// `ErrorReason::as_str_name`, or `none`.
+    pub reason: &'static str,
+}
+
+impl OutcomeLabels {
+    /// A success.
+    pub const OK: Self = Self {
+        code: "OK",
+        reason: "none",
+    };
+
+    /// The outcome of a failed request.
+    pub fn of_status(status: &tonic::Status) -> Self {
+        Self {
+            code: code_name(status.code()),
+            reason: crate::status::reason_of(status).map_or("none", |r| r.as_str_name()),
+        }
+    }
+
+    /// The outcome of a request's result.
+    pub fn of<T>(result: &Result<T, tonic::Status>) -> Self {
+        match result {
+            Ok(_) => Self::OK,
+            Err(s) => Self::of_status(s),
+        }
+    }
+}
+
+/// The `partner` label: a partner domain as the configuration names it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PartnerLabel {
+    /// The partner's CCF id.
+    pub partner: String,
+}
+
+/// Counters keyed by a bounded label set `L`, kept apart from any registry so that a
+/// [`prometheus_client::collector::Collector`] can write them under outer labels of its own
+/// (a partner's counters disappear with the partner; a pair `(outer, own)` of label sets is one
+/// label set). Cloning shares the counters.
+#[derive(Debug)]
+pub struct CounterSet<L>(Arc<std::sync::Mutex<std::collections::BTreeMap<L, u64>>>);
+
+impl<L> Clone for CounterSet<L> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<L> Default for CounterSet<L> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<L: Ord + Clone> CounterSet<L> {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<L, u64>> {
+        // A poisoned map only follows a panic elsewhere; its counts are still right.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds one to the counter of `labels`.
+    pub fn inc(&self, labels: L) {
+        *self.map().entry(labels).or_insert(0) += 1;
+    }
+
+    /// The counter of `labels`.
+    pub fn get(&self, labels: &L) -> u64 {
+        self.map().get(labels).copied().unwrap_or(0)
+    }
+
+    /// Every counter, in label order.
+    pub fn snapshot(&self) -> Vec<(L, u64)> {
+        self.map().iter().map(|(l, v)| (l.clone(), *v)).collect()
+    }
+}
+
+/// No labels: a series that is the whole family.
+pub const NO_LABELS: [(&str, &str); 0] = [];
+
+/// What a [`prometheus_client::collector::Collector`] writes at scrape time: one family per
+/// call, each series with its labels.
+pub struct Scrape<'a>(prometheus_client::encoding::DescriptorEncoder<'a>);
+
+impl<'a> Scrape<'a> {
+    /// Over the collector's encoder.
+    pub fn new(encoder: prometheus_client::encoding::DescriptorEncoder<'a>) -> Self {
+        Self(encoder)
+    }
+
+    /// A counter family `name` (without `_total`, which the exposition adds).
+    pub fn counters<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        series: impl IntoIterator<Item = (L, u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, v) in series {
+            family
+                .encode_family(&labels)?
+                .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)?;
+        }
+        Ok(())
+    }
+
+    /// A gauge family `name`.
+    pub fn gauges<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        series: impl IntoIterator<Item = (L, V)>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, v) in series {
+            family.encode_family(&labels)?.encode_gauge(&v)?;
+        }
+        Ok(())
+    }
+
+    /// A histogram family `name`.
+    pub fn histograms<'h, L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        series: impl IntoIterator<Item = (L, &'h Histogram)>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, h) in series {
+            h.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A latency histogram with [`latency_buckets_seconds`].
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets_seconds())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +633,60 @@ mod tests {
         assert!(classic.contains("# TYPE capif_tls_handshakes_total counter"));
         assert!(classic.contains("# TYPE capif_downstream_cx_active gauge"));
         assert!(!classic.contains("# EOF"));
+    }
+
+    /// A collector's families come out with the outer label first, counters with `_total`,
+    /// histograms with their buckets, and an unlabelled gauge without braces.
+    #[test]
+    fn a_collector_writes_its_families_under_outer_labels() {
+        #[derive(Debug)]
+        struct C(CounterSet<OutcomeLabels>, Histogram);
+        impl prometheus_client::collector::Collector for C {
+            fn encode(
+                &self,
+                encoder: prometheus_client::encoding::DescriptorEncoder,
+            ) -> Result<(), std::fmt::Error> {
+                let p = PartnerLabel {
+                    partner: "operator-b.test".into(),
+                };
+                let mut s = Scrape::new(encoder);
+                s.counters(
+                    "t_requests",
+                    "requests",
+                    self.0
+                        .snapshot()
+                        .into_iter()
+                        .map(|(l, v)| ((p.clone(), l), v)),
+                )?;
+                s.gauges("t_up", "up", [(NO_LABELS, 1i64)])?;
+                s.histograms("t_seconds", "latency", [(p.clone(), &self.1)])
+            }
+        }
+        let set = CounterSet::default();
+        set.inc(OutcomeLabels::OK);
+        set.inc(OutcomeLabels::OK);
+        let refused =
+            crate::status::status_with_reason(tonic::Code::NotFound, "INVOKER_NOT_FOUND", "no");
+        set.inc(OutcomeLabels::of_status(&refused));
+        // A reason outside the contract is not a label value.
+        let odd = crate::status::status_with_reason(tonic::Code::Internal, "MADE_UP", "x");
+        assert_eq!(OutcomeLabels::of_status(&odd).reason, "none");
+        assert_eq!(set.get(&OutcomeLabels::OK), 2);
+        let h = latency_histogram();
+        h.observe(0.002);
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(C(set, h)));
+        let text = encode_text(&reg);
+        for line in [
+            r#"t_requests_total{partner="operator-b.test",code="OK",reason="none"} 2"#,
+            r#"t_requests_total{partner="operator-b.test",code="NOT_FOUND",reason="INVOKER_NOT_FOUND"} 1"#,
+            "# TYPE t_requests_total counter",
+            "t_up 1",
+            r#"t_seconds_bucket{le="0.0025",partner="operator-b.test"} 1"#,
+            r#"t_seconds_count{partner="operator-b.test"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 
     #[tokio::test]

@@ -310,6 +310,39 @@ pub struct Counters {
     pub negative_hits: AtomicU64,
 }
 
+/// How one request was served, for the latency histograms (`capif_gateway_fetch_duration_seconds`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// From a key entry.
+    Hit,
+    /// From a refusal entry.
+    NegativeHit,
+    /// This request's own upstream fetch.
+    Miss,
+    /// It waited for another request's upstream fetch of the same key.
+    Coalesced,
+    /// A live entry refreshed because of what the caller presented.
+    Refresh,
+}
+
+impl Served {
+    /// Whether the answer came from the cache without waiting for the partner.
+    pub fn from_cache(self) -> bool {
+        matches!(self, Self::Hit | Self::NegativeHit)
+    }
+}
+
+/// Entries that left the cache other than by being replaced, by cause.
+#[derive(Debug, Default)]
+pub struct Evictions {
+    /// Pushed out by the capacity (`max_weight`).
+    pub size: AtomicU64,
+    /// Their lifetime ended (the key's validity, a refusal's short life).
+    pub expired: AtomicU64,
+    /// Removed on purpose: revocations, purges, a removed partner, a stale entry dropped.
+    pub invalidated: AtomicU64,
+}
+
 /// Most revocation marks held; beyond it every entry fetched before counts as revoked.
 pub const MAX_MARKS: usize = 100_000;
 
@@ -348,6 +381,7 @@ pub struct KeyCache {
     routes: Interner<Route>,
     /// Counters for the admin RPC.
     pub counters: Counters,
+    evictions: Arc<Evictions>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -405,11 +439,23 @@ impl KeyCache {
 
     /// A cache with the configured policy.
     pub fn new(cfg: &CacheConfig) -> Self {
+        let evictions = Arc::new(Evictions::default());
+        let counted = evictions.clone();
         Self {
             cache: Cache::builder()
                 .max_capacity(cfg.max_weight)
                 .weigher(weigh)
                 .expire_after(EntryExpiry)
+                .eviction_listener(move |_, _, cause| {
+                    use moka::notification::RemovalCause as C;
+                    let n = match cause {
+                        C::Size => &counted.size,
+                        C::Expired => &counted.expired,
+                        C::Explicit => &counted.invalidated,
+                        C::Replaced => return,
+                    };
+                    n.fetch_add(1, Ordering::Relaxed);
+                })
                 .build(),
             max_ttl: Duration::from_secs(cfg.max_ttl_secs),
             margin: Duration::from_millis(cfg.safety_margin_ms),
@@ -420,7 +466,13 @@ impl KeyCache {
             parts: Interner::default(),
             routes: Interner::default(),
             counters: Counters::default(),
+            evictions,
         }
+    }
+
+    /// Entries that left, by cause (counted when moka runs its maintenance).
+    pub fn evictions(&self) -> &Evictions {
+        &self.evictions
     }
 
     /// Keeps revocation marks for `max_ttl` plus `max_budget` (the largest request budget: the
@@ -570,6 +622,40 @@ impl KeyCache {
     where
         F: Future<Output = Result<InvokerSecurityInformation, Status>>,
     {
+        self.get_or_fetch_served(key, presented_key_id, method, fetch)
+            .await
+            .0
+    }
+
+    /// [`Self::get_or_fetch`], and how the answer was served.
+    pub async fn get_or_fetch_served<F>(
+        &self,
+        key: CacheKey,
+        presented_key_id: &str,
+        method: i32,
+        fetch: F,
+    ) -> (Result<InvokerSecurityInformation, Status>, Served)
+    where
+        F: Future<Output = Result<InvokerSecurityInformation, Status>>,
+    {
+        let mut served = Served::Miss;
+        let result = self
+            .lookup(key, presented_key_id, method, fetch, &mut served)
+            .await;
+        (result, served)
+    }
+
+    async fn lookup<F>(
+        &self,
+        key: CacheKey,
+        presented_key_id: &str,
+        method: i32,
+        fetch: F,
+        served: &mut Served,
+    ) -> Result<InvokerSecurityInformation, Status>
+    where
+        F: Future<Output = Result<InvokerSecurityInformation, Status>>,
+    {
         // Whether this fetch was forced by what the caller presented (it then counts as a
         // refresh of the entry it replaces).
         let mut refreshed = false;
@@ -588,9 +674,11 @@ impl KeyCache {
                             api_invoker_id = %key.invoker(),
                             "presented key id or method differs from the cached answer; refreshing"
                         );
+                        *served = Served::Refresh;
                         return self.refresh(key, k, fetch).await;
                     }
                     if let Some(a) = k.answer(&key) {
+                        *served = Served::Hit;
                         self.counters.hits.fetch_add(1, Ordering::Relaxed);
                         return Ok(a);
                     }
@@ -601,6 +689,7 @@ impl KeyCache {
                         && r.renewable()
                         && r.last_refresh.claim(self.refresh_interval);
                     if !renew {
+                        *served = Served::NegativeHit;
                         self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
                         return Err(r.status());
                     }
@@ -634,6 +723,7 @@ impl KeyCache {
         if ran.load(Ordering::Relaxed) {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
         } else {
+            *served = Served::Coalesced;
             self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
         }
         match result {

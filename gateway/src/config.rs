@@ -242,6 +242,9 @@ pub struct GatewayConfig {
     /// Live reconfiguration.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// The `/metrics` listener (off unless set).
+    #[serde(default)]
+    pub metrics: ccf_core::metrics::MetricsConfig,
 }
 
 impl GatewayConfig {

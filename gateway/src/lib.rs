@@ -19,6 +19,7 @@
 //! - [`store`] — fetch records, the revocation outbox and the notices seen (redb, survives a restart).
 //! - [`outbox`] — delivering the outbox: retries with backoff until acknowledged or moot.
 //! - [`state`] — what the services share.
+//! - [`metrics`] — the Prometheus families: per-partner ones written from the current federation.
 //! - [`service`] — `Gateway`, `Interconnect`, `GatewayAdmin`.
 //! - [`server`] — starting a gateway.
 
@@ -26,6 +27,7 @@ pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod discovery;
+pub mod metrics;
 pub mod outbox;
 pub mod partner;
 pub mod partners;

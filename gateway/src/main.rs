@@ -35,6 +35,10 @@ struct Cli {
     /// Override `state_dir` (fetch records and the revocation outbox).
     #[arg(long, env = "CAPIF_GATEWAY_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (overrides `metrics.listen`;
+    /// ip:port, port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", env = "CAPIF_GATEWAY_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format on stderr.
     #[arg(
         long,
@@ -47,11 +51,12 @@ struct Cli {
 
 async fn run(cli: Cli) -> Result<()> {
     // The overrides apply to every read of the file, so a reload does not undo them.
-    let (l6, l6e, ns, sd) = (
+    let (l6, l6e, ns, sd, ml) = (
         cli.listen_capif6,
         cli.listen_capif6e,
         cli.nameserver,
         cli.state_dir,
+        cli.metrics_listen,
     );
     let adjust = move |cfg: &mut GatewayConfig| {
         if let Some(a) = &l6 {
@@ -66,13 +71,20 @@ async fn run(cli: Cli) -> Result<()> {
         if let Some(d) = &sd {
             cfg.state_dir = Some(d.clone());
         }
+        if let Some(a) = ml {
+            cfg.metrics.listen = Some(a);
+        }
     };
     let gw = capif_gateway::server::start_from_file(cli.config, Some(Arc::new(adjust))).await?;
     // Before the ready line: a SIGHUP sent as soon as the gateway says it is ready must reload
     // it, not end it (SIGHUP's default action).
     let mut hup = signal(SignalKind::hangup())?;
+    let metrics = gw
+        .metrics_addr
+        .map(|a| format!(" metrics={a}"))
+        .unwrap_or_default();
     println!(
-        "capif-gateway ready ccf_id={} capif6={} capif6e={}",
+        "capif-gateway ready ccf_id={} capif6={} capif6e={}{metrics}",
         gw.state.ccf_id, gw.capif6_addr, gw.capif6e_addr
     );
     let stop = terminated();

@@ -224,16 +224,20 @@ async fn deliver(
                 ))));
             };
             let notice = notice.clone();
-            link.call(
-                Instant::now() + ATTEMPT_DEADLINE,
-                move |mut c, remaining| {
-                    let mut r = Request::new(notice.clone());
-                    r.set_timeout(remaining);
-                    async move { c.notify_revocation(r).await }
-                },
-            )
-            .await
-            .map(|_| ())
+            let sent = link
+                .call(
+                    Instant::now() + ATTEMPT_DEADLINE,
+                    move |mut c, remaining| {
+                        let mut r = Request::new(notice.clone());
+                        r.set_timeout(remaining);
+                        async move { c.notify_revocation(r).await }
+                    },
+                )
+                .await;
+            if sent.is_ok() {
+                link.metrics().revocation_sent();
+            }
+            sent.map(|_| ())
         }
         Destination::OwnCcf => call_own_ccf(
             &state.ccf,

@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::discovery::Discovery;
+use crate::metrics::PartnerMetrics;
 use crate::trust::PartnerTrust;
 
 /// What the admin RPC shows of a partner.
@@ -91,6 +92,7 @@ struct Kept {
     budget: Arc<RetryBudget>,
     fetch_budget: Arc<governor::DefaultDirectRateLimiter>,
     fetches_refused: Arc<std::sync::atomic::AtomicU64>,
+    metrics: PartnerMetrics,
 }
 
 impl std::fmt::Debug for PartnerLink {
@@ -144,12 +146,14 @@ impl PartnerLink {
                 budget: Arc::new(RetryBudget::new(policy.retry_budget_ratio)),
                 fetch_budget: Arc::new(governor::RateLimiter::direct(policy.fetch_quota())),
                 fetches_refused: Arc::default(),
+                metrics: PartnerMetrics::default(),
             },
         };
         let stats = kept.stats.clone();
         let connector = TlsConnector::from(tls);
         let partner = trust.ccf_id.clone();
         let stats2 = stats.clone();
+        let metrics = kept.metrics.clone();
         let connect_timeout = policy.connect_timeout;
         let address = static_address.clone();
         let channel = Endpoint::from_static("http://partner.invalid")
@@ -162,6 +166,7 @@ impl PartnerLink {
                 let partner = partner.clone();
                 let static_address = address.clone();
                 let stats = stats2.clone();
+                let metrics = metrics.clone();
                 async move {
                     let targets = discovery
                         .targets(&partner, static_address.as_deref())
@@ -183,10 +188,14 @@ impl PartnerLink {
                             connector.connect(name, tcp).await
                         };
                         match tokio::time::timeout(connect_timeout, attempt).await {
-                            Ok(Ok(tls)) => return Ok(hyper_util::rt::TokioIo::new(tls)),
+                            Ok(Ok(tls)) => {
+                                metrics.connected();
+                                return Ok(hyper_util::rt::TokioIo::new(tls));
+                            }
                             Ok(Err(e)) => errors.push(format!("{}: {e}", t.addr)),
                             Err(_) => errors.push(format!("{}: connect timed out", t.addr)),
                         }
+                        metrics.connect_failed();
                     }
                     Err(io::Error::new(
                         io::ErrorKind::ConnectionRefused,
@@ -228,6 +237,11 @@ impl PartnerLink {
         ))
     }
 
+    /// This partner's metrics (kept by a successor link, like the budgets).
+    pub fn metrics(&self) -> &PartnerMetrics {
+        &self.kept.metrics
+    }
+
     /// Fetches refused by the budget since start.
     pub fn fetches_refused(&self) -> u64 {
         self.kept
@@ -237,6 +251,17 @@ impl PartnerLink {
 
     /// Calls the partner with `f` until `deadline`, retrying retryable failures within budget.
     pub async fn call<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, Status>
+    where
+        F: Fn(InterconnectClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let result = self.call_within(deadline, f).await;
+        self.kept.metrics.upstream_call(started.elapsed());
+        result
+    }
+
+    async fn call_within<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, Status>
     where
         F: Fn(InterconnectClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,

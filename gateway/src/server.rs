@@ -17,6 +17,7 @@ use capif_proto::v1::{
 };
 use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::limits::ConnGate;
+use ccf_core::metrics::ListenerMetrics;
 use ccf_core::tls::{
     ExpectedPeer, PeerServerVerifier, TlsError, certs_from_pem, connect_lazy, provider, roots,
 };
@@ -81,6 +82,10 @@ pub struct RunningGateway {
     pub capif6_addr: SocketAddr,
     /// Bound CAPIF-6e address.
     pub capif6e_addr: SocketAddr,
+    /// Bound `/metrics` address, when `[metrics] listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    /// What `/metrics` serves (tests read it without the listener).
+    pub metrics: Arc<ccf_core::metrics::Registry>,
     tasks: ServerTasks,
 }
 
@@ -216,7 +221,10 @@ async fn launch(
         revocations_received: Default::default(),
         partner_requests_served: Default::default(),
         duplicate_revocations: Default::default(),
+        revocations_published: Default::default(),
     });
+    let (registry, listeners) =
+        crate::metrics::registry(state.clone(), own.clone(), interconnect.clone());
 
     let capif6_verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&own_roots)?), provider())
@@ -225,7 +233,14 @@ async fn launch(
     let capif6_tls = dynamic_server_config(capif6_verifier, own)?;
     let capif6e_verifier = Arc::new(FederationVerifier::mandatory(FederationCheck::new(live)));
     let capif6e_tls = dynamic_server_config(capif6e_verifier, interconnect)?;
-    serve(config, state, capif6_tls, capif6e_tls).await
+    serve(
+        config,
+        state,
+        capif6_tls,
+        capif6e_tls,
+        (Arc::new(registry), listeners),
+    )
+    .await
 }
 
 /// A TLS 1.3 server config (ALPN h2) whose certificate comes from `identity`, swapped by a
@@ -250,6 +265,7 @@ async fn serve(
     state: Arc<GatewayState>,
     capif6_tls: Arc<rustls::ServerConfig>,
     capif6e_tls: Arc<rustls::ServerConfig>,
+    (registry, listeners): (Arc<ccf_core::metrics::Registry>, ListenerMetrics),
 ) -> Result<RunningGateway, StartError> {
     let bind = |addr: String| async move {
         let l = TcpListener::bind(&addr)
@@ -291,7 +307,7 @@ async fn serve(
         capif6_tls,
         false,
         routes6,
-        ConnGate::new("capif6", config.limits.clone()),
+        ConnGate::observed("capif6", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
     tasks.push(spawn_server(
@@ -299,7 +315,7 @@ async fn serve(
         capif6e_tls,
         false,
         routes6e,
-        ConnGate::new("capif6e", config.limits.clone()),
+        ConnGate::observed("capif6e", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
     if let Some(poll) = reload::spawn_poll(state.clone(), tasks.stopped()) {
@@ -309,11 +325,26 @@ async fn serve(
     for t in crate::outbox::spawn(state.clone(), tasks.stopped()) {
         tasks.push(t);
     }
-    tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, partners = state.partners().len(), "gateway listening");
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => {
+            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, metrics = ?metrics_addr, partners = state.partners().len(), "gateway listening");
     Ok(RunningGateway {
         state,
         capif6_addr,
         capif6e_addr,
+        metrics_addr,
+        metrics: registry,
         tasks,
     })
 }

@@ -52,6 +52,8 @@ pub struct GatewayState {
     pub partner_requests_served: AtomicU64,
     /// Revocation notices received again and acknowledged without acting.
     pub duplicate_revocations: AtomicU64,
+    /// Revocation notices of its own invokers the own CCF published (repeats not counted).
+    pub revocations_published: AtomicU64,
 }
 
 impl GatewayState {

@@ -21,6 +21,10 @@ use tokio::process::{Child, Command};
 use crate::dns::DnsServer;
 use crate::scenario::Scenario;
 
+/// The file in the run directory that lists every component's `/metrics` address for
+/// Prometheus' `file_sd_configs`.
+pub const PROMETHEUS_TARGETS: &str = "prometheus-targets.json";
+
 /// How long a component may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -157,6 +161,8 @@ pub struct Testbed {
     pub(crate) rotations: BTreeMap<String, u32>,
     /// Where every component exports its spans (OTLP/gRPC), when set.
     pub otlp_endpoint: Option<String>,
+    /// The `/metrics` port of every component (`--metrics-listen`), by component name.
+    pub metrics_ports: BTreeMap<String, u16>,
 }
 
 /// The directory holding `ccf`, `capif-gateway` and `aef-stub`: `$CAPIF_BIN_DIR`, else the
@@ -275,8 +281,16 @@ impl Testbed {
             quiet,
             rotations: BTreeMap::new(),
             otlp_endpoint,
+            metrics_ports: BTreeMap::new(),
         };
+        for c in tb.components() {
+            tb.metrics_ports.insert(c, free_port()?);
+        }
         tb.generate()?;
+        write(
+            &run_dir.join(PROMETHEUS_TARGETS),
+            &serde_json::to_string_pretty(&tb.prometheus_targets())?,
+        )?;
         if let Err(e) = tb.start_all().await {
             tb.down().await;
             return Err(e);
@@ -453,6 +467,35 @@ impl Testbed {
         v
     }
 
+    /// Every component's `/metrics` address, by component name (`gateway:operator-a.test`).
+    pub fn metrics_addrs(&self) -> BTreeMap<String, std::net::SocketAddr> {
+        self.metrics_ports
+            .iter()
+            .map(|(c, p)| (c.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], *p))))
+            .collect()
+    }
+
+    /// The scrape targets in Prometheus' file-based discovery format (`file_sd_configs`), one
+    /// group per component, labelled with the component and its domain.
+    pub fn prometheus_targets(&self) -> serde_json::Value {
+        let groups: Vec<serde_json::Value> = self
+            .metrics_addrs()
+            .into_iter()
+            .map(|(c, addr)| {
+                let domain = match c.split_once(':') {
+                    Some(("aef", a)) => self.aefs.get(a).map(|a| a.domain.clone()),
+                    Some((_, d)) => Some(d.to_string()),
+                    None => None,
+                };
+                serde_json::json!({
+                    "targets": [addr.to_string()],
+                    "labels": { "component": c, "domain": domain.unwrap_or_default() },
+                })
+            })
+            .collect();
+        serde_json::Value::Array(groups)
+    }
+
     async fn start_all(&mut self) -> Result<()> {
         let all = self.components();
         for (i, c) in all.iter().enumerate() {
@@ -468,6 +511,14 @@ impl Testbed {
     }
 
     fn command(&self, component: &str) -> Result<(PathBuf, Vec<String>)> {
+        let (bin, mut args) = self.component_command(component)?;
+        if let Some(port) = self.metrics_ports.get(component) {
+            args.extend(["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+        }
+        Ok((bin, args))
+    }
+
+    fn component_command(&self, component: &str) -> Result<(PathBuf, Vec<String>)> {
         let (kind, name) = component
             .split_once(':')
             .ok_or_else(|| anyhow!("bad component {component:?}"))?;
@@ -637,6 +688,25 @@ impl Testbed {
                     a.apis.join(", ")
                 );
             }
+            let metrics = self.metrics_addrs();
+            let mut scrape: Vec<String> = Vec::new();
+            for c in self.components() {
+                let Some(addr) = metrics.get(&c) else {
+                    continue;
+                };
+                let (kind, name) = c.split_once(':').unwrap_or((&c, ""));
+                let ours = match kind {
+                    "aef" => self.aefs.get(name).is_some_and(|a| a.domain == d.id),
+                    _ => name == d.id,
+                };
+                if ours {
+                    let who = if kind == "aef" { name } else { kind };
+                    scrape.push(format!("{who} http://{addr}/metrics"));
+                }
+            }
+            if !scrape.is_empty() {
+                out += &format!("  metrics   {}\n", scrape.join("  "));
+            }
             out += &format!("  {grpcurl} {tls} 127.0.0.1:{} list\n", d.capif_port);
             out += &format!(
                 "  {grpcurl} {tls} 127.0.0.1:{} describe capif.v1.Security\n",
@@ -648,6 +718,12 @@ impl Testbed {
                     d.gw6_port
                 );
             }
+        }
+        if !self.metrics_ports.is_empty() {
+            out += &format!(
+                "\nPrometheus scrape targets (file_sd_configs): {}\n",
+                self.run_dir.join(PROMETHEUS_TARGETS).display()
+            );
         }
         out
     }

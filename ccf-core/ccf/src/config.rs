@@ -191,6 +191,9 @@ pub struct CcfConfig {
     /// Connection caps, timeouts and message limits of both listeners.
     #[serde(default)]
     pub limits: ccf_core::limits::ListenerLimits,
+    /// The `/metrics` listener (off unless set).
+    #[serde(default)]
+    pub metrics: ccf_core::metrics::MetricsConfig,
 }
 
 impl CcfConfig {

@@ -13,8 +13,10 @@
 //! - [`store`] — invokers and security contexts in redb.
 //! - [`service`] — the gRPC services.
 //! - [`server`] — starting a CCF.
+//! - [`metrics`] — the Prometheus families.
 
 pub mod config;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

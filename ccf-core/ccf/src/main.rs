@@ -101,6 +101,10 @@ struct ServeArgs {
     /// Override `security.aef_psk_validity_secs`.
     #[arg(long, env = "CCF_AEF_PSK_VALIDITY_SECS")]
     aef_psk_validity_secs: Option<u64>,
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (overrides `metrics.listen`;
+    /// ip:port, port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", env = "CCF_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -178,14 +182,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(v) = args.aef_psk_validity_secs {
         cfg.security.aef_psk_validity_secs = v;
     }
+    if let Some(a) = args.metrics_listen {
+        cfg.metrics.listen = Some(a);
+    }
     let ca_path = cfg
         .pki
         .ca_cert
         .clone()
         .unwrap_or_else(|| cfg.state_dir.join("ca.pem"));
     let ccf = capif_ccf::server::start(cfg).await?;
+    let metrics = ccf
+        .metrics_addr
+        .map(|a| format!(" metrics={a}"))
+        .unwrap_or_default();
     println!(
-        "ccf ready ccf_id={} onboarding={} capif={} capif1e={} capif1e_profile={} ca={}",
+        "ccf ready ccf_id={} onboarding={} capif={} capif1e={} capif1e_profile={} ca={}{metrics}",
         ccf.state.ccf_id,
         ccf.onboarding_addr,
         ccf.capif_addr,

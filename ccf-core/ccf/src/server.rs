@@ -26,6 +26,7 @@ use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::kdf::Capif1eProfile;
 use ccf_core::limits::ConnGate;
+use ccf_core::metrics::ListenerMetrics;
 use ccf_core::pki::DomainCa;
 use ccf_core::registry::AefRegistry;
 use ccf_core::tls::{ClientAuth, ExpectedPeer, certs_from_pem, server_config};
@@ -141,6 +142,8 @@ pub struct CcfState {
     pub revocations_delivered: std::sync::atomic::AtomicU64,
     /// The domain's CAPIF-1e profile: AEFPSKs are derived only from sessions of this profile.
     pub capif1e: Capif1eProfile,
+    /// The event counters of `/metrics`.
+    pub metrics: crate::metrics::CcfMetrics,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -202,6 +205,7 @@ impl CcfState {
             notice_id = %notice.notice_id,
             "security contexts revoked"
         );
+        self.metrics.revocation_published(notice.kind);
         self.revoke_at_aefs(&notice, affected);
         self.revocation_queued.notify_one();
     }
@@ -256,6 +260,10 @@ pub struct RunningCcf {
     /// Where invokers run CAPIF-1e: `capif_addr` with `tls13-exporter`, the TLS 1.2 listener
     /// with `tls12-annex-a`.
     pub capif1e_addr: SocketAddr,
+    /// Bound `/metrics` address, when `[metrics] listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    /// What `/metrics` serves (tests read it without the listener).
+    pub metrics: Arc<ccf_core::metrics::Registry>,
     tasks: ServerTasks,
 }
 
@@ -504,6 +512,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         revocation_queued: Default::default(),
         revocations_delivered: Default::default(),
         capif1e: config.security.capif1e,
+        metrics: Default::default(),
         token_lifetime: Duration::from_secs(config.token.lifetime_secs),
         key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,
@@ -517,13 +526,21 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
             .map(|c| credential_digest(c.expose()))
             .collect(),
     });
+    let (registry, listeners, certs) = crate::metrics::registry(&state);
+    let own_der = certs_from_pem("CCF certificate", &own.cert_pem)?;
+    for (cert, der) in [("own", own_der.first()), ("domain_ca", roots.first())] {
+        if let Some(der) = der {
+            certs.set_from_der(cert, "", der);
+        }
+    }
+    let metrics = (Arc::new(registry), listeners);
     serve(
         &config,
         state,
-        onboarding_tls,
-        capif_tls,
+        (onboarding_tls, capif_tls),
         capif1e_tls,
         purge_every,
+        metrics,
     )
     .await
 }
@@ -667,10 +684,10 @@ fn aef_clients(
 async fn serve(
     config: &CcfConfig,
     state: Arc<CcfState>,
-    onboarding_tls: Arc<rustls::ServerConfig>,
-    capif_tls: Arc<rustls::ServerConfig>,
+    (onboarding_tls, capif_tls): (Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>),
     capif1e_tls: Option<ccf_core::tls12::SslContext>,
     purge_every: Duration,
+    (registry, listeners): (Arc<ccf_core::metrics::Registry>, ListenerMetrics),
 ) -> Result<RunningCcf, StartError> {
     let bind = |addr: String| async move {
         TcpListener::bind(&addr)
@@ -698,7 +715,7 @@ async fn serve(
         onboarding_tls,
         false,
         onboarding_routes,
-        ConnGate::new("onboarding", config.limits.clone()),
+        ConnGate::observed("onboarding", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
     tasks.push(spawn_server(
@@ -706,7 +723,7 @@ async fn serve(
         capif_tls,
         true,
         capif_routes,
-        ConnGate::new("capif", config.limits.clone()),
+        ConnGate::observed("capif", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
     if let (Some(listener), Some(ctx)) = (capif1e_listener, capif1e_tls) {
@@ -714,19 +731,34 @@ async fn serve(
             listener,
             ctx,
             capif1e_routes,
-            ConnGate::new("capif1e", config.limits.clone()),
+            ConnGate::observed("capif1e", config.limits.clone(), &listeners),
             tasks.stopped(),
         ));
     }
     // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
     tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
     tasks.push(spawn_revocation_outbox(state.clone(), tasks.stopped()));
-    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, %capif1e_addr, capif1e = %state.capif1e, "CCF listening");
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => {
+            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, %capif1e_addr, capif1e = %state.capif1e, metrics = ?metrics_addr, "CCF listening");
     Ok(RunningCcf {
         state,
         onboarding_addr,
         capif_addr,
         capif1e_addr,
+        metrics_addr,
+        metrics: registry,
         tasks,
     })
 }

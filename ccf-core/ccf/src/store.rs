@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 use capif_proto::v1::RevocationNotice;
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::AefPsk;
+use ccf_core::metrics::{Histogram, latency_histogram};
 use ccf_core::registry::SecurityMethod;
 use prost::Message;
 
@@ -229,6 +230,30 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
 /// The CCF state store.
 pub struct Store {
     db: Database,
+    timings: StoreTimings,
+}
+
+/// `capif_ccf_store_duration_seconds{operation}`: how long each store operation took, its
+/// durable commit included. Cloning shares the histograms.
+pub type StoreTimings =
+    prometheus_client::metrics::family::Family<StoreOp, Histogram, fn() -> Histogram>;
+
+/// The label of a store operation: the [`Store`] method's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct StoreOp {
+    /// The method (`onboard`, `put_contexts_queueing`, ...).
+    pub operation: &'static str,
+}
+
+/// Observes the time from its creation to its drop.
+struct Timer<'a>(&'a StoreTimings, &'static str, std::time::Instant);
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.0
+            .get_or_create(&StoreOp { operation: self.1 })
+            .observe(self.2.elapsed().as_secs_f64());
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -261,11 +286,24 @@ impl Store {
         tx.open_table(FOREIGN_REVOCATIONS)?;
         tx.open_table(REVOCATION_OUTBOX)?;
         tx.commit()?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            timings: StoreTimings::new_with_constructor(latency_histogram),
+        })
+    }
+
+    /// The operations' latency histograms (registered by the CCF's metrics).
+    pub fn timings(&self) -> &StoreTimings {
+        &self.timings
+    }
+
+    fn timed(&self, operation: &'static str) -> Timer<'_> {
+        Timer(&self.timings, operation, std::time::Instant::now())
     }
 
     /// Records a new invoker and marks its onboarding credential (by digest) used, atomically.
     pub fn onboard(&self, credential_digest: &str, rec: &InvokerRecord) -> Result<(), StoreError> {
+        let _timer = self.timed("onboard");
         let tx = self.db.begin_write()?;
         {
             let mut creds = tx.open_table(CREDENTIALS)?;
@@ -282,6 +320,7 @@ impl Store {
 
     /// Whether a credential digest was used.
     pub fn credential_used(&self, credential_digest: &str) -> Result<bool, StoreError> {
+        let _timer = self.timed("credential_used");
         let tx = self.db.begin_read()?;
         Ok(tx
             .open_table(CREDENTIALS)?
@@ -291,6 +330,7 @@ impl Store {
 
     /// An invoker's record.
     pub fn invoker(&self, id: &ApiInvokerId) -> Result<Option<InvokerRecord>, StoreError> {
+        let _timer = self.timed("invoker");
         let tx = self.db.begin_read()?;
         let t = tx.open_table(INVOKERS)?;
         t.get(id.as_str())?.map(|v| decode(v.value())).transpose()
@@ -298,12 +338,14 @@ impl Store {
 
     /// Number of onboarded invokers.
     pub fn invoker_count(&self) -> Result<u64, StoreError> {
+        let _timer = self.timed("invoker_count");
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(INVOKERS)?.len()?)
     }
 
     /// Number of stored security contexts.
     pub fn context_count(&self) -> Result<u64, StoreError> {
+        let _timer = self.timed("context_count");
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(CONTEXTS)?.len()?)
     }
@@ -320,6 +362,7 @@ impl Store {
         id: &ApiInvokerId,
         notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
     ) -> Result<Vec<SecurityContext>, StoreError> {
+        let _timer = self.timed("offboard_queueing");
         let tx = self.db.begin_write()?;
         let removed = {
             let mut inv = tx.open_table(INVOKERS)?;
@@ -375,6 +418,7 @@ impl Store {
         contexts: &[SecurityContext],
         notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
     ) -> Result<Vec<SecurityContext>, StoreError> {
+        let _timer = self.timed("put_contexts_queueing");
         let tx = self.db.begin_write()?;
         let mut replaced = Vec::new();
         {
@@ -400,6 +444,7 @@ impl Store {
         id: &ApiInvokerId,
         aef: &AefId,
     ) -> Result<Option<SecurityContext>, StoreError> {
+        let _timer = self.timed("context");
         let tx = self.db.begin_read()?;
         let t = tx.open_table(CONTEXTS)?;
         t.get(ctx_key(id, aef).as_str())?
@@ -409,6 +454,7 @@ impl Store {
 
     /// Every context of an invoker.
     pub fn contexts_of(&self, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
+        let _timer = self.timed("contexts_of");
         let tx = self.db.begin_read()?;
         let t = tx.open_table(CONTEXTS)?;
         let (lo, hi) = ctx_range(id);
@@ -438,6 +484,7 @@ impl Store {
         aef: Option<&AefId>,
         notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
     ) -> Result<Vec<SecurityContext>, StoreError> {
+        let _timer = self.timed("remove_contexts_queueing");
         let tx = self.db.begin_write()?;
         let removed = Self::remove_in(&tx, id, aef)?;
         queue_in(&tx, &notices(&removed))?;
@@ -455,6 +502,7 @@ impl Store {
         aefs: &[AefId],
         until_ms: u64,
     ) -> Result<(), StoreError> {
+        let _timer = self.timed("revoke_foreign");
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(FOREIGN_REVOCATIONS)?;
@@ -470,6 +518,7 @@ impl Store {
 
     /// Every revocation notice the gateway has not acknowledged.
     pub fn revocation_outbox(&self) -> Result<Vec<QueuedNotice>, StoreError> {
+        let _timer = self.timed("revocation_outbox");
         let tx = self.db.begin_read()?;
         let t = tx.open_table(REVOCATION_OUTBOX)?;
         let mut out = Vec::new();
@@ -482,6 +531,7 @@ impl Store {
 
     /// Deletes a queued notice (acknowledged, or given up).
     pub fn revocation_done(&self, notice_id: &str) -> Result<(), StoreError> {
+        let _timer = self.timed("revocation_done");
         let tx = self.db.begin_write()?;
         tx.open_table(REVOCATION_OUTBOX)?.remove(notice_id)?;
         tx.commit()?;
@@ -491,6 +541,7 @@ impl Store {
     /// Stores a queued notice's attempts and next attempt time. Not durable on its own: after a
     /// crash the notice is simply tried again at once.
     pub fn revocation_reschedule(&self, q: &QueuedNotice) -> Result<(), StoreError> {
+        let _timer = self.timed("revocation_reschedule");
         let mut tx = self.db.begin_write()?;
         tx.set_durability(redb::Durability::None)?;
         {
@@ -513,6 +564,7 @@ impl Store {
         aef: &AefId,
         now_ms: u64,
     ) -> Result<Option<u64>, StoreError> {
+        let _timer = self.timed("foreign_revoked_until");
         let tx = self.db.begin_read()?;
         let t = tx.open_table(FOREIGN_REVOCATIONS)?;
         Ok(t.get(foreign_key(home, invoker, aef).as_str())?
@@ -524,6 +576,7 @@ impl Store {
     /// write transaction, and returns how many it deleted. Contexts that expire later, invokers
     /// and credentials are not touched.
     pub fn purge_expired(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        let _timer = self.timed("purge_expired");
         // Only the expiry is read, so no AEFPSK is decoded into memory to decide.
         #[derive(Deserialize)]
         struct Expiry {

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{Refused, horizon, notice_aef_ids, query_ids, require, store_status};
+use crate::metrics::Direction;
 use crate::state::GatewayState;
 use crate::trust::{InvokerCaError, PartnerTrust};
 
@@ -53,6 +54,7 @@ impl Gateway for GatewayService {
         &self,
         request: Request<SecurityInformationQuery>,
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
+        let started = Instant::now();
         let who = caller(&request)?;
         require(
             &self.state,
@@ -98,12 +100,15 @@ impl Gateway for GatewayService {
             }
             Ok(info)
         };
-        let result = self
+        let (result, served) = self
             .state
             .cache
-            .get_or_fetch(key, &presented, q.security_method, fetch)
+            .get_or_fetch_served(key, &presented, q.security_method, fetch)
             .instrument(span.clone())
             .await;
+        let metrics = link.metrics();
+        metrics.request(Direction::Outbound, "FetchSecurityInformation", &result);
+        metrics.fetch_served(served, started.elapsed());
         span.in_scope(|| match &result {
             // The hit path is hot: one log line per answer would cost more than the lookup.
             Ok(info) => tracing::debug!(key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information served"),
@@ -149,6 +154,9 @@ impl Gateway for GatewayService {
                 duplicate: true,
             }));
         };
+        self.state
+            .revocations_published
+            .fetch_add(1, Ordering::Relaxed);
         for p in &partners {
             self.state.outbox.wake_partner(p);
         }
@@ -246,12 +254,14 @@ impl Gateway for GatewayService {
             tracing::info!(partner = %issuer, keys = set.keys.len(), "partner token keys fetched");
             Ok(set)
         };
-        let set = self
+        let result = self
             .state
             .key_sets
             .get_or_fetch(&issuer, &req.unknown_kid, fetch)
-            .await?;
-        Ok(Response::new((*set).clone()))
+            .await;
+        link.metrics()
+            .request(Direction::Outbound, "FetchTokenKeySet", &result);
+        Ok(Response::new((*result?).clone()))
     }
 }
 

@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::{Refused, horizon, notice_aef_ids, query_ids, store_status};
+use crate::metrics::Direction;
 use crate::state::GatewayState;
 use crate::store::Destination;
 
@@ -131,6 +132,49 @@ impl Interconnect for InterconnectService {
         request: Request<SecurityInformationQuery>,
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
         let partner = self.partner(&request)?;
+        let result = self.fetch_for(partner.clone(), request).await;
+        self.observe(&partner, "FetchSecurityInformation", &result);
+        result
+    }
+
+    async fn notify_revocation(
+        &self,
+        request: Request<RevocationNotice>,
+    ) -> Result<Response<RevocationAck>, Status> {
+        let partner = self.partner(&request)?;
+        let result = self.notify_from(partner.clone(), request).await;
+        self.observe(&partner, "NotifyRevocation", &result);
+        if let (Ok(ack), Some(link)) = (&result, self.state.link(&partner)) {
+            link.metrics().revocation_received(ack.get_ref().duplicate);
+        }
+        result
+    }
+
+    async fn get_token_key_set(
+        &self,
+        request: Request<TokenKeySetRequest>,
+    ) -> Result<Response<TokenKeySet>, Status> {
+        let partner = self.partner(&request)?;
+        let result = self.keys_for(partner.clone(), request).await;
+        self.observe(&partner, "GetTokenKeySet", &result);
+        result
+    }
+}
+
+/// The answers, once the partner is authenticated; the trait methods count how each ended.
+impl InterconnectService {
+    /// Counts a partner's request and how it ended (the partner's series, if it is still one).
+    fn observe<T>(&self, partner: &CcfId, rpc: &'static str, result: &Result<T, Status>) {
+        if let Some(link) = self.state.link(partner) {
+            link.metrics().request(Direction::Inbound, rpc, result);
+        }
+    }
+
+    async fn fetch_for(
+        &self,
+        partner: CcfId,
+        request: Request<SecurityInformationQuery>,
+    ) -> Result<Response<InvokerSecurityInformation>, Status> {
         let deadline = Instant::now() + self.budget(&request);
         let q = request.into_inner();
         let (invoker, home, _aef) = query_ids(&q)?;
@@ -182,11 +226,11 @@ impl Interconnect for InterconnectService {
         Ok(Response::new(answer))
     }
 
-    async fn notify_revocation(
+    async fn notify_from(
         &self,
+        partner: CcfId,
         request: Request<RevocationNotice>,
     ) -> Result<Response<RevocationAck>, Status> {
-        let partner = self.partner(&request)?;
         let notice = request.into_inner();
         if notice.home_ccf_id != partner.as_str() {
             return Err(Refused::RevokesOthers { partner }.into());
@@ -233,11 +277,11 @@ impl Interconnect for InterconnectService {
         }))
     }
 
-    async fn get_token_key_set(
+    async fn keys_for(
         &self,
+        partner: CcfId,
         request: Request<TokenKeySetRequest>,
     ) -> Result<Response<TokenKeySet>, Status> {
-        let partner = self.partner(&request)?;
         let remaining = self.budget(&request);
         let req = request.into_inner();
         if !req.issuer_ccf_id.is_empty() && req.issuer_ccf_id != self.state.ccf_id.as_str() {

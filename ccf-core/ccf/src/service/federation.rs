@@ -60,9 +60,9 @@ pub(super) fn partner_query(
     Ok((partner, invoker, aef))
 }
 
-#[tonic::async_trait]
-impl Federation for FederationService {
-    async fn get_security_information_for_partner(
+impl FederationService {
+    /// CAPIF-6: what a partner may have of an invoker's security information (invariant 1).
+    async fn answer_partner(
         &self,
         request: Request<PartnerSecurityInformationRequest>,
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
@@ -96,6 +96,19 @@ impl Federation for FederationService {
         }
         tracing::info!(%partner, api_invoker_id = %invoker, aef_id = %aef, key_id = %ctx.key_id, "security information handed to partner");
         Ok(Response::new(security_information(&self.state, &ctx)))
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn get_security_information_for_partner(
+        &self,
+        request: Request<PartnerSecurityInformationRequest>,
+    ) -> Result<Response<InvokerSecurityInformation>, Status> {
+        let partner = request.get_ref().partner_ccf_id.clone();
+        let result = self.answer_partner(request).await;
+        self.state.metrics.partner_request(&partner, &result);
+        result
     }
 
     async fn notify_revocation(

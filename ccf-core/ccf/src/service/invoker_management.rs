@@ -42,9 +42,9 @@ fn new_invoker_id() -> ApiInvokerId {
     ApiInvokerId::new(format!("inv-{}", hex::encode(bytes))).unwrap_or_else(|_| unreachable!())
 }
 
-#[tonic::async_trait]
-impl InvokerManagement for InvokerManagementService {
-    async fn onboard(
+impl InvokerManagementService {
+    /// Onboarding: the credential checked, the certificate issued, both stored at once.
+    async fn onboard_checked(
         &self,
         request: Request<OnboardRequest>,
     ) -> Result<Response<OnboardResponse>, Status> {
@@ -107,6 +107,18 @@ impl InvokerManagement for InvokerManagementService {
             ccf_id: state.ccf_id.to_string(),
         }))
     }
+}
+
+#[tonic::async_trait]
+impl InvokerManagement for InvokerManagementService {
+    async fn onboard(
+        &self,
+        request: Request<OnboardRequest>,
+    ) -> Result<Response<OnboardResponse>, Status> {
+        let result = self.onboard_checked(request).await;
+        self.state.metrics.onboarded(&result);
+        result
+    }
 
     async fn offboard(
         &self,
@@ -143,6 +155,7 @@ impl InvokerManagement for InvokerManagementService {
             })
             .map_err(store_status)?;
         tracing::info!(api_invoker_id = %id, contexts = removed.len(), "invoker offboarded");
+        self.state.metrics.offboarded();
         self.state.publish_revocation(
             notice,
             &removed.iter().map(|c| c.aef_id.clone()).collect::<Vec<_>>(),

@@ -18,6 +18,7 @@ use super::{
     Refused, aef_id, calling_invoker, ccf_id, invoker_id, of_domain, optional_key_id, own_domain,
     role_not_allowed, security_information, store_status, valid_context,
 };
+use crate::metrics::InvokerHome;
 use crate::server::{CcfState, now_ms};
 use crate::store::SecurityContext;
 use ccf_core::grpc::{UpstreamError, caller, conn_info, invalid_field};
@@ -122,6 +123,90 @@ impl SecurityService {
             }
         }
         Ok(aefs)
+    }
+
+    /// CAPIF-3: an AEF of this domain asks for an invoker's security information; a foreign
+    /// invoker's goes through the gateway.
+    async fn security_information_for_aef(
+        &self,
+        request: Request<GetSecurityInformationRequest>,
+    ) -> Result<Response<InvokerSecurityInformation>, Status> {
+        let who = caller(&request)?;
+        own_domain(&self.state, &who)?;
+        let budget = ccf_core::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
+        let Role::Aef(own_aef) = &who.role else {
+            return Err(role_not_allowed(&who, "read invokers' security information").into());
+        };
+        let req = request.into_inner();
+        let invoker = invoker_id("api_invoker_id", &req.api_invoker_id)?;
+        optional_key_id("presented_key_id", &req.presented_key_id)?;
+        if !req.aef_id.is_empty() && req.aef_id != own_aef.as_str() {
+            return Err(Refused::NotTheCaller {
+                field: "aef_id",
+                caller: own_aef.to_string(),
+            }
+            .into());
+        }
+        let home = if req.home_ccf_id.is_empty() {
+            self.state.ccf_id.clone()
+        } else {
+            ccf_id("home_ccf_id", &req.home_ccf_id)?
+        };
+        if home != self.state.ccf_id {
+            if self
+                .state
+                .store
+                .foreign_revoked_until(&home, &invoker, own_aef, now_ms())
+                .map_err(store_status)?
+                .is_some()
+            {
+                return Err(Refused::RevokedAtThisDomain {
+                    invoker,
+                    home,
+                    aef: own_aef.clone(),
+                    own: self.state.ccf_id.clone(),
+                }
+                .into());
+            }
+            let Some(gw) = &self.state.gateway else {
+                return Err(Refused::NoInterconnectForInvoker {
+                    invoker,
+                    home,
+                    own: self.state.ccf_id.clone(),
+                }
+                .into());
+            };
+            let mut r = Request::new(pb::SecurityInformationQuery {
+                api_invoker_id: invoker.to_string(),
+                home_ccf_id: home.to_string(),
+                aef_id: own_aef.to_string(),
+                presented_key_id: req.presented_key_id.clone(),
+                security_method: req.security_method,
+            });
+            r.set_timeout(ccf_core::grpc::inner_budget(budget));
+            let answer = gw
+                .clone()
+                .fetch_security_information(r)
+                .await
+                .map_err(|s| self.gateway_failure(s))?;
+            // Per-request and hot (every AEF lookup of a foreign invoker): debug, not info.
+            tracing::debug!(
+                api_invoker_id = %invoker,
+                %home,
+                aef_id = %own_aef,
+                key_id = %answer.get_ref().key_id,
+                "foreign security information handed to AEF"
+            );
+            return Ok(Response::new(answer.into_inner()));
+        }
+        let ctx = valid_context(&self.state, &invoker, own_aef)?;
+        tracing::info!(
+            api_invoker_id = %invoker,
+            aef_id = %own_aef,
+            key_id = %ctx.key_id,
+            "security information handed to AEF"
+        );
+        Ok(Response::new(security_information(&self.state, &ctx)))
     }
 
     fn resolve_aef(&self, i: usize, info: &pb::SecurityInformation) -> Result<&AefEntry, Status> {
@@ -465,96 +550,33 @@ impl Security for SecurityService {
         &self,
         request: Request<ObtainSecurityMethodRequest>,
     ) -> Result<Response<ServiceSecurity>, Status> {
-        self.negotiate(request, false).map(Response::new)
+        let result = self.negotiate(request, false);
+        self.state.metrics.negotiated(&result);
+        result.map(Response::new)
     }
 
     async fn update_security_method(
         &self,
         request: Request<ObtainSecurityMethodRequest>,
     ) -> Result<Response<ServiceSecurity>, Status> {
-        self.negotiate(request, true).map(Response::new)
+        let result = self.negotiate(request, true);
+        self.state.metrics.negotiated(&result);
+        result.map(Response::new)
     }
 
     async fn get_security_information(
         &self,
         request: Request<GetSecurityInformationRequest>,
     ) -> Result<Response<InvokerSecurityInformation>, Status> {
-        let who = caller(&request)?;
-        own_domain(&self.state, &who)?;
-        let budget = ccf_core::grpc::budget(&request, DEFAULT_BUDGET, MAX_BUDGET);
-        let Role::Aef(own_aef) = &who.role else {
-            return Err(role_not_allowed(&who, "read invokers' security information").into());
-        };
-        let req = request.into_inner();
-        let invoker = invoker_id("api_invoker_id", &req.api_invoker_id)?;
-        optional_key_id("presented_key_id", &req.presented_key_id)?;
-        if !req.aef_id.is_empty() && req.aef_id != own_aef.as_str() {
-            return Err(Refused::NotTheCaller {
-                field: "aef_id",
-                caller: own_aef.to_string(),
-            }
-            .into());
-        }
-        let home = if req.home_ccf_id.is_empty() {
-            self.state.ccf_id.clone()
+        let home = &request.get_ref().home_ccf_id;
+        let scope = if home.is_empty() || home == self.state.ccf_id.as_str() {
+            InvokerHome::Own
         } else {
-            ccf_id("home_ccf_id", &req.home_ccf_id)?
+            InvokerHome::Foreign
         };
-        if home != self.state.ccf_id {
-            if self
-                .state
-                .store
-                .foreign_revoked_until(&home, &invoker, own_aef, now_ms())
-                .map_err(store_status)?
-                .is_some()
-            {
-                return Err(Refused::RevokedAtThisDomain {
-                    invoker,
-                    home,
-                    aef: own_aef.clone(),
-                    own: self.state.ccf_id.clone(),
-                }
-                .into());
-            }
-            let Some(gw) = &self.state.gateway else {
-                return Err(Refused::NoInterconnectForInvoker {
-                    invoker,
-                    home,
-                    own: self.state.ccf_id.clone(),
-                }
-                .into());
-            };
-            let mut r = Request::new(pb::SecurityInformationQuery {
-                api_invoker_id: invoker.to_string(),
-                home_ccf_id: home.to_string(),
-                aef_id: own_aef.to_string(),
-                presented_key_id: req.presented_key_id.clone(),
-                security_method: req.security_method,
-            });
-            r.set_timeout(ccf_core::grpc::inner_budget(budget));
-            let answer = gw
-                .clone()
-                .fetch_security_information(r)
-                .await
-                .map_err(|s| self.gateway_failure(s))?;
-            // Per-request and hot (every AEF lookup of a foreign invoker): debug, not info.
-            tracing::debug!(
-                api_invoker_id = %invoker,
-                %home,
-                aef_id = %own_aef,
-                key_id = %answer.get_ref().key_id,
-                "foreign security information handed to AEF"
-            );
-            return Ok(Response::new(answer.into_inner()));
-        }
-        let ctx = valid_context(&self.state, &invoker, own_aef)?;
-        tracing::info!(
-            api_invoker_id = %invoker,
-            aef_id = %own_aef,
-            key_id = %ctx.key_id,
-            "security information handed to AEF"
-        );
-        Ok(Response::new(security_information(&self.state, &ctx)))
+        let result = self.security_information_for_aef(request).await;
+        self.state.metrics.security_info(scope, &result);
+        result
     }
 
     async fn revoke_authorization(
