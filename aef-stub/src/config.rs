@@ -93,6 +93,9 @@ pub struct AefConfig {
     /// Budgets against amplification and bounds on what revocations leave behind.
     #[serde(default)]
     pub budgets: BudgetConfig,
+    /// Span export (`[telemetry] otlp_endpoint`).
+    #[serde(default)]
+    pub telemetry: ccf_core::telemetry::TelemetryConfig,
     /// Test-only fault (feature `test-faults`): acknowledge RevokeAuthorization and do nothing,
     /// so that `capif chaos --break ignore-revocations` can prove its checker sees it.
     #[cfg(feature = "test-faults")]

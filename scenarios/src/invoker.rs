@@ -20,8 +20,10 @@ use ccf_core::clock::now_ms;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::pki::write_private_file;
-use ccf_core::tls::{ExpectedPeer, client_config, connect};
+use ccf_core::telemetry::TracedChannel;
+use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -130,20 +132,39 @@ impl Profile {
     }
 
     /// A new CAPIF-1e (mutual TLS) channel to the home CCF.
-    pub async fn capif1e_channel(&self) -> Result<tonic::transport::Channel> {
+    pub async fn capif1e_channel(&self) -> Result<TracedChannel> {
+        Ok(self.capif1e_session().await?.0)
+    }
+
+    /// A new CAPIF-1e session with the home CCF: the channel, and the slot holding the
+    /// session's binding. The handshake is a client span `capif.capif1e_handshake` of the
+    /// current trace.
+    async fn capif1e_session(&self) -> Result<(TracedChannel, SessionSlot)> {
         let cfg = client_config(
             &self.ca_pem,
             Some((&self.cert_pem, &self.key_pem)),
             self.home_ccf()?,
         )?;
-        Ok(connect(
-            &self.file.capif_addr,
-            &self.file.ccf_server_name,
-            cfg,
-            CONNECT_TIMEOUT,
-        )
-        .await?
-        .0)
+        let addr = &self.file.capif_addr;
+        let span = tracing::info_span!(
+            "capif.capif1e_handshake",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            server.address = addr.as_str(),
+            capif.outcome = tracing::field::Empty,
+        );
+        let r = connect(addr, &self.file.ccf_server_name, cfg, CONNECT_TIMEOUT)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "capif.outcome",
+            if r.is_ok() { "accepted" } else { "refused" },
+        );
+        if r.is_err() {
+            span.record("otel.status_code", "error");
+        }
+        let (ch, slot) = r?;
+        Ok((TracedChannel::new(ch, addr.as_str()), slot))
     }
 
     /// The key stored for `aef`.
@@ -177,7 +198,7 @@ pub async fn onboard(
         CONNECT_TIMEOUT,
     )
     .await?;
-    let rsp = InvokerManagementClient::new(ch)
+    let rsp = InvokerManagementClient::new(TracedChannel::new(ch, onboarding_addr))
         .onboard(pb::OnboardRequest {
             onboarding_information: Some(pb::OnboardingInformation {
                 api_invoker_public_key: key.public_key_pem(),
@@ -263,18 +284,7 @@ async fn obtain_psk(
     aef: &str,
     api: Option<&str>,
 ) -> Result<(ObtainedKey, ExpectedPeer)> {
-    let cfg = client_config(
-        &profile.ca_pem,
-        Some((&profile.cert_pem, &profile.key_pem)),
-        profile.home_ccf()?,
-    )?;
-    let (ch, slot) = connect(
-        &profile.file.capif_addr,
-        &profile.file.ccf_server_name,
-        cfg,
-        CONNECT_TIMEOUT,
-    )
-    .await?;
+    let (ch, slot) = profile.capif1e_session().await?;
     let rsp = SecurityClient::new(ch)
         .obtain_security_method(pb::ObtainSecurityMethodRequest {
             api_invoker_id: profile.id().to_string(),
@@ -379,7 +389,7 @@ pub async fn call(
 ) -> Result<pb::InvokeResponse> {
     let psk = key.psk()?;
     let ch = demo_channel(endpoint, &psk_identity(profile, key)?, &psk, tls).await?;
-    DemoApiClient::new(ch)
+    DemoApiClient::new(TracedChannel::new(ch, endpoint))
         .invoke(pb::InvokeRequest {
             api_name: api.to_string(),
             payload: "hello from the invoker".into(),
@@ -471,7 +481,7 @@ pub async fn auth_method(
         CONNECT_TIMEOUT,
     )
     .await?;
-    AefSecurityClient::new(ch)
+    AefSecurityClient::new(TracedChannel::new(ch, aef_addr))
         .check_authentication(pb::CheckAuthenticationReq {
             api_invoker_id: profile.id().to_string(),
             supported_features: String::new(),
@@ -528,7 +538,7 @@ pub async fn call_pki(
             .parse()
             .map_err(|_| anyhow!("{presented_id:?} cannot be sent as metadata"))?,
     );
-    DemoApiClient::new(ch)
+    DemoApiClient::new(TracedChannel::new(ch, endpoint))
         .invoke(r)
         .await
         .map(|r| r.into_inner())
@@ -576,7 +586,7 @@ pub async fn call_oauth(
             .parse()
             .map_err(|_| anyhow!("the access token cannot be sent as metadata"))?,
     );
-    DemoApiClient::new(ch)
+    DemoApiClient::new(TracedChannel::new(ch, endpoint))
         .invoke(r)
         .await
         .map(|r| r.into_inner())

@@ -11,12 +11,26 @@ use capif_scenarios::invoker::{self, Profile};
 use capif_scenarios::runner::{Runner, table};
 use capif_scenarios::scenario::Scenario;
 use capif_scenarios::testbed::{ProcRecord, Testbed, confirm_own, proc_record};
+use ccf_core::process::LogFormat;
 use clap::{Parser, Subcommand};
 
 /// The CAPIF testbed CLI.
 #[derive(Parser)]
 #[command(name = "capif", version)]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "CAPIF_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    /// Export spans over OTLP/gRPC to this endpoint (`http://host:4317`); a testbed this
+    /// command starts passes it to every component. Unset: nothing is exported.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -349,7 +363,7 @@ fn run_dir(args: &RunArgs, s: &capif_scenarios::scenario::Scenario) -> PathBuf {
 
 use ccf_core::process::terminated as interrupted;
 
-async fn scenario_run(args: RunArgs) -> Result<bool> {
+async fn scenario_run(args: RunArgs, otlp_endpoint: Option<String>) -> Result<bool> {
     let s = Scenario::load(&args.file)?;
     let dir = run_dir(&args, &s);
     let bin = match &args.bin_dir {
@@ -364,7 +378,7 @@ async fn scenario_run(args: RunArgs) -> Result<bool> {
         dir.display()
     );
     let mut tb = tokio::select! {
-        tb = Testbed::up(&s, &dir, &bin, false) => tb?,
+        tb = Testbed::up_with(&s, &dir, &bin, false, otlp_endpoint) => tb?,
         sig = interrupted() => anyhow::bail!("{sig} while starting the testbed; everything started was stopped"),
     };
     let total = s.steps.len();
@@ -401,14 +415,14 @@ async fn scenario_run(args: RunArgs) -> Result<bool> {
     Ok(report.passed)
 }
 
-async fn testbed_up(args: RunArgs) -> Result<()> {
+async fn testbed_up(args: RunArgs, otlp_endpoint: Option<String>) -> Result<()> {
     let s = Scenario::load(&args.file)?;
     let dir = run_dir(&args, &s);
     let bin = match &args.bin_dir {
         Some(b) => b.clone(),
         None => capif_scenarios::testbed::default_bin_dir()?,
     };
-    let mut tb = Testbed::up(&s, &dir, &bin, false).await?;
+    let mut tb = Testbed::up_with(&s, &dir, &bin, false, otlp_endpoint).await?;
     let mut pids = tb.pids();
     pids.insert("launcher".into(), std::process::id());
     // With each pid its start time: `testbed down` signals only processes it can confirm.
@@ -471,18 +485,54 @@ fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The process's span pipeline, flushed on every way out (`failed` included).
+static TELEMETRY: std::sync::Mutex<Option<ccf_core::telemetry::TelemetryGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Exits with status 1 (an expectation or a bound failed), after flushing spans.
+fn failed() -> ! {
+    if let Some(t) = TELEMETRY.lock().ok().and_then(|mut t| t.take()) {
+        t.shutdown();
+    }
+    std::process::exit(1);
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    let telemetry = ccf_core::telemetry::init(
+        &ccf_core::telemetry::ServiceIdentity::new(ccf_core::telemetry::INVOKER),
+        cli.otlp_endpoint.as_deref(),
+        cli.log_format,
+        "warn",
+    )?;
+    if let Ok(mut t) = TELEMETRY.lock() {
+        *t = Some(telemetry);
+    }
+    let r = run_command(cli).await;
+    if let Some(t) = TELEMETRY.lock().ok().and_then(|mut t| t.take()) {
+        t.shutdown();
+    }
+    r
+}
+
+async fn run_command(cli: Cli) -> Result<()> {
+    let otlp = cli.otlp_endpoint;
     match cli.command {
         Command::Scenario(ScenarioCommand::Run(args)) => {
-            if !scenario_run(args).await? {
-                std::process::exit(1);
+            if !scenario_run(args, otlp).await? {
+                failed();
             }
             Ok(())
         }
         Command::Scenario(ScenarioCommand::Check { file }) => scenario_check(&file),
-        Command::Testbed(TestbedCommand::Up(args)) => testbed_up(args).await,
+        Command::Testbed(TestbedCommand::Up(args)) => testbed_up(args, otlp).await,
         Command::Testbed(TestbedCommand::Down { run_dir }) => testbed_down(&run_dir),
-        Command::Invoker(cmd) => invoker_command(cmd).await,
+        // One trace per invoker command: the invoker is where the flow starts.
+        Command::Invoker(cmd) => {
+            use tracing::Instrument as _;
+            invoker_command(cmd)
+                .instrument(tracing::info_span!(parent: None, "capif.invoker.command"))
+                .await
+        }
         Command::Bench {
             smoke,
             out,
@@ -491,13 +541,13 @@ async fn run(cli: Cli) -> Result<()> {
         } => bench(smoke, out, run_dir, bin_dir).await,
         Command::Chaos(args) => {
             if !chaos(args).await? {
-                std::process::exit(1);
+                failed();
             }
             Ok(())
         }
         Command::Soak(args) => {
             if !soak(args).await? {
-                std::process::exit(1);
+                failed();
             }
             Ok(())
         }
@@ -815,6 +865,5 @@ async fn invoker_run(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ccf_core::process::init_logging(ccf_core::process::LogFormat::Text, "warn");
     ccf_core::process::run_async("capif", run(cli))
 }

@@ -17,6 +17,7 @@ use ccf_core::ids::CcfId;
 use ccf_core::tls::{ExpectedPeer, client_config, connect};
 use serde::Serialize;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use crate::invoker::{self, Profile, StatusError};
 use crate::scenario::{Action, Scenario, Step};
@@ -41,6 +42,10 @@ pub struct StepReport {
     pub millis: u64,
     /// Detail of a failure (first error), or counts.
     pub detail: String,
+    /// The W3C trace id of the step (its root span `capif.scenario.step`), whose spans every
+    /// component exports when the testbed has an OTLP endpoint.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
 }
 
 /// The whole report.
@@ -203,9 +208,21 @@ impl<'a> Runner<'a> {
         for (i, step) in self.scenario.steps.iter().enumerate() {
             progress(i, step);
             let start = Instant::now();
-            let (target, outcome, extra) = self.step(step).await;
+            // One trace per step: every call an operation of the step makes is in it.
+            let span = tracing::info_span!(
+                parent: None,
+                "capif.scenario.step",
+                capif.step = i + 1,
+                capif.action = step.action.name(),
+                capif.scenario = self.scenario.name.as_str(),
+            );
+            let trace_id = ccf_core::telemetry::trace_id_of(&span).unwrap_or_default();
+            let (target, outcome, extra) = self.step(step).instrument(span.clone()).await;
             let expected = step.expected();
             let passed = outcome.matches(&expected);
+            span.in_scope(|| {
+                tracing::info!(step = i + 1, action = step.action.name(), subject = %target, got = %outcome.shown(), passed, "step done")
+            });
             rows.push(StepReport {
                 step: i + 1,
                 action: step.action.name(),
@@ -219,6 +236,7 @@ impl<'a> Runner<'a> {
                 } else {
                     outcome.detail.clone()
                 },
+                trace_id,
             });
         }
         Report {
@@ -402,10 +420,28 @@ impl<'a> Runner<'a> {
         for (member, home, aef) in ops {
             let ctx = OpContext::new(self, self.scenario, step, &member, &home, aef.as_deref());
             let sem = sem.clone();
-            set.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                ctx.run().await
-            });
+            let span = tracing::info_span!(
+                "capif.invoker.op",
+                capif.invoker = member.as_str(),
+                capif.home = home.as_str(),
+                capif.aef = aef.as_deref().unwrap_or_default(),
+                capif.method = ctx.method.as_str_name(),
+            );
+            set.spawn(
+                async move {
+                    let _permit = sem.acquire_owned().await;
+                    let r = ctx.run().await;
+                    match &r {
+                        Ok(()) => tracing::info!(invoker = %member, "invoker operation done"),
+                        Err(e) => {
+                            let o = classify(e);
+                            tracing::info!(invoker = %member, code = %o.code, reason = %o.reason, "invoker operation refused")
+                        }
+                    }
+                    r
+                }
+                .instrument(span),
+            );
         }
         let mut failures = Vec::new();
         while let Some(r) = set.join_next().await {

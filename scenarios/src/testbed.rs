@@ -1,6 +1,7 @@
 //! The testbed launcher: from a scenario, generate every domain's CA and certificates, write
 //! every component's config, serve the DNS zone, and start each component as its own OS process
-//! (the real `ccf`, `capif-gateway` and `aef-stub` binaries), each logging to the run directory.
+//! (the real `ccf`, `capif-gateway` and `aef-stub` binaries), each logging JSON lines to the run
+//! directory and, when the testbed has an OTLP endpoint, exporting its spans there.
 //!
 //! Children get SIGTERM when the launcher dies (PR_SET_PDEATHSIG) and are stopped on every exit
 //! path, so a run leaves nothing behind but its directory.
@@ -144,6 +145,9 @@ pub struct Testbed {
     pub dns: Option<DnsServer>,
     procs: BTreeMap<String, Proc>,
     quiet: bool,
+    /// The OTLP/gRPC endpoint every component started exports its spans to (`--otlp-endpoint`),
+    /// when set ([`Testbed::up_with`]).
+    pub otlp_endpoint: Option<String>,
     /// Rotations of the CA partners trust for each domain's gateway (`live`), for CA names.
     pub(crate) rotations: BTreeMap<String, u32>,
 }
@@ -168,6 +172,17 @@ fn write(path: &Path, text: &str) -> Result<()> {
 impl Testbed {
     /// Generates everything and starts every component; stops what it started on failure.
     pub async fn up(s: &Scenario, run_dir: &Path, bin_dir: &Path, quiet: bool) -> Result<Self> {
+        Self::up_with(s, run_dir, bin_dir, quiet, None).await
+    }
+
+    /// [`Testbed::up`], every component exporting its spans to `otlp_endpoint` when given.
+    pub async fn up_with(
+        s: &Scenario,
+        run_dir: &Path,
+        bin_dir: &Path,
+        quiet: bool,
+        otlp_endpoint: Option<String>,
+    ) -> Result<Self> {
         for b in ["ccf", "capif-gateway", "aef-stub"] {
             if !bin_dir.join(b).exists() {
                 bail!(
@@ -245,6 +260,7 @@ impl Testbed {
             dns,
             procs: BTreeMap::new(),
             quiet,
+            otlp_endpoint,
             rotations: BTreeMap::new(),
         };
         tb.generate()?;
@@ -437,6 +453,22 @@ impl Testbed {
         let (kind, name) = component
             .split_once(':')
             .ok_or_else(|| anyhow!("bad component {component:?}"))?;
+        let (bin, mut args) = self.component_command(kind, name, component)?;
+        // JSON lines: one object per line with the trace id at the top level, so the logs of
+        // every hop can be searched by trace (docs/OPERATIONS.md, "Logs").
+        args.extend(["--log-format".into(), "json".into()]);
+        if let Some(e) = &self.otlp_endpoint {
+            args.extend(["--otlp-endpoint".into(), e.clone()]);
+        }
+        Ok((bin, args))
+    }
+
+    fn component_command(
+        &self,
+        kind: &str,
+        name: &str,
+        component: &str,
+    ) -> Result<(PathBuf, Vec<String>)> {
         Ok(match kind {
             "ccf" => {
                 let d = self

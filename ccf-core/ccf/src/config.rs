@@ -181,6 +181,9 @@ pub struct CcfConfig {
     /// Connection caps, timeouts and message limits of both listeners.
     #[serde(default)]
     pub limits: ccf_core::limits::ListenerLimits,
+    /// Span export (`[telemetry] otlp_endpoint`).
+    #[serde(default)]
+    pub telemetry: ccf_core::telemetry::TelemetryConfig,
 }
 
 impl CcfConfig {
