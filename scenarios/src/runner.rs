@@ -520,6 +520,7 @@ impl Runner<'_> {
             Duration::from_secs(5),
         )
         .await?;
+        let ch = ccf_core::telemetry::TracedChannel::new(ch, format!("127.0.0.1:{}", d.capif_port));
         let set = pb::ccf_admin_client::CcfAdminClient::new(ch)
             .rotate_token_signing_key(pb::RotateTokenSigningKeyRequest {})
             .await
@@ -771,7 +772,7 @@ impl OpContext {
             Duration::from_secs(5),
         )
         .await?;
-        SecurityClient::new(ch)
+        SecurityClient::new(ccf_core::telemetry::TracedChannel::new(ch, capif))
             .revoke_authorization(pb::RevokeAuthorizationRequest {
                 revoke_info: Some(pb::SecurityNotification {
                     api_invoker_id: p.id().to_string(),
