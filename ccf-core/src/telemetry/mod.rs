@@ -35,8 +35,11 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
 };
 use serde::Deserialize;
+use tracing::subscriber::Interest;
+use tracing::{Level, Metadata};
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -197,7 +200,23 @@ pub fn check_endpoint(url: &str) -> Result<(), TelemetryError> {
     Ok(())
 }
 
-fn env_filter(default_filter: &str) -> tracing_subscriber::EnvFilter {
+/// A per-layer filter that depends on a callsite's metadata only, so that its decision is cached
+/// per callsite (a `filter_fn` is asked again at every span and event).
+fn static_filter<S>(
+    pred: impl Fn(&Metadata<'_>) -> bool + Clone + Send + Sync + 'static,
+) -> impl Filter<S> {
+    let p = pred.clone();
+    DynFilterFn::new(move |m, _| pred(m)).with_callsite_filter(move |m| {
+        if p(m) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    })
+}
+
+/// The log lines' filter: `RUST_LOG` if set, else `default_filter`.
+fn log_filter(default_filter: &str) -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter))
 }
@@ -256,15 +275,20 @@ pub fn init(
         );
     }
     let provider = builder.build();
+    let exporting = otlp_endpoint.is_some();
+    // Spans at info and above, whatever RUST_LOG says. Log lines become span events only when
+    // someone will read them: without an exporter they would be built for nothing.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("capif"))
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
-        .with_filter(LevelFilter::INFO);
+        .with_filter(static_filter(move |m| {
+            *m.level() <= Level::INFO && (exporting || m.is_span())
+        }));
     tracing_subscriber::registry()
         .with(otel)
-        .with(fmt_layer(format).with_filter(env_filter(default_filter)))
+        .with(fmt_layer(format).with_filter(log_filter(default_filter)))
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     Ok(TelemetryGuard {
@@ -276,6 +300,6 @@ pub fn init(
 /// Installs a subscriber with log lines only (tools that serve nothing: `ccf kdf`, `ccf pki`).
 pub fn init_logs_only(format: LogFormat, default_filter: &str) {
     let _ = tracing_subscriber::registry()
-        .with(fmt_layer(format).with_filter(env_filter(default_filter)))
+        .with(fmt_layer(format).with_filter(log_filter(default_filter)))
         .try_init();
 }
