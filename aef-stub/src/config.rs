@@ -96,6 +96,9 @@ pub struct AefConfig {
     /// The `/metrics` listener (off unless set).
     #[serde(default)]
     pub metrics: ccf_core::metrics::MetricsConfig,
+    /// Span export (`[telemetry] otlp_endpoint`).
+    #[serde(default)]
+    pub telemetry: ccf_core::telemetry::TelemetryConfig,
     /// Test-only fault (feature `test-faults`): acknowledge RevokeAuthorization and do nothing,
     /// so that `capif chaos --break ignore-revocations` can prove its checker sees it.
     #[cfg(feature = "test-faults")]

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use aef_stub::config::AefConfig;
 use anyhow::Result;
-use ccf_core::process::{LogFormat, init_logging, run_async, terminated};
+use ccf_core::process::{LogFormat, run_async, terminated};
+use ccf_core::telemetry::{self, ServiceIdentity};
 use clap::Parser;
 
 /// An API exposing function (AEF) for CAPIF testbeds.
@@ -33,6 +34,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", env = "AEF_STUB_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Export spans over OTLP/gRPC to this endpoint (`http://host:4317`); overrides
+    /// `[telemetry] otlp_endpoint`. Unset in both: nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Exit at once with success: this build carries the test-only faults (feature
     /// `test-faults`). The flag does not exist in other builds, so they refuse it.
     #[cfg(feature = "test-faults")]
@@ -42,6 +47,15 @@ struct Cli {
 
 async fn run(cli: Cli) -> Result<()> {
     let mut cfg = AefConfig::load(&cli.config)?;
+    let endpoint = cli.otlp_endpoint.or(cfg.telemetry.otlp_endpoint.clone());
+    let telemetry = telemetry::init(
+        &ServiceIdentity::new(telemetry::AEF)
+            .in_domain(cfg.ccf_id.clone())
+            .instance(cfg.aef_id.clone()),
+        endpoint.as_deref(),
+        cli.log_format,
+        "info",
+    )?;
     if let Some(a) = cli.listen_security {
         cfg.listen.security = a;
     }
@@ -63,6 +77,7 @@ async fn run(cli: Cli) -> Result<()> {
     let signal = terminated().await;
     tracing::info!(signal, "shutting down");
     aef.shutdown().await;
+    telemetry.shutdown();
     Ok(())
 }
 
@@ -73,6 +88,5 @@ fn main() -> ExitCode {
         println!("test-faults");
         return ExitCode::SUCCESS;
     }
-    init_logging(cli.log_format, "info");
     run_async("aef-stub", run(cli))
 }

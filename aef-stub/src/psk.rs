@@ -27,6 +27,9 @@ pub use capif_2e::identity::PskIdentity;
 pub use capif_2e::psk::{TlsProfile, profile};
 use ccf_core::limits::{Activity, ConnGate, ConnPermit, IdleTimer};
 use ccf_core::metrics::HandshakeOutcome;
+use ccf_core::telemetry::HandshakeTrace;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 /// What the server callback noted about a connection's PSK.
 #[derive(Clone, Debug)]
@@ -96,6 +99,25 @@ impl HandshakeRefusal {
             Self::BufferTooSmall(_) | Self::NoPsk => HandshakeOutcome::Protocol,
             Self::Tls(_, kind) => *kind,
             Self::Setup(_) => HandshakeOutcome::Io,
+        }
+    }
+
+    /// The refusal's stable name (the handshake span's `capif.reason`; docs/OPERATIONS.md).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeRefusal::NoIdentity => "NO_IDENTITY",
+            HandshakeRefusal::Malformed(_) => "MALFORMED_IDENTITY",
+            HandshakeRefusal::Refused { why, .. } => match why {
+                Refusal::UnknownIdentity | Refusal::NoCertificateInfo => "UNKNOWN_IDENTITY",
+                Refusal::StaleKeyId => "STALE_KEY_ID",
+                Refusal::Expired => "KEY_EXPIRED",
+                Refusal::Revoked => "REVOKED",
+            },
+            HandshakeRefusal::BufferTooSmall(_) | HandshakeRefusal::Setup(_) => "INTERNAL_FAULT",
+            HandshakeRefusal::WrongKey { .. } => "WRONG_KEY",
+            HandshakeRefusal::TimedOut => "HANDSHAKE_TIMEOUT",
+            HandshakeRefusal::NoPsk => "NO_PSK",
+            HandshakeRefusal::Tls(..) => "TLS_FAILURE",
         }
     }
 }
@@ -176,6 +198,8 @@ pub struct PskPeer {
     pub remote: SocketAddr,
     /// Request activity on the connection (for its idle timeout).
     pub activity: Activity,
+    /// The handshake's span, which the connection's calls link to.
+    pub handshake: HandshakeTrace,
 }
 
 impl PskPeer {
@@ -309,31 +333,52 @@ pub fn psk_incoming(
             };
             let _ = tcp.set_nodelay(true);
             let (ctx, store, tx, gate) = (ctx.clone(), store.clone(), tx.clone(), gate.clone());
-            tokio::spawn(async move {
-                match accept_one(tcp, &ctx, &store, handshake_timeout).await {
-                    Ok((inner, identity, ticket)) => {
-                        gate.handshake(HandshakeOutcome::Ok);
-                        tracing::info!(%remote, %identity, "PSK handshake accepted");
-                        let activity = Activity::default();
-                        let conn = PskConn {
-                            inner,
-                            peer: PskPeer {
-                                identity,
-                                remote,
-                                activity: activity.clone(),
-                            },
-                            idle: IdleTimer::new(activity, idle_timeout),
-                            ticket,
-                            _permit: permit,
-                        };
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Err(why) => {
-                        gate.handshake(why.outcome());
-                        tracing::warn!(%remote, reason = %why, "PSK handshake refused");
+            // No request has arrived yet, so no caller's trace: the handshake is a trace of its
+            // own, which the connection's calls link to.
+            let span = tracing::info_span!(
+                parent: None,
+                "capif.psk_handshake",
+                otel.kind = "server",
+                otel.status_code = Empty,
+                client.address = %remote.ip(),
+                capif.outcome = Empty,
+                capif.reason = Empty,
+            );
+            let handshake = HandshakeTrace::of(&span);
+            tokio::spawn(
+                async move {
+                    match accept_one(tcp, &ctx, &store, handshake_timeout).await {
+                        Ok((inner, identity, ticket)) => {
+                            gate.handshake(HandshakeOutcome::Ok);
+                            tracing::Span::current().record("capif.outcome", "accepted");
+                            tracing::info!(%remote, %identity, "PSK handshake accepted");
+                            let activity = Activity::default();
+                            let conn = PskConn {
+                                inner,
+                                peer: PskPeer {
+                                    identity,
+                                    remote,
+                                    activity: activity.clone(),
+                                    handshake,
+                                },
+                                idle: IdleTimer::new(activity, idle_timeout),
+                                ticket,
+                                _permit: permit,
+                            };
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                        Err(why) => {
+                            gate.handshake(why.outcome());
+                            let span = tracing::Span::current();
+                            span.record("capif.outcome", "refused");
+                            span.record("capif.reason", why.reason());
+                            span.record("otel.status_code", "error");
+                            tracing::warn!(%remote, reason = %why, "PSK handshake refused");
+                        }
                     }
                 }
-            });
+                .instrument(span),
+            );
         }
     });
     ReceiverStream::new(rx)

@@ -16,7 +16,7 @@ use ccf_core::grpc::{Refusal, UpstreamError, caller, error_status, invalid_field
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId, IdError, KeyId};
 use ccf_core::kdf::AefPsk;
-use tonic::transport::Channel;
+use ccf_core::telemetry::TracedChannel;
 use tonic::{Code, Request, Response, Status};
 
 use ccf_core::tls::ConnInfo;
@@ -39,7 +39,7 @@ pub struct AefState {
     /// Keys held.
     pub keys: Arc<KeyStore>,
     /// CAPIF-3 client of the own CCF.
-    pub ccf: SecurityClient<Channel>,
+    pub ccf: SecurityClient<TracedChannel>,
     /// What invokers are told to dial for the PSK endpoint.
     pub psk_endpoint: String,
     /// What invokers are told to dial for the TLS endpoint (methods 2 and 3), if served.
@@ -606,6 +606,8 @@ impl DemoApiService {
     }
 
     fn psk_caller(&self, peer: &PskPeer) -> Result<Caller, Status> {
+        // The handshake ran before this call, in a trace of its own: the call's span links it.
+        peer.handshake.link_current();
         let id = &peer.identity;
         let key = self
             .state

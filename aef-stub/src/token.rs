@@ -18,10 +18,10 @@ use capif_proto::v1::{
 use ccf_core::grpc::{Refusal, reason_of};
 use ccf_core::ids::{ApiInvokerId, CcfId, IdError};
 use ccf_core::keysets::KeySetCache;
+use ccf_core::telemetry::TracedChannel;
 use ccf_core::token::{
     AccessTokenClaims, Expected, KnownCaller, TokenError, peek, refusal_status, verify,
 };
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 /// Why a token was refused (never quoting the token itself): a check of the token, a reason its
@@ -129,7 +129,7 @@ impl From<TokenRefusal> for Status {
 
 /// Verifies bearer tokens for one AEF.
 pub struct TokenVerifier {
-    ccf: SecurityClient<Channel>,
+    ccf: SecurityClient<TracedChannel>,
     leeway_secs: u64,
     sets: KeySetCache,
 }
@@ -142,7 +142,7 @@ impl std::fmt::Debug for TokenVerifier {
 
 impl TokenVerifier {
     /// Asking `ccf` for key sets, allowing `leeway_secs` (at most 30) of clock skew.
-    pub fn new(ccf: SecurityClient<Channel>, leeway_secs: u64) -> Self {
+    pub fn new(ccf: SecurityClient<TracedChannel>, leeway_secs: u64) -> Self {
         Self {
             ccf,
             leeway_secs: leeway_secs.min(ccf_core::token::MAX_LEEWAY_SECS),

@@ -13,7 +13,8 @@ use tonic::service::Routes;
 use tonic::{Code, Request, Status};
 
 use crate::identity::PeerIdentity;
-use crate::limits::{ConnGate, serve_builder};
+use crate::limits::{ConnGate, serve_builder_traced};
+use crate::telemetry::PartnerTraces;
 use crate::tls::{ConnInfo, tls_incoming};
 
 pub use crate::status::{
@@ -91,7 +92,8 @@ pub async fn with_standard_services(routes: Routes, names: &[&str]) -> Result<Ro
 }
 
 /// Serves `routes` on `listener` over TLS until `shutdown` completes, within the limits of
-/// `gate` (connection caps, handshake and idle timeouts, streams and header sizes).
+/// `gate` (connection caps, handshake and idle timeouts, streams and header sizes), each request
+/// in a server span of its caller's trace.
 pub fn spawn_server(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -100,7 +102,29 @@ pub fn spawn_server(
     gate: Arc<ConnGate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-    let mut builder = serve_builder(gate.limits(), ConnInfo::activity_of);
+    spawn_server_traced(
+        listener,
+        tls,
+        export_binding,
+        routes,
+        gate,
+        PartnerTraces::Continue,
+        shutdown,
+    )
+}
+
+/// [`spawn_server`] for a listener that faces partner domains, whose traces `partner` says to
+/// continue or restart.
+pub fn spawn_server_traced(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    export_binding: bool,
+    routes: Routes,
+    gate: Arc<ConnGate>,
+    partner: PartnerTraces,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let mut builder = serve_builder_traced(gate.limits(), ConnInfo::activity_of, partner);
     let incoming = tls_incoming(listener, tls, export_binding, gate);
     tokio::spawn(
         builder

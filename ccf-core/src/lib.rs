@@ -27,6 +27,7 @@
 //! - [`delivery`] — revocation notice ids and the outboxes' retry schedule.
 //! - [`config_file`] — reading a component's TOML file with errors that name file and line.
 //! - [`process`] — what every binary shares: logging, signals, exit codes.
+//! - [`telemetry`] — log lines with trace ids, OTLP span export, `traceparent` on every hop.
 //! - `testing` — (tests only, feature `proptest`) the one configuration of every property test.
 
 pub mod clock;
@@ -44,6 +45,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod status;
+pub mod telemetry;
 pub mod tls;
 pub mod tls12;
 pub mod token;

@@ -24,6 +24,8 @@ use serde::Deserialize;
 use tonic::Code;
 use tonic::codegen::http;
 
+use crate::telemetry::{PartnerTraces, ServerTraceLayer};
+
 /// `[limits]` of every component: applied to each of its listeners separately.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -359,18 +361,39 @@ impl IdleTimer {
     }
 }
 
+/// The tonic server every listener uses (built by [`serve_builder`]).
+pub type EdgeServer = tonic::transport::Server<
+    tower::layer::util::Stack<
+        EdgeLayer,
+        tower::layer::util::Stack<ServerTraceLayer, tower::layer::util::Identity>,
+    >,
+>;
+
 /// The tonic server every listener uses: h2 keepalive to find dead peers, stream and header
-/// limits, and [`EdgeLayer`] with `activity` (how to find a request's connection activity).
+/// limits, a server span per request continuing the caller's trace ([`ServerTraceLayer`]), and
+/// [`EdgeLayer`] with `activity` (how to find a request's connection activity).
 pub fn serve_builder(
     limits: &ListenerLimits,
     activity: fn(&http::Extensions) -> Option<Activity>,
-) -> tonic::transport::Server<tower::layer::util::Stack<EdgeLayer, tower::layer::util::Identity>> {
+) -> EdgeServer {
+    serve_builder_traced(limits, activity, PartnerTraces::Continue)
+}
+
+/// [`serve_builder`] for a listener that faces partner domains, whose traces `partner` says to
+/// continue or restart.
+pub fn serve_builder_traced(
+    limits: &ListenerLimits,
+    activity: fn(&http::Extensions) -> Option<Activity>,
+    partner: PartnerTraces,
+) -> EdgeServer {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_header_list_size(limits.max_header_list_bytes)
         .timeout(Duration::from_secs(limits.request_timeout_secs))
+        // First, so that its span sees the answer as the caller gets it (after EdgeLayer).
+        .layer(ServerTraceLayer::new(partner))
         .layer(EdgeLayer {
             activity,
             max_message_bytes: limits.max_message_bytes,

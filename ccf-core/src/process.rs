@@ -1,10 +1,10 @@
 //! What every binary of the workspace does the same way around its own work: logs on stderr
 //! (text or JSON, `RUST_LOG` as the filter, colours only on a terminal, so log files written by
-//! a testbed hold no ANSI codes), waiting for SIGINT or SIGTERM, and running an async main to an
+//! a testbed hold no ANSI codes; a serving binary installs them with spans through
+//! [`crate::telemetry::init`]), waiting for SIGINT or SIGTERM, and running an async main to an
 //! exit code with the error chain on stderr.
 
 use std::future::Future;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 /// Log format on stderr (`--log-format`).
@@ -17,18 +17,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the process's log subscriber: `RUST_LOG` if set, else `default_filter`.
+/// Installs a log subscriber without spans (`RUST_LOG` if set, else `default_filter`), for
+/// commands that serve nothing; servers use [`crate::telemetry::init`].
 pub fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    crate::telemetry::init_logs_only(format, default_filter);
 }
 
 /// Waits for SIGINT or SIGTERM; says which.

@@ -245,6 +245,21 @@ pub struct GatewayConfig {
     /// The `/metrics` listener (off unless set).
     #[serde(default)]
     pub metrics: ccf_core::metrics::MetricsConfig,
+    /// Span export and the trace boundary with partners.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]` (docs/OPERATIONS.md, "Traces").
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint spans are exported to (`http://host:4317`). Unset: nothing leaves.
+    pub otlp_endpoint: Option<String>,
+    /// `continue` (default): one trace across the partner boundary, our `traceparent` sent to
+    /// partners and theirs continued. `restart`: nothing of our traces is sent to partners, and
+    /// what a partner asks starts a new trace here, linked to the partner's.
+    pub partner_traces: ccf_core::telemetry::PartnerTraces,
 }
 
 impl GatewayConfig {

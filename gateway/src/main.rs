@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use capif_gateway::config::GatewayConfig;
-use ccf_core::process::{LogFormat, init_logging, run_async, terminated};
+use ccf_core::process::{LogFormat, run_async, terminated};
+use ccf_core::telemetry::{self, ServiceIdentity};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -47,9 +48,23 @@ struct Cli {
         env = "CAPIF_GATEWAY_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Export spans over OTLP/gRPC to this endpoint (`http://host:4317`); overrides
+    /// `[telemetry] otlp_endpoint`. Unset in both: nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Read once for the log and span set-up (the domain names the spans); the gateway reads
+    // the file again as it starts, and at every reload.
+    let file = GatewayConfig::load(&cli.config)?;
+    let endpoint = cli.otlp_endpoint.or(file.telemetry.otlp_endpoint);
+    let telemetry = telemetry::init(
+        &ServiceIdentity::new(telemetry::GATEWAY).in_domain(file.ccf_id),
+        endpoint.as_deref(),
+        cli.log_format,
+        "info",
+    )?;
     // The overrides apply to every read of the file, so a reload does not undo them.
     let (l6, l6e, ns, sd, ml) = (
         cli.listen_capif6,
@@ -100,11 +115,11 @@ async fn run(cli: Cli) -> Result<()> {
     };
     tracing::info!(signal, "shutting down");
     gw.shutdown().await;
+    telemetry.shutdown();
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, "info");
     run_async("capif-gateway", run(cli))
 }

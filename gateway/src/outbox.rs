@@ -6,7 +6,8 @@
 //! a row is queued for it, and, for a partner, when that partner calls us (it is back). The set
 //! of destinations follows the federation: a partner added by a reload gets a worker then
 //! ([`Outbox::add_partner`]); a removed one loses its worker and the notices waiting for it
-//! ([`Outbox::remove_partner`]): without its trust nothing can be delivered to it.
+//! ([`Outbox::remove_partner`]): without its trust nothing can be delivered to it. Each delivery
+//! continues the trace the notice was queued in (`ccf_core::telemetry::NoticeTraces`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use capif_proto::v1::RevocationNotice;
 use ccf_core::clock::now_ms;
 use ccf_core::delivery::Backoff;
 use ccf_core::ids::CcfId;
+use ccf_core::telemetry::NoticeTraces;
 use tokio::sync::Notify;
 use tonic::{Code, Request, Status};
+use tracing::Instrument as _;
 
 use crate::service::interconnect::call_own_ccf;
 use crate::state::GatewayState;
@@ -211,7 +214,28 @@ enum Failed {
     Refused(Status),
 }
 
+/// The name under which this gateway remembers the traces of the notices it queues.
+fn trace_component(state: &GatewayState) -> String {
+    format!("{}/gateway", state.ccf_id)
+}
+
+/// Remembers the current trace for `notice_id`, so that its delivery continues it (call before
+/// waking the workers).
+pub fn remember_trace(state: &GatewayState, notice_id: &str) {
+    NoticeTraces::global().remember(&trace_component(state), notice_id);
+}
+
 async fn deliver(
+    state: &GatewayState,
+    d: &Destination,
+    notice: &RevocationNotice,
+) -> Result<(), Failed> {
+    let span = tracing::info_span!(parent: None, "capif.revocation.deliver", destination = %d, notice_id = %notice.notice_id);
+    NoticeTraces::global().continue_in(&span, &trace_component(state), &notice.notice_id);
+    deliver_once(state, d, notice).instrument(span).await
+}
+
+async fn deliver_once(
     state: &GatewayState,
     d: &Destination,
     notice: &RevocationNotice,

@@ -13,10 +13,11 @@ use capif_proto::v1::{ErrorReason, PartnerState, interconnect_client::Interconne
 use ccf_core::clock::now_ms;
 use ccf_core::grpc::{error_reason, error_status};
 use ccf_core::ids::CcfId;
+use ccf_core::telemetry::TracedChannel;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use crate::discovery::Discovery;
@@ -77,7 +78,7 @@ pub struct PartnerLink {
     pub ccf_id: CcfId,
     /// Its configured static address (else DNS SRV locates it).
     pub static_address: Option<String>,
-    channel: Channel,
+    channel: TracedChannel,
     kept: Kept,
     max_retries: u32,
     max_message_bytes: usize,
@@ -116,6 +117,8 @@ pub struct LinkPolicy {
     pub fetch_burst: u32,
     /// Largest answer accepted from the partner, bytes.
     pub max_message_bytes: usize,
+    /// Whether our trace context is sent to partners (`[telemetry] partner_traces`).
+    pub partner_traces: ccf_core::telemetry::PartnerTraces,
 }
 
 impl LinkPolicy {
@@ -203,6 +206,9 @@ impl PartnerLink {
                     ))
                 }
             }));
+        // Its spans name the partner's domain: its address is whatever DNS said this time.
+        let channel = TracedChannel::new(channel, trust.ccf_id.as_str())
+            .at_partner_boundary(policy.partner_traces);
         Self {
             ccf_id: trust.ccf_id.clone(),
             static_address,
@@ -252,7 +258,7 @@ impl PartnerLink {
     /// Calls the partner with `f` until `deadline`, retrying retryable failures within budget.
     pub async fn call<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, Status>
     where
-        F: Fn(InterconnectClient<Channel>, Duration) -> Fut,
+        F: Fn(InterconnectClient<TracedChannel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
@@ -263,7 +269,7 @@ impl PartnerLink {
 
     async fn call_within<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, Status>
     where
-        F: Fn(InterconnectClient<Channel>, Duration) -> Fut,
+        F: Fn(InterconnectClient<TracedChannel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.kept.budget.deposit();

@@ -371,7 +371,7 @@ pub fn diff(
         .filter(|id| !new_d.partners.contains_key(*id))
         .cloned()
         .collect();
-    let fixed: [(&'static str, bool); 10] = [
+    let fixed: [(&'static str, bool); 11] = [
         ("ccf_id", old.ccf_id != new.ccf_id),
         ("listen", old.listen != new.listen),
         (
@@ -385,6 +385,7 @@ pub fn diff(
         ("limits", old.limits != new.limits),
         ("reload", old.reload != new.reload),
         ("metrics", old.metrics != new.metrics),
+        ("telemetry", old.telemetry != new.telemetry),
     ];
     plan.needs_restart = fixed.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
     let renewed = old_d.own != new_d.own;

@@ -15,9 +15,12 @@ use capif_proto::v1::{
     federation_client::FederationClient, gateway_admin_server::GatewayAdminServer,
     gateway_server::GatewayServer, interconnect_server::InterconnectServer,
 };
-use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
+use ccf_core::grpc::{
+    ServerTasks, service_name, spawn_server, spawn_server_traced, with_standard_services,
+};
 use ccf_core::limits::ConnGate;
 use ccf_core::metrics::ListenerMetrics;
+use ccf_core::telemetry::TracedChannel;
 use ccf_core::tls::{
     ExpectedPeer, PeerServerVerifier, TlsError, certs_from_pem, connect_lazy, provider, roots,
 };
@@ -149,6 +152,7 @@ async fn launch(
             fetch_rate_per_sec: config.outbound.fetch_rate_per_sec,
             fetch_burst: config.outbound.fetch_burst,
             max_message_bytes: config.limits.max_message_bytes,
+            partner_traces: config.telemetry.partner_traces,
         },
         identity: interconnect.clone(),
     };
@@ -211,7 +215,7 @@ async fn launch(
         reload: reload_control,
         cache: KeyCache::new(&config.cache).with_max_budget(max_budget),
         key_sets: Default::default(),
-        ccf: FederationClient::new(ccf_channel)
+        ccf: FederationClient::new(TracedChannel::new(ccf_channel, config.ccf.address.as_str()))
             .max_decoding_message_size(config.limits.max_message_bytes),
         store,
         outbox,
@@ -310,12 +314,14 @@ async fn serve(
         ConnGate::observed("capif6", config.limits.clone(), &listeners),
         tasks.stopped(),
     ));
-    tasks.push(spawn_server(
+    // Partners' trace context is continued or only linked, as `[telemetry]` says.
+    tasks.push(spawn_server_traced(
         l6e,
         capif6e_tls,
         false,
         routes6e,
         ConnGate::observed("capif6e", config.limits.clone(), &listeners),
+        config.telemetry.partner_traces,
         tasks.stopped(),
     ));
     if let Some(poll) = reload::spawn_poll(state.clone(), tasks.stopped()) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use capif_proto::v1::federation_client::FederationClient;
 use ccf_core::ids::CcfId;
-use tonic::transport::Channel;
+use ccf_core::telemetry::TracedChannel;
 
 use crate::cache::KeyCache;
 use crate::outbox::Outbox;
@@ -34,7 +34,7 @@ pub struct GatewayState {
     /// Partner CCFs' token verification keys.
     pub key_sets: ccf_core::keysets::KeySetCache,
     /// CAPIF-6 client of the own CCF.
-    pub ccf: FederationClient<Channel>,
+    pub ccf: FederationClient<TracedChannel>,
     /// Fetch records, the revocation outbox and the notices seen (survives a restart when
     /// `state_dir` is set).
     pub store: RevocationStore,

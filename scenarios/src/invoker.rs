@@ -22,8 +22,10 @@ use ccf_core::clock::now_ms;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::{AefPsk, Capif1eProfile};
 use ccf_core::pki::write_private_file;
+use ccf_core::telemetry::TracedChannel;
 use ccf_core::tls::{ExpectedPeer, SessionSlot, client_config, connect};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,14 +139,37 @@ impl Profile {
     }
 
     /// A new CAPIF-1e (mutual TLS) channel to the home CCF.
-    pub async fn capif1e_channel(&self) -> Result<tonic::transport::Channel> {
+    pub async fn capif1e_channel(&self) -> Result<TracedChannel> {
         Ok(self.capif1e_session().await?.0)
     }
 
     /// A new CAPIF-1e session with the home CCF, by the profile's CAPIF-1e profile (rustls TLS
-    /// 1.3, or OpenSSL TLS 1.2), and the slot that holds its binding. Its secrets go to
-    /// `SSLKEYLOGFILE` when that is set.
-    pub async fn capif1e_session(&self) -> Result<(tonic::transport::Channel, SessionSlot)> {
+    /// 1.3, or OpenSSL TLS 1.2): the channel, and the slot that holds the session's binding.
+    /// Its secrets go to `SSLKEYLOGFILE` when that is set. The handshake is a client span
+    /// `capif.capif1e_handshake` of the current trace.
+    pub async fn capif1e_session(&self) -> Result<(TracedChannel, SessionSlot)> {
+        let addr = &self.file.capif_addr;
+        let span = tracing::info_span!(
+            "capif.capif1e_handshake",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            server.address = addr.as_str(),
+            capif.outcome = tracing::field::Empty,
+            capif.profile = %self.file.capif1e,
+        );
+        let r = self.capif1e_connect().instrument(span.clone()).await;
+        span.record(
+            "capif.outcome",
+            if r.is_ok() { "accepted" } else { "refused" },
+        );
+        if r.is_err() {
+            span.record("otel.status_code", "error");
+        }
+        let (ch, slot) = r?;
+        Ok((TracedChannel::new(ch, addr.as_str()), slot))
+    }
+
+    async fn capif1e_connect(&self) -> Result<(tonic::transport::Channel, SessionSlot)> {
         match self.file.capif1e {
             Capif1eProfile::Tls13Exporter => {
                 let cfg = ccf_core::keylog::rustls_client(client_config(
@@ -232,7 +257,7 @@ pub async fn onboard_profile(
         CONNECT_TIMEOUT,
     )
     .await?;
-    let rsp = InvokerManagementClient::new(ch)
+    let rsp = InvokerManagementClient::new(TracedChannel::new(ch, onboarding_addr))
         .onboard(pb::OnboardRequest {
             onboarding_information: Some(pb::OnboardingInformation {
                 api_invoker_public_key: key.public_key_pem(),
@@ -468,7 +493,7 @@ pub async fn call(
 ) -> Result<pb::InvokeResponse> {
     let psk = key.psk()?;
     let ch = demo_channel(endpoint, &psk_identity(profile, key)?, &psk, tls).await?;
-    DemoApiClient::new(ch)
+    DemoApiClient::new(TracedChannel::new(ch, endpoint))
         .invoke(pb::InvokeRequest {
             api_name: api.to_string(),
             payload: "hello from the invoker".into(),
@@ -560,7 +585,7 @@ pub async fn auth_method(
         CONNECT_TIMEOUT,
     )
     .await?;
-    AefSecurityClient::new(ch)
+    AefSecurityClient::new(TracedChannel::new(ch, aef_addr))
         .check_authentication(pb::CheckAuthenticationReq {
             api_invoker_id: profile.id().to_string(),
             supported_features: String::new(),
@@ -617,7 +642,7 @@ pub async fn call_pki(
             .parse()
             .map_err(|_| anyhow!("{presented_id:?} cannot be sent as metadata"))?,
     );
-    DemoApiClient::new(ch)
+    DemoApiClient::new(TracedChannel::new(ch, endpoint))
         .invoke(r)
         .await
         .map(|r| r.into_inner())
@@ -665,7 +690,7 @@ pub async fn call_oauth(
             .parse()
             .map_err(|_| anyhow!("the access token cannot be sent as metadata"))?,
     );
-    DemoApiClient::new(ch)
+    DemoApiClient::new(TracedChannel::new(ch, endpoint))
         .invoke(r)
         .await
         .map(|r| r.into_inner())

@@ -12,12 +12,26 @@ use capif_scenarios::runner::{Runner, table};
 use capif_scenarios::scenario::Scenario;
 use capif_scenarios::testbed::{ProcRecord, Testbed, confirm_own, proc_record};
 use ccf_core::kdf::Capif1eProfile;
+use ccf_core::process::LogFormat;
 use clap::{Parser, Subcommand};
 
 /// The CAPIF testbed CLI.
 #[derive(Parser)]
 #[command(name = "capif", version)]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "CAPIF_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    /// Export spans over OTLP/gRPC to this endpoint (`http://host:4317`); a testbed this
+    /// command starts passes it to every component. Unset: nothing is exported.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -365,10 +379,12 @@ fn run_dir(args: &RunArgs, s: &capif_scenarios::scenario::Scenario) -> PathBuf {
 
 use ccf_core::process::terminated as interrupted;
 
-async fn scenario_run(args: ScenarioRunArgs) -> Result<bool> {
-    use capif_scenarios::otlp::{OtlpReceiver, ReceiverLimits, runner_tracer};
-    use opentelemetry::trace::TracerProvider as _;
-    let (args, with_report) = (args.run, !args.no_report);
+async fn scenario_run(
+    args: ScenarioRunArgs,
+    otlp_endpoint: Option<String>,
+    receiver: Option<capif_scenarios::otlp::OtlpReceiver>,
+) -> Result<bool> {
+    let args = args.run;
     let s = Scenario::load(&args.file)?;
     let dir = run_dir(&args, &s);
     let bin = match &args.bin_dir {
@@ -382,26 +398,13 @@ async fn scenario_run(args: ScenarioRunArgs) -> Result<bool> {
         s.steps.len(),
         dir.display()
     );
-    // The receiver of the report's spans, and the runner's own tracer pointed at it.
-    // TODO(trace): once `ccf_core::telemetry` lands, `capif`'s own subscriber should export to
-    // the same endpoint, so the invoker client's spans join the step's root span.
-    let receiver = if with_report {
-        Some(OtlpReceiver::start(ReceiverLimits::default()).await?)
-    } else {
-        None
-    };
-    let endpoint = receiver.as_ref().map(OtlpReceiver::endpoint);
-    let provider = endpoint.as_deref().map(runner_tracer).transpose()?;
     let mut tb = tokio::select! {
-        tb = Testbed::up_traced(&s, &dir, &bin, false, endpoint.clone()) => tb?,
+        tb = Testbed::up_with(&s, &dir, &bin, false, otlp_endpoint) => tb?,
         sig = interrupted() => anyhow::bail!("{sig} while starting the testbed; everything started was stopped"),
     };
     let total = s.steps.len();
     let report = {
         let mut runner = Runner::new(&s, &mut tb);
-        if let Some(p) = &provider {
-            runner = runner.with_tracer(p.tracer("capif-scenarios"));
-        }
         let run = runner.run(|i, step| {
             eprint!(
                 "\rstep {}/{total}: {:<60}",
@@ -419,10 +422,14 @@ async fn scenario_run(args: ScenarioRunArgs) -> Result<bool> {
         }
     };
     eprint!("\r{:80}\r", "");
-    if let Some(p) = provider {
-        // Blocking: it waits for the batch exporter's last export.
-        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
-    }
+    // This process's own spans (the steps' roots, the invoker client's calls) go out first;
+    // blocking: it waits for the batch exporter's export.
+    let _ = tokio::task::spawn_blocking(|| {
+        if let Some(t) = TELEMETRY.lock().ok().as_ref().and_then(|t| t.as_ref()) {
+            t.flush();
+        }
+    })
+    .await;
     // Components flush their last spans as they stop.
     tb.down().await;
     let Some(report) = report else {
@@ -449,14 +456,14 @@ async fn scenario_run(args: ScenarioRunArgs) -> Result<bool> {
     Ok(report.passed)
 }
 
-async fn testbed_up(args: RunArgs) -> Result<()> {
+async fn testbed_up(args: RunArgs, otlp_endpoint: Option<String>) -> Result<()> {
     let s = Scenario::load(&args.file)?;
     let dir = run_dir(&args, &s);
     let bin = match &args.bin_dir {
         Some(b) => b.clone(),
         None => capif_scenarios::testbed::default_bin_dir()?,
     };
-    let mut tb = Testbed::up(&s, &dir, &bin, false).await?;
+    let mut tb = Testbed::up_with(&s, &dir, &bin, false, otlp_endpoint).await?;
     let mut pids = tb.pids();
     pids.insert("launcher".into(), std::process::id());
     // With each pid its start time: `testbed down` signals only processes it can confirm.
@@ -519,18 +526,73 @@ fn testbed_down(run_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The process's span pipeline, flushed on every way out (`failed` included).
+static TELEMETRY: std::sync::Mutex<Option<ccf_core::telemetry::TelemetryGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Exits with status 1 (an expectation or a bound failed), after flushing spans.
+fn failed() -> ! {
+    if let Some(t) = TELEMETRY.lock().ok().and_then(|mut t| t.take()) {
+        t.shutdown();
+    }
+    std::process::exit(1);
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    // `scenario run` draws report.html from the spans of the run: unless they are sent elsewhere
+    // (`--otlp-endpoint`), its own receiver takes them, this process's included, so it starts
+    // before the process's span pipeline does.
+    let receiver = match &cli.command {
+        Command::Scenario(ScenarioCommand::Run(a))
+            if !a.no_report && cli.otlp_endpoint.is_none() =>
+        {
+            use capif_scenarios::otlp::{OtlpReceiver, ReceiverLimits};
+            Some(OtlpReceiver::start(ReceiverLimits::default()).await?)
+        }
+        _ => None,
+    };
+    let otlp_endpoint = cli
+        .otlp_endpoint
+        .clone()
+        .or_else(|| receiver.as_ref().map(|r| r.endpoint()));
+    let telemetry = ccf_core::telemetry::init(
+        &ccf_core::telemetry::ServiceIdentity::new(ccf_core::telemetry::INVOKER),
+        otlp_endpoint.as_deref(),
+        cli.log_format,
+        "warn",
+    )?;
+    if let Ok(mut t) = TELEMETRY.lock() {
+        *t = Some(telemetry);
+    }
+    let r = run_command(cli, otlp_endpoint, receiver).await;
+    if let Some(t) = TELEMETRY.lock().ok().and_then(|mut t| t.take()) {
+        t.shutdown();
+    }
+    r
+}
+
+async fn run_command(
+    cli: Cli,
+    otlp: Option<String>,
+    receiver: Option<capif_scenarios::otlp::OtlpReceiver>,
+) -> Result<()> {
     match cli.command {
         Command::Scenario(ScenarioCommand::Run(args)) => {
-            if !scenario_run(args).await? {
-                std::process::exit(1);
+            if !scenario_run(args, otlp, receiver).await? {
+                failed();
             }
             Ok(())
         }
         Command::Scenario(ScenarioCommand::Check { file }) => scenario_check(&file),
-        Command::Testbed(TestbedCommand::Up(args)) => testbed_up(args).await,
+        Command::Testbed(TestbedCommand::Up(args)) => testbed_up(args, otlp).await,
         Command::Testbed(TestbedCommand::Down { run_dir }) => testbed_down(&run_dir),
-        Command::Invoker(cmd) => invoker_command(cmd).await,
+        // One trace per invoker command: the invoker is where the flow starts.
+        Command::Invoker(cmd) => {
+            use tracing::Instrument as _;
+            invoker_command(cmd)
+                .instrument(tracing::info_span!(parent: None, "capif.invoker.command"))
+                .await
+        }
         Command::Bench {
             smoke,
             out,
@@ -539,13 +601,13 @@ async fn run(cli: Cli) -> Result<()> {
         } => bench(smoke, out, run_dir, bin_dir).await,
         Command::Chaos(args) => {
             if !chaos(args).await? {
-                std::process::exit(1);
+                failed();
             }
             Ok(())
         }
         Command::Soak(args) => {
             if !soak(args).await? {
-                std::process::exit(1);
+                failed();
             }
             Ok(())
         }
@@ -871,6 +933,5 @@ async fn invoker_run(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ccf_core::process::init_logging(ccf_core::process::LogFormat::Text, "warn");
     ccf_core::process::run_async("capif", run(cli))
 }

@@ -3,11 +3,11 @@
 //! report. Group steps run every member × AEF with bounded concurrency; a group step's outcome is
 //! "ok" only when every operation succeeded, otherwise the first failure's code.
 //!
-//! With a tracer ([`Runner::with_tracer`]), each step runs under a root span of its own
-//! (`capif.step` = the step's number) made current as the OpenTelemetry context of the step's
-//! futures, the group's tasks included: every span the invoker client starts in the step, and
-//! every span the components continue from the `traceparent` it sends, shares that trace id,
-//! which the step's row keeps for [`crate::report`].
+//! Each step runs under a root span of its own (`capif.scenario.step`, attribute `capif.step` =
+//! the step's number), the group's tasks included: every span the invoker client starts in the
+//! step, and every span the components continue from the `traceparent` it sends, shares that
+//! trace id, which the step's row keeps (with its time window and domains) for
+//! [`crate::report`]. The spans leave the process when `capif`'s telemetry exports them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,10 +22,9 @@ use capif_proto::v1::{
 use ccf_core::ids::CcfId;
 use ccf_core::kdf::Capif1eProfile;
 use ccf_core::tls::{ExpectedPeer, client_config, connect};
-use opentelemetry::context::FutureExt as _;
-use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _};
 use serde::Serialize;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use crate::invoker::{self, Profile, StatusError};
 use crate::scenario::{Action, Scenario, Step};
@@ -50,7 +49,8 @@ pub struct StepReport {
     pub millis: u64,
     /// Detail of a failure (first error), or counts.
     pub detail: String,
-    /// The trace id (hex) of the step's root span, when the run was traced.
+    /// The W3C trace id of the step (its root span `capif.scenario.step`), whose spans every
+    /// component exports when the testbed has an OTLP endpoint.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub trace_id: String,
     /// When the step started and ended, Unix nanoseconds.
@@ -216,7 +216,6 @@ pub struct Runner<'a> {
     scenario: &'a Scenario,
     tb: &'a mut Testbed,
     members: BTreeMap<String, Vec<(String, String)>>,
-    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 impl<'a> Runner<'a> {
@@ -226,14 +225,7 @@ impl<'a> Runner<'a> {
             members: scenario.invoker_members(),
             scenario,
             tb,
-            tracer: None,
         }
-    }
-
-    /// Runs each step under a root span of `tracer` (see the module's comment).
-    pub fn with_tracer(mut self, tracer: opentelemetry_sdk::trace::SdkTracer) -> Self {
-        self.tracer = Some(tracer);
-        self
     }
 
     /// (the AEF's domain, the invoker's home domain) of an invoker step that names an AEF: of
@@ -257,23 +249,6 @@ impl<'a> Runner<'a> {
             .cloned()
     }
 
-    /// The step's root span as a context, and its trace id; an empty context without a tracer.
-    fn step_context(&self, number: usize, step: &Step) -> (opentelemetry::Context, String) {
-        let Some(t) = &self.tracer else {
-            return (opentelemetry::Context::new(), String::new());
-        };
-        let span = t
-            .span_builder(format!("scenario step {number}"))
-            .with_kind(opentelemetry::trace::SpanKind::Internal)
-            .with_attributes([
-                opentelemetry::KeyValue::new(crate::otlp::STEP_ATTRIBUTE, number as i64),
-                opentelemetry::KeyValue::new("capif.action", step.action.name()),
-            ])
-            .start_with_context(t, &opentelemetry::Context::new());
-        let trace_id = span.span_context().trace_id().to_string();
-        (opentelemetry::Context::new().with_span(span), trace_id)
-    }
-
     fn profile_dir(&self, member: &str) -> PathBuf {
         self.tb.run_dir.join("invokers").join(member)
     }
@@ -285,24 +260,21 @@ impl<'a> Runner<'a> {
             progress(i, step);
             let start = Instant::now();
             let started_ns = now_unix_ns();
-            let (cx, trace_id) = self.step_context(i + 1, step);
-            let (target, outcome, extra) = self.step(step).with_context(cx.clone()).await;
+            // One trace per step: every call an operation of the step makes is in it.
+            let span = tracing::info_span!(
+                parent: None,
+                "capif.scenario.step",
+                capif.step = i + 1,
+                capif.action = step.action.name(),
+                capif.scenario = self.scenario.name.as_str(),
+            );
+            let trace_id = ccf_core::telemetry::trace_id_of(&span).unwrap_or_default();
+            let (target, outcome, extra) = self.step(step).instrument(span.clone()).await;
             let expected = step.expected();
             let passed = outcome.matches(&expected);
-            if self.tracer.is_some() {
-                let span = cx.span();
-                span.set_attribute(opentelemetry::KeyValue::new(
-                    "capif.outcome",
-                    outcome.shown(),
-                ));
-                if !passed {
-                    span.set_status(opentelemetry::trace::Status::error(format!(
-                        "expected {expected}, got {}",
-                        outcome.shown()
-                    )));
-                }
-                span.end();
-            }
+            span.in_scope(|| {
+                tracing::info!(step = i + 1, action = step.action.name(), subject = %target, got = %outcome.shown(), passed, "step done")
+            });
             rows.push(StepReport {
                 step: i + 1,
                 action: step.action.name(),
@@ -499,17 +471,30 @@ impl<'a> Runner<'a> {
         let total = ops.len();
         let sem = Arc::new(Semaphore::new(step.concurrency.unwrap_or(16).max(1)));
         let mut set = tokio::task::JoinSet::new();
-        // The step's span, for the tasks (a spawned task starts with no context).
-        let cx = opentelemetry::Context::current();
         for (member, home, aef) in ops {
             let ctx = OpContext::new(self, self.scenario, step, &member, &home, aef.as_deref());
             let sem = sem.clone();
+            let span = tracing::info_span!(
+                "capif.invoker.op",
+                capif.invoker = member.as_str(),
+                capif.home = home.as_str(),
+                capif.aef = aef.as_deref().unwrap_or_default(),
+                capif.method = ctx.method.as_str_name(),
+            );
             set.spawn(
                 async move {
                     let _permit = sem.acquire_owned().await;
-                    ctx.run().await
+                    let r = ctx.run().await;
+                    match &r {
+                        Ok(()) => tracing::info!(invoker = %member, "invoker operation done"),
+                        Err(e) => {
+                            let o = classify(e);
+                            tracing::info!(invoker = %member, code = %o.code, reason = %o.reason, "invoker operation refused")
+                        }
+                    }
+                    r
                 }
-                .with_context(cx.clone()),
+                .instrument(span),
             );
         }
         let mut failures = Vec::new();
@@ -589,6 +574,7 @@ impl Runner<'_> {
             Duration::from_secs(5),
         )
         .await?;
+        let ch = ccf_core::telemetry::TracedChannel::new(ch, format!("127.0.0.1:{}", d.capif_port));
         let set = pb::ccf_admin_client::CcfAdminClient::new(ch)
             .rotate_token_signing_key(pb::RotateTokenSigningKeyRequest {})
             .await
@@ -844,7 +830,7 @@ impl OpContext {
             Duration::from_secs(5),
         )
         .await?;
-        SecurityClient::new(ch)
+        SecurityClient::new(ccf_core::telemetry::TracedChannel::new(ch, capif))
             .revoke_authorization(pb::RevokeAuthorizationRequest {
                 revoke_info: Some(pb::SecurityNotification {
                     api_invoker_id: p.id().to_string(),

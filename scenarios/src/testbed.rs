@@ -1,6 +1,7 @@
 //! The testbed launcher: from a scenario, generate every domain's CA and certificates, write
 //! every component's config, serve the DNS zone, and start each component as its own OS process
-//! (the real `ccf`, `capif-gateway` and `aef-stub` binaries), each logging to the run directory.
+//! (the real `ccf`, `capif-gateway` and `aef-stub` binaries), each logging JSON lines to the run
+//! directory and, when the testbed has an OTLP endpoint, exporting its spans there.
 //!
 //! Children get SIGTERM when the launcher dies (PR_SET_PDEATHSIG) and are stopped on every exit
 //! path, so a run leaves nothing behind but its directory.
@@ -157,10 +158,11 @@ pub struct Testbed {
     pub dns: Option<DnsServer>,
     procs: BTreeMap<String, Proc>,
     quiet: bool,
+    /// The OTLP/gRPC endpoint every component started exports its spans to (`--otlp-endpoint`),
+    /// when set ([`Testbed::up_with`]).
+    pub otlp_endpoint: Option<String>,
     /// Rotations of the CA partners trust for each domain's gateway (`live`), for CA names.
     pub(crate) rotations: BTreeMap<String, u32>,
-    /// Where every component exports its spans (OTLP/gRPC), when set.
-    pub otlp_endpoint: Option<String>,
     /// The `/metrics` port of every component (`--metrics-listen`), by component name.
     pub metrics_ports: BTreeMap<String, u16>,
 }
@@ -185,12 +187,11 @@ fn write(path: &Path, text: &str) -> Result<()> {
 impl Testbed {
     /// Generates everything and starts every component; stops what it started on failure.
     pub async fn up(s: &Scenario, run_dir: &Path, bin_dir: &Path, quiet: bool) -> Result<Self> {
-        Self::up_traced(s, run_dir, bin_dir, quiet, None).await
+        Self::up_with(s, run_dir, bin_dir, quiet, None).await
     }
 
-    /// [`Testbed::up`], with every component (and every later start) told to export its spans
-    /// to `otlp_endpoint`.
-    pub async fn up_traced(
+    /// [`Testbed::up`], every component exporting its spans to `otlp_endpoint` when given.
+    pub async fn up_with(
         s: &Scenario,
         run_dir: &Path,
         bin_dir: &Path,
@@ -279,8 +280,8 @@ impl Testbed {
             dns,
             procs: BTreeMap::new(),
             quiet,
-            rotations: BTreeMap::new(),
             otlp_endpoint,
+            rotations: BTreeMap::new(),
             metrics_ports: BTreeMap::new(),
         };
         for c in tb.components() {
@@ -511,17 +512,28 @@ impl Testbed {
     }
 
     fn command(&self, component: &str) -> Result<(PathBuf, Vec<String>)> {
-        let (bin, mut args) = self.component_command(component)?;
+        let (kind, name) = component
+            .split_once(':')
+            .ok_or_else(|| anyhow!("bad component {component:?}"))?;
+        let (bin, mut args) = self.component_command(kind, name, component)?;
         if let Some(port) = self.metrics_ports.get(component) {
             args.extend(["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+        }
+        // JSON lines: one object per line with the trace id at the top level, so the logs of
+        // every hop can be searched by trace (docs/OPERATIONS.md, "Logs").
+        args.extend(["--log-format".into(), "json".into()]);
+        if let Some(e) = &self.otlp_endpoint {
+            args.extend(["--otlp-endpoint".into(), e.clone()]);
         }
         Ok((bin, args))
     }
 
-    fn component_command(&self, component: &str) -> Result<(PathBuf, Vec<String>)> {
-        let (kind, name) = component
-            .split_once(':')
-            .ok_or_else(|| anyhow!("bad component {component:?}"))?;
+    fn component_command(
+        &self,
+        kind: &str,
+        name: &str,
+        component: &str,
+    ) -> Result<(PathBuf, Vec<String>)> {
         Ok(match kind {
             "ccf" => {
                 let d = self

@@ -14,6 +14,7 @@ use ccf_core::kdf::AefPsk;
 use openssl::ssl::{Ssl, SslContextBuilder, SslMethod, SslVerifyMode, SslVersion};
 use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
+use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
 use crate::identity::PskIdentity;
@@ -82,8 +83,36 @@ pub enum ConnectError {
     },
 }
 
-/// Client side: a PSK TLS connection to `addr` with `identity` and `psk`.
+/// Client side: a PSK TLS connection to `addr` with `identity` and `psk`, in a client span
+/// `capif.psk_handshake` of the current trace (its `capif.outcome`: `accepted` or `refused`).
 pub async fn connect(
+    addr: &str,
+    identity: &PskIdentity,
+    psk: &AefPsk,
+    p: TlsProfile,
+) -> Result<SslStream<TcpStream>, ConnectError> {
+    let span = tracing::info_span!(
+        "capif.psk_handshake",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        server.address = addr,
+        tls.profile = ?p,
+        capif.outcome = tracing::field::Empty,
+    );
+    let r = handshake(addr, identity, psk, p)
+        .instrument(span.clone())
+        .await;
+    span.record(
+        "capif.outcome",
+        if r.is_ok() { "accepted" } else { "refused" },
+    );
+    if r.is_err() {
+        span.record("otel.status_code", "error");
+    }
+    r
+}
+
+async fn handshake(
     addr: &str,
     identity: &PskIdentity,
     psk: &AefPsk,

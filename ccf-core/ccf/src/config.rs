@@ -194,6 +194,9 @@ pub struct CcfConfig {
     /// The `/metrics` listener (off unless set).
     #[serde(default)]
     pub metrics: ccf_core::metrics::MetricsConfig,
+    /// Span export (`[telemetry] otlp_endpoint`).
+    #[serde(default)]
+    pub telemetry: ccf_core::telemetry::TelemetryConfig,
 }
 
 impl CcfConfig {

@@ -11,6 +11,7 @@ use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::kdf::derive_aefpsk;
 use ccf_core::pki::{DomainCa, write_private_file};
 use ccf_core::process::{LogFormat, exit_code, init_logging, run_async, terminated};
+use ccf_core::telemetry::{self, ServiceIdentity};
 use clap::{Parser, Subcommand, ValueEnum};
 use zeroize::Zeroizing;
 
@@ -105,6 +106,10 @@ struct ServeArgs {
     /// ip:port, port 0 picks a free one).
     #[arg(long, value_name = "ADDR", env = "CCF_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Export spans over OTLP/gRPC to this endpoint (`http://host:4317`); overrides
+    /// `[telemetry] otlp_endpoint`. Unset in both: nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -165,8 +170,15 @@ enum PkiCommand {
     },
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, log_format: LogFormat) -> Result<()> {
     let mut cfg = args.config.load()?;
+    let endpoint = args.otlp_endpoint.or(cfg.telemetry.otlp_endpoint.clone());
+    let telemetry = telemetry::init(
+        &ServiceIdentity::new(telemetry::CCF).in_domain(cfg.ccf_id.clone()),
+        endpoint.as_deref(),
+        log_format,
+        "info",
+    )?;
     if let Some(a) = args.listen_onboarding {
         cfg.listen.onboarding = a;
     }
@@ -207,6 +219,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let signal = terminated().await;
     tracing::info!(signal, "shutting down");
     ccf.shutdown().await;
+    telemetry.shutdown();
     Ok(())
 }
 
@@ -263,9 +276,12 @@ fn pki_issue(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, "info");
+    // Serving sets its logs up with spans once it knows its domain.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging(cli.log_format, "info");
+    }
     let result = match cli.command {
-        Command::Serve(args) => return run_async("ccf", serve(args)),
+        Command::Serve(args) => return run_async("ccf", serve(args, cli.log_format)),
         Command::Kdf(KdfCommand::Aefpsk {
             key,
             session_id,

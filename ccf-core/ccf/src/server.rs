@@ -29,7 +29,9 @@ use ccf_core::limits::ConnGate;
 use ccf_core::metrics::ListenerMetrics;
 use ccf_core::pki::DomainCa;
 use ccf_core::registry::AefRegistry;
+use ccf_core::telemetry::{NoticeTraces, TracedChannel};
 use ccf_core::tls::{ClientAuth, ExpectedPeer, certs_from_pem, server_config};
+use tracing::Instrument as _;
 
 pub use ccf_core::clock::now_ms;
 
@@ -124,12 +126,9 @@ pub struct CcfState {
     /// Requests answered for partner domains (through the gateway), for inspection and tests.
     pub partner_requests: std::sync::atomic::AtomicU64,
     /// AefSecurity clients of this domain's AEFs that have a security endpoint.
-    pub aefs: std::collections::BTreeMap<
-        ccf_core::ids::AefId,
-        AefSecurityClient<tonic::transport::Channel>,
-    >,
+    pub aefs: std::collections::BTreeMap<ccf_core::ids::AefId, AefSecurityClient<TracedChannel>>,
     /// CAPIF-6 client of this domain's gateway, when one is configured.
-    pub gateway: Option<GatewayClient<tonic::transport::Channel>>,
+    pub gateway: Option<GatewayClient<TracedChannel>>,
     /// Method 3: the access-token signing keys.
     pub token_keys: ccf_core::token::TokenKeys,
     /// Method 3: lifetime of issued tokens.
@@ -207,7 +206,13 @@ impl CcfState {
         );
         self.metrics.revocation_published(notice.kind);
         self.revoke_at_aefs(&notice, affected);
+        NoticeTraces::global().remember(&self.trace_component(), &notice.notice_id);
         self.revocation_queued.notify_one();
+    }
+
+    /// The name under which this CCF remembers the traces of the notices it queues.
+    fn trace_component(&self) -> String {
+        format!("{}/ccf", self.ccf_id)
     }
 
     /// Tells this domain's AEFs among `affected` (all of them when `None`) to drop the invoker's
@@ -238,13 +243,17 @@ impl CcfState {
                 }),
                 supported_features: String::new(),
             };
-            tokio::spawn(async move {
-                let mut r = tonic::Request::new(req);
-                r.set_timeout(Duration::from_secs(3));
-                if let Err(e) = client.revoke_authorization(r).await {
-                    tracing::warn!(%aef, error = %e.message(), "could not tell the AEF of a revocation");
+            // In the trace of the request that revoked, though it ends after the answer.
+            tokio::spawn(
+                async move {
+                    let mut r = tonic::Request::new(req);
+                    r.set_timeout(Duration::from_secs(3));
+                    if let Err(e) = client.revoke_authorization(r).await {
+                        tracing::warn!(%aef, error = %e.message(), "could not tell the AEF of a revocation");
+                    }
                 }
-            });
+                .in_current_span(),
+            );
         }
     }
 }
@@ -436,7 +445,9 @@ async fn revocation_outbox(state: &CcfState) {
             }
             let mut r = tonic::Request::new(n.clone());
             r.set_timeout(Duration::from_secs(3));
-            match gw.clone().publish_revocation(r).await {
+            let span = tracing::info_span!(parent: None, "capif.revocation.deliver", destination = "gateway", notice_id = %n.notice_id);
+            NoticeTraces::global().continue_in(&span, &state.trace_component(), &n.notice_id);
+            match gw.clone().publish_revocation(r).instrument(span).await {
                 Ok(ack) => {
                     failures = 0;
                     if let Err(e) = state.store.revocation_done(&n.notice_id) {
@@ -630,7 +641,7 @@ fn gateway_client(
     ccf_id: &CcfId,
     ca: &DomainCa,
     own_identity: (&str, &str),
-) -> Result<Option<GatewayClient<tonic::transport::Channel>>, StartError> {
+) -> Result<Option<GatewayClient<TracedChannel>>, StartError> {
     let Some(g) = &config.gateway else {
         return Ok(None);
     };
@@ -643,6 +654,7 @@ fn gateway_client(
     )?;
     let channel =
         ccf_core::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
+    let channel = TracedChannel::new(channel, g.address.as_str());
     Ok(Some(GatewayClient::new(channel).max_decoding_message_size(
         config.limits.max_message_bytes,
     )))
@@ -656,7 +668,7 @@ fn aef_clients(
     ca: &DomainCa,
     own_identity: (&str, &str),
 ) -> Result<
-    std::collections::BTreeMap<ccf_core::ids::AefId, AefSecurityClient<tonic::transport::Channel>>,
+    std::collections::BTreeMap<ccf_core::ids::AefId, AefSecurityClient<TracedChannel>>,
     StartError,
 > {
     let mut aefs = std::collections::BTreeMap::new();
@@ -669,6 +681,7 @@ fn aef_clients(
                 ExpectedPeer::aef(ccf_id, &e.aef_id),
             )?;
             let channel = ccf_core::tls::connect_lazy(addr, name, tls, Duration::from_secs(1))?;
+            let channel = TracedChannel::new(channel, addr.as_str());
             aefs.insert(
                 e.aef_id.clone(),
                 AefSecurityClient::new(channel)

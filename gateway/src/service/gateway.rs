@@ -98,6 +98,8 @@ impl Gateway for GatewayService {
                 tracing::warn!(partner = %home, error = %error_chain(&refused), "partner answer refused");
                 return Err(refused.into());
             }
+            // Misses are few (each takes from the partner's fetch budget): worth a line each.
+            tracing::info!(partner = %home, key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information fetched from partner");
             Ok(info)
         };
         let (result, served) = self
@@ -157,6 +159,7 @@ impl Gateway for GatewayService {
         self.state
             .revocations_published
             .fetch_add(1, Ordering::Relaxed);
+        crate::outbox::remember_trace(&self.state, &notice.notice_id);
         for p in &partners {
             self.state.outbox.wake_partner(p);
         }

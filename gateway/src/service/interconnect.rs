@@ -19,7 +19,7 @@ use ccf_core::clock::now_ms;
 use ccf_core::delivery::NoticeId;
 use ccf_core::grpc::{UpstreamError, budget, conn_info, error_chain, inner_budget, invalid_field};
 use ccf_core::ids::{ApiInvokerId, CcfId};
-use tonic::transport::Channel;
+use ccf_core::telemetry::TracedChannel;
 use tonic::{Request, Response, Status};
 
 use super::{Refused, horizon, notice_aef_ids, query_ids, store_status};
@@ -33,14 +33,14 @@ use crate::store::Destination;
 /// reason passes unchanged; anything else names the CCF by its domain only, never its address
 /// (which the transport's error, logged here, may contain).
 pub(crate) async fn call_own_ccf<Q, A, F, Fut>(
-    ccf: &FederationClient<Channel>,
+    ccf: &FederationClient<TracedChannel>,
     own: &CcfId,
     budget: Duration,
     message: Q,
     call: F,
 ) -> Result<A, UpstreamError>
 where
-    F: FnOnce(FederationClient<Channel>, Request<Q>) -> Fut,
+    F: FnOnce(FederationClient<TracedChannel>, Request<Q>) -> Fut,
     Fut: Future<Output = Result<Response<A>, Status>>,
 {
     let mut r = Request::new(message);
@@ -109,7 +109,7 @@ impl InterconnectService {
         call: F,
     ) -> Result<A, UpstreamError>
     where
-        F: FnOnce(FederationClient<Channel>, Request<Q>) -> Fut,
+        F: FnOnce(FederationClient<TracedChannel>, Request<Q>) -> Fut,
         Fut: Future<Output = Result<Response<A>, Status>>,
     {
         call_own_ccf(&self.state.ccf, &self.state.ccf_id, budget, message, call).await
@@ -265,6 +265,7 @@ impl InterconnectService {
         {
             return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));
         }
+        crate::outbox::remember_trace(&self.state, &notice.notice_id);
         self.state.outbox.wake(&Destination::OwnCcf);
         self.state
             .revocations_received
@@ -316,14 +317,17 @@ mod tests {
     }
 
     /// A client of a CCF that is not there: a lazy channel to a port nobody listens on.
-    async fn dead_ccf() -> (FederationClient<Channel>, String) {
+    async fn dead_ccf() -> (FederationClient<TracedChannel>, String) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
-        (FederationClient::new(ch), addr)
+        (
+            FederationClient::new(TracedChannel::new(ch, addr.as_str())),
+            addr,
+        )
     }
 
     fn ask() -> TokenKeySetRequest {

@@ -189,8 +189,9 @@ impl SecurityService {
                 .fetch_security_information(r)
                 .await
                 .map_err(|s| self.gateway_failure(s))?;
-            // Per-request and hot (every AEF lookup of a foreign invoker): debug, not info.
-            tracing::debug!(
+            // As frequent as the own domain's answer below (an AEF asks only when it holds no
+            // valid key), and CCF-A's one line of a cross-domain request's trace.
+            tracing::info!(
                 api_invoker_id = %invoker,
                 %home,
                 aef_id = %own_aef,
