@@ -508,11 +508,13 @@ fn diagram(hops: &[Hop], aef_domain: &str, home_domain: &str, t0: u64) -> String
                 );
             }
             if let Some(n) = &h.note {
+                // Under the label, right of the lane: left of it is the time column.
+                let below = if h.refusal.is_some() { 26 } else { 14 };
                 let _ = write!(
                     g,
-                    "<text class=\"note\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-                    x1 - 6,
-                    y + 2,
+                    "<text class=\"note\" x=\"{}\" y=\"{}\">{}</text>",
+                    x1 + 34,
+                    y + below,
                     escape(n)
                 );
             }

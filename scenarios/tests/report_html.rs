@@ -465,20 +465,33 @@ fn a_scenario_run_writes_a_report_that_renders() {
         let count: usize = spans[0].split('<').next().unwrap().parse().unwrap();
         assert!(count >= 1, "no span for step {n}: {tr}");
     }
+    // Every component exports its spans to the run's receiver: no banner.
+    assert!(!dom.contains("class=\"banner\""), "components sent no span");
     // Steps 3 (B's invoker at A's AEF), 5 (A's invoker at B's AEF) and 6 are cross-domain.
     for n in [3, 5, 6] {
         let s = section(&dom, n);
-        let hops = hops_of(s);
-        if dom.contains("class=\"banner\"") {
-            // The components of this build export no spans: the page says so.
-            assert!(s.contains("No hops to draw"), "{s}");
-            assert!(hops.is_empty());
-        } else {
-            for lane in ["invoker", "aef", "ccf-a", "gateway-a", "gateway-b", "ccf-b"] {
-                assert!(s.contains(&format!("data-lane=\"{lane}\"")), "{s}");
-            }
-            assert!(!hops.is_empty(), "{s}");
+        for lane in ["invoker", "aef", "ccf-a", "gateway-a", "gateway-b", "ccf-b"] {
+            assert!(s.contains(&format!("data-lane=\"{lane}\"")), "{s}");
         }
+        assert!(!hops_of(s).is_empty(), "{s}");
+    }
+    // Steps 3 and 5 fetch the key across the border: the whole chain is drawn, hop by hop, and
+    // nothing was refused.
+    for n in [3, 5] {
+        let hops = hops_of(section(&dom, n));
+        for (from, to) in [
+            ("invoker", "aef"),
+            ("aef", "ccf-a"),
+            ("ccf-a", "gateway-a"),
+            ("gateway-a", "gateway-b"),
+            ("gateway-b", "ccf-b"),
+        ] {
+            assert!(
+                hops.iter().any(|(f, t, _)| f == from && t == to),
+                "step {n}: no hop {from} -> {to} in {hops:?}"
+            );
+        }
+        assert!(hops.iter().all(|(_, _, refused)| !refused), "{hops:?}");
     }
     assert!(!dom.contains("id=\"step-1\"") && !dom.contains("id=\"step-4\""));
 }
