@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use capif_proto::v1 as pb;
-use ccf_core::metrics::{CertExpiry, ListenerMetrics, NO_LABELS, OutcomeLabels, Registry, Scrape};
+use ccf_core::metrics::{
+    CertExpiry, ListenerMetrics, MethodOutcome, NO_LABELS, OutcomeLabels, Registry, Scrape,
+};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -20,13 +22,6 @@ use prometheus_client::metrics::family::Family;
 use tonic::Status;
 
 use crate::keys::KeyStore;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MethodOutcome {
-    method: &'static str,
-    #[prometheus(flatten)]
-    outcome: OutcomeLabels,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointOutcome {

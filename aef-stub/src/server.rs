@@ -236,16 +236,17 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
     )
     .await?;
     let registry = Arc::new(registry);
-    let metrics_addr = match config.metrics.listen {
-        Some(addr) => {
-            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-            tasks.push(task);
-            Some(bound)
-        }
-        None => None,
-    };
+    let metrics_addr = tasks
+        .serve_metrics(config.metrics.listen, registry.clone())
+        .await
+        .map_err(|e| {
+            let addr = config
+                .metrics
+                .listen
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            anyhow::anyhow!("cannot listen on {addr}: {e}")
+        })?;
     tracing::info!(%aef_id, %security_addr, %psk_addr, tls_addr = ?tls_addr, metrics = ?metrics_addr, profile = ?config.psk_tls, "AEF listening");
     Ok(RunningAef {
         state,

@@ -160,6 +160,24 @@ impl ServerTasks {
         }
     }
 
+    /// Serves `registry` on `listen`, when set, as one of these tasks (`GET /metrics`, stopped
+    /// with the others); returns the bound address.
+    pub async fn serve_metrics(
+        &mut self,
+        listen: Option<std::net::SocketAddr>,
+        registry: Arc<crate::metrics::Registry>,
+    ) -> std::io::Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = listen else {
+            return Ok(None);
+        };
+        let (bound, task) = crate::metrics::bind_and_serve(addr, registry, self.stopped()).await?;
+        self.push(tokio::spawn(async move {
+            let _ = task.await;
+            Ok(())
+        }));
+        Ok(Some(bound))
+    }
+
     /// Adds a task to stop and wait for.
     pub fn push(&mut self, task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
         self.tasks.push(task);

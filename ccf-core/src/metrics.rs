@@ -396,23 +396,6 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// Binds `addr` and serves `registry` there until `stop` completes, as a task of the kind a
-/// component's [`crate::grpc::ServerTasks`] holds (it never fails once bound).
-pub async fn start<E: Send + 'static>(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<Result<(), E>>)> {
-    let (bound, task) = bind_and_serve(addr, registry, stop).await?;
-    Ok((
-        bound,
-        tokio::spawn(async move {
-            let _ = task.await;
-            Ok(())
-        }),
-    ))
-}
-
 /// `notAfter` of a DER certificate as unix time; `None` if it does not parse.
 pub fn not_after_unix(der: &[u8]) -> Option<i64> {
     x509_parser::parse_x509_certificate(der)
@@ -454,6 +437,17 @@ pub struct OutcomeLabels {
     pub code: &'static str,
     /// `ErrorReason::as_str_name`, or `none`.
     pub reason: &'static str,
+}
+
+/// Labels of an event per security method and outcome (the CCF's negotiations, the AEF's
+/// authentication initiations).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodOutcome {
+    /// The security method's name (`PSK`, `PKI`, `OAUTH`, ...).
+    pub method: &'static str,
+    /// How it ended.
+    #[prometheus(flatten)]
+    pub outcome: OutcomeLabels,
 }
 
 impl OutcomeLabels {

@@ -525,23 +525,24 @@ impl ConnInfo {
     }
 }
 
-/// A server-side TLS stream carrying its [`ConnInfo`].
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: ConnInfo,
-    idle: IdleTimer,
+/// A server-side TLS stream carrying its [`ConnInfo`]: rustls's (the default), or OpenSSL's
+/// for the TLS 1.2 CAPIF-1e listener ([`crate::tls12`]). Closes after the gate's idle timeout.
+pub struct TlsConn<S = tokio_rustls::server::TlsStream<TcpStream>> {
+    pub(crate) inner: S,
+    pub(crate) info: ConnInfo,
+    pub(crate) idle: IdleTimer,
     // Holds the connection's place at its listener until tonic drops the stream.
-    _permit: ConnPermit,
+    pub(crate) _permit: ConnPermit,
 }
 
-impl Connected for TlsConn {
+impl<S> Connected for TlsConn<S> {
     type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> ConnInfo {
         self.info.clone()
     }
 }
 
-impl AsyncRead for TlsConn {
+impl<S: AsyncRead + Unpin> AsyncRead for TlsConn<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -554,7 +555,7 @@ impl AsyncRead for TlsConn {
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TlsConn<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -18,7 +18,6 @@ use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub use openssl::ssl::SslContext;
@@ -33,18 +32,16 @@ use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::verify::X509CheckFlags;
 use openssl::x509::{X509, X509VerifyResult};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_openssl::SslStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Routes;
-use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
 use crate::identity::PeerIdentity;
 use crate::kdf::Capif1eBinding;
-use crate::limits::{Activity, ConnGate, ConnPermit, IdleTimer, serve_builder};
+use crate::limits::{Activity, ConnGate, IdleTimer, serve_builder};
 use crate::metrics::HandshakeOutcome;
 use crate::tls::{ClientSession, ConnInfo, ExpectedPeer, PeerInfo, SessionSlot};
 
@@ -213,49 +210,7 @@ pub fn server_context(
 }
 
 /// A CAPIF-1e connection accepted by [`incoming`], carrying its [`ConnInfo`].
-pub struct Tls12Conn {
-    inner: SslStream<TcpStream>,
-    info: ConnInfo,
-    idle: IdleTimer,
-    // Holds the connection's place at its listener until tonic drops the stream.
-    _permit: ConnPermit,
-}
-
-impl Connected for Tls12Conn {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for Tls12Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.idle.poll_expired(cx) {
-            return Poll::Ready(Err(self.idle.error()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Tls12Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+pub type Tls12Conn = crate::tls::TlsConn<SslStream<TcpStream>>;
 
 /// How a failed OpenSSL server handshake counts in the listener's metrics.
 fn outcome_of(ssl: &SslRef, e: &openssl::ssl::Error) -> HandshakeOutcome {

@@ -331,19 +331,17 @@ async fn serve(
     for t in crate::outbox::spawn(state.clone(), tasks.stopped()) {
         tasks.push(t);
     }
-    let metrics_addr = match config.metrics.listen {
-        Some(addr) => {
-            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            tasks.push(task);
-            Some(bound)
-        }
-        None => None,
-    };
+    let metrics_addr = tasks
+        .serve_metrics(config.metrics.listen, registry.clone())
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config
+                .metrics
+                .listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
     tracing::info!(ccf_id = %state.ccf_id, %capif6_addr, %capif6e_addr, metrics = ?metrics_addr, partners = state.partners().len(), "gateway listening");
     Ok(RunningGateway {
         state,

@@ -751,19 +751,17 @@ async fn serve(
     // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
     tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
     tasks.push(spawn_revocation_outbox(state.clone(), tasks.stopped()));
-    let metrics_addr = match config.metrics.listen {
-        Some(addr) => {
-            let (bound, task) = ccf_core::metrics::start(addr, registry.clone(), tasks.stopped())
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            tasks.push(task);
-            Some(bound)
-        }
-        None => None,
-    };
+    let metrics_addr = tasks
+        .serve_metrics(config.metrics.listen, registry.clone())
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config
+                .metrics
+                .listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
     tracing::info!(ccf_id = %state.ccf_id, %onboarding_addr, %capif_addr, %capif1e_addr, capif1e = %state.capif1e, metrics = ?metrics_addr, "CCF listening");
     Ok(RunningCcf {
         state,
