@@ -4,7 +4,7 @@
 //! processes) over the same mutual-TLS accept loop, with the same message types and sizes, so
 //! the difference is the gateway's own work.
 //!
-//! Cases: (a) cache-hit lookup at gateway-A vs one bare hop; (b) cross-domain misses with unique
+//! Cases: (a) cache-hit lookup at gateway-A vs one bare hop (three repetitions, median judged); (b) cross-domain misses with unique
 //! keys (client → gateway-A → gateway-B → CCF-B) vs three bare hops; (c) the AEF-level request
 //! (AEF → CCF-A → gateway-A, cache hit) vs two bare hops; (d) full invoker flows per second;
 //! (e) a coalescing storm: N concurrent misses for one key → upstream calls; (f) memory per cached
@@ -615,8 +615,20 @@ fn fetch(ch: Channel, ids: Arc<Vec<String>>) -> impl Op {
 /// Closed-loop warm-up before a latency case.
 const WARM_UP: Duration = Duration::from_millis(300);
 
-/// (a) cache hit at gateway-A vs one bare hop: closed loop, then open loop at half the floor's
-/// closed-loop throughput. Returns the closed-loop floor and subject.
+/// Repetitions of the closed-loop part of case (a): the hit path is the noisiest case, so the
+/// report shows every repetition and judges the median.
+pub const A_REPETITIONS: usize = 3;
+
+/// The median of a few values (the middle one; the upper middle for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// (a) cache hit at gateway-A vs one bare hop: [`A_REPETITIONS`] closed-loop repetitions (floor
+/// then subject each time), then open loop at half the floor's closed-loop throughput. Returns
+/// the floor and subject of the median repetition (by p50 ratio).
 async fn case_a(
     opts: &BenchOpts,
     t: &Targets,
@@ -641,25 +653,58 @@ async fn case_a(
         fetch(t.gw_a.clone(), hot.clone()),
     )
     .await;
-    let floor_a = closed_loop(
-        opts.concurrency,
-        opts.duration,
-        None,
-        fetch(t.floor1.clone(), hot.clone()),
-    )
-    .await;
-    let subj_a = closed_loop(
-        opts.concurrency,
-        opts.duration,
-        None,
-        fetch(t.gw_a.clone(), hot.clone()),
-    )
-    .await;
     say(String::new());
-    say("(a) cache-hit lookup at gateway-A (CAPIF-6), closed loop".into());
-    say(floor_a.line("  floor: 1 bare hop"));
-    say(subj_a.line("  gateway-A, cache hit"));
-    say(ratio_line("a", &subj_a, &floor_a, 1.3, 0.75));
+    say(format!(
+        "(a) cache-hit lookup at gateway-A (CAPIF-6), closed loop, {A_REPETITIONS} repetitions"
+    ));
+    let mut reps = Vec::new();
+    for r in 1..=A_REPETITIONS {
+        let floor = closed_loop(
+            opts.concurrency,
+            opts.duration,
+            None,
+            fetch(t.floor1.clone(), hot.clone()),
+        )
+        .await;
+        let subj = closed_loop(
+            opts.concurrency,
+            opts.duration,
+            None,
+            fetch(t.gw_a.clone(), hot.clone()),
+        )
+        .await;
+        say(format!("  repetition {r}:"));
+        say(floor.line("  floor: 1 bare hop"));
+        say(subj.line("  gateway-A, cache hit"));
+        say(ratio_line("a", &subj, &floor, 1.2, 0.85));
+        reps.push((floor, subj));
+    }
+    let p50s: Vec<f64> = reps.iter().map(|(f, s)| s.q(0.5) / f.q(0.5)).collect();
+    let tputs: Vec<f64> = reps
+        .iter()
+        .map(|(f, s)| s.throughput() / f.throughput())
+        .collect();
+    let (p50, tput) = (median(&p50s), median(&tputs));
+    let all = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    say(format!(
+        "    ratio (a, median of {A_REPETITIONS}): p50 {p50:.2}x [{}] (target <= 1.2: {}), throughput {tput:.2}x [{}] (target >= 0.85: {})",
+        all(&p50s),
+        met(p50 <= 1.2),
+        all(&tputs),
+        met(tput >= 0.85)
+    ));
+    // A repetition with errors is the one returned, so the run fails on it after the report.
+    let mid = reps
+        .iter()
+        .position(|(f, s)| f.errors + s.errors > 0)
+        .or_else(|| p50s.iter().position(|x| *x == p50))
+        .unwrap_or(0);
+    let (floor_a, subj_a) = reps.swap_remove(mid);
     let rate = (floor_a.throughput() * 0.5).max(10.0) as u64;
     let open_floor = open_loop(rate, opts.duration, fetch(t.floor1.clone(), hot.clone())).await;
     let open_subj = open_loop(rate, opts.duration, fetch(t.gw_a.clone(), hot.clone())).await;
@@ -673,6 +718,11 @@ async fn case_a(
         open_subj.q(0.5) / open_floor.q(0.5)
     ));
     Ok((floor_a, subj_a))
+}
+
+/// "met" or "NOT met", as every verdict of the report reads.
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
 }
 
 /// (b) misses with unique keys: client -> gw-A -> gw-B -> CCF-B vs 3 bare hops, each key once.
