@@ -10,6 +10,8 @@
 //! (e) a coalescing storm: N concurrent misses for one key → upstream calls; (f) memory per cached
 //! entry (in-process, RSS).
 
+mod plot;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +54,9 @@ pub struct BenchOpts {
     pub mem_entries: Vec<usize>,
     /// Invoker flows for case d.
     pub flows: usize,
+    /// Also write the latency CDF plots here (`--plots`, e.g. docs/bench/); they always go to
+    /// the run directory.
+    pub plots: Option<PathBuf>,
 }
 
 impl BenchOpts {
@@ -64,6 +69,7 @@ impl BenchOpts {
             storm: 1000,
             mem_entries: vec![100_000, 1_000_000],
             flows: 600,
+            plots: None,
         }
     }
 
@@ -76,6 +82,7 @@ impl BenchOpts {
             storm: 1000,
             mem_entries: vec![10_000],
             flows: 12,
+            plots: None,
         }
     }
 }
@@ -462,12 +469,67 @@ async fn cases(
     let d = case_d(opts, tb, &a, run_dir, &names, flow_ids, say).await?;
     case_e(opts, tb, &a, &targets, storm_id, say).await?;
     case_f(opts, capif_bin, say).await?;
+    cdf_plots(
+        opts,
+        run_dir,
+        [(&floor_a, &subj_a), (&floor_b, &subj_b)],
+        say,
+    )?;
     for m in [&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d] {
         if m.errors > 0 {
             bail!(
                 "a case had errors: {}",
                 m.first_error.clone().unwrap_or_default()
             );
+        }
+    }
+    Ok(())
+}
+
+/// The latency CDF plots of (a) and (b), floor against gateway, into the run directory and
+/// `opts.plots`.
+fn cdf_plots(
+    opts: &BenchOpts,
+    run_dir: &Path,
+    [(floor_a, subj_a), (floor_b, subj_b)]: [(&Measured, &Measured); 2],
+    say: &mut impl FnMut(String),
+) -> Result<()> {
+    let mut dirs = vec![run_dir];
+    dirs.extend(opts.plots.as_deref());
+    say(String::new());
+    for (file, title, floor, floor_name, subj, subj_name) in [
+        (
+            "cdf-a.svg",
+            "(a) cache hit: gateway-A vs 1 bare hop (closed loop, median repetition)",
+            floor_a,
+            "floor: 1 bare hop",
+            subj_a,
+            "gateway-A, cache hit",
+        ),
+        (
+            "cdf-b.svg",
+            "(b) cross-domain miss: gateway-A -> gateway-B -> CCF-B vs 3 bare hops",
+            floor_b,
+            "floor: 3 bare hops",
+            subj_b,
+            "gateway-A miss",
+        ),
+    ] {
+        let svg = plot::render_cdf(
+            title,
+            &[
+                plot::Series {
+                    name: floor_name,
+                    hist: &floor.hist,
+                },
+                plot::Series {
+                    name: subj_name,
+                    hist: &subj.hist,
+                },
+            ],
+        )?;
+        for path in plot::write_svg(&svg, file, &dirs)? {
+            say(format!("latency CDF plot written to {path}"));
         }
     }
     Ok(())
