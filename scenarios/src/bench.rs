@@ -10,6 +10,7 @@
 //! (e) a coalescing storm: N concurrent misses for one key → upstream calls; (f) memory per cached
 //! entry (in-process, RSS).
 
+mod nginx;
 mod plot;
 
 use std::future::Future;
@@ -57,6 +58,9 @@ pub struct BenchOpts {
     /// Also write the latency CDF plots here (`--plots`, e.g. docs/bench/); they always go to
     /// the run directory.
     pub plots: Option<PathBuf>,
+    /// Case (g) may install nginx (scripts/install-nginx.sh) when it is missing; the smoke run
+    /// only uses one that is there.
+    pub install_nginx: bool,
 }
 
 impl BenchOpts {
@@ -70,6 +74,7 @@ impl BenchOpts {
             mem_entries: vec![100_000, 1_000_000],
             flows: 600,
             plots: None,
+            install_nginx: true,
         }
     }
 
@@ -83,6 +88,7 @@ impl BenchOpts {
             mem_entries: vec![10_000],
             flows: 12,
             plots: None,
+            install_nginx: false,
         }
     }
 }
@@ -469,13 +475,28 @@ async fn cases(
     let d = case_d(opts, tb, &a, run_dir, &names, flow_ids, say).await?;
     case_e(opts, tb, &a, &targets, storm_id, say).await?;
     case_f(opts, capif_bin, say).await?;
+    let g = case_g(
+        opts,
+        tb,
+        &a,
+        &targets,
+        run_dir,
+        capif_bin,
+        &misses_ids,
+        [&subj_a, &subj_b],
+        say,
+    )
+    .await?;
     cdf_plots(
         opts,
         run_dir,
         [(&floor_a, &subj_a), (&floor_b, &subj_b)],
+        g.as_ref(),
         say,
     )?;
-    for m in [&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d] {
+    let mut all = vec![&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d];
+    all.extend(g.as_ref());
+    for m in all {
         if m.errors > 0 {
             bail!(
                 "a case had errors: {}",
@@ -492,42 +513,39 @@ fn cdf_plots(
     opts: &BenchOpts,
     run_dir: &Path,
     [(floor_a, subj_a), (floor_b, subj_b)]: [(&Measured, &Measured); 2],
+    nginx: Option<&Measured>,
     say: &mut impl FnMut(String),
 ) -> Result<()> {
     let mut dirs = vec![run_dir];
     dirs.extend(opts.plots.as_deref());
     say(String::new());
-    for (file, title, floor, floor_name, subj, subj_name) in [
+    let charts: [(&str, &str, Vec<(&str, &Measured)>); 2] = [
         (
             "cdf-a.svg",
             "(a) cache hit: gateway-A vs 1 bare hop (closed loop, median repetition)",
-            floor_a,
-            "floor: 1 bare hop",
-            subj_a,
-            "gateway-A, cache hit",
+            vec![
+                ("floor: 1 bare hop", floor_a),
+                ("gateway-A, cache hit", subj_a),
+            ],
         ),
         (
             "cdf-b.svg",
             "(b) cross-domain miss: gateway-A -> gateway-B -> CCF-B vs 3 bare hops",
-            floor_b,
-            "floor: 3 bare hops",
-            subj_b,
-            "gateway-A miss",
+            [("floor: 3 bare hops", floor_b), ("gateway-A miss", subj_b)]
+                .into_iter()
+                .chain(nginx.map(|n| ("(g) nginx A -> nginx B -> answerer", n)))
+                .collect(),
         ),
-    ] {
-        let svg = plot::render_cdf(
-            title,
-            &[
-                plot::Series {
-                    name: floor_name,
-                    hist: &floor.hist,
-                },
-                plot::Series {
-                    name: subj_name,
-                    hist: &subj.hist,
-                },
-            ],
-        )?;
+    ];
+    for (file, title, curves) in charts {
+        let series: Vec<plot::Series<'_>> = curves
+            .iter()
+            .map(|(name, m)| plot::Series {
+                name,
+                hist: &m.hist,
+            })
+            .collect();
+        let svg = plot::render_cdf(title, &series)?;
         for path in plot::write_svg(&svg, file, &dirs)? {
             say(format!("latency CDF plot written to {path}"));
         }
@@ -780,6 +798,94 @@ async fn case_a(
         open_subj.q(0.5) / open_floor.q(0.5)
     ));
     Ok((floor_a, subj_a))
+}
+
+/// (g) what operators would deploy instead: nginx A -> nginx B -> a bare answerer, mutual TLS
+/// on every hop with the floor's certificates, the same requests as (b). Our miss path (b) and
+/// hit path (a) are reported against it. `None` when nginx cannot be had (one line says why).
+#[allow(clippy::too_many_arguments)]
+async fn case_g(
+    opts: &BenchOpts,
+    tb: &Testbed,
+    a: &DomainPlan,
+    t: &Targets,
+    run_dir: &Path,
+    capif_bin: &Path,
+    misses_ids: &Arc<Vec<String>>,
+    [subj_a, subj_b]: [&Measured; 2],
+    say: &mut impl FnMut(String),
+) -> Result<Option<Measured>> {
+    say(String::new());
+    let bin = match nginx::find_nginx(opts.install_nginx).await {
+        Ok(b) => b,
+        Err(e) => {
+            say(format!("(g) nginx gRPC proxy chain: skipped: {e:#}"));
+            return Ok(None);
+        }
+    };
+    let tls_files = TlsFiles {
+        ca: a.ca_pem(),
+        server_cert: a.dir.join("gateway.pem"),
+        server_key: a.dir.join("gateway.key"),
+    };
+    let (answerer, _answerer_hop) = floor_chain(capif_bin, run_dir, &tls_files, 1).await?;
+    let tls = nginx::ProxyTls {
+        ca: &tls_files.ca,
+        cert: &tls_files.server_cert,
+        key: &tls_files.server_key,
+    };
+    let [mut ng_a, mut ng_b] = match nginx::chain(&bin, run_dir, &answerer, &tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("(g) nginx gRPC proxy chain: skipped: {e:#}"));
+            return Ok(None);
+        }
+    };
+    let measured = async {
+        let ccf_cred = credential(tb, &a.id, Role::Ccf)?;
+        let ch = channel(&ng_a.addr, &ccf_cred, ExpectedPeer::gateway(&t.a_id)).await?;
+        closed_loop(
+            opts.concurrency,
+            WARM_UP,
+            None,
+            fetch(ch.clone(), misses_ids.clone()),
+        )
+        .await;
+        anyhow::Ok(
+            closed_loop(
+                opts.concurrency,
+                Duration::from_secs(3600),
+                Some(misses_ids.len() as u64),
+                fetch(ch, misses_ids.clone()),
+            )
+            .await,
+        )
+    }
+    .await;
+    let pids = format!(
+        "nginx masters pid {} (A), {} (B)",
+        ng_a.pid().unwrap_or(0),
+        ng_b.pid().unwrap_or(0)
+    );
+    ng_a.stop().await;
+    ng_b.stop().await;
+    let g = measured?;
+    say(format!(
+        "(g) what operators would deploy instead: nginx A -> nginx B -> bare answerer, mutual TLS on every hop ({}; {pids})",
+        bin.display()
+    ));
+    say(g.line("  nginx chain (3 servers)"));
+    let vs = |name: &str, subj: &Measured| {
+        format!(
+            "    {name} vs nginx chain: p50 {:.2}x, p90 {:.2}x, throughput {:.2}x",
+            subj.q(0.5) / g.q(0.5),
+            subj.q(0.9) / g.q(0.9),
+            subj.throughput() / g.throughput()
+        )
+    };
+    say(vs("our miss path (b)", subj_b));
+    say(vs("our hit path (a)", subj_a));
+    Ok(Some(g))
 }
 
 /// "met" or "NOT met", as every verdict of the report reads.
