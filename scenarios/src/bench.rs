@@ -8,10 +8,15 @@
 //! keys (client → gateway-A → gateway-B → CCF-B) vs three bare hops; (c) the AEF-level request
 //! (AEF → CCF-A → gateway-A, cache hit) vs two bare hops; (d) full invoker flows per second;
 //! (e) a coalescing storm: N concurrent misses for one key → upstream calls; (f) memory per cached
-//! entry (in-process, RSS).
+//! entry (in-process, RSS); (g) what operators would deploy instead, an nginx gRPC proxy chain
+//! (`nginx`); (h) how cost grows with partners and cached entries (`growth`). The latency CDF
+//! plots of (a) and (b) are drawn by `plot`.
 
+mod growth;
 mod nginx;
 mod plot;
+
+pub use growth::serve_partner;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -58,6 +63,11 @@ pub struct BenchOpts {
     /// Also write the latency CDF plots here (`--plots`, e.g. docs/bench/); they always go to
     /// the run directory.
     pub plots: Option<PathBuf>,
+    /// Partner counts of the growth case (h).
+    pub growth_partners: Vec<usize>,
+    /// Cached entry counts of the growth case (h): the partner rows run at the first, the
+    /// one-partner cache is then grown to the last.
+    pub growth_entries: Vec<usize>,
     /// Case (g) may install nginx (scripts/install-nginx.sh) when it is missing; the smoke run
     /// only uses one that is there.
     pub install_nginx: bool,
@@ -74,6 +84,8 @@ impl BenchOpts {
             mem_entries: vec![100_000, 1_000_000],
             flows: 600,
             plots: None,
+            growth_partners: vec![1, 8, 32],
+            growth_entries: vec![1000, 1_000_000],
             install_nginx: true,
         }
     }
@@ -88,6 +100,8 @@ impl BenchOpts {
             mem_entries: vec![10_000],
             flows: 12,
             plots: None,
+            growth_partners: vec![1, 8, 32],
+            growth_entries: vec![100, 2000],
             install_nginx: false,
         }
     }
@@ -487,6 +501,9 @@ async fn cases(
         say,
     )
     .await?;
+    let ccf_cred = credential(tb, &a.id, Role::Ccf)?;
+    let bin_dir = tb.bin_dir.clone();
+    let h = growth::case_h(opts, &a, &ccf_cred, run_dir, capif_bin, &bin_dir, say).await?;
     cdf_plots(
         opts,
         run_dir,
@@ -496,6 +513,7 @@ async fn cases(
     )?;
     let mut all = vec![&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d];
     all.extend(g.as_ref());
+    all.extend(h.iter().flat_map(|r| [&r.miss, &r.hit]));
     for m in all {
         if m.errors > 0 {
             bail!(

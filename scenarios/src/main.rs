@@ -86,6 +86,18 @@ enum Command {
         #[arg(long)]
         next: Option<String>,
     },
+    /// One bare partner answerer of the benchmark's growth case (used by `capif bench`).
+    #[command(hide = true)]
+    BenchPartner {
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        client_ca: PathBuf,
+        #[arg(long)]
+        listen: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -623,6 +635,12 @@ async fn run_command(
             listen,
             next,
         } => capif_scenarios::bench::serve_floor(&ca, &cert, &key, &listen, next.as_deref()).await,
+        Command::BenchPartner {
+            cert,
+            key,
+            client_ca,
+            listen,
+        } => capif_scenarios::bench::serve_partner(&cert, &key, &client_ca, &listen).await,
     }
 }
 
