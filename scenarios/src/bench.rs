@@ -525,6 +525,9 @@ async fn cases(
     Ok(())
 }
 
+/// One curve of a CDF plot: its legend and its measurement.
+type Curve<'a> = (&'a str, &'a Measured);
+
 /// The latency CDF plots of (a) and (b), floor against gateway, into the run directory and
 /// `opts.plots`.
 fn cdf_plots(
@@ -537,7 +540,7 @@ fn cdf_plots(
     let mut dirs = vec![run_dir];
     dirs.extend(opts.plots.as_deref());
     say(String::new());
-    let charts: [(&str, &str, Vec<(&str, &Measured)>); 2] = [
+    let charts: [(&str, &str, Vec<Curve<'_>>); 2] = [
         (
             "cdf-a.svg",
             "(a) cache hit: gateway-A vs 1 bare hop (closed loop, median repetition)",

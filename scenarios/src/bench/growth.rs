@@ -461,7 +461,7 @@ mod tests {
         let a = invoker_id(1, 7);
         assert_eq!(a, "inv-0001000000000007");
         ccf_core::ids::ApiInvokerId::new(&a).unwrap();
-        ccf_core::ids::ApiInvokerId::new(&invoker_id(0xffff, 999_999)).unwrap();
+        ccf_core::ids::ApiInvokerId::new(invoker_id(0xffff, 999_999)).unwrap();
         assert_ne!(invoker_id(1, 7), invoker_id(2, 7));
         let keys = fresh_keys(3, 0, 16, 8);
         assert_eq!(
