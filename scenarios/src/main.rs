@@ -61,6 +61,10 @@ enum Command {
         /// Where the ccf, capif-gateway and aef-stub binaries are. Default: beside this binary.
         #[arg(long, env = "CAPIF_BIN_DIR")]
         bin_dir: Option<PathBuf>,
+        /// Also write the latency CDF plots (SVG) to this directory, e.g. docs/bench/. They
+        /// always go to the run directory.
+        #[arg(long)]
+        plots: Option<PathBuf>,
     },
     /// Steady load on a 3-domain testbed while sampling every component's RSS, fds and threads;
     /// fails when memory or fds grow beyond the bounds once warm (docs/SCENARIOS.md).
@@ -81,6 +85,18 @@ enum Command {
         listen: String,
         #[arg(long)]
         next: Option<String>,
+    },
+    /// One bare partner answerer of the benchmark's growth case (used by `capif bench`).
+    #[command(hide = true)]
+    BenchPartner {
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        client_ca: PathBuf,
+        #[arg(long)]
+        listen: String,
     },
 }
 
@@ -598,7 +614,8 @@ async fn run_command(
             out,
             run_dir,
             bin_dir,
-        } => bench(smoke, out, run_dir, bin_dir).await,
+            plots,
+        } => bench(smoke, out, run_dir, bin_dir, plots).await,
         Command::Chaos(args) => {
             if !chaos(args).await? {
                 failed();
@@ -618,6 +635,12 @@ async fn run_command(
             listen,
             next,
         } => capif_scenarios::bench::serve_floor(&ca, &cert, &key, &listen, next.as_deref()).await,
+        Command::BenchPartner {
+            cert,
+            key,
+            client_ca,
+            listen,
+        } => capif_scenarios::bench::serve_partner(&cert, &key, &client_ca, &listen).await,
     }
 }
 
@@ -640,12 +663,14 @@ async fn bench(
     out: Option<PathBuf>,
     run_dir: Option<PathBuf>,
     bin_dir: Option<PathBuf>,
+    plots: Option<PathBuf>,
 ) -> Result<()> {
-    let opts = if smoke {
+    let mut opts = if smoke {
         capif_scenarios::bench::BenchOpts::smoke()
     } else {
         capif_scenarios::bench::BenchOpts::full()
     };
+    opts.plots = plots;
     let dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("run").join(format!("bench-{}", ccf_core::clock::now_ms()))
     });

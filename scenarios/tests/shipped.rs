@@ -443,9 +443,17 @@ fn bench_smoke_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report = std::fs::read_to_string(&out_file).unwrap();
-    for case in ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"] {
+    for case in ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)"] {
         assert!(report.contains(case), "case {case} missing:\n{report}");
     }
     assert!(report.contains("upstream calls: 1 "), "{report}");
+    // (a) in three repetitions with the median judged; (h) ends in its growth table; both CDF
+    // plots are drawn.
+    assert!(report.contains("ratio (a, median of 3)"), "{report}");
+    assert!(report.contains("| 32 partners, 100 entries |"), "{report}");
+    for plot in ["cdf-a.svg", "cdf-b.svg"] {
+        let svg = std::fs::read_to_string(dir.path().join("run").join(plot)).unwrap();
+        assert!(svg.starts_with("<svg"), "{plot}");
+    }
     assert!(processes_mentioning(dir.path().to_str().unwrap()).is_empty());
 }
