@@ -57,6 +57,33 @@ where
     Err(failure)
 }
 
+/// The end of a certificate's validity (seconds since the epoch), or `None` when it cannot be
+/// read (then nothing is remembered and every request verifies the chain again).
+fn not_after_unix_secs(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
+}
+
+/// The audit record of a key leaving the domain towards a partner, written by the audit writer
+/// (`ccf_core::audit`) in the trace context of the request that handed it over.
+#[derive(Debug)]
+pub struct KeyHandedToPartner {
+    partner: CcfId,
+    invoker: ApiInvokerId,
+    key_id: String,
+}
+
+impl ccf_core::audit::AuditRecord for KeyHandedToPartner {
+    fn write(self) {
+        let Self {
+            partner,
+            invoker,
+            key_id,
+        } = self;
+        tracing::info!(%partner, api_invoker_id = %invoker, key_id = %key_id, "key handed to partner");
+    }
+}
+
 /// The Interconnect service.
 #[derive(Clone, Debug)]
 pub struct InterconnectService {
@@ -73,16 +100,29 @@ impl InterconnectService {
         let info = conn_info(req)?;
         let peer = info.peer.as_ref().ok_or(Refused::NoCertificate)?;
         // The federation as configured now: a partner removed by a reload is refused here on
-        // its next request, even on a connection opened before.
-        let partner = self
-            .state
-            .partners()
+        // its next request, even on a connection opened before. The chain was verified in the
+        // handshake; it is verified again only when the snapshot changed since this connection
+        // last verified it, or the certificate has expired since (the memo holds its notAfter).
+        let partners = self.state.partners();
+        let generation = partners.generation();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(partner) = info.verified.get(generation, now) {
+            self.state.outbox.wake_partner(&partner);
+            return Ok(partner);
+        }
+        let partner = partners
             .federation()
             .authenticate(&peer.cert_der)
             .map_err(|e| {
+                info.verified.clear();
                 tracing::warn!(remote = ?info.remote_addr, error = %error_chain(&e), "partner refused");
                 Status::from(Refused::Untrusted(e))
             })?;
+        if let Some(not_after) = not_after_unix_secs(&peer.cert_der) {
+            info.verified.set(generation, not_after, partner.clone());
+        }
         // The partner is back: what waits for it in the outbox goes now.
         self.state.outbox.wake_partner(&partner);
         Ok(partner)
@@ -222,7 +262,11 @@ impl InterconnectService {
         self.state
             .partner_requests_served
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%partner, api_invoker_id = %invoker, key_id = %answer.key_id, "key handed to partner");
+        self.state.audit.record(KeyHandedToPartner {
+            partner,
+            invoker,
+            key_id: answer.key_id.clone(),
+        });
         Ok(Response::new(answer))
     }
 
