@@ -234,7 +234,8 @@ impl InterconnectService {
         let prior = self
             .state
             .store
-            .extend_fetch(&invoker, &partner, provisional)
+            .extend_fetch_grouped(&invoker, &partner, provisional)
+            .await
             .map_err(store_status)?;
         let ask = PartnerSecurityInformationRequest {
             partner_ccf_id: partner.to_string(),
