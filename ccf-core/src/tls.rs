@@ -1094,3 +1094,25 @@ mod checked_client_tests {
         assert_eq!(refused, rustls::Error::General("not a gateway".into()));
     }
 }
+
+#[cfg(test)]
+mod verified_peer_tests {
+    use super::*;
+    use crate::ids::CcfId;
+
+    /// The memo answers only for the generation it was made under and only while the
+    /// certificate is valid; every clone of a connection's `ConnInfo` shares it.
+    #[test]
+    fn the_memo_holds_for_its_generation_and_the_certificate_validity_only() {
+        let info = ConnInfo::default();
+        let a = CcfId::new("operator-a.test").unwrap();
+        assert_eq!(info.verified.get(1, 100), None);
+        info.clone().verified.set(1, 200, a.clone());
+        assert_eq!(info.verified.get(1, 100), Some(a.clone()));
+        // A reload (new generation) and an expired certificate both mean: verify again.
+        assert_eq!(info.verified.get(2, 100), None);
+        assert_eq!(info.verified.get(1, 200), None);
+        info.verified.clear();
+        assert_eq!(info.verified.get(1, 100), None);
+    }
+}
