@@ -173,15 +173,27 @@ impl OutboxRow {
 pub struct RevocationStore {
     db: Arc<parking_lot::RwLock<Option<Database>>>,
     seen_cap: u64,
-    /// The fetch records waiting for the next group commit ([`Self::extend_fetch_grouped`]).
+    /// The fetch record changes waiting for the next group commit
+    /// ([`Self::extend_fetch_grouped`], [`Self::settle_fetch_queued`]).
     fetches: tokio::sync::mpsc::UnboundedSender<PendingFetch>,
 }
 
-/// One change waiting for [`RevocationStore::extend_fetch_grouped`]'s committer.
+/// One change of a fetch record waiting for the committer, applied in arrival order.
 struct PendingFetch {
     key: String,
     provisional: u64,
-    done: tokio::sync::oneshot::Sender<Result<Option<u64>, StoreError>>,
+    change: FetchChange,
+}
+
+/// What the committer does with a [`PendingFetch`].
+enum FetchChange {
+    /// [`RevocationStore::extend_fetch`], answered once durable.
+    Extend(tokio::sync::oneshot::Sender<Result<Option<u64>, StoreError>>),
+    /// [`RevocationStore::settle_fetch`], answered to nobody.
+    Settle {
+        prior: Option<u64>,
+        handed: Option<u64>,
+    },
 }
 
 impl Drop for RevocationStore {
@@ -201,8 +213,10 @@ impl std::fmt::Debug for RevocationStore {
 /// The store file's name in `state_dir`.
 pub const STORE_FILE: &str = "gateway.redb";
 
-/// The committer of [`RevocationStore::extend_fetch_grouped`]: takes every change waiting, writes
-/// them in one transaction, commits it durably, then answers each. Ends with the store.
+/// The committer of [`RevocationStore::extend_fetch_grouped`] and
+/// [`RevocationStore::settle_fetch_queued`]: takes every change waiting, applies them in order
+/// in one transaction, commits it (durably when it holds an extension), then answers each
+/// extension. Ends with the store.
 fn commit_fetches(
     db: &parking_lot::RwLock<Option<Database>>,
     mut pending: tokio::sync::mpsc::UnboundedReceiver<PendingFetch>,
@@ -216,32 +230,57 @@ fn commit_fetches(
             Some(db) => write_fetches(db, &batch),
             None => Err(StoreError::Closed),
         };
-        match written {
-            Ok(priors) => {
-                for (p, prior) in batch.into_iter().zip(priors) {
-                    let _ = p.done.send(Ok(prior));
-                }
-            }
+        let (priors, failure) = match written {
+            Ok(priors) => (priors, None),
             Err(e) => {
-                let e = Arc::new(e);
-                for p in batch {
-                    let _ = p.done.send(Err(StoreError::Group(e.clone())));
-                }
+                // The provisional records of settles stay: a notice may reach a partner
+                // needlessly.
+                tracing::warn!(error = %e, changes = batch.len(), "could not write fetch records");
+                (Vec::new(), Some(Arc::new(e)))
+            }
+        };
+        let mut priors = priors.into_iter();
+        for p in batch {
+            let prior = priors.next().flatten();
+            if let FetchChange::Extend(done) = p.change {
+                let _ = done.send(match &failure {
+                    None => Ok(prior),
+                    Some(e) => Err(StoreError::Group(e.clone())),
+                });
             }
         }
     }
 }
 
-/// One durable transaction extending every record of `batch`; the prior value of each.
+/// One transaction applying `batch` in order, durable when it extends a record; the prior value
+/// of each record changed.
 fn write_fetches(db: &Database, batch: &[PendingFetch]) -> Result<Vec<Option<u64>>, StoreError> {
-    let tx = db.begin_write()?;
+    let mut tx = db.begin_write()?;
+    if !batch
+        .iter()
+        .any(|p| matches!(p.change, FetchChange::Extend(_)))
+    {
+        tx.set_durability(Durability::None)?;
+    }
     let priors = {
         let mut t = tx.open_table(FETCHES)?;
         let mut priors = Vec::with_capacity(batch.len());
         for p in batch {
-            let prior = t.get(p.key.as_str())?.map(|v| v.value());
-            t.insert(p.key.as_str(), prior.unwrap_or(0).max(p.provisional))?;
-            priors.push(prior);
+            let current = t.get(p.key.as_str())?.map(|v| v.value());
+            match p.change {
+                FetchChange::Extend(_) => {
+                    t.insert(p.key.as_str(), current.unwrap_or(0).max(p.provisional))?;
+                }
+                FetchChange::Settle { prior, handed } => {
+                    if current == Some(prior.unwrap_or(0).max(p.provisional)) {
+                        match prior.max(handed) {
+                            Some(e) => t.insert(p.key.as_str(), e)?,
+                            None => t.remove(p.key.as_str())?,
+                        };
+                    }
+                }
+            }
+            priors.push(current);
         }
         priors
     };
@@ -389,10 +428,31 @@ impl RevocationStore {
             .send(PendingFetch {
                 key: fetch_key(invoker, partner),
                 provisional,
-                done,
+                change: FetchChange::Extend(done),
             })
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Self::settle_fetch`] without waiting: queued behind this request's own
+    /// [`Self::extend_fetch_grouped`] (so applied after it) and written with the next group
+    /// commit. Until then the record keeps its provisional expiry, which only makes a notice
+    /// reach the partner needlessly (as a failed settle does); a failure is logged there.
+    pub fn settle_fetch_queued(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+        prior: Option<u64>,
+        handed: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.fetches
+            .send(PendingFetch {
+                key: fetch_key(invoker, partner),
+                provisional,
+                change: FetchChange::Settle { prior, handed },
+            })
+            .map_err(|_| StoreError::Closed)
     }
 
     /// After the own CCF answered: lowers a provisional record to `max(prior, handed)` (`handed`:
@@ -716,6 +776,24 @@ mod tests {
                 "{seen:?}"
             );
         }
+        // A queued settle lowers a record to the expiry handed, after the extension before it.
+        let inv = id("inv-settled");
+        let prior = store
+            .extend_fetch_grouped(&inv, &partner, 9_000)
+            .await
+            .unwrap();
+        store
+            .settle_fetch_queued(&inv, &partner, 9_000, prior, Some(4_000))
+            .unwrap();
+        // The next grouped change is applied after the settle: once it is durable, so is that.
+        store
+            .extend_fetch_grouped(&id("inv-barrier"), &partner, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.fetchers_of(&inv, 0).unwrap(),
+            vec![(partner.clone(), 4_000)]
+        );
         let store = Arc::into_inner(store).unwrap();
         drop(store);
         let reopened = RevocationStore::open(Some(&state), 100).unwrap();

@@ -251,11 +251,18 @@ impl InterconnectService {
             .as_ref()
             .ok()
             .map(|a| sent.saturating_add(a.remaining_validity_ms));
-        if let Err(e) =
+        // A key that left settles with the next group commit, off this request; a refusal (no
+        // key left) settles here, so the provisional record is gone when the refusal arrives.
+        let settled = if handed.is_some() {
+            self.state
+                .store
+                .settle_fetch_queued(&invoker, &partner, provisional, prior, handed)
+        } else {
             self.state
                 .store
                 .settle_fetch(&invoker, &partner, provisional, prior, handed)
-        {
+        };
+        if let Err(e) = settled {
             // The provisional record stays: a notice may reach the partner needlessly.
             tracing::warn!(error = %e, "could not settle a fetch record");
         }
