@@ -28,8 +28,10 @@
 //! - [`config_file`] — reading a component's TOML file with errors that name file and line.
 //! - [`process`] — what every binary shares: logging, signals, exit codes.
 //! - [`telemetry`] — log lines with trace ids, OTLP span export, `traceparent` on every hop.
+//! - [`audit`] — audit log lines written by a writer task off the request path, drops counted.
 //! - `testing` — (tests only, feature `proptest`) the one configuration of every property test.
 
+pub mod audit;
 pub mod clock;
 pub mod config_file;
 pub mod delivery;

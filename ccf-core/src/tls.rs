@@ -516,6 +516,52 @@ pub struct ConnInfo {
     pub binding: Option<Arc<Capif1eBinding>>,
     /// Request activity on this connection (for its idle timeout).
     pub activity: Activity,
+    /// What a service concluded about the peer's certificate, and against which configuration:
+    /// shared by every request of the connection (see [`VerifiedPeer`]).
+    pub verified: VerifiedPeer,
+}
+
+/// A connection's memo of its peer's verification: the partner a service authenticated the
+/// certificate as, with the generation of the configuration (e.g. the gateway's federation
+/// snapshot) it was checked against and until when the certificate is valid. A service re-checks
+/// the certificate only when the generation it sees now differs or the certificate has expired
+/// since, so a reload still takes effect on the next request of an old connection while the
+/// chain is not re-verified (webpki) on every request.
+#[derive(Clone, Debug, Default)]
+pub struct VerifiedPeer(Arc<parking_lot::Mutex<Option<Verified>>>);
+
+/// One verification result kept by [`VerifiedPeer`].
+#[derive(Clone, Debug)]
+struct Verified {
+    generation: u64,
+    valid_until_unix_secs: u64,
+    ccf_id: crate::ids::CcfId,
+}
+
+impl VerifiedPeer {
+    /// The partner remembered for `generation`, if the memo is of that generation and the
+    /// certificate is still within its validity at `now_unix_secs`.
+    pub fn get(&self, generation: u64, now_unix_secs: u64) -> Option<crate::ids::CcfId> {
+        let memo = self.0.lock();
+        memo.as_ref()
+            .filter(|v| v.generation == generation && now_unix_secs < v.valid_until_unix_secs)
+            .map(|v| v.ccf_id.clone())
+    }
+
+    /// Remembers that the certificate authenticated as `ccf_id` under `generation`, valid until
+    /// `valid_until_unix_secs` (the certificate's notAfter).
+    pub fn set(&self, generation: u64, valid_until_unix_secs: u64, ccf_id: crate::ids::CcfId) {
+        *self.0.lock() = Some(Verified {
+            generation,
+            valid_until_unix_secs,
+            ccf_id,
+        });
+    }
+
+    /// Forgets the result (a re-check refused the certificate).
+    pub fn clear(&self) {
+        *self.0.lock() = None;
+    }
 }
 
 impl ConnInfo {
@@ -661,6 +707,7 @@ pub fn tls_incoming(
                     peer,
                     binding,
                     activity: activity.clone(),
+                    verified: VerifiedPeer::default(),
                 };
                 let conn = TlsConn {
                     inner: tls,
@@ -1046,5 +1093,27 @@ mod checked_client_tests {
             .map(|_| ())
             .unwrap_err();
         assert_eq!(refused, rustls::Error::General("not a gateway".into()));
+    }
+}
+
+#[cfg(test)]
+mod verified_peer_tests {
+    use super::*;
+    use crate::ids::CcfId;
+
+    /// The memo answers only for the generation it was made under and only while the
+    /// certificate is valid; every clone of a connection's `ConnInfo` shares it.
+    #[test]
+    fn the_memo_holds_for_its_generation_and_the_certificate_validity_only() {
+        let info = ConnInfo::default();
+        let a = CcfId::new("operator-a.test").unwrap();
+        assert_eq!(info.verified.get(1, 100), None);
+        info.clone().verified.set(1, 200, a.clone());
+        assert_eq!(info.verified.get(1, 100), Some(a.clone()));
+        // A reload (new generation) and an expired certificate both mean: verify again.
+        assert_eq!(info.verified.get(2, 100), None);
+        assert_eq!(info.verified.get(1, 200), None);
+        info.verified.clear();
+        assert_eq!(info.verified.get(1, 100), None);
     }
 }

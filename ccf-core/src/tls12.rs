@@ -310,6 +310,7 @@ pub fn incoming(
                         peer,
                         binding: Some(Arc::new(binding)),
                         activity: activity.clone(),
+                        verified: Default::default(),
                     },
                     idle: IdleTimer::new(activity, idle_timeout),
                     _permit: permit,

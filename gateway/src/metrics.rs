@@ -399,6 +399,12 @@ impl Collector for GatewayCollector {
             [(NO_LABELS, load(&s.outbox.given_up))],
         )?;
         w.counters(
+            "capif_gateway_audit_records_dropped",
+            "Audit log lines (keys handed to partners) dropped because the audit writer fell \
+             behind",
+            [(NO_LABELS, s.audit.dropped())],
+        )?;
+        w.counters(
             "capif_gateway_reloads",
             "Configuration reloads, by result (ok, refused)",
             [

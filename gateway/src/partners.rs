@@ -4,10 +4,14 @@
 //! ([`FederationVerifier`]) per handshake, so adding a partner or rotating its CA needs no new
 //! listener, and a removed partner is refused at its next request (invariant 2 across reloads:
 //! a snapshot holds each partner's own bundle only, and a certificate is judged against the
-//! bundle of the partner it names in the snapshot current at that moment).
+//! bundle of the partner it names in the snapshot current at that moment). Each snapshot has its
+//! own [`Partners::generation`], so a connection can keep the result of verifying its partner's
+//! certificate for as long as the snapshot it was checked against is the current one
+//! (`ccf_core::tls::VerifiedPeer`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use capif_proto::v1::PartnerState;
 use ccf_core::ids::CcfId;
@@ -24,7 +28,12 @@ use crate::trust::{Federation, PartnerTrust, partner_client_config_with};
 pub struct Partners {
     federation: Federation,
     links: BTreeMap<CcfId, Arc<PartnerLink>>,
+    generation: u64,
 }
+
+/// The generation of the next snapshot: process-wide, so no two snapshots ever share one (an
+/// empty default snapshot has 0 and authenticates nobody).
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Partners {
     /// From each partner's trust and link (same partners in both).
@@ -38,7 +47,14 @@ impl Partners {
         Self {
             federation: Federation::from_shared(trusts),
             links,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// This snapshot's number, unique in the process: a verification done against it holds
+    /// exactly as long as it is the current snapshot.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The trust rules of this snapshot.

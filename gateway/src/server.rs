@@ -226,6 +226,7 @@ async fn launch(
         partner_requests_served: Default::default(),
         duplicate_revocations: Default::default(),
         revocations_published: Default::default(),
+        audit: ccf_core::audit::AuditLog::spawn(ccf_core::audit::DEFAULT_CAPACITY),
     });
     let (registry, listeners) =
         crate::metrics::registry(state.clone(), own.clone(), interconnect.clone());

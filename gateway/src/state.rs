@@ -54,6 +54,8 @@ pub struct GatewayState {
     pub duplicate_revocations: AtomicU64,
     /// Revocation notices of its own invokers the own CCF published (repeats not counted).
     pub revocations_published: AtomicU64,
+    /// Audit lines of keys handed to partners, written off the request path.
+    pub audit: ccf_core::audit::AuditLog<crate::service::KeyHandedToPartner>,
 }
 
 impl GatewayState {

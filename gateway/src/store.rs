@@ -9,6 +9,7 @@
 //! created owner-only like the CCF's.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use capif_proto::v1::RevocationNotice;
 use ccf_core::delivery::NoticeId;
@@ -49,6 +50,9 @@ pub enum StoreError {
     /// The gateway is stopping.
     #[error("revocation store is closed")]
     Closed,
+    /// The group commit that held this change failed (the cause, shared by every change of it).
+    #[error("{0}")]
+    Group(std::sync::Arc<StoreError>),
     /// The store file can be read or written by users other than its owner: whoever can write
     /// it could drop revocation notices or fetch records.
     #[error(
@@ -167,8 +171,37 @@ impl OutboxRow {
 
 /// What the store holds across restarts.
 pub struct RevocationStore {
-    db: parking_lot::RwLock<Option<Database>>,
+    db: Arc<parking_lot::RwLock<Option<Database>>>,
     seen_cap: u64,
+    /// The fetch record changes waiting for the next group commit
+    /// ([`Self::extend_fetch_grouped`], [`Self::settle_fetch_queued`]).
+    fetches: tokio::sync::mpsc::UnboundedSender<PendingFetch>,
+}
+
+/// One change of a fetch record waiting for the committer, applied in arrival order.
+struct PendingFetch {
+    key: String,
+    provisional: u64,
+    change: FetchChange,
+}
+
+/// What the committer does with a [`PendingFetch`].
+enum FetchChange {
+    /// [`RevocationStore::extend_fetch`], answered once durable.
+    Extend(tokio::sync::oneshot::Sender<Result<Option<u64>, StoreError>>),
+    /// [`RevocationStore::settle_fetch`], answered to nobody.
+    Settle {
+        prior: Option<u64>,
+        handed: Option<u64>,
+    },
+}
+
+impl Drop for RevocationStore {
+    // The committer thread shares the database: close it here, with the store, so the file can
+    // be opened again at once (the thread ends when it sees the channel closed).
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 impl std::fmt::Debug for RevocationStore {
@@ -179,6 +212,81 @@ impl std::fmt::Debug for RevocationStore {
 
 /// The store file's name in `state_dir`.
 pub const STORE_FILE: &str = "gateway.redb";
+
+/// The committer of [`RevocationStore::extend_fetch_grouped`] and
+/// [`RevocationStore::settle_fetch_queued`]: takes every change waiting, applies them in order
+/// in one transaction, commits it (durably when it holds an extension), then answers each
+/// extension. Ends with the store.
+fn commit_fetches(
+    db: &parking_lot::RwLock<Option<Database>>,
+    mut pending: tokio::sync::mpsc::UnboundedReceiver<PendingFetch>,
+) {
+    while let Some(first) = pending.blocking_recv() {
+        let mut batch = vec![first];
+        while let Ok(next) = pending.try_recv() {
+            batch.push(next);
+        }
+        let written = match &*db.read() {
+            Some(db) => write_fetches(db, &batch),
+            None => Err(StoreError::Closed),
+        };
+        let (priors, failure) = match written {
+            Ok(priors) => (priors, None),
+            Err(e) => {
+                // The provisional records of settles stay: a notice may reach a partner
+                // needlessly.
+                tracing::warn!(error = %e, changes = batch.len(), "could not write fetch records");
+                (Vec::new(), Some(Arc::new(e)))
+            }
+        };
+        let mut priors = priors.into_iter();
+        for p in batch {
+            let prior = priors.next().flatten();
+            if let FetchChange::Extend(done) = p.change {
+                let _ = done.send(match &failure {
+                    None => Ok(prior),
+                    Some(e) => Err(StoreError::Group(e.clone())),
+                });
+            }
+        }
+    }
+}
+
+/// One transaction applying `batch` in order, durable when it extends a record; the prior value
+/// of each record changed.
+fn write_fetches(db: &Database, batch: &[PendingFetch]) -> Result<Vec<Option<u64>>, StoreError> {
+    let mut tx = db.begin_write()?;
+    if !batch
+        .iter()
+        .any(|p| matches!(p.change, FetchChange::Extend(_)))
+    {
+        tx.set_durability(Durability::None)?;
+    }
+    let priors = {
+        let mut t = tx.open_table(FETCHES)?;
+        let mut priors = Vec::with_capacity(batch.len());
+        for p in batch {
+            let current = t.get(p.key.as_str())?.map(|v| v.value());
+            match p.change {
+                FetchChange::Extend(_) => {
+                    t.insert(p.key.as_str(), current.unwrap_or(0).max(p.provisional))?;
+                }
+                FetchChange::Settle { prior, handed } => {
+                    if current == Some(prior.unwrap_or(0).max(p.provisional)) {
+                        match prior.max(handed) {
+                            Some(e) => t.insert(p.key.as_str(), e)?,
+                            None => t.remove(p.key.as_str())?,
+                        };
+                    }
+                }
+            }
+            priors.push(current);
+        }
+        priors
+    };
+    tx.commit()?;
+    Ok(priors)
+}
 
 fn seen_key(sender: &str, id: &str) -> String {
     format!("{sender}/{id}")
@@ -252,8 +360,19 @@ impl RevocationStore {
         tx.open_table(SEEN)?;
         tx.open_table(SEEN_BY_EXPIRY)?;
         tx.commit()?;
+        let db = Arc::new(parking_lot::RwLock::new(Some(db)));
+        let (fetches, pending) = tokio::sync::mpsc::unbounded_channel();
+        let committer = db.clone();
+        std::thread::Builder::new()
+            .name("fetch-commit".into())
+            .spawn(move || commit_fetches(&committer, pending))
+            .map_err(|source| StoreError::File {
+                path: PathBuf::from("(fetch record committer thread)"),
+                source,
+            })?;
         Ok(Self {
-            db: parking_lot::RwLock::new(Some(db)),
+            fetches,
+            db,
             seen_cap: seen_cap.max(1),
         })
     }
@@ -291,6 +410,49 @@ impl RevocationStore {
             tx.commit()?;
             Ok(prior)
         })
+    }
+
+    /// [`Self::extend_fetch`], committed together with the other fetches waiting at that moment:
+    /// one durable (fsync'd) transaction for all of them, on the committer thread, so the
+    /// request's task never blocks on the disk and concurrent misses share one fsync. Returns
+    /// only after the transaction holding this record is durable, so it is exactly as durable as
+    /// [`Self::extend_fetch`]; within a transaction the changes apply in arrival order.
+    pub async fn extend_fetch_grouped(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.fetches
+            .send(PendingFetch {
+                key: fetch_key(invoker, partner),
+                provisional,
+                change: FetchChange::Extend(done),
+            })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Self::settle_fetch`] without waiting: queued behind this request's own
+    /// [`Self::extend_fetch_grouped`] (so applied after it) and written with the next group
+    /// commit. Until then the record keeps its provisional expiry, which only makes a notice
+    /// reach the partner needlessly (as a failed settle does); a failure is logged there.
+    pub fn settle_fetch_queued(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+        prior: Option<u64>,
+        handed: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.fetches
+            .send(PendingFetch {
+                key: fetch_key(invoker, partner),
+                provisional,
+                change: FetchChange::Settle { prior, handed },
+            })
+            .map_err(|_| StoreError::Closed)
     }
 
     /// After the own CCF answered: lowers a provisional record to `max(prior, handed)` (`handed`:
@@ -572,6 +734,78 @@ mod tests {
             notice_id: nid.to_string(),
             ..Default::default()
         }
+    }
+
+    /// Concurrent misses share group commits: every record is on disk when its call returns
+    /// (a reopened file holds it), each call saw the record as it was before its own change,
+    /// and a closed store refuses instead of hanging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grouped_fetch_records_are_durable_when_the_call_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = Arc::new(RevocationStore::open(Some(&state), 100).unwrap());
+        let partner = ccf("operator-a.test");
+        let calls: Vec<_> = (0..64u64)
+            .map(|i| {
+                let (store, partner) = (store.clone(), partner.clone());
+                tokio::spawn(async move {
+                    // Two changes of each record: the later one must see the earlier one.
+                    let inv = id(&format!("inv-{}", i % 32));
+                    let prior = store
+                        .extend_fetch_grouped(&inv, &partner, 1_000 + i)
+                        .await
+                        .unwrap();
+                    (i, prior)
+                })
+            })
+            .collect();
+        let mut priors = Vec::new();
+        for c in calls {
+            priors.push(c.await.unwrap());
+        }
+        for n in 0..32u64 {
+            let seen: Vec<_> = priors.iter().filter(|(i, _)| i % 32 == n).collect();
+            assert_eq!(
+                seen.iter().filter(|(_, p)| p.is_none()).count(),
+                1,
+                "{seen:?}"
+            );
+            assert!(
+                seen.iter()
+                    .any(|(i, p)| p.is_some_and(|p| p == 1_000 + (i + 32) % 64)),
+                "{seen:?}"
+            );
+        }
+        // A queued settle lowers a record to the expiry handed, after the extension before it.
+        let inv = id("inv-settled");
+        let prior = store
+            .extend_fetch_grouped(&inv, &partner, 9_000)
+            .await
+            .unwrap();
+        store
+            .settle_fetch_queued(&inv, &partner, 9_000, prior, Some(4_000))
+            .unwrap();
+        // The next grouped change is applied after the settle: once it is durable, so is that.
+        store
+            .extend_fetch_grouped(&id("inv-barrier"), &partner, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.fetchers_of(&inv, 0).unwrap(),
+            vec![(partner.clone(), 4_000)]
+        );
+        let store = Arc::into_inner(store).unwrap();
+        drop(store);
+        let reopened = RevocationStore::open(Some(&state), 100).unwrap();
+        for n in 0..32u64 {
+            let holders = reopened.fetchers_of(&id(&format!("inv-{n}")), 0).unwrap();
+            assert_eq!(holders, vec![(partner.clone(), 1_000 + n + 32)]);
+        }
+        reopened.close();
+        let refused = reopened
+            .extend_fetch_grouped(&id("inv-0"), &partner, 5_000)
+            .await;
+        assert!(refused.is_err());
     }
 
     /// A store file others may write is refused (as the CCF's is), with the fix in the message,

@@ -240,6 +240,12 @@ impl Collector for CcfCollector {
             "capif_ccf_revocations_delivered",
             "Revocation notices the gateway acknowledged",
             [(NO_LABELS, s.revocations_delivered.load(Ordering::Relaxed))],
+        )?;
+        w.counters(
+            "capif_ccf_audit_records_dropped",
+            "Audit log lines (security information handed to partners) dropped because the \
+             audit writer fell behind",
+            [(NO_LABELS, s.audit.dropped())],
         )
     }
 }

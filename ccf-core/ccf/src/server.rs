@@ -143,6 +143,8 @@ pub struct CcfState {
     pub capif1e: Capif1eProfile,
     /// The event counters of `/metrics`.
     pub metrics: crate::metrics::CcfMetrics,
+    /// Audit lines of security information handed to partners, written off the request path.
+    pub audit: ccf_core::audit::AuditLog<crate::service::HandedToPartner>,
 }
 
 impl std::fmt::Debug for CcfState {
@@ -524,6 +526,7 @@ pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
         revocations_delivered: Default::default(),
         capif1e: config.security.capif1e,
         metrics: Default::default(),
+        audit: ccf_core::audit::AuditLog::spawn(ccf_core::audit::DEFAULT_CAPACITY),
         token_lifetime: Duration::from_secs(config.token.lifetime_secs),
         key_set_refresh_secs: config.token.key_set_refresh_secs,
         registry,

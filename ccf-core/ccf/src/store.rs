@@ -227,6 +227,19 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(b).map_err(StoreError::Corrupt)
 }
 
+/// What [`Store::context_lookup`] found.
+#[derive(Debug)]
+pub enum ContextLookup {
+    /// The invoker is not onboarded.
+    NoInvoker,
+    /// The context.
+    Found(SecurityContext),
+    /// The invoker has contexts, none for this AEF.
+    OtherAefsOnly,
+    /// The invoker has no context at all.
+    NoContext,
+}
+
 /// The CCF state store.
 pub struct Store {
     db: Database,
@@ -450,6 +463,31 @@ impl Store {
         t.get(ctx_key(id, aef).as_str())?
             .map(|v| decode(v.value()))
             .transpose()
+    }
+
+    /// An invoker's context for `aef`, and what is known when there is none, in ONE read
+    /// transaction: the request paths (CAPIF-3, the partner path) ask this once per request
+    /// instead of reading the invoker and the context in two.
+    pub fn context_lookup(
+        &self,
+        id: &ApiInvokerId,
+        aef: &AefId,
+    ) -> Result<ContextLookup, StoreError> {
+        let _timer = self.timed("context_lookup");
+        let tx = self.db.begin_read()?;
+        if tx.open_table(INVOKERS)?.get(id.as_str())?.is_none() {
+            return Ok(ContextLookup::NoInvoker);
+        }
+        let t = tx.open_table(CONTEXTS)?;
+        if let Some(v) = t.get(ctx_key(id, aef).as_str())? {
+            return Ok(ContextLookup::Found(decode(v.value())?));
+        }
+        let (lo, hi) = ctx_range(id);
+        Ok(if t.range(lo.as_str()..hi.as_str())?.next().is_some() {
+            ContextLookup::OtherAefsOnly
+        } else {
+            ContextLookup::NoContext
+        })
     }
 
     /// Every context of an invoker.

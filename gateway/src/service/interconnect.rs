@@ -57,6 +57,33 @@ where
     Err(failure)
 }
 
+/// The end of a certificate's validity (seconds since the epoch), or `None` when it cannot be
+/// read (then nothing is remembered and every request verifies the chain again).
+fn not_after_unix_secs(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
+}
+
+/// The audit record of a key leaving the domain towards a partner, written by the audit writer
+/// (`ccf_core::audit`) in the trace context of the request that handed it over.
+#[derive(Debug)]
+pub struct KeyHandedToPartner {
+    partner: CcfId,
+    invoker: ApiInvokerId,
+    key_id: String,
+}
+
+impl ccf_core::audit::AuditRecord for KeyHandedToPartner {
+    fn write(self) {
+        let Self {
+            partner,
+            invoker,
+            key_id,
+        } = self;
+        tracing::info!(%partner, api_invoker_id = %invoker, key_id = %key_id, "key handed to partner");
+    }
+}
+
 /// The Interconnect service.
 #[derive(Clone, Debug)]
 pub struct InterconnectService {
@@ -73,16 +100,29 @@ impl InterconnectService {
         let info = conn_info(req)?;
         let peer = info.peer.as_ref().ok_or(Refused::NoCertificate)?;
         // The federation as configured now: a partner removed by a reload is refused here on
-        // its next request, even on a connection opened before.
-        let partner = self
-            .state
-            .partners()
+        // its next request, even on a connection opened before. The chain was verified in the
+        // handshake; it is verified again only when the snapshot changed since this connection
+        // last verified it, or the certificate has expired since (the memo holds its notAfter).
+        let partners = self.state.partners();
+        let generation = partners.generation();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(partner) = info.verified.get(generation, now) {
+            self.state.outbox.wake_partner(&partner);
+            return Ok(partner);
+        }
+        let partner = partners
             .federation()
             .authenticate(&peer.cert_der)
             .map_err(|e| {
+                info.verified.clear();
                 tracing::warn!(remote = ?info.remote_addr, error = %error_chain(&e), "partner refused");
                 Status::from(Refused::Untrusted(e))
             })?;
+        if let Some(not_after) = not_after_unix_secs(&peer.cert_der) {
+            info.verified.set(generation, not_after, partner.clone());
+        }
         // The partner is back: what waits for it in the outbox goes now.
         self.state.outbox.wake_partner(&partner);
         Ok(partner)
@@ -194,7 +234,8 @@ impl InterconnectService {
         let prior = self
             .state
             .store
-            .extend_fetch(&invoker, &partner, provisional)
+            .extend_fetch_grouped(&invoker, &partner, provisional)
+            .await
             .map_err(store_status)?;
         let ask = PartnerSecurityInformationRequest {
             partner_ccf_id: partner.to_string(),
@@ -210,11 +251,18 @@ impl InterconnectService {
             .as_ref()
             .ok()
             .map(|a| sent.saturating_add(a.remaining_validity_ms));
-        if let Err(e) =
+        // A key that left settles with the next group commit, off this request; a refusal (no
+        // key left) settles here, so the provisional record is gone when the refusal arrives.
+        let settled = if handed.is_some() {
+            self.state
+                .store
+                .settle_fetch_queued(&invoker, &partner, provisional, prior, handed)
+        } else {
             self.state
                 .store
                 .settle_fetch(&invoker, &partner, provisional, prior, handed)
-        {
+        };
+        if let Err(e) = settled {
             // The provisional record stays: a notice may reach the partner needlessly.
             tracing::warn!(error = %e, "could not settle a fetch record");
         }
@@ -222,7 +270,11 @@ impl InterconnectService {
         self.state
             .partner_requests_served
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%partner, api_invoker_id = %invoker, key_id = %answer.key_id, "key handed to partner");
+        self.state.audit.record(KeyHandedToPartner {
+            partner,
+            invoker,
+            key_id: answer.key_id.clone(),
+        });
         Ok(Response::new(answer))
     }
 

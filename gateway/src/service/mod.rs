@@ -9,7 +9,7 @@ pub(crate) mod interconnect;
 
 pub use admin::AdminService;
 pub use gateway::{AnswerMismatch, GatewayService};
-pub use interconnect::InterconnectService;
+pub use interconnect::{InterconnectService, KeyHandedToPartner};
 
 use capif_proto::v1::ErrorReason;
 use ccf_core::grpc::{Refusal, invalid_field};

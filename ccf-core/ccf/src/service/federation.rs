@@ -24,6 +24,28 @@ use ccf_core::identity::Role;
 use ccf_core::ids::{AefId, ApiInvokerId, CcfId};
 use ccf_core::registry::SecurityMethod;
 
+/// The audit record of security information handed to a partner (through the gateway), written
+/// by the audit writer (`ccf_core::audit`) in the trace context of the request.
+#[derive(Debug)]
+pub struct HandedToPartner {
+    partner: CcfId,
+    invoker: ApiInvokerId,
+    aef: AefId,
+    key_id: String,
+}
+
+impl ccf_core::audit::AuditRecord for HandedToPartner {
+    fn write(self) {
+        let Self {
+            partner,
+            invoker,
+            aef,
+            key_id,
+        } = self;
+        tracing::info!(%partner, api_invoker_id = %invoker, aef_id = %aef, key_id = %key_id, "security information handed to partner");
+    }
+}
+
 /// The Federation service.
 #[derive(Clone, Debug)]
 pub struct FederationService {
@@ -94,8 +116,14 @@ impl FederationService {
             }
             .into());
         }
-        tracing::info!(%partner, api_invoker_id = %invoker, aef_id = %aef, key_id = %ctx.key_id, "security information handed to partner");
-        Ok(Response::new(security_information(&self.state, &ctx)))
+        let answer = security_information(&self.state, &ctx);
+        self.state.audit.record(HandedToPartner {
+            partner,
+            invoker,
+            aef,
+            key_id: ctx.key_id,
+        });
+        Ok(Response::new(answer))
     }
 }
 

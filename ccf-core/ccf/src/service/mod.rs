@@ -9,7 +9,7 @@ mod invoker_management;
 mod security;
 
 pub use admin::CcfAdminService;
-pub use federation::FederationService;
+pub use federation::{FederationService, HandedToPartner};
 pub use invoker_management::InvokerManagementService;
 pub use security::SecurityService;
 
@@ -17,7 +17,7 @@ use capif_proto::v1::{self as pb, ErrorReason};
 use tonic::{Code, Status};
 
 use crate::server::{CcfState, now_ms};
-use crate::store::{SecurityContext, StoreError};
+use crate::store::{ContextLookup, SecurityContext, StoreError};
 use ccf_core::grpc::{Refusal, error_status, invalid_field};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId, IdError};
@@ -505,24 +505,25 @@ pub(crate) fn valid_context(
     invoker: &ApiInvokerId,
     aef: &AefId,
 ) -> Result<SecurityContext, Refused> {
-    if state.store.invoker(invoker)?.is_none() {
-        return Err(Refused::InvokerNotFound {
-            invoker: invoker.clone(),
-            own: state.ccf_id.clone(),
-        });
-    }
-    let Some(ctx) = state.store.context(invoker, aef)? else {
-        let others = state.store.contexts_of(invoker)?;
-        return Err(if others.is_empty() {
-            Refused::NoSecurityContext {
+    let ctx = match state.store.context_lookup(invoker, aef)? {
+        ContextLookup::Found(ctx) => ctx,
+        ContextLookup::NoInvoker => {
+            return Err(Refused::InvokerNotFound {
                 invoker: invoker.clone(),
-            }
-        } else {
-            Refused::KeyBoundToOtherAef {
+                own: state.ccf_id.clone(),
+            });
+        }
+        ContextLookup::NoContext => {
+            return Err(Refused::NoSecurityContext {
+                invoker: invoker.clone(),
+            });
+        }
+        ContextLookup::OtherAefsOnly => {
+            return Err(Refused::KeyBoundToOtherAef {
                 invoker: invoker.clone(),
                 aef: aef.clone(),
-            }
-        });
+            });
+        }
     };
     if ctx.expires_at_ms <= now_ms() {
         return Err(Refused::KeyExpired {

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Flame graphs of the miss path (docs/BENCHMARKS.md, "Miss path profile"): runs the full
+# `capif bench` from target/release and, during case (b) only (the 3000 cross-domain misses with
+# unique keys: gateway-A -> gateway-B -> CCF-B), samples operator-a's gateway, operator-b's
+# gateway and operator-b's CCF with `perf record`, then folds each with inferno into an SVG.
+# Case (b) is exactly the window between the last line of case (a) ("open-loop p50 ratio") and
+# the "(b)" report of the bench: the floor's bare hops run first in it and are other processes,
+# so these three profiles hold the miss path only. The bench's own figures are disturbed by the
+# sampling; the script prints case (b)'s lines only to show the run was whole. Release builds have no debug info, so stacks are unwound from .eh_frame
+# (`--call-graph dwarf`); inlined functions fold into their callers.
+#
+# Usage: scripts/flamegraph.sh LABEL [OUT_DIR]   (e.g. `before`, `after`; default docs/bench)
+# Writes OUT_DIR/flame-miss-{gateway-a,gateway,ccf}-LABEL.svg (gateway and ccf: operator-b's,
+# the partner side). Needs: cargo build --release --bins, scripts/install-perf.sh.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+label="${1:?usage: $0 LABEL [OUT_DIR]}"
+out="${2:-$here/docs/bench}"
+freq="${PERF_FREQ:-2999}"
+bin="${BIN_DIR:-$here/target/release}"
+work="$(mktemp -d)"
+run="$work/run"
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+mkdir -p "$out"
+
+"$bin/capif" bench --run-dir "$run" >"$work/bench.log" 2>&1 &
+bench=$!
+
+wait_for() { # a line of the bench report
+  until grep -q "$1" "$work/bench.log"; do
+    kill -0 "$bench" 2>/dev/null || { cat "$work/bench.log" >&2; echo "bench ended early" >&2; exit 1; }
+    sleep 0.05
+  done
+}
+pid_of() { # binary, domain: the newest such process of this run
+  pgrep -n -f "$bin/$1 .*$run/$2" || pgrep -n -f "$1.*$run.*$2"
+}
+
+wait_for 'open-loop p50 ratio'
+declare -A pids=(
+  [gateway-a]="$(pid_of capif-gateway operator-a.test)"
+  [gateway]="$(pid_of capif-gateway operator-b.test)"
+  [ccf]="$(pid_of ccf operator-b.test)"
+)
+recorders=()
+for name in "${!pids[@]}"; do
+  perf record -q -F "$freq" --call-graph dwarf,16384 -p "${pids[$name]}" \
+    -o "$work/$name.data" >/dev/null 2>&1 &
+  recorders+=($!)
+done
+wait_for '^(b) '
+for r in "${recorders[@]}"; do kill -INT "$r"; done
+for r in "${recorders[@]}"; do wait "$r" || true; done
+
+for name in "${!pids[@]}"; do
+  perf script -i "$work/$name.data" 2>/dev/null \
+    | inferno-collapse-perf >"$work/$name.folded"
+  inferno-flamegraph --title "miss path (bench case b): $name, $label" \
+    <"$work/$name.folded" >"$out/flame-miss-$name-$label.svg"
+  echo "$out/flame-miss-$name-$label.svg"
+done
+grep -A3 '^(b) ' "$work/bench.log" || true
+kill -INT "$bench" 2>/dev/null || true
+wait "$bench" || true
+rm -rf "$work"
