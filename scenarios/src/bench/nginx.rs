@@ -139,6 +139,19 @@ impl Nginx {
     /// Starts a proxy in `dir` (its prefix: config, pid, error log, temp files) in front of
     /// `upstream`, and waits until it accepts connections.
     pub async fn start(bin: &Path, dir: &Path, upstream: &str, tls: &ProxyTls<'_>) -> Result<Self> {
+        // nginx reads relative paths against its prefix, not our working directory: a run
+        // directory given as `run/...` must reach its config as absolute paths.
+        let dir = &std::path::absolute(dir)?;
+        let (ca, cert, key) = (
+            std::path::absolute(tls.ca)?,
+            std::path::absolute(tls.cert)?,
+            std::path::absolute(tls.key)?,
+        );
+        let tls = &ProxyTls {
+            ca: &ca,
+            cert: &cert,
+            key: &key,
+        };
         std::fs::create_dir_all(dir.join("tmp"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
