@@ -643,25 +643,7 @@ pub fn tls_incoming(
     let handshake_timeout = gate.limits().handshake_timeout();
     let idle_timeout = gate.limits().idle_timeout();
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(permit) = gate.admit(remote.ip()) else {
-                drop(tcp);
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, remote, permit)) = next_admitted(&listener, &gate, &tx).await {
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let gate = gate.clone();
@@ -720,6 +702,37 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The next connection `gate` admits on `listener` (over its caps, connections are closed at
+/// once; accept errors back off), with no delay on its socket; `None` once the consumer of
+/// `tx` is gone. Both accept loops (rustls here, OpenSSL in [`crate::tls12`]) start with it.
+pub(crate) async fn next_admitted<T>(
+    listener: &TcpListener,
+    gate: &Arc<ConnGate>,
+    tx: &tokio::sync::mpsc::Sender<T>,
+) -> Option<(TcpStream, std::net::SocketAddr, ConnPermit)> {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = tx.closed() => return None,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, typically: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(permit) = gate.admit(remote.ip()) else {
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        return Some((tcp, remote, permit));
+    }
 }
 
 /// What the client side learned from the latest TLS session of a channel.

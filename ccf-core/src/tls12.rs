@@ -272,25 +272,9 @@ pub fn incoming(
     let handshake_timeout = gate.limits().handshake_timeout();
     let idle_timeout = gate.limits().idle_timeout();
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, typically: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(permit) = gate.admit(remote.ip()) else {
-                drop(tcp);
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, remote, permit)) =
+            crate::tls::next_admitted(&listener, &gate, &tx).await
+        {
             let (ctx, tx, gate) = (ctx.clone(), tx.clone(), gate.clone());
             tokio::spawn(async move {
                 let (inner, peer, binding) = match accept_one(tcp, &ctx, handshake_timeout).await {
