@@ -306,8 +306,6 @@ pub async fn serve_floor(
         std::fs::read_to_string(cert)?,
         std::fs::read_to_string(key)?,
     );
-    let roots = ccf_core::tls::certs_from_pem("CA", &ca)?;
-    let tls = server_config(&format!("{cert}{ca}"), &key, ClientAuth::Required(&roots))?;
     let next = match next {
         Some(addr) => Some(GatewayClient::new(connect_lazy(
             addr,
@@ -318,22 +316,37 @@ pub async fn serve_floor(
         )?)),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("bench-floor ready addr={}", listener.local_addr()?);
     let routes = tonic::service::Routes::new(pb::gateway_server::GatewayServer::new(FloorHop {
         next,
         answer: capif_proto::example_security_information(),
     }));
+    let chain = format!("{cert}{ca}");
+    serve_bare("bench-floor", listen, (&chain, &key, &ca), routes).await
+}
+
+/// Binds `listen`, prints `<name> ready addr=...` (what the bench waits for) and serves
+/// `routes` over mutual TLS until killed: the bench's bare servers (floor hops, partner
+/// answerers) on the same accept loop and limits as the products.
+pub(crate) async fn serve_bare(
+    name: &'static str,
+    listen: &str,
+    (chain_pem, key_pem, client_ca_pem): (&str, &str, &str),
+    routes: tonic::service::Routes,
+) -> Result<()> {
+    let roots = ccf_core::tls::certs_from_pem("client CA", client_ca_pem)?;
+    let tls = server_config(chain_pem, key_pem, ClientAuth::Required(&roots))?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("{name} ready addr={}", listener.local_addr()?);
     ccf_core::grpc::spawn_server(
         listener,
         tls,
         false,
         routes,
-        ccf_core::limits::ConnGate::new("floor", Default::default()),
+        ccf_core::limits::ConnGate::new(name, Default::default()),
         std::future::pending(),
     )
     .await?
-    .map_err(|e| anyhow!("floor hop: {e}"))
+    .map_err(|e| anyhow!("{name}: {e}"))
 }
 
 /// A chain of `n` floor hops (processes); returns the first hop's address and the children.

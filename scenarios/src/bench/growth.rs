@@ -17,7 +17,7 @@ use capif_proto::v1::{self as pb, gateway_client::GatewayClient};
 use ccf_core::identity::{PeerIdentity, Role};
 use ccf_core::ids::CcfId;
 use ccf_core::pki::DomainCa;
-use ccf_core::tls::{ClientAuth, ExpectedPeer, server_config};
+use ccf_core::tls::ExpectedPeer;
 use tokio::process::Child;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -69,25 +69,12 @@ pub async fn serve_partner(cert: &Path, key: &Path, client_ca: &Path, listen: &s
         std::fs::read_to_string(key)?,
         std::fs::read_to_string(client_ca)?,
     );
-    let roots = ccf_core::tls::certs_from_pem("client CA", &client_ca)?;
-    let tls = server_config(&cert, &key, ClientAuth::Required(&roots))?;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("bench-partner ready addr={}", listener.local_addr()?);
     let routes = tonic::service::Routes::new(pb::interconnect_server::InterconnectServer::new(
         PartnerAnswerer {
             answer: capif_proto::example_security_information(),
         },
     ));
-    ccf_core::grpc::spawn_server(
-        listener,
-        tls,
-        false,
-        routes,
-        ccf_core::limits::ConnGate::new("partner", Default::default()),
-        std::future::pending(),
-    )
-    .await?
-    .map_err(|e| anyhow!("partner answerer: {e}"))
+    super::serve_bare("bench-partner", listen, (&cert, &key, &client_ca), routes).await
 }
 
 /// The id of the `i`-th growth partner.
