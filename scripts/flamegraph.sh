@@ -9,9 +9,14 @@
 # sampling; the script prints case (b)'s lines only to show the run was whole. Release builds have no debug info, so stacks are unwound from .eh_frame
 # (`--call-graph dwarf`); inlined functions fold into their callers.
 #
-# Usage: scripts/flamegraph.sh LABEL [OUT_DIR]   (e.g. `before`, `after`; default docs/bench)
-# Writes OUT_DIR/flame-miss-{gateway-a,gateway,ccf}-LABEL.svg (gateway and ccf: operator-b's,
-# the partner side). Needs: cargo build --release --bins, scripts/install-perf.sh.
+# With CASE=a it profiles the hit path instead: during case (a) (three repetitions of floor, then
+# gateway-A, on one hot key) it samples operator-a's gateway and the one-hop floor process side by
+# side, so the two flame graphs show what the gateway does that a bare tonic hop does not.
+#
+# Usage: [CASE=a] scripts/flamegraph.sh LABEL [OUT_DIR]   (e.g. `before`, `after`; default
+# docs/bench). Writes OUT_DIR/flame-miss-{gateway-a,gateway,ccf}-LABEL.svg (gateway and ccf:
+# operator-b's, the partner side), or with CASE=a OUT_DIR/flame-hit-{gateway-a,floor}-LABEL.svg.
+# Needs: cargo build --release --bins, scripts/install-perf.sh.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 label="${1:?usage: $0 LABEL [OUT_DIR]}"
@@ -36,30 +41,48 @@ pid_of() { # binary, domain: the newest such process of this run
   pgrep -n -f "$bin/$1 .*$run/$2" || pgrep -n -f "$1.*$run.*$2"
 }
 
-wait_for 'open-loop p50 ratio'
-declare -A pids=(
-  [gateway-a]="$(pid_of capif-gateway operator-a.test)"
-  [gateway]="$(pid_of capif-gateway operator-b.test)"
-  [ccf]="$(pid_of ccf operator-b.test)"
-)
+case="${CASE:-b}"
+if [ "$case" = a ]; then
+  wait_for '^(a) cache-hit'
+  # The one-hop floor is the first floor process the bench starts (the chains of 2 and 3 follow).
+  declare -A pids=(
+    [gateway-a]="$(pid_of capif-gateway operator-a.test)"
+    [floor]="$(pgrep -o -f "$bin/capif bench-floor")"
+  )
+  kind=hit
+  title="hit path (bench case a)"
+  start='^(a) cache-hit' stop='open loop at'
+else
+  wait_for 'open-loop p50 ratio'
+  declare -A pids=(
+    [gateway-a]="$(pid_of capif-gateway operator-a.test)"
+    [gateway]="$(pid_of capif-gateway operator-b.test)"
+    [ccf]="$(pid_of ccf operator-b.test)"
+  )
+  kind=miss
+  title="miss path (bench case b)"
+  start='^(b) ' stop='^(b) '
+fi
 recorders=()
 for name in "${!pids[@]}"; do
   perf record -q -F "$freq" --call-graph dwarf,16384 -p "${pids[$name]}" \
     -o "$work/$name.data" >/dev/null 2>&1 &
   recorders+=($!)
 done
-wait_for '^(b) '
+wait_for "$stop"
 for r in "${recorders[@]}"; do kill -INT "$r"; done
 for r in "${recorders[@]}"; do wait "$r" || true; done
 
 for name in "${!pids[@]}"; do
   perf script -i "$work/$name.data" 2>/dev/null \
     | inferno-collapse-perf >"$work/$name.folded"
-  inferno-flamegraph --title "miss path (bench case b): $name, $label" \
-    <"$work/$name.folded" >"$out/flame-miss-$name-$label.svg"
-  echo "$out/flame-miss-$name-$label.svg"
+  inferno-flamegraph --title "$title: $name, $label" \
+    <"$work/$name.folded" >"$out/flame-$kind-$name-$label.svg"
+  # FOLDED_DIR keeps the folded stacks, for counting shares by frame.
+  [ -n "${FOLDED_DIR:-}" ] && cp "$work/$name.folded" "$FOLDED_DIR/$kind-$name-$label.folded"
+  echo "$out/flame-$kind-$name-$label.svg"
 done
-grep -A3 '^(b) ' "$work/bench.log" || true
+grep -A3 "$start" "$work/bench.log" || true
 kill -INT "$bench" 2>/dev/null || true
 wait "$bench" || true
 rm -rf "$work"

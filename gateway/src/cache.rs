@@ -346,9 +346,70 @@ pub struct Evictions {
 /// Most revocation marks held; beyond it every entry fetched before counts as revoked.
 pub const MAX_MARKS: usize = 100_000;
 
-/// What a revocation marks: an invoker of a home domain, at one AEF or (`None`) at all, and
-/// only its key with that key id (a replaced key) or (`None`) any.
-type MarkKey = (CcfId, ApiInvokerId, Option<AefId>, Option<String>);
+/// What a revocation marks of one invoker of a home domain: at one AEF or (`None`) at all, only
+/// its key with that key id (a replaced key) or (`None`) any; with the revocation's sequence
+/// number and when it was marked.
+struct Mark {
+    aef: Option<AefId>,
+    key_id: Option<String>,
+    seq: u64,
+    at: Instant,
+}
+
+/// The marks, by home domain and invoker: a cache hit looks its invoker up by reference, with no
+/// allocation (the hit path runs this on every answer).
+#[derive(Default)]
+struct Marks {
+    by_invoker: HashMap<CcfId, HashMap<ApiInvokerId, Vec<Mark>>>,
+    len: usize,
+}
+
+impl Marks {
+    fn of(&self, home: &CcfId, invoker: &ApiInvokerId) -> &[Mark] {
+        self.by_invoker
+            .get(home)
+            .and_then(|m| m.get(invoker))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Adds a mark, replacing one of the same scope.
+    fn insert(&mut self, home: &CcfId, invoker: &ApiInvokerId, mark: Mark) {
+        let list = self
+            .by_invoker
+            .entry(home.clone())
+            .or_default()
+            .entry(invoker.clone())
+            .or_default();
+        if let Some(m) = list
+            .iter_mut()
+            .find(|m| m.aef == mark.aef && m.key_id == mark.key_id)
+        {
+            *m = mark;
+        } else {
+            list.push(mark);
+            self.len += 1;
+        }
+    }
+
+    /// Keeps the marks made within `retention` of `now`.
+    fn retain_recent(&mut self, now: Instant, retention: Duration) {
+        let mut len = 0;
+        self.by_invoker.retain(|_, invokers| {
+            invokers.retain(|_, list| {
+                list.retain(|m| now.duration_since(m.at) < retention);
+                len += list.len();
+                !list.is_empty()
+            });
+            !invokers.is_empty()
+        });
+        self.len = len;
+    }
+
+    fn clear(&mut self) {
+        self.by_invoker.clear();
+        self.len = 0;
+    }
+}
 
 /// The revocation sequence and its marks.
 #[derive(Default)]
@@ -356,7 +417,7 @@ struct Revocations {
     seq: AtomicU64,
     /// Every entry and fetch older than this counts as revoked (the marks overflowed).
     floor: AtomicU64,
-    marks: parking_lot::Mutex<HashMap<MarkKey, (u64, Instant)>>,
+    marks: parking_lot::Mutex<Marks>,
 }
 
 /// The refusal of a fetch that a revocation overtook.
@@ -489,13 +550,11 @@ impl KeyCache {
             return true;
         }
         let marks = r.marks.lock();
-        let after = |aef: Option<AefId>, kid: Option<String>| {
-            marks
-                .get(&(key.home().clone(), key.invoker().clone(), aef, kid))
-                .is_some_and(|(m, _)| *m > seq)
-        };
-        let (aef, kid) = (Some(key.aef().clone()), Some(key_id.to_string()));
-        after(None, None) || after(aef.clone(), None) || after(None, kid.clone()) || after(aef, kid)
+        marks.of(key.home(), key.invoker()).iter().any(|m| {
+            m.seq > seq
+                && m.aef.as_ref().is_none_or(|a| a == key.aef())
+                && m.key_id.as_deref().is_none_or(|k| k == key_id)
+        })
     }
 
     /// A revocation of `invoker` of `home` (at `aefs`, or at every AEF when empty): marks it,
@@ -532,10 +591,10 @@ impl KeyCache {
         let overflow = {
             let mut marks = r.marks.lock();
             let now = Instant::now();
-            if marks.len() >= MAX_MARKS / 2 {
-                marks.retain(|_, (_, at)| now.duration_since(*at) < self.mark_retention);
+            if marks.len >= MAX_MARKS / 2 {
+                marks.retain_recent(now, self.mark_retention);
             }
-            if marks.len() + aefs.len().max(1) > MAX_MARKS {
+            if marks.len + aefs.len().max(1) > MAX_MARKS {
                 marks.clear();
                 r.floor.store(seq, Ordering::SeqCst);
                 true
@@ -546,8 +605,13 @@ impl KeyCache {
                     aefs.iter().cloned().map(Some).collect()
                 };
                 for aef in targets {
-                    let kid = key_id.map(str::to_string);
-                    marks.insert((home.clone(), invoker.clone(), aef, kid), (seq, now));
+                    let mark = Mark {
+                        aef,
+                        key_id: key_id.map(str::to_string),
+                        seq,
+                        at: now,
+                    };
+                    marks.insert(home, invoker, mark);
                 }
                 false
             }
@@ -675,7 +739,8 @@ impl KeyCache {
                             "presented key id or method differs from the cached answer; refreshing"
                         );
                         *served = Served::Refresh;
-                        return self.refresh(key, k, fetch).await;
+                        // Boxed, like the miss below: the hit path's future stays small.
+                        return Box::pin(self.refresh(key, k, fetch)).await;
                     }
                     if let Some(a) = k.answer(&key) {
                         *served = Served::Hit;
@@ -698,6 +763,24 @@ impl KeyCache {
             }
             self.cache.invalidate(&key).await;
         }
+        // The miss path's state (moka's insert, the fetch) lives on the heap, allocated on a
+        // miss only: held inline, it would make every hit's future kilobytes large, and a hit
+        // would spend its time copying it.
+        Box::pin(self.miss(key, fetch, refreshed, served)).await
+    }
+
+    /// A fetch of `key` through moka's coalescing insert (`refreshed`: forced by what the
+    /// caller presented).
+    async fn miss<F>(
+        &self,
+        key: CacheKey,
+        fetch: F,
+        refreshed: bool,
+        served: &mut Served,
+    ) -> Result<InvokerSecurityInformation, Status>
+    where
+        F: Future<Output = Result<InvokerSecurityInformation, Status>>,
+    {
         let ran = AtomicBool::new(false);
         let asked = key.clone();
         let result = self

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use capif_proto::v1::RevocationNotice;
 use ccf_core::delivery::NoticeId;
@@ -176,6 +177,9 @@ pub struct RevocationStore {
     /// The fetch record changes waiting for the next group commit
     /// ([`Self::extend_fetch_grouped`], [`Self::settle_fetch_queued`]).
     fetches: tokio::sync::mpsc::UnboundedSender<PendingFetch>,
+    /// How many [`Self::queue_for_fetchers`] calls began, bumped before their transaction: see
+    /// [`Self::queue_epoch`].
+    queues_begun: std::sync::atomic::AtomicU64,
 }
 
 /// One change of a fetch record waiting for the committer, applied in arrival order.
@@ -374,6 +378,7 @@ impl RevocationStore {
             fetches,
             db,
             seen_cap: seen_cap.max(1),
+            queues_begun: Default::default(),
         })
     }
 
@@ -410,6 +415,17 @@ impl RevocationStore {
             tx.commit()?;
             Ok(prior)
         })
+    }
+
+    /// Changes whenever a [`Self::queue_for_fetchers`] begins (before its transaction). A fetch
+    /// that reads the same epoch before writing its record and after the record is durable knows
+    /// that no revocation of this process queued its notices without seeing that record: such a
+    /// revocation's transaction came before the record's commit, so its epoch change came before
+    /// the second read. (Write transactions are serialized; one that comes after the record's
+    /// commit sees the record.) This process's revocations only: replicas sharing a store need a
+    /// shared epoch.
+    pub fn queue_epoch(&self) -> u64 {
+        self.queues_begun.load(Ordering::SeqCst)
     }
 
     /// [`Self::extend_fetch`], committed together with the other fetches waiting at that moment:
@@ -532,6 +548,8 @@ impl RevocationStore {
         seen_until: u64,
         keep: impl Fn(&CcfId) -> bool,
     ) -> Result<Option<Vec<CcfId>>, StoreError> {
+        // Before the transaction: see `queue_epoch`.
+        self.queues_begun.fetch_add(1, Ordering::SeqCst);
         self.with(|db| {
             let tx = db.begin_write()?;
             let queued = {
@@ -849,15 +867,23 @@ mod tests {
         );
         let nid = NoticeId::random();
         let n = notice("operator-b.test", "inv-1", &nid);
+        let epoch = s.queue_epoch();
         let queued = s
             .queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
             .unwrap();
         assert_eq!(queued, Some(vec![a.clone()]), "c's record expired");
+        let after_first = s.queue_epoch();
+        assert_ne!(
+            after_first, epoch,
+            "a fetch in flight must see the queueing"
+        );
         assert_eq!(
             s.queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
                 .unwrap(),
             None
         );
+        // Even a repeat moves it: the fetch cannot know what the transaction will find.
+        assert_ne!(s.queue_epoch(), after_first);
         assert!(s.fetchers_of(&inv, 0).unwrap().is_empty(), "forgotten");
         assert_eq!(s.fetchers_of(&id("inv-10"), 0).unwrap().len(), 1, "prefix");
         let pn = NoticeId::random();

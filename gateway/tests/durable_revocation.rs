@@ -263,9 +263,11 @@ async fn gate(to: std::net::SocketAddr) -> Gate {
 }
 
 /// (c) A fetch in flight when the revocation arrives never ends in a cached revoked key: CCF-B
-/// has answered, its answer is held before gateway-B, B revokes (the fetch record written
-/// before the key left makes B notify A), A acts on the notice, then the answer goes on: A
-/// refuses it with REVOKED_DURING_FETCH and caches nothing.
+/// has answered, its answer is held before gateway-B, B revokes (the fetch record, durable
+/// before any key leaves, makes B notify A), A acts on the notice, then the answer goes on.
+/// Gateway-B saw a revocation queued while its fetch record was being written, so it asks CCF-B
+/// again rather than hand on the answer it holds: the key never leaves B, A is refused with
+/// CCF-B's reason (the contexts are gone: NO_SECURITY_CONTEXT), and that refusal is all it keeps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_in_flight_does_not_resurrect_a_revoked_key() {
     let mut t = Testbed::start(options()).await;
@@ -281,6 +283,7 @@ async fn a_fetch_in_flight_does_not_resurrect_a_revoked_key() {
     gate.open.send_replace(false);
     let mut aef_a = aef(t.d(A), "aef-a1").await;
     let id = inv.id.clone();
+    let presented = key_id.clone();
     let asked = tokio::spawn(async move { ask(&mut aef_a, "aef-a1", &id, B, &key_id, T).await });
     // The partner fetch reached CCF-B, which answered: the answer waits at the gate.
     let start = Instant::now();
@@ -306,8 +309,21 @@ async fn a_fetch_in_flight_does_not_resurrect_a_revoked_key() {
     }
     gate.open.send_replace(true);
     let e = asked.await.unwrap().unwrap_err();
-    assert_eq!(reason(&e), "REVOKED_DURING_FETCH", "{e:?}");
-    a_holds_no_entry(&t, &inv.id).await;
+    // The revocation removed the invoker's contexts at CCF-B.
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert_eq!(reason(&e), "NO_SECURITY_CONTEXT", "{e:?}");
+    // Asked again after the revocation: the answer held at the gate never left B.
+    assert_eq!(
+        t.d(B).ccf().state.partner_requests.load(Ordering::Relaxed),
+        3,
+        "gateway-B did not ask CCF-B again"
+    );
+    // What A keeps is that refusal (briefly), never the key.
+    let mut aef_a = aef(t.d(A), "aef-a1").await;
+    let again = ask(&mut aef_a, "aef-a1", &inv.id, B, &presented, T)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&again), "NO_SECURITY_CONTEXT", "{again:?}");
 }
 
 fn notice(inv: &str, id: &str) -> pb::RevocationNotice {

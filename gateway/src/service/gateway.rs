@@ -78,44 +78,57 @@ impl Gateway for GatewayService {
             }
             .into());
         };
-        let span =
-            tracing::info_span!("fetch", partner = %home, api_invoker_id = %invoker, aef_id = %aef);
         let key = self.state.cache.key(&home, invoker.clone(), &aef);
+        let method = q.security_method;
         let presented = q.presented_key_id.clone();
-        let outbound = q.clone();
         let trust = self.state.trust(&home);
+        let outbound = q;
+        // The span is opened when a fetch runs, not per request: a hit (the hot path) is one
+        // lookup, and a span with three formatted fields would cost more than the lookup itself.
+        // The request keeps its server span either way.
+        // Runs on a miss only; boxed when it runs, so that the hit path's future does not
+        // carry the link call's state.
         let fetch = async {
-            link.take_fetch()?;
-            let info = link
-                .call(deadline, move |mut client, remaining| {
-                    let mut r = Request::new(outbound.clone());
-                    r.set_timeout(remaining);
-                    async move { client.fetch_security_information(r).await }
-                })
-                .await?;
-            // The answer must be about what was asked, before anything of it is cached.
-            if let Err(refused) = check_answer(&info, &invoker, &home, &aef, trust.as_deref()) {
-                tracing::warn!(partner = %home, error = %error_chain(&refused), "partner answer refused");
-                return Err(refused.into());
-            }
-            // Misses are few (each takes from the partner's fetch budget): worth a line each.
-            tracing::info!(partner = %home, key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information fetched from partner");
-            Ok(info)
+            let span = tracing::info_span!("fetch", partner = %home, api_invoker_id = %invoker, aef_id = %aef);
+            Box::pin(async {
+                link.take_fetch()?;
+                let info = link
+                    .call(deadline, move |mut client, remaining| {
+                        let mut r = Request::new(outbound.clone());
+                        r.set_timeout(remaining);
+                        async move { client.fetch_security_information(r).await }
+                    })
+                    .await?;
+                // The answer must be about what was asked, before anything of it is cached.
+                if let Err(refused) = check_answer(&info, &invoker, &home, &aef, trust.as_deref())
+                {
+                    tracing::warn!(partner = %home, error = %error_chain(&refused), "partner answer refused");
+                    return Err(refused.into());
+                }
+                // Misses are few (each takes from the partner's fetch budget): worth a line each.
+                tracing::info!(partner = %home, key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information fetched from partner");
+                Ok(info)
+            })
+            .instrument(span)
+            .await
         };
         let (result, served) = self
             .state
             .cache
-            .get_or_fetch_served(key, &presented, q.security_method, fetch)
-            .instrument(span.clone())
+            .get_or_fetch_served(key, &presented, method, fetch)
             .await;
         let metrics = link.metrics();
         metrics.request(Direction::Outbound, "FetchSecurityInformation", &result);
         metrics.fetch_served(served, started.elapsed());
-        span.in_scope(|| match &result {
+        match &result {
             // The hit path is hot: one log line per answer would cost more than the lookup.
-            Ok(info) => tracing::debug!(key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information served"),
-            Err(s) => tracing::info!(code = ?s.code(), error = %s.message(), "security information refused"),
-        });
+            Ok(info) => {
+                tracing::debug!(partner = %home, api_invoker_id = %invoker, aef_id = %aef, key_id = %info.key_id, remaining_ms = info.remaining_validity_ms, "security information served")
+            }
+            Err(s) => {
+                tracing::info!(partner = %home, api_invoker_id = %invoker, aef_id = %aef, code = ?s.code(), error = %s.message(), "security information refused")
+            }
+        }
         result.map(Response::new)
     }
 

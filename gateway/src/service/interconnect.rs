@@ -231,22 +231,39 @@ impl InterconnectService {
         let provisional = now_ms()
             + u64::try_from((remaining + self.state.max_key_validity).as_millis())
                 .unwrap_or(u64::MAX / 2);
-        let prior = self
-            .state
-            .store
-            .extend_fetch_grouped(&invoker, &partner, provisional)
-            .await
-            .map_err(store_status)?;
         let ask = PartnerSecurityInformationRequest {
             partner_ccf_id: partner.to_string(),
             query: Some(q),
         };
+        // The record's durable write and the question to the own CCF run side by side (the
+        // fsync is the miss path's largest cost at this hop); the answer leaves only once the
+        // record is on disk. A revocation whose queueing ran before the record was committed
+        // did not see it: then the CCF is asked again, after the record, so that it either
+        // refuses or its later revocation finds the record (`RevocationStore::queue_epoch`).
+        let epoch = self.state.store.queue_epoch();
         let sent = now_ms();
-        let answer = self
-            .own_ccf(remaining, ask, |mut ccf, r| async move {
+        let (prior, answer) = tokio::join!(
+            self.state
+                .store
+                .extend_fetch_grouped(&invoker, &partner, provisional),
+            self.own_ccf(remaining, ask.clone(), |mut ccf, r| async move {
                 ccf.get_security_information_for_partner(r).await
             })
-            .await;
+        );
+        let prior = prior.map_err(store_status)?;
+        let (sent, answer) = if answer.is_ok() && self.state.store.queue_epoch() != epoch {
+            tracing::debug!(api_invoker_id = %invoker, "a revocation was queued while the fetch record was written; asking the CCF again");
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let sent = now_ms();
+            let again = self
+                .own_ccf(remaining, ask, |mut ccf, r| async move {
+                    ccf.get_security_information_for_partner(r).await
+                })
+                .await;
+            (sent, again)
+        } else {
+            (sent, answer)
+        };
         let handed = answer
             .as_ref()
             .ok()
