@@ -13,7 +13,10 @@
 # gateway-A, on one hot key) it samples operator-a's gateway and the one-hop floor process side by
 # side, so the two flame graphs show what the gateway does that a bare tonic hop does not.
 #
-# Usage: [CASE=a] scripts/flamegraph.sh LABEL [OUT_DIR]   (e.g. `before`, `after`; default
+# CASE=d samples every process a full invoker flow touches during case (d) (the invoker is the
+# bench process itself), into OUT_DIR/flame-flow-{invoker,aef-a,ccf-a,gateway-a,gateway,ccf}-LABEL.svg.
+#
+# Usage: [CASE=a|d] scripts/flamegraph.sh LABEL [OUT_DIR]   (e.g. `before`, `after`; default
 # docs/bench). Writes OUT_DIR/flame-miss-{gateway-a,gateway,ccf}-LABEL.svg (gateway and ccf:
 # operator-b's, the partner side), or with CASE=a OUT_DIR/flame-hit-{gateway-a,floor}-LABEL.svg.
 # Needs: cargo build --release --bins, scripts/install-perf.sh.
@@ -52,6 +55,20 @@ if [ "$case" = a ]; then
   kind=hit
   title="hit path (bench case a)"
   start='^(a) cache-hit' stop='open loop at'
+elif [ "$case" = d ]; then
+  # Case (d): where a full invoker flow's CPU goes, across every process it touches.
+  wait_for 'ratio (c)'
+  declare -A pids=(
+    [invoker]="$bench"
+    [aef-a]="$(pid_of aef-stub operator-a.test)"
+    [ccf-a]="$(pid_of ccf operator-a.test)"
+    [gateway-a]="$(pid_of capif-gateway operator-a.test)"
+    [gateway]="$(pid_of capif-gateway operator-b.test)"
+    [ccf]="$(pid_of ccf operator-b.test)"
+  )
+  kind=flow
+  title="full invoker flow (bench case d)"
+  start='^(d) ' stop='flows per second'
 else
   wait_for 'open-loop p50 ratio'
   declare -A pids=(

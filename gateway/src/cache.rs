@@ -93,6 +93,16 @@ impl<T> Default for Interner<T> {
 }
 
 impl<T: Eq + std::hash::Hash> Interner<T> {
+    /// [`Self::intern`] of a value already in an `Arc`: the one held if there is one, else this.
+    fn intern_arc(&self, value: Arc<T>) -> Arc<T> {
+        let mut guard = self.table.lock();
+        if let Some(held) = guard.0.get(&value) {
+            return held.clone();
+        }
+        guard.0.insert(value.clone());
+        value
+    }
+
     fn intern(&self, value: T) -> Arc<T> {
         let mut guard = self.table.lock();
         let (table, pruned_at) = &mut *guard;
@@ -106,6 +116,17 @@ impl<T: Eq + std::hash::Hash> Interner<T> {
         let value = Arc::new(value);
         table.insert(value.clone());
         value
+    }
+
+    /// The values held that `pred` accepts (every value a live entry carries is held).
+    fn matching(&self, pred: impl Fn(&T) -> bool) -> Vec<Arc<T>> {
+        self.table
+            .lock()
+            .0
+            .iter()
+            .filter(|v| pred(v))
+            .cloned()
+            .collect()
     }
 }
 
@@ -498,6 +519,16 @@ impl KeyCache {
         }
     }
 
+    /// `key` with its route held by the interner, which is how a revocation finds its entries:
+    /// every key that enters the cache goes through here (a key made by [`Self::key`] already
+    /// is; one made by [`CacheKey::new`] is not).
+    fn interned(&self, key: CacheKey) -> CacheKey {
+        CacheKey {
+            route: self.routes.intern_arc(key.route),
+            invoker: key.invoker,
+        }
+    }
+
     /// A cache with the configured policy.
     pub fn new(cfg: &CacheConfig) -> Self {
         let evictions = Arc::new(Evictions::default());
@@ -626,13 +657,23 @@ impl KeyCache {
             return n;
         }
         // Every entry of those AEFs goes, also for a replaced key (as before marks existed): the
-        // next request fetches the current answer.
-        self.evict_where(|k| {
-            k.home() == home
-                && k.invoker() == invoker
-                && (aefs.is_empty() || aefs.contains(k.aef()))
-        })
-        .await
+        // next request fetches the current answer. The entries are found through the interned
+        // routes (partner, AEF), a few hundred at most, not by a scan of the whole cache: a
+        // partner's revocations must not cost time in proportion to everything cached.
+        let routes = self
+            .routes
+            .matching(|r| r.home == *home && (aefs.is_empty() || aefs.contains(&r.aef)));
+        let mut evicted = 0;
+        for route in routes {
+            let key = CacheKey {
+                route,
+                invoker: invoker.clone(),
+            };
+            if self.cache.remove(&key).await.is_some() {
+                evicted += 1;
+            }
+        }
+        evicted
     }
 
     fn key_entry(
@@ -781,6 +822,7 @@ impl KeyCache {
     where
         F: Future<Output = Result<InvokerSecurityInformation, Status>>,
     {
+        let key = self.interned(key);
         let ran = AtomicBool::new(false);
         let asked = key.clone();
         let result = self
@@ -840,6 +882,7 @@ impl KeyCache {
         F: Future<Output = Result<InvokerSecurityInformation, Status>>,
     {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let key = self.interned(key);
         let sent_at = Instant::now();
         let seq = self.revocations.seq.load(Ordering::SeqCst);
         match fetch.await {
@@ -1118,7 +1161,7 @@ mod tests {
         cache
             .cache
             .insert(
-                k.clone(),
+                cache.interned(k.clone()),
                 cache.key_entry(&k, answer("0123456789abcdef"), Instant::now(), false, seq),
             )
             .await;

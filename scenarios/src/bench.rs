@@ -18,6 +18,7 @@ mod plot;
 
 pub use growth::serve_partner;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1033,17 +1034,23 @@ async fn case_d(
     say: &mut impl FnMut(String),
 ) -> Result<Measured> {
     let aef_plan = tb.aefs["aef-weather"].clone();
-    let flow_profiles: Arc<Vec<PathBuf>> = Arc::new(
+    // Each profile is read once: a search per flow would read thousands of profiles per flow.
+    let by_id: HashMap<String, PathBuf> = names
+        .iter()
+        .map(|n| run_dir.join("invokers").join(n))
+        .filter_map(|d| Profile::load(&d).ok().map(|p| (p.id().to_string(), d)))
+        .collect();
+    // Loaded before the run, as an invoker holds its profile: reading and parsing it per flow
+    // would put the load generator's file work on the cores the flows share.
+    let flow_profiles: Arc<Vec<Profile>> = Arc::new(
         flow_ids
             .iter()
-            .filter_map(|id| {
-                names
-                    .iter()
-                    .map(|n| run_dir.join("invokers").join(n))
-                    .find(|d| Profile::load(d).is_ok_and(|p| p.id() == id))
-            })
+            .filter_map(|id| by_id.get(id).and_then(|d| Profile::load(d).ok()))
             .collect(),
     );
+    if flow_profiles.is_empty() {
+        bail!("(d): none of the flow invokers' profiles could be loaded");
+    }
     let aef_ca = std::fs::read_to_string(a.ca_pem())?;
     let flow = {
         let (profiles, aef_ca) = (flow_profiles.clone(), aef_ca.clone());
@@ -1051,10 +1058,10 @@ async fn case_d(
         move |i: u64| {
             let (profiles, aef_ca, addr) = (profiles.clone(), aef_ca.clone(), addr.clone());
             async move {
-                let p = Profile::load(&profiles[i as usize % profiles.len()])?;
-                let k = invoker::security(&p, "aef-weather", None).await?;
+                let p = &profiles[i as usize % profiles.len()];
+                let k = invoker::security(p, "aef-weather", None).await?;
                 let r = invoker::auth(
-                    &p,
+                    p,
                     Some(&k),
                     &addr,
                     &aef_ca,
@@ -1063,7 +1070,7 @@ async fn case_d(
                 )
                 .await?;
                 invoker::call(
-                    &p,
+                    p,
                     &k,
                     &r.tls_endpoint,
                     "weather-v1",
