@@ -43,6 +43,7 @@ pub mod keylog;
 pub mod keysets;
 pub mod limits;
 pub mod metrics;
+pub mod pg;
 pub mod pki;
 pub mod process;
 pub mod registry;

@@ -24,6 +24,7 @@ pub mod invoker;
 pub mod live;
 pub mod load;
 pub mod otlp;
+pub mod postgres;
 pub mod report;
 pub mod runner;
 pub mod scenario;

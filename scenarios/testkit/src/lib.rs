@@ -8,9 +8,12 @@
 //!   invokers, AEFs and gateways, and a `ccf` child process for crash tests.
 //! - [`logs`] — per-test capture of the components' log lines.
 //! - [`grpcurl`] — the real grpcurl, for tests that inspect servers the way users do.
+//! - [`postgres`] — one real PostgreSQL server per test binary and a fresh database per test,
+//!   for the store backends' test matrix.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod ccf;
 pub mod federation;
 pub mod grpcurl;
 pub mod logs;
+pub mod postgres;

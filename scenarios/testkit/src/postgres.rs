@@ -1,0 +1,56 @@
+//! PostgreSQL for crate tests: [`shared`] starts one [`PgServer`] per test binary (initdb takes
+//! seconds; a database per test costs milliseconds) and [`fresh_database`] gives each test its
+//! own empty database on it. When PostgreSQL is missing these FAIL, naming
+//! `scripts/install-postgres.sh`: a backend that was not tested must not look green.
+//!
+//! The shared server lives in a static that is never dropped; it goes down with the test binary
+//! (see `capif_scenarios::postgres`), and the data directory it leaves behind
+//! (`$TMPDIR/capif-pg-<pid>`) is removed by the next binary that starts one once that pid is gone.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use capif_scenarios::postgres::{PgServer, PgServerError, bin_dir};
+
+const PREFIX: &str = "capif-pg-";
+
+/// Removes the data directories of shared servers whose test binaries have exited.
+fn reap_stale(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// This test binary's PostgreSQL server, started on first use. Panics with the reason (naming
+/// `scripts/install-postgres.sh` when PostgreSQL is not installed).
+pub fn shared() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        reap_stale(&tmp);
+        let dir = tmp.join(format!("{PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        PgServer::start(&dir).unwrap_or_else(|e| panic!("{e}"))
+    })
+}
+
+/// The URL of a new, empty database on the [`shared`] server (password included).
+pub fn fresh_database() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let server = shared();
+    let name = format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    server
+        .create_database(&name)
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.database_url(&name)
+}
