@@ -44,6 +44,10 @@ pub struct DomainSpec {
     /// The same budget's burst (default: the gateway's, `[outbound] fetch_burst`).
     #[serde(default)]
     pub gateway_fetch_burst: Option<u32>,
+    /// Where the domain's CCF keeps its state: "redb" (default: a file in its state directory)
+    /// or "postgres" (a database of the PostgreSQL server the launcher starts for the run).
+    #[serde(default)]
+    pub store: ccf_core::pg::StoreBackend,
     /// The domain's AEFs.
     #[serde(default, rename = "aef")]
     pub aefs: Vec<AefSpec>,
@@ -515,6 +519,27 @@ aef = "aef-a1"
         let bad = OK.replace("action = \"run\"", "action = \"run\"\nspeed = 3");
         let e = Scenario::parse(&bad, "bad.toml").unwrap_err().to_string();
         assert!(e.starts_with("bad.toml:15:") && e.contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn a_domain_names_its_store_or_is_refused_at_the_line() {
+        use ccf_core::pg::StoreBackend;
+        let with = |b: &str| {
+            OK.replace(
+                "id = \"operator-b.test\"",
+                &format!("id = \"operator-b.test\"\nstore = \"{b}\""),
+            )
+        };
+        let s = Scenario::parse(&with("postgres"), "ok.toml").unwrap();
+        assert_eq!(s.domains[1].store, StoreBackend::Postgres);
+        assert_eq!(s.domains[0].store, StoreBackend::Redb, "the default");
+        let e = Scenario::parse(&with("mongodb"), "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("bad.toml:10:") && e.contains("postgres"),
+            "{e}"
+        );
     }
 
     #[test]

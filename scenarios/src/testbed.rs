@@ -72,6 +72,10 @@ pub struct DomainPlan {
     pub validity_secs: u64,
     /// The gateway's outbound fetch budget per partner (rate per second, burst), when set.
     pub fetch_budget: (Option<u32>, Option<u32>),
+    /// Where its CCF keeps its state.
+    pub store: ccf_core::pg::StoreBackend,
+    /// Its CCF's database (`postgres` only), set when the run's server is up.
+    pub store_url: Option<String>,
     /// Partner domains.
     pub partners: Vec<String>,
     /// Onboarding credential per invoker (member) name.
@@ -165,6 +169,9 @@ pub struct Testbed {
     pub(crate) rotations: BTreeMap<String, u32>,
     /// The `/metrics` port of every component (`--metrics-listen`), by component name.
     pub metrics_ports: BTreeMap<String, u16>,
+    /// The run's PostgreSQL server (`run_dir/postgres`), when a domain keeps its state there;
+    /// stopped with the testbed.
+    postgres: Option<crate::postgres::PgServer>,
 }
 
 /// The directory holding `ccf`, `capif-gateway` and `aef-stub`: `$CAPIF_BIN_DIR`, else the
@@ -178,6 +185,52 @@ pub fn default_bin_dir() -> Result<PathBuf> {
         .parent()
         .ok_or_else(|| anyhow!("no parent of {}", exe.display()))?
         .to_path_buf())
+}
+
+/// Starts the run's PostgreSQL server in `run_dir/postgres` (its own data directory and port)
+/// and creates one database per domain that keeps its state there.
+async fn start_postgres(
+    run_dir: &Path,
+    domains: &mut BTreeMap<String, DomainPlan>,
+) -> Result<crate::postgres::PgServer> {
+    let names: Vec<(String, String)> = domains
+        .values()
+        .filter(|d| d.store == ccf_core::pg::StoreBackend::Postgres)
+        .map(|d| (d.id.clone(), database_name(&d.id)))
+        .collect();
+    let dir = run_dir.join("postgres");
+    let (server, urls) = tokio::task::spawn_blocking(move || {
+        let server = crate::postgres::PgServer::start(&dir)?;
+        let mut urls = Vec::new();
+        for (domain, db) in names {
+            server.create_database(&db)?;
+            urls.push((domain, server.database_url(&db)));
+        }
+        Ok::<_, anyhow::Error>((server, urls))
+    })
+    .await??;
+    for (domain, url) in urls {
+        if let Some(d) = domains.get_mut(&domain) {
+            d.store_url = Some(url);
+        }
+    }
+    Ok(server)
+}
+
+/// The database of a domain's CCF: `ccf_` and the CCF id with what SQL names do not take
+/// replaced (`operator-a.test` -> `ccf_operator_a_test`).
+fn database_name(domain: &str) -> String {
+    let id: String = domain
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("ccf_{id}")
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -235,6 +288,8 @@ impl Testbed {
                     gw6e_port: free_port()?,
                     validity_secs: d.aef_psk_validity_secs.unwrap_or(3600),
                     fetch_budget: (d.gateway_fetch_rate_per_sec, d.gateway_fetch_burst),
+                    store: d.store,
+                    store_url: None,
                     partners: s
                         .domains
                         .iter()
@@ -262,6 +317,14 @@ impl Testbed {
                 );
             }
         }
+        let postgres = if domains
+            .values()
+            .any(|d| d.store == ccf_core::pg::StoreBackend::Postgres)
+        {
+            Some(start_postgres(run_dir, &mut domains).await?)
+        } else {
+            None
+        };
         let use_dns = s.federation.discovery.as_deref() != Some("static");
         let dns = if use_dns {
             let zones: Vec<(String, u16)> = domains
@@ -283,6 +346,7 @@ impl Testbed {
             otlp_endpoint,
             rotations: BTreeMap::new(),
             metrics_ports: BTreeMap::new(),
+            postgres,
         };
         for c in tb.components() {
             tb.metrics_ports.insert(c, free_port()?);
@@ -362,6 +426,9 @@ impl Testbed {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+        if let Some(url) = &d.store_url {
+            t += &format!("\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n");
+        }
         if !d.partners.is_empty() {
             t += &format!("\n[gateway]\naddress = \"127.0.0.1:{}\"\n", d.gw6_port);
         }
@@ -386,7 +453,9 @@ impl Testbed {
                 t += &format!("security_endpoint = \"127.0.0.1:{}\"\n", a.security_port);
             }
         }
-        write(&d.dir.join("ccf.toml"), &t)
+        // Owner-only: it holds the onboarding credentials, and the database password when set.
+        let path = d.dir.join("ccf.toml");
+        write_private_file(&path, t.as_bytes()).with_context(|| path.display().to_string())
     }
 
     /// A domain's gateway configuration, as its plan says now (the partner list may change
@@ -653,13 +722,21 @@ impl Testbed {
         self.procs.iter().map(|(k, p)| (k.clone(), p.pid)).collect()
     }
 
-    /// Stops everything (reverse start order).
+    /// Stops everything (reverse start order), the run's PostgreSQL server last.
     pub async fn down(&mut self) {
         let mut names: Vec<String> = self.procs.keys().cloned().collect();
         names.reverse();
         for n in names {
             let _ = self.stop(&n, false).await;
         }
+        if let Some(mut pg) = self.postgres.take() {
+            let _ = tokio::task::spawn_blocking(move || pg.stop()).await;
+        }
+    }
+
+    /// The port of the run's PostgreSQL server, when it has one.
+    pub fn postgres_port(&self) -> Option<u16> {
+        self.postgres.as_ref().map(|p| p.port())
     }
 
     /// Addresses and ready-to-paste grpcurl commands, per domain.
@@ -682,6 +759,12 @@ impl Testbed {
                     .map(|p| format!("  capif1e (TLS 1.2, tls12-annex-a) 127.0.0.1:{p}"))
                     .unwrap_or_default()
             );
+            if let (Some(port), true) = (self.postgres_port(), d.store_url.is_some()) {
+                out += &format!(
+                    "  store     PostgreSQL 127.0.0.1:{port}, database {} (url in ccf.toml)\n",
+                    database_name(&d.id)
+                );
+            }
             if !d.partners.is_empty() {
                 out += &format!(
                     "  gateway   capif6 127.0.0.1:{}  capif6e 127.0.0.1:{}  partners {}\n",

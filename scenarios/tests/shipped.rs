@@ -121,6 +121,13 @@ fn shipped_revocation_survives_restarts() {
     assert_passes("revocation-survives-restarts.toml");
 }
 
+/// Needs PostgreSQL (scripts/install-postgres.sh; CI installs it): the launcher starts a real
+/// server for the run, and CCF-B's state lives there across a kill -9.
+#[test]
+fn shipped_postgres_store() {
+    assert_passes("postgres-store.toml");
+}
+
 #[test]
 fn shipped_partner_ca_rotation() {
     assert_passes("partner-ca-rotation.toml");
