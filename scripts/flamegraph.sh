@@ -44,38 +44,35 @@ pid_of() { # binary, domain: the newest such process of this run
   pgrep -n -f "$bin/$1 .*$run/$2" || pgrep -n -f "$1.*$run.*$2"
 }
 
+declare -A pids=()
+miss_path_pids() { # the processes a cross-domain miss crosses
+  pids[gateway-a]="$(pid_of capif-gateway operator-a.test)"
+  pids[gateway]="$(pid_of capif-gateway operator-b.test)"
+  pids[ccf]="$(pid_of ccf operator-b.test)"
+}
+
 case="${CASE:-b}"
 if [ "$case" = a ]; then
   wait_for '^(a) cache-hit'
   # The one-hop floor is the first floor process the bench starts (the chains of 2 and 3 follow).
-  declare -A pids=(
-    [gateway-a]="$(pid_of capif-gateway operator-a.test)"
-    [floor]="$(pgrep -o -f "$bin/capif bench-floor")"
-  )
+  pids[gateway-a]="$(pid_of capif-gateway operator-a.test)"
+  pids[floor]="$(pgrep -o -f "$bin/capif bench-floor")"
   kind=hit
   title="hit path (bench case a)"
   start='^(a) cache-hit' stop='open loop at'
 elif [ "$case" = d ]; then
   # Case (d): where a full invoker flow's CPU goes, across every process it touches.
   wait_for 'ratio (c)'
-  declare -A pids=(
-    [invoker]="$bench"
-    [aef-a]="$(pid_of aef-stub operator-a.test)"
-    [ccf-a]="$(pid_of ccf operator-a.test)"
-    [gateway-a]="$(pid_of capif-gateway operator-a.test)"
-    [gateway]="$(pid_of capif-gateway operator-b.test)"
-    [ccf]="$(pid_of ccf operator-b.test)"
-  )
+  miss_path_pids
+  pids[invoker]="$bench"
+  pids[aef-a]="$(pid_of aef-stub operator-a.test)"
+  pids[ccf-a]="$(pid_of ccf operator-a.test)"
   kind=flow
   title="full invoker flow (bench case d)"
   start='^(d) ' stop='flows per second'
 else
   wait_for 'open-loop p50 ratio'
-  declare -A pids=(
-    [gateway-a]="$(pid_of capif-gateway operator-a.test)"
-    [gateway]="$(pid_of capif-gateway operator-b.test)"
-    [ccf]="$(pid_of ccf operator-b.test)"
-  )
+  miss_path_pids
   kind=miss
   title="miss path (bench case b)"
   start='^(b) ' stop='^(b) '
