@@ -13,9 +13,7 @@ use capif_proto::v1::{
 use ccf_core::grpc::{ServerTasks, service_name, spawn_server, with_standard_services};
 use ccf_core::ids::{AefId, CcfId};
 use ccf_core::telemetry::TracedChannel;
-use ccf_core::tls::{
-    ClientAuth, ExpectedPeer, certs_from_pem, client_config, connect_lazy, server_config,
-};
+use ccf_core::tls::{ClientAuth, ExpectedPeer, certs_from_pem, client_config, server_config};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -167,16 +165,18 @@ pub async fn start(config: AefConfig) -> anyhow::Result<RunningAef> {
     let ca = read(&config.tls.ca_cert)?;
     let cert = read(&config.tls.cert)?;
     let key = zeroize::Zeroizing::new(read(&config.tls.key)?);
+    let ccf_replicas =
+        ccf_core::tls::replica_addresses(&config.ccf.address, &config.ccf.addresses)?;
     let ccf = SecurityClient::new(TracedChannel::new(
-        connect_lazy(
-            &config.ccf.address,
+        ccf_core::tls::connect_replicas(
+            &ccf_replicas,
             &config.ccf.server_name,
             // Only the own domain's CCF: it hands this AEF invokers' keys and token keys, and a
             // gateway's or another AEF's certificate from the same CA could serve here too.
             client_config(&ca, Some((&cert, &key)), ExpectedPeer::ccf(&ccf_id))?,
             Duration::from_secs(2),
         )?,
-        config.ccf.address.as_str(),
+        ccf_replicas.join(","),
     ))
     .max_decoding_message_size(config.limits.max_message_bytes);
     let (security_listener, security_addr) = bind(&config.listen.security).await?;

@@ -32,6 +32,7 @@
 //! - `testing` — (tests only, feature `proptest`) the one configuration of every property test.
 
 pub mod audit;
+pub mod balance;
 pub mod clock;
 pub mod config_file;
 pub mod delivery;

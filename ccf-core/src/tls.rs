@@ -52,6 +52,12 @@ pub enum TlsError {
         #[source]
         source: rustls_pki_types::pem::Error,
     },
+    /// A client was given no address to connect to.
+    #[error("no address to connect to")]
+    NoAddress,
+    /// A link names both one address and a list of replicas.
+    #[error("give `address` (one server) or `addresses` (its replicas), not both")]
+    AddressAndAddresses,
     /// A PEM text holds no certificate.
     #[error("{what}: no CERTIFICATE block")]
     NoCertificate {
@@ -749,7 +755,8 @@ pub struct ClientSession {
 pub type SessionSlot = Arc<Mutex<ClientSession>>;
 
 /// The stream a client connector hands to tonic.
-type ClientIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+type ClientIo =
+    hyper_util::rt::TokioIo<crate::balance::Watched<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The endpoint, session slot and connector service shared by [`connect`] and [`connect_lazy`].
 type Connector = (
@@ -762,6 +769,17 @@ fn tls_connector_service(
     addr: &str,
     server_name: &str,
     config: Arc<ClientConfig>,
+) -> Result<Connector, TlsError> {
+    tls_connector_watched(addr, server_name, config, None)
+}
+
+/// [`tls_connector_service`] whose connections report their end to `lost` (a replica of
+/// [`connect_replicas`]).
+fn tls_connector_watched(
+    addr: &str,
+    server_name: &str,
+    config: Arc<ClientConfig>,
+    lost: Option<Arc<crate::balance::ConnectionLost>>,
 ) -> Result<Connector, TlsError> {
     let name =
         ServerName::try_from(server_name.to_string()).map_err(|source| TlsError::ServerName {
@@ -782,6 +800,7 @@ fn tls_connector_service(
         let name = name.clone();
         let target = target.clone();
         let slot = slot2.clone();
+        let lost = lost.clone();
         async move {
             let tcp = TcpStream::connect(&target).await?;
             let _ = tcp.set_nodelay(true);
@@ -797,7 +816,9 @@ fn tls_connector_service(
             if let Ok(mut s) = slot.lock() {
                 *s = session;
             }
-            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(crate::balance::Watched::new(
+                tls, lost,
+            )))
         }
     });
     Ok((endpoint, slot, tower::util::BoxCloneSyncService::new(svc)))
@@ -836,6 +857,50 @@ pub fn connect_lazy(
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .connect_with_connector_lazy(svc))
+}
+
+/// The replicas a `[ccf]` / `[gateway]` section names: its `address`, or its `addresses` (one
+/// `host:port` per replica of the service); exactly one of the two.
+pub fn replica_addresses(address: &str, addresses: &[String]) -> Result<Vec<String>, TlsError> {
+    match (address.is_empty(), addresses.is_empty()) {
+        (false, true) => Ok(vec![address.to_string()]),
+        (true, false) => Ok(addresses.to_vec()),
+        (true, true) => Err(TlsError::NoAddress),
+        (false, false) => Err(TlsError::AddressAndAddresses),
+    }
+}
+
+/// A channel to a service that runs as several replicas (`addrs`, each `host:port`; at least
+/// one): balanced over them with failover ([`crate::balance`]); a plain lazy channel for one
+/// address. Each replica is verified like [`connect_lazy`]'s server.
+pub fn connect_replicas(
+    addrs: &[String],
+    server_name: &str,
+    config: Arc<ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<crate::telemetry::ClientChannel, TlsError> {
+    if let [one] = addrs {
+        return Ok(connect_lazy(one, server_name, config, connect_timeout)?.into());
+    }
+    if addrs.is_empty() {
+        return Err(TlsError::NoAddress);
+    }
+    let mut replicas = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let lost = Arc::new(crate::balance::ConnectionLost::default());
+        let (endpoint, _, svc) =
+            tls_connector_watched(addr, server_name, config.clone(), Some(lost.clone()))?;
+        let channel = endpoint
+            .connect_timeout(connect_timeout)
+            .connect_with_connector_lazy(svc);
+        replicas.push(crate::balance::Replica::new(
+            addr.clone(),
+            channel,
+            lost,
+            connect_timeout,
+        ));
+    }
+    Ok(crate::balance::balanced(replicas).into())
 }
 
 /// The client side: [`ExpectedPeer`] and [`PeerServerVerifier`].

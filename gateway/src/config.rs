@@ -53,7 +53,12 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct CcfLink {
     /// host:port of the CCF's capif listener.
+    #[serde(default)]
     pub address: String,
+    /// host:port of each replica of the CCF, instead of `address`: requests are balanced over
+    /// them and go to the others when one is gone (`ccf_core::balance`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// Name in the CCF's certificate.
     #[serde(default = "localhost")]
     pub server_name: String,

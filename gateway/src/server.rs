@@ -21,9 +21,7 @@ use ccf_core::grpc::{
 use ccf_core::limits::ConnGate;
 use ccf_core::metrics::ListenerMetrics;
 use ccf_core::telemetry::TracedChannel;
-use ccf_core::tls::{
-    ExpectedPeer, PeerServerVerifier, TlsError, certs_from_pem, connect_lazy, provider, roots,
-};
+use ccf_core::tls::{ExpectedPeer, PeerServerVerifier, TlsError, certs_from_pem, provider, roots};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -187,8 +185,10 @@ async fn launch(
         .with_custom_certificate_verifier(Arc::new(ccf_verifier))
         .with_client_cert_resolver(own.clone());
     ccf_tls.alpn_protocols = vec![b"h2".to_vec()];
-    let ccf_channel = connect_lazy(
-        &config.ccf.address,
+    let ccf_replicas =
+        ccf_core::tls::replica_addresses(&config.ccf.address, &config.ccf.addresses)?;
+    let ccf_channel = ccf_core::tls::connect_replicas(
+        &ccf_replicas,
         &config.ccf.server_name,
         Arc::new(ccf_tls),
         Duration::from_millis(config.outbound.connect_timeout_ms),
@@ -215,7 +215,7 @@ async fn launch(
         reload: reload_control,
         cache: KeyCache::new(&config.cache).with_max_budget(max_budget),
         key_sets: Default::default(),
-        ccf: FederationClient::new(TracedChannel::new(ccf_channel, config.ccf.address.as_str()))
+        ccf: FederationClient::new(TracedChannel::new(ccf_channel, ccf_replicas.join(",")))
             .max_decoding_message_size(config.limits.max_message_bytes),
         store,
         outbox,

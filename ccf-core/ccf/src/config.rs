@@ -150,7 +150,12 @@ pub struct OnboardingConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatewayLinkConfig {
     /// host:port of the gateway's CAPIF-6 listener.
+    #[serde(default)]
     pub address: String,
+    /// host:port of each replica of the gateway, instead of `address`: requests are balanced
+    /// over them and go to the others when one is gone (`ccf_core::balance`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// Name the gateway's certificate carries (DNS or IP SAN).
     #[serde(default = "default_server_name")]
     pub server_name: String,

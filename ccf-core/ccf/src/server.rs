@@ -655,9 +655,10 @@ fn gateway_client(
         Some(own_identity),
         ExpectedPeer::gateway(ccf_id),
     )?;
+    let replicas = ccf_core::tls::replica_addresses(&g.address, &g.addresses)?;
     let channel =
-        ccf_core::tls::connect_lazy(&g.address, &g.server_name, tls, Duration::from_secs(1))?;
-    let channel = TracedChannel::new(channel, g.address.as_str());
+        ccf_core::tls::connect_replicas(&replicas, &g.server_name, tls, Duration::from_secs(1))?;
+    let channel = TracedChannel::new(channel, replicas.join(","));
     Ok(Some(GatewayClient::new(channel).max_decoding_message_size(
         config.limits.max_message_bytes,
     )))

@@ -46,8 +46,8 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 pub use logs::LogLine;
 pub use notices::NoticeTraces;
 pub use rpc::{
-    HandshakeTrace, ServerTraceLayer, ServerTraceService, TracedChannel, current_trace_id, extract,
-    inject, trace_id_of,
+    ClientChannel, HandshakeTrace, ServerTraceLayer, ServerTraceService, TracedChannel,
+    current_trace_id, extract, inject, trace_id_of,
 };
 
 use crate::process::LogFormat;

@@ -201,16 +201,47 @@ where
 /// client of a product is built on one.
 #[derive(Clone, Debug)]
 pub struct TracedChannel {
-    inner: tonic::transport::Channel,
+    inner: ClientChannel,
     server: Arc<str>,
     propagate: bool,
 }
 
+/// What a client calls: one server's channel, or one balanced over a service's replicas
+/// ([`crate::tls::connect_replicas`]).
+#[derive(Clone)]
+pub enum ClientChannel {
+    /// One address.
+    One(tonic::transport::Channel),
+    /// Several replicas ([`crate::balance`]).
+    Replicas(crate::balance::Balanced),
+}
+
+impl std::fmt::Debug for ClientChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::One(c) => c.fmt(f),
+            Self::Replicas(_) => f.write_str("ClientChannel::Replicas"),
+        }
+    }
+}
+
+impl From<tonic::transport::Channel> for ClientChannel {
+    fn from(c: tonic::transport::Channel) -> Self {
+        Self::One(c)
+    }
+}
+
+impl From<crate::balance::Balanced> for ClientChannel {
+    fn from(b: crate::balance::Balanced) -> Self {
+        Self::Replicas(b)
+    }
+}
+
 impl TracedChannel {
     /// Traces calls on `inner` to `server` (its address or name, the spans' `server.address`).
-    pub fn new(inner: tonic::transport::Channel, server: impl Into<Arc<str>>) -> Self {
+    pub fn new(inner: impl Into<ClientChannel>, server: impl Into<Arc<str>>) -> Self {
         Self {
-            inner,
+            inner: inner.into(),
             server: server.into(),
             propagate: true,
         }
@@ -234,11 +265,14 @@ impl TracedChannel {
 
 impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
     type Response = http::Response<tonic::body::Body>;
-    type Error = tonic::transport::Error;
+    type Error = crate::balance::BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        match &mut self.inner {
+            ClientChannel::One(c) => c.poll_ready(cx).map_err(Into::into),
+            ClientChannel::Replicas(b) => b.poll_ready(cx),
+        }
     }
 
     fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
@@ -259,7 +293,16 @@ impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
         if self.propagate {
             inject(&span.context(), req.headers_mut());
         }
-        let fut = span.in_scope(|| self.inner.call(req));
+        type Answer = Result<http::Response<tonic::body::Body>, crate::balance::BoxError>;
+        let fut = span.in_scope(|| -> Pin<Box<dyn Future<Output = Answer> + Send>> {
+            match &mut self.inner {
+                ClientChannel::One(c) => {
+                    let f = c.call(req);
+                    Box::pin(async move { f.await.map_err(Into::into) })
+                }
+                ClientChannel::Replicas(b) => Box::pin(b.call(req)),
+            }
+        });
         let outcome = span.clone();
         Box::pin(
             async move {
