@@ -50,7 +50,10 @@ impl DatabaseUrl {
     fn password(&self) -> Option<&str> {
         let rest = self.0.split_once("://")?.1;
         let userinfo = rest.split_once('@')?.0;
-        userinfo.split_once(':').map(|(_, p)| p).filter(|p| !p.is_empty())
+        userinfo
+            .split_once(':')
+            .map(|(_, p)| p)
+            .filter(|p| !p.is_empty())
     }
 
     /// The URL with its password replaced by `***`: what logs and errors may show.

@@ -48,7 +48,8 @@ fn failed(what: impl std::fmt::Display) -> PgServerError {
 
 /// The newest `/usr/lib/postgresql/<major>/bin` holding `initdb` and `postgres`.
 pub fn bin_dir() -> Result<PathBuf, PgServerError> {
-    let entries = std::fs::read_dir("/usr/lib/postgresql").map_err(|_| PgServerError::NotInstalled)?;
+    let entries =
+        std::fs::read_dir("/usr/lib/postgresql").map_err(|_| PgServerError::NotInstalled)?;
     entries
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -173,7 +174,14 @@ impl PgServer {
         let out = command(&bin.join("initdb"), who)
             .arg("-D")
             .arg(&data)
-            .args(["-U", USER, "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                USER,
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .args(["--locale=C"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdin(Stdio::null())
@@ -203,7 +211,12 @@ impl PgServer {
             .args(["-c", "shared_buffers=16MB"])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).map_err(failed)?)
-            .stderr(std::fs::File::options().append(true).open(&log).map_err(failed)?);
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .map_err(failed)?,
+            );
 
         // The server is spawned by, and dies with (pdeathsig), a thread that lives until stop.
         let (started_tx, started_rx) = mpsc::channel::<Result<u32, String>>();
@@ -296,7 +309,16 @@ impl PgServer {
             return Err(failed(format!("{name:?} is not a plain database name")));
         }
         let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", USER])
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                USER,
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .args(["-d", "postgres", "-c"])

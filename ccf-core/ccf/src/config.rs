@@ -197,6 +197,10 @@ pub struct CcfConfig {
     /// Span export (`[telemetry] otlp_endpoint`).
     #[serde(default)]
     pub telemetry: ccf_core::telemetry::TelemetryConfig,
+    /// Where the acknowledged state lives (`[store]`): the redb file in `state_dir` (default) or
+    /// a PostgreSQL database. Token signing keys and the CA stay in `state_dir` either way.
+    #[serde(default)]
+    pub store: ccf_core::pg::StoreConfig,
 }
 
 impl CcfConfig {
