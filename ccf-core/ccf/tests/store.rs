@@ -412,3 +412,62 @@ async fn an_unreachable_database_is_named_without_its_password() {
     assert!(!text.contains("pw-not-shown"), "{text}");
     assert!(text.contains("127.0.0.1:1"), "{text}");
 }
+
+/// A CCF configured with `[store] backend = "postgres"` keeps its state in the database, not in
+/// a redb file: across a restart the invoker's key still answers at the AEF and its onboarding
+/// credential stays used.
+#[tokio::test]
+async fn a_ccf_on_postgres_keeps_its_state_there_across_a_restart() {
+    use capif_testkit::ccf::{
+        CREDENTIALS, TestCcf, aef_client, capif1e, config, get_info, onboard, reason,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = capif_testkit::postgres::fresh_database();
+    let configured = |dir: &std::path::Path| {
+        let mut c = config(dir, 3600);
+        c.store = ccf_core::pg::StoreConfig {
+            backend: ccf_core::pg::StoreBackend::Postgres,
+            url: Some(DatabaseUrl::new(url.clone())),
+            pool_size: 4,
+        };
+        c
+    };
+    let t = TestCcf {
+        ccf: capif_ccf::server::start(configured(dir.path()))
+            .await
+            .expect("CCF starts on PostgreSQL"),
+        dir,
+    };
+    assert_eq!(
+        t.ccf.state.store.backend(),
+        ccf_core::pg::StoreBackend::Postgres
+    );
+    let one = onboard(&t, CREDENTIALS[0]).await.unwrap();
+    capif1e(&t, &one)
+        .await
+        .obtain(&one, &["aef-weather"])
+        .await
+        .unwrap();
+    assert!(
+        !t.dir.path().join(capif_ccf::server::STORE_FILE).exists(),
+        "no redb file beside a PostgreSQL store"
+    );
+
+    let TestCcf { ccf, dir } = t;
+    ccf.shutdown().await;
+    let t = TestCcf {
+        ccf: capif_ccf::server::start(configured(dir.path()))
+            .await
+            .expect("CCF restarts"),
+        dir,
+    };
+    let mut weather = aef_client(&t, "aef-weather").await;
+    let got = get_info(&mut weather, &one.id, "aef-weather")
+        .await
+        .expect("the key negotiated before the restart answers");
+    assert_eq!(got.aef_psk.len(), 32);
+    let reused = onboard(&t, CREDENTIALS[0]).await.err().expect("refused");
+    assert_eq!(reason(&reused), "ONBOARDING_CREDENTIAL_INVALID");
+    assert_eq!(t.ccf.state.store.invoker_count().await.unwrap(), 1);
+    t.ccf.shutdown().await;
+}
