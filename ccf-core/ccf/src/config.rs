@@ -230,6 +230,23 @@ mod tests {
     }
 
     #[test]
+    fn store_defaults_to_redb_and_hides_the_database_password() {
+        let c = CcfConfig::parse("ccf_id = \"a.test\"\nstate_dir = \"x\"\n", "f").unwrap();
+        assert_eq!(c.store.backend, ccf_core::pg::StoreBackend::Redb);
+        let c = CcfConfig::parse(
+            "ccf_id = \"a.test\"\nstate_dir = \"x\"\n[store]\nbackend = \"postgres\"\n\
+             url = \"postgres://capif:pw-hidden@db:5432/ccf\"\npool_size = 3\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.store.backend, c.store.pool_size),
+            (ccf_core::pg::StoreBackend::Postgres, 3)
+        );
+        assert!(!format!("{c:?}").contains("pw-hidden"));
+    }
+
+    #[test]
     fn unknown_field_is_named_with_its_line() {
         let e = CcfConfig::parse(
             "ccf_id = \"a.test\"\nstate_dir = \"x\"\nbogus = 1\n",
