@@ -287,12 +287,12 @@ impl PgStore {
         id: &ApiInvokerId,
     ) -> Result<Option<InvokerRecord>, StoreError> {
         let c = self.client().await?;
-        let row = c
-            .query_opt(
-                &format!("SELECT {INVOKER_COLS} FROM invokers WHERE api_invoker_id = $1"),
-                &[&id.as_str()],
-            )
+        let stmt = c
+            .prepare_cached(&format!(
+                "SELECT {INVOKER_COLS} FROM invokers WHERE api_invoker_id = $1"
+            ))
             .await?;
+        let row = c.query_opt(&stmt, &[&id.as_str()]).await?;
         row.as_ref().map(invoker_from).transpose()
     }
 
@@ -420,19 +420,18 @@ impl PgStore {
         aef: &AefId,
     ) -> Result<ContextLookup, StoreError> {
         let c = self.client().await?;
-        // One statement, so one snapshot, as the redb read transaction.
-        let row = c
-            .query_one(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM invokers WHERE api_invoker_id = $1), \
-                     EXISTS (SELECT 1 FROM security_contexts WHERE api_invoker_id = $1), \
-                     c.* FROM (SELECT 1) AS one LEFT JOIN \
-                     (SELECT {CTX_COLS} FROM security_contexts \
-                      WHERE api_invoker_id = $1 AND aef_id = $2) AS c ON true"
-                ),
-                &[&id.as_str(), &aef.as_str()],
-            )
+        // One statement, so one snapshot, as the redb read transaction. Prepared once per
+        // connection: this is the AEFs' request path, and a prepare is a round trip.
+        let stmt = c
+            .prepare_cached(&format!(
+                "SELECT EXISTS (SELECT 1 FROM invokers WHERE api_invoker_id = $1), \
+                 EXISTS (SELECT 1 FROM security_contexts WHERE api_invoker_id = $1), \
+                 c.* FROM (SELECT 1) AS one LEFT JOIN \
+                 (SELECT {CTX_COLS} FROM security_contexts \
+                  WHERE api_invoker_id = $1 AND aef_id = $2) AS c ON true"
+            ))
             .await?;
+        let row = c.query_one(&stmt, &[&id.as_str(), &aef.as_str()]).await?;
         let invoker: bool = row.try_get(0)?;
         let any: bool = row.try_get(1)?;
         let found: Option<String> = row.try_get(2)?;
@@ -589,10 +588,15 @@ impl PgStore {
         now_ms: u64,
     ) -> Result<Option<u64>, StoreError> {
         let c = self.client().await?;
-        let row = c
-            .query_opt(
+        let stmt = c
+            .prepare_cached(
                 "SELECT until_ms FROM foreign_revocations \
                  WHERE home_ccf_id = $1 AND api_invoker_id = $2 AND aef_id = $3 AND until_ms > $4",
+            )
+            .await?;
+        let row = c
+            .query_opt(
+                &stmt,
                 &[
                     &home.as_str(),
                     &invoker.as_str(),
