@@ -16,6 +16,7 @@
 //! - [`tls12`] — CAPIF-1e under the `tls12-annex-a` profile: TLS 1.2 over OpenSSL, both ends.
 //! - [`keylog`] — `SSLKEYLOGFILE` for CAPIF-1e sessions (NSS format, 0600, only when set).
 //! - [`status`] — error statuses with stable reasons, error chains.
+//! - [`pg`] — PostgreSQL for stores: the `[store]` section, the pool, versioned migrations.
 //! - [`grpc`] — caller identity, health + reflection, serving a listener, request budgets.
 //! - [`limits`] — connection caps, idle timeouts and message limits of every listener.
 //! - [`metrics`] — the `/metrics` listener, listener/handshake and certificate-expiry families.

@@ -407,8 +407,7 @@ async fn the_ccf_outbox_waits_for_its_gateway() {
     let held = fetch_at_a(&t, "c0").await;
     t.d_mut(B).stop_gateway().await;
     revoke_at_b(&t, &held.inv.id).await;
-    let store = |t: &Testbed| t.d(B).ccf().state.store.revocation_outbox().unwrap();
-    let queued = store(&t);
+    let queued = t.d(B).ccf().state.store.revocation_outbox().await.unwrap();
     assert_eq!(queued.len(), 1, "CCF-B queued the notice");
     assert_eq!(queued[0].notice.notice_id.len(), 32);
     assert!(queued[0].notice.not_after_unix_ms > ccf_core::clock::now_ms());
@@ -419,7 +418,14 @@ async fn the_ccf_outbox_waits_for_its_gateway() {
     let took = until_refused(&held, T).await;
     eprintln!("refused at AEF-A {took:?} after gateway-B was up");
     assert!(
-        store(&t).is_empty(),
+        t.d(B)
+            .ccf()
+            .state
+            .store
+            .revocation_outbox()
+            .await
+            .unwrap()
+            .is_empty(),
         "CCF-B's outbox empties once acknowledged"
     );
     a_holds_no_entry(&t, &held.inv.id).await;

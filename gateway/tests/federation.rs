@@ -41,6 +41,7 @@ async fn two_domains_aef_gets_the_invokers_key() {
         .state
         .store
         .context(&inv.id.parse().unwrap(), &"aef-a1".parse().unwrap())
+        .await
         .unwrap()
         .unwrap();
     assert!(got.remaining_validity_ms <= direct.expires_at_ms - ccf_core::clock::now_ms() + 5);
@@ -117,6 +118,7 @@ async fn short_validity_is_never_exceeded_and_refetched() {
         .state
         .store
         .context(&inv.id.parse().unwrap(), &"aef-a1".parse().unwrap())
+        .await
         .unwrap()
         .unwrap()
         .expires_at_ms;

@@ -7,6 +7,7 @@
 //! - [`dns`] — the testbed's DNS server (hickory-server on loopback).
 //! - [`runner`] — runs a scenario's steps, prints the table, writes the JSON report.
 //! - [`otlp`] — the OTLP/gRPC trace receiver a scenario run points its components at.
+//! - [`postgres`] — a real, throwaway PostgreSQL server for tests (and later the testbed).
 //! - [`report`] — `report.html`: the steps and a sequence diagram of each cross-domain step.
 //! - [`bench`] — `capif bench`: the gateway against a bare floor, as ratios.
 //! - [`load`] — the steady invoker load `soak` and `chaos` drive.

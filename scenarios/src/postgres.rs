@@ -48,8 +48,11 @@ fn failed(what: impl std::fmt::Display) -> PgServerError {
 
 /// The newest `/usr/lib/postgresql/<major>/bin` holding `initdb` and `postgres`.
 pub fn bin_dir() -> Result<PathBuf, PgServerError> {
-    let entries =
-        std::fs::read_dir("/usr/lib/postgresql").map_err(|_| PgServerError::NotInstalled)?;
+    bin_dir_in(Path::new("/usr/lib/postgresql"))
+}
+
+fn bin_dir_in(root: &Path) -> Result<PathBuf, PgServerError> {
+    let entries = std::fs::read_dir(root).map_err(|_| PgServerError::NotInstalled)?;
     entries
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -360,5 +363,40 @@ fn signal_int(pid: u32) {
     #[allow(unsafe_code)]
     unsafe {
         libc::kill(pid, libc::SIGINT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_postgresql_names_the_install_script() {
+        let empty = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(empty.path().join("15/bin")).unwrap();
+        let e = bin_dir_in(empty.path()).unwrap_err().to_string();
+        assert!(e.contains("scripts/install-postgres.sh"), "{e}");
+        let e = bin_dir_in(&empty.path().join("absent")).unwrap_err();
+        assert!(matches!(e, PgServerError::NotInstalled));
+    }
+
+    #[test]
+    fn a_server_serves_until_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pg = PgServer::start(dir.path()).unwrap();
+        pg.create_database("capif_t").unwrap();
+        assert!(
+            pg.database_url("capif_t")
+                .ends_with(&format!(":{}/capif_t", pg.port()))
+        );
+        assert!(
+            !format!("{pg:?}").contains(pg.password.as_str()),
+            "Debug shows no password"
+        );
+        assert!(pg.create_database("no; DROP").is_err());
+        let port = pg.port();
+        pg.stop();
+        // stop() returns once the server exited, so its port is closed now.
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     }
 }

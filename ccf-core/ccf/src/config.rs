@@ -202,6 +202,10 @@ pub struct CcfConfig {
     /// Span export (`[telemetry] otlp_endpoint`).
     #[serde(default)]
     pub telemetry: ccf_core::telemetry::TelemetryConfig,
+    /// Where the acknowledged state lives (`[store]`): the redb file in `state_dir` (default) or
+    /// a PostgreSQL database. Token signing keys and the CA stay in `state_dir` either way.
+    #[serde(default)]
+    pub store: ccf_core::pg::StoreConfig,
 }
 
 impl CcfConfig {
@@ -228,6 +232,23 @@ mod tests {
         for cred in &c.onboarding.credentials {
             assert!(!shown.contains(cred.expose()));
         }
+    }
+
+    #[test]
+    fn store_defaults_to_redb_and_hides_the_database_password() {
+        let c = CcfConfig::parse("ccf_id = \"a.test\"\nstate_dir = \"x\"\n", "f").unwrap();
+        assert_eq!(c.store.backend, ccf_core::pg::StoreBackend::Redb);
+        let c = CcfConfig::parse(
+            "ccf_id = \"a.test\"\nstate_dir = \"x\"\n[store]\nbackend = \"postgres\"\n\
+             url = \"postgres://capif:pw-hidden@db:5432/ccf\"\npool_size = 3\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.store.backend, c.store.pool_size),
+            (ccf_core::pg::StoreBackend::Postgres, 3)
+        );
+        assert!(!format!("{c:?}").contains("pw-hidden"));
     }
 
     #[test]

@@ -110,6 +110,16 @@ struct ServeArgs {
     /// `[telemetry] otlp_endpoint`. Unset in both: nothing is exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Keep the state in this PostgreSQL database (`postgres://user:password@host:port/db`):
+    /// overrides `store.url` and selects `store.backend = "postgres"`. Prefer the environment
+    /// variable: a flag's value is visible to other users in the process list.
+    #[arg(
+        long,
+        env = "CCF_STORE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    store_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +206,10 @@ async fn serve(args: ServeArgs, log_format: LogFormat) -> Result<()> {
     }
     if let Some(a) = args.metrics_listen {
         cfg.metrics.listen = Some(a);
+    }
+    if let Some(url) = args.store_url {
+        cfg.store.backend = ccf_core::pg::StoreBackend::Postgres;
+        cfg.store.url = Some(ccf_core::pg::DatabaseUrl::new(url));
     }
     let ca_path = cfg
         .pki

@@ -218,22 +218,22 @@ impl Collector for CcfCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         let mut w = Scrape::new(encoder);
-        // A store that cannot be read now leaves the gauge out rather than report zero.
-        if let Ok(n) = s.store.invoker_count() {
-            w.gauges("capif_ccf_invokers", "Invokers onboarded", [(NO_LABELS, n)])?;
-        }
-        if let Ok(n) = s.store.context_count() {
+        // A store that cannot be read now leaves the gauges out rather than report zero.
+        if let Some(sizes) = s.store.sizes() {
+            w.gauges(
+                "capif_ccf_invokers",
+                "Invokers onboarded",
+                [(NO_LABELS, sizes.invokers)],
+            )?;
             w.gauges(
                 "capif_ccf_security_contexts",
                 "Security contexts held (expired ones until the purge)",
-                [(NO_LABELS, n)],
+                [(NO_LABELS, sizes.contexts)],
             )?;
-        }
-        if let Ok(q) = s.store.revocation_outbox() {
             w.gauges(
                 "capif_ccf_revocations_pending",
                 "Revocation notices waiting in the outbox for the gateway",
-                [(NO_LABELS, q.len() as u64)],
+                [(NO_LABELS, sizes.revocations_pending)],
             )?;
         }
         w.counters(

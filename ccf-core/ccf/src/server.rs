@@ -352,9 +352,11 @@ fn prepare_state_dir(dir: &std::path::Path) -> Result<(), StartError> {
 /// Deletes the security contexts that have been expired for at least `grace` (so that an AEF
 /// asking shortly after the expiry still gets `KEY_EXPIRED`), in one write transaction, and logs
 /// how many. Returns that number.
-pub fn purge_expired(store: &Store, grace: Duration) -> Result<u64, StoreError> {
+pub async fn purge_expired(store: &Store, grace: Duration) -> Result<u64, StoreError> {
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-    let purged = store.purge_expired(now_ms().saturating_sub(grace_ms))?;
+    let purged = store
+        .purge_expired(now_ms().saturating_sub(grace_ms))
+        .await?;
     if purged > 0 {
         tracing::info!(purged, "purged expired security contexts from the store");
     } else {
@@ -378,16 +380,9 @@ fn spawn_purge(
                 _ = &mut stop => return Ok(()),
                 _ = ticks.tick() => {}
             }
-            // A durable redb commit blocks on fsync: keep it off the runtime's workers.
-            let s = state.clone();
-            match tokio::task::spawn_blocking(move || purge_expired(&s.store, every)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "purging expired security contexts failed")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the purge of expired security contexts failed")
-                }
+            // The store keeps a redb purge's durable commit off the runtime's workers.
+            if let Err(e) = purge_expired(&state.store, every).await {
+                tracing::warn!(error = %e, "purging expired security contexts failed")
             }
         }
     })
@@ -422,7 +417,7 @@ async fn revocation_outbox(state: &CcfState) {
     };
     let mut failures = 0u32;
     loop {
-        let queued = state.store.revocation_outbox().unwrap_or_else(|e| {
+        let queued = state.store.revocation_outbox().await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the revocation outbox");
             Vec::new()
         });
@@ -433,7 +428,7 @@ async fn revocation_outbox(state: &CcfState) {
             let n = &q.notice;
             let now = now_ms();
             if n.not_after_unix_ms <= now {
-                let _ = state.store.revocation_done(&n.notice_id);
+                let _ = state.store.revocation_done(&n.notice_id).await;
                 tracing::warn!(notice_id = %n.notice_id, api_invoker_id = %n.api_invoker_id, attempts = q.attempts, "revocation notice given up: the keys it concerns have expired");
                 continue;
             }
@@ -452,7 +447,7 @@ async fn revocation_outbox(state: &CcfState) {
             match gw.clone().publish_revocation(r).instrument(span).await {
                 Ok(ack) => {
                     failures = 0;
-                    if let Err(e) = state.store.revocation_done(&n.notice_id) {
+                    if let Err(e) = state.store.revocation_done(&n.notice_id).await {
                         tracing::warn!(error = %e, "could not delete an acknowledged notice; it will be sent again");
                     }
                     state.revocations_delivered.fetch_add(1, Ordering::Relaxed);
@@ -460,7 +455,7 @@ async fn revocation_outbox(state: &CcfState) {
                     tracing::info!(notice_id = %n.notice_id, partners = ack.forwarded, duplicate = ack.duplicate, "revocation notice queued at the gateway");
                 }
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    let _ = state.store.revocation_done(&n.notice_id);
+                    let _ = state.store.revocation_done(&n.notice_id).await;
                     tracing::warn!(notice_id = %n.notice_id, error = %s.message(), "the gateway refused a revocation notice; dropped");
                 }
                 Err(s) => {
@@ -468,7 +463,7 @@ async fn revocation_outbox(state: &CcfState) {
                     q.attempts = q.attempts.saturating_add(1);
                     let wait = OUTBOX_BACKOFF.delay(failures).as_millis() as u64;
                     q.next_attempt_at_ms = now_ms() + wait;
-                    let _ = state.store.revocation_reschedule(&q);
+                    let _ = state.store.revocation_reschedule(&q).await;
                     tracing::info!(notice_id = %q.notice.notice_id, attempts = q.attempts, wait_ms = wait, error = %s.message(), "revocation notice not delivered to the gateway; will retry");
                     next = Some(next.map_or(q.next_attempt_at_ms, |t| t.min(q.next_attempt_at_ms)));
                     blocked = Some(q.next_attempt_at_ms);
@@ -488,7 +483,7 @@ async fn revocation_outbox(state: &CcfState) {
 /// Starts a CCF from its configuration.
 pub async fn start(config: CcfConfig) -> Result<RunningCcf, StartError> {
     let (ccf_id, registry, purge_every) = validate_config(&config)?;
-    let (ca, store, token_keys) = open_state(&config, &ccf_id, purge_every)?;
+    let (ca, store, token_keys) = open_state(&config, &ccf_id, purge_every).await?;
     // A fresh server certificate at every start: nothing to rotate, nothing stale on disk.
     let own = ca.issue_with_new_key(
         &PeerIdentity::new(ccf_id.clone(), Role::Ccf),
@@ -606,7 +601,7 @@ fn validate_config(config: &CcfConfig) -> Result<(CcfId, AefRegistry, Duration),
 
 /// The state directory and what lives in it: the domain CA, the store (purged of contexts that
 /// expired while the CCF was down, before anything is served) and the token signing keys.
-fn open_state(
+async fn open_state(
     config: &CcfConfig,
     ccf_id: &CcfId,
     purge_every: Duration,
@@ -618,12 +613,15 @@ fn open_state(
         config.pki.ca_cert.as_deref(),
         config.pki.ca_key.as_deref(),
     )?;
-    let store = Store::open(&config.state_dir.join(STORE_FILE)).map_err(|e| match e {
-        StoreError::Exposed { path, mode } => StartError::StoreExposed { path, mode },
-        e => StartError::Store(e),
-    })?;
+    // The default is the redb file in the state directory; a PostgreSQL store is migrated here.
+    let store = Store::from_config(&config.store, &config.state_dir.join(STORE_FILE))
+        .await
+        .map_err(|e| match e {
+            StoreError::Exposed { path, mode } => StartError::StoreExposed { path, mode },
+            e => StartError::Store(e),
+        })?;
     // Contexts that expired while the CCF was down go before anything is served.
-    purge_expired(&store, purge_every)?;
+    purge_expired(&store, purge_every).await?;
     if config.token.lifetime_secs == 0 || config.token.key_set_refresh_secs == 0 {
         return Err(StartError::Config(
             "token.lifetime_secs and token.key_set_refresh_secs must be at least 1".into(),

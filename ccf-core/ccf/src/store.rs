@@ -1,15 +1,22 @@
-//! The CCF's acknowledged state in an embedded ACID store (redb, one file in the state directory):
-//! onboarded invokers, used onboarding credentials, and security contexts with their expiry.
+//! The CCF's acknowledged state: onboarded invokers, used onboarding credentials, security
+//! contexts with their expiry, refusals of foreign invokers and the revocation outbox. Two
+//! backends behind one async API (`[store]`, [`ccf_core::pg::StoreConfig`]): an embedded ACID
+//! file (redb, in the state directory; the default, nothing to install) or a PostgreSQL database
+//! that several CCF replicas may share ([`postgres`]).
 //!
-//! Every operation is one write transaction, committed durably before the RPC that caused it is
-//! answered, so whatever a client saw acknowledged survives a crash. Values are JSON; a context's
-//! AEFPSK is kept (hex) because the CCF must hand it to AEFs later.
+//! Every operation is one transaction, committed durably before the RPC that caused it is
+//! answered, so whatever a client saw acknowledged survives a crash. In the redb file values are
+//! JSON; a context's AEFPSK is kept (hex) because the CCF must hand it to AEFs later. The redb
+//! operations run on the calling task, as before: their commits are short.
 //!
-//! Because the file holds those keys, it is owner-only (0600) from the moment it is created, a
+//! Because the redb file holds those keys, it is owner-only (0600) from the moment it is created, a
 //! file that others can read is refused, and expired contexts are deleted
 //! ([`Store::purge_expired`]) rather than kept forever.
 
+mod postgres;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -19,6 +26,7 @@ use capif_proto::v1::RevocationNotice;
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::metrics::{Histogram, latency_histogram};
+use ccf_core::pg::{DatabaseUrl, PgError, StoreBackend, StoreConfig};
 use ccf_core::registry::SecurityMethod;
 use prost::Message;
 
@@ -39,6 +47,16 @@ pub enum StoreError {
     /// The database failed.
     #[error("state store: {0}")]
     Db(#[source] redb::Error),
+    /// The PostgreSQL database failed or cannot be reached. The message never carries the
+    /// URL's password.
+    #[error("state store: {0}")]
+    Postgres(#[from] PgError),
+    /// A PostgreSQL row cannot be read back as a record.
+    #[error("state store holds a corrupt record: {0}")]
+    CorruptRow(String),
+    /// The CCF shut down before the operation finished.
+    #[error("the state store operation was interrupted by the CCF's shutdown")]
+    Interrupted,
     /// The store file could not be opened.
     #[error("state store {}: {source}", .path.display())]
     File {
@@ -90,6 +108,12 @@ db_err!(
     redb::CommitError,
     redb::SetDurabilityError
 );
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(PgError::from(e))
+    }
+}
 
 /// A revocation notice waiting for the gateway's acknowledgement. It is given up at its
 /// `not_after_unix_ms`.
@@ -242,8 +266,27 @@ pub enum ContextLookup {
 
 /// The CCF state store.
 pub struct Store {
-    db: Database,
+    backend: Backend,
     timings: StoreTimings,
+}
+
+/// The store's sizes, for the `/metrics` gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreSizes {
+    /// Onboarded invokers.
+    pub invokers: u64,
+    /// Security contexts (expired ones until the purge).
+    pub contexts: u64,
+    /// Revocation notices not yet acknowledged by the gateway.
+    pub revocations_pending: u64,
+}
+
+/// Where a [`Store`] keeps its state.
+enum Backend {
+    /// The embedded default: one redb file.
+    Redb(Arc<Database>),
+    /// A PostgreSQL database several replicas may share.
+    Postgres(postgres::PgStore),
 }
 
 /// `capif_ccf_store_duration_seconds{operation}`: how long each store operation took, its
@@ -276,7 +319,7 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates, mode 0600) the store file. Refuses, with [`StoreError::Exposed`], a
+    /// Opens (or creates, mode 0600) the redb store file. Refuses, with [`StoreError::Exposed`], a
     /// file that group or others may read or write.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let file_err = |source| StoreError::File {
@@ -299,10 +342,55 @@ impl Store {
         tx.open_table(FOREIGN_REVOCATIONS)?;
         tx.open_table(REVOCATION_OUTBOX)?;
         tx.commit()?;
-        Ok(Self {
-            db,
+        Ok(Self::with(Backend::Redb(Arc::new(db))))
+    }
+
+    /// Connects to a PostgreSQL database (at most `pool_size` connections) and applies the
+    /// CCF's schema migrations it lacks (one replica at a time).
+    pub async fn connect(url: &DatabaseUrl, pool_size: usize) -> Result<Self, StoreError> {
+        Ok(Self::with(Backend::Postgres(
+            postgres::PgStore::connect(url, pool_size).await?,
+        )))
+    }
+
+    /// The store `config` names: the redb file `redb_file` (the default) or the database.
+    pub async fn from_config(config: &StoreConfig, redb_file: &Path) -> Result<Self, StoreError> {
+        match config.backend {
+            StoreBackend::Redb => Self::open(redb_file),
+            StoreBackend::Postgres => {
+                let url = config.url.as_ref().ok_or_else(|| {
+                    StoreError::Postgres(PgError::Config(
+                        "store.backend = \"postgres\" needs store.url".into(),
+                    ))
+                })?;
+                Self::connect(url, config.pool_size).await
+            }
+        }
+    }
+
+    fn with(backend: Backend) -> Self {
+        Self {
+            backend,
             timings: StoreTimings::new_with_constructor(latency_histogram),
-        })
+        }
+    }
+
+    /// What the `/metrics` gauges show, read synchronously at scrape time: from the redb file
+    /// now; from PostgreSQL, the counts a background query fetched at most a second before (the
+    /// first scrape after start has none yet). `None` when the store cannot be read.
+    pub fn sizes(&self) -> Option<StoreSizes> {
+        match &self.backend {
+            Backend::Redb(db) => redb_sizes(db).ok(),
+            Backend::Postgres(pg) => pg.sizes(),
+        }
+    }
+
+    /// Which engine holds the state.
+    pub fn backend(&self) -> StoreBackend {
+        match self.backend {
+            Backend::Redb(_) => StoreBackend::Redb,
+            Backend::Postgres(_) => StoreBackend::Postgres,
+        }
     }
 
     /// The operations' latency histograms (registered by the CCF's metrics).
@@ -315,225 +403,167 @@ impl Store {
     }
 
     /// Records a new invoker and marks its onboarding credential (by digest) used, atomically.
-    pub fn onboard(&self, credential_digest: &str, rec: &InvokerRecord) -> Result<(), StoreError> {
+    /// A credential already used (at any replica sharing the database) is refused with
+    /// [`StoreError::CredentialUsed`].
+    pub async fn onboard(
+        &self,
+        credential_digest: &str,
+        rec: &InvokerRecord,
+    ) -> Result<(), StoreError> {
         let _timer = self.timed("onboard");
-        let tx = self.db.begin_write()?;
-        {
-            let mut creds = tx.open_table(CREDENTIALS)?;
-            if creds.get(credential_digest)?.is_some() {
-                return Err(StoreError::CredentialUsed);
-            }
-            creds.insert(credential_digest, rec.api_invoker_id.as_str())?;
-            let mut inv = tx.open_table(INVOKERS)?;
-            inv.insert(rec.api_invoker_id.as_str(), encode(rec)?.as_slice())?;
+        match &self.backend {
+            Backend::Redb(db) => redb_onboard(db, credential_digest, rec),
+            Backend::Postgres(pg) => pg.onboard(credential_digest, rec).await,
         }
-        tx.commit()?;
-        Ok(())
     }
 
     /// Whether a credential digest was used.
-    pub fn credential_used(&self, credential_digest: &str) -> Result<bool, StoreError> {
+    pub async fn credential_used(&self, credential_digest: &str) -> Result<bool, StoreError> {
         let _timer = self.timed("credential_used");
-        let tx = self.db.begin_read()?;
-        Ok(tx
-            .open_table(CREDENTIALS)?
-            .get(credential_digest)?
-            .is_some())
+        match &self.backend {
+            Backend::Redb(db) => redb_credential_used(db, credential_digest),
+            Backend::Postgres(pg) => pg.credential_used(credential_digest).await,
+        }
     }
 
     /// An invoker's record.
-    pub fn invoker(&self, id: &ApiInvokerId) -> Result<Option<InvokerRecord>, StoreError> {
+    pub async fn invoker(&self, id: &ApiInvokerId) -> Result<Option<InvokerRecord>, StoreError> {
         let _timer = self.timed("invoker");
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(INVOKERS)?;
-        t.get(id.as_str())?.map(|v| decode(v.value())).transpose()
+        match &self.backend {
+            Backend::Redb(db) => redb_invoker(db, id),
+            Backend::Postgres(pg) => pg.invoker(id).await,
+        }
     }
 
     /// Number of onboarded invokers.
-    pub fn invoker_count(&self) -> Result<u64, StoreError> {
+    pub async fn invoker_count(&self) -> Result<u64, StoreError> {
         let _timer = self.timed("invoker_count");
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(INVOKERS)?.len()?)
+        match &self.backend {
+            Backend::Redb(db) => redb_invoker_count(db),
+            Backend::Postgres(pg) => pg.count(postgres::Counted::Invokers).await,
+        }
     }
 
     /// Number of stored security contexts.
-    pub fn context_count(&self) -> Result<u64, StoreError> {
+    pub async fn context_count(&self) -> Result<u64, StoreError> {
         let _timer = self.timed("context_count");
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(CONTEXTS)?.len()?)
+        match &self.backend {
+            Backend::Redb(db) => redb_context_count(db),
+            Backend::Postgres(pg) => pg.count(postgres::Counted::Contexts).await,
+        }
     }
 
     /// Removes an invoker and all its contexts; returns the removed contexts, or `InvokerGone`.
-    pub fn offboard(&self, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
-        self.offboard_queueing(id, |_| Vec::new())
+    pub async fn offboard(&self, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
+        self.offboard_queueing(id, |_| Vec::new()).await
     }
 
     /// [`Self::offboard`], and in the same transaction queues the notices `notices` makes of
     /// the removed contexts for the gateway.
-    pub fn offboard_queueing(
+    pub async fn offboard_queueing(
         &self,
         id: &ApiInvokerId,
-        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice> + Send,
     ) -> Result<Vec<SecurityContext>, StoreError> {
         let _timer = self.timed("offboard_queueing");
-        let tx = self.db.begin_write()?;
-        let removed = {
-            let mut inv = tx.open_table(INVOKERS)?;
-            if inv.remove(id.as_str())?.is_none() {
-                return Err(StoreError::InvokerGone);
-            }
-            Self::remove_in(&tx, id, None)?
-        };
-        queue_in(&tx, &notices(&removed))?;
-        tx.commit()?;
-        Ok(removed)
-    }
-
-    fn remove_in(
-        tx: &redb::WriteTransaction,
-        id: &ApiInvokerId,
-        aef: Option<&AefId>,
-    ) -> Result<Vec<SecurityContext>, StoreError> {
-        let mut t = tx.open_table(CONTEXTS)?;
-        let keys: Vec<String> = match aef {
-            Some(a) => vec![ctx_key(id, a)],
-            None => {
-                let (lo, hi) = ctx_range(id);
-                t.range(lo.as_str()..hi.as_str())?
-                    .map(|r| r.map(|(k, _)| k.value().to_string()))
-                    .collect::<Result<_, _>>()?
-            }
-        };
-        let mut removed = Vec::new();
-        for k in keys {
-            if let Some(v) = t.remove(k.as_str())? {
-                removed.push(decode(v.value())?);
-            }
+        match &self.backend {
+            Backend::Redb(db) => redb_offboard_queueing(db, id, notices),
+            Backend::Postgres(pg) => pg.offboard_queueing(id, notices).await,
         }
-        Ok(removed)
     }
 
     /// Stores contexts of an onboarded invoker, replacing those for the same AEFs, atomically.
     /// Returns the replaced contexts.
-    pub fn put_contexts(
+    pub async fn put_contexts(
         &self,
         id: &ApiInvokerId,
         contexts: &[SecurityContext],
     ) -> Result<Vec<SecurityContext>, StoreError> {
         self.put_contexts_queueing(id, contexts, |_| Vec::new())
+            .await
     }
 
     /// [`Self::put_contexts`], and in the same transaction queues the notices `notices` makes
     /// of the replaced contexts for the gateway.
-    pub fn put_contexts_queueing(
+    pub async fn put_contexts_queueing(
         &self,
         id: &ApiInvokerId,
         contexts: &[SecurityContext],
-        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice> + Send,
     ) -> Result<Vec<SecurityContext>, StoreError> {
         let _timer = self.timed("put_contexts_queueing");
-        let tx = self.db.begin_write()?;
-        let mut replaced = Vec::new();
-        {
-            if tx.open_table(INVOKERS)?.get(id.as_str())?.is_none() {
-                return Err(StoreError::InvokerGone);
-            }
-            let mut t = tx.open_table(CONTEXTS)?;
-            for c in contexts {
-                let key = ctx_key(id, &c.aef_id);
-                if let Some(old) = t.insert(key.as_str(), encode(c)?.as_slice())? {
-                    replaced.push(decode(old.value())?);
-                }
-            }
+        match &self.backend {
+            Backend::Redb(db) => redb_put_contexts_queueing(db, id, contexts, notices),
+            Backend::Postgres(pg) => pg.put_contexts_queueing(id, contexts, notices).await,
         }
-        queue_in(&tx, &notices(&replaced))?;
-        tx.commit()?;
-        Ok(replaced)
     }
 
     /// The context of an invoker for one AEF.
-    pub fn context(
+    pub async fn context(
         &self,
         id: &ApiInvokerId,
         aef: &AefId,
     ) -> Result<Option<SecurityContext>, StoreError> {
         let _timer = self.timed("context");
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(CONTEXTS)?;
-        t.get(ctx_key(id, aef).as_str())?
-            .map(|v| decode(v.value()))
-            .transpose()
+        match &self.backend {
+            Backend::Redb(db) => redb_context(db, id, aef),
+            Backend::Postgres(pg) => pg.context(id, aef).await,
+        }
     }
 
     /// An invoker's context for `aef`, and what is known when there is none, in ONE read
-    /// transaction: the request paths (CAPIF-3, the partner path) ask this once per request
-    /// instead of reading the invoker and the context in two.
-    pub fn context_lookup(
+    /// transaction (PostgreSQL: one statement): the request paths (CAPIF-3, the partner path)
+    /// ask this once per request instead of reading the invoker and the context in two.
+    pub async fn context_lookup(
         &self,
         id: &ApiInvokerId,
         aef: &AefId,
     ) -> Result<ContextLookup, StoreError> {
         let _timer = self.timed("context_lookup");
-        let tx = self.db.begin_read()?;
-        if tx.open_table(INVOKERS)?.get(id.as_str())?.is_none() {
-            return Ok(ContextLookup::NoInvoker);
+        match &self.backend {
+            Backend::Redb(db) => redb_context_lookup(db, id, aef),
+            Backend::Postgres(pg) => pg.context_lookup(id, aef).await,
         }
-        let t = tx.open_table(CONTEXTS)?;
-        if let Some(v) = t.get(ctx_key(id, aef).as_str())? {
-            return Ok(ContextLookup::Found(decode(v.value())?));
-        }
-        let (lo, hi) = ctx_range(id);
-        Ok(if t.range(lo.as_str()..hi.as_str())?.next().is_some() {
-            ContextLookup::OtherAefsOnly
-        } else {
-            ContextLookup::NoContext
-        })
     }
 
-    /// Every context of an invoker.
-    pub fn contexts_of(&self, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
+    /// Every context of an invoker, by AEF id.
+    pub async fn contexts_of(&self, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
         let _timer = self.timed("contexts_of");
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(CONTEXTS)?;
-        let (lo, hi) = ctx_range(id);
-        t.range(lo.as_str()..hi.as_str())?
-            .map(|r| {
-                r.map_err(StoreError::from)
-                    .and_then(|(_, v)| decode(v.value()))
-            })
-            .collect()
+        match &self.backend {
+            Backend::Redb(db) => redb_contexts_of(db, id),
+            Backend::Postgres(pg) => pg.contexts_of(id).await,
+        }
     }
 
     /// Removes an invoker's contexts (for one AEF, or all); returns what was removed.
-    pub fn remove_contexts(
+    pub async fn remove_contexts(
         &self,
         id: &ApiInvokerId,
         aef: Option<&AefId>,
     ) -> Result<Vec<SecurityContext>, StoreError> {
-        self.remove_contexts_queueing(id, aef, |_| Vec::new())
+        self.remove_contexts_queueing(id, aef, |_| Vec::new()).await
     }
 
     /// [`Self::remove_contexts`], and in the same transaction queues the notices `notices` makes
     /// of the removed contexts for the gateway: a revocation is on disk with its notice, or not
     /// at all.
-    pub fn remove_contexts_queueing(
+    pub async fn remove_contexts_queueing(
         &self,
         id: &ApiInvokerId,
         aef: Option<&AefId>,
-        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+        notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice> + Send,
     ) -> Result<Vec<SecurityContext>, StoreError> {
         let _timer = self.timed("remove_contexts_queueing");
-        let tx = self.db.begin_write()?;
-        let removed = Self::remove_in(&tx, id, aef)?;
-        queue_in(&tx, &notices(&removed))?;
-        tx.commit()?;
-        Ok(removed)
+        match &self.backend {
+            Backend::Redb(db) => redb_remove_contexts_queueing(db, id, aef, notices),
+            Backend::Postgres(pg) => pg.remove_contexts_queueing(id, aef, notices).await,
+        }
     }
 
     /// Records that the invoker `invoker` of domain `home` is refused at `aefs` (of this domain)
     /// until `until_ms` (Unix ms), in one write transaction. A longer refusal already recorded
     /// for an AEF is kept.
-    pub fn revoke_foreign(
+    pub async fn revoke_foreign(
         &self,
         home: &CcfId,
         invoker: &ApiInvokerId,
@@ -541,61 +571,43 @@ impl Store {
         until_ms: u64,
     ) -> Result<(), StoreError> {
         let _timer = self.timed("revoke_foreign");
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(FOREIGN_REVOCATIONS)?;
-            for aef in aefs {
-                let key = foreign_key(home, invoker, aef);
-                let held = t.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
-                t.insert(key.as_str(), held.max(until_ms))?;
-            }
+        match &self.backend {
+            Backend::Redb(db) => redb_revoke_foreign(db, home, invoker, aefs, until_ms),
+            Backend::Postgres(pg) => pg.revoke_foreign(home, invoker, aefs, until_ms).await,
         }
-        tx.commit()?;
-        Ok(())
     }
 
-    /// Every revocation notice the gateway has not acknowledged.
-    pub fn revocation_outbox(&self) -> Result<Vec<QueuedNotice>, StoreError> {
+    /// Every revocation notice the gateway has not acknowledged, by notice id.
+    pub async fn revocation_outbox(&self) -> Result<Vec<QueuedNotice>, StoreError> {
         let _timer = self.timed("revocation_outbox");
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(REVOCATION_OUTBOX)?;
-        let mut out = Vec::new();
-        for r in t.iter()? {
-            let (k, v) = r?;
-            out.push(QueuedNotice::decode(k.value(), v.value())?);
+        match &self.backend {
+            Backend::Redb(db) => redb_revocation_outbox(db),
+            Backend::Postgres(pg) => pg.revocation_outbox().await,
         }
-        Ok(out)
     }
 
     /// Deletes a queued notice (acknowledged, or given up).
-    pub fn revocation_done(&self, notice_id: &str) -> Result<(), StoreError> {
+    pub async fn revocation_done(&self, notice_id: &str) -> Result<(), StoreError> {
         let _timer = self.timed("revocation_done");
-        let tx = self.db.begin_write()?;
-        tx.open_table(REVOCATION_OUTBOX)?.remove(notice_id)?;
-        tx.commit()?;
-        Ok(())
+        match &self.backend {
+            Backend::Redb(db) => redb_revocation_done(db, notice_id),
+            Backend::Postgres(pg) => pg.revocation_done(notice_id).await,
+        }
     }
 
     /// Stores a queued notice's attempts and next attempt time. Not durable on its own: after a
     /// crash the notice is simply tried again at once.
-    pub fn revocation_reschedule(&self, q: &QueuedNotice) -> Result<(), StoreError> {
+    pub async fn revocation_reschedule(&self, q: &QueuedNotice) -> Result<(), StoreError> {
         let _timer = self.timed("revocation_reschedule");
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(redb::Durability::None)?;
-        {
-            let mut t = tx.open_table(REVOCATION_OUTBOX)?;
-            let key = q.notice.notice_id.as_str();
-            if t.get(key)?.is_some() {
-                t.insert(key, q.encode().as_slice())?;
-            }
+        match &self.backend {
+            Backend::Redb(db) => redb_revocation_reschedule(db, q),
+            Backend::Postgres(pg) => pg.revocation_reschedule(q).await,
         }
-        tx.commit()?;
-        Ok(())
     }
 
     /// Until when (Unix ms) the invoker `invoker` of domain `home` is refused at `aef`, if it is
     /// refused at `now_ms`.
-    pub fn foreign_revoked_until(
+    pub async fn foreign_revoked_until(
         &self,
         home: &CcfId,
         invoker: &ApiInvokerId,
@@ -603,220 +615,324 @@ impl Store {
         now_ms: u64,
     ) -> Result<Option<u64>, StoreError> {
         let _timer = self.timed("foreign_revoked_until");
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(FOREIGN_REVOCATIONS)?;
-        Ok(t.get(foreign_key(home, invoker, aef).as_str())?
-            .map(|v| v.value())
-            .filter(|until| *until > now_ms))
+        match &self.backend {
+            Backend::Redb(db) => redb_foreign_revoked_until(db, home, invoker, aef, now_ms),
+            Backend::Postgres(pg) => pg.foreign_revoked_until(home, invoker, aef, now_ms).await,
+        }
     }
 
-    /// Deletes every security context that expired at or before `cutoff_ms` (Unix ms), in one
-    /// write transaction, and returns how many it deleted. Contexts that expire later, invokers
-    /// and credentials are not touched.
-    pub fn purge_expired(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+    /// Deletes every security context that expired at or before `cutoff_ms` (Unix ms), and the
+    /// refusals of foreign invokers that ended by then, in one write transaction, and returns how
+    /// many contexts it deleted. Contexts that expire later, invokers and credentials are not
+    /// touched.
+    pub async fn purge_expired(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
         let _timer = self.timed("purge_expired");
-        // Only the expiry is read, so no AEFPSK is decoded into memory to decide.
-        #[derive(Deserialize)]
-        struct Expiry {
-            expires_at_ms: u64,
-        }
-        let tx = self.db.begin_write()?;
-        let mut purged = 0u64;
-        let mut unreadable = Vec::new();
-        {
-            let mut t = tx.open_table(CONTEXTS)?;
-            t.retain(|key, value| match serde_json::from_slice::<Expiry>(value) {
-                Ok(e) if e.expires_at_ms <= cutoff_ms => {
-                    purged += 1;
-                    false
+        match &self.backend {
+            Backend::Redb(db) => {
+                // A durable redb commit over many records blocks on fsync: off the workers.
+                let db = db.clone();
+                match tokio::task::spawn_blocking(move || redb_purge_expired(&db, cutoff_ms)).await
+                {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => Err(StoreError::Interrupted),
                 }
-                Ok(_) => true,
-                // Its expiry is unknown, so it might be live: keep it. The lookup that reads it
-                // reports it as corrupt.
-                Err(_) => {
-                    unreadable.push(key.to_string());
-                    true
-                }
-            })?;
+            }
+            Backend::Postgres(pg) => pg.purge_expired(cutoff_ms).await,
         }
-        // Refusals of foreign invokers that ended are deleted in the same transaction.
-        tx.open_table(FOREIGN_REVOCATIONS)?
-            .retain(|_, until| until > cutoff_ms)?;
-        tx.commit()?;
-        if !unreadable.is_empty() {
-            // Keys are "<apiInvokerId>/<aefId>": ids, not secrets.
-            tracing::warn!(
-                records = ?unreadable,
-                "security contexts without a readable expiry were kept by the purge"
-            );
-        }
-        Ok(purged)
     }
+}
+
+// The redb backend: each operation one redb transaction, write transactions committed durably.
+
+fn redb_sizes(db: &Database) -> Result<StoreSizes, StoreError> {
+    let tx = db.begin_read()?;
+    Ok(StoreSizes {
+        invokers: tx.open_table(INVOKERS)?.len()?,
+        contexts: tx.open_table(CONTEXTS)?.len()?,
+        revocations_pending: tx.open_table(REVOCATION_OUTBOX)?.len()?,
+    })
+}
+
+fn redb_onboard(
+    db: &Database,
+    credential_digest: &str,
+    rec: &InvokerRecord,
+) -> Result<(), StoreError> {
+    let tx = db.begin_write()?;
+    {
+        let mut creds = tx.open_table(CREDENTIALS)?;
+        if creds.get(credential_digest)?.is_some() {
+            return Err(StoreError::CredentialUsed);
+        }
+        creds.insert(credential_digest, rec.api_invoker_id.as_str())?;
+        let mut inv = tx.open_table(INVOKERS)?;
+        inv.insert(rec.api_invoker_id.as_str(), encode(rec)?.as_slice())?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn redb_credential_used(db: &Database, credential_digest: &str) -> Result<bool, StoreError> {
+    let tx = db.begin_read()?;
+    Ok(tx
+        .open_table(CREDENTIALS)?
+        .get(credential_digest)?
+        .is_some())
+}
+
+fn redb_invoker(db: &Database, id: &ApiInvokerId) -> Result<Option<InvokerRecord>, StoreError> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(INVOKERS)?;
+    t.get(id.as_str())?.map(|v| decode(v.value())).transpose()
+}
+
+fn redb_invoker_count(db: &Database) -> Result<u64, StoreError> {
+    let tx = db.begin_read()?;
+    Ok(tx.open_table(INVOKERS)?.len()?)
+}
+
+fn redb_context_count(db: &Database) -> Result<u64, StoreError> {
+    let tx = db.begin_read()?;
+    Ok(tx.open_table(CONTEXTS)?.len()?)
+}
+
+fn redb_offboard_queueing(
+    db: &Database,
+    id: &ApiInvokerId,
+    notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+) -> Result<Vec<SecurityContext>, StoreError> {
+    let tx = db.begin_write()?;
+    let removed = {
+        let mut inv = tx.open_table(INVOKERS)?;
+        if inv.remove(id.as_str())?.is_none() {
+            return Err(StoreError::InvokerGone);
+        }
+        remove_in(&tx, id, None)?
+    };
+    queue_in(&tx, &notices(&removed))?;
+    tx.commit()?;
+    Ok(removed)
+}
+
+fn remove_in(
+    tx: &redb::WriteTransaction,
+    id: &ApiInvokerId,
+    aef: Option<&AefId>,
+) -> Result<Vec<SecurityContext>, StoreError> {
+    let mut t = tx.open_table(CONTEXTS)?;
+    let keys: Vec<String> = match aef {
+        Some(a) => vec![ctx_key(id, a)],
+        None => {
+            let (lo, hi) = ctx_range(id);
+            t.range(lo.as_str()..hi.as_str())?
+                .map(|r| r.map(|(k, _)| k.value().to_string()))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let mut removed = Vec::new();
+    for k in keys {
+        if let Some(v) = t.remove(k.as_str())? {
+            removed.push(decode(v.value())?);
+        }
+    }
+    Ok(removed)
+}
+
+fn redb_put_contexts_queueing(
+    db: &Database,
+    id: &ApiInvokerId,
+    contexts: &[SecurityContext],
+    notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+) -> Result<Vec<SecurityContext>, StoreError> {
+    let tx = db.begin_write()?;
+    let mut replaced = Vec::new();
+    {
+        if tx.open_table(INVOKERS)?.get(id.as_str())?.is_none() {
+            return Err(StoreError::InvokerGone);
+        }
+        let mut t = tx.open_table(CONTEXTS)?;
+        for c in contexts {
+            let key = ctx_key(id, &c.aef_id);
+            if let Some(old) = t.insert(key.as_str(), encode(c)?.as_slice())? {
+                replaced.push(decode(old.value())?);
+            }
+        }
+    }
+    queue_in(&tx, &notices(&replaced))?;
+    tx.commit()?;
+    Ok(replaced)
+}
+
+fn redb_context(
+    db: &Database,
+    id: &ApiInvokerId,
+    aef: &AefId,
+) -> Result<Option<SecurityContext>, StoreError> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(CONTEXTS)?;
+    t.get(ctx_key(id, aef).as_str())?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
+fn redb_context_lookup(
+    db: &Database,
+    id: &ApiInvokerId,
+    aef: &AefId,
+) -> Result<ContextLookup, StoreError> {
+    let tx = db.begin_read()?;
+    if tx.open_table(INVOKERS)?.get(id.as_str())?.is_none() {
+        return Ok(ContextLookup::NoInvoker);
+    }
+    let t = tx.open_table(CONTEXTS)?;
+    if let Some(v) = t.get(ctx_key(id, aef).as_str())? {
+        return Ok(ContextLookup::Found(decode(v.value())?));
+    }
+    let (lo, hi) = ctx_range(id);
+    Ok(if t.range(lo.as_str()..hi.as_str())?.next().is_some() {
+        ContextLookup::OtherAefsOnly
+    } else {
+        ContextLookup::NoContext
+    })
+}
+
+fn redb_contexts_of(db: &Database, id: &ApiInvokerId) -> Result<Vec<SecurityContext>, StoreError> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(CONTEXTS)?;
+    let (lo, hi) = ctx_range(id);
+    t.range(lo.as_str()..hi.as_str())?
+        .map(|r| {
+            r.map_err(StoreError::from)
+                .and_then(|(_, v)| decode(v.value()))
+        })
+        .collect()
+}
+
+fn redb_remove_contexts_queueing(
+    db: &Database,
+    id: &ApiInvokerId,
+    aef: Option<&AefId>,
+    notices: impl FnOnce(&[SecurityContext]) -> Vec<RevocationNotice>,
+) -> Result<Vec<SecurityContext>, StoreError> {
+    let tx = db.begin_write()?;
+    let removed = remove_in(&tx, id, aef)?;
+    queue_in(&tx, &notices(&removed))?;
+    tx.commit()?;
+    Ok(removed)
+}
+
+fn redb_revoke_foreign(
+    db: &Database,
+    home: &CcfId,
+    invoker: &ApiInvokerId,
+    aefs: &[AefId],
+    until_ms: u64,
+) -> Result<(), StoreError> {
+    let tx = db.begin_write()?;
+    {
+        let mut t = tx.open_table(FOREIGN_REVOCATIONS)?;
+        for aef in aefs {
+            let key = foreign_key(home, invoker, aef);
+            let held = t.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+            t.insert(key.as_str(), held.max(until_ms))?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn redb_revocation_outbox(db: &Database) -> Result<Vec<QueuedNotice>, StoreError> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(REVOCATION_OUTBOX)?;
+    let mut out = Vec::new();
+    for r in t.iter()? {
+        let (k, v) = r?;
+        out.push(QueuedNotice::decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+fn redb_revocation_done(db: &Database, notice_id: &str) -> Result<(), StoreError> {
+    let tx = db.begin_write()?;
+    tx.open_table(REVOCATION_OUTBOX)?.remove(notice_id)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn redb_revocation_reschedule(db: &Database, q: &QueuedNotice) -> Result<(), StoreError> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(redb::Durability::None)?;
+    {
+        let mut t = tx.open_table(REVOCATION_OUTBOX)?;
+        let key = q.notice.notice_id.as_str();
+        if t.get(key)?.is_some() {
+            t.insert(key, q.encode().as_slice())?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn redb_foreign_revoked_until(
+    db: &Database,
+    home: &CcfId,
+    invoker: &ApiInvokerId,
+    aef: &AefId,
+    now_ms: u64,
+) -> Result<Option<u64>, StoreError> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(FOREIGN_REVOCATIONS)?;
+    Ok(t.get(foreign_key(home, invoker, aef).as_str())?
+        .map(|v| v.value())
+        .filter(|until| *until > now_ms))
+}
+
+fn redb_purge_expired(db: &Database, cutoff_ms: u64) -> Result<u64, StoreError> {
+    // Only the expiry is read, so no AEFPSK is decoded into memory to decide.
+    #[derive(Deserialize)]
+    struct Expiry {
+        expires_at_ms: u64,
+    }
+    let tx = db.begin_write()?;
+    let mut purged = 0u64;
+    let mut unreadable = Vec::new();
+    {
+        let mut t = tx.open_table(CONTEXTS)?;
+        t.retain(|key, value| match serde_json::from_slice::<Expiry>(value) {
+            Ok(e) if e.expires_at_ms <= cutoff_ms => {
+                purged += 1;
+                false
+            }
+            Ok(_) => true,
+            // Its expiry is unknown, so it might be live: keep it. The lookup that reads it
+            // reports it as corrupt.
+            Err(_) => {
+                unreadable.push(key.to_string());
+                true
+            }
+        })?;
+    }
+    // Refusals of foreign invokers that ended are deleted in the same transaction.
+    tx.open_table(FOREIGN_REVOCATIONS)?
+        .retain(|_, until| until > cutoff_ms)?;
+    tx.commit()?;
+    if !unreadable.is_empty() {
+        // Keys are "<apiInvokerId>/<aefId>": ids, not secrets.
+        tracing::warn!(
+            records = ?unreadable,
+            "security contexts without a readable expiry were kept by the purge"
+        );
+    }
+    Ok(purged)
 }
 
 #[cfg(test)]
 mod tests {
+    //! The operations' tests run against both backends in `tests/store.rs`; this one is about
+    //! the redb file alone.
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-
-    fn rec(id: &str) -> InvokerRecord {
-        InvokerRecord {
-            api_invoker_id: ApiInvokerId::new(id).unwrap(),
-            certificate_pem: "c".into(),
-            public_key_pem: "k".into(),
-            onboarded_at_ms: 1,
-            information: String::new(),
-            notification_destination: String::new(),
-        }
-    }
-
-    fn ctx(inv: &str, aef: &str, psk: u8) -> SecurityContext {
-        SecurityContext {
-            api_invoker_id: ApiInvokerId::new(inv).unwrap(),
-            aef_id: AefId::new(aef).unwrap(),
-            aef_ccf_id: CcfId::new("a.test").unwrap(),
-            method: SecurityMethod::Psk,
-            aef_psk: AefPsk::from_slice(&[psk; 32]),
-            key_id: "k".into(),
-            interface_canonical: "h:1".into(),
-            allowed_apis: vec![],
-            created_at_ms: 0,
-            expires_at_ms: 10,
-        }
-    }
-
-    #[test]
-    fn reused_credential_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
-        s.onboard("d1", &rec("inv-1")).unwrap();
-        assert!(matches!(
-            s.onboard("d1", &rec("inv-2")),
-            Err(StoreError::CredentialUsed)
-        ));
-        assert_eq!(s.invoker_count().unwrap(), 1);
-        assert!(
-            s.invoker(&ApiInvokerId::new("inv-2").unwrap())
-                .unwrap()
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn contexts_round_trip_and_go_with_the_invoker() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
-        s.onboard("d1", &rec("inv-1")).unwrap();
-        s.onboard("d2", &rec("inv-10")).unwrap();
-        let id = ApiInvokerId::new("inv-1").unwrap();
-        let id10 = ApiInvokerId::new("inv-10").unwrap();
-        s.put_contexts(&id, &[ctx("inv-1", "aef-a", 1), ctx("inv-1", "aef-b", 2)])
-            .unwrap();
-        s.put_contexts(&id10, &[ctx("inv-10", "aef-a", 3)]).unwrap();
-        let got = s
-            .context(&id, &AefId::new("aef-b").unwrap())
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.aef_psk.unwrap().expose(), &[2; 32]);
-        assert_eq!(s.contexts_of(&id).unwrap().len(), 2);
-        assert_eq!(s.offboard(&id).unwrap().len(), 2);
-        assert_eq!(
-            s.contexts_of(&id10).unwrap().len(),
-            1,
-            "prefix scan must not touch inv-10"
-        );
-        assert!(matches!(
-            s.put_contexts(&id, &[ctx("inv-1", "aef-a", 1)]),
-            Err(StoreError::InvokerGone)
-        ));
-        assert_eq!(s.context_count().unwrap(), 1);
-    }
-
-    fn ctx_expiring(inv: &str, aef: &str, psk: u8, expires_at_ms: u64) -> SecurityContext {
-        SecurityContext {
-            expires_at_ms,
-            ..ctx(inv, aef, psk)
-        }
-    }
-
-    #[test]
-    fn purge_deletes_only_contexts_expired_by_the_cutoff() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
-        s.onboard("d1", &rec("inv-1")).unwrap();
-        s.onboard("d2", &rec("inv-2")).unwrap();
-        let id1 = ApiInvokerId::new("inv-1").unwrap();
-        let id2 = ApiInvokerId::new("inv-2").unwrap();
-        s.put_contexts(
-            &id1,
-            &[
-                ctx_expiring("inv-1", "aef-a", 1, 100),
-                ctx_expiring("inv-1", "aef-b", 2, 1_000),
-            ],
-        )
-        .unwrap();
-        s.put_contexts(
-            &id2,
-            &[
-                // Exactly at the cutoff: expired (the CCF refuses a key when expiry <= now).
-                ctx_expiring("inv-2", "aef-a", 3, 500),
-                ctx_expiring("inv-2", "aef-b", 4, 501),
-            ],
-        )
-        .unwrap();
-
-        assert_eq!(s.purge_expired(500).unwrap(), 2);
-        let aef = |a: &str| AefId::new(a).unwrap();
-        assert!(s.context(&id1, &aef("aef-a")).unwrap().is_none());
-        assert!(s.context(&id2, &aef("aef-a")).unwrap().is_none());
-        let live = s.context(&id1, &aef("aef-b")).unwrap().unwrap();
-        assert_eq!(live.aef_psk.unwrap().expose(), &[2; 32]);
-        let live = s.context(&id2, &aef("aef-b")).unwrap().unwrap();
-        assert_eq!(live.aef_psk.unwrap().expose(), &[4; 32]);
-        assert_eq!(s.invoker_count().unwrap(), 2, "invokers are not purged");
-        assert_eq!(s.purge_expired(500).unwrap(), 0, "nothing left to purge");
-        assert_eq!(s.context_count().unwrap(), 2);
-    }
-
-    /// A revocation's notice is queued in the transaction that removes the contexts, survives
-    /// a reopen, and a refused removal queues nothing.
-    #[test]
-    fn notices_are_queued_with_the_removal_and_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let s = Store::open(&path).unwrap();
-        s.onboard("d1", &rec("inv-1")).unwrap();
-        let id = ApiInvokerId::new("inv-1").unwrap();
-        s.put_contexts(&id, &[ctx_expiring("inv-1", "aef-a", 1, 777)])
-            .unwrap();
-        let notice = |removed: &[SecurityContext]| {
-            vec![RevocationNotice {
-                api_invoker_id: "inv-1".into(),
-                notice_id: "0".repeat(32),
-                not_after_unix_ms: removed.iter().map(|c| c.expires_at_ms).max().unwrap_or(0),
-                ..Default::default()
-            }]
-        };
-        assert_eq!(
-            s.remove_contexts_queueing(&id, None, notice).unwrap().len(),
-            1
-        );
-        assert!(matches!(
-            s.offboard_queueing(&ApiInvokerId::new("inv-2").unwrap(), notice),
-            Err(StoreError::InvokerGone)
-        ));
-        drop(s);
-        let s = Store::open(&path).unwrap();
-        let mut q = s.revocation_outbox().unwrap();
-        assert_eq!(q.len(), 1, "the refused offboarding queued nothing");
-        assert_eq!(q[0].notice.not_after_unix_ms, 777);
-        q[0].attempts = 2;
-        q[0].next_attempt_at_ms = 99;
-        s.revocation_reschedule(&q[0]).unwrap();
-        assert_eq!(s.revocation_outbox().unwrap(), q);
-        s.revocation_done(&"0".repeat(32)).unwrap();
-        assert!(s.revocation_outbox().unwrap().is_empty());
-    }
 
     #[test]
     fn store_file_is_created_owner_only_and_an_exposed_one_is_refused() {

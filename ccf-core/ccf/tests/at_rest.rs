@@ -230,6 +230,7 @@ async fn expired_contexts_are_purged_at_start_and_live_ones_still_answer() {
     let store = &t.ccf.state.store;
     let live = store
         .context(&inv(&one.id), &aef("aef-weather"))
+        .await
         .unwrap()
         .unwrap();
     let now = now_ms();
@@ -239,6 +240,7 @@ async fn expired_contexts_are_purged_at_start_and_live_ones_still_answer() {
             &inv(&one.id),
             &[crafted(&live, &one.id, "aef-location", long_ago)],
         )
+        .await
         .unwrap();
     store
         .put_contexts(
@@ -249,6 +251,7 @@ async fn expired_contexts_are_purged_at_start_and_live_ones_still_answer() {
                 crafted(&live, &two.id, "aef-location", now - 1_000),
             ],
         )
+        .await
         .unwrap();
     // Stored and expired: the CCF refuses it as expired.
     let mut location = aef_client(&t, "aef-location").await;
@@ -257,7 +260,7 @@ async fn expired_contexts_are_purged_at_start_and_live_ones_still_answer() {
         .unwrap_err();
     assert_eq!(reason(&e), "KEY_EXPIRED");
     drop(location);
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 4);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 4);
 
     let TestCcf { ccf, dir } = t;
     ccf.shutdown().await;
@@ -270,17 +273,23 @@ async fn expired_contexts_are_purged_at_start_and_live_ones_still_answer() {
     assert!(
         store
             .context(&inv(&one.id), &aef("aef-location"))
+            .await
             .unwrap()
             .is_none()
     );
     assert!(
         store
             .context(&inv(&two.id), &aef("aef-weather"))
+            .await
             .unwrap()
             .is_none()
     );
-    assert_eq!(store.context_count().unwrap(), 2);
-    assert_eq!(store.invoker_count().unwrap(), 2, "invokers are not purged");
+    assert_eq!(store.context_count().await.unwrap(), 2);
+    assert_eq!(
+        store.invoker_count().await.unwrap(),
+        2,
+        "invokers are not purged"
+    );
 
     let mut weather = aef_client(&t, "aef-weather").await;
     let got = get_info(&mut weather, &one.id, "aef-weather")
@@ -320,6 +329,7 @@ async fn expired_contexts_are_purged_periodically_while_live_ones_answer() {
     let store = &t.ccf.state.store;
     let live = store
         .context(&inv(&one.id), &aef("aef-weather"))
+        .await
         .unwrap()
         .unwrap();
     // Written after the purge at start, so only the periodic purge can remove it.
@@ -328,10 +338,12 @@ async fn expired_contexts_are_purged_periodically_while_live_ones_answer() {
             &inv(&one.id),
             &[crafted(&live, &one.id, "aef-location", now_ms() - 10_000)],
         )
+        .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while store
         .context(&inv(&one.id), &aef("aef-location"))
+        .await
         .unwrap()
         .is_some()
     {
@@ -341,7 +353,7 @@ async fn expired_contexts_are_purged_periodically_while_live_ones_answer() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(store.context_count().unwrap(), 1);
+    assert_eq!(store.context_count().await.unwrap(), 1);
     let mut weather = aef_client(&t, "aef-weather").await;
     let got = get_info(&mut weather, &one.id, "aef-weather")
         .await

@@ -26,7 +26,7 @@ async fn no_client_certificate_is_refused() {
     .await;
     let err: Box<dyn std::error::Error> = outcome.expect_err("no certificate must be refused");
     assert!(!err.to_string().is_empty());
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 0);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -65,7 +65,7 @@ async fn certificate_from_another_ca_is_refused() {
         outcome.is_err(),
         "a certificate from another CA was accepted"
     );
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 0);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -94,7 +94,7 @@ async fn certificate_whose_role_is_not_invoker_is_refused() {
         assert_eq!(e.code(), Code::PermissionDenied, "role {role:?}");
         assert_eq!(reason(&e), "ROLE_NOT_ALLOWED", "role {role:?}");
     }
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 0);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 0);
 
     // And an invoker may not read security information meant for AEFs.
     let (ch, _) = channel(

@@ -69,7 +69,7 @@ async fn a_domain_derives_only_by_its_own_profile_and_names_it() {
         "{}",
         e.message()
     );
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 0);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 0);
     // A method without a key needs no binding: it is served on either listener.
     let pki = s
         .security

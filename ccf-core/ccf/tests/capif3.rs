@@ -241,7 +241,7 @@ async fn an_aef_may_revoke_only_its_own_authorization() {
         .await
         .unwrap_err();
     assert_eq!(reason(&e), "IDENTITY_MISMATCH");
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 2);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 2);
     let n = weather
         .revoke_authorization(revoke(""))
         .await

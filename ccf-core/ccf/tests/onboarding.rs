@@ -25,7 +25,7 @@ async fn good_credential_yields_a_working_client_certificate() {
         .await
         .expect("CAPIF-1e works");
     assert_eq!(rsp.security_info.len(), 1);
-    assert_eq!(t.ccf.state.store.invoker_count().unwrap(), 1);
+    assert_eq!(t.ccf.state.store.invoker_count().await.unwrap(), 1);
 }
 
 #[tokio::test]
@@ -40,7 +40,7 @@ async fn bad_and_reused_credentials_store_nothing() {
     assert_eq!(bad.code(), Code::Unauthenticated);
     assert_eq!(reason(&bad), "ONBOARDING_CREDENTIAL_INVALID");
     assert_eq!(
-        store.invoker_count().unwrap(),
+        store.invoker_count().await.unwrap(),
         0,
         "a refused onboarding stored an invoker"
     );
@@ -55,7 +55,7 @@ async fn bad_and_reused_credentials_store_nothing() {
     assert_eq!(reused.code(), Code::Unauthenticated);
     assert_eq!(reason(&reused), "ONBOARDING_CREDENTIAL_INVALID");
     assert_eq!(
-        store.invoker_count().unwrap(),
+        store.invoker_count().await.unwrap(),
         1,
         "a reused credential stored an invoker"
     );
@@ -84,7 +84,7 @@ async fn a_malformed_public_key_is_invalid_argument_and_burns_no_credential() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(reason(&err), "INVALID_FIELD");
-    assert_eq!(t.ccf.state.store.invoker_count().unwrap(), 0);
+    assert_eq!(t.ccf.state.store.invoker_count().await.unwrap(), 0);
     // The credential was not consumed by the failed attempt.
     onboard(&t, CREDENTIALS[2])
         .await
@@ -99,7 +99,7 @@ async fn offboarding_removes_the_invoker_and_its_contexts() {
     s.obtain(&inv, &["aef-weather", "aef-location"])
         .await
         .unwrap();
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 2);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 2);
 
     let (ch, _) = channel(
         t.ccf.capif_addr,
@@ -117,8 +117,8 @@ async fn offboarding_removes_the_invoker_and_its_contexts() {
         .unwrap()
         .into_inner();
     assert_eq!(rsp.security_contexts_removed, 2);
-    assert_eq!(t.ccf.state.store.invoker_count().unwrap(), 0);
-    assert_eq!(t.ccf.state.store.context_count().unwrap(), 0);
+    assert_eq!(t.ccf.state.store.invoker_count().await.unwrap(), 0);
+    assert_eq!(t.ccf.state.store.context_count().await.unwrap(), 0);
 
     // The AEF can no longer get the key, and the old certificate no longer opens CAPIF-1e calls.
     let mut aef = aef_client(&t, "aef-weather").await;

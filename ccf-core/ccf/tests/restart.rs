@@ -1,6 +1,7 @@
 //! After an acknowledged onboarding and security-method call, SIGKILL the `ccf`
 //! process and restart it: the invoker and its key are still there with the right remaining
-//! validity.
+//! validity. Run on both store backends: the redb file, and PostgreSQL (`CCF_STORE_URL`, a
+//! fresh database of this binary's `capif_testkit::postgres` server).
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
@@ -14,12 +15,32 @@ use ccf_core::ids::AefId;
 
 #[tokio::test]
 async fn acknowledged_state_survives_sigkill() {
+    survives_sigkill(&[]).await;
+}
+
+#[tokio::test]
+async fn acknowledged_state_survives_sigkill_on_postgres() {
+    let url = capif_testkit::postgres::fresh_database();
+    let dir = survives_sigkill(&[("CCF_STORE_URL", std::ffi::OsStr::new(&url))]).await;
+    assert!(
+        !dir.path()
+            .join("state")
+            .join(capif_ccf::server::STORE_FILE)
+            .exists(),
+        "the state went to the database, not to a redb file"
+    );
+}
+
+/// The crash and restart, with `env` set for both `ccf` processes. Returns the directory that
+/// holds the config and `state/`.
+async fn survives_sigkill(env: &[(&str, &std::ffi::OsStr)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let cfg = dir.path().join("ccf.toml");
     std::fs::write(&cfg, config_text(&state, 600)).unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_ccf"));
 
-    let mut p = CcfProcess::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_ccf")), &cfg);
+    let mut p = CcfProcess::spawn_with_env(bin, &cfg, env);
     let v = process_view(&p, &state);
     let key = rcgen::KeyPair::generate().unwrap();
     let (ch, _) = channel(v.onboarding, &v.ca_pem(), None).await.unwrap();
@@ -65,7 +86,7 @@ async fn acknowledged_state_survives_sigkill() {
     // Acknowledged: now crash without any chance to flush.
     p.sigkill();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let p = CcfProcess::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_ccf")), &cfg);
+    let p = CcfProcess::spawn_with_env(bin, &cfg, env);
     let v = process_view(&p, &state);
 
     let aef = v.issue(Role::Aef(AefId::new("aef-weather").unwrap()));
@@ -104,4 +125,6 @@ async fn acknowledged_state_survives_sigkill() {
         })
         .await;
     assert!(again.is_ok(), "{again:?}");
+    drop(p);
+    dir
 }

@@ -105,7 +105,7 @@ impl FederationService {
                 return Err(Refused::PartnerNotAuthorized { partner, aef }.into());
             }
         }
-        let ctx = valid_context(&self.state, &invoker, &aef)?;
+        let ctx = valid_context(&self.state, &invoker, &aef).await?;
         // PSK hands out the key, PKI the CA that issues the invoker's certificates. OAUTH needs
         // neither: the AEF verifies the token with the issuer's published keys.
         if !matches!(ctx.method, SecurityMethod::Psk | SecurityMethod::Pki) {

@@ -70,7 +70,11 @@ impl InvokerManagementService {
         let digest = credential_digest(&info.onboarding_credential);
         let state = &self.state;
         if !state.credential_configured(&digest)
-            || state.store.credential_used(&digest).map_err(store_status)?
+            || state
+                .store
+                .credential_used(&digest)
+                .await
+                .map_err(store_status)?
         {
             tracing::info!("onboarding refused: unknown or reused credential");
             return Err(bad_credential());
@@ -98,6 +102,7 @@ impl InvokerManagementService {
         state
             .store
             .onboard(&digest, &record)
+            .await
             .map_err(store_status)?;
         tracing::info!(api_invoker_id = %id, "invoker onboarded");
         Ok(Response::new(OnboardResponse {
@@ -125,7 +130,7 @@ impl InvokerManagement for InvokerManagementService {
         request: Request<OffboardRequest>,
     ) -> Result<Response<OffboardResponse>, Status> {
         let who = caller(&request)?;
-        let id = calling_invoker(&self.state, &who, "offboard an invoker")?;
+        let id = calling_invoker(&self.state, &who, "offboard an invoker").await?;
         if request.get_ref().api_invoker_id != id.as_str() {
             return Err(Refused::NotTheCaller {
                 field: "api_invoker_id",
@@ -153,6 +158,7 @@ impl InvokerManagement for InvokerManagementService {
                 );
                 self.state.to_queue(&notice)
             })
+            .await
             .map_err(store_status)?;
         tracing::info!(api_invoker_id = %id, contexts = removed.len(), "invoker offboarded");
         self.state.metrics.offboarded();

@@ -454,7 +454,7 @@ pub(crate) fn of_domain(own: &CcfId, who: &PeerIdentity) -> Result<(), Refused> 
 }
 
 /// The calling invoker, which must be onboarded here.
-pub(crate) fn calling_invoker(
+pub(crate) async fn calling_invoker(
     state: &CcfState,
     who: &PeerIdentity,
     what: &'static str,
@@ -463,7 +463,7 @@ pub(crate) fn calling_invoker(
     let Role::Invoker(id) = &who.role else {
         return Err(role_not_allowed(who, what));
     };
-    if state.store.invoker(id)?.is_none() {
+    if state.store.invoker(id).await?.is_none() {
         return Err(Refused::CallerOffboarded {
             invoker: id.clone(),
             own: state.ccf_id.clone(),
@@ -500,12 +500,12 @@ pub(crate) fn security_information(
 }
 
 /// Looks up the context of `invoker` for `aef` and checks it can be handed out now.
-pub(crate) fn valid_context(
+pub(crate) async fn valid_context(
     state: &CcfState,
     invoker: &ApiInvokerId,
     aef: &AefId,
 ) -> Result<SecurityContext, Refused> {
-    let ctx = match state.store.context_lookup(invoker, aef)? {
+    let ctx = match state.store.context_lookup(invoker, aef).await? {
         ContextLookup::Found(ctx) => ctx,
         ContextLookup::NoInvoker => {
             return Err(Refused::InvokerNotFound {

@@ -96,6 +96,7 @@ impl SecurityService {
         self.state
             .store
             .revoke_foreign(home, invoker, &aefs, until)
+            .await
             .map_err(store_status)?;
         let notice = RevocationNotice {
             home_ccf_id: home.to_string(),
@@ -157,6 +158,7 @@ impl SecurityService {
                 .state
                 .store
                 .foreign_revoked_until(&home, &invoker, own_aef, now_ms())
+                .await
                 .map_err(store_status)?
                 .is_some()
             {
@@ -200,7 +202,7 @@ impl SecurityService {
             );
             return Ok(Response::new(answer.into_inner()));
         }
-        let ctx = valid_context(&self.state, &invoker, own_aef)?;
+        let ctx = valid_context(&self.state, &invoker, own_aef).await?;
         tracing::info!(
             api_invoker_id = %invoker,
             aef_id = %own_aef,
@@ -216,13 +218,13 @@ impl SecurityService {
 
     /// Shared by Obtain and Update: builds every context first, then stores them in one
     /// transaction, so a bad entry anywhere stores nothing.
-    fn negotiate(
+    async fn negotiate(
         &self,
         request: Request<ObtainSecurityMethodRequest>,
         update: bool,
     ) -> Result<ServiceSecurity, Status> {
         let who = caller(&request)?;
-        let id = calling_invoker(&self.state, &who, "obtain a security method")?;
+        let id = calling_invoker(&self.state, &who, "obtain a security method").await?;
         let binding = conn_info(&request)?.binding.clone();
         let ss = requested_service_security(&id, request.into_inner())?;
         let now = now_ms();
@@ -236,7 +238,7 @@ impl SecurityService {
         let mut contexts = Vec::new();
         let mut answers = Vec::new();
         for (i, info) in ss.security_info.iter().enumerate() {
-            let (answer, context) = self.negotiate_entry(&negotiation, i, info)?;
+            let (answer, context) = self.negotiate_entry(&negotiation, i, info).await?;
             answers.push(answer);
             contexts.push(context);
         }
@@ -251,6 +253,7 @@ impl SecurityService {
                     .flat_map(|n| self.state.to_queue(n))
                     .collect()
             })
+            .await
             .map_err(store_status)?;
         for n in notices {
             let aefs: Vec<ccf_core::ids::AefId> = n
@@ -275,7 +278,7 @@ impl SecurityService {
 
     /// One `security_info[i]` entry: the method selected for its AEF, the APIs allowed, and
     /// with PSK the AEFPSK of this session; as the answer and as the context to store.
-    fn negotiate_entry(
+    async fn negotiate_entry(
         &self,
         n: &Negotiation<'_>,
         i: usize,
@@ -283,7 +286,7 @@ impl SecurityService {
     ) -> Result<(pb::SecurityInformation, SecurityContext), Status> {
         let entry = self.resolve_aef(i, info)?;
         if n.update {
-            self.require_context_to_update(n.invoker, entry)?;
+            self.require_context_to_update(n.invoker, entry).await?;
         }
         let method = preferred_method(i, info, entry)?;
         let allowed_apis = allowed_apis(i, info, entry)?;
@@ -353,11 +356,16 @@ impl SecurityService {
     }
 
     /// Update changes existing contexts only.
-    fn require_context_to_update(&self, id: &ApiInvokerId, entry: &AefEntry) -> Result<(), Status> {
+    async fn require_context_to_update(
+        &self,
+        id: &ApiInvokerId,
+        entry: &AefEntry,
+    ) -> Result<(), Status> {
         if self
             .state
             .store
             .context(id, &entry.aef_id)
+            .await
             .map_err(store_status)?
             .is_none()
         {
@@ -551,7 +559,7 @@ impl Security for SecurityService {
         &self,
         request: Request<ObtainSecurityMethodRequest>,
     ) -> Result<Response<ServiceSecurity>, Status> {
-        let result = self.negotiate(request, false);
+        let result = self.negotiate(request, false).await;
         self.state.metrics.negotiated(&result);
         result.map(Response::new)
     }
@@ -560,7 +568,7 @@ impl Security for SecurityService {
         &self,
         request: Request<ObtainSecurityMethodRequest>,
     ) -> Result<Response<ServiceSecurity>, Status> {
-        let result = self.negotiate(request, true);
+        let result = self.negotiate(request, true).await;
         self.state.metrics.negotiated(&result);
         result.map(Response::new)
     }
@@ -625,6 +633,7 @@ impl Security for SecurityService {
                 notice = Some(n);
                 queued
             })
+            .await
             .map_err(store_status)?;
         if let Some(n) = notice {
             self.state.publish_revocation(
@@ -643,12 +652,12 @@ impl Security for SecurityService {
         request: Request<AccessTokenReq>,
     ) -> Result<Response<AccessTokenRsp>, Status> {
         let who = caller(&request)?;
-        let id = calling_invoker(&self.state, &who, "obtain access tokens")?;
+        let id = calling_invoker(&self.state, &who, "obtain access tokens").await?;
         let req = request.into_inner();
         check_client_credentials(&id, &req)?;
         let asked = Scope::parse(&req.scope).map_err(Refused::ScopeUnparsable)?;
         let now = now_ms();
-        let contexts = oauth_contexts(&self.state, &id, now)?;
+        let contexts = oauth_contexts(&self.state, &id, now).await?;
         let (granted, context_end) = granted_scope(&id, &asked, &contexts)?;
         // The token is meant for exactly the AEFs its scope names; each checks it is one of them.
         let aud = granted.aef_ids();
@@ -746,7 +755,7 @@ pub(super) fn check_client_credentials(
 
 /// The invoker's security contexts with method OAUTH that are still valid at `now`; at least
 /// one is needed for a token.
-fn oauth_contexts(
+async fn oauth_contexts(
     state: &CcfState,
     id: &ApiInvokerId,
     now: u64,
@@ -754,6 +763,7 @@ fn oauth_contexts(
     let contexts: Vec<SecurityContext> = state
         .store
         .contexts_of(id)
+        .await
         .map_err(store_status)?
         .into_iter()
         .filter(|c| c.method == SecurityMethod::Oauth && c.expires_at_ms > now)
