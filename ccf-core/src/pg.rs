@@ -121,7 +121,11 @@ impl PgError {
         let mut text = e.to_string();
         let mut src = e.source();
         while let Some(s) = src {
-            text = format!("{text}: {s}");
+            // Wrappers often repeat their source's text: each part once.
+            let part = s.to_string();
+            if !text.contains(&part) {
+                text = format!("{text}: {part}");
+            }
             src = s.source();
         }
         PgError::Db(scrub(&text, url.and_then(DatabaseUrl::password)))
