@@ -154,6 +154,9 @@ impl PgServer {
         let bin = bin_dir()?;
         let who = run_as()?;
         std::fs::create_dir_all(dir).map_err(failed)?;
+        // The server runs in its data directory: a relative path (a run directory under `run/`)
+        // would name the wrong place for its socket and lock files.
+        let dir = &std::path::absolute(dir).map_err(failed)?;
         // The server's user must reach its data directory below this one.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(failed)?;
         let data = dir.join("data");
