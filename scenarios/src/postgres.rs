@@ -65,6 +65,35 @@ fn bin_dir_in(root: &Path) -> Result<PathBuf, PgServerError> {
         .ok_or(PgServerError::NotInstalled)
 }
 
+/// Installs Debian's PostgreSQL with the project's own script when it is missing, the way the
+/// tests get grpcurl: `scripts/install-postgres.sh` of the working directory (the repository
+/// root) or of the source tree this crate was built from. Used by the testbed launcher (a domain
+/// with `store = "postgres"`) and by the tests' shared server.
+pub fn install_if_missing() -> Result<(), PgServerError> {
+    if bin_dir().is_ok() {
+        return Ok(());
+    }
+    let script = [
+        PathBuf::from("scripts/install-postgres.sh"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-postgres.sh"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .ok_or(PgServerError::NotInstalled)?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| failed(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "{} could not install PostgreSQL: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    bin_dir().map(|_| ())
+}
+
 /// A running PostgreSQL server on 127.0.0.1.
 pub struct PgServer {
     bin: PathBuf,

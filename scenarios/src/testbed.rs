@@ -200,7 +200,7 @@ async fn start_postgres(
         .collect();
     let dir = run_dir.join("postgres");
     let (server, urls) = tokio::task::spawn_blocking(move || {
-        install_postgres_if_missing()?;
+        crate::postgres::install_if_missing()?;
         let server = crate::postgres::PgServer::start(&dir)?;
         let mut urls = Vec::new();
         for (domain, db) in names {
@@ -216,39 +216,6 @@ async fn start_postgres(
         }
     }
     Ok(server)
-}
-
-/// Installs Debian's PostgreSQL with the project's own script when it is missing, the way the
-/// tests get grpcurl: `scripts/install-postgres.sh` of the working directory (the repository
-/// root) or of the source tree this binary was built from.
-fn install_postgres_if_missing() -> Result<()> {
-    if crate::postgres::bin_dir().is_ok() {
-        return Ok(());
-    }
-    let script = [
-        PathBuf::from("scripts/install-postgres.sh"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-postgres.sh"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .ok_or_else(|| {
-        anyhow!(
-            "a domain keeps its state in PostgreSQL, which is not installed, and \
-             scripts/install-postgres.sh is not here: install Debian's postgresql"
-        )
-    })?;
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .with_context(|| format!("cannot run {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} could not install PostgreSQL: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The database of a domain's CCF: `ccf_` and the CCF id with what SQL names do not take

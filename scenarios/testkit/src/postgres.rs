@@ -1,7 +1,8 @@
 //! PostgreSQL for crate tests: [`shared`] starts one [`PgServer`] per test binary (initdb takes
 //! seconds; a database per test costs milliseconds) and [`fresh_database`] gives each test its
-//! own empty database on it. When PostgreSQL is missing these FAIL, naming
-//! `scripts/install-postgres.sh`: a backend that was not tested must not look green.
+//! own empty database on it. When PostgreSQL is missing they install it with
+//! `scripts/install-postgres.sh`, and FAIL when that cannot be done, naming the script: a backend
+//! that was not tested must not look green.
 //!
 //! The shared server lives in a static that is never dropped; it goes down with the test binary
 //! (see `capif_scenarios::postgres`), and the data directory it leaves behind
@@ -31,8 +32,8 @@ fn reap_stale(tmp: &std::path::Path) {
     }
 }
 
-/// This test binary's PostgreSQL server, started on first use. Panics with the reason (naming
-/// `scripts/install-postgres.sh` when PostgreSQL is not installed).
+/// This test binary's PostgreSQL server, started on first use (PostgreSQL installed first when
+/// missing). Panics with the reason.
 pub fn shared() -> &'static PgServer {
     static SERVER: OnceLock<PgServer> = OnceLock::new();
     SERVER.get_or_init(|| {
@@ -40,6 +41,7 @@ pub fn shared() -> &'static PgServer {
         reap_stale(&tmp);
         let dir = tmp.join(format!("{PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        capif_scenarios::postgres::install_if_missing().unwrap_or_else(|e| panic!("{e}"));
         PgServer::start(&dir).unwrap_or_else(|e| panic!("{e}"))
     })
 }
