@@ -178,9 +178,10 @@ async fn requests_spread_fail_over_and_come_back() {
     // a is killed: every request started after it is served, by b. The client learns of the
     // kill when its connection task reads the connection's end, a moment after the kernel
     // closed it; a request sent in that very moment meets the closing connection like one in
-    // flight (and may fail with UNAVAILABLE), so "after" starts 100 ms later.
+    // flight (and may fail with UNAVAILABLE), so "after" starts 500 ms later (room for a loaded
+    // CI machine; without the replicas' readiness, requests fail however long one waits).
     a.kill();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let before = b.served();
     for i in 0..100 {
         let who = call(&mut client)
