@@ -3,10 +3,12 @@
 //! verification routine that AEFs (and tests) use. JWS signing and checking are done by the
 //! `jsonwebtoken` crate; this module only chooses keys and claims.
 //!
-//! Tokens are ES256 JWS with the signing key's RFC 7638 thumbprint as `kid`. A CCF keeps its
-//! signing keys in `token-signing-keys.json` in its state directory (mode 0600, written whole and
-//! renamed, so a crash leaves either the old or the new set). A rotated-out key stays published
-//! until every token it signed has expired, plus the largest clock-skew leeway.
+//! Tokens are ES256 JWS with the signing key's RFC 7638 thumbprint as `kid`. A CCF on the redb
+//! store keeps its signing keys in `token-signing-keys.json` in its state directory (mode 0600,
+//! written whole and renamed, so a crash leaves either the old or the new set); CCF replicas on
+//! PostgreSQL keep them in the database, and this module then holds only the set in memory
+//! ([`TokenKeys::from_stored`], [`TokenKeys::replace`], [`rotated`]). A rotated-out key stays
+//! published until every token it signed has expired, plus the largest clock-skew leeway.
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -346,14 +348,46 @@ impl std::fmt::Display for Scope {
     }
 }
 
-/// One signing key as stored.
-#[derive(Serialize, Deserialize)]
-struct StoredKey {
-    kid: String,
-    pkcs8_pem: Zeroizing<String>,
-    created_unix_ms: u64,
+/// One signing key as stored (in the key file, or a row of the CCF's database).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredKey {
+    /// Its RFC 7638 thumbprint; empty before [`TokenKeys::generate_key`] computed it.
+    pub kid: String,
+    /// The PKCS#8 private key, PEM.
+    pub pkcs8_pem: Zeroizing<String>,
+    /// When it was made.
+    pub created_unix_ms: u64,
+    /// When it stopped being current; `None` for the current key.
     #[serde(default)]
-    retired_unix_ms: Option<u64>,
+    pub retired_unix_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("kid", &self.kid)
+            .field("pkcs8_pem", &"<redacted>")
+            .field("created_unix_ms", &self.created_unix_ms)
+            .field("retired_unix_ms", &self.retired_unix_ms)
+            .finish()
+    }
+}
+
+/// The key set after a rotation at `now_ms` that makes `fresh` current: every key retired (those
+/// retired already keep their time), those retired for longer than `retention_ms` dropped, then
+/// `fresh`. One rule for the key file and for the database.
+pub fn rotated(
+    mut keys: Vec<StoredKey>,
+    fresh: StoredKey,
+    now_ms: u64,
+    retention_ms: u64,
+) -> Vec<StoredKey> {
+    for k in keys.iter_mut() {
+        k.retired_unix_ms.get_or_insert(now_ms);
+    }
+    keys.retain(|k| k.retired_unix_ms.is_none_or(|r| r + retention_ms > now_ms));
+    keys.push(fresh);
+    keys
 }
 
 struct SigningKey {
@@ -414,7 +448,8 @@ impl SigningKey {
 
 /// A CCF's token signing keys: the current one signs, the previous ones are still published.
 pub struct TokenKeys {
-    path: PathBuf,
+    /// The key file; `None` when the set is kept elsewhere (the CCF's database).
+    path: Option<PathBuf>,
     keys: RwLock<Vec<SigningKey>>,
     /// How long a retired key stays published: the longest token lifetime plus the leeway.
     retention_ms: u64,
@@ -439,7 +474,7 @@ impl TokenKeys {
         now_ms: u64,
     ) -> Result<Self, TokenError> {
         let path = state_dir.join(KEY_FILE);
-        let retention_ms = (token_lifetime_secs + MAX_LEEWAY_SECS) * 1000;
+        let retention_ms = Self::retention_ms(token_lifetime_secs);
         let keys = match std::fs::read(&path) {
             Ok(bytes) => {
                 let bytes = Zeroizing::new(bytes);
@@ -463,7 +498,7 @@ impl TokenKeys {
             Err(source) => return Err(TokenError::KeyFileRead { path, source }),
         };
         let this = Self {
-            path,
+            path: Some(path),
             keys: RwLock::new(keys),
             retention_ms,
         };
@@ -471,18 +506,81 @@ impl TokenKeys {
         Ok(this)
     }
 
+    /// A set held in memory only, from keys stored elsewhere (oldest first, the current last).
+    pub fn from_stored(
+        stored: Vec<StoredKey>,
+        token_lifetime_secs: u64,
+    ) -> Result<Self, TokenError> {
+        let keys = stored
+            .into_iter()
+            .map(SigningKey::from_stored)
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(TokenError::NoSigningKey);
+        }
+        Ok(Self {
+            path: None,
+            keys: RwLock::new(keys),
+            retention_ms: Self::retention_ms(token_lifetime_secs),
+        })
+    }
+
+    /// How long a retired key stays published for tokens of `token_lifetime_secs`.
+    pub fn retention_ms(token_lifetime_secs: u64) -> u64 {
+        (token_lifetime_secs + MAX_LEEWAY_SECS) * 1000
+    }
+
+    /// A new P-256 signing key, its key id computed, not yet part of any set.
+    pub fn generate_key(now_ms: u64) -> Result<StoredKey, TokenError> {
+        Ok(SigningKey::generate(now_ms)?.stored)
+    }
+
+    /// The keys as stored, oldest first (the current last).
+    pub fn stored(&self) -> Vec<StoredKey> {
+        self.keys
+            .read()
+            .map(|k| k.iter().map(|k| k.stored.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the set held in memory by `stored` (what another replica may have rotated).
+    /// Keys already held are not parsed again; a set that did not change changes nothing.
+    pub fn replace(&self, stored: Vec<StoredKey>) -> Result<(), TokenError> {
+        if stored.is_empty() {
+            return Err(TokenError::NoSigningKey);
+        }
+        let same = |held: &[SigningKey]| {
+            held.len() == stored.len()
+                && held.iter().zip(&stored).all(|(h, s)| {
+                    h.stored.kid == s.kid && h.stored.retired_unix_ms == s.retired_unix_ms
+                })
+        };
+        if self.keys.read().map(|k| same(&k)).unwrap_or(false) {
+            return Ok(());
+        }
+        let fresh = stored
+            .into_iter()
+            .map(SigningKey::from_stored)
+            .collect::<Result<Vec<_>, _>>()?;
+        *self.keys.write().map_err(|_| TokenError::LockPoisoned)? = fresh;
+        Ok(())
+    }
+
     fn save(&self) -> Result<(), TokenError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let keys = self.keys.read().map_err(|_| TokenError::LockPoisoned)?;
         let stored: Vec<&StoredKey> = keys.iter().map(|k| &k.stored).collect();
         let err = |source: Box<dyn std::error::Error + Send + Sync>| TokenError::KeyFileWrite {
-            path: self.path.clone(),
+            path: path.clone(),
             source,
         };
         let json =
             Zeroizing::new(serde_json::to_vec_pretty(&stored).map_err(|e| err(Box::new(e)))?);
-        let tmp = self.path.with_extension("json.tmp");
+        let tmp = path.with_extension("json.tmp");
         crate::pki::write_private_file(&tmp, &json).map_err(|e| err(Box::new(e)))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| err(Box::new(e)))
+        std::fs::rename(&tmp, path).map_err(|e| err(Box::new(e)))
     }
 
     /// The key id of the current signing key.
@@ -506,20 +604,10 @@ impl TokenKeys {
     /// Makes a new key current; the previous one is retired (still published for a while). Keys
     /// retired longer ago than the retention are dropped. Stored before it returns.
     pub fn rotate(&self, now_ms: u64) -> Result<String, TokenError> {
-        let fresh = SigningKey::generate(now_ms)?;
-        let kid = fresh.stored.kid.clone();
-        {
-            let mut keys = self.keys.write().map_err(|_| TokenError::LockPoisoned)?;
-            for k in keys.iter_mut() {
-                k.stored.retired_unix_ms.get_or_insert(now_ms);
-            }
-            keys.retain(|k| {
-                k.stored
-                    .retired_unix_ms
-                    .is_none_or(|r| r + self.retention_ms > now_ms)
-            });
-            keys.push(fresh);
-        }
+        let fresh = Self::generate_key(now_ms)?;
+        let kid = fresh.kid.clone();
+        let next = rotated(self.stored(), fresh, now_ms, self.retention_ms);
+        self.replace(next)?;
         self.save()?;
         Ok(kid)
     }

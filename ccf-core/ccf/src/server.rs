@@ -260,6 +260,46 @@ impl CcfState {
     }
 }
 
+impl CcfState {
+    /// This domain's published token keys. With a shared store the set is read again first, so
+    /// a key another replica just rotated in is published here too (a verifier that met its key
+    /// id asks at most once a second); if the store cannot be read, the set held is published.
+    pub async fn own_key_set(&self) -> capif_proto::v1::TokenKeySet {
+        if let Err(e) = self.store.refresh_token_keys(&self.token_keys).await {
+            tracing::warn!(error = %e, "could not read the token signing keys again; publishing those held");
+        }
+        self.token_keys
+            .key_set(self.ccf_id.as_str(), self.key_set_refresh_secs, now_ms())
+    }
+}
+
+/// How often a CCF on a shared store reads the token signing keys again, so that it signs with
+/// the key another replica made current. Until then it signs with the previous key, which stays
+/// published: its tokens verify either way.
+const TOKEN_KEY_REFRESH: Duration = Duration::from_secs(1);
+
+/// Reads the shared token signing keys every [`TOKEN_KEY_REFRESH`] until `stop` (PostgreSQL
+/// store only: with redb this process holds the only copy).
+fn spawn_token_key_refresh(
+    state: Arc<CcfState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(TOKEN_KEY_REFRESH);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = ticks.tick() => {}
+            }
+            if let Err(e) = state.store.refresh_token_keys(&state.token_keys).await {
+                tracing::warn!(error = %e, "could not read the token signing keys again");
+            }
+        }
+    })
+}
+
 /// A running CCF.
 pub struct RunningCcf {
     /// Shared state (tests inspect the store through it).
@@ -627,11 +667,9 @@ async fn open_state(
             "token.lifetime_secs and token.key_set_refresh_secs must be at least 1".into(),
         ));
     }
-    let token_keys = ccf_core::token::TokenKeys::load_or_generate(
-        &config.state_dir,
-        config.token.lifetime_secs,
-        now_ms(),
-    )?;
+    let token_keys = store
+        .token_keys(&config.state_dir, config.token.lifetime_secs, now_ms())
+        .await?;
     Ok((ca, store, token_keys))
 }
 
@@ -753,6 +791,9 @@ async fn serve(
     // Stopping ends the purge task too, and `shutdown` waits for it as for the listeners.
     tasks.push(spawn_purge(state.clone(), purge_every, tasks.stopped()));
     tasks.push(spawn_revocation_outbox(state.clone(), tasks.stopped()));
+    if state.store.backend() == ccf_core::pg::StoreBackend::Postgres {
+        tasks.push(spawn_token_key_refresh(state.clone(), tasks.stopped()));
+    }
     let metrics_addr = tasks
         .serve_metrics(config.metrics.listen, registry.clone())
         .await

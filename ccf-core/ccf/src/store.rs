@@ -28,6 +28,7 @@ use ccf_core::kdf::AefPsk;
 use ccf_core::metrics::{Histogram, latency_histogram};
 use ccf_core::pg::{DatabaseUrl, PgError, StoreBackend, StoreConfig};
 use ccf_core::registry::SecurityMethod;
+use ccf_core::token::{TokenError, TokenKeys};
 use prost::Message;
 
 const INVOKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("invokers");
@@ -72,6 +73,9 @@ pub enum StoreError {
     /// A queued revocation notice cannot be read back.
     #[error("state store holds a corrupt revocation notice {0:?}")]
     CorruptNotice(String),
+    /// The token signing keys cannot be read, made or written.
+    #[error(transparent)]
+    TokenKeys(#[from] TokenError),
     /// The onboarding credential was used before.
     #[error("the onboarding credential was already used")]
     CredentialUsed,
@@ -639,6 +643,63 @@ impl Store {
                 }
             }
             Backend::Postgres(pg) => pg.purge_expired(cutoff_ms).await,
+        }
+    }
+
+    /// The token signing keys, a first one generated when there is none. With redb they live in
+    /// `state_dir`'s key file (one process). With PostgreSQL they live in the database, so every
+    /// replica signs with and publishes the same set; replicas starting together generate one
+    /// first key between them (the table is locked while it is read and written).
+    pub async fn token_keys(
+        &self,
+        state_dir: &Path,
+        token_lifetime_secs: u64,
+        now_ms: u64,
+    ) -> Result<TokenKeys, StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(TokenKeys::load_or_generate(
+                state_dir,
+                token_lifetime_secs,
+                now_ms,
+            )?),
+            Backend::Postgres(pg) => {
+                let stored = pg.token_keys_or_first(now_ms).await?;
+                Ok(TokenKeys::from_stored(stored, token_lifetime_secs)?)
+            }
+        }
+    }
+
+    /// Rotates the token signing key ([`ccf_core::token::rotated`]) where the keys live, and
+    /// makes `keys` hold the new set. With PostgreSQL the rotation is one transaction on the
+    /// shared set (concurrent rotations at two replicas both take effect, one after the other),
+    /// and the other replicas see it at their next [`Store::refresh_token_keys`]. Returns the new
+    /// current key id.
+    pub async fn rotate_token_key(
+        &self,
+        keys: &TokenKeys,
+        token_lifetime_secs: u64,
+        now_ms: u64,
+    ) -> Result<String, StoreError> {
+        let _timer = self.timed("rotate_token_key");
+        match &self.backend {
+            Backend::Redb(_) => Ok(keys.rotate(now_ms)?),
+            Backend::Postgres(pg) => {
+                let fresh = TokenKeys::generate_key(now_ms)?;
+                let kid = fresh.kid.clone();
+                let retention = TokenKeys::retention_ms(token_lifetime_secs);
+                let set = pg.rotate_token_key(fresh, now_ms, retention).await?;
+                keys.replace(set)?;
+                Ok(kid)
+            }
+        }
+    }
+
+    /// Makes `keys` hold the set as stored now: what another replica rotated. Nothing to do
+    /// with redb, whose one process holds the set.
+    pub async fn refresh_token_keys(&self, keys: &TokenKeys) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(()),
+            Backend::Postgres(pg) => Ok(keys.replace(pg.token_keys().await?)?),
         }
     }
 }

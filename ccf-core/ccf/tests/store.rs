@@ -60,6 +60,7 @@ on_both_backends!(
     purge_deletes_only_contexts_expired_by_the_cutoff,
     notices_are_queued_with_the_removal_and_survive_a_reopen,
     lookups_and_foreign_refusals,
+    token_keys_rotate_and_survive_a_reopen,
 );
 
 fn inv(id: &str) -> ApiInvokerId {
@@ -326,7 +327,11 @@ async fn two_replicas_share_one_database() {
         .iter()
         .map(|r| (r.get(0),))
         .collect();
-    assert_eq!(applied, [(1,)], "each migration recorded exactly once");
+    assert_eq!(
+        applied,
+        [(1,), (2,)],
+        "each migration recorded exactly once"
+    );
 
     // Onboarded at A, negotiated at B, read back at A.
     a.onboard("d1", &rec("inv-1")).await.unwrap();
@@ -366,6 +371,81 @@ async fn two_replicas_share_one_database() {
             .unwrap(),
         ContextLookup::NoInvoker
     ));
+}
+
+async fn token_keys_rotate_and_survive_a_reopen(b: &Backing) {
+    // The redb store keeps its keys in the state directory; PostgreSQL ignores it.
+    let dir = tempfile::tempdir().unwrap();
+    let now = ccf_core::clock::now_ms();
+    let store = b.open().await;
+    let keys = store.token_keys(dir.path(), 600, now).await.unwrap();
+    let first = keys.current_kid();
+    let second = store.rotate_token_key(&keys, 600, now).await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(keys.current_kid(), second);
+    drop(store);
+
+    let store = b.open().await;
+    let again = store.token_keys(dir.path(), 600, now).await.unwrap();
+    assert_eq!(again.current_kid(), second, "the rotation was stored");
+    let kids = |k: &ccf_core::token::TokenKeys, at| {
+        k.key_set("b.test", 60, at)
+            .keys
+            .into_iter()
+            .map(|j| j.kid)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kids(&again, now), [first.clone(), second.clone()]);
+    // A second rotation past the retention drops the first key from the store.
+    let later = now + ccf_core::token::TokenKeys::retention_ms(600) + 1;
+    let third = store.rotate_token_key(&again, 600, later).await.unwrap();
+    drop(store);
+    let store = b.open().await;
+    let last = store.token_keys(dir.path(), 600, later).await.unwrap();
+    assert_eq!(kids(&last, later), [second, third]);
+}
+
+/// Replicas on one database sign with one key set: they agree on the first key even when they
+/// start together, a rotation at one is what the other publishes after reading the set again,
+/// and rotations at both at once both take effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_keys_are_shared_by_replicas() {
+    let url = DatabaseUrl::new(capif_testkit::postgres::fresh_database());
+    let dir = tempfile::tempdir().unwrap();
+    let now = ccf_core::clock::now_ms();
+    let (a, b) = tokio::join!(Store::connect(&url, 2), Store::connect(&url, 2));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (ka, kb) = tokio::join!(
+        a.token_keys(dir.path(), 600, now),
+        b.token_keys(dir.path(), 600, now)
+    );
+    let (ka, kb) = (ka.unwrap(), kb.unwrap());
+    assert_eq!(ka.current_kid(), kb.current_kid(), "one first key");
+
+    let rotated = a.rotate_token_key(&ka, 600, now).await.unwrap();
+    assert_ne!(kb.current_kid(), rotated, "B has not read the set yet");
+    b.refresh_token_keys(&kb).await.unwrap();
+    assert_eq!(kb.current_kid(), rotated);
+    assert_eq!(
+        kb.key_set("b.test", 60, now).keys,
+        ka.key_set("b.test", 60, now).keys
+    );
+
+    let (ra, rb) = tokio::join!(
+        a.rotate_token_key(&ka, 600, now),
+        b.rotate_token_key(&kb, 600, now)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    a.refresh_token_keys(&ka).await.unwrap();
+    let published: Vec<String> = ka
+        .key_set("b.test", 60, now)
+        .keys
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(published.len(), 4, "{published:?}");
+    assert!(published.contains(&ra) && published.contains(&rb));
+    assert!(published[3] == ra || published[3] == rb);
 }
 
 /// Migrations applied by replicas starting at once run exactly once in total.

@@ -36,15 +36,17 @@ impl CcfAdmin for CcfAdminService {
             return Err(role_not_allowed(&who, "rotate the token signing key").into());
         }
         let previous = self.state.token_keys.current_kid();
-        let kid = self.state.token_keys.rotate(now_ms()).map_err(|e| {
-            tracing::error!(error = %e, "token signing key rotation failed");
-            Refused::KeyRotationFailed
-        })?;
+        let lifetime = self.state.token_lifetime.as_secs();
+        let kid = self
+            .state
+            .store
+            .rotate_token_key(&self.state.token_keys, lifetime, now_ms())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "token signing key rotation failed");
+                Refused::KeyRotationFailed
+            })?;
         tracing::info!(%previous, current = %kid, "token signing key rotated");
-        Ok(Response::new(self.state.token_keys.key_set(
-            self.state.ccf_id.as_str(),
-            self.state.key_set_refresh_secs,
-            now_ms(),
-        )))
+        Ok(Response::new(self.state.own_key_set().await))
     }
 }

@@ -191,10 +191,6 @@ impl Federation for FederationService {
                 ),
             ));
         }
-        Ok(Response::new(self.state.token_keys.key_set(
-            self.state.ccf_id.as_str(),
-            self.state.key_set_refresh_secs,
-            ccf_core::clock::now_ms(),
-        )))
+        Ok(Response::new(self.state.own_key_set().await))
     }
 }

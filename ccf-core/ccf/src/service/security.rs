@@ -706,11 +706,7 @@ impl Security for SecurityService {
             ccf_id("issuer_ccf_id", &req.issuer_ccf_id)?
         };
         if issuer == self.state.ccf_id {
-            return Ok(Response::new(self.state.token_keys.key_set(
-                issuer.as_str(),
-                self.state.key_set_refresh_secs,
-                now_ms(),
-            )));
+            return Ok(Response::new(self.state.own_key_set().await));
         }
         let Some(gw) = &self.state.gateway else {
             return Err(Refused::NoInterconnectForIssuer {

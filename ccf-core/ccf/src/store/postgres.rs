@@ -11,8 +11,9 @@
 //! it queues for them, are exactly what was there. `revoke_foreign` keeps the longer refusal in
 //! one `INSERT ... ON CONFLICT` statement.
 //!
-//! Token signing keys and the registry's dynamic parts are not in the database yet (issue 17,
-//! a later slice): they stay in the state directory.
+//! The token signing keys are rows of `token_signing_keys`: a rotation locks the table, so two
+//! replicas rotating at once both take effect, one after the other. The registry has no dynamic
+//! part: it is the `[[aef]]` list of the configuration, which replicas share.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::AefPsk;
 use ccf_core::pg::{DatabaseUrl, PgError, Pool};
 use ccf_core::registry::SecurityMethod;
+use ccf_core::token::{StoredKey, TokenKeys};
+use deadpool_postgres::GenericClient;
 use prost::Message;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
@@ -69,6 +72,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
          attempts integer NOT NULL,
          next_attempt_at_ms bigint NOT NULL,
          notice bytea NOT NULL);",
+    // 2: the token signing keys, shared by every replica (oldest first by `position`; the
+    // current key is the one never retired).
+    "CREATE TABLE token_signing_keys (
+         kid text PRIMARY KEY,
+         pkcs8_pem text NOT NULL,
+         created_unix_ms bigint NOT NULL,
+         retired_unix_ms bigint,
+         position bigserial NOT NULL);",
 ];
 
 const INVOKER_COLS: &str = "api_invoker_id, certificate_pem, public_key_pem, onboarded_at_ms, \
@@ -624,6 +635,110 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(purged)
+    }
+}
+
+const KEY_COLS: &str = "kid, pkcs8_pem, created_unix_ms, retired_unix_ms";
+
+fn stored_key_from(row: &Row) -> Result<StoredKey, StoreError> {
+    Ok(StoredKey {
+        kid: row.try_get(0)?,
+        pkcs8_pem: Zeroizing::new(row.try_get(1)?),
+        created_unix_ms: ums(row.try_get(2)?),
+        retired_unix_ms: row.try_get::<_, Option<i64>>(3)?.map(ums),
+    })
+}
+
+async fn read_token_keys(c: &impl GenericClient) -> Result<Vec<StoredKey>, StoreError> {
+    c.query(
+        &format!("SELECT {KEY_COLS} FROM token_signing_keys ORDER BY position"),
+        &[],
+    )
+    .await?
+    .iter()
+    .map(stored_key_from)
+    .collect()
+}
+
+async fn insert_token_key(c: &impl GenericClient, k: &StoredKey) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO token_signing_keys (kid, pkcs8_pem, created_unix_ms, retired_unix_ms) \
+         VALUES ($1, $2, $3, $4)",
+        &[
+            &k.kid,
+            &k.pkcs8_pem.as_str(),
+            &ms(k.created_unix_ms),
+            &k.retired_unix_ms.map(ms),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+impl PgStore {
+    /// The stored keys; when there are none, a first one is generated and stored under the
+    /// table's lock, so replicas starting together agree on it.
+    pub(super) async fn token_keys_or_first(
+        &self,
+        now_ms: u64,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        let held = self.token_keys().await?;
+        if !held.is_empty() {
+            return Ok(held);
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.batch_execute("LOCK TABLE token_signing_keys IN EXCLUSIVE MODE")
+            .await?;
+        let mut keys = read_token_keys(&tx).await?;
+        if keys.is_empty() {
+            let first = TokenKeys::generate_key(now_ms)?;
+            insert_token_key(&tx, &first).await?;
+            keys.push(first);
+        }
+        tx.commit().await?;
+        Ok(keys)
+    }
+
+    /// The stored keys, oldest first.
+    pub(super) async fn token_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        let c = self.client().await?;
+        read_token_keys(&c).await
+    }
+
+    /// Rotates the shared set to `fresh` in one transaction under the table's lock, and
+    /// returns the set as committed.
+    pub(super) async fn rotate_token_key(
+        &self,
+        fresh: StoredKey,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.batch_execute("LOCK TABLE token_signing_keys IN EXCLUSIVE MODE")
+            .await?;
+        let next =
+            ccf_core::token::rotated(read_token_keys(&tx).await?, fresh, now_ms, retention_ms);
+        let kept: Vec<&str> = next.iter().map(|k| k.kid.as_str()).collect();
+        tx.execute(
+            "DELETE FROM token_signing_keys WHERE NOT (kid = ANY($1))",
+            &[&kept],
+        )
+        .await?;
+        for k in &next {
+            if k.retired_unix_ms.is_none() {
+                insert_token_key(&tx, k).await?;
+            } else {
+                tx.execute(
+                    "UPDATE token_signing_keys SET retired_unix_ms = $2 WHERE kid = $1",
+                    &[&k.kid, &k.retired_unix_ms.map(ms)],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(next)
     }
 }
 
