@@ -41,7 +41,7 @@ async fn state_dir_is_0700_and_the_store_and_key_files_are_0600() {
     );
 
     let state = tmp.path().join("missing-parent").join("state");
-    let ccf = capif_ccf::server::start(config(&state, 3600))
+    let ccf = capif_ccf::server::start(redb_config(&state, 3600))
         .await
         .expect("CCF starts");
     assert_eq!(mode(&state), 0o700, "state directory");
@@ -70,7 +70,7 @@ async fn world_readable_store_stops_the_start_with_the_fix() {
     drop(capif_ccf::store::Store::open(&store).expect("store"));
     chmod(&store, 0o644);
 
-    match start_err(config(tmp.path(), 3600)).await {
+    match start_err(redb_config(tmp.path(), 3600)).await {
         e @ StartError::StoreExposed { .. } => {
             let StartError::StoreExposed { path, mode } = &e else {
                 unreachable!()

@@ -63,13 +63,22 @@ ccf_id = "operator-b.test"
 interface = {{ fqdn = "aef-maps.operator-b.test", port = 8443, api_prefix = "/maps" }}
 security_methods = ["PSK"]
 apis = ["maps-v1"]
-"#,
-        dir = dir.display()
+{store}"#,
+        dir = dir.display(),
+        store = crate::postgres::store_section(dir),
     )
 }
 
 pub fn config(dir: &std::path::Path, validity_secs: u64) -> CcfConfig {
     CcfConfig::parse(&config_text(dir, validity_secs), "test config").expect("test config parses")
+}
+
+/// [`config`] on the redb store whatever `CAPIF_TEST_STORE` says: for the tests of the redb
+/// file itself (its mode, its path in the state directory).
+pub fn redb_config(dir: &std::path::Path, validity_secs: u64) -> CcfConfig {
+    let mut c = config(dir, validity_secs);
+    c.store = ccf_core::pg::StoreConfig::default();
+    c
 }
 
 pub struct TestCcf {

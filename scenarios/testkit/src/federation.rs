@@ -283,7 +283,8 @@ credentials = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
 [gateway]
 address = "127.0.0.1:{gw6}"
 server_name = "localhost"
-{aefs}"#,
+{aefs}{store}"#,
+        store = crate::postgres::store_section(&d.dir.join("ccf")),
         id = d.id,
         dir = d.dir.join("ccf").display(),
         ccf_port = d.ccf_port,

@@ -56,3 +56,42 @@ pub fn fresh_database() -> String {
         .unwrap_or_else(|e| panic!("{e}"));
     server.database_url(&name)
 }
+
+/// The environment variable that chooses the store backend of the components the harnesses
+/// start (`capif_testkit::ccf`, `capif_testkit::federation`): `postgres` puts each of them on a
+/// fresh database of the [`shared`] server; unset or `redb`, the embedded default. It is how
+/// the suite runs as a matrix over both backends without a copy of any test (`scripts/test.sh`).
+pub const STORE_ENV: &str = "CAPIF_TEST_STORE";
+
+/// Whether this run puts the harnesses' components on PostgreSQL ([`STORE_ENV`]). Any value
+/// other than `redb`, `postgres` or nothing panics: a typo must not test the default instead.
+pub fn on_postgres() -> bool {
+    match std::env::var(STORE_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("redb") => false,
+        Ok("postgres") => true,
+        Ok(other) => panic!("{STORE_ENV}={other:?}: expected \"redb\" or \"postgres\""),
+    }
+}
+
+/// The `[store]` table for the config file of the component whose state directory is
+/// `state_dir`, as [`on_postgres`] chooses: empty for redb; else the database of that state
+/// directory, created on first use, so a component started again from the same directory (a
+/// restart) finds its state. A small pool: a test binary runs many components on one server.
+pub fn store_section(state_dir: &std::path::Path) -> String {
+    static BY_DIR: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    if !on_postgres() {
+        return String::new();
+    }
+    let mut known = BY_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let url = match known.iter().find(|(d, _)| d == state_dir) {
+        Some((_, url)) => url.clone(),
+        None => {
+            let url = fresh_database();
+            known.push((state_dir.to_path_buf(), url.clone()));
+            url
+        }
+    };
+    format!("\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 3\n")
+}
