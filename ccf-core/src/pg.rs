@@ -20,6 +20,34 @@ use zeroize::Zeroizing;
 
 pub use deadpool_postgres::Pool;
 
+/// A secret query parameter (an AEFPSK, a private key). tokio-postgres logs every statement's
+/// parameters with their `Debug` at debug level ("executing statement ... with parameters"),
+/// which an operator's `RUST_LOG=debug` would turn into key bytes in the logs; wrapped, the
+/// value goes to the database as it is and prints as `<redacted>`.
+pub struct Secret<T>(pub T);
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<T: tokio_postgres::types::ToSql> tokio_postgres::types::ToSql for Secret<T> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        T::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 /// Which engine holds a component's durable state.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

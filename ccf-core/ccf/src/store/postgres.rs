@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use capif_proto::v1::RevocationNotice;
 use ccf_core::ids::{AefId, ApiInvokerId, ApiName, CcfId};
 use ccf_core::kdf::AefPsk;
-use ccf_core::pg::{DatabaseUrl, PgError, Pool};
+use ccf_core::pg::{DatabaseUrl, PgError, Pool, Secret};
 use ccf_core::registry::SecurityMethod;
 use ccf_core::token::{StoredKey, TokenKeys};
 use deadpool_postgres::GenericClient;
@@ -245,7 +245,7 @@ impl PgStore {
             .execute(
                 "INSERT INTO used_onboarding_credentials (credential_digest, api_invoker_id) \
                  VALUES ($1, $2)",
-                &[&credential_digest, &rec.api_invoker_id.as_str()],
+                &[&Secret(credential_digest), &rec.api_invoker_id.as_str()],
             )
             .await
         {
@@ -287,7 +287,7 @@ impl PgStore {
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM used_onboarding_credentials \
                  WHERE credential_digest = $1)",
-                &[&credential_digest],
+                &[&Secret(credential_digest)],
             )
             .await?;
         Ok(row.try_get(0)?)
@@ -374,7 +374,7 @@ impl PgStore {
                 replaced.push(context_from(&row, 0)?);
             }
             let apis: Vec<&str> = ctx.allowed_apis.iter().map(|a| a.as_str()).collect();
-            let psk = ctx.aef_psk.as_ref().map(|p| p.expose().as_slice());
+            let psk = Secret(ctx.aef_psk.as_ref().map(|p| p.expose().as_slice()));
             tx.execute(
                 &format!(
                     "INSERT INTO security_contexts ({CTX_COLS}) \
@@ -666,7 +666,7 @@ async fn insert_token_key(c: &impl GenericClient, k: &StoredKey) -> Result<(), S
          VALUES ($1, $2, $3, $4)",
         &[
             &k.kid,
-            &k.pkcs8_pem.as_str(),
+            &Secret(k.pkcs8_pem.as_str()),
             &ms(k.created_unix_ms),
             &k.retired_unix_ms.map(ms),
         ],
