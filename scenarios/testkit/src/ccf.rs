@@ -96,6 +96,7 @@ pub async fn start_profile(validity_secs: u64, profile: Capif1eProfile) -> TestC
     let text = config_text_profile(dir.path(), validity_secs, profile);
     let config = CcfConfig::parse(&text, "test config").expect("test config parses");
     let ccf = capif_ccf::server::start(config).await.expect("CCF starts");
+    crate::postgres::assert_backend(&ccf);
     TestCcf { ccf, dir }
 }
 

@@ -418,7 +418,9 @@ impl Testbed {
                 write_atomically(&f, text.as_bytes());
                 d.gw_file = Some(f);
             }
-            d.ccf = Some(capif_ccf::server::start(ccf_config(d, &o)).await.unwrap());
+            let ccf = capif_ccf::server::start(ccf_config(d, &o)).await.unwrap();
+            crate::postgres::assert_backend(&ccf);
+            d.ccf = Some(ccf);
             d.start_gateway().await;
             for (aef, port) in d.aef_ports.clone() {
                 let cred = d.issue(Role::Aef(AefId::new(aef.clone()).unwrap()));
