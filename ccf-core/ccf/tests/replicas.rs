@@ -1,0 +1,111 @@
+//! Two CCF replicas of one domain on one PostgreSQL database and one state directory (the
+//! domain CA shared as files): any replica answers any request. An invoker onboarded at replica
+//! 1 negotiates at replica 2 and its key is served by replica 1; a revocation at replica 2 is
+//! seen at replica 1; a token signing key rotated at replica 2 is published by replica 1 at
+//! once and signs there within the refresh interval; and an onboarding acknowledged by a
+//! replica that then stops is usable at the other.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::{Duration, Instant};
+
+use capif_proto::v1 as pb;
+use capif_testkit::ccf::*;
+use ccf_core::pg::{DatabaseUrl, StoreBackend, StoreConfig};
+
+/// A replica's config: the shared state directory and database, its own ports.
+fn replica_config(dir: &std::path::Path, url: &str) -> capif_ccf::config::CcfConfig {
+    let mut c = config(dir, 600);
+    c.store = StoreConfig {
+        backend: StoreBackend::Postgres,
+        url: Some(DatabaseUrl::new(url)),
+        pool_size: 3,
+    };
+    c
+}
+
+async fn replica(dir: &std::path::Path, url: &str) -> TestCcf {
+    let ccf = capif_ccf::server::start(replica_config(dir, url))
+        .await
+        .unwrap();
+    // `TestCcf` owns a directory; a replica's is the shared one, held by the test.
+    TestCcf {
+        ccf,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_answers_any_request() {
+    let url = capif_testkit::postgres::fresh_database();
+    let shared = tempfile::tempdir().unwrap();
+    // Replica 1 first: it creates the domain CA in the shared directory.
+    let one = replica(shared.path(), &url).await;
+    let two = replica(shared.path(), &url).await;
+    assert_eq!(one.ca_pem(), two.ca_pem(), "one domain CA");
+
+    // Onboarded at 1, CAPIF-1e at 2, the key served by 1.
+    let inv = onboard(&one, CREDENTIALS[0]).await.unwrap();
+    let mut s = capif1e(&two, &inv).await;
+    let sec = s.obtain(&inv, &["aef-weather"]).await.unwrap();
+    let key_id = sec.security_info[0].aef_psk_key_id.clone();
+    assert!(!key_id.is_empty());
+    let mut at_one = aef_client(&one, "aef-weather").await;
+    let info = get_info(&mut at_one, &inv.id, "aef-weather").await.unwrap();
+    assert_eq!(info.key_id, key_id, "replica 1 serves replica 2's key");
+    // The credential is used at both.
+    let e = onboard(&two, CREDENTIALS[0]).await.err().unwrap();
+    assert_eq!(reason(&e), "ONBOARDING_CREDENTIAL_INVALID");
+
+    // Revoked through replica 2 (the AEF's own call), gone at replica 1.
+    let mut at_two = aef_client(&two, "aef-weather").await;
+    at_two
+        .revoke_authorization(pb::RevokeAuthorizationRequest {
+            revoke_info: Some(pb::SecurityNotification {
+                api_invoker_id: inv.id.clone(),
+                aef_id: "aef-weather".into(),
+                cause: pb::Cause::UnexpectedReason as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let e = get_info(&mut at_one, &inv.id, "aef-weather")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "NO_SECURITY_CONTEXT");
+
+    // A token signing key rotated at replica 2: published by replica 1 at once (it reads the
+    // set before publishing), current there within the refresh interval.
+    let old = one.ccf.state.token_keys.current_kid();
+    let two_state = &two.ccf.state;
+    let new = two_state
+        .store
+        .rotate_token_key(&two_state.token_keys, 600, ccf_core::clock::now_ms())
+        .await
+        .unwrap();
+    let published: Vec<String> = one
+        .ccf
+        .state
+        .own_key_set()
+        .await
+        .keys
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(published, [old, new.clone()]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while one.ccf.state.token_keys.current_kid() != new {
+        assert!(
+            Instant::now() < deadline,
+            "replica 1 never signed with the new key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // An onboarding acknowledged by replica 1, which then stops: usable at replica 2.
+    let late = onboard(&one, CREDENTIALS[1]).await.unwrap();
+    one.ccf.shutdown().await;
+    let mut s = capif1e(&two, &late).await;
+    let sec = s.obtain(&late, &["aef-location"]).await.unwrap();
+    assert!(!sec.security_info[0].aef_psk_key_id.is_empty());
+}
