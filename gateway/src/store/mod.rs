@@ -1104,6 +1104,26 @@ mod tests {
         }
     }
 
+    /// What another replica evicts for a partner's notice is what `service::interconnect`
+    /// evicts locally: the whole invoker, or only the replaced key.
+    #[test]
+    fn an_eviction_names_what_the_notice_revokes() {
+        let mut n = notice("operator-a.test", "inv-1", &NoticeId::random());
+        n.aef_ids = vec!["aef-1".into()];
+        n.key_id = "0123456789abcdef".into();
+        let e = Eviction::of_notice(&n).unwrap();
+        assert_eq!(
+            (e.home.as_str(), e.invoker.as_str(), e.aefs.len(), e.key_id),
+            ("operator-a.test", "inv-1", 1, None),
+            "an offboarding evicts every key of the invoker"
+        );
+        n.kind = RevocationKind::KeyReplacedByNewer as i32;
+        let e = Eviction::of_notice(&n).unwrap();
+        assert_eq!(e.key_id.as_deref(), Some("0123456789abcdef"));
+        n.api_invoker_id = "not an id".into();
+        assert!(Eviction::of_notice(&n).is_none());
+    }
+
     /// Concurrent misses share group commits: every record is on disk when its call returns
     /// (a reopened file holds it), each call saw the record as it was before its own change,
     /// and a closed store refuses instead of hanging.
