@@ -359,10 +359,15 @@ async fn worker(state: &GatewayState, d: &Destination) {
                 }
             }
         }
-        let wait = match next {
+        let mut wait = match next {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
             None => Duration::from_secs(3600),
         };
+        // Rows another replica queued wake only that replica's worker: should it stop before
+        // delivering them, this one finds them at its next look.
+        if let Some(every) = state.store.shared_poll() {
+            wait = wait.min(every);
+        }
         tokio::select! {
             _ = waker.notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}

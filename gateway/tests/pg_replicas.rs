@@ -5,6 +5,7 @@
 //! (1) A fetch record written through replica 1 is found by a revocation queued through replica
 //! 2, and the notice reaches the partner. (2) A partner's notice accepted at replica 1 evicts
 //! replica 2's cached key within 1 s: replica 2 then refuses instead of serving the old key.
+//! (3) Rows a replica queued but never delivered (it stopped) are delivered by another.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::{Duration, Instant};
@@ -19,18 +20,24 @@ const A: &str = "operator-a.test";
 const B: &str = "operator-b.test";
 const T: Duration = Duration::from_secs(10);
 
-/// `d`'s gateway restarted on a fresh database, and a second replica of it on that database.
-async fn two_replicas(t: &mut Testbed, d: &str) -> RunningGateway {
+/// `d`'s gateway restarted on a fresh database; its URL.
+async fn on_fresh_database(t: &mut Testbed, d: &str) -> DatabaseUrl {
     let url = DatabaseUrl::new(capif_testkit::postgres::fresh_database());
     let dom = t.d_mut(d);
     dom.gw_config.store = StoreConfig {
         backend: StoreBackend::Postgres,
-        url: Some(url),
+        url: Some(url.clone()),
         pool_size: 4,
     };
     dom.stop_gateway().await;
     dom.start_gateway().await;
-    let mut second = dom.gw_config.clone();
+    url
+}
+
+/// `d`'s gateway restarted on a fresh database, and a second replica of it on that database.
+async fn two_replicas(t: &mut Testbed, d: &str) -> RunningGateway {
+    on_fresh_database(t, d).await;
+    let mut second = t.d(d).gw_config.clone();
     second.listen.capif6 = "127.0.0.1:0".into();
     second.listen.capif6e = "127.0.0.1:0".into();
     capif_gateway::server::start(second).await.unwrap()
@@ -197,4 +204,52 @@ async fn a_notice_accepted_at_one_replica_evicts_at_the_other_within_a_second() 
     )
     .await;
     a2.shutdown().await;
+}
+
+/// (3) A replica acknowledges a revocation (its rows committed) and stops before its outbox
+/// delivers them; no request wakes the other replica's worker, which still finds the rows at its
+/// next look at the shared outbox and delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_stopped_replica_queued_are_delivered_by_another() {
+    let mut t = Testbed::start(Options::default()).await;
+    let url = on_fresh_database(&mut t, B).await;
+    let mut inv = onboard(t.d(B), "c0").await;
+    inv.obtain_psk("aef-a1").await;
+    let mut ccf_a = as_ccf(&t, A, t.d(A).gw().capif6_addr).await;
+    ccf_a
+        .fetch_security_information(query(&inv.id))
+        .await
+        .unwrap();
+    // The replica that stops: its store alone, which queues and is gone.
+    let gone = capif_gateway::store::RevocationStore::connect(&url, 1, 100)
+        .await
+        .unwrap();
+    let id = ccf_core::delivery::NoticeId::random();
+    let queued = gone
+        .queue_for_fetchers(
+            &pb::RevocationNotice {
+                home_ccf_id: B.into(),
+                api_invoker_id: inv.id.clone(),
+                kind: pb::RevocationKind::AuthorizationRevoked as i32,
+                notice_id: id.to_string(),
+                not_after_unix_ms: ccf_core::clock::now_ms() + 60_000,
+                ..Default::default()
+            },
+            &id,
+            &inv.id.parse().unwrap(),
+            ccf_core::clock::now_ms(),
+            ccf_core::clock::now_ms() + 60_000,
+            |_| true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued, Some(vec![A.parse().unwrap()]));
+    gone.close();
+    let a = &t.d(A).gw().state;
+    until("the other replica delivers the row", T, async || {
+        a.revocations_received
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
 }

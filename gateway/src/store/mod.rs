@@ -872,6 +872,15 @@ impl RevocationStore {
         }
     }
 
+    /// How often an outbox worker looks at a shared outbox even when nothing woke it: other
+    /// replicas queue rows too. `None` on redb, which only this process writes.
+    pub fn shared_poll(&self) -> Option<std::time::Duration> {
+        match self.backend {
+            Backend::Redb(_) => None,
+            Backend::Postgres(_) => Some(postgres::OUTBOX_POLL),
+        }
+    }
+
     /// Closes the store; every later call fails with [`StoreError::Closed`] (the redb file can
     /// be opened again).
     pub fn close(&self) {

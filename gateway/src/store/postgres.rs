@@ -9,7 +9,8 @@
 //! for the first transaction and then finds the mark: no read-then-write race); the queue epoch
 //! is one row (see [`PgStore::queue_epoch`]); several replicas' outbox workers may send the same
 //! row, which is at-least-once delivery (the receiver dedups by `notice_id`), and removing a row
-//! already removed is a no-op.
+//! already removed is a no-op; an idle worker looks at the shared outbox every [`OUTBOX_POLL`],
+//! so rows a replica queued and could not deliver (it stopped) are delivered by the others.
 //!
 //! Eviction at every replica: accepting a partner's notice calls
 //! `pg_notify('capif_gateway_revocations', ids)` in the accepting transaction (so it is sent on
@@ -43,6 +44,9 @@ pub const CHANNEL: &str = "capif_gateway_revocations";
 
 /// The application name of the listeners' connections (to find them in `pg_stat_activity`).
 pub const LISTENER_APPLICATION: &str = "capif-gateway-listener";
+
+/// How often an idle outbox worker reads the shared outbox (`RevocationStore::shared_poll`).
+pub(super) const OUTBOX_POLL: Duration = Duration::from_secs(2);
 
 /// How often a listener notes how far it has heard (the database's clock).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
