@@ -302,12 +302,17 @@ async fn evictions_reach_the_other_replica_also_across_a_lost_connection() {
     n.kind = RevocationKind::KeyReplacedByNewer as i32;
     n.key_id = "0123456789abcdef".into();
     n.aef_ids = vec!["aef-1".into()];
+    let accepted = std::time::Instant::now();
     assert!(
         r1.accept_from_partner(&n, &pn, 1_000, u64::MAX / 4)
             .await
             .unwrap()
     );
     let e = next_eviction(&mut heard, Duration::from_secs(1)).await;
+    eprintln!(
+        "eviction heard at the other replica {:?} after the accept began",
+        accepted.elapsed()
+    );
     assert_eq!(
         e,
         Eviction {
@@ -329,6 +334,7 @@ async fn evictions_reach_the_other_replica_also_across_a_lost_connection() {
         .await
         .unwrap();
     assert_eq!(killed.len(), 2, "both replicas' listeners");
+    let killed_at = std::time::Instant::now();
     let pn2 = NoticeId::random();
     let n2 = notice("operator-a.test", "inv-8", &pn2);
     assert!(
@@ -341,6 +347,10 @@ async fn evictions_reach_the_other_replica_also_across_a_lost_connection() {
         let e = next_eviction(&mut heard, Duration::from_secs(10)).await;
         if e.invoker == id("inv-8") {
             assert_eq!((e.aefs, e.key_id), (vec![], None));
+            eprintln!(
+                "eviction after a killed connection heard {:?} after the kill",
+                killed_at.elapsed()
+            );
             break;
         }
         // The replay starts a little before the last checkpoint: inv-7 may come again.
