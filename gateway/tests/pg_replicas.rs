@@ -5,7 +5,8 @@
 //! (1) A fetch record written through replica 1 is found by a revocation queued through replica
 //! 2, and the notice reaches the partner. (2) A partner's notice accepted at replica 1 evicts
 //! replica 2's cached key within 1 s: replica 2 then refuses instead of serving the old key.
-//! (3) Rows a replica queued but never delivered (it stopped) are delivered by another.
+//! `EvictPartnerInvoker` at replica 1 evicts at replica 2 too. (3) Rows a replica queued but
+//! never delivered (it stopped) are delivered by another.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::{Duration, Instant};
@@ -155,6 +156,40 @@ async fn a_notice_accepted_at_one_replica_evicts_at_the_other_within_a_second() 
         .hits
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(hits, 1, "replica 2 serves the key from its cache");
+
+    // A's CCF evicts B's invoker at replica 1 (EvictPartnerInvoker, nothing durable): replica 2
+    // drops it too, within 1 s, and its next answer comes from B again (a miss).
+    let misses = || {
+        a2.state
+            .cache
+            .counters
+            .misses
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(misses(), 1);
+    let mut at_a1 = as_ccf(&t, A, t.d(A).gw().capif6_addr).await;
+    at_a1
+        .evict_partner_invoker(pb::RevocationNotice {
+            home_ccf_id: B.into(),
+            api_invoker_id: inv.id.clone(),
+            kind: pb::RevocationKind::AuthorizationRevoked as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    until(
+        "replica 2 asks B again after an eviction at replica 1",
+        Duration::from_secs(1),
+        async || {
+            at_a2
+                .clone()
+                .fetch_security_information(query(&inv.id))
+                .await
+                .unwrap();
+            misses() == 2
+        },
+    )
+    .await;
 
     // B revokes its invoker: B's gateway tells A's replica 1.
     let op = t.d(B).issue(Role::Operator);
