@@ -219,6 +219,11 @@ pub struct GatewayConfig {
     /// (created 0700). Unset: in memory, lost at a restart (a warning at start says so).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Where that state lives (`[store]`): redb in `state_dir` (the default) or a PostgreSQL
+    /// database the domain's gateway replicas share (`backend = "postgres"`, `url`,
+    /// `pool_size`; docs/OPERATIONS.md).
+    #[serde(default)]
+    pub store: ccf_core::pg::StoreConfig,
     /// Revocation delivery.
     #[serde(default)]
     pub revocation: RevocationConfig,

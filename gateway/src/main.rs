@@ -52,6 +52,17 @@ struct Cli {
     /// `[telemetry] otlp_endpoint`. Unset in both: nothing is exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Keep fetch records, the outbox and the seen notices in this PostgreSQL database
+    /// (`postgres://user:password@host:port/db`), shared by the domain's gateway replicas:
+    /// overrides `store.url` and selects `store.backend = "postgres"`. Prefer the environment
+    /// variable: a flag's value is visible to other users in the process list.
+    #[arg(
+        long,
+        env = "CAPIF_GATEWAY_STORE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    store_url: Option<String>,
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -73,6 +84,7 @@ async fn run(cli: Cli) -> Result<()> {
         cli.state_dir,
         cli.metrics_listen,
     );
+    let store_url = cli.store_url.map(ccf_core::pg::DatabaseUrl::new);
     let adjust = move |cfg: &mut GatewayConfig| {
         if let Some(a) = &l6 {
             cfg.listen.capif6 = a.clone();
@@ -88,6 +100,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         if let Some(a) = ml {
             cfg.metrics.listen = Some(a);
+        }
+        if let Some(url) = &store_url {
+            cfg.store.backend = ccf_core::pg::StoreBackend::Postgres;
+            cfg.store.url = Some(url.clone());
         }
     };
     let gw = capif_gateway::server::start_from_file(cli.config, Some(Arc::new(adjust))).await?;

@@ -333,8 +333,8 @@ impl Collector for GatewayCollector {
             "capif_gateway_revocations_pending",
             "Revocation notices waiting in the outbox for a partner",
             links.iter().map(|(p, id, _)| {
-                let depth = s.store.depth(&Destination::Partner(id.clone()));
-                (p.clone(), depth.unwrap_or_default())
+                let depth = s.store.depth_now(&Destination::Partner(id.clone()));
+                (p.clone(), depth)
             }),
         )?;
 
@@ -387,10 +387,7 @@ impl Collector for GatewayCollector {
         w.gauges(
             "capif_gateway_ccf_revocations_pending",
             "Revocation notices from partners waiting in the outbox for the own CCF",
-            [(
-                NO_LABELS,
-                s.store.depth(&Destination::OwnCcf).unwrap_or_default(),
-            )],
+            [(NO_LABELS, s.store.depth_now(&Destination::OwnCcf))],
         )?;
         w.counters(
             "capif_gateway_revocations_given_up",

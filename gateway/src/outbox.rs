@@ -102,16 +102,20 @@ impl Outbox {
     /// A partner removed by a reload: its worker stops, and the notices waiting for it are
     /// dropped (logged with their count): without its trust none can be delivered, and a row
     /// nobody delivers would stay for good. Returns how many were dropped.
-    pub fn remove_partner(&self, store: &crate::store::RevocationStore, partner: &CcfId) -> usize {
+    pub async fn remove_partner(
+        &self,
+        store: &crate::store::RevocationStore,
+        partner: &CcfId,
+    ) -> usize {
         let d = Destination::Partner(partner.clone());
         if let Some(w) = self.wakers.lock().remove(&d) {
             w.gone.store(true, Ordering::SeqCst);
             w.notify.notify_one();
         }
-        let rows = store.rows(&d).unwrap_or_default();
+        let rows = store.rows(&d).await.unwrap_or_default();
         let mut dropped = 0;
         for row in &rows {
-            if store.remove(row).is_ok() {
+            if store.remove(row).await.is_ok() {
                 dropped += 1;
             }
         }
@@ -191,7 +195,7 @@ fn start_worker(
 
 async fn purge(state: &GatewayState) {
     loop {
-        match state.store.purge(now_ms()) {
+        match state.store.purge(now_ms()).await {
             Ok((fetches, seen)) if fetches + seen > 0 => {
                 tracing::info!(
                     fetches,
@@ -283,8 +287,8 @@ async fn deliver_once(
     })
 }
 
-fn drop_row(state: &GatewayState, row: &OutboxRow) {
-    if let Err(e) = state.store.remove(row) {
+async fn drop_row(state: &GatewayState, row: &OutboxRow) {
+    if let Err(e) = state.store.remove(row).await {
         tracing::warn!(error = %e, "could not delete an outbox row; it will be sent again");
     }
 }
@@ -301,7 +305,7 @@ async fn worker(state: &GatewayState, d: &Destination) {
             return;
         }
         let woken = waker.now.swap(false, Ordering::SeqCst);
-        let rows = match state.store.rows(d) {
+        let rows = match state.store.rows(d).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(destination = %d, error = %e, "cannot read the outbox");
@@ -314,7 +318,7 @@ async fn worker(state: &GatewayState, d: &Destination) {
         for mut row in rows {
             let now = now_ms();
             if row.give_up_at_ms <= now {
-                drop_row(state, &row);
+                drop_row(state, &row).await;
                 state.outbox.given_up.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(destination = %d, notice_id = %row.notice.notice_id, api_invoker_id = %row.notice.api_invoker_id, attempts = row.attempts, "revocation notice given up: the keys it concerns have expired");
                 continue;
@@ -330,12 +334,12 @@ async fn worker(state: &GatewayState, d: &Destination) {
             match deliver(state, d, &row.notice).await {
                 Ok(()) => {
                     failures = 0;
-                    drop_row(state, &row);
+                    drop_row(state, &row).await;
                     state.outbox.delivered.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(destination = %d, notice_id = %row.notice.notice_id, api_invoker_id = %row.notice.api_invoker_id, attempts = row.attempts, "revocation notice delivered");
                 }
                 Err(Failed::Refused(s)) => {
-                    drop_row(state, &row);
+                    drop_row(state, &row).await;
                     state.outbox.given_up.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(destination = %d, notice_id = %row.notice.notice_id, error = %s.message(), "revocation notice refused by its destination; dropped");
                 }
@@ -344,7 +348,7 @@ async fn worker(state: &GatewayState, d: &Destination) {
                     row.attempts = row.attempts.saturating_add(1);
                     let wait = u64::try_from(backoff.delay(failures).as_millis()).unwrap_or(0);
                     row.next_attempt_at_ms = now_ms() + wait;
-                    if let Err(e) = state.store.reschedule(&row) {
+                    if let Err(e) = state.store.reschedule(&row).await {
                         tracing::warn!(error = %e, "could not reschedule an outbox row");
                     }
                     tracing::info!(destination = %d, notice_id = %row.notice.notice_id, attempts = row.attempts, wait_ms = wait, error = %s.message(), "revocation notice not delivered; will retry");
@@ -355,10 +359,15 @@ async fn worker(state: &GatewayState, d: &Destination) {
                 }
             }
         }
-        let wait = match next {
+        let mut wait = match next {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
             None => Duration::from_secs(3600),
         };
+        // Rows another replica queued wake only that replica's worker: should it stop before
+        // delivering them, this one finds them at its next look.
+        if let Some(every) = state.store.shared_poll() {
+            wait = wait.min(every);
+        }
         tokio::select! {
             _ = waker.notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}

@@ -371,7 +371,7 @@ pub fn diff(
         .filter(|id| !new_d.partners.contains_key(*id))
         .cloned()
         .collect();
-    let fixed: [(&'static str, bool); 11] = [
+    let fixed: [(&'static str, bool); 12] = [
         ("ccf_id", old.ccf_id != new.ccf_id),
         ("listen", old.listen != new.listen),
         (
@@ -386,6 +386,7 @@ pub fn diff(
         ("reload", old.reload != new.reload),
         ("metrics", old.metrics != new.metrics),
         ("telemetry", old.telemetry != new.telemetry),
+        ("store", old.store != new.store),
     ];
     plan.needs_restart = fixed.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
     let renewed = old_d.own != new_d.own;
@@ -549,7 +550,7 @@ async fn apply(
     drop(old);
     for id in &plan.removed {
         let evicted = state.cache.evict_where(|k| k.home() == id).await;
-        let dropped = state.outbox.remove_partner(&state.store, id);
+        let dropped = state.outbox.remove_partner(&state.store, id).await;
         tracing::info!(partner = %id, evicted, dropped, "partner removed; its cache entries evicted");
     }
     for id in &plan.added {

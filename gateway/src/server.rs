@@ -193,14 +193,20 @@ async fn launch(
         Arc::new(ccf_tls),
         Duration::from_millis(config.outbound.connect_timeout_ms),
     )?;
+    let seen_cap = config.revocation.max_seen_notices;
     let store = match &config.state_dir {
-        Some(dir) => RevocationStore::open(Some(dir), config.revocation.max_seen_notices)?,
+        _ if config.store.backend == ccf_core::pg::StoreBackend::Postgres => {
+            let store = RevocationStore::from_config(&config.store, None, seen_cap).await?;
+            tracing::info!(url = %config.store.url.as_ref().map(|u| u.redacted()).unwrap_or_default(), "revocation store in PostgreSQL, shared with the domain's other gateway replicas");
+            store
+        }
+        Some(dir) => RevocationStore::open(Some(dir), seen_cap)?,
         None => {
             tracing::warn!(
                 "no state_dir configured: fetch records and the revocation outbox are kept in \
                  memory and do not survive a restart"
             );
-            RevocationStore::open(None, config.revocation.max_seen_notices)?
+            RevocationStore::open(None, seen_cap)?
         }
     };
     let backoff = Backoff {
@@ -230,6 +236,7 @@ async fn launch(
     });
     let (registry, listeners) =
         crate::metrics::registry(state.clone(), own.clone(), interconnect.clone());
+    spawn_evictions(&state);
 
     let capif6_verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&own_roots)?), provider())
@@ -246,6 +253,33 @@ async fn launch(
         (Arc::new(registry), listeners),
     )
     .await
+}
+
+/// Applies the evictions the domain's other replicas accepted (PostgreSQL store only) to this
+/// replica's cache, as `service::interconnect` does for its own. Ends with the store's listener
+/// (at close); holds the state weakly, so a dropped gateway is not kept alive by it.
+fn spawn_evictions(state: &Arc<GatewayState>) {
+    let Some(mut heard) = state.store.evictions() else {
+        return;
+    };
+    let state = Arc::downgrade(state);
+    tokio::spawn(async move {
+        while let Some(e) = heard.recv().await {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let removed = match &e.key_id {
+                Some(k) => {
+                    state
+                        .cache
+                        .revoke_key(&e.home, &e.invoker, &e.aefs, k)
+                        .await
+                }
+                None => state.cache.revoke(&e.home, &e.invoker, &e.aefs).await,
+            };
+            tracing::info!(partner = %e.home, api_invoker_id = %e.invoker, removed, "partner's invoker evicted: another replica of this gateway accepted its revocation");
+        }
+    });
 }
 
 /// A TLS 1.3 server config (ALPN h2) whose certificate comes from `identity`, swapped by a

@@ -284,6 +284,7 @@ async fn confused_deputy_is_refused() {
             .state
             .store
             .fetchers_of(&inv.id.parse().unwrap(), 0)
+            .await
             .unwrap()
             .is_empty(),
         "B recorded C as holding a key"

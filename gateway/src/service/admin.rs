@@ -46,18 +46,18 @@ impl GatewayAdmin for AdminService {
         let s = &self.state;
         s.cache.sync().await;
         let c = &s.cache.counters;
-        let depth = |d: &Destination| s.store.depth(d).unwrap_or_default();
-        let partners = s
-            .partners()
-            .states()
-            .into_iter()
-            .map(|p| {
-                let outbox_depth = CcfId::new(p.ccf_id.clone())
-                    .map(|id| depth(&Destination::Partner(id)))
-                    .unwrap_or_default();
-                PartnerState { outbox_depth, ..p }
-            })
-            .collect();
+        let mut partners = Vec::new();
+        for p in s.partners().states() {
+            let outbox_depth = match CcfId::new(p.ccf_id.clone()) {
+                Ok(id) => s
+                    .store
+                    .depth(&Destination::Partner(id))
+                    .await
+                    .unwrap_or_default(),
+                Err(_) => 0,
+            };
+            partners.push(PartnerState { outbox_depth, ..p });
+        }
         Ok(Response::new(GatewayStatus {
             ccf_id: s.ccf_id.to_string(),
             cache_entries: s.cache.entry_count(),
@@ -71,7 +71,7 @@ impl GatewayAdmin for AdminService {
             reloads: s.reload.reloads.load(Ordering::Relaxed),
             reloads_refused: s.reload.refused.load(Ordering::Relaxed),
             last_reload_error: s.reload.last_error(),
-            outbox_depth: s.store.total_depth().unwrap_or_default(),
+            outbox_depth: s.store.total_depth().await.unwrap_or_default(),
             duplicate_revocations: s.duplicate_revocations.load(Ordering::Relaxed),
         }))
     }

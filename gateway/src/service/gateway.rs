@@ -157,6 +157,7 @@ impl Gateway for GatewayService {
             .queue_for_fetchers(&notice, &id, &invoker, now, seen_until, |p| {
                 self.state.link(p).is_some()
             })
+            .await
             .map_err(store_status)?;
         let Some(partners) = queued else {
             self.state
@@ -217,6 +218,17 @@ impl Gateway for GatewayService {
             .map_err(|e| invalid_field("api_invoker_id", e))?;
         let aefs = notice_aef_ids(&notice.aef_ids)?;
         let removed = self.state.cache.revoke(&home, &invoker, &aefs).await;
+        // The domain's other replicas cache too (PostgreSQL store; a no-op on redb). Not
+        // durable: see `RevocationStore::broadcast_eviction`.
+        let eviction = crate::store::Eviction {
+            home: home.clone(),
+            invoker: invoker.clone(),
+            aefs,
+            key_id: None,
+        };
+        if let Err(e) = self.state.store.broadcast_eviction(&eviction).await {
+            tracing::warn!(error = %e, "could not tell the other replicas to evict");
+        }
         tracing::info!(partner = %home, api_invoker_id = %invoker, aefs = ?notice.aef_ids, removed, "partner's invoker evicted at the own CCF's request");
         Ok(Response::new(RevocationAck {
             entries_removed: u32::try_from(removed).unwrap_or(u32::MAX),

@@ -240,7 +240,7 @@ impl InterconnectService {
         // record is on disk. A revocation whose queueing ran before the record was committed
         // did not see it: then the CCF is asked again, after the record, so that it either
         // refuses or its later revocation finds the record (`RevocationStore::queue_epoch`).
-        let epoch = self.state.store.queue_epoch();
+        let epoch = self.state.store.queue_epoch().await.map_err(store_status)?;
         let sent = now_ms();
         let (prior, answer) = tokio::join!(
             self.state
@@ -251,7 +251,11 @@ impl InterconnectService {
             })
         );
         let prior = prior.map_err(store_status)?;
-        let (sent, answer) = if answer.is_ok() && self.state.store.queue_epoch() != epoch {
+        let moved = match &answer {
+            Ok(_) => self.state.store.queue_epoch().await.map_err(store_status)? != epoch,
+            Err(_) => false,
+        };
+        let (sent, answer) = if moved {
             tracing::debug!(api_invoker_id = %invoker, "a revocation was queued while the fetch record was written; asking the CCF again");
             let remaining = deadline.saturating_duration_since(Instant::now());
             let sent = now_ms();
@@ -278,6 +282,7 @@ impl InterconnectService {
             self.state
                 .store
                 .settle_fetch(&invoker, &partner, provisional, prior, handed)
+                .await
         };
         if let Err(e) = settled {
             // The provisional record stays: a notice may reach the partner needlessly.
@@ -308,7 +313,13 @@ impl InterconnectService {
             .map_err(|e| invalid_field("api_invoker_id", e))?;
         let id = NoticeId::new(&notice.notice_id).map_err(|e| invalid_field("notice_id", e))?;
         let aefs = notice_aef_ids(&notice.aef_ids)?;
-        if self.state.store.seen(&partner, &id).map_err(store_status)? {
+        if self
+            .state
+            .store
+            .seen(&partner, &id)
+            .await
+            .map_err(store_status)?
+        {
             return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));
         }
         // Mark and evict first: once acknowledged, nothing of the invoker is served here, and
@@ -330,6 +341,7 @@ impl InterconnectService {
             .state
             .store
             .accept_from_partner(&notice, &id, now, until)
+            .await
             .map_err(store_status)?
         {
             return Ok(Response::new(self.duplicate(&partner, &invoker, &id)));

@@ -1,12 +1,20 @@
-//! What the gateway must not forget across a restart, in redb (one file in `state_dir`, or
-//! redb's in-memory backend when none is configured): who was handed which invoker's keys (fetch
+//! What the gateway must not forget across a restart: who was handed which invoker's keys (fetch
 //! records), the revocation notices not yet acknowledged (the outbox that `outbox` delivers),
 //! and the notices already acted on (seen, for idempotency). docs/PROTOCOL.md 6.8.
+//!
+//! One async API ([`RevocationStore`]) over two backends, chosen by `[store]`
+//! ([`ccf_core::pg::StoreConfig`]): redb (the default; one file in `state_dir`, or redb's
+//! in-memory backend when none is configured; this module, its behaviour unchanged) or a
+//! PostgreSQL database that several replicas of one domain's gateway share ([`postgres`]): then
+//! the queue epoch, the seen notices and the outbox are global, and a partner's revocation
+//! accepted at one replica evicts at every replica ([`Eviction`]).
 //!
 //! Every change that an acknowledgement depends on is one durable write transaction committed
 //! before the RPC answers: a queued notice and its "seen" mark go together, so a crash between
 //! them cannot lose the one or repeat the other. Notices carry no secret; the file is still
 //! created owner-only like the CCF's.
+
+mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +44,10 @@ pub enum StoreError {
     /// The database failed.
     #[error("revocation store: {0}")]
     Db(#[source] redb::Error),
+    /// The PostgreSQL database failed or cannot be reached. The message never carries the
+    /// URL's password.
+    #[error("revocation store: {0}")]
+    Postgres(#[from] ccf_core::pg::PgError),
     /// The store file or directory could not be opened.
     #[error("revocation store {}: {source}", .path.display())]
     File {
@@ -84,6 +96,12 @@ db_err!(
     redb::CommitError,
     redb::SetDurabilityError
 );
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(ccf_core::pg::PgError::from(e))
+    }
+}
 
 /// Where an outbox row goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -170,8 +188,8 @@ impl OutboxRow {
     }
 }
 
-/// What the store holds across restarts.
-pub struct RevocationStore {
+/// The redb backend: what the store holds across restarts, in one file.
+struct RedbStore {
     db: Arc<parking_lot::RwLock<Option<Database>>>,
     seen_cap: u64,
     /// The fetch record changes waiting for the next group commit
@@ -191,16 +209,16 @@ struct PendingFetch {
 
 /// What the committer does with a [`PendingFetch`].
 enum FetchChange {
-    /// [`RevocationStore::extend_fetch`], answered once durable.
+    /// [`RedbStore::extend_fetch`], answered once durable.
     Extend(tokio::sync::oneshot::Sender<Result<Option<u64>, StoreError>>),
-    /// [`RevocationStore::settle_fetch`], answered to nobody.
+    /// [`RedbStore::settle_fetch`], answered to nobody.
     Settle {
         prior: Option<u64>,
         handed: Option<u64>,
     },
 }
 
-impl Drop for RevocationStore {
+impl Drop for RedbStore {
     // The committer thread shares the database: close it here, with the store, so the file can
     // be opened again at once (the thread ends when it sees the channel closed).
     fn drop(&mut self) {
@@ -208,17 +226,17 @@ impl Drop for RevocationStore {
     }
 }
 
-impl std::fmt::Debug for RevocationStore {
+impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RevocationStore")
+        f.write_str("RedbStore")
     }
 }
 
 /// The store file's name in `state_dir`.
 pub const STORE_FILE: &str = "gateway.redb";
 
-/// The committer of [`RevocationStore::extend_fetch_grouped`] and
-/// [`RevocationStore::settle_fetch_queued`]: takes every change waiting, applies them in order
+/// The committer of [`RedbStore::extend_fetch_grouped`] and
+/// [`RedbStore::settle_fetch_queued`]: takes every change waiting, applies them in order
 /// in one transaction, commits it (durably when it holds an extension), then answers each
 /// extension. Ends with the store.
 fn commit_fetches(
@@ -333,10 +351,10 @@ fn insert_seen(
 /// file's size; the rows the hot path reads (one fetch record per partner fetch) are few.
 const PAGE_CACHE_BYTES: usize = 16 << 20;
 
-impl RevocationStore {
+impl RedbStore {
     /// Opens (or creates) the store in `dir` (created 0700; the file 0600), or in memory when
     /// `dir` is `None`. At most `seen_cap` seen marks are kept.
-    pub fn open(dir: Option<&Path>, seen_cap: u64) -> Result<Self, StoreError> {
+    fn open(dir: Option<&Path>, seen_cap: u64) -> Result<Self, StoreError> {
         let db = match dir {
             None => {
                 redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())?
@@ -391,13 +409,13 @@ impl RevocationStore {
 
     /// Closes the database (its file can be opened again); every later call fails with
     /// [`StoreError::Closed`].
-    pub fn close(&self) {
+    fn close(&self) {
         self.db.write().take();
     }
 
     /// Before a key of `invoker` may leave for `partner`: extends its fetch record to at least
     /// `provisional` (Unix ms), durably. Returns the record as it was, for [`Self::settle_fetch`].
-    pub fn extend_fetch(
+    fn extend_fetch(
         &self,
         invoker: &ApiInvokerId,
         partner: &CcfId,
@@ -424,7 +442,7 @@ impl RevocationStore {
     /// the second read. (Write transactions are serialized; one that comes after the record's
     /// commit sees the record.) This process's revocations only: replicas sharing a store need a
     /// shared epoch.
-    pub fn queue_epoch(&self) -> u64 {
+    fn queue_epoch(&self) -> u64 {
         self.queues_begun.load(Ordering::SeqCst)
     }
 
@@ -433,7 +451,7 @@ impl RevocationStore {
     /// request's task never blocks on the disk and concurrent misses share one fsync. Returns
     /// only after the transaction holding this record is durable, so it is exactly as durable as
     /// [`Self::extend_fetch`]; within a transaction the changes apply in arrival order.
-    pub async fn extend_fetch_grouped(
+    async fn extend_fetch_grouped(
         &self,
         invoker: &ApiInvokerId,
         partner: &CcfId,
@@ -454,7 +472,7 @@ impl RevocationStore {
     /// [`Self::extend_fetch_grouped`] (so applied after it) and written with the next group
     /// commit. Until then the record keeps its provisional expiry, which only makes a notice
     /// reach the partner needlessly (as a failed settle does); a failure is logged there.
-    pub fn settle_fetch_queued(
+    fn settle_fetch_queued(
         &self,
         invoker: &ApiInvokerId,
         partner: &CcfId,
@@ -475,7 +493,7 @@ impl RevocationStore {
     /// the expiry of the key that left, `None` when none did), unless another fetch changed the
     /// record meanwhile (it settles it then). Not durable on its own: a crash keeps the
     /// provisional expiry, which only makes a later notice reach the partner needlessly.
-    pub fn settle_fetch(
+    fn settle_fetch(
         &self,
         invoker: &ApiInvokerId,
         partner: &CcfId,
@@ -503,7 +521,7 @@ impl RevocationStore {
     }
 
     /// The partners holding keys of `invoker` at `now`, with the latest expiry of each.
-    pub fn fetchers_of(
+    fn fetchers_of(
         &self,
         invoker: &ApiInvokerId,
         now: u64,
@@ -539,7 +557,7 @@ impl RevocationStore {
     /// that record's expiry; forgets the invoker's records when it is offboarded; and remembers the
     /// notice as seen until `seen_until`. Returns the partners queued for, or `None` when the
     /// notice was published before (nothing changed).
-    pub fn queue_for_fetchers(
+    fn queue_for_fetchers(
         &self,
         notice: &RevocationNotice,
         id: &NoticeId,
@@ -594,7 +612,7 @@ impl RevocationStore {
     }
 
     /// Whether `(sender, id)` was acted on.
-    pub fn seen(&self, sender: &CcfId, id: &NoticeId) -> Result<bool, StoreError> {
+    fn seen(&self, sender: &CcfId, id: &NoticeId) -> Result<bool, StoreError> {
         self.with(|db| {
             let tx = db.begin_read()?;
             Ok(tx
@@ -607,7 +625,7 @@ impl RevocationStore {
     /// A partner's notice was acted on: in one durable transaction, remembers it as seen until
     /// `until` and queues it for the own CCF (given up then too). Returns false when it had been
     /// seen meanwhile (a concurrent repeat; nothing changed).
-    pub fn accept_from_partner(
+    fn accept_from_partner(
         &self,
         notice: &RevocationNotice,
         id: &NoticeId,
@@ -639,7 +657,7 @@ impl RevocationStore {
     }
 
     /// Every row for `destination`.
-    pub fn rows(&self, destination: &Destination) -> Result<Vec<OutboxRow>, StoreError> {
+    fn rows(&self, destination: &Destination) -> Result<Vec<OutboxRow>, StoreError> {
         self.with(|db| {
             let tx = db.begin_read()?;
             let t = tx.open_table(OUTBOX)?;
@@ -658,7 +676,7 @@ impl RevocationStore {
     }
 
     /// Rows queued for `destination`.
-    pub fn depth(&self, destination: &Destination) -> Result<u64, StoreError> {
+    fn depth(&self, destination: &Destination) -> Result<u64, StoreError> {
         self.with(|db| {
             let tx = db.begin_read()?;
             let t = tx.open_table(OUTBOX)?;
@@ -668,12 +686,12 @@ impl RevocationStore {
     }
 
     /// Rows queued, every destination together.
-    pub fn total_depth(&self) -> Result<u64, StoreError> {
+    fn total_depth(&self) -> Result<u64, StoreError> {
         self.with(|db| Ok(db.begin_read()?.open_table(OUTBOX)?.len()?))
     }
 
     /// Deletes a row (acknowledged, or given up).
-    pub fn remove(&self, row: &OutboxRow) -> Result<(), StoreError> {
+    fn remove(&self, row: &OutboxRow) -> Result<(), StoreError> {
         self.with(|db| {
             let tx = db.begin_write()?;
             tx.open_table(OUTBOX)?.remove(row.key().as_str())?;
@@ -684,7 +702,7 @@ impl RevocationStore {
 
     /// Stores a row's new attempt count and next attempt time. Not durable on its own: after a
     /// crash the row is simply tried again at once.
-    pub fn reschedule(&self, row: &OutboxRow) -> Result<(), StoreError> {
+    fn reschedule(&self, row: &OutboxRow) -> Result<(), StoreError> {
         self.with(|db| {
             let mut tx = db.begin_write()?;
             tx.set_durability(Durability::None)?;
@@ -701,7 +719,7 @@ impl RevocationStore {
     }
 
     /// Deletes fetch records and seen marks that expired by `now`. Returns how many of each.
-    pub fn purge(&self, now: u64) -> Result<(u64, u64), StoreError> {
+    fn purge(&self, now: u64) -> Result<(u64, u64), StoreError> {
         self.with(|db| {
             let tx = db.begin_write()?;
             let (mut fetches, mut seen) = (0, 0);
@@ -733,6 +751,347 @@ impl RevocationStore {
     }
 }
 
+/// A partner's invoker to drop from the cache at every replica of this domain: what one replica
+/// accepted (a partner's notice) or was asked (`EvictPartnerInvoker`), as the other replicas
+/// receive it. Ids only: no key material.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Eviction {
+    /// The invoker's home domain.
+    pub home: CcfId,
+    /// The invoker.
+    pub invoker: ApiInvokerId,
+    /// The AEFs concerned (empty: all).
+    pub aefs: Vec<ccf_core::ids::AefId>,
+    /// Only this replaced key (`KEY_REPLACED_BY_NEWER`); `None`: every key of the invoker.
+    pub key_id: Option<String>,
+}
+
+impl Eviction {
+    /// What a partner's accepted `notice` evicts (as `service::interconnect` does locally).
+    pub fn of_notice(notice: &RevocationNotice) -> Option<Self> {
+        let replaced = notice.kind() == capif_proto::v1::RevocationKind::KeyReplacedByNewer
+            && !notice.key_id.is_empty();
+        Some(Self {
+            home: CcfId::new(notice.home_ccf_id.clone()).ok()?,
+            invoker: ApiInvokerId::new(notice.api_invoker_id.clone()).ok()?,
+            aefs: notice
+                .aef_ids
+                .iter()
+                .map(|a| ccf_core::ids::AefId::new(a.clone()))
+                .collect::<Result<_, _>>()
+                .ok()?,
+            key_id: replaced.then(|| notice.key_id.clone()),
+        })
+    }
+}
+
+/// Where a [`RevocationStore`] keeps its state.
+enum Backend {
+    /// The embedded default.
+    Redb(RedbStore),
+    /// A database the domain's gateway replicas share.
+    Postgres(postgres::PgStore),
+}
+
+/// What the store holds across restarts (and, on PostgreSQL, shares between replicas).
+pub struct RevocationStore {
+    backend: Backend,
+}
+
+impl std::fmt::Debug for RevocationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RevocationStore")
+    }
+}
+
+impl RevocationStore {
+    /// Opens (or creates) the redb store in `dir` (created 0700; the file 0600), or in memory
+    /// when `dir` is `None`. At most `seen_cap` seen marks are kept.
+    pub fn open(dir: Option<&Path>, seen_cap: u64) -> Result<Self, StoreError> {
+        Ok(Self {
+            backend: Backend::Redb(RedbStore::open(dir, seen_cap)?),
+        })
+    }
+
+    /// Connects to a PostgreSQL database (at most `pool_size` connections), applies the
+    /// gateway's schema migrations it lacks (one replica at a time) and starts listening for the
+    /// other replicas' evictions ([`Self::evictions`]).
+    pub async fn connect(
+        url: &ccf_core::pg::DatabaseUrl,
+        pool_size: usize,
+        seen_cap: u64,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            backend: Backend::Postgres(postgres::PgStore::connect(url, pool_size, seen_cap).await?),
+        })
+    }
+
+    /// The store `config` names: redb in `state_dir` (the default) or the database.
+    pub async fn from_config(
+        config: &ccf_core::pg::StoreConfig,
+        state_dir: Option<&Path>,
+        seen_cap: u64,
+    ) -> Result<Self, StoreError> {
+        match config.backend {
+            ccf_core::pg::StoreBackend::Redb => Self::open(state_dir, seen_cap),
+            ccf_core::pg::StoreBackend::Postgres => {
+                let url = config.url.as_ref().ok_or_else(|| {
+                    ccf_core::pg::PgError::Config(
+                        "store.backend = \"postgres\" needs store.url".into(),
+                    )
+                })?;
+                Self::connect(url, config.pool_size, seen_cap).await
+            }
+        }
+    }
+
+    /// Which engine holds the state.
+    pub fn backend(&self) -> ccf_core::pg::StoreBackend {
+        match self.backend {
+            Backend::Redb(_) => ccf_core::pg::StoreBackend::Redb,
+            Backend::Postgres(_) => ccf_core::pg::StoreBackend::Postgres,
+        }
+    }
+
+    /// The other replicas' evictions, once (later calls: `None`); `None` on redb, which no
+    /// other replica shares.
+    pub fn evictions(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Eviction>> {
+        match &self.backend {
+            Backend::Redb(_) => None,
+            Backend::Postgres(pg) => pg.evictions(),
+        }
+    }
+
+    /// Tells the other replicas sharing the database to evict (`EvictPartnerInvoker`). Not
+    /// durable: a replica whose listener is reconnecting at that moment misses it (the CCF's
+    /// own revocation path, which is durable, still reaches it). A no-op on redb.
+    pub async fn broadcast_eviction(&self, eviction: &Eviction) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(()),
+            Backend::Postgres(pg) => pg.broadcast_eviction(eviction).await,
+        }
+    }
+
+    /// How often an outbox worker looks at a shared outbox even when nothing woke it: other
+    /// replicas queue rows too. `None` on redb, which only this process writes.
+    pub fn shared_poll(&self) -> Option<std::time::Duration> {
+        match self.backend {
+            Backend::Redb(_) => None,
+            Backend::Postgres(_) => Some(postgres::OUTBOX_POLL),
+        }
+    }
+
+    /// Closes the store; every later call fails with [`StoreError::Closed`] (the redb file can
+    /// be opened again).
+    pub fn close(&self) {
+        match &self.backend {
+            Backend::Redb(r) => r.close(),
+            Backend::Postgres(pg) => pg.close(),
+        }
+    }
+
+    /// Before a key of `invoker` may leave for `partner`: extends its fetch record to at least
+    /// `provisional` (Unix ms), durably. Returns the record as it was, for [`Self::settle_fetch`].
+    pub async fn extend_fetch(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.extend_fetch(invoker, partner, provisional),
+            Backend::Postgres(pg) => pg.extend_fetch(invoker, partner, provisional).await,
+        }
+    }
+
+    /// Changes whenever a [`Self::queue_for_fetchers`] begins, at any replica sharing the store.
+    /// A fetch reads it before writing its record and again after the record is committed; a
+    /// change means a revocation may have queued its notices without seeing the record, so the
+    /// CCF is asked again. redb: a counter of this process, bumped before the (serialized) write
+    /// transaction. PostgreSQL: see `postgres::PgStore::queue_epoch` for the ordering argument.
+    pub async fn queue_epoch(&self) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => Ok(r.queue_epoch()),
+            Backend::Postgres(pg) => pg.queue_epoch().await,
+        }
+    }
+
+    /// [`Self::extend_fetch`], on redb committed together with the other fetches waiting (one
+    /// fsync for all, off the request's task); as durable as [`Self::extend_fetch`] when it
+    /// returns. PostgreSQL: one transaction of its own (the server groups commits).
+    pub async fn extend_fetch_grouped(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.extend_fetch_grouped(invoker, partner, provisional).await,
+            Backend::Postgres(pg) => pg.extend_fetch(invoker, partner, provisional).await,
+        }
+    }
+
+    /// [`Self::settle_fetch`] without waiting, applied after this request's own extension; a
+    /// failure is logged there. Until then the record keeps its provisional expiry, which only
+    /// makes a notice reach the partner needlessly.
+    pub fn settle_fetch_queued(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+        prior: Option<u64>,
+        handed: Option<u64>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.settle_fetch_queued(invoker, partner, provisional, prior, handed),
+            Backend::Postgres(pg) => {
+                pg.settle_fetch_spawned(invoker, partner, provisional, prior, handed)
+            }
+        }
+    }
+
+    /// After the own CCF answered: lowers a provisional record to `max(prior, handed)`, unless
+    /// another fetch changed the record meanwhile. Not durable on its own (redb): a crash keeps
+    /// the provisional expiry, which only makes a later notice reach the partner needlessly.
+    pub async fn settle_fetch(
+        &self,
+        invoker: &ApiInvokerId,
+        partner: &CcfId,
+        provisional: u64,
+        prior: Option<u64>,
+        handed: Option<u64>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.settle_fetch(invoker, partner, provisional, prior, handed),
+            Backend::Postgres(pg) => {
+                pg.settle_fetch(invoker, partner, provisional, prior, handed)
+                    .await
+            }
+        }
+    }
+
+    /// The partners holding keys of `invoker` at `now`, with the latest expiry of each (ordered
+    /// by partner).
+    pub async fn fetchers_of(
+        &self,
+        invoker: &ApiInvokerId,
+        now: u64,
+    ) -> Result<Vec<(CcfId, u64)>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.fetchers_of(invoker, now),
+            Backend::Postgres(pg) => pg.fetchers_of(invoker, now).await,
+        }
+    }
+
+    /// The own CCF published `notice` (its `notice_id` is `id`): in one durable transaction,
+    /// queues one row per partner (`keep(partner)`) with an unexpired fetch record, given up at
+    /// that record's expiry; forgets the invoker's records when it is offboarded; and remembers
+    /// the notice as seen until `seen_until`. Returns the partners queued for, or `None` when the
+    /// notice was published before (at any replica; nothing changed).
+    pub async fn queue_for_fetchers(
+        &self,
+        notice: &RevocationNotice,
+        id: &NoticeId,
+        invoker: &ApiInvokerId,
+        now: u64,
+        seen_until: u64,
+        keep: impl Fn(&CcfId) -> bool + Send,
+    ) -> Result<Option<Vec<CcfId>>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.queue_for_fetchers(notice, id, invoker, now, seen_until, keep),
+            Backend::Postgres(pg) => {
+                pg.queue_for_fetchers(notice, id, invoker, now, seen_until, keep)
+                    .await
+            }
+        }
+    }
+
+    /// Whether `(sender, id)` was acted on.
+    pub async fn seen(&self, sender: &CcfId, id: &NoticeId) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.seen(sender, id),
+            Backend::Postgres(pg) => pg.seen(sender, id).await,
+        }
+    }
+
+    /// A partner's notice was acted on: in one durable transaction, remembers it as seen until
+    /// `until` and queues it for the own CCF (given up then too); on PostgreSQL the same
+    /// transaction tells the other replicas to evict ([`Eviction`], delivered on commit).
+    /// Returns false when it had been seen meanwhile (a concurrent repeat; nothing changed).
+    pub async fn accept_from_partner(
+        &self,
+        notice: &RevocationNotice,
+        id: &NoticeId,
+        now: u64,
+        until: u64,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.accept_from_partner(notice, id, now, until),
+            Backend::Postgres(pg) => pg.accept_from_partner(notice, id, now, until).await,
+        }
+    }
+
+    /// Every row for `destination`, in key order (home CCF, then notice id).
+    pub async fn rows(&self, destination: &Destination) -> Result<Vec<OutboxRow>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.rows(destination),
+            Backend::Postgres(pg) => pg.rows(destination).await,
+        }
+    }
+
+    /// Rows queued for `destination`.
+    pub async fn depth(&self, destination: &Destination) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.depth(destination),
+            Backend::Postgres(pg) => pg.depth(Some(destination)).await,
+        }
+    }
+
+    /// Rows queued for `destination`, read synchronously for a `/metrics` scrape: redb reads
+    /// now; PostgreSQL answers the counts a background query fetched at most a second before
+    /// (none yet at the first scrape: 0).
+    pub fn depth_now(&self, destination: &Destination) -> u64 {
+        match &self.backend {
+            Backend::Redb(r) => r.depth(destination).unwrap_or_default(),
+            Backend::Postgres(pg) => pg.depth_cached(destination),
+        }
+    }
+
+    /// Rows queued, every destination together.
+    pub async fn total_depth(&self) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.total_depth(),
+            Backend::Postgres(pg) => pg.depth(None).await,
+        }
+    }
+
+    /// Deletes a row (acknowledged, or given up). A row already gone (another replica's
+    /// worker delivered it too) is no error.
+    pub async fn remove(&self, row: &OutboxRow) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.remove(row),
+            Backend::Postgres(pg) => pg.remove(row).await,
+        }
+    }
+
+    /// Stores a row's new attempt count and next attempt time, if the row is still there. Not
+    /// durable on its own (redb): after a crash the row is simply tried again at once.
+    pub async fn reschedule(&self, row: &OutboxRow) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.reschedule(row),
+            Backend::Postgres(pg) => pg.reschedule(row).await,
+        }
+    }
+
+    /// Deletes fetch records and seen marks that expired by `now`. Returns how many of each.
+    pub async fn purge(&self, now: u64) -> Result<(u64, u64), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.purge(now),
+            Backend::Postgres(pg) => pg.purge(now).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -754,6 +1113,26 @@ mod tests {
         }
     }
 
+    /// What another replica evicts for a partner's notice is what `service::interconnect`
+    /// evicts locally: the whole invoker, or only the replaced key.
+    #[test]
+    fn an_eviction_names_what_the_notice_revokes() {
+        let mut n = notice("operator-a.test", "inv-1", &NoticeId::random());
+        n.aef_ids = vec!["aef-1".into()];
+        n.key_id = "0123456789abcdef".into();
+        let e = Eviction::of_notice(&n).unwrap();
+        assert_eq!(
+            (e.home.as_str(), e.invoker.as_str(), e.aefs.len(), e.key_id),
+            ("operator-a.test", "inv-1", 1, None),
+            "an offboarding evicts every key of the invoker"
+        );
+        n.kind = RevocationKind::KeyReplacedByNewer as i32;
+        let e = Eviction::of_notice(&n).unwrap();
+        assert_eq!(e.key_id.as_deref(), Some("0123456789abcdef"));
+        n.api_invoker_id = "not an id".into();
+        assert!(Eviction::of_notice(&n).is_none());
+    }
+
     /// Concurrent misses share group commits: every record is on disk when its call returns
     /// (a reopened file holds it), each call saw the record as it was before its own change,
     /// and a closed store refuses instead of hanging.
@@ -761,7 +1140,7 @@ mod tests {
     async fn grouped_fetch_records_are_durable_when_the_call_returns() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let store = Arc::new(RevocationStore::open(Some(&state), 100).unwrap());
+        let store = Arc::new(RedbStore::open(Some(&state), 100).unwrap());
         let partner = ccf("operator-a.test");
         let calls: Vec<_> = (0..64u64)
             .map(|i| {
@@ -814,7 +1193,7 @@ mod tests {
         );
         let store = Arc::into_inner(store).unwrap();
         drop(store);
-        let reopened = RevocationStore::open(Some(&state), 100).unwrap();
+        let reopened = RedbStore::open(Some(&state), 100).unwrap();
         for n in 0..32u64 {
             let holders = reopened.fetchers_of(&id(&format!("inv-{n}")), 0).unwrap();
             assert_eq!(holders, vec![(partner.clone(), 1_000 + n + 32)]);
@@ -833,10 +1212,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        RevocationStore::open(Some(&state), 100).unwrap().close();
+        RedbStore::open(Some(&state), 100).unwrap().close();
         let file = state.join(STORE_FILE);
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
-        let e = RevocationStore::open(Some(&state), 100).unwrap_err();
+        let e = RedbStore::open(Some(&state), 100).unwrap_err();
         assert!(
             matches!(&e, StoreError::Exposed { mode, .. } if *mode == 0o664),
             "{e:?}"
@@ -844,102 +1223,5 @@ mod tests {
         assert!(e.to_string().contains("chmod 600"), "{e}");
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o664, "refused, not silently fixed");
-    }
-
-    /// Fetch records, queued rows and seen marks survive closing and reopening the file; rows
-    /// go only to partners with unexpired records; a second publication changes nothing.
-    #[test]
-    fn rows_records_and_marks_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let s = RevocationStore::open(Some(&state), 100).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
-        let (inv, a, c) = (id("inv-1"), ccf("operator-a.test"), ccf("operator-c.test"));
-        assert_eq!(s.extend_fetch(&inv, &a, 5_000).unwrap(), None);
-        s.settle_fetch(&inv, &a, 5_000, None, Some(2_000)).unwrap();
-        s.extend_fetch(&inv, &c, 500).unwrap();
-        s.extend_fetch(&id("inv-10"), &c, 9_000).unwrap();
-        assert_eq!(
-            s.fetchers_of(&inv, 1_000).unwrap(),
-            vec![(a.clone(), 2_000)]
-        );
-        let nid = NoticeId::random();
-        let n = notice("operator-b.test", "inv-1", &nid);
-        let epoch = s.queue_epoch();
-        let queued = s
-            .queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
-            .unwrap();
-        assert_eq!(queued, Some(vec![a.clone()]), "c's record expired");
-        let after_first = s.queue_epoch();
-        assert_ne!(
-            after_first, epoch,
-            "a fetch in flight must see the queueing"
-        );
-        assert_eq!(
-            s.queue_for_fetchers(&n, &nid, &inv, 1_000, 9_000, |_| true)
-                .unwrap(),
-            None
-        );
-        // Even a repeat moves it: the fetch cannot know what the transaction will find.
-        assert_ne!(s.queue_epoch(), after_first);
-        assert!(s.fetchers_of(&inv, 0).unwrap().is_empty(), "forgotten");
-        assert_eq!(s.fetchers_of(&id("inv-10"), 0).unwrap().len(), 1, "prefix");
-        let pn = NoticeId::random();
-        let from_a = notice("operator-a.test", "inv-7", &pn);
-        assert!(s.accept_from_partner(&from_a, &pn, 1_000, 8_000).unwrap());
-        assert!(!s.accept_from_partner(&from_a, &pn, 1_000, 8_000).unwrap());
-        s.close();
-        assert!(matches!(
-            s.depth(&Destination::OwnCcf),
-            Err(StoreError::Closed)
-        ));
-
-        let s = RevocationStore::open(Some(&state), 100).unwrap();
-        let rows = s.rows(&Destination::Partner(a.clone())).unwrap();
-        assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].notice.clone(), rows[0].give_up_at_ms), (n, 2_000));
-        let mut r = rows[0].clone();
-        r.attempts = 3;
-        r.next_attempt_at_ms = 4_242;
-        s.reschedule(&r).unwrap();
-        assert_eq!(
-            s.rows(&Destination::Partner(a.clone())).unwrap(),
-            vec![r.clone()]
-        );
-        let own = s.rows(&Destination::OwnCcf).unwrap();
-        assert_eq!((own.len(), own[0].notice.clone()), (1, from_a));
-        assert!(s.seen(&a, &pn).unwrap());
-        assert_eq!(s.total_depth().unwrap(), 2);
-        s.remove(&r).unwrap();
-        assert_eq!(s.depth(&Destination::Partner(a)).unwrap(), 0);
-        assert_eq!(s.depth(&Destination::OwnCcf).unwrap(), 1);
-    }
-
-    /// Expired records and marks are purged; live ones stay; marks beyond the cap evict the
-    /// oldest first.
-    #[test]
-    fn purge_and_cap_remove_only_what_is_old() {
-        let s = RevocationStore::open(None, 3).unwrap();
-        let b = ccf("operator-b.test");
-        s.extend_fetch(&id("inv-1"), &b, 100).unwrap();
-        s.extend_fetch(&id("inv-2"), &b, 1_000).unwrap();
-        let ids: Vec<NoticeId> = (0..4).map(|_| NoticeId::random()).collect();
-        for (i, nid) in ids.iter().enumerate() {
-            let n = notice("operator-b.test", "inv-9", nid);
-            s.accept_from_partner(&n, nid, 0, 200 * (i as u64 + 1))
-                .unwrap();
-        }
-        assert!(
-            !s.seen(&b, &ids[0]).unwrap(),
-            "oldest evicted beyond the cap"
-        );
-        assert!(s.seen(&b, &ids[1]).unwrap());
-        assert_eq!(s.purge(400).unwrap(), (1, 1));
-        assert!(!s.seen(&b, &ids[1]).unwrap());
-        assert!(s.seen(&b, &ids[2]).unwrap() && s.seen(&b, &ids[3]).unwrap());
-        assert!(s.fetchers_of(&id("inv-1"), 0).unwrap().is_empty());
-        assert_eq!(s.fetchers_of(&id("inv-2"), 0).unwrap().len(), 1);
     }
 }
