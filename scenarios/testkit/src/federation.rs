@@ -332,7 +332,8 @@ connect_timeout_ms = 500
 fetch_rate_per_sec = {rate}
 fetch_burst = {burst}
 {extra}
-{partners}"#,
+{partners}{store}"#,
+        store = crate::postgres::store_section(&d.dir.join("gateway-state")),
         extra = o.gateway_extra,
         rate = o.fetch_rate,
         burst = o.fetch_burst,
@@ -422,6 +423,13 @@ impl Testbed {
             crate::postgres::assert_backend(&ccf);
             d.ccf = Some(ccf);
             d.start_gateway().await;
+            if let Some(gw) = &d.gw {
+                assert_eq!(
+                    gw.state.store.backend(),
+                    crate::postgres::expected_backend(),
+                    "the harness's gateway is on the wrong store"
+                );
+            }
             for (aef, port) in d.aef_ports.clone() {
                 let cred = d.issue(Role::Aef(AefId::new(aef.clone()).unwrap()));
                 let (cert, key) = (

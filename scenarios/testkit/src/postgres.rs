@@ -96,17 +96,21 @@ pub fn store_section(state_dir: &std::path::Path) -> String {
     format!("\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 3\n")
 }
 
-/// Panics unless `ccf` keeps its state where [`on_postgres`] says: the matrix must not pass by
-/// quietly testing the default twice.
-pub fn assert_backend(ccf: &capif_ccf::server::RunningCcf) {
-    let want = if on_postgres() {
+/// The backend [`on_postgres`] asks for.
+pub fn expected_backend() -> ccf_core::pg::StoreBackend {
+    if on_postgres() {
         ccf_core::pg::StoreBackend::Postgres
     } else {
         ccf_core::pg::StoreBackend::Redb
-    };
+    }
+}
+
+/// Panics unless `ccf` keeps its state where [`on_postgres`] says: the matrix must not pass by
+/// quietly testing the default twice.
+pub fn assert_backend(ccf: &capif_ccf::server::RunningCcf) {
     assert_eq!(
         ccf.state.store.backend(),
-        want,
+        expected_backend(),
         "the harness's CCF is on the wrong store"
     );
 }
