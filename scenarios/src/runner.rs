@@ -404,11 +404,15 @@ impl<'a> Runner<'a> {
     async fn set_validity_step(&mut self, step: &Step) -> (String, Outcome, String) {
         let d = domain_of(step);
         let secs = step.secs.unwrap_or(0);
-        let comp = format!("ccf:{d}");
         let r = async {
             self.tb.set_validity(&d, secs)?;
-            self.tb.stop(&comp, false).await?;
-            self.tb.start(&comp).await
+            let replicas = self.tb.domains.get(&d).map_or(1, |x| x.replica_count());
+            for n in 1..=replicas {
+                let comp = crate::scenario::canonical_component(&format!("ccf:{d}#{n}"));
+                self.tb.stop(&comp, false).await?;
+                self.tb.start(&comp).await?;
+            }
+            Ok::<_, anyhow::Error>(())
         }
         .await;
         (
