@@ -593,10 +593,18 @@ struct OpContext {
     action: Action,
     profile_dir: PathBuf,
     credential: String,
-    onboarding: String,
-    capif: String,
-    /// Where the home domain runs CAPIF-1e, and by which profile.
+    /// The home CCF's onboarding addresses: the step's `replica`, else every replica in order
+    /// (the next is tried when one cannot be reached).
+    onboarding: Vec<String>,
+    /// Where the home domain runs CAPIF-1e, and by which profile (replica 1's address).
     capif1e: (String, Capif1eProfile),
+    /// Every replica's CAPIF-1e address, replica 1 first (what a profile keeps).
+    capif1e_all: Vec<String>,
+    /// The CAPIF-1e addresses this step uses, in order: the step's `replica`, else every
+    /// replica. Empty when the home CCF has one replica (the profile's own address serves).
+    capif1e_use: Vec<String>,
+    /// The revoking CCF's CAPIF addresses (the step's `replica`, else every replica in order).
+    revoke_at: Vec<String>,
     home_ca: PathBuf,
     operator: (PathBuf, PathBuf),
     aef: Option<String>,
@@ -609,9 +617,22 @@ struct OpContext {
     tls_endpoint: String,
     psk_tls: TlsProfile,
     method: pb::SecurityMethod,
-    /// Revoke: the domain whose operator revokes, when not the invoker's home (its CCF's
-    /// address, CA file, operator files, id).
-    revoker: Option<(String, PathBuf, (PathBuf, PathBuf), String)>,
+    /// Revoke: the domain whose operator revokes, when not the invoker's home (its CA file,
+    /// operator files, id).
+    revoker: Option<(PathBuf, (PathBuf, PathBuf), String)>,
+}
+
+/// The addresses a step uses: replica `pin` only, else all of them in order.
+fn pinned(all: Vec<String>, pin: Option<u32>) -> Vec<String> {
+    match pin {
+        Some(n) => all.into_iter().skip(n as usize - 1).take(1).collect(),
+        None => all,
+    }
+}
+
+/// Whether an error means the server could not be reached (worth trying another replica).
+fn unreachable(e: &anyhow::Error) -> bool {
+    classify(e).code == "UNAVAILABLE"
 }
 
 impl OpContext {
@@ -625,19 +646,14 @@ impl OpContext {
     ) -> Self {
         let d = &r.tb.domains[home];
         let a = aef.and_then(|a| r.tb.aefs.get(a));
-        let revoker = step
+        let pin = step.replica.as_ref().map(|n| *n.get_ref());
+        let revoking = step
             .domain
             .as_ref()
             .filter(|x| step.action == Action::Revoke && x.get_ref() != home)
-            .and_then(|x| r.tb.domains.get(x.get_ref()))
-            .map(|x| {
-                (
-                    format!("127.0.0.1:{}", x.capif_port),
-                    x.ca_pem(),
-                    x.operator(),
-                    x.id.clone(),
-                )
-            });
+            .and_then(|x| r.tb.domains.get(x.get_ref()));
+        let revoker = revoking.map(|x| (x.ca_pem(), x.operator(), x.id.clone()));
+        let revoke_at = pinned(revoking.unwrap_or(d).capif_addrs(), pin);
         let api = step.api.clone().or_else(|| {
             aef.and_then(|a| s.aef(a))
                 .and_then(|a| a.apis.first().cloned())
@@ -646,9 +662,15 @@ impl OpContext {
             action: step.action,
             profile_dir: r.profile_dir(member),
             credential: d.credentials.get(member).cloned().unwrap_or_default(),
-            onboarding: format!("127.0.0.1:{}", d.onboarding_port),
-            capif: format!("127.0.0.1:{}", d.capif_port),
+            onboarding: pinned(d.onboarding_addrs(), pin),
             capif1e: (d.capif1e_addr(), d.capif1e),
+            capif1e_all: d.capif1e_addrs(),
+            capif1e_use: if d.replica_count() > 1 {
+                pinned(d.capif1e_addrs(), pin)
+            } else {
+                Vec::new()
+            },
+            revoke_at,
             home_ca: d.ca_pem(),
             operator: d.operator(),
             aef: aef.map(str::to_string),
@@ -676,34 +698,66 @@ impl OpContext {
         }
     }
 
+    /// The invoker's profile, aimed at the CCF replicas this step uses.
+    fn profile(&self) -> Result<Profile> {
+        let mut p = Profile::load(&self.profile_dir)?;
+        if let Some((first, rest)) = self.capif1e_use.split_first() {
+            p.file.capif_addr = first.clone();
+            p.file.capif_alternates = rest.to_vec();
+        }
+        Ok(p)
+    }
+
+    /// Onboarding at the first replica of `onboarding` that can be reached. The profile keeps
+    /// every replica, replica 1 first, whichever one onboarded the invoker.
+    async fn onboard(&self) -> Result<()> {
+        let ca = std::fs::read_to_string(&self.home_ca)?;
+        let mut last = None;
+        for addr in &self.onboarding {
+            match invoker::onboard_profile(
+                addr,
+                &self.capif1e.0,
+                &ca,
+                "localhost",
+                &self.credential,
+                &self.profile_dir,
+                self.capif1e.1,
+            )
+            .await
+            {
+                Ok(p) => {
+                    if let Some((_, rest)) = self.capif1e_all.split_first()
+                        && !rest.is_empty()
+                    {
+                        let mut file = p.file.clone();
+                        file.capif_alternates = rest.to_vec();
+                        invoker::write_profile_file(&self.profile_dir, &file)?;
+                    }
+                    return Ok(());
+                }
+                Err(e) if unreachable(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no onboarding address")))
+    }
+
     async fn run(self) -> Result<()> {
         let aef = self.aef.clone().unwrap_or_default();
         let api = self.api.clone().unwrap_or_default();
         match self.action {
-            Action::Onboard => {
-                let ca = std::fs::read_to_string(&self.home_ca)?;
-                invoker::onboard_profile(
-                    &self.onboarding,
-                    &self.capif1e.0,
-                    &ca,
-                    "localhost",
-                    &self.credential,
-                    &self.profile_dir,
-                    self.capif1e.1,
-                )
-                .await?;
-            }
+            Action::Onboard => self.onboard().await?,
             Action::Security if self.method != pb::SecurityMethod::Psk => {
-                let p = Profile::load(&self.profile_dir)?;
+                let p = self.profile()?;
                 invoker::negotiate(&p, &aef, None, self.method).await?;
             }
             Action::Security => {
-                invoker::security(&Profile::load(&self.profile_dir)?, &aef, None).await?;
+                invoker::security(&self.profile()?, &aef, None).await?;
             }
             Action::Auth => self.auth(&aef).await?,
             Action::Call => self.call(&aef, &api).await?,
             Action::Run => {
-                let p = Profile::load(&self.profile_dir)?;
+                let p = self.profile()?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
                 let target = invoker::AefTarget {
                     addr: &self.aef_addr,
@@ -714,7 +768,7 @@ impl OpContext {
             }
             Action::Revoke => self.revoke(aef).await?,
             Action::Offboard => {
-                let p = Profile::load(&self.profile_dir)?;
+                let p = self.profile()?;
                 let ch = p.capif1e_channel().await?;
                 InvokerManagementClient::new(ch)
                     .offboard(pb::OffboardRequest {
@@ -730,7 +784,7 @@ impl OpContext {
 
     /// Authentication Initiation at the AEF with the step's method.
     async fn auth(&self, aef: &str) -> Result<()> {
-        let p = Profile::load(&self.profile_dir)?;
+        let p = self.profile()?;
         let ca = std::fs::read_to_string(&self.aef_ca)?;
         if self.method != pb::SecurityMethod::Psk {
             invoker::auth_method(
@@ -762,7 +816,7 @@ impl OpContext {
     /// One API call at the AEF: mutual TLS with the invoker's certificate (PKI), TLS with a
     /// fresh bearer token (OAUTH), or TLS-PSK.
     async fn call(&self, aef: &str, api: &str) -> Result<()> {
-        let p = Profile::load(&self.profile_dir)?;
+        let p = self.profile()?;
         let ca = std::fs::read_to_string(&self.aef_ca)?;
         let expected = invoker::expected_aef(&self.aef_domain, aef);
         match self.method {
@@ -805,36 +859,44 @@ impl OpContext {
     /// With a revoking domain other than the home: that domain's operator revokes the invoker's
     /// access to its own AEFs, naming the invoker's home.
     async fn revoke(&self, aef: String) -> Result<()> {
-        let p = Profile::load(&self.profile_dir)?;
-        let (capif, ca_file, operator, expected, home_ccf_id) = match &self.revoker {
-            Some((capif, ca, op, id)) => (
-                capif.as_str(),
+        let p = self.profile()?;
+        let (ca_file, operator, expected, home_ccf_id) = match &self.revoker {
+            Some((ca, op, id)) => (
                 ca,
                 op,
                 ExpectedPeer::ccf(&CcfId::new(id.clone())?),
                 p.file.ccf_id.clone(),
             ),
-            None => (
-                self.capif.as_str(),
-                &self.home_ca,
-                &self.operator,
-                p.home_ccf()?,
-                String::new(),
-            ),
+            None => (&self.home_ca, &self.operator, p.home_ccf()?, String::new()),
         };
         let ca = std::fs::read_to_string(ca_file)?;
         let (cert, key) = (
             std::fs::read_to_string(&operator.0)?,
             zeroize::Zeroizing::new(std::fs::read_to_string(&operator.1)?),
         );
-        let (ch, _) = connect(
-            capif,
-            "localhost",
-            client_config(&ca, Some((&cert, &key)), expected)?,
-            Duration::from_secs(5),
-        )
-        .await?;
-        SecurityClient::new(ccf_core::telemetry::TracedChannel::new(ch, capif))
+        // The first replica of the revoking CCF that can be reached.
+        let mut reached = None;
+        let mut last = None;
+        for capif in &self.revoke_at {
+            match connect(
+                capif,
+                "localhost",
+                client_config(&ca, Some((&cert, &key)), expected.clone())?,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok((ch, _)) => {
+                    reached = Some((ch, capif));
+                    break;
+                }
+                Err(e) => last = Some(anyhow::Error::from(e)),
+            }
+        }
+        let Some((ch, capif)) = reached else {
+            return Err(last.unwrap_or_else(|| anyhow!("no CCF address to revoke at")));
+        };
+        SecurityClient::new(ccf_core::telemetry::TracedChannel::new(ch, capif.as_str()))
             .revoke_authorization(pb::RevokeAuthorizationRequest {
                 revoke_info: Some(pb::SecurityNotification {
                     api_invoker_id: p.id().to_string(),
