@@ -181,6 +181,9 @@ pub(crate) fn classify(e: &anyhow::Error) -> Outcome {
     }
 }
 
+/// A background flow's deadline: it covers one flow, its retries are timed apart.
+const BACKGROUND_FLOW_DEADLINE: Duration = Duration::from_secs(8);
+
 /// The step's `domain`, or "" (validation made sure the actions that need one have it).
 fn domain_of(step: &Step) -> String {
     step.domain
@@ -216,6 +219,10 @@ pub struct Runner<'a> {
     scenario: &'a Scenario,
     tb: &'a mut Testbed,
     members: BTreeMap<String, Vec<(String, String)>>,
+    /// The background load between `load_start` and `load_stop`.
+    background: Option<crate::background::Running>,
+    /// When the most recent `kill` or `restart` step killed its component, Unix ms.
+    last_kill_ms: Option<u64>,
 }
 
 impl<'a> Runner<'a> {
@@ -225,6 +232,8 @@ impl<'a> Runner<'a> {
             members: scenario.invoker_members(),
             scenario,
             tb,
+            background: None,
+            last_kill_ms: None,
         }
     }
 
@@ -269,8 +278,11 @@ impl<'a> Runner<'a> {
                 capif.scenario = self.scenario.name.as_str(),
             );
             let trace_id = ccf_core::telemetry::trace_id_of(&span).unwrap_or_default();
-            let (target, outcome, extra) = self.step(step).instrument(span.clone()).await;
             let expected = step.expected();
+            let (target, outcome, extra) = match step.within_ms {
+                None => self.step(step).instrument(span.clone()).await,
+                Some(ms) => self.step_within(step, ms).instrument(span.clone()).await,
+            };
             let passed = outcome.matches(&expected);
             span.in_scope(|| {
                 tracing::info!(step = i + 1, action = step.action.name(), subject = %target, got = %outcome.shown(), passed, "step done")
@@ -298,6 +310,41 @@ impl<'a> Runner<'a> {
             file: self.scenario.origin.clone(),
             passed: rows.iter().all(|r| r.passed),
             steps: rows,
+        }
+    }
+
+    /// A step with `within_ms`: repeated every ~100 ms until its outcome is the expected one or
+    /// the time is up; the detail says how long it took.
+    async fn step_within(&mut self, step: &Step, within_ms: u64) -> (String, Outcome, String) {
+        let expected = step.expected();
+        let start = Instant::now();
+        let within = Duration::from_millis(within_ms);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let (target, mut outcome, extra) = self.step(step).await;
+            let took = start.elapsed().as_millis();
+            if outcome.matches(&expected) {
+                let said = format!("{expected} after {took} ms ({tries} tries)");
+                let extra = if extra.is_empty() {
+                    said
+                } else {
+                    format!("{said}; {extra}")
+                };
+                return (target, outcome, extra);
+            }
+            if start.elapsed() >= within {
+                outcome.detail = format!(
+                    "not {expected} within {within_ms} ms ({tries} tries); last: {}",
+                    if outcome.detail.is_empty() {
+                        outcome.shown()
+                    } else {
+                        outcome.detail.clone()
+                    }
+                );
+                return (target, outcome, extra);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -337,6 +384,8 @@ impl<'a> Runner<'a> {
                 }
             }
             Action::Counters => self.counters_step(step).await,
+            Action::LoadStart => self.load_start(step),
+            Action::LoadStop => self.load_stop().await,
             _ => self.group_step(step).await,
         }
     }
@@ -350,9 +399,16 @@ impl<'a> Runner<'a> {
             .unwrap_or_default();
         let r = match step.action {
             Action::Start => self.tb.start(&c).await,
-            Action::Kill => self.tb.stop(&c, true).await,
+            Action::Kill => {
+                let r = self.tb.stop(&c, true).await;
+                self.last_kill_ms = Some(ccf_core::clock::now_ms());
+                r
+            }
             Action::Restart => match self.tb.stop(&c, true).await {
-                Ok(()) => self.tb.start(&c).await,
+                Ok(()) => {
+                    self.last_kill_ms = Some(ccf_core::clock::now_ms());
+                    self.tb.start(&c).await
+                }
                 Err(e) => Err(e),
             },
             _ => self.tb.stop(&c, false).await,
@@ -520,6 +576,87 @@ impl<'a> Runner<'a> {
                 first.detail = format!("{detail}; first failure: {}", first.detail);
                 (target, first, String::new())
             }
+        }
+    }
+
+    /// Starts the background load: the step's invoker group at its AEFs, PSK flows.
+    fn load_start(&mut self, step: &Step) -> (String, Outcome, String) {
+        let group = step
+            .invoker
+            .as_ref()
+            .map(|i| i.get_ref().clone())
+            .unwrap_or_default();
+        let members: Vec<String> = self
+            .members
+            .get(&group)
+            .map(|m| m.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        let aefs = Self::aefs_of(step);
+        let concurrency = step.concurrency.unwrap_or(4).max(1);
+        let target = format!(
+            "{group} ({}) -> {}, {concurrency} at a time",
+            members.len(),
+            aefs.join(",")
+        );
+        let load = crate::load::Load::new(
+            self.tb,
+            self.scenario,
+            concurrency,
+            BACKGROUND_FLOW_DEADLINE,
+            0,
+        );
+        match load {
+            Ok(mut load) => {
+                load.members.retain(|m| members.contains(&m.name));
+                load.aefs.retain(|a| aefs.contains(&a.id));
+                self.background = Some(crate::background::Running::start(
+                    load,
+                    concurrency,
+                    target.clone(),
+                ));
+                (target, Outcome::ok(), String::new())
+            }
+            Err(e) => (target, classify(&e), String::new()),
+        }
+    }
+
+    /// Stops the background load and judges it: ok when every flow that started after the most
+    /// recent kill succeeded (after its retries), and at least one did start.
+    async fn load_stop(&mut self) -> (String, Outcome, String) {
+        let Some(running) = self.background.take() else {
+            return (
+                String::new(),
+                Outcome {
+                    code: "ERROR".into(),
+                    reason: String::new(),
+                    detail: "no load is running".into(),
+                },
+                String::new(),
+            );
+        };
+        let target = running.target.clone();
+        let flows = running.stop().await;
+        let s = crate::background::Summary::of(&flows, self.last_kill_ms);
+        let detail = s.detail();
+        if s.after_kill == 0 {
+            let o = Outcome {
+                code: "NO_FLOWS".into(),
+                reason: String::new(),
+                detail: format!("{detail}: no flow started after the last kill"),
+            };
+            return (target, o, String::new());
+        }
+        match &s.first_failure {
+            None => (target, Outcome::ok(), detail),
+            Some(first) => (
+                target,
+                Outcome {
+                    code: "FLOWS_FAILED".into(),
+                    reason: String::new(),
+                    detail: format!("{detail}; first failure: {first}"),
+                },
+                String::new(),
+            ),
         }
     }
 
