@@ -30,8 +30,15 @@ pub fn zone_text(domain: &str, ports: &[u16]) -> String {
 }
 
 impl DnsServer {
+    /// Serves `(domain, gateway CAPIF-6e port)` zones on a free loopback port.
+    pub async fn start(domains: &[(String, u16)]) -> Result<Self> {
+        let zones: Vec<(String, Vec<u16>)> =
+            domains.iter().map(|(d, p)| (d.clone(), vec![*p])).collect();
+        Self::start_replicas(&zones).await
+    }
+
     /// Serves `(domain, its gateway replicas' CAPIF-6e ports)` zones on a free loopback port.
-    pub async fn start(domains: &[(String, Vec<u16>)]) -> Result<Self> {
+    pub async fn start_replicas(domains: &[(String, Vec<u16>)]) -> Result<Self> {
         let mut catalog = Catalog::new();
         for (d, ports) in domains {
             let origin = Name::from_ascii(format!("{d}.")).map_err(|e| anyhow!("zone {d}: {e}"))?;

@@ -326,6 +326,10 @@ impl<'a> Runner<'a> {
             let took = start.elapsed().as_millis();
             if outcome.matches(&expected) {
                 let said = format!("{expected} after {took} ms ({tries} tries)");
+                // The row shows the outcome's detail when it has one, else `extra`.
+                if !outcome.detail.is_empty() {
+                    outcome.detail = format!("{said}; {}", outcome.detail);
+                }
                 let extra = if extra.is_empty() {
                     said
                 } else {

@@ -744,6 +744,131 @@ aef = "aef-a1"
         );
     }
 
+    /// OK with B on PostgreSQL with `replicas` replicas and `steps` appended.
+    fn with_replicas(replicas: &str, steps: &str) -> String {
+        OK.replace(
+            "id = \"operator-b.test\"",
+            &format!("id = \"operator-b.test\"\nstore = \"postgres\"\nreplicas = {replicas}"),
+        ) + steps
+    }
+
+    fn refused(text: &str) -> String {
+        Scenario::parse(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn replicas_are_counted_and_need_postgres() {
+        let s = Scenario::parse(&with_replicas("2", ""), "ok.toml").unwrap();
+        assert_eq!(s.replicas_of("operator-b.test"), 2);
+        assert_eq!(s.replicas_of("operator-a.test"), 1, "the default");
+        let redb = OK.replace(
+            "id = \"operator-b.test\"",
+            "id = \"operator-b.test\"\nreplicas = 2",
+        );
+        let e = refused(&redb);
+        assert!(
+            e.starts_with("bad.toml:10:") && e.contains("needs store = \"postgres\""),
+            "{e}"
+        );
+        for n in ["0", "5"] {
+            let e = refused(&with_replicas(n, ""));
+            assert!(e.starts_with("bad.toml:11:") && e.contains("1 to 4"), "{e}");
+        }
+    }
+
+    #[test]
+    fn replica_components_are_checked_against_the_domain() {
+        let step = |c: &str| format!("[[step]]\naction = \"kill\"\ncomponent = \"{c}\"\n");
+        for ok in [
+            "ccf:operator-b.test#2",
+            "gateway:operator-b.test#1",
+            "ccf:operator-b.test",
+        ] {
+            Scenario::parse(&with_replicas("2", &step(ok)), "ok.toml").unwrap();
+        }
+        for bad in [
+            "ccf:operator-b.test#3",
+            "gateway:operator-a.test#2",
+            "ccf:operator-b.test#0",
+            "ccf:operator-b.test#x",
+            "aef:aef-a1#1",
+        ] {
+            let e = refused(&with_replicas("2", &step(bad)));
+            assert!(
+                e.starts_with("bad.toml:21:") && e.contains("unknown component"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            canonical_component("ccf:operator-b.test#1"),
+            "ccf:operator-b.test"
+        );
+        assert_eq!(
+            canonical_component("gateway:operator-b.test#2"),
+            "gateway:operator-b.test#2"
+        );
+    }
+
+    #[test]
+    fn a_step_names_a_replica_only_when_it_talks_to_a_ccf() {
+        let step = |action: &str, extra: &str, n: u32| {
+            format!(
+                "[[step]]\naction = \"{action}\"\ninvoker = \"alice\"\naef = \"aef-a1\"\n{extra}replica = {n}\n"
+            )
+        };
+        for (action, extra) in [
+            ("security", ""),
+            ("run", ""),
+            ("revoke", ""),
+            ("call", "method = \"oauth\"\n"),
+        ] {
+            Scenario::parse(&with_replicas("2", &step(action, extra, 2)), "ok.toml").unwrap();
+        }
+        let e = refused(&with_replicas("2", &step("security", "", 3)));
+        assert!(
+            e.starts_with("bad.toml:23:")
+                && e.contains("replica = 3, but operator-b.test runs 2 replicas"),
+            "{e}"
+        );
+        for (action, extra) in [("auth", ""), ("call", "")] {
+            let e = refused(&with_replicas("2", &step(action, extra, 1)));
+            assert!(
+                e.starts_with("bad.toml:23:") && e.contains("steps that talk to a CCF"),
+                "{action}: {e}"
+            );
+        }
+        // revoke with `domain`: that domain's replicas (A runs 1).
+        let e = refused(&with_replicas(
+            "2",
+            &step("revoke", "domain = \"operator-a.test\"\n", 2),
+        ));
+        assert!(e.contains("operator-a.test runs 1 replica"), "{e}");
+    }
+
+    #[test]
+    fn within_ms_and_the_load_steps_are_checked() {
+        let load_start =
+            "[[step]]\naction = \"load_start\"\ninvoker = \"alice\"\naef = \"aef-a1\"\n";
+        let load_stop = "[[step]]\naction = \"load_stop\"\n";
+        Scenario::parse(&format!("{OK}{load_start}{load_stop}"), "ok.toml").unwrap();
+        assert!(refused(&format!("{OK}{load_start}")).contains("never stopped"));
+        assert!(refused(&format!("{OK}{load_stop}")).contains("no load is running"));
+        assert!(
+            refused(&format!("{OK}{load_start}{load_start}{load_stop}")).contains("still running")
+        );
+        let e = refused(&format!(
+            "{OK}[[step]]\naction = \"onboard\"\ninvoker = \"alice\"\nwithin_ms = 2000\n"
+        ));
+        assert!(e.contains("`within_ms`"), "{e}");
+        Scenario::parse(
+            &format!(
+                "{OK}[[step]]\naction = \"auth\"\ninvoker = \"alice\"\naef = \"aef-a1\"\nwithin_ms = 2000\n"
+            ),
+            "ok.toml",
+        )
+        .unwrap();
+    }
+
     #[test]
     fn unknown_home_domain_is_refused() {
         let bad = OK.replace("home = \"operator-b.test\"", "home = \"operator-x.test\"");

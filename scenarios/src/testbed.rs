@@ -474,7 +474,7 @@ impl Testbed {
                     )
                 })
                 .collect();
-            Some(DnsServer::start(&zones).await?)
+            Some(DnsServer::start_replicas(&zones).await?)
         } else {
             None
         };
