@@ -228,6 +228,51 @@ mod tests {
         }
     }
 
+    fn failed(code: &str, reason: &str) -> Flow {
+        Flow {
+            invoker: "i".into(),
+            invoker_id: String::new(),
+            home: "b".into(),
+            aef: "a1".into(),
+            aef_domain: "a".into(),
+            method: "psk".into(),
+            kind: FlowKind::Fresh,
+            start_ms: 0,
+            end_ms: 0,
+            key_id: String::new(),
+            key_expires_at_ms: 0,
+            ok: false,
+            code: code.into(),
+            reason: reason.into(),
+            detail: String::new(),
+            answer: None,
+            hung: false,
+        }
+    }
+
+    /// A component that went away is retried; a definite answer is not.
+    #[test]
+    fn only_transport_failures_are_retried() {
+        for (code, reason) in [
+            ("UNAVAILABLE", ""),
+            ("UNAVAILABLE", "PARTNER_UNAVAILABLE"),
+            ("DEADLINE_EXCEEDED", "PARTNER_TIMEOUT"),
+            ("DEADLINE", ""),
+            ("UNKNOWN", ""),
+        ] {
+            assert!(went_away(&failed(code, reason)), "{code} {reason}");
+        }
+        for (code, reason) in [
+            ("NOT_FOUND", "NO_SECURITY_CONTEXT"),
+            ("HANDSHAKE_REFUSED", ""),
+            ("PERMISSION_DENIED", "KEY_BOUND_TO_OTHER_AEF"),
+            ("RESOURCE_EXHAUSTED", "OUTBOUND_BUDGET_EXHAUSTED"),
+            ("ERROR", ""),
+        ] {
+            assert!(!went_away(&failed(code, reason)), "{code} {reason}");
+        }
+    }
+
     /// Failures before the most recent kill do not count; after it, one failure makes the load
     /// fail, and a retried flow counts by its retry.
     #[test]

@@ -160,6 +160,7 @@ fn shipped_replicas_postgres() {
     for log in ["ccf-operator-b.test-2.log", "gateway-operator-a.test-2.log"] {
         assert!(dir.join("logs").join(log).exists(), "{log}");
     }
+    assert_logs_are_plain(&dir);
     let _ = std::fs::remove_dir_all(dir);
 }
 
