@@ -1,6 +1,7 @@
 //! The testbed's DNS server: hickory-server on loopback, one zone per domain with the SRV record
 //! `_capif-6e._tcp.<domain>` naming `gw.<domain>` and its A record, so gateways discover each
-//! other the way they would between operators.
+//! other the way they would between operators. A domain with gateway replicas gets one SRV
+//! record per replica, of equal priority and weight (same target, each replica's port).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,22 +20,29 @@ pub struct DnsServer {
     _server: hickory_server::Server<Catalog>,
 }
 
-/// The zone text of one domain whose gateway listens on 127.0.0.1:`port`.
-pub fn zone_text(domain: &str, port: u16) -> String {
-    format!(
-        "@ 60 IN SOA ns.{domain}. admin.{domain}. 1 60 60 60 60\n\
-         _capif-6e._tcp 5 IN SRV 10 10 {port} gw.{domain}.\n\
-         gw 5 IN A 127.0.0.1\n"
-    )
+/// The zone text of one domain whose gateway replicas listen on 127.0.0.1:`ports`.
+pub fn zone_text(domain: &str, ports: &[u16]) -> String {
+    let mut t = format!("@ 60 IN SOA ns.{domain}. admin.{domain}. 1 60 60 60 60\n");
+    for port in ports {
+        t += &format!("_capif-6e._tcp 5 IN SRV 10 10 {port} gw.{domain}.\n");
+    }
+    t + "gw 5 IN A 127.0.0.1\n"
 }
 
 impl DnsServer {
     /// Serves `(domain, gateway CAPIF-6e port)` zones on a free loopback port.
     pub async fn start(domains: &[(String, u16)]) -> Result<Self> {
+        let zones: Vec<(String, Vec<u16>)> =
+            domains.iter().map(|(d, p)| (d.clone(), vec![*p])).collect();
+        Self::start_replicas(&zones).await
+    }
+
+    /// Serves `(domain, its gateway replicas' CAPIF-6e ports)` zones on a free loopback port.
+    pub async fn start_replicas(domains: &[(String, Vec<u16>)]) -> Result<Self> {
         let mut catalog = Catalog::new();
-        for (d, port) in domains {
+        for (d, ports) in domains {
             let origin = Name::from_ascii(format!("{d}.")).map_err(|e| anyhow!("zone {d}: {e}"))?;
-            let (origin, records) = Parser::new(zone_text(d, *port), None, Some(origin))
+            let (origin, records) = Parser::new(zone_text(d, ports), None, Some(origin))
                 .parse()
                 .map_err(|e| anyhow!("zone {d}: {e}"))?;
             let handler =

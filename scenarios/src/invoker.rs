@@ -46,6 +46,10 @@ pub struct ProfileFile {
     /// CCF's TLS 1.2 CAPIF-1e listener).
     #[serde(default)]
     pub capif1e: Capif1eProfile,
+    /// host:port of the home CCF's other replicas (same CAPIF-1e profile), tried in order when
+    /// `capif_addr` cannot be reached. Absent from profiles of a CCF without replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capif_alternates: Vec<String>,
 }
 
 /// An onboarded invoker's profile.
@@ -147,17 +151,30 @@ impl Profile {
     /// 1.3, or OpenSSL TLS 1.2): the channel, and the slot that holds the session's binding.
     /// Its secrets go to `SSLKEYLOGFILE` when that is set. The handshake is a client span
     /// `capif.capif1e_handshake` of the current trace.
+    ///
+    /// A replica that cannot be reached (connection or handshake failed) is passed over for the
+    /// next of `capif_alternates`; the last failure is returned when none answers.
     pub async fn capif1e_session(&self) -> Result<(TracedChannel, SessionSlot)> {
-        let addr = &self.file.capif_addr;
+        let mut last = None;
+        for addr in std::iter::once(&self.file.capif_addr).chain(&self.file.capif_alternates) {
+            match self.capif1e_session_at(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("the profile names no CCF address")))
+    }
+
+    async fn capif1e_session_at(&self, addr: &str) -> Result<(TracedChannel, SessionSlot)> {
         let span = tracing::info_span!(
             "capif.capif1e_handshake",
             otel.kind = "client",
             otel.status_code = tracing::field::Empty,
-            server.address = addr.as_str(),
+            server.address = addr,
             capif.outcome = tracing::field::Empty,
             capif.profile = %self.file.capif1e,
         );
-        let r = self.capif1e_connect().instrument(span.clone()).await;
+        let r = self.capif1e_connect(addr).instrument(span.clone()).await;
         span.record(
             "capif.outcome",
             if r.is_ok() { "accepted" } else { "refused" },
@@ -166,10 +183,13 @@ impl Profile {
             span.record("otel.status_code", "error");
         }
         let (ch, slot) = r?;
-        Ok((TracedChannel::new(ch, addr.as_str()), slot))
+        Ok((TracedChannel::new(ch, addr), slot))
     }
 
-    async fn capif1e_connect(&self) -> Result<(tonic::transport::Channel, SessionSlot)> {
+    async fn capif1e_connect(
+        &self,
+        addr: &str,
+    ) -> Result<(tonic::transport::Channel, SessionSlot)> {
         match self.file.capif1e {
             Capif1eProfile::Tls13Exporter => {
                 let cfg = ccf_core::keylog::rustls_client(client_config(
@@ -177,13 +197,7 @@ impl Profile {
                     Some((&self.cert_pem, &self.key_pem)),
                     self.home_ccf()?,
                 )?);
-                Ok(connect(
-                    &self.file.capif_addr,
-                    &self.file.ccf_server_name,
-                    cfg,
-                    CONNECT_TIMEOUT,
-                )
-                .await?)
+                Ok(connect(addr, &self.file.ccf_server_name, cfg, CONNECT_TIMEOUT).await?)
             }
             Capif1eProfile::Tls12AnnexA => {
                 let ctx = ccf_core::tls12::client_context(
@@ -193,7 +207,7 @@ impl Profile {
                     self.home_ccf()?,
                 )?;
                 Ok(ccf_core::tls12::connect(
-                    &self.file.capif_addr,
+                    addr,
                     &self.file.ccf_server_name,
                     &ctx,
                     CONNECT_TIMEOUT,
@@ -292,9 +306,16 @@ pub async fn onboard_profile(
         capif_addr: capif_addr.to_string(),
         ccf_server_name: server_name.to_string(),
         capif1e,
+        capif_alternates: Vec::new(),
     };
-    std::fs::write(dir.join("profile.toml"), toml::to_string(&file)?)?;
+    write_profile_file(dir, &file)?;
     Profile::load(dir)
+}
+
+/// Writes `profile.toml` (ids and addresses; nothing secret).
+pub fn write_profile_file(dir: &Path, file: &ProfileFile) -> Result<()> {
+    let path = dir.join("profile.toml");
+    std::fs::write(&path, toml::to_string(file)?).with_context(|| path.display().to_string())
 }
 
 /// A gRPC error a peer answered, kept typed so callers (the scenario runner) can match its code

@@ -11,12 +11,14 @@
 //! - [`report`] — `report.html`: the steps and a sequence diagram of each cross-domain step.
 //! - [`bench`] — `capif bench`: the gateway against a bare floor, as ratios.
 //! - [`load`] — the steady invoker load `soak` and `chaos` drive.
+//! - [`background`] — a scenario's background load (`load_start` .. `load_stop`) and its verdict.
 //! - [`chaos`] — `capif chaos`: load plus seeded faults, judged by the [`checker`].
 //! - [`checker`] — the chaos run's invariants over every outcome and the ledger.
 //! - [`soak`] — `capif soak`: steady load, memory/fd/thread samples, growth bounds.
 //!
 //! The `capif` binary is a CLI over this library.
 
+pub mod background;
 pub mod bench;
 pub mod chaos;
 pub mod checker;

@@ -106,7 +106,13 @@ impl Testbed {
                 write_file(&d.partner_ca(p), &ca)?;
             }
         }
-        write_file(&d.dir.join("gateway.toml"), &self.gateway_config(&d))
+        for n in 1..=d.replica_count() {
+            write_file(
+                &d.gateway_config_path(n),
+                &self.gateway_replica_config(&d, n),
+            )?;
+        }
+        Ok(())
     }
 
     /// Breaks a domain's gateway configuration, reloads (which must refuse it), and puts the

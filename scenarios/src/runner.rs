@@ -181,6 +181,9 @@ pub(crate) fn classify(e: &anyhow::Error) -> Outcome {
     }
 }
 
+/// A background flow's deadline: it covers one flow, its retries are timed apart.
+const BACKGROUND_FLOW_DEADLINE: Duration = Duration::from_secs(8);
+
 /// The step's `domain`, or "" (validation made sure the actions that need one have it).
 fn domain_of(step: &Step) -> String {
     step.domain
@@ -216,6 +219,10 @@ pub struct Runner<'a> {
     scenario: &'a Scenario,
     tb: &'a mut Testbed,
     members: BTreeMap<String, Vec<(String, String)>>,
+    /// The background load between `load_start` and `load_stop`.
+    background: Option<crate::background::Running>,
+    /// When the most recent `kill` or `restart` step killed its component, Unix ms.
+    last_kill_ms: Option<u64>,
 }
 
 impl<'a> Runner<'a> {
@@ -225,6 +232,8 @@ impl<'a> Runner<'a> {
             members: scenario.invoker_members(),
             scenario,
             tb,
+            background: None,
+            last_kill_ms: None,
         }
     }
 
@@ -269,8 +278,11 @@ impl<'a> Runner<'a> {
                 capif.scenario = self.scenario.name.as_str(),
             );
             let trace_id = ccf_core::telemetry::trace_id_of(&span).unwrap_or_default();
-            let (target, outcome, extra) = self.step(step).instrument(span.clone()).await;
             let expected = step.expected();
+            let (target, outcome, extra) = match step.within_ms {
+                None => self.step(step).instrument(span.clone()).await,
+                Some(ms) => self.step_within(step, ms).instrument(span.clone()).await,
+            };
             let passed = outcome.matches(&expected);
             span.in_scope(|| {
                 tracing::info!(step = i + 1, action = step.action.name(), subject = %target, got = %outcome.shown(), passed, "step done")
@@ -298,6 +310,45 @@ impl<'a> Runner<'a> {
             file: self.scenario.origin.clone(),
             passed: rows.iter().all(|r| r.passed),
             steps: rows,
+        }
+    }
+
+    /// A step with `within_ms`: repeated every ~100 ms until its outcome is the expected one or
+    /// the time is up; the detail says how long it took.
+    async fn step_within(&mut self, step: &Step, within_ms: u64) -> (String, Outcome, String) {
+        let expected = step.expected();
+        let start = Instant::now();
+        let within = Duration::from_millis(within_ms);
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let (target, mut outcome, extra) = self.step(step).await;
+            let took = start.elapsed().as_millis();
+            if outcome.matches(&expected) {
+                let said = format!("{expected} after {took} ms ({tries} tries)");
+                // The row shows the outcome's detail when it has one, else `extra`.
+                if !outcome.detail.is_empty() {
+                    outcome.detail = format!("{said}; {}", outcome.detail);
+                }
+                let extra = if extra.is_empty() {
+                    said
+                } else {
+                    format!("{said}; {extra}")
+                };
+                return (target, outcome, extra);
+            }
+            if start.elapsed() >= within {
+                outcome.detail = format!(
+                    "not {expected} within {within_ms} ms ({tries} tries); last: {}",
+                    if outcome.detail.is_empty() {
+                        outcome.shown()
+                    } else {
+                        outcome.detail.clone()
+                    }
+                );
+                return (target, outcome, extra);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -337,6 +388,8 @@ impl<'a> Runner<'a> {
                 }
             }
             Action::Counters => self.counters_step(step).await,
+            Action::LoadStart => self.load_start(step),
+            Action::LoadStop => self.load_stop().await,
             _ => self.group_step(step).await,
         }
     }
@@ -350,9 +403,16 @@ impl<'a> Runner<'a> {
             .unwrap_or_default();
         let r = match step.action {
             Action::Start => self.tb.start(&c).await,
-            Action::Kill => self.tb.stop(&c, true).await,
+            Action::Kill => {
+                let r = self.tb.stop(&c, true).await;
+                self.last_kill_ms = Some(ccf_core::clock::now_ms());
+                r
+            }
             Action::Restart => match self.tb.stop(&c, true).await {
-                Ok(()) => self.tb.start(&c).await,
+                Ok(()) => {
+                    self.last_kill_ms = Some(ccf_core::clock::now_ms());
+                    self.tb.start(&c).await
+                }
                 Err(e) => Err(e),
             },
             _ => self.tb.stop(&c, false).await,
@@ -404,11 +464,15 @@ impl<'a> Runner<'a> {
     async fn set_validity_step(&mut self, step: &Step) -> (String, Outcome, String) {
         let d = domain_of(step);
         let secs = step.secs.unwrap_or(0);
-        let comp = format!("ccf:{d}");
         let r = async {
             self.tb.set_validity(&d, secs)?;
-            self.tb.stop(&comp, false).await?;
-            self.tb.start(&comp).await
+            let replicas = self.tb.domains.get(&d).map_or(1, |x| x.replica_count());
+            for n in 1..=replicas {
+                let comp = crate::scenario::canonical_component(&format!("ccf:{d}#{n}"));
+                self.tb.stop(&comp, false).await?;
+                self.tb.start(&comp).await?;
+            }
+            Ok::<_, anyhow::Error>(())
         }
         .await;
         (
@@ -519,6 +583,87 @@ impl<'a> Runner<'a> {
         }
     }
 
+    /// Starts the background load: the step's invoker group at its AEFs, PSK flows.
+    fn load_start(&mut self, step: &Step) -> (String, Outcome, String) {
+        let group = step
+            .invoker
+            .as_ref()
+            .map(|i| i.get_ref().clone())
+            .unwrap_or_default();
+        let members: Vec<String> = self
+            .members
+            .get(&group)
+            .map(|m| m.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        let aefs = Self::aefs_of(step);
+        let concurrency = step.concurrency.unwrap_or(4).max(1);
+        let target = format!(
+            "{group} ({}) -> {}, {concurrency} at a time",
+            members.len(),
+            aefs.join(",")
+        );
+        let load = crate::load::Load::new(
+            self.tb,
+            self.scenario,
+            concurrency,
+            BACKGROUND_FLOW_DEADLINE,
+            0,
+        );
+        match load {
+            Ok(mut load) => {
+                load.members.retain(|m| members.contains(&m.name));
+                load.aefs.retain(|a| aefs.contains(&a.id));
+                self.background = Some(crate::background::Running::start(
+                    load,
+                    concurrency,
+                    target.clone(),
+                ));
+                (target, Outcome::ok(), String::new())
+            }
+            Err(e) => (target, classify(&e), String::new()),
+        }
+    }
+
+    /// Stops the background load and judges it: ok when every flow that started after the most
+    /// recent kill succeeded (after its retries), and at least one did start.
+    async fn load_stop(&mut self) -> (String, Outcome, String) {
+        let Some(running) = self.background.take() else {
+            return (
+                String::new(),
+                Outcome {
+                    code: "ERROR".into(),
+                    reason: String::new(),
+                    detail: "no load is running".into(),
+                },
+                String::new(),
+            );
+        };
+        let target = running.target.clone();
+        let flows = running.stop().await;
+        let s = crate::background::Summary::of(&flows, self.last_kill_ms);
+        let detail = s.detail();
+        if s.after_kill == 0 {
+            let o = Outcome {
+                code: "NO_FLOWS".into(),
+                reason: String::new(),
+                detail: format!("{detail}: no flow started after the last kill"),
+            };
+            return (target, o, String::new());
+        }
+        match &s.first_failure {
+            None => (target, Outcome::ok(), detail),
+            Some(first) => (
+                target,
+                Outcome {
+                    code: "FLOWS_FAILED".into(),
+                    reason: String::new(),
+                    detail: format!("{detail}; first failure: {first}"),
+                },
+                String::new(),
+            ),
+        }
+    }
+
     async fn counters(&self, domain: &str) -> Result<BTreeMap<String, u64>> {
         let st = self
             .tb
@@ -589,10 +734,18 @@ struct OpContext {
     action: Action,
     profile_dir: PathBuf,
     credential: String,
-    onboarding: String,
-    capif: String,
-    /// Where the home domain runs CAPIF-1e, and by which profile.
+    /// The home CCF's onboarding addresses: the step's `replica`, else every replica in order
+    /// (the next is tried when one cannot be reached).
+    onboarding: Vec<String>,
+    /// Where the home domain runs CAPIF-1e, and by which profile (replica 1's address).
     capif1e: (String, Capif1eProfile),
+    /// Every replica's CAPIF-1e address, replica 1 first (what a profile keeps).
+    capif1e_all: Vec<String>,
+    /// The CAPIF-1e addresses this step uses, in order: the step's `replica`, else every
+    /// replica. Empty when the home CCF has one replica (the profile's own address serves).
+    capif1e_use: Vec<String>,
+    /// The revoking CCF's CAPIF addresses (the step's `replica`, else every replica in order).
+    revoke_at: Vec<String>,
     home_ca: PathBuf,
     operator: (PathBuf, PathBuf),
     aef: Option<String>,
@@ -605,9 +758,22 @@ struct OpContext {
     tls_endpoint: String,
     psk_tls: TlsProfile,
     method: pb::SecurityMethod,
-    /// Revoke: the domain whose operator revokes, when not the invoker's home (its CCF's
-    /// address, CA file, operator files, id).
-    revoker: Option<(String, PathBuf, (PathBuf, PathBuf), String)>,
+    /// Revoke: the domain whose operator revokes, when not the invoker's home (its CA file,
+    /// operator files, id).
+    revoker: Option<(PathBuf, (PathBuf, PathBuf), String)>,
+}
+
+/// The addresses a step uses: replica `pin` only, else all of them in order.
+fn pinned(all: Vec<String>, pin: Option<u32>) -> Vec<String> {
+    match pin {
+        Some(n) => all.into_iter().skip(n as usize - 1).take(1).collect(),
+        None => all,
+    }
+}
+
+/// Whether an error means the server could not be reached (worth trying another replica).
+fn unreachable(e: &anyhow::Error) -> bool {
+    classify(e).code == "UNAVAILABLE"
 }
 
 impl OpContext {
@@ -621,19 +787,14 @@ impl OpContext {
     ) -> Self {
         let d = &r.tb.domains[home];
         let a = aef.and_then(|a| r.tb.aefs.get(a));
-        let revoker = step
+        let pin = step.replica.as_ref().map(|n| *n.get_ref());
+        let revoking = step
             .domain
             .as_ref()
             .filter(|x| step.action == Action::Revoke && x.get_ref() != home)
-            .and_then(|x| r.tb.domains.get(x.get_ref()))
-            .map(|x| {
-                (
-                    format!("127.0.0.1:{}", x.capif_port),
-                    x.ca_pem(),
-                    x.operator(),
-                    x.id.clone(),
-                )
-            });
+            .and_then(|x| r.tb.domains.get(x.get_ref()));
+        let revoker = revoking.map(|x| (x.ca_pem(), x.operator(), x.id.clone()));
+        let revoke_at = pinned(revoking.unwrap_or(d).capif_addrs(), pin);
         let api = step.api.clone().or_else(|| {
             aef.and_then(|a| s.aef(a))
                 .and_then(|a| a.apis.first().cloned())
@@ -642,9 +803,15 @@ impl OpContext {
             action: step.action,
             profile_dir: r.profile_dir(member),
             credential: d.credentials.get(member).cloned().unwrap_or_default(),
-            onboarding: format!("127.0.0.1:{}", d.onboarding_port),
-            capif: format!("127.0.0.1:{}", d.capif_port),
+            onboarding: pinned(d.onboarding_addrs(), pin),
             capif1e: (d.capif1e_addr(), d.capif1e),
+            capif1e_all: d.capif1e_addrs(),
+            capif1e_use: if d.replica_count() > 1 {
+                pinned(d.capif1e_addrs(), pin)
+            } else {
+                Vec::new()
+            },
+            revoke_at,
             home_ca: d.ca_pem(),
             operator: d.operator(),
             aef: aef.map(str::to_string),
@@ -672,34 +839,66 @@ impl OpContext {
         }
     }
 
+    /// The invoker's profile, aimed at the CCF replicas this step uses.
+    fn profile(&self) -> Result<Profile> {
+        let mut p = Profile::load(&self.profile_dir)?;
+        if let Some((first, rest)) = self.capif1e_use.split_first() {
+            p.file.capif_addr = first.clone();
+            p.file.capif_alternates = rest.to_vec();
+        }
+        Ok(p)
+    }
+
+    /// Onboarding at the first replica of `onboarding` that can be reached. The profile keeps
+    /// every replica, replica 1 first, whichever one onboarded the invoker.
+    async fn onboard(&self) -> Result<()> {
+        let ca = std::fs::read_to_string(&self.home_ca)?;
+        let mut last = None;
+        for addr in &self.onboarding {
+            match invoker::onboard_profile(
+                addr,
+                &self.capif1e.0,
+                &ca,
+                "localhost",
+                &self.credential,
+                &self.profile_dir,
+                self.capif1e.1,
+            )
+            .await
+            {
+                Ok(p) => {
+                    if let Some((_, rest)) = self.capif1e_all.split_first()
+                        && !rest.is_empty()
+                    {
+                        let mut file = p.file.clone();
+                        file.capif_alternates = rest.to_vec();
+                        invoker::write_profile_file(&self.profile_dir, &file)?;
+                    }
+                    return Ok(());
+                }
+                Err(e) if unreachable(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no onboarding address")))
+    }
+
     async fn run(self) -> Result<()> {
         let aef = self.aef.clone().unwrap_or_default();
         let api = self.api.clone().unwrap_or_default();
         match self.action {
-            Action::Onboard => {
-                let ca = std::fs::read_to_string(&self.home_ca)?;
-                invoker::onboard_profile(
-                    &self.onboarding,
-                    &self.capif1e.0,
-                    &ca,
-                    "localhost",
-                    &self.credential,
-                    &self.profile_dir,
-                    self.capif1e.1,
-                )
-                .await?;
-            }
+            Action::Onboard => self.onboard().await?,
             Action::Security if self.method != pb::SecurityMethod::Psk => {
-                let p = Profile::load(&self.profile_dir)?;
+                let p = self.profile()?;
                 invoker::negotiate(&p, &aef, None, self.method).await?;
             }
             Action::Security => {
-                invoker::security(&Profile::load(&self.profile_dir)?, &aef, None).await?;
+                invoker::security(&self.profile()?, &aef, None).await?;
             }
             Action::Auth => self.auth(&aef).await?,
             Action::Call => self.call(&aef, &api).await?,
             Action::Run => {
-                let p = Profile::load(&self.profile_dir)?;
+                let p = self.profile()?;
                 let ca = std::fs::read_to_string(&self.aef_ca)?;
                 let target = invoker::AefTarget {
                     addr: &self.aef_addr,
@@ -710,7 +909,7 @@ impl OpContext {
             }
             Action::Revoke => self.revoke(aef).await?,
             Action::Offboard => {
-                let p = Profile::load(&self.profile_dir)?;
+                let p = self.profile()?;
                 let ch = p.capif1e_channel().await?;
                 InvokerManagementClient::new(ch)
                     .offboard(pb::OffboardRequest {
@@ -726,7 +925,7 @@ impl OpContext {
 
     /// Authentication Initiation at the AEF with the step's method.
     async fn auth(&self, aef: &str) -> Result<()> {
-        let p = Profile::load(&self.profile_dir)?;
+        let p = self.profile()?;
         let ca = std::fs::read_to_string(&self.aef_ca)?;
         if self.method != pb::SecurityMethod::Psk {
             invoker::auth_method(
@@ -758,7 +957,7 @@ impl OpContext {
     /// One API call at the AEF: mutual TLS with the invoker's certificate (PKI), TLS with a
     /// fresh bearer token (OAUTH), or TLS-PSK.
     async fn call(&self, aef: &str, api: &str) -> Result<()> {
-        let p = Profile::load(&self.profile_dir)?;
+        let p = self.profile()?;
         let ca = std::fs::read_to_string(&self.aef_ca)?;
         let expected = invoker::expected_aef(&self.aef_domain, aef);
         match self.method {
@@ -801,36 +1000,44 @@ impl OpContext {
     /// With a revoking domain other than the home: that domain's operator revokes the invoker's
     /// access to its own AEFs, naming the invoker's home.
     async fn revoke(&self, aef: String) -> Result<()> {
-        let p = Profile::load(&self.profile_dir)?;
-        let (capif, ca_file, operator, expected, home_ccf_id) = match &self.revoker {
-            Some((capif, ca, op, id)) => (
-                capif.as_str(),
+        let p = self.profile()?;
+        let (ca_file, operator, expected, home_ccf_id) = match &self.revoker {
+            Some((ca, op, id)) => (
                 ca,
                 op,
                 ExpectedPeer::ccf(&CcfId::new(id.clone())?),
                 p.file.ccf_id.clone(),
             ),
-            None => (
-                self.capif.as_str(),
-                &self.home_ca,
-                &self.operator,
-                p.home_ccf()?,
-                String::new(),
-            ),
+            None => (&self.home_ca, &self.operator, p.home_ccf()?, String::new()),
         };
         let ca = std::fs::read_to_string(ca_file)?;
         let (cert, key) = (
             std::fs::read_to_string(&operator.0)?,
             zeroize::Zeroizing::new(std::fs::read_to_string(&operator.1)?),
         );
-        let (ch, _) = connect(
-            capif,
-            "localhost",
-            client_config(&ca, Some((&cert, &key)), expected)?,
-            Duration::from_secs(5),
-        )
-        .await?;
-        SecurityClient::new(ccf_core::telemetry::TracedChannel::new(ch, capif))
+        // The first replica of the revoking CCF that can be reached.
+        let mut reached = None;
+        let mut last = None;
+        for capif in &self.revoke_at {
+            match connect(
+                capif,
+                "localhost",
+                client_config(&ca, Some((&cert, &key)), expected.clone())?,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok((ch, _)) => {
+                    reached = Some((ch, capif));
+                    break;
+                }
+                Err(e) => last = Some(anyhow::Error::from(e)),
+            }
+        }
+        let Some((ch, capif)) = reached else {
+            return Err(last.unwrap_or_else(|| anyhow!("no CCF address to revoke at")));
+        };
+        SecurityClient::new(ccf_core::telemetry::TracedChannel::new(ch, capif.as_str()))
             .revoke_authorization(pb::RevokeAuthorizationRequest {
                 revoke_info: Some(pb::SecurityNotification {
                     api_invoker_id: p.id().to_string(),

@@ -48,9 +48,46 @@ pub struct DomainSpec {
     /// or "postgres" (a database of the PostgreSQL server the launcher starts for the run).
     #[serde(default)]
     pub store: ccf_core::pg::StoreBackend,
+    /// How many CCF and gateway processes the domain runs (default 1, at most
+    /// [`MAX_REPLICAS`]); more than one needs `store = "postgres"`, which they share.
+    #[serde(default)]
+    pub replicas: Option<Spanned<u32>>,
     /// The domain's AEFs.
     #[serde(default, rename = "aef")]
     pub aefs: Vec<AefSpec>,
+}
+
+/// The most replicas a domain may run in the testbed.
+pub const MAX_REPLICAS: u32 = 4;
+
+impl DomainSpec {
+    /// How many CCF and gateway replicas the domain runs.
+    pub fn replica_count(&self) -> u32 {
+        self.replicas.as_ref().map_or(1, |r| *r.get_ref())
+    }
+}
+
+/// A component name split into kind, domain or AEF id, and replica (1 when the name has no
+/// `#<n>`): `ccf:operator-b.test#2` -> ("ccf", "operator-b.test", 2). `None` when the replica
+/// is not a number from 1.
+pub fn split_component(c: &str) -> Option<(&str, &str, u32)> {
+    let (kind, rest) = c.split_once(':')?;
+    match rest.split_once('#') {
+        None => Some((kind, rest, 1)),
+        Some((name, n)) => {
+            let n: u32 = n.parse().ok().filter(|n| *n >= 1)?;
+            Some((kind, name, n))
+        }
+    }
+}
+
+/// The name the testbed knows a component by: replica 1 of a CCF or gateway is `ccf:<domain>`,
+/// the others `ccf:<domain>#<n>`.
+pub fn canonical_component(c: &str) -> String {
+    match split_component(c) {
+        Some((kind, name, 1)) => format!("{kind}:{name}"),
+        _ => c.to_string(),
+    }
 }
 
 /// One invoker, or a group of `count` invokers named `<name>-1` .. `<name>-<count>`.
@@ -122,6 +159,14 @@ pub enum Action {
     Counters,
     /// The domain's operator rotates its CCF's access-token signing key (`domain`).
     RotateTokenKey,
+    /// Start a steady background load: cross-domain flows (security at the home CCF, auth at
+    /// the AEF, a TLS-PSK call) of every member of `invoker` at the `aef`/`aefs`, `concurrency`
+    /// at a time, running while the later steps run.
+    LoadStart,
+    /// Stop the background load and judge it: ok when every flow that started after the most
+    /// recent `kill` or `restart` succeeded (a flow whose component went away is retried and
+    /// counts by its retry).
+    LoadStop,
 }
 
 /// One step.
@@ -145,7 +190,8 @@ pub struct Step {
     /// Security method of security/auth/call/run: "psk" (default), "pki" or "oauth".
     #[serde(default)]
     pub method: Option<Spanned<String>>,
-    /// Component: "ccf:<domain>", "gateway:<domain>" or "aef:<aef-id>".
+    /// Component: "ccf:<domain>", "gateway:<domain>" or "aef:<aef-id>"; "ccf:<domain>#<n>" and
+    /// "gateway:<domain>#<n>" name replica n of a domain with `replicas` (no `#`: replica 1).
     #[serde(default)]
     pub component: Option<Spanned<String>>,
     /// Domain (set_validity, counters, reload, rotate_partner_ca; revoke: the revoking domain).
@@ -167,6 +213,15 @@ pub struct Step {
     /// negative_hits, revocations_received, partner_requests_served, cache_entries.
     #[serde(default)]
     pub counters: Option<BTreeMap<String, u64>>,
+    /// Which replica of the CCF the step talks to (onboard, security, run, revoke, offboard, and
+    /// call with oauth): the home CCF's, or with `revoke` and `domain` that domain's. Without
+    /// it: replica 1, failing over to the next live replica.
+    #[serde(default)]
+    pub replica: Option<Spanned<u32>>,
+    /// Repeat the step (every ~100 ms) until its outcome is `expect` or this many milliseconds
+    /// have passed (security, auth, call, run, counters).
+    #[serde(default)]
+    pub within_ms: Option<u64>,
     /// Concurrent operations for group steps (default 16).
     #[serde(default)]
     pub concurrency: Option<usize>,
@@ -303,6 +358,7 @@ impl Scenario {
             bail!("{}: a domain id is listed twice", self.origin);
         }
         self.validate_ids()?;
+        self.validate_replicas()?;
         let aefs = self.aef_domains();
         if aefs.len() != self.domains.iter().map(|d| d.aefs.len()).sum::<usize>() {
             bail!("{}: an AEF id is used twice", self.origin);
@@ -313,6 +369,123 @@ impl Scenario {
             let what = format!("step {} ({:?})", n + 1, step.action);
             self.validate_step_references(step, &what, &domains, &aefs, &invokers)?;
             self.validate_step_fields(step, &what)?;
+            self.validate_step_replica(step, &what)?;
+        }
+        self.validate_load_pairs()
+    }
+
+    /// How many replicas `domain` runs (1 for an unknown domain).
+    pub fn replicas_of(&self, domain: &str) -> u32 {
+        self.domains
+            .iter()
+            .find(|d| d.id == domain)
+            .map_or(1, DomainSpec::replica_count)
+    }
+
+    /// `replicas` is 1 to [`MAX_REPLICAS`], and more than one needs the shared PostgreSQL
+    /// store: replicas of a CCF must see one state.
+    fn validate_replicas(&self) -> Result<()> {
+        for d in &self.domains {
+            let Some(r) = &d.replicas else { continue };
+            let n = *r.get_ref();
+            if n == 0 || n > MAX_REPLICAS {
+                bail!(
+                    "{}: domain {:?}: replicas = {n}: use 1 to {MAX_REPLICAS}",
+                    self.at(r.span()),
+                    d.id
+                );
+            }
+            if n > 1 && d.store != ccf_core::pg::StoreBackend::Postgres {
+                bail!(
+                    "{}: domain {:?}: replicas = {n} needs store = \"postgres\" (the replicas \
+                     share one database)",
+                    self.at(r.span()),
+                    d.id
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `replica` only on steps that talk to a CCF, and within the domain's replicas;
+    /// `within_ms` only on steps that may be repeated.
+    fn validate_step_replica(&self, step: &Step, what: &str) -> Result<()> {
+        use Action::*;
+        if let Some(r) = &step.replica {
+            let oauth = step
+                .method
+                .as_ref()
+                .is_some_and(|m| m.get_ref().eq_ignore_ascii_case("oauth"));
+            let talks_to_ccf = match step.action {
+                Onboard | Security | Run | Revoke | Offboard => true,
+                Call => oauth,
+                _ => false,
+            };
+            if !talks_to_ccf {
+                bail!(
+                    "{}: {what}: `replica` is for steps that talk to a CCF (onboard, security, \
+                     run, revoke, offboard, call with method = \"oauth\")",
+                    self.at(r.span())
+                );
+            }
+            let domain = match (&step.domain, step.action) {
+                (Some(d), Revoke) => Some(d.get_ref().clone()),
+                _ => step.invoker.as_ref().and_then(|i| {
+                    self.invokers
+                        .iter()
+                        .find(|x| x.name == *i.get_ref())
+                        .map(|x| x.home.get_ref().clone())
+                }),
+            }
+            .unwrap_or_default();
+            let n = *r.get_ref();
+            let have = self.replicas_of(&domain);
+            if n == 0 || n > have {
+                bail!(
+                    "{}: {what}: replica = {n}, but {domain} runs {have} replica{}",
+                    self.at(r.span()),
+                    if have == 1 { "" } else { "s" }
+                );
+            }
+        }
+        if step.within_ms.is_some()
+            && !matches!(step.action, Security | Auth | Call | Run | Counters)
+        {
+            bail!(
+                "{}: {what}: `within_ms` repeats a step until it gives its expectation: only \
+                 security, auth, call, run and counters may be repeated",
+                self.origin
+            );
+        }
+        Ok(())
+    }
+
+    /// A background load is started once at a time and stopped (judged) by a later step.
+    fn validate_load_pairs(&self) -> Result<()> {
+        let mut running = None;
+        for (n, step) in self.steps.iter().enumerate() {
+            match (step.action, running) {
+                (Action::LoadStart, Some(at)) => bail!(
+                    "{}: step {} (LoadStart): the load of step {at} is still running (load_stop it first)",
+                    self.origin,
+                    n + 1
+                ),
+                (Action::LoadStart, None) => running = Some(n + 1),
+                (Action::LoadStop, None) => bail!(
+                    "{}: step {} (LoadStop): no load is running (load_start one first)",
+                    self.origin,
+                    n + 1
+                ),
+                (Action::LoadStop, Some(_)) => running = None,
+                _ => {}
+            }
+        }
+        if let Some(at) = running {
+            bail!(
+                "{}: the load of step {at} is never stopped: end it with a load_stop step, \
+                 which judges it",
+                self.origin
+            );
         }
         Ok(())
     }
@@ -397,14 +570,16 @@ impl Scenario {
             }
         }
         if let Some(c) = &step.component {
-            let ok = match c.get_ref().split_once(':') {
-                Some(("ccf" | "gateway", d)) => domains.contains(d),
-                Some(("aef", a)) => aefs.contains_key(a),
+            let ok = match split_component(c.get_ref()) {
+                Some(("ccf" | "gateway", d, n)) => domains.contains(d) && n <= self.replicas_of(d),
+                Some(("aef", a, 1)) => aefs.contains_key(a) && !c.get_ref().contains('#'),
                 _ => false,
             };
             if !ok {
                 bail!(
-                    "{}: {what}: unknown component {:?} (use ccf:<domain>, gateway:<domain> or aef:<aef-id>)",
+                    "{}: {what}: unknown component {:?} (use ccf:<domain>, gateway:<domain>, \
+                     ccf:<domain>#<n> or gateway:<domain>#<n> up to the domain's replicas, or \
+                     aef:<aef-id>)",
                     self.at(c.span()),
                     c.get_ref()
                 );
@@ -426,7 +601,7 @@ impl Scenario {
             Onboard | Offboard | Revoke => {
                 step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
             }
-            Security | Auth | Call | Run => {
+            Security | Auth | Call | Run | LoadStart => {
                 step.invoker.as_ref().ok_or_else(|| need("invoker"))?;
                 if step.aef.is_none() && step.aefs.is_none() {
                     return Err(need("aef"));
@@ -458,6 +633,7 @@ impl Scenario {
             RotateTokenKey => {
                 step.domain.as_ref().ok_or_else(|| need("domain"))?;
             }
+            LoadStop => {}
             SetValidity => {
                 step.domain.as_ref().ok_or_else(|| need("domain"))?;
                 step.secs.ok_or_else(|| need("secs"))?;
@@ -566,6 +742,131 @@ aef = "aef-a1"
             e.starts_with("bad.toml:10:") && e.contains("tls12-annex-a"),
             "{e}"
         );
+    }
+
+    /// OK with B on PostgreSQL with `replicas` replicas and `steps` appended.
+    fn with_replicas(replicas: &str, steps: &str) -> String {
+        OK.replace(
+            "id = \"operator-b.test\"",
+            &format!("id = \"operator-b.test\"\nstore = \"postgres\"\nreplicas = {replicas}"),
+        ) + steps
+    }
+
+    fn refused(text: &str) -> String {
+        Scenario::parse(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn replicas_are_counted_and_need_postgres() {
+        let s = Scenario::parse(&with_replicas("2", ""), "ok.toml").unwrap();
+        assert_eq!(s.replicas_of("operator-b.test"), 2);
+        assert_eq!(s.replicas_of("operator-a.test"), 1, "the default");
+        let redb = OK.replace(
+            "id = \"operator-b.test\"",
+            "id = \"operator-b.test\"\nreplicas = 2",
+        );
+        let e = refused(&redb);
+        assert!(
+            e.starts_with("bad.toml:10:") && e.contains("needs store = \"postgres\""),
+            "{e}"
+        );
+        for n in ["0", "5"] {
+            let e = refused(&with_replicas(n, ""));
+            assert!(e.starts_with("bad.toml:11:") && e.contains("1 to 4"), "{e}");
+        }
+    }
+
+    #[test]
+    fn replica_components_are_checked_against_the_domain() {
+        let step = |c: &str| format!("[[step]]\naction = \"kill\"\ncomponent = \"{c}\"\n");
+        for ok in [
+            "ccf:operator-b.test#2",
+            "gateway:operator-b.test#1",
+            "ccf:operator-b.test",
+        ] {
+            Scenario::parse(&with_replicas("2", &step(ok)), "ok.toml").unwrap();
+        }
+        for bad in [
+            "ccf:operator-b.test#3",
+            "gateway:operator-a.test#2",
+            "ccf:operator-b.test#0",
+            "ccf:operator-b.test#x",
+            "aef:aef-a1#1",
+        ] {
+            let e = refused(&with_replicas("2", &step(bad)));
+            assert!(
+                e.starts_with("bad.toml:21:") && e.contains("unknown component"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            canonical_component("ccf:operator-b.test#1"),
+            "ccf:operator-b.test"
+        );
+        assert_eq!(
+            canonical_component("gateway:operator-b.test#2"),
+            "gateway:operator-b.test#2"
+        );
+    }
+
+    #[test]
+    fn a_step_names_a_replica_only_when_it_talks_to_a_ccf() {
+        let step = |action: &str, extra: &str, n: u32| {
+            format!(
+                "[[step]]\naction = \"{action}\"\ninvoker = \"alice\"\naef = \"aef-a1\"\n{extra}replica = {n}\n"
+            )
+        };
+        for (action, extra) in [
+            ("security", ""),
+            ("run", ""),
+            ("revoke", ""),
+            ("call", "method = \"oauth\"\n"),
+        ] {
+            Scenario::parse(&with_replicas("2", &step(action, extra, 2)), "ok.toml").unwrap();
+        }
+        let e = refused(&with_replicas("2", &step("security", "", 3)));
+        assert!(
+            e.starts_with("bad.toml:23:")
+                && e.contains("replica = 3, but operator-b.test runs 2 replicas"),
+            "{e}"
+        );
+        for (action, extra) in [("auth", ""), ("call", "")] {
+            let e = refused(&with_replicas("2", &step(action, extra, 1)));
+            assert!(
+                e.starts_with("bad.toml:23:") && e.contains("steps that talk to a CCF"),
+                "{action}: {e}"
+            );
+        }
+        // revoke with `domain`: that domain's replicas (A runs 1).
+        let e = refused(&with_replicas(
+            "2",
+            &step("revoke", "domain = \"operator-a.test\"\n", 2),
+        ));
+        assert!(e.contains("operator-a.test runs 1 replica"), "{e}");
+    }
+
+    #[test]
+    fn within_ms_and_the_load_steps_are_checked() {
+        let load_start =
+            "[[step]]\naction = \"load_start\"\ninvoker = \"alice\"\naef = \"aef-a1\"\n";
+        let load_stop = "[[step]]\naction = \"load_stop\"\n";
+        Scenario::parse(&format!("{OK}{load_start}{load_stop}"), "ok.toml").unwrap();
+        assert!(refused(&format!("{OK}{load_start}")).contains("never stopped"));
+        assert!(refused(&format!("{OK}{load_stop}")).contains("no load is running"));
+        assert!(
+            refused(&format!("{OK}{load_start}{load_start}{load_stop}")).contains("still running")
+        );
+        let e = refused(&format!(
+            "{OK}[[step]]\naction = \"onboard\"\ninvoker = \"alice\"\nwithin_ms = 2000\n"
+        ));
+        assert!(e.contains("`within_ms`"), "{e}");
+        Scenario::parse(
+            &format!(
+                "{OK}[[step]]\naction = \"auth\"\ninvoker = \"alice\"\naef = \"aef-a1\"\nwithin_ms = 2000\n"
+            ),
+            "ok.toml",
+        )
+        .unwrap();
     }
 
     #[test]

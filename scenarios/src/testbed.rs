@@ -80,6 +80,54 @@ pub struct DomainPlan {
     pub partners: Vec<String>,
     /// Onboarding credential per invoker (member) name.
     pub credentials: BTreeMap<String, String>,
+    /// The ports of replicas 2.. of its CCF and gateway (`replicas` in the scenario); replica
+    /// 1 is the fields above.
+    pub more_replicas: Vec<ReplicaPorts>,
+}
+
+/// The listen ports of one replica of a domain's CCF and gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaPorts {
+    /// CCF onboarding port.
+    pub onboarding_port: u16,
+    /// CCF CAPIF-1e/3/6 port.
+    pub capif_port: u16,
+    /// CCF TLS 1.2 CAPIF-1e port (`tls12-annex-a` only).
+    pub capif1e_port: Option<u16>,
+    /// Gateway CAPIF-6 port.
+    pub gw6_port: u16,
+    /// Gateway CAPIF-6e port.
+    pub gw6e_port: u16,
+}
+
+impl ReplicaPorts {
+    fn new(capif1e: Capif1eProfile) -> Result<Self> {
+        Ok(Self {
+            onboarding_port: free_port()?,
+            capif_port: free_port()?,
+            capif1e_port: match capif1e {
+                Capif1eProfile::Tls12AnnexA => Some(free_port()?),
+                Capif1eProfile::Tls13Exporter => None,
+            },
+            gw6_port: free_port()?,
+            gw6e_port: free_port()?,
+        })
+    }
+
+    /// Where the domain's invokers run CAPIF-1e at this replica.
+    pub fn capif1e_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.capif1e_port.unwrap_or(self.capif_port))
+    }
+}
+
+/// The suffix of replica `n`'s files and component name: "" for replica 1 (today's names),
+/// "-2" and "#2" and so on for the others.
+fn replica_suffix(n: u32, sep: char) -> String {
+    if n <= 1 {
+        String::new()
+    } else {
+        format!("{sep}{n}")
+    }
 }
 
 impl DomainPlan {
@@ -95,6 +143,68 @@ impl DomainPlan {
     pub fn operator(&self) -> (PathBuf, PathBuf) {
         (self.dir.join("operator.pem"), self.dir.join("operator.key"))
     }
+    /// How many CCF and gateway replicas the domain runs.
+    pub fn replica_count(&self) -> u32 {
+        1 + self.more_replicas.len() as u32
+    }
+
+    /// The ports of replica `n` (1-based).
+    pub fn replica(&self, n: u32) -> Option<ReplicaPorts> {
+        match n {
+            0 => None,
+            1 => Some(ReplicaPorts {
+                onboarding_port: self.onboarding_port,
+                capif_port: self.capif_port,
+                capif1e_port: self.capif1e_port,
+                gw6_port: self.gw6_port,
+                gw6e_port: self.gw6e_port,
+            }),
+            n => self.more_replicas.get(n as usize - 2).copied(),
+        }
+    }
+
+    /// Every replica's ports, replica 1 first.
+    pub fn replicas(&self) -> Vec<ReplicaPorts> {
+        (1..=self.replica_count())
+            .filter_map(|n| self.replica(n))
+            .collect()
+    }
+
+    /// Every CCF replica's CAPIF-1e/3/6 address (`capif`), replica 1 first.
+    pub fn capif_addrs(&self) -> Vec<String> {
+        self.replicas()
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.capif_port))
+            .collect()
+    }
+
+    /// Every CCF replica's onboarding address, replica 1 first.
+    pub fn onboarding_addrs(&self) -> Vec<String> {
+        self.replicas()
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.onboarding_port))
+            .collect()
+    }
+
+    /// Every CCF replica's CAPIF-1e address, replica 1 first.
+    pub fn capif1e_addrs(&self) -> Vec<String> {
+        self.replicas()
+            .iter()
+            .map(ReplicaPorts::capif1e_addr)
+            .collect()
+    }
+
+    /// The config file of replica `n` of the CCF (`ccf.toml`, `ccf-2.toml`, ...).
+    pub fn ccf_config_path(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("ccf{}.toml", replica_suffix(n, '-')))
+    }
+
+    /// The config file of replica `n` of the gateway (`gateway.toml`, `gateway-2.toml`, ...).
+    pub fn gateway_config_path(&self, n: u32) -> PathBuf {
+        self.dir
+            .join(format!("gateway{}.toml", replica_suffix(n, '-')))
+    }
+
     /// The CA bundle this domain's gateway trusts for `partner`'s gateway.
     pub fn partner_ca(&self, partner: &str) -> PathBuf {
         self.dir.join("partners").join(format!("{partner}.pem"))
@@ -234,6 +344,30 @@ fn database_name(domain: &str) -> String {
     format!("ccf_{id}")
 }
 
+/// `address = "..."` for one server, `addresses = [...]` for its replicas (the components'
+/// `[ccf]` and `[gateway]` sections take either).
+fn address_keys(addrs: &[String]) -> String {
+    match addrs {
+        [one] => format!("address = \"{one}\""),
+        many => format!(
+            "addresses = [{}]",
+            many.iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The gateway's `[store]` section. Empty for now: every gateway replica keeps its durable
+/// state in redb in its own state directory. Once the gateway takes `[store]` (backend
+/// "postgres", tables prefixed `gateway_`, LISTEN/NOTIFY eviction across replicas), this returns
+/// `[store]` with the domain's database URL for a domain on PostgreSQL; today's `capif-gateway`
+/// refuses the table, so it must stay empty until then.
+fn gateway_store_section(_d: &DomainPlan) -> String {
+    String::new()
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| path.display().to_string())
 }
@@ -298,6 +432,9 @@ impl Testbed {
                         .map(|o| o.id.clone())
                         .collect(),
                     credentials,
+                    more_replicas: (1..d.replica_count())
+                        .map(|_| ReplicaPorts::new(d.capif1e))
+                        .collect::<Result<_>>()?,
                 },
             );
         }
@@ -328,11 +465,16 @@ impl Testbed {
         };
         let use_dns = s.federation.discovery.as_deref() != Some("static");
         let dns = if use_dns {
-            let zones: Vec<(String, u16)> = domains
+            let zones: Vec<(String, Vec<u16>)> = domains
                 .values()
-                .map(|d| (d.id.clone(), d.gw6e_port))
+                .map(|d| {
+                    (
+                        d.id.clone(),
+                        d.replicas().iter().map(|r| r.gw6e_port).collect(),
+                    )
+                })
                 .collect();
-            Some(DnsServer::start(&zones).await?)
+            Some(DnsServer::start_replicas(&zones).await?)
         } else {
             None
         };
@@ -400,21 +542,40 @@ impl Testbed {
             }
             self.write_ccf_config(d)?;
             if !d.partners.is_empty() {
-                write(&d.dir.join("gateway.toml"), &self.gateway_config(d))?;
+                for n in 1..=d.replica_count() {
+                    write(
+                        &d.gateway_config_path(n),
+                        &self.gateway_replica_config(d, n),
+                    )?;
+                }
             }
         }
         Ok(())
     }
 
+    /// Writes the config of every replica of the domain's CCF.
     fn write_ccf_config(&self, d: &DomainPlan) -> Result<()> {
+        for n in 1..=d.replica_count() {
+            self.write_ccf_replica_config(d, n)?;
+        }
+        Ok(())
+    }
+
+    /// Replica `n`'s config: the replicas of a CCF differ only in their listen ports; they
+    /// share the state directory (the domain CA's files; replica 1 starts first and finds or
+    /// makes them) and the database.
+    fn write_ccf_replica_config(&self, d: &DomainPlan, n: u32) -> Result<()> {
+        let r = d
+            .replica(n)
+            .ok_or_else(|| anyhow!("{} has no replica {n}", d.id))?;
         let mut t = format!(
             "ccf_id = \"{id}\"\nstate_dir = \"{state}\"\n\n[listen]\nonboarding = \"127.0.0.1:{on}\"\ncapif = \"127.0.0.1:{cap}\"\n{c1e}\n\
              [security]\naef_psk_validity_secs = {v}\ncapif1e = \"{profile}\"\n\n[onboarding]\ncredentials = [{creds}]\n",
             id = d.id,
             state = d.dir.join("ccf").display(),
-            on = d.onboarding_port,
-            cap = d.capif_port,
-            c1e = d
+            on = r.onboarding_port,
+            cap = r.capif_port,
+            c1e = r
                 .capif1e_port
                 .map(|p| format!("capif1e = \"127.0.0.1:{p}\"\n"))
                 .unwrap_or_default(),
@@ -431,7 +592,12 @@ impl Testbed {
             t += &format!("\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n");
         }
         if !d.partners.is_empty() {
-            t += &format!("\n[gateway]\naddress = \"127.0.0.1:{}\"\n", d.gw6_port);
+            let gws: Vec<String> = d
+                .replicas()
+                .iter()
+                .map(|r| format!("127.0.0.1:{}", r.gw6_port))
+                .collect();
+            t += &format!("\n[gateway]\n{}\n", address_keys(&gws));
         }
         // Every AEF of the scenario is published to every CCF (interconnection publishing is
         // wider than trust): an invoker may negotiate a key for an AEF whose domain its home
@@ -455,25 +621,30 @@ impl Testbed {
             }
         }
         // Owner-only: it holds the onboarding credentials, and the database password when set.
-        let path = d.dir.join("ccf.toml");
+        let path = d.ccf_config_path(n);
         write_private_file(&path, t.as_bytes()).with_context(|| path.display().to_string())
     }
 
-    /// A domain's gateway configuration, as its plan says now (the partner list may change
-    /// while the testbed runs: `live`).
-    pub(crate) fn gateway_config(&self, d: &DomainPlan) -> String {
+    /// Replica `n`'s gateway configuration, as the domain's plan says now (the partner list may
+    /// change while the testbed runs: `live`): its own listen ports and state directory
+    /// (`gateway-state`, `gateway-state-2`, ...), every CCF replica as its CCF, and the rest as
+    /// replica 1's.
+    pub(crate) fn gateway_replica_config(&self, d: &DomainPlan, n: u32) -> String {
         let dir = d.dir.display();
+        let r = d.replica(n).unwrap_or_else(|| d.replicas()[0]);
         let mut t = format!(
-            "ccf_id = \"{id}\"\nstate_dir = \"{dir}/gateway-state\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
+            "ccf_id = \"{id}\"\nstate_dir = \"{dir}/gateway-state{sfx}\"\n\n[listen]\ncapif6 = \"127.0.0.1:{g6}\"\ncapif6e = \"127.0.0.1:{g6e}\"\n\n\
              [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/gateway.pem\"\nkey = \"{dir}/gateway.key\"\n\
              interconnect_cert = \"{dir}/{ic}.pem\"\ninterconnect_key = \"{dir}/{ic}.key\"\n\n\
-             [ccf]\naddress = \"127.0.0.1:{cap}\"\n",
+             [ccf]\n{ccf}\n",
             ic = INTERCONNECT_STEM,
             id = d.id,
-            g6 = d.gw6_port,
-            g6e = d.gw6e_port,
-            cap = d.capif_port,
+            sfx = replica_suffix(n, '-'),
+            g6 = r.gw6_port,
+            g6e = r.gw6e_port,
+            ccf = address_keys(&d.capif_addrs()),
         );
+        t += &gateway_store_section(d);
         if let Some(dns) = &self.dns {
             t += &format!("\n[dns]\nnameserver = \"{}\"\n", dns.addr);
         }
@@ -497,6 +668,7 @@ impl Testbed {
                 pd.ca_pem().display()
             );
             if self.dns.is_none() {
+                // Static discovery names one address per partner: its replica 1.
                 t += &format!("address = \"127.0.0.1:{}\"\n", pd.gw6e_port);
             }
         }
@@ -508,7 +680,7 @@ impl Testbed {
         format!(
             "aef_id = \"{id}\"\nccf_id = \"{dom}\"\napis = [{apis}]\npsk_tls = \"{tls}\"\n\n\
              [tls]\nca_cert = \"{dir}/ca.pem\"\ncert = \"{dir}/{id}.pem\"\nkey = \"{dir}/{id}.key\"\n\n\
-             [ccf]\naddress = \"127.0.0.1:{cap}\"\n\n[listen]\nsecurity = \"127.0.0.1:{sec}\"\npsk = \"127.0.0.1:{psk}\"\ntls = \"127.0.0.1:{tlsp}\"\n",
+             [ccf]\n{ccf}\n\n[listen]\nsecurity = \"127.0.0.1:{sec}\"\npsk = \"127.0.0.1:{psk}\"\ntls = \"127.0.0.1:{tlsp}\"\n",
             id = a.id,
             dom = d.id,
             apis = a
@@ -518,7 +690,7 @@ impl Testbed {
                 .collect::<Vec<_>>()
                 .join(", "),
             tls = a.psk_tls,
-            cap = d.capif_port,
+            ccf = address_keys(&d.capif_addrs()),
             sec = a.security_port,
             psk = a.psk_port,
             tlsp = a.tls_port,
@@ -526,13 +698,24 @@ impl Testbed {
     }
 
     /// Every component name, in start order.
+    /// Replica 1 of a domain's CCF starts before its other replicas (it finds or makes the
+    /// state they share), every CCF before the gateways.
     pub fn components(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.domains.keys().map(|d| format!("ccf:{d}")).collect();
+        let replicas = |kind: &'static str, d: &'_ DomainPlan| {
+            (1..=d.replica_count())
+                .map(move |n| format!("{kind}:{}{}", d.id, replica_suffix(n, '#')))
+                .collect::<Vec<_>>()
+        };
+        let mut v: Vec<String> = self
+            .domains
+            .values()
+            .flat_map(|d| replicas("ccf", d))
+            .collect();
         v.extend(
             self.domains
                 .values()
                 .filter(|d| !d.partners.is_empty())
-                .map(|d| format!("gateway:{}", d.id)),
+                .flat_map(|d| replicas("gateway", d)),
         );
         v.extend(self.aefs.keys().map(|a| format!("aef:{a}")));
         v
@@ -553,9 +736,9 @@ impl Testbed {
             .metrics_addrs()
             .into_iter()
             .map(|(c, addr)| {
-                let domain = match c.split_once(':') {
-                    Some(("aef", a)) => self.aefs.get(a).map(|a| a.domain.clone()),
-                    Some((_, d)) => Some(d.to_string()),
+                let domain = match crate::scenario::split_component(&c) {
+                    Some(("aef", a, _)) => self.aefs.get(a).map(|a| a.domain.clone()),
+                    Some((_, d, _)) => Some(d.to_string()),
                     None => None,
                 };
                 serde_json::json!({
@@ -582,10 +765,9 @@ impl Testbed {
     }
 
     fn command(&self, component: &str) -> Result<(PathBuf, Vec<String>)> {
-        let (kind, name) = component
-            .split_once(':')
+        let (kind, name, n) = crate::scenario::split_component(component)
             .ok_or_else(|| anyhow!("bad component {component:?}"))?;
-        let (bin, mut args) = self.component_command(kind, name, component)?;
+        let (bin, mut args) = self.component_command(kind, name, n, component)?;
         if let Some(port) = self.metrics_ports.get(component) {
             args.extend(["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
         }
@@ -602,36 +784,35 @@ impl Testbed {
         &self,
         kind: &str,
         name: &str,
+        replica: u32,
         component: &str,
     ) -> Result<(PathBuf, Vec<String>)> {
+        let domain = || {
+            let d = self
+                .domains
+                .get(name)
+                .ok_or_else(|| anyhow!("unknown domain {name}"))?;
+            if replica > d.replica_count() {
+                bail!("{name} runs {} replicas, not {replica}", d.replica_count());
+            }
+            Ok(d)
+        };
         Ok(match kind {
-            "ccf" => {
-                let d = self
-                    .domains
-                    .get(name)
-                    .ok_or_else(|| anyhow!("unknown domain {name}"))?;
-                (
-                    self.bin_dir.join("ccf"),
-                    vec![
-                        "serve".into(),
-                        "--config".into(),
-                        d.dir.join("ccf.toml").display().to_string(),
-                    ],
-                )
-            }
-            "gateway" => {
-                let d = self
-                    .domains
-                    .get(name)
-                    .ok_or_else(|| anyhow!("unknown domain {name}"))?;
-                (
-                    self.bin_dir.join("capif-gateway"),
-                    vec![
-                        "--config".into(),
-                        d.dir.join("gateway.toml").display().to_string(),
-                    ],
-                )
-            }
+            "ccf" => (
+                self.bin_dir.join("ccf"),
+                vec![
+                    "serve".into(),
+                    "--config".into(),
+                    domain()?.ccf_config_path(replica).display().to_string(),
+                ],
+            ),
+            "gateway" => (
+                self.bin_dir.join("capif-gateway"),
+                vec![
+                    "--config".into(),
+                    domain()?.gateway_config_path(replica).display().to_string(),
+                ],
+            ),
             "aef" => {
                 let a = self
                     .aefs
@@ -652,6 +833,7 @@ impl Testbed {
 
     /// Starts one component and waits for its ready line.
     pub async fn start(&mut self, component: &str) -> Result<()> {
+        let component = &crate::scenario::canonical_component(component);
         if self.procs.contains_key(component) {
             bail!("{component} is already running");
         }
@@ -659,7 +841,7 @@ impl Testbed {
         let log = self
             .run_dir
             .join("logs")
-            .join(format!("{}.log", component.replace(':', "-")));
+            .join(format!("{}.log", component.replace([':', '#'], "-")));
         let (child, _) = spawn_ready_env(&bin, &args, &self.otlp_env(), &log)
             .await
             .with_context(|| component.to_string())?;
@@ -685,6 +867,7 @@ impl Testbed {
 
     /// Stops one component: SIGTERM and up to 5 s grace, or SIGKILL at once when `kill`.
     pub async fn stop(&mut self, component: &str, kill: bool) -> Result<()> {
+        let component = &crate::scenario::canonical_component(component);
         let mut p = self
             .procs
             .remove(component)
@@ -752,14 +935,17 @@ impl Testbed {
                 key.display()
             );
             out += &format!("\n== {} ==\n", d.id);
-            out += &format!(
-                "  ccf       onboarding 127.0.0.1:{}  capif 127.0.0.1:{}{}\n",
-                d.onboarding_port,
-                d.capif_port,
-                d.capif1e_port
-                    .map(|p| format!("  capif1e (TLS 1.2, tls12-annex-a) 127.0.0.1:{p}"))
-                    .unwrap_or_default()
-            );
+            for (i, r) in d.replicas().iter().enumerate() {
+                out += &format!(
+                    "  {:<9} onboarding 127.0.0.1:{}  capif 127.0.0.1:{}{}\n",
+                    format!("ccf{}", replica_suffix(i as u32 + 1, '#')),
+                    r.onboarding_port,
+                    r.capif_port,
+                    r.capif1e_port
+                        .map(|p| format!("  capif1e (TLS 1.2, tls12-annex-a) 127.0.0.1:{p}"))
+                        .unwrap_or_default()
+                );
+            }
             if let (Some(port), true) = (self.postgres_port(), d.store_url.is_some()) {
                 out += &format!(
                     "  store     PostgreSQL 127.0.0.1:{port}, database {} (url in ccf.toml)\n",
@@ -767,12 +953,15 @@ impl Testbed {
                 );
             }
             if !d.partners.is_empty() {
-                out += &format!(
-                    "  gateway   capif6 127.0.0.1:{}  capif6e 127.0.0.1:{}  partners {}\n",
-                    d.gw6_port,
-                    d.gw6e_port,
-                    d.partners.join(", ")
-                );
+                for (i, r) in d.replicas().iter().enumerate() {
+                    out += &format!(
+                        "  {:<9} capif6 127.0.0.1:{}  capif6e 127.0.0.1:{}  partners {}\n",
+                        format!("gateway{}", replica_suffix(i as u32 + 1, '#')),
+                        r.gw6_port,
+                        r.gw6e_port,
+                        d.partners.join(", ")
+                    );
+                }
             }
             for a in self.aefs.values().filter(|a| a.domain == d.id) {
                 out += &format!(
@@ -790,13 +979,17 @@ impl Testbed {
                 let Some(addr) = metrics.get(&c) else {
                     continue;
                 };
-                let (kind, name) = c.split_once(':').unwrap_or((&c, ""));
+                let (kind, name, n) = crate::scenario::split_component(&c).unwrap_or((&c, "", 1));
                 let ours = match kind {
                     "aef" => self.aefs.get(name).is_some_and(|a| a.domain == d.id),
                     _ => name == d.id,
                 };
                 if ours {
-                    let who = if kind == "aef" { name } else { kind };
+                    let who = if kind == "aef" {
+                        name.to_string()
+                    } else {
+                        format!("{kind}{}", replica_suffix(n, '#'))
+                    };
                     scrape.push(format!("{who} http://{addr}/metrics"));
                 }
             }

@@ -128,6 +128,42 @@ fn shipped_postgres_store() {
     assert_passes("postgres-store.toml");
 }
 
+/// Needs PostgreSQL, like `shipped_postgres_store`. Both domains run two CCF and two gateway
+/// replicas; one of each per domain is killed (-9) under a background load and started again.
+/// Every step passes, and the load's row says flows ran after the last kill and none failed.
+#[test]
+fn shipped_replicas_postgres() {
+    let (ok, text, dir) = run_scenario(&shipped("replicas-postgres.toml"));
+    assert!(ok, "replicas-postgres.toml failed:\n{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["passed"], true);
+    let steps = report["steps"].as_array().unwrap();
+    let load = steps
+        .iter()
+        .find(|s| s["action"] == "load_stop")
+        .expect("a load_stop row");
+    let detail = load["detail"].as_str().unwrap();
+    let after: Vec<u64> = detail
+        .split_once("after the last kill: ")
+        .map(|(_, t)| {
+            t.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        after.len() == 2 && after[0] > 0 && after[1] == 0,
+        "flows must have run after the last kill, none failed: {detail}"
+    );
+    // Every replica got its own log.
+    for log in ["ccf-operator-b.test-2.log", "gateway-operator-a.test-2.log"] {
+        assert!(dir.join("logs").join(log).exists(), "{log}");
+    }
+    assert_logs_are_plain(&dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn shipped_partner_ca_rotation() {
     assert_passes("partner-ca-rotation.toml");
