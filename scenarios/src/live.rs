@@ -107,10 +107,7 @@ impl Testbed {
             }
         }
         for n in 1..=d.replica_count() {
-            write_file(
-                &d.gateway_config_path(n),
-                &self.gateway_replica_config(&d, n),
-            )?;
+            self.write_gateway_config(&d, n)?;
         }
         Ok(())
     }

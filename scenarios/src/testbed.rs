@@ -359,13 +359,15 @@ fn address_keys(addrs: &[String]) -> String {
     }
 }
 
-/// The gateway's `[store]` section. Empty for now: every gateway replica keeps its durable
-/// state in redb in its own state directory. Once the gateway takes `[store]` (backend
-/// "postgres", tables prefixed `gateway_`, LISTEN/NOTIFY eviction across replicas), this returns
-/// `[store]` with the domain's database URL for a domain on PostgreSQL; today's `capif-gateway`
-/// refuses the table, so it must stay empty until then.
-fn gateway_store_section(_d: &DomainPlan) -> String {
-    String::new()
+/// The gateway's `[store]` section: for a domain on PostgreSQL, the domain's database (the
+/// gateway's tables are prefixed `gateway_`, beside the CCF's), shared by every gateway replica:
+/// fetch records, the outbox and the seen notices, and LISTEN/NOTIFY evictions across replicas.
+/// Empty for redb: each gateway keeps `gateway.redb` in its state directory.
+fn gateway_store_section(d: &DomainPlan) -> String {
+    match &d.store_url {
+        Some(url) => format!("\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+        None => String::new(),
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -543,10 +545,7 @@ impl Testbed {
             self.write_ccf_config(d)?;
             if !d.partners.is_empty() {
                 for n in 1..=d.replica_count() {
-                    write(
-                        &d.gateway_config_path(n),
-                        &self.gateway_replica_config(d, n),
-                    )?;
+                    self.write_gateway_config(d, n)?;
                 }
             }
         }
@@ -623,6 +622,14 @@ impl Testbed {
         // Owner-only: it holds the onboarding credentials, and the database password when set.
         let path = d.ccf_config_path(n);
         write_private_file(&path, t.as_bytes()).with_context(|| path.display().to_string())
+    }
+
+    /// Writes replica `n`'s gateway configuration, owner-only: with a PostgreSQL store it holds
+    /// the database password.
+    pub(crate) fn write_gateway_config(&self, d: &DomainPlan, n: u32) -> Result<()> {
+        let path = d.gateway_config_path(n);
+        write_private_file(&path, self.gateway_replica_config(d, n).as_bytes())
+            .with_context(|| path.display().to_string())
     }
 
     /// Replica `n`'s gateway configuration, as the domain's plan says now (the partner list may
