@@ -45,12 +45,25 @@ pub fn fingerprint(cert_pem: &str) -> Result<String> {
 }
 
 impl Testbed {
-    /// `GatewayAdmin` of a domain's gateway, as its operator.
+    /// `GatewayAdmin` of a domain's gateway (replica 1), as its operator.
     pub async fn gateway_admin(&self, domain: &str) -> Result<GatewayAdminClient<Channel>> {
+        self.gateway_admin_at(domain, 1).await
+    }
+
+    /// `GatewayAdmin` of replica `n` of a domain's gateway, as its operator.
+    pub async fn gateway_admin_at(
+        &self,
+        domain: &str,
+        n: u32,
+    ) -> Result<GatewayAdminClient<Channel>> {
         let d = self
             .domains
             .get(domain)
             .ok_or_else(|| anyhow!("unknown domain {domain}"))?;
+        let port = d
+            .replica(n)
+            .ok_or_else(|| anyhow!("{domain} has no gateway replica {n}"))?
+            .gw6_port;
         let (cert, key) = d.operator();
         let ca = std::fs::read_to_string(d.ca_pem())?;
         let cfg = client_config(
@@ -62,7 +75,7 @@ impl Testbed {
             ExpectedPeer::gateway(&CcfId::new(domain)?),
         )?;
         let (ch, _) = connect(
-            &format!("127.0.0.1:{}", d.gw6_port),
+            &format!("127.0.0.1:{port}"),
             "localhost",
             cfg,
             Duration::from_secs(5),
@@ -71,10 +84,26 @@ impl Testbed {
         Ok(GatewayAdminClient::new(ch))
     }
 
-    /// Asks a domain's gateway to reload its configuration; its answer, or its refusal as a
-    /// `StatusError` (CONFIG_REFUSED when the files do not validate).
+    /// Asks every replica of a domain's gateway to reload its configuration, in order; replica
+    /// 1's answer, or the first refusal as a `StatusError` (CONFIG_REFUSED when the files do not
+    /// validate), which stops there. Replicas share the partner list, so one that did not reload
+    /// would federate differently from the others.
     pub async fn reload_gateway(&self, domain: &str) -> Result<pb::ReloadResponse> {
-        let mut admin = self.gateway_admin(domain).await?;
+        let count = self
+            .domains
+            .get(domain)
+            .ok_or_else(|| anyhow!("unknown domain {domain}"))?
+            .replica_count();
+        let mut first = None;
+        for n in 1..=count {
+            let answer = self.reload_replica(domain, n).await?;
+            first.get_or_insert(answer);
+        }
+        first.ok_or_else(|| anyhow!("{domain} runs no gateway"))
+    }
+
+    async fn reload_replica(&self, domain: &str, n: u32) -> Result<pb::ReloadResponse> {
+        let mut admin = self.gateway_admin_at(domain, n).await?;
         Ok(admin
             .reload(pb::ReloadRequest {})
             .await
@@ -138,7 +167,8 @@ impl Testbed {
             }
         };
         write_file(&file, &broken)?;
-        let r = self.reload_gateway(domain).await;
+        // Replica 1 reads `gateway.toml`, the file broken here.
+        let r = self.reload_replica(domain, 1).await;
         write_file(&file, &good)?;
         r
     }
