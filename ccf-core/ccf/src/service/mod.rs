@@ -371,6 +371,9 @@ impl Refusal for StoreError {
         match self {
             StoreError::InvokerGone => Code::NotFound,
             StoreError::CredentialUsed => Code::Unauthenticated,
+            // The database may be failing over or restarting: worth a retry, unlike a broken
+            // file.
+            StoreError::Postgres(_) => Code::Unavailable,
             _ => Code::Internal,
         }
     }
