@@ -109,3 +109,39 @@ async fn any_replica_answers_any_request() {
     let sec = s.obtain(&late, &["aef-location"]).await.unwrap();
     assert!(!sec.security_info[0].aef_psk_key_id.is_empty());
 }
+
+/// The database goes away under a running CCF (every connection cut, new ones refused, as in a
+/// failover): onboarding is answered `UNAVAILABLE` / `STORE_FAILURE` and changes nothing; once
+/// the database is back, the same CCF (not restarted) onboards with the same credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_unavailable_and_the_ccf_recovers_by_itself() {
+    let url = capif_testkit::postgres::fresh_database();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let shared = tempfile::tempdir().unwrap();
+    let one = replica(shared.path(), &url).await;
+    onboard(&one, CREDENTIALS[0]).await.unwrap();
+
+    let admin_url = capif_testkit::postgres::shared().url();
+    let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} WITH ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+        ))
+        .await
+        .unwrap();
+    let e = onboard(&one, CREDENTIALS[1]).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(reason(&e), "STORE_FAILURE");
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let back = onboard(&one, CREDENTIALS[1]).await.unwrap();
+    let mut s = capif1e(&one, &back).await;
+    s.obtain(&back, &["aef-weather"]).await.unwrap();
+}
