@@ -192,8 +192,23 @@ async fn a_newer_key_id_refreshes_the_cache() {
 
     // What a caller presents refreshes an entry at once the first time, then at most once per
     // interval (1 s). Let the revocation notice of the re-negotiation (KEY_REPLACED_BY_NEWER,
-    // which evicts A's entry) land first, then start from a plain miss.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // which evicts A's entry) land first, then start from a plain miss. Awaited, not slept on:
+    // on a loaded machine the notice may take longer than any fixed pause.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t
+        .d(A)
+        .gw()
+        .state
+        .revocations_received
+        .load(Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-negotiation's notice never reached A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         ask(&mut aef_a, "aef-a1", &inv.id, B, "", T)
             .await
