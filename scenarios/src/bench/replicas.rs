@@ -5,8 +5,10 @@
 //! client plays CCF-A (for two replicas, balanced over both of A's gateway replicas with
 //! `ccf_core::tls::connect_replicas`, as CCF-A's own client is), first misses with unique keys
 //! (A → B → CCF-B, each writing B's fetch record in B's store), then hits on one key. The table
-//! and two ratio lines answer the issue: PostgreSQL vs redb on the miss path, two replicas vs
-//! one. Each gateway replica's counters say how the balanced load was spread.
+//! and the ratio lines answer the issue: PostgreSQL vs redb on the miss path, two replicas vs
+//! one. A control separates what two replicas add from what two client connections add: on the
+//! one-replica PostgreSQL testbed, hits again through the balancer over two connections to the
+//! one gateway. Each gateway replica's counters say how the load was spread.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -29,6 +31,10 @@ struct Setup {
     label: &'static str,
     store: &'static str,
     replicas: u32,
+    /// Also measure hits with the two-replica client's machinery (the p2c balancer over two
+    /// connections) aimed twice at the one gateway: what two replicas gain beyond two
+    /// connections.
+    control: bool,
 }
 
 const SETUPS: [Setup; 3] = [
@@ -36,16 +42,19 @@ const SETUPS: [Setup; 3] = [
         label: "redb, 1 replica",
         store: "redb",
         replicas: 1,
+        control: false,
     },
     Setup {
         label: "PostgreSQL, 1 replica",
         store: "postgres",
         replicas: 1,
+        control: true,
     },
     Setup {
         label: "PostgreSQL, 2 replicas",
         store: "postgres",
         replicas: 2,
+        control: false,
     },
 ];
 
@@ -80,6 +89,8 @@ pub struct Row {
     pub miss: Measured,
     /// Hits on one key.
     pub hit: Measured,
+    /// Hits on one key over two balanced connections to the one gateway (the control).
+    pub hit_two_connections: Option<Measured>,
     /// Requests served per gateway replica of A (hits, misses and coalesced), then of B
     /// (partner requests), replica 1 first.
     pub spread: (Vec<u64>, Vec<u64>),
@@ -111,16 +122,22 @@ pub async fn case_i(
         let s = Scenario::parse(&text, "bench replicas scenario")?;
         let dir = run_dir.join(format!("i-{}", n + 1));
         let mut tb = Testbed::up(&s, &dir, bin_dir, true).await?;
-        let row = measure(opts, &tb, &dir, setup.label, say).await;
+        let row = measure(opts, &tb, &dir, setup, say).await;
         tb.down().await;
         let row = row?;
         say(row.miss.line(&format!("  miss, {}", row.label)));
         say(row.hit.line(&format!("  hit,  {}", row.label)));
+        if let Some(c) = &row.hit_two_connections {
+            say(c.line("  hit,  same, 2 connections"));
+        }
         say(format!(
             "    requests served per gateway replica: A {:?}, B {:?}",
             row.spread.0, row.spread.1
         ));
-        for m in [&row.miss, &row.hit] {
+        for m in [&row.miss, &row.hit]
+            .into_iter()
+            .chain(&row.hit_two_connections)
+        {
             if let Some(e) = &m.first_error {
                 say(format!("    errors: {} (first: {e})", m.errors));
             }
@@ -139,7 +156,7 @@ async fn measure(
     opts: &BenchOpts,
     tb: &Testbed,
     dir: &Path,
-    label: &str,
+    setup: &Setup,
     say: &mut impl FnMut(String),
 ) -> Result<Row> {
     let a = &tb.domains["operator-a.test"];
@@ -156,21 +173,20 @@ async fn measure(
         .iter()
         .map(|r| format!("127.0.0.1:{}", r.gw6_port))
         .collect();
+    let tls = client_config(
+        &cred.0,
+        Some((&cred.1, &cred.2)),
+        ExpectedPeer::gateway(&a_id),
+    )?;
     // CCF-A's own client: one channel for one address, the p2c balancer for several.
-    let ch = TracedChannel::new(
-        connect_replicas(
-            &addrs,
-            "localhost",
-            client_config(
-                &cred.0,
-                Some((&cred.1, &cred.2)),
-                ExpectedPeer::gateway(&a_id),
-            )?,
-            Duration::from_secs(5),
-        )?,
-        "gateway-A",
-    )
-    .without_propagation();
+    let client = |addrs: &[String]| -> Result<TracedChannel> {
+        Ok(TracedChannel::new(
+            connect_replicas(addrs, "localhost", tls.clone(), Duration::from_secs(5))?,
+            "gateway-A",
+        )
+        .without_propagation())
+    };
+    let ch = client(&addrs)?;
     let before = (served(tb, a, false).await?, served(tb, b, true).await?);
     // Connections to every replica and A's links to B, before anything is measured.
     closed_loop(
@@ -198,15 +214,37 @@ async fn measure(
         opts.concurrency,
         opts.replicas_duration,
         None,
-        lookup(ch, hot),
+        lookup(ch, hot.clone()),
     )
     .await;
+    let hit_two_connections = if setup.control {
+        let twice = client(&[addrs[0].clone(), addrs[0].clone()])?;
+        closed_loop(
+            opts.concurrency,
+            WARM_UP,
+            None,
+            lookup(twice.clone(), hot.clone()),
+        )
+        .await;
+        Some(
+            closed_loop(
+                opts.concurrency,
+                opts.replicas_duration,
+                None,
+                lookup(twice, hot),
+            )
+            .await,
+        )
+    } else {
+        None
+    };
     let after = (served(tb, a, false).await?, served(tb, b, true).await?);
     let delta = |x: Vec<u64>, y: Vec<u64>| x.iter().zip(y).map(|(x, y)| x - y).collect();
     Ok(Row {
-        label: label.to_string(),
+        label: setup.label.to_string(),
         miss,
         hit,
+        hit_two_connections,
         spread: (delta(after.0, before.0), delta(after.1, before.1)),
     })
 }
@@ -269,6 +307,16 @@ pub fn table(rows: &[Row]) -> String {
             r.hit.q(0.5),
             r.hit.q(0.99),
         );
+        if let Some(c) = &r.hit_two_connections {
+            let _ = writeln!(
+                s,
+                "    | {}, 2 connections (control) | — | — | — | {:.0} | {:.3} | {:.3} |",
+                r.label,
+                c.throughput(),
+                c.q(0.5),
+                c.q(0.99),
+            );
+        }
     }
     s
 }
@@ -287,7 +335,7 @@ pub fn ratios(rows: &[Row]) -> Vec<String> {
             x.q(0.99) / y.q(0.99)
         )
     };
-    vec![
+    let mut out = vec![
         format!(
             "    PostgreSQL vs redb, miss path (1 replica): {}",
             vs(&pg1.miss, &redb.miss)
@@ -300,7 +348,14 @@ pub fn ratios(rows: &[Row]) -> Vec<String> {
             "    2 vs 1 gateway replicas (PostgreSQL), hit:  {}",
             vs(&pg2.hit, &pg1.hit)
         ),
-    ]
+    ];
+    if let Some(c) = &pg1.hit_two_connections {
+        out.push(format!(
+            "    2 replicas vs 1 over 2 connections (control), hit: {}",
+            vs(&pg2.hit, c)
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -324,24 +379,30 @@ mod tests {
             label: label.into(),
             miss: m(miss.0, miss.1),
             hit: m(hit.0, hit.1),
+            hit_two_connections: None,
             spread: (vec![], vec![]),
         }
     }
 
     #[test]
     fn the_table_and_ratios_compare_store_and_replicas() {
-        let rows = [
+        let mut rows = [
             row("redb, 1 replica", (1000, 5000), (500, 20000)),
             row("PostgreSQL, 1 replica", (2000, 2500), (500, 20000)),
             row("PostgreSQL, 2 replicas", (2000, 2000), (1000, 10000)),
         ];
+        rows[1].hit_two_connections = Some(m(250, 40000));
         let t = table(&rows);
         assert!(
             t.contains("| PostgreSQL, 1 replica | 2500 | 2.000 | 2.000 | 20000 | 0.500 | 0.500 |"),
             "{t}"
         );
+        assert!(
+            t.contains("| PostgreSQL, 1 replica, 2 connections (control) | — | — | — | 40000 | 0.250 | 0.250 |"),
+            "{t}"
+        );
         let r = ratios(&rows);
-        assert_eq!(r.len(), 3);
+        assert_eq!(r.len(), 4);
         assert!(
             r[0].ends_with("miss path (1 replica): throughput 0.50x, p50 2.00x, p99 2.00x"),
             "{r:?}"
@@ -352,6 +413,10 @@ mod tests {
         );
         assert!(
             r[2].ends_with("hit:  throughput 0.50x, p50 2.00x, p99 2.00x"),
+            "{r:?}"
+        );
+        assert!(
+            r[3].ends_with("(control), hit: throughput 0.25x, p50 4.00x, p99 4.00x"),
             "{r:?}"
         );
         assert!(ratios(&rows[..2]).is_empty(), "no ratios without every row");
