@@ -510,7 +510,7 @@ fn bench_smoke_runs() {
     let spread = report
         .lines()
         .filter_map(|l| l.split("requests served per gateway replica: A [").nth(1))
-        .last()
+        .next_back()
         .and_then(|l| l.split(']').next())
         .unwrap();
     assert!(
