@@ -10,11 +10,13 @@
 //! (e) a coalescing storm: N concurrent misses for one key → upstream calls; (f) memory per cached
 //! entry (in-process, RSS); (g) what operators would deploy instead, an nginx gRPC proxy chain
 //! (`nginx`); (h) how cost grows with partners and cached entries (`growth`). The latency CDF
-//! plots of (a) and (b) are drawn by `plot`.
+//! plots of (a) and (b) are drawn by `plot`; (i) replicas and the PostgreSQL store, on three
+//! testbeds of their own after the main one is down (`replicas`, also alone: `--only i`).
 
 mod growth;
 mod nginx;
 mod plot;
+mod replicas;
 
 pub use growth::serve_partner;
 
@@ -72,6 +74,12 @@ pub struct BenchOpts {
     /// Case (g) may install nginx (scripts/install-nginx.sh) when it is missing; the smoke run
     /// only uses one that is there.
     pub install_nginx: bool,
+    /// Invokers with distinct keys for the miss part of case (i), per testbed.
+    pub replicas_keys: usize,
+    /// Measurement time of the hit part of case (i), per testbed.
+    pub replicas_duration: Duration,
+    /// Run case (i) alone (`--only i`), without the main testbed.
+    pub only_i: bool,
 }
 
 impl BenchOpts {
@@ -88,6 +96,9 @@ impl BenchOpts {
             growth_partners: vec![1, 8, 32],
             growth_entries: vec![1000, 1_000_000],
             install_nginx: true,
+            replicas_keys: 2000,
+            replicas_duration: Duration::from_secs(5),
+            only_i: false,
         }
     }
 
@@ -104,6 +115,9 @@ impl BenchOpts {
             growth_partners: vec![1, 8, 32],
             growth_entries: vec![100, 2000],
             install_nginx: false,
+            replicas_keys: 16,
+            replicas_duration: Duration::from_millis(300),
+            only_i: false,
         }
     }
 }
@@ -462,6 +476,13 @@ pub async fn run(
         out.push_str(&s);
         out.push('\n');
     };
+    if opts.only_i {
+        say(machine_line());
+        say(format!("settings: {opts:?}"));
+        let rows = replicas::case_i(opts, run_dir, bin_dir, &mut say).await?;
+        fail_on_errors(rows.iter().flat_map(|r| [&r.miss, &r.hit]))?;
+        return Ok(out);
+    }
     let keys = opts.unique_keys + opts.flows + 2;
     let s = Scenario::parse(
         &SCENARIO.replace("COUNT", &keys.to_string()),
@@ -471,7 +492,23 @@ pub async fn run(
     let result = cases(opts, &mut tb, run_dir, capif_bin, &mut say).await;
     tb.down().await;
     result?;
+    // On its own testbeds, once the main one is down: the cores are the run's only resource.
+    let rows = replicas::case_i(opts, run_dir, bin_dir, &mut say).await?;
+    fail_on_errors(rows.iter().flat_map(|r| [&r.miss, &r.hit]))?;
     Ok(out)
+}
+
+/// Fails the run when a measurement had errors (after its report was printed).
+fn fail_on_errors<'a>(all: impl IntoIterator<Item = &'a Measured>) -> Result<()> {
+    for m in all {
+        if m.errors > 0 {
+            bail!(
+                "a case had errors: {}",
+                m.first_error.clone().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Cases (a) to (f) in order on the running testbed; an error in a latency case or in (d)
@@ -487,7 +524,8 @@ async fn cases(
     let b = tb.domains["operator-b.test"].clone();
     say(machine_line());
     say(format!("settings: {opts:?}"));
-    let (names, ids) = onboard_invokers(opts, &b, run_dir, say).await?;
+    let (names, ids) =
+        onboard_invokers(opts.unique_keys + opts.flows + 2, &b, run_dir, say).await?;
     let targets = Targets::up(tb, &a, run_dir, capif_bin).await?;
 
     let ids = Arc::new(ids);
@@ -528,15 +566,7 @@ async fn cases(
     let mut all = vec![&floor_a, &subj_a, &floor_b, &subj_b, &floor_c, &subj_c, &d];
     all.extend(g.as_ref());
     all.extend(h.iter().flat_map(|r| [&r.miss, &r.hit]));
-    for m in all {
-        if m.errors > 0 {
-            bail!(
-                "a case had errors: {}",
-                m.first_error.clone().unwrap_or_default()
-            );
-        }
-    }
-    Ok(())
+    fail_on_errors(all)
 }
 
 /// One curve of a CDF plot: its legend and its measurement.
@@ -609,19 +639,17 @@ fn machine_line() -> String {
     )
 }
 
-/// Invokers of B with a key for A's AEF: onboards every bench invoker (32 at a time) and has
-/// each obtain a security method for aef-weather. Returns the member names and the
-/// apiInvokerIds.
+/// Invokers of B with a key for A's AEF: onboards the first `count` bench invokers (32 at a
+/// time) and has each obtain a security method for aef-weather. Returns the member names and
+/// the apiInvokerIds.
 async fn onboard_invokers(
-    opts: &BenchOpts,
+    count: usize,
     b: &DomainPlan,
     run_dir: &Path,
     say: &mut impl FnMut(String),
 ) -> Result<(Vec<String>, Vec<String>)> {
     let setup = Instant::now();
-    let names: Vec<String> = (1..=opts.unique_keys + opts.flows + 2)
-        .map(|i| format!("bench-{i}"))
-        .collect();
+    let names: Vec<String> = (1..=count).map(|i| format!("bench-{i}")).collect();
     let profiles = Arc::new(tokio::sync::Mutex::new(Vec::new()));
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
     let mut set = tokio::task::JoinSet::new();

@@ -65,6 +65,10 @@ enum Command {
         /// always go to the run directory.
         #[arg(long)]
         plots: Option<PathBuf>,
+        /// Run one case alone: `i` (replicas and the PostgreSQL store, three testbeds of its
+        /// own). Without it every case runs, (i) last.
+        #[arg(long, value_parser = ["i"])]
+        only: Option<String>,
     },
     /// Steady load on a 3-domain testbed while sampling every component's RSS, fds and threads;
     /// fails when memory or fds grow beyond the bounds once warm (docs/SCENARIOS.md).
@@ -615,7 +619,8 @@ async fn run_command(
             run_dir,
             bin_dir,
             plots,
-        } => bench(smoke, out, run_dir, bin_dir, plots).await,
+            only,
+        } => bench(smoke, out, run_dir, bin_dir, plots, only.is_some()).await,
         Command::Chaos(args) => {
             if !chaos(args).await? {
                 failed();
@@ -664,6 +669,7 @@ async fn bench(
     run_dir: Option<PathBuf>,
     bin_dir: Option<PathBuf>,
     plots: Option<PathBuf>,
+    only_i: bool,
 ) -> Result<()> {
     let mut opts = if smoke {
         capif_scenarios::bench::BenchOpts::smoke()
@@ -671,6 +677,7 @@ async fn bench(
         capif_scenarios::bench::BenchOpts::full()
     };
     opts.plots = plots;
+    opts.only_i = only_i;
     let dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("run").join(format!("bench-{}", ccf_core::clock::now_ms()))
     });

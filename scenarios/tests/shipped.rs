@@ -486,7 +486,9 @@ fn bench_smoke_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report = std::fs::read_to_string(&out_file).unwrap();
-    for case in ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)"] {
+    for case in [
+        "(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(h)", "(i)",
+    ] {
         assert!(report.contains(case), "case {case} missing:\n{report}");
     }
     assert!(report.contains("upstream calls: 1 "), "{report}");
@@ -494,6 +496,27 @@ fn bench_smoke_runs() {
     // plots are drawn.
     assert!(report.contains("ratio (a, median of 3)"), "{report}");
     assert!(report.contains("| 32 partners, 100 entries |"), "{report}");
+    // (i) measured all three testbeds, and the balanced client reached both of A's gateway
+    // replicas (each served some of the lookups).
+    for row in [
+        "| redb, 1 replica |",
+        "| PostgreSQL, 1 replica |",
+        "| PostgreSQL, 2 replicas |",
+        "PostgreSQL vs redb, miss path",
+        "2 vs 1 gateway replicas (PostgreSQL), hit",
+    ] {
+        assert!(report.contains(row), "{row} missing:\n{report}");
+    }
+    let spread = report
+        .lines()
+        .filter_map(|l| l.split("requests served per gateway replica: A [").nth(1))
+        .next_back()
+        .and_then(|l| l.split(']').next())
+        .unwrap();
+    assert!(
+        spread.split(", ").all(|n| n.parse::<u64>().unwrap() > 0) && spread.contains(", "),
+        "both of A's replicas serve: {spread}"
+    );
     for plot in ["cdf-a.svg", "cdf-b.svg"] {
         let svg = std::fs::read_to_string(dir.path().join("run").join(plot)).unwrap();
         assert!(svg.starts_with("<svg"), "{plot}");
