@@ -240,7 +240,12 @@ impl InterconnectService {
         // record is on disk. A revocation whose queueing ran before the record was committed
         // did not see it: then the CCF is asked again, after the record, so that it either
         // refuses or its later revocation finds the record (`RevocationStore::queue_epoch`).
-        let epoch = self.state.store.queue_epoch().await.map_err(store_status)?;
+        let epoch = self
+            .state
+            .store
+            .queue_epoch_before_record()
+            .await
+            .map_err(store_status)?;
         let sent = now_ms();
         let (prior, answer) = tokio::join!(
             self.state

@@ -916,6 +916,16 @@ impl RevocationStore {
         }
     }
 
+    /// [`Self::queue_epoch`] as a fetch reads it BEFORE writing its record: on PostgreSQL
+    /// without the row lock, which only the read after the record's commit needs (a share lock
+    /// taken by every miss is a tuple write, and a multixact when misses overlap).
+    pub async fn queue_epoch_before_record(&self) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => Ok(r.queue_epoch()),
+            Backend::Postgres(pg) => pg.queue_epoch_unlocked().await,
+        }
+    }
+
     /// [`Self::extend_fetch`], on redb committed together with the other fetches waiting (one
     /// fsync for all, off the request's task); as durable as [`Self::extend_fetch`] when it
     /// returns. PostgreSQL: one transaction of its own (the server groups commits).
