@@ -242,7 +242,7 @@ impl PgServer {
             .arg("-k")
             .arg(&data)
             .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "max_connections=60"])
+            .args(["-c", "max_connections=200"])
             .args(["-c", "shared_buffers=16MB"])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).map_err(failed)?)
