@@ -284,8 +284,30 @@ fn spawn_token_key_refresh(
     state: Arc<CcfState>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    spawn_ticking(Duration::ZERO, TOKEN_KEY_REFRESH, stop, move || {
+        let state = state.clone();
+        async move {
+            if let Err(e) = state.store.refresh_token_keys(&state.token_keys).await {
+                tracing::warn!(error = %e, "could not read the token signing keys again");
+            }
+        }
+    })
+}
+
+/// Runs `tick` after `first`, then every `every` (a late tick is delayed, not doubled), until
+/// `stop`: the CCF's periodic chores.
+fn spawn_ticking<F, Fut>(
+    first: Duration,
+    every: Duration,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    mut tick: F,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(TOKEN_KEY_REFRESH);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
@@ -293,9 +315,7 @@ fn spawn_token_key_refresh(
                 _ = &mut stop => return Ok(()),
                 _ = ticks.tick() => {}
             }
-            if let Err(e) = state.store.refresh_token_keys(&state.token_keys).await {
-                tracing::warn!(error = %e, "could not read the token signing keys again");
-            }
+            tick().await;
         }
     })
 }
@@ -411,15 +431,9 @@ fn spawn_purge(
     every: Duration,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => return Ok(()),
-                _ = ticks.tick() => {}
-            }
+    spawn_ticking(every, every, stop, move || {
+        let state = state.clone();
+        async move {
             // The store keeps a redb purge's durable commit off the runtime's workers.
             if let Err(e) = purge_expired(&state.store, every).await {
                 tracing::warn!(error = %e, "purging expired security contexts failed")
