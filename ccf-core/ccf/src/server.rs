@@ -442,6 +442,10 @@ fn spawn_purge(
     })
 }
 
+/// How often an idle outbox worker reads a shared (PostgreSQL) outbox, for notices queued by a
+/// replica that stopped before delivering them (the gateway's outbox does the same).
+const SHARED_OUTBOX_POLL: Duration = Duration::from_secs(2);
+
 /// Upper bounds of the revocation outbox's first and longest waits (the gateway's defaults).
 const OUTBOX_BACKOFF: ccf_core::delivery::Backoff = ccf_core::delivery::Backoff {
     initial: Duration::from_millis(100),
@@ -524,8 +528,16 @@ async fn revocation_outbox(state: &CcfState) {
                 }
             }
         }
-        let wait = next.map_or(Duration::from_secs(3600), |at| {
-            Duration::from_millis(at.saturating_sub(now_ms()))
+        // Idle, a worker sleeps until its own CCF queues a notice. With a shared store, another
+        // replica may have queued one and died before delivering it: look again every
+        // `SHARED_OUTBOX_POLL` (several replicas may then send one notice; the gateway acts on
+        // each `notice_id` once).
+        let idle = match state.store.backend() {
+            ccf_core::pg::StoreBackend::Postgres => SHARED_OUTBOX_POLL,
+            ccf_core::pg::StoreBackend::Redb => Duration::from_secs(3600),
+        };
+        let wait = next.map_or(idle, |at| {
+            Duration::from_millis(at.saturating_sub(now_ms())).min(idle)
         });
         tokio::select! {
             _ = state.revocation_queued.notified() => {}

@@ -145,3 +145,127 @@ async fn a_database_outage_is_unavailable_and_the_ccf_recovers_by_itself() {
     let mut s = capif1e(&one, &back).await;
     s.obtain(&back, &["aef-weather"]).await.unwrap();
 }
+
+/// A fake gateway that records the revocation notices published to it.
+struct RecordingGateway(tokio::sync::mpsc::UnboundedSender<pb::RevocationNotice>);
+
+fn not_here() -> tonic::Status {
+    tonic::Status::unimplemented("not part of this test")
+}
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for RecordingGateway {
+    async fn fetch_security_information(
+        &self,
+        _: tonic::Request<pb::SecurityInformationQuery>,
+    ) -> Result<tonic::Response<pb::InvokerSecurityInformation>, tonic::Status> {
+        Err(not_here())
+    }
+    async fn publish_revocation(
+        &self,
+        request: tonic::Request<pb::RevocationNotice>,
+    ) -> Result<tonic::Response<pb::RevocationAck>, tonic::Status> {
+        let _ = self.0.send(request.into_inner());
+        Ok(tonic::Response::new(pb::RevocationAck::default()))
+    }
+    async fn evict_partner_invoker(
+        &self,
+        _: tonic::Request<pb::RevocationNotice>,
+    ) -> Result<tonic::Response<pb::RevocationAck>, tonic::Status> {
+        Err(not_here())
+    }
+    async fn fetch_token_key_set(
+        &self,
+        _: tonic::Request<pb::TokenKeySetRequest>,
+    ) -> Result<tonic::Response<pb::TokenKeySet>, tonic::Status> {
+        Err(not_here())
+    }
+}
+
+/// A revocation notice queued by a replica that could not deliver it and then stopped is
+/// delivered by the other replica, which was idle (it had nothing of its own to send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_a_stopped_replica_queued_is_delivered_by_the_other() {
+    use ccf_core::identity::{PeerIdentity, Role};
+    let url = capif_testkit::postgres::fresh_database();
+    let shared = tempfile::tempdir().unwrap();
+    let gateway_at = |addr: String| capif_ccf::config::GatewayLinkConfig {
+        address: addr,
+        addresses: Vec::new(),
+        server_name: "localhost".into(),
+    };
+    // Replica 1's gateway is a port where nothing listens: it queues and cannot deliver.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let mut c1 = replica_config(shared.path(), &url);
+    c1.gateway = Some(gateway_at(dead_addr));
+    let one = TestCcf {
+        ccf: capif_ccf::server::start(c1).await.unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+
+    // Replica 2's gateway records what it is given.
+    let ca = &one.ccf.state.ca;
+    let gw = ca
+        .issue_with_new_key(
+            &PeerIdentity::new(one.ccf.state.ccf_id.clone(), Role::Gateway),
+            &["localhost".to_string()],
+            1,
+        )
+        .unwrap();
+    let roots = ccf_core::tls::certs_from_pem("CA", ca.cert_pem()).unwrap();
+    let tls = ccf_core::tls::server_config(
+        &format!("{}{}", gw.cert_pem, ca.cert_pem()),
+        &gw.key_pem,
+        ccf_core::tls::ClientAuth::Required(&roots),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_addr = listener.local_addr().unwrap().to_string();
+    let (tx, mut published) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    ccf_core::grpc::spawn_server(
+        listener,
+        tls,
+        false,
+        tonic::service::Routes::new(pb::gateway_server::GatewayServer::new(RecordingGateway(tx))),
+        ccf_core::limits::ConnGate::new("recording-gateway", Default::default()),
+        async {
+            let _ = stop_rx.await;
+        },
+    );
+    let mut c2 = replica_config(shared.path(), &url);
+    c2.gateway = Some(gateway_at(gw_addr));
+    let two = capif_ccf::server::start(c2).await.unwrap();
+
+    // Negotiated and revoked at replica 1, which then stops with the notice undelivered.
+    let inv = onboard(&one, CREDENTIALS[0]).await.unwrap();
+    capif1e(&one, &inv)
+        .await
+        .obtain(&inv, &["aef-weather"])
+        .await
+        .unwrap();
+    let mut at_one = aef_client(&one, "aef-weather").await;
+    at_one
+        .revoke_authorization(pb::RevokeAuthorizationRequest {
+            revoke_info: Some(pb::SecurityNotification {
+                api_invoker_id: inv.id.clone(),
+                aef_id: "aef-weather".into(),
+                cause: pb::Cause::UnexpectedReason as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    one.ccf.shutdown().await;
+
+    let notice = tokio::time::timeout(Duration::from_secs(10), published.recv())
+        .await
+        .expect("replica 2 never delivered the notice replica 1 queued")
+        .unwrap();
+    assert_eq!(notice.api_invoker_id, inv.id);
+    assert_eq!(notice.aef_ids, ["aef-weather"]);
+    two.shutdown().await;
+    let _ = stop_tx.send(());
+}
