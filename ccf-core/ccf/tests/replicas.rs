@@ -34,6 +34,22 @@ async fn replica(dir: &std::path::Path, url: &str) -> TestCcf {
     }
 }
 
+/// aef-weather revokes `inv`'s authorization through replica `at` (CAPIF-3).
+async fn revoke_weather(at: &TestCcf, inv: &Invoker) {
+    aef_client(at, "aef-weather")
+        .await
+        .revoke_authorization(pb::RevokeAuthorizationRequest {
+            revoke_info: Some(pb::SecurityNotification {
+                api_invoker_id: inv.id.clone(),
+                aef_id: "aef-weather".into(),
+                cause: pb::Cause::UnexpectedReason as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_answers_any_request() {
     let url = capif_testkit::postgres::fresh_database();
@@ -57,18 +73,7 @@ async fn any_replica_answers_any_request() {
     assert_eq!(reason(&e), "ONBOARDING_CREDENTIAL_INVALID");
 
     // Revoked through replica 2 (the AEF's own call), gone at replica 1.
-    let mut at_two = aef_client(&two, "aef-weather").await;
-    at_two
-        .revoke_authorization(pb::RevokeAuthorizationRequest {
-            revoke_info: Some(pb::SecurityNotification {
-                api_invoker_id: inv.id.clone(),
-                aef_id: "aef-weather".into(),
-                cause: pb::Cause::UnexpectedReason as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    revoke_weather(&two, &inv).await;
     let e = get_info(&mut at_one, &inv.id, "aef-weather")
         .await
         .unwrap_err();
@@ -246,18 +251,7 @@ async fn a_notice_a_stopped_replica_queued_is_delivered_by_the_other() {
         .obtain(&inv, &["aef-weather"])
         .await
         .unwrap();
-    let mut at_one = aef_client(&one, "aef-weather").await;
-    at_one
-        .revoke_authorization(pb::RevokeAuthorizationRequest {
-            revoke_info: Some(pb::SecurityNotification {
-                api_invoker_id: inv.id.clone(),
-                aef_id: "aef-weather".into(),
-                cause: pb::Cause::UnexpectedReason as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    revoke_weather(&one, &inv).await;
     one.ccf.shutdown().await;
 
     let notice = tokio::time::timeout(Duration::from_secs(10), published.recv())
